@@ -1,0 +1,84 @@
+# Voice appliance — build, run and test on Debian 12.
+#   make run    install everything (apt + .venv) and run the whole stack with the Live emulator
+#   make test   install test dependencies and run every test (what CI runs via .ci/run)
+# System packages come from Debian (apt); Python packages go into .venv/ (pip, from pyproject.toml).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .stamps
+
+# Debian packages the appliance needs at run time.
+APT_RUN := janus coturn redis-server espeak-ng sox libopus0 ca-certificates python3-venv
+# ... and what the tests add: a browser, namespaces/firewall tools, packaging and a bootable Debian.
+APT_TEST := $(APT_RUN) janus-doc redis-sentinel chromium iproute2 nftables haproxy \
+	debootstrap systemd-container dh-virtualenv debhelper lintian devscripts python3-dev build-essential \
+	dbus procps
+
+.PHONY: all run test test-unit test-ops lint bench bench-smoke deb clean deps-run deps-test venv
+
+all: venv
+
+$(STAMPS):
+	mkdir -p $(STAMPS)
+
+# apt-get update only when a package is missing, so repeated runs are quick and offline-friendly.
+call_apt_npm = (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt: installing $$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+endef
+
+deps-run:
+	$(call apt_install,$(APT_RUN))
+
+deps-test:
+	$(call apt_install,$(APT_TEST))
+	@command -v npm >/dev/null || $(call_apt_npm)
+
+$(STAMPS)/venv: pyproject.toml | $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,ops]'
+	# Silero VAD: only its ONNX model file is used; --no-deps keeps torch out (FACTS).
+	$(PY) -m pip install -q --no-deps 'silero-vad==6.2.3'
+	touch $@
+
+venv: $(STAMPS)/venv
+
+# Playwright drives Debian's chromium (never downloads a browser).
+$(STAMPS)/node: tests/e2e/package.json | $(STAMPS)
+	cd tests/e2e && npm install --no-audit --no-fund --silent
+	touch $@
+
+run: deps-run venv
+	$(VENV)/bin/voice-appliance run
+
+lint: venv
+	$(VENV)/bin/ruff check appliance workers shm bench tests
+
+test: deps-test venv $(STAMPS)/node lint test-unit test-ops bench-smoke
+
+test-unit: venv
+	$(PY) -m pytest -q -m "not ops" tests
+
+test-ops: venv deps-test
+	$(PY) -m pytest -q -m ops tests
+
+bench: venv
+	$(VENV)/bin/voice-appliance bench all --json
+
+bench-smoke: venv
+	$(VENV)/bin/voice-appliance bench smoke --json
+
+deb: deps-test
+	cd packaging && ./build-deb.sh
+
+clean:
+	rm -rf $(VENV) $(STAMPS) build dist *.egg-info

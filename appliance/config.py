@@ -1,0 +1,388 @@
+"""Typed appliance configuration: a TOML file plus ``VA_<SECTION>_<KEY>`` environment overrides.
+
+Every section is a frozen dataclass; the loader checks each value against the field's type and
+raises :class:`ConfigError` naming the key (``model.chunk_ms``) and the expected form, so an operator
+sees exactly which line of ``/etc/voice-appliance/appliance.toml`` is wrong. Unknown keys are errors
+too (a typo must not silently fall back to a default).
+
+Environment overrides: ``VA_MODEL_API_KEY=…`` sets ``[model] api_key``. Section names are single
+words, so the first ``_`` after ``VA_`` separates section and key. Values are parsed as TOML literals
+when possible (``VA_SHARDS_COUNT=4``, ``VA_API_CORS=["a"]``) and taken as plain strings otherwise.
+Secrets may also be given as ``*_file`` keys that name a file (systemd ``LoadCredential`` puts them in
+``$CREDENTIALS_DIRECTORY``; a relative ``*_file`` path is resolved there first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/voice-appliance/appliance.toml")
+ENV_PREFIX = "VA_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong form, or out of range. The message names the key."""
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The public HTTPS session API and demo page served by the supervisor."""
+
+    host: str = "127.0.0.1"
+    port: int = 8443
+    tls_cert_file: str = ""  # empty: plain HTTP (behind a TLS-terminating load balancer or for tests)
+    tls_key_file: str = ""
+    public_host: str = ""  # host name/IP callers reach; used in ICE server URLs
+    max_body_bytes: int = 65536
+    demo_page: bool = True
+    cors_origins: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """RS256 JWT verification of callers' tokens."""
+
+    jwt_public_key_file: str = ""
+    jwt_private_key_file: str = ""  # only for `voice-appliance token` (development tokens)
+    audience: str = "voice-appliance"
+    issuer: str = ""
+    required_scope: str = "voice:session"
+    max_ttl_seconds: int = 900
+    leeway_seconds: int = 30
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Gemini Live model, or the built-in emulator when no API key is configured."""
+
+    api_key: str = ""
+    api_key_file: str = ""
+    model: str = "gemini-2.5-flash-native-audio-preview-09-2025"
+    voice: str = "Puck"
+    language: str = "en-US"
+    system_instruction: str = "You are a helpful voice assistant. Keep answers short."
+    base_url: str = ""  # empty: Google's endpoint with an API key, else the local emulator
+    api_version: str = "v1beta"
+    ca_file: str = ""  # extra CA to trust (the emulator's test CA)
+    chunk_ms: int = 40
+    context_compression: bool = True
+    transcription: bool = True
+    max_retries: int = 5
+    retry_base_seconds: float = 0.2
+    retry_max_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """The built-in Live emulator that stands in for Gemini when no API key is configured."""
+
+    host: str = "127.0.0.1"
+    port: int = 9443
+    api_key: str = "emulator-key"
+    reply: str = "echo"  # echo | tone | silence
+
+
+@dataclass(frozen=True)
+class ShardsConfig:
+    """How sessions are spread across CPU-pinned media/AI worker pairs."""
+
+    count: int = 0  # 0: one shard per CPU not reserved for Janus/supervisor
+    slots: int = 64  # sessions per shard (capacity)
+    cpu_plan: str = "auto"  # auto, or explicit "media:ai" CPU lists per shard, e.g. "1:1,2:2"
+    uplink_ring_ms: int = 2000
+    downlink_ring_ms: int = 8000
+    heartbeat_timeout_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """RTP and Opus in the media worker."""
+
+    rtp_host: str = "127.0.0.1"
+    rtp_port_min: int = 40000
+    rtp_port_max: int = 44999
+    jitter_target_ms: int = 40
+    jitter_max_ms: int = 120
+    opus_complexity: int = 5
+    opus_bitrate: int = 28000
+    opus_expected_loss_percent: int = 5
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    """Silero VAD and turn-taking in the AI worker."""
+
+    threshold: float = 0.5
+    hangover_ms: int = 400
+    min_speech_ms: int = 96
+    energy_gate_dbfs: float = -55.0
+
+
+@dataclass(frozen=True)
+class JanusConfig:
+    """The co-located Janus; its APIs never leave loopback."""
+
+    url: str = "http://127.0.0.1:8088/janus"
+    admin_url: str = "http://127.0.0.1:7088/admin"
+    api_secret: str = ""
+    api_secret_file: str = ""
+    admin_secret: str = ""
+    admin_secret_file: str = ""
+    audiobridge_admin_key: str = ""
+    keepalive_seconds: float = 25.0
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    """coturn with time-limited HMAC credentials (use-auth-secret)."""
+
+    secret: str = ""
+    secret_file: str = ""
+    uris: list[str] = field(default_factory=list)
+    ttl_seconds: int = 3600
+    stun_uris: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """Session state, rate limits and breakers."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    active_ttl_seconds: int = 3600
+    disconnected_ttl_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-client-IP rate limits on the public API."""
+
+    session_creates_per_minute: int = 10
+    signalling_per_minute: int = 60
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where state, runtime files and logs live."""
+
+    state_dir: str = "/var/lib/voice-appliance"
+    run_dir: str = "/run/voice-appliance"
+    instance_id: str = ""  # scopes shared-memory names; empty: derived from state_dir
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "json"  # json | text
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole appliance configuration."""
+
+    api: ApiConfig = field(default_factory=ApiConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    janus: JanusConfig = field(default_factory=JanusConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def uses_emulator(self) -> bool:
+        """True when no Gemini API key is configured: the built-in emulator is the model."""
+        return not secret(self.model.api_key, self.model.api_key_file)
+
+
+_RANGES: dict[str, tuple[float, float]] = {
+    "api.port": (1, 65535),
+    "api.max_body_bytes": (1024, 16 * 1024 * 1024),
+    "auth.max_ttl_seconds": (60, 900),
+    "auth.leeway_seconds": (0, 300),
+    "model.chunk_ms": (20, 50),
+    "model.max_retries": (0, 100),
+    "emulator.port": (1, 65535),
+    "shards.count": (0, 256),
+    "shards.slots": (1, 4096),
+    "shards.uplink_ring_ms": (200, 60000),
+    "shards.downlink_ring_ms": (200, 120000),
+    "media.rtp_port_min": (1024, 65535),
+    "media.rtp_port_max": (1024, 65535),
+    "media.jitter_target_ms": (20, 60),
+    "media.jitter_max_ms": (20, 1000),
+    "media.opus_complexity": (0, 10),
+    "media.opus_bitrate": (6000, 510000),
+    "media.opus_expected_loss_percent": (0, 100),
+    "vad.threshold": (0.0, 1.0),
+    "vad.hangover_ms": (0, 5000),
+    "turn.ttl_seconds": (60, 3600),
+    "limits.session_creates_per_minute": (1, 100000),
+    "limits.signalling_per_minute": (1, 100000),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "emulator.reply": ("echo", "tone", "silence"),
+    "log.format": ("json", "text"),
+    "log.level": ("debug", "info", "warning", "error", "critical"),
+    "model.api_version": ("v1alpha", "v1beta", "v1"),
+}
+
+
+def secret(value: str, file_name: str) -> str:
+    """Return a secret given inline or through a file (relative names resolve in $CREDENTIALS_DIRECTORY)."""
+    if value:
+        return value
+    if not file_name:
+        return ""
+    path = Path(file_name)
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not path.is_absolute() and cred_dir and (Path(cred_dir) / path).exists():
+        path = Path(cred_dir) / path
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {file_name!r}: {exc.strerror}") from exc
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
+    if isinstance(tp, types.UnionType):
+        raise ConfigError(f"{key}: unsupported type")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _build_section(name: str, cls: type, data: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    values = {}
+    for key, value in data.items():
+        full = f"{name}.{key}"
+        value = _coerce(full, hints[key], value)
+        if full in _RANGES:
+            lo, hi = _RANGES[full]
+            if not lo <= value <= hi:
+                raise ConfigError(f"{full}: expected a value from {lo:g} to {hi:g}, got {value!r}")
+        if full in _CHOICES and value not in _CHOICES[full]:
+            raise ConfigError(f"{full}: expected one of {', '.join(_CHOICES[full])}, got {value!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: typing.Mapping[str, str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Config:
+    """Load the TOML file (if it exists or was named), apply ``VA_*`` environment overrides, validate.
+
+    ``path=None`` uses ``$VA_CONFIG`` or /etc/voice-appliance/appliance.toml when present, else defaults.
+    ``overrides`` (section → key → value) is applied last; tests and the CLI use it.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, dict[str, Any]] = {}
+    explicit = path is not None or "VA_CONFIG" in env
+    cfg_path = Path(path) if path is not None else Path(env.get("VA_CONFIG", str(DEFAULT_CONFIG_PATH)))
+    if cfg_path.exists():
+        try:
+            data = tomllib.loads(cfg_path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{cfg_path}: not valid TOML: {exc}") from exc
+    elif explicit:
+        raise ConfigError(f"config file {cfg_path} does not exist")
+    sections = _section_types()
+    for name, value in data.items():
+        if name not in sections:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(sections)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a table [{name}]")
+    for var, raw in env.items():
+        if not var.startswith(ENV_PREFIX) or var == "VA_CONFIG" or var.startswith("VA_LOG_"):
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section in sections and key:
+            data.setdefault(section, {})[key] = _parse_env_value(raw)
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    built = {name: _build_section(name, cls, data.get(name, {})) for name, cls in sections.items()}
+    cfg = Config(**built)
+    _check_cross_field(cfg)
+    return cfg
+
+
+def _check_cross_field(cfg: Config) -> None:
+    if cfg.media.rtp_port_min > cfg.media.rtp_port_max:
+        raise ConfigError(
+            f"media.rtp_port_min: expected ≤ media.rtp_port_max ({cfg.media.rtp_port_max}), "
+            f"got {cfg.media.rtp_port_min}"
+        )
+    if bool(cfg.api.tls_cert_file) != bool(cfg.api.tls_key_file):
+        raise ConfigError("api.tls_cert_file: expected both tls_cert_file and tls_key_file, or neither")
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """Return a copy of ``cfg`` with some keys of some sections replaced (validated like a file)."""
+    merged = {
+        name: {**dataclasses.asdict(getattr(cfg, name)), **sections.get(name, {})}
+        for name in _section_types()
+    }
+    built = {name: _build_section(name, cls, merged[name]) for name, cls in _section_types().items()}
+    out = Config(**built)
+    _check_cross_field(out)
+    return out
+
+
+def to_toml_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The config as plain section dicts (for `voice-appliance config show`)."""
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in _section_types()}

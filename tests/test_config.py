@@ -1,0 +1,73 @@
+"""Config loading: TOML + VA_* overrides, and errors that name the key and the expected form."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from appliance.config import ConfigError, load_config, replace
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "appliance.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_use_emulator(tmp_path):
+    cfg = load_config(write(tmp_path, ""), env={})
+    assert cfg.uses_emulator
+    assert cfg.model.chunk_ms == 40
+
+
+def test_file_and_env_override(tmp_path):
+    p = write(tmp_path, "[shards]\ncount = 2\n[model]\nvoice = 'Kore'\n")
+    env = {"VA_SHARDS_SLOTS": "10", "VA_MODEL_API_KEY": "k-123", "VA_TURN_URIS": '["turn:a"]'}
+    cfg = load_config(p, env=env)
+    assert cfg.shards.count == 2 and cfg.shards.slots == 10
+    assert cfg.model.voice == "Kore" and not cfg.uses_emulator
+    assert cfg.turn.uris == ["turn:a"]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "needle"),
+    [
+        ("[model]\nchunk_ms = 'x'\n", {}, "model.chunk_ms: expected an integer"),
+        ("[model]\nchunk_ms = 100\n", {}, "model.chunk_ms: expected a value from 20 to 50"),
+        ("[model]\nchunkms = 30\n", {}, "model.chunkms: unknown key"),
+        ("[modle]\n", {}, "modle: unknown section"),
+        ("[emulator]\nreply = 'sing'\n", {}, "emulator.reply: expected one of echo, tone, silence"),
+        ("", {"VA_SHARDS_COUNT": "many"}, "shards.count: expected an integer"),
+        ("[media]\nrtp_port_min = 5000\nrtp_port_max = 4000\n", {}, "media.rtp_port_min"),
+        ("this is = = not toml", {}, "not valid TOML"),
+    ],
+)
+def test_errors_name_key(tmp_path, text, env, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(write(tmp_path, text), env=env)
+
+
+def test_missing_explicit_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        load_config(tmp_path / "nope.toml", env={})
+
+
+def test_secret_file_via_credentials_directory(tmp_path):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "gemini-key").write_text("sekrit\n")
+    cfg = load_config(write(tmp_path, "[model]\napi_key_file = 'gemini-key'\n"), env={})
+    import os
+
+    os.environ["CREDENTIALS_DIRECTORY"] = str(creds)
+    try:
+        assert not cfg.uses_emulator
+    finally:
+        del os.environ["CREDENTIALS_DIRECTORY"]
+
+
+def test_replace_validates(tmp_path):
+    cfg = load_config(write(tmp_path, ""), env={})
+    assert replace(cfg, shards={"count": 3}).shards.count == 3
+    with pytest.raises(ConfigError, match=r"shards\.count"):
+        replace(cfg, shards={"count": -1})
