@@ -2,7 +2,8 @@
 
 Each benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> dict``; ``--json`` prints the dict
 as one JSON object (what CI's smoke and docs/benchmarks.md use), otherwise a small table. ``smoke`` runs
-every benchmark in its short CI form; ``all`` runs each at its full default size.
+every benchmark in its short CI form; ``all`` runs each at its full default size. A module that supports a short
+form takes ``--smoke``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _run_one(name: str, extra: list[str]) -> dict[str, Any]:
     module = importlib.import_module(BENCHMARKS[name])
     p = argparse.ArgumentParser()
     module.add_arguments(p)
-    return module.run(p.parse_args(extra))
+    known = {a for action in p._actions for a in action.option_strings}
+    return module.run(p.parse_args([a for a in extra if a in known]))
 
 
 def main(args: argparse.Namespace) -> int:
