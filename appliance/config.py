@@ -43,6 +43,11 @@ class ApiConfig:
     max_body_bytes: int = 65536
     demo_page: bool = True
     cors_origins: list[str] = field(default_factory=list)
+    metrics_host: str = "127.0.0.1"  # /metrics: loopback (or a management network) only
+    metrics_port: int = 9641  # 0: off
+    agent_check_host: str = "127.0.0.1"  # HAProxy agent-check responder ("up N%", "drain")
+    agent_check_port: int = 9642  # 0: off
+    drain_timeout_seconds: int = 600  # SIGTERM: wait this long for live calls to end
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,9 @@ class Config:
 _RANGES: dict[str, tuple[float, float]] = {
     "api.port": (1, 65535),
     "api.max_body_bytes": (1024, 16 * 1024 * 1024),
+    "api.metrics_port": (0, 65535),
+    "api.agent_check_port": (0, 65535),
+    "api.drain_timeout_seconds": (0, 86400),
     "auth.max_ttl_seconds": (60, 900),
     "auth.leeway_seconds": (0, 300),
     "model.chunk_ms": (20, 50),
