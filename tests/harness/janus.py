@@ -1,0 +1,437 @@
+"""Real Janus 1.1.2 in its own network namespace, for tests of every area.
+
+Why a namespace: Janus's ICE never gathers on loopback interfaces (FACTS), and tests must not touch
+the machine's real interfaces. So each Janus gets a private netns ``va-jN-xxxx`` with a veth pair:
+
+    root namespace                         netns (Janus)
+    <host_ip> 10.213.x.y+1/30  ── veth ──  <ns_ip> 10.213.x.y+2/30  and  127.0.0.2/32
+
+How other processes reach it (the decision): the veth pair is *routed*, so the test process and
+anything it starts in the root namespace talk to Janus at ``ns_ip`` without entering the netns:
+the HTTP API (``inst.url``), the admin API (``inst.admin_url``), and plain RTP (NoSIP/AudioBridge bind
+their plain-RTP side to ``ns_ip``; a media worker in the root namespace binds ``host_ip``). ICE is
+gathered on ``ns_ip`` and on ``127.0.0.2`` (``ice_enforce_list``): an aiortc caller in the root
+namespace reaches Janus over ``ns_ip``; a caller started *inside* the netns (chromium with
+``--allow-loopback-in-peer-connection``, via :meth:`JanusInstance.popen`) can use 127.0.0.2 as in
+FACTS. Because every Janus has its own namespace, its ports inside (8088, 7088, RTP ranges) never
+collide with other tests or engineers.
+
+Use::
+
+    with janus_in_netns() as j:            # sync context manager; fine inside async tests too
+        async with JanusClient(j.url, j.api_secret) as c:
+            h = await c.attach("janus.plugin.nosip")
+            data, jsep = await c.message(h, {"request": "generate"}, jsep=offer)
+
+Teardown kills Janus by PID, checks it is gone, and deletes the namespace (which removes the veth).
+Needs root (CI runs as root). :func:`janus_available` says whether a test should skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import itertools
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from appliance import janus_conf
+
+T = TypeVar("T")
+_CLONE_NEWNET = 0x40000000
+_LOCK_FILE = "/tmp/va-test-netns.lock"
+_SUBNET_PREFIX = "10.213."
+_counter = itertools.count()
+
+
+def janus_available() -> bool:
+    """True when Janus and the namespace tools are usable here (root, janus, ip)."""
+    return os.geteuid() == 0 and shutil.which("janus") is not None and shutil.which("ip") is not None
+
+
+def _ip(*args: str, netns: str | None = None) -> None:
+    argv = ["ip", *args] if netns is None else ["ip", "netns", "exec", netns, "ip", *args]
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+
+
+def _used_subnets() -> set[str]:
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    used = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            addr = parts[parts.index("inet") + 1].split("/")[0]
+            if addr.startswith(_SUBNET_PREFIX):
+                a, b, c, d = (int(x) for x in addr.split("."))
+                used.add(f"{a}.{b}.{c}.{d & ~3}")
+    return used
+
+
+@dataclass
+class NetnsPair:
+    """A network namespace joined to the root namespace by a routed veth pair."""
+
+    name: str
+    host_if: str
+    ns_if: str
+    host_ip: str
+    ns_ip: str
+    loopback_ip: str = "127.0.0.2"
+
+
+@contextlib.contextmanager
+def netns_pair(prefix: str = "va-j") -> Iterator[NetnsPair]:
+    """Create a netns with a veth pair (/30 routed subnet, plus 127.0.0.2/32 inside); delete it after."""
+    tag = f"{os.getpid() % 10000:04d}{next(_counter) % 100:02d}{secrets.token_hex(1)}"
+    name = f"{prefix}{tag}"
+    host_if, ns_if = f"va{tag}h"[:15], f"va{tag}n"[:15]
+    with open(_LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            used = _used_subnets()
+            base = None
+            for _ in range(2000):
+                c, d = secrets.randbelow(256), secrets.randbelow(64) * 4
+                if f"{_SUBNET_PREFIX}{c}.{d}" not in used:
+                    base = (c, d)
+                    break
+            if base is None:
+                raise RuntimeError("no free 10.213.x.y/30 test subnet")
+            host_ip = f"{_SUBNET_PREFIX}{base[0]}.{base[1] + 1}"
+            ns_ip = f"{_SUBNET_PREFIX}{base[0]}.{base[1] + 2}"
+            _ip("netns", "add", name)
+            try:
+                _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+                _ip("link", "set", ns_if, "netns", name)
+                _ip("addr", "add", f"{host_ip}/30", "dev", host_if)
+                _ip("link", "set", host_if, "up")
+                _ip("link", "set", "lo", "up", netns=name)
+                _ip("addr", "add", f"{ns_ip}/30", "dev", ns_if, netns=name)
+                _ip("addr", "add", "127.0.0.2/32", "dev", ns_if, netns=name)
+                _ip("link", "set", ns_if, "up", netns=name)
+            except Exception:
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+                subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+                raise
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    pair = NetnsPair(name=name, host_if=host_if, ns_if=ns_if, host_ip=host_ip, ns_ip=ns_ip)
+    try:
+        yield pair
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+
+
+def run_in_netns(netns: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` in a fresh thread that entered ``netns`` (setns affects only that thread).
+
+    Sockets keep the namespace they were created in, so a socket made here can be used from any thread.
+    """
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns failed")
+            finally:
+                os.close(fd)
+            result.append(fn(*args, **kwargs))
+        except BaseException as exc:  # re-raised in the caller
+            error.append(exc)
+
+    t = threading.Thread(target=target, name=f"netns-{netns}")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+@dataclass
+class JanusInstance:
+    """A running Janus: where to reach it, its secrets, and helpers to act inside its namespace."""
+
+    netns: str
+    host_ip: str  # root-namespace side of the veth (bind media-worker RTP sockets here)
+    ns_ip: str  # Janus's address: HTTP/admin API, plain RTP, ICE
+    loopback_ip: str  # 127.0.0.2 inside the netns (ICE too)
+    url: str
+    admin_url: str
+    api_secret: str
+    admin_secret: str
+    audiobridge_admin_key: str
+    pid: int
+    conf_dir: Path
+    log_path: Path
+    settings: janus_conf.JanusSettings
+    _procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+
+    def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """Run a command inside the namespace and wait for it (``subprocess.run`` keywords)."""
+        return subprocess.run(["ip", "netns", "exec", self.netns, *argv], **kwargs)
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process inside the namespace; it is killed at teardown if still running."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *argv], **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call ``fn`` in a thread inside the namespace (e.g. to create a socket there)."""
+        return run_in_netns(self.netns, fn, *args, **kwargs)
+
+    def log_text(self) -> str:
+        """Janus's log so far (attach it to assertion messages)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        """True while the Janus process runs (not a zombie)."""
+        return _alive(self.pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def janus_in_netns(
+    *,
+    api_secret: str | None = None,
+    admin_secret: str | None = None,
+    audiobridge_admin_key: str | None = None,
+    debug_level: int = 4,
+    rooms: dict[str, dict[str, Any]] | None = None,
+    ready_timeout: float = 10.0,
+    **settings: Any,
+) -> Iterator[JanusInstance]:
+    """Start a real Janus in a fresh namespace; yield a :class:`JanusInstance`; tear it all down.
+
+    Extra keyword arguments override :class:`appliance.janus_conf.JanusSettings` fields.
+    """
+    api_secret = secrets.token_hex(8) if api_secret is None else api_secret
+    admin_secret = secrets.token_hex(8) if admin_secret is None else admin_secret
+    ab_key = secrets.token_hex(8) if audiobridge_admin_key is None else audiobridge_admin_key
+    tmp = Path(tempfile.mkdtemp(prefix="va-janus-"))
+    with netns_pair() as pair:
+        cfg = janus_conf.JanusSettings(
+            **{
+                "http_ip": pair.ns_ip,
+                "admin_ip": pair.ns_ip,
+                "api_secret": api_secret,
+                "admin_secret": admin_secret,
+                "public_ip": pair.ns_ip,
+                "ice_enforce_list": f"{pair.ns_ip},{pair.loopback_ip}",
+                "plain_rtp_ip": pair.ns_ip,
+                "audiobridge_admin_key": ab_key,
+                "debug_level": debug_level,
+                "extra_rooms": rooms or {},
+                **settings,
+            }
+        )
+        conf_dir = tmp / "conf"
+        janus_conf.write(cfg, conf_dir)
+        log_path = tmp / "janus.log"
+        argv = ["ip", "netns", "exec", pair.name, *janus_conf.command(conf_dir, str(log_path)), "-N"]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        inst = JanusInstance(
+            netns=pair.name,
+            host_ip=pair.host_ip,
+            ns_ip=pair.ns_ip,
+            loopback_ip=pair.loopback_ip,
+            url=f"http://{pair.ns_ip}:{cfg.http_port}/janus",
+            admin_url=f"http://{pair.ns_ip}:{cfg.admin_port}/admin",
+            api_secret=api_secret,
+            admin_secret=admin_secret,
+            audiobridge_admin_key=ab_key,
+            pid=proc.pid,
+            conf_dir=conf_dir,
+            log_path=log_path,
+            settings=cfg,
+        )
+        try:
+            _wait_ready(inst, proc, ready_timeout)
+            yield inst
+        finally:
+            for p in inst._procs:
+                _stop(p)
+            _stop(proc)
+            if _alive(proc.pid):
+                raise RuntimeError(f"janus pid {proc.pid} survived teardown")
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_ready(inst: JanusInstance, proc: subprocess.Popen[Any], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"janus exited with {proc.returncode}:\n{inst.log_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{inst.url}/info", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except Exception as exc:
+            last = exc
+        time.sleep(0.05)
+    raise RuntimeError(f"janus not ready after {timeout}s ({last}):\n{inst.log_text()[-4000:]}")
+
+
+class JanusError(RuntimeError):
+    """Janus answered with an error (``code`` is Janus's or the plugin's error code)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"janus error {code}: {reason}")
+        self.code = code
+
+
+class JanusClient:
+    """Minimal async client of the Janus HTTP API for tests (long-poll events, one session).
+
+    Tests of other areas should prefer ``appliance/janus.py`` once it exists; this one stays small.
+    """
+
+    def __init__(self, url: str, api_secret: str = "", timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.api_secret = api_secret
+        self.timeout = timeout
+        self.session_id: int | None = None
+        self._http = httpx.AsyncClient(timeout=timeout)
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.events: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._poller: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> JanusClient:
+        await self.create()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        body = {"transaction": secrets.token_hex(6), **body}
+        if self.api_secret:
+            body["apisecret"] = self.api_secret
+        r = await self._http.post(self.url + path, json=body)
+        r.raise_for_status()
+        data = r.json()
+        if data.get("janus") == "error":
+            err = data.get("error", {})
+            raise JanusError(int(err.get("code", 0)), str(err.get("reason", "")))
+        return data
+
+    async def create(self) -> int:
+        data = await self._post("", {"janus": "create"})
+        self.session_id = int(data["data"]["id"])
+        self._poller = asyncio.create_task(self._poll())
+        return self.session_id
+
+    async def attach(self, plugin: str) -> int:
+        data = await self._post(f"/{self.session_id}", {"janus": "attach", "plugin": plugin})
+        handle = int(data["data"]["id"])
+        self.events[handle] = asyncio.Queue()
+        return handle
+
+    async def message(
+        self, handle: int, body: dict[str, Any], jsep: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Send a plugin message; return (plugin data, jsep) of the answer (sync or async event).
+
+        A plugin-level error (``{"error_code":…}`` in the data) raises :class:`JanusError`.
+        """
+        tx = secrets.token_hex(6)
+        req: dict[str, Any] = {"janus": "message", "transaction": tx, "body": body}
+        if jsep is not None:
+            req["jsep"] = jsep
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[tx] = fut
+        try:
+            data = await self._post(f"/{self.session_id}/{handle}", req)
+            if data.get("janus") != "ack":
+                msg = data
+            else:
+                msg = await asyncio.wait_for(fut, self.timeout)
+        finally:
+            self._pending.pop(tx, None)
+        pdata = msg.get("plugindata", {}).get("data", {})
+        if "error_code" in pdata:
+            raise JanusError(int(pdata["error_code"]), str(pdata.get("error", "")))
+        return pdata, msg.get("jsep")
+
+    async def next_event(self, handle: int, wait: float = 10.0) -> dict[str, Any]:
+        """The next unsolicited event of a handle (webrtcup, media, hangup, plugin events)."""
+        return await asyncio.wait_for(self.events[handle].get(), wait)
+
+    async def keepalive(self) -> None:
+        await self._post(f"/{self.session_id}", {"janus": "keepalive"})
+
+    async def detach(self, handle: int) -> None:
+        await self._post(f"/{self.session_id}/{handle}", {"janus": "detach"})
+
+    async def _poll(self) -> None:
+        params = {"maxev": "10"}
+        if self.api_secret:
+            params["apisecret"] = self.api_secret
+        while True:
+            try:
+                r = await self._http.get(f"{self.url}/{self.session_id}", params=params, timeout=40)
+                msgs = r.json()
+            except (httpx.HTTPError, ValueError):
+                await asyncio.sleep(0.1)
+                continue
+            for msg in msgs if isinstance(msgs, list) else [msgs]:
+                if msg.get("janus") == "keepalive":
+                    continue
+                tx = msg.get("transaction")
+                if tx in self._pending and not self._pending[tx].done():
+                    self._pending[tx].set_result(msg)
+                    continue
+                handle = msg.get("sender")
+                if handle in self.events:
+                    self.events[handle].put_nowait(msg)
+
+    async def close(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._poller
+        if self.session_id is not None:
+            with contextlib.suppress(Exception):
+                await self._post(f"/{self.session_id}", {"janus": "destroy"})
+        await self._http.aclose()
