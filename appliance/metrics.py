@@ -1,0 +1,109 @@
+"""Prometheus metrics of the supervisor (control plane), served on a loopback-only port.
+
+Base units (seconds, bytes), ``va_`` prefix, and no per-session labels: labels are bounded sets
+(``role`` = media/ai, ``shard`` = a small integer, ``result``/``reason`` = fixed words), so the series
+count never grows with traffic. Shared-memory counters that workers maintain (ring drops, frames) are
+read at scrape time by a custom collector from a callback, so the hot path never touches Prometheus.
+
+prometheus-client is the reference implementation; its ``start_http_server`` runs a small threaded
+WSGI server on its own registry, which keeps /metrics off the public API port.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# Shard counters summed over shards: name -> (help, kind). Provided by a callback returning
+# {shard: {name: value}}; unknown names are ignored so workers can add counters freely.
+SHM_COUNTERS: dict[str, tuple[str, str]] = {
+    "uplink_drops": ("Uplink ring frames dropped because the ring was full", "counter"),
+    "downlink_drops": ("Downlink ring frames dropped because the ring was full", "counter"),
+    "frames_in": ("RTP audio frames received by media workers", "counter"),
+    "frames_out": ("RTP audio frames sent by media workers", "counter"),
+    "concealed_frames": ("Frames concealed (PLC/FEC) by media workers", "counter"),
+}
+
+
+class _ShmCollector(Collector):
+    def __init__(self, source: Callable[[], Mapping[int, Mapping[str, float]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Any]:
+        try:
+            per_shard = self._source()
+        except Exception:  # a scrape must never fail because one segment is mid-restart
+            log.exception("reading shard counters failed")
+            return []
+        out = []
+        for name, (help_text, kind) in SHM_COUNTERS.items():
+            fam: Any
+            if kind == "counter":
+                fam = CounterMetricFamily(f"va_{name}", help_text, labels=["shard"])
+            else:
+                fam = GaugeMetricFamily(f"va_{name}", help_text, labels=["shard"])
+            for shard, values in sorted(per_shard.items()):
+                if name in values:
+                    fam.add_metric([str(shard)], float(values[name]))
+            out.append(fam)
+        return out
+
+
+class Metrics:
+    """The supervisor's metrics on a private registry (tests create as many as they like)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions_active = Gauge("va_sessions_active", "Sessions currently admitted", registry=r)
+        self.sessions_capacity = Gauge(
+            "va_sessions_capacity", "Session slots on shards that accept sessions", registry=r
+        )
+        self.admissions = Counter(
+            "va_admissions", "Session admission attempts by result", ["result"], registry=r
+        )
+        self.sessions_ended = Counter("va_sessions_ended", "Sessions ended by reason", ["reason"], registry=r)
+        self.session_setup_seconds = Histogram(
+            "va_session_setup_seconds",
+            "POST /v1/sessions to SDP answer (Janus generate+process, slot activation)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "va_worker_restarts", "Worker restarts by role and reason", ["role", "reason"], registry=r
+        )
+        self.worker_up = Gauge("va_worker_up", "1 when the worker process is running", ["role", "shard"],
+                               registry=r)
+        self.heartbeat_age = Gauge(
+            "va_worker_heartbeat_age_seconds", "Age of the worker's shared-memory heartbeat",
+            ["role", "shard"], registry=r,
+        )
+        self.draining = Gauge("va_draining", "1 while the box refuses new sessions to drain", registry=r)
+        self.redis_errors = Counter("va_redis_errors", "Failed Redis operations (retried later)", registry=r)
+        self.janus_errors = Counter("va_janus_errors", "Failed Janus requests", registry=r)
+        self._http: Any = None
+
+    def add_shard_counters(self, source: Callable[[], Mapping[int, Mapping[str, float]]]) -> None:
+        """Export the workers' shared-memory counters, read at scrape time from ``source()``."""
+        self.registry.register(_ShmCollector(source))
+
+    def serve(self, host: str, port: int) -> int:
+        """Start /metrics on host:port (a daemon thread); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        bound = int(server.server_address[1])
+        log.info("metrics listening", extra={"host": host, "port": bound})
+        return bound
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
