@@ -1,0 +1,114 @@
+"""A real redis-server for tests: own port, own tmp dir, stopped by PID.
+
+    with redis_server(tmp_path) as srv:
+        client = redis.asyncio.from_url(srv.url)
+        srv.stop(); srv.start()       # same port and dir: "Redis briefly unreachable"
+        srv.pause(); srv.resume()     # SIGSTOP/SIGCONT: connections hang instead of being refused
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class RedisServer:
+    """One redis-server process; ``url`` points at it."""
+
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.port = port or free_port(host)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self, timeout: float = 5.0) -> None:
+        """Start (or restart) on the same port; returns when it answers PING."""
+        log = open(self.workdir / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            [
+                REDIS_SERVER, "--port", str(self.port), "--bind", self.host, "--dir", str(self.workdir),
+                "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no",
+                "--repl-diskless-sync-delay", "0", "--loglevel", "warning",
+            ],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.workdir / 'redis.log').read_text()[-500:]}")
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.01)
+        self.stop()
+        raise RuntimeError("redis-server did not answer PING")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop by PID (SIGTERM, then SIGKILL) and wait until the process is gone."""
+        if not self.proc:
+            return
+        proc, self.proc = self.proc, None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+        assert not _alive(proc.pid), "redis-server still running"
+
+    def pause(self) -> None:
+        """SIGSTOP: the port stays open but nothing answers (timeouts, not refusals)."""
+        assert self.proc
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path, port: int | None = None) -> Iterator[RedisServer]:
+    """Start a redis-server in ``workdir`` on a free port; always stopped on exit."""
+    srv = RedisServer(workdir, port)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
