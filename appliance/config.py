@@ -82,6 +82,9 @@ class ModelConfig:
     max_retries: int = 5
     retry_base_seconds: float = 0.2
     retry_max_seconds: float = 5.0
+    greeting: str = "Hello! You are talking with an AI assistant. How can I help?"  # "" = none
+    hold_prompt: str = "Please hold on, I am reconnecting."  # played when the model is unreachable
+    degraded_retry_seconds: float = 10.0  # re-open a degraded Live session this often
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ class VadConfig:
     hangover_ms: int = 400
     min_speech_ms: int = 96
     energy_gate_dbfs: float = -55.0
+    barge_in_ms: int = 32  # speech needed to interrupt model audio (one 32 ms VAD window)
+    preroll_ms: int = 250  # audio before the detected onset sent with activity_start
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "media.opus_expected_loss_percent": (0, 100),
     "vad.threshold": (0.0, 1.0),
     "vad.hangover_ms": (0, 5000),
+    "vad.min_speech_ms": (0, 2000),
+    "vad.barge_in_ms": (0, 2000),
+    "vad.preroll_ms": (0, 2000),
+    "model.degraded_retry_seconds": (0.5, 3600),
     "turn.ttl_seconds": (60, 3600),
     "limits.session_creates_per_minute": (1, 100000),
     "limits.signalling_per_minute": (1, 100000),
