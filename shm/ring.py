@@ -237,7 +237,7 @@ class Ring:
     dropped = property(lambda self: self._counter(_DROPPED), doc="bytes dropped because the ring was full")
     overruns = property(lambda self: self._counter(_OVERRUNS), doc="write() calls dropped (ring full)")
     read_bytes = property(lambda self: self._counter(_READ), doc="bytes consumed by read/read_into/skip")
-    underruns = property(lambda self: self._counter(_UNDER), doc="read()/read_into() calls that came up short")
+    underruns = property(lambda self: self._counter(_UNDER), doc="short read()/read_into() calls")
     flushes = property(lambda self: self._counter(_FLUSHES), doc="flush epochs obeyed by the consumer")
     flushed = property(lambda self: self._counter(_FLUSHED), doc="bytes discarded by flushes")
     flush_epoch = property(lambda self: self._counter(_EPOCH), doc="flushes requested by the producer")
