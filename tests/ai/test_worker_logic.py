@@ -1,0 +1,200 @@
+"""The AI worker's tick logic on a real shm segment and the real VAD, with a scripted Live double."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from appliance.config import load_config, replace
+from tests.ai.audio import frames, silence
+from tests.ai.doubles import (
+    AudioOut,
+    FakeLive,
+    Interrupted,
+    Options,
+    ResumeHandle,
+    StateChanged,
+    TurnComplete,
+)
+from tests.harness.audio import best_correlation, tone
+from tests.harness.shm import activate_slot, shard_segment
+from workers.ai.greeting import PromptCache
+from workers.ai.worker import DOWN_FRAME, AiWorker
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    model = {"greeting": "", "hold_prompt": "Please hold.", "degraded_retry_seconds": 0.5}
+    return replace(load_config(None, env={}), model=model, paths={"state_dir": str(tmp_path)})
+
+
+@pytest.fixture
+def seg():
+    with shard_segment(slots=4, uplink_bytes=64000, downlink_bytes=384000) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def _reset_fake():
+    FakeLive.instances = []
+    FakeLive.fail_start = False
+    yield
+
+
+def make_worker(cfg, seg, tmp_path) -> AiWorker:
+    return AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path))
+
+
+async def ticks(worker: AiWorker, n: int = 1) -> None:
+    for _ in range(n):
+        worker.tick()
+        await asyncio.sleep(0)
+
+
+def drain_downlink(slot) -> bytes:
+    n = slot.downlink.available()
+    return slot.downlink.read(n) if n else b""
+
+
+async def feed(worker: AiWorker, slot, pcm: np.ndarray) -> None:
+    """Write 20 ms frames into the uplink as the media worker would, one tick per frame."""
+    for f in frames(pcm):
+        assert slot.uplink.write(f)
+        await ticks(worker)
+
+
+async def test_turn_preroll_and_audio_forwarding(cfg, seg, tmp_path, speech) -> None:
+    w = make_worker(cfg, seg, tmp_path)
+    slot = seg.slot(1)
+    activate_slot(slot)
+    await ticks(w, 2)
+    live = FakeLive.instances[0]
+    assert slot.model_state == "live" and live.options.resume_handle is None
+    await feed(w, slot, np.concatenate([silence(0.5), speech, silence(0.8)]))
+    assert live.log == ["start", "audio", "end"]
+    sent = np.frombuffer(bytes(live.sent), np.int16)
+    # the whole utterance reached the model, first syllable included (pre-roll)
+    corr, lag = best_correlation(speech, sent, 16000)
+    assert corr > 0.99 and lag <= 0.25
+    assert w.stats.activity_starts == 1 and w.stats.activity_ends == 1
+    # hangover (400 ms) + up to one window, no more: audio sent after the speech is bounded
+    tail = len(sent) / 16000 - lag - len(speech) / 16000
+    assert 0.35 <= tail <= 0.55, tail
+
+
+async def test_model_audio_to_downlink_and_barge_in(cfg, seg, tmp_path, speech) -> None:
+    w = make_worker(cfg, seg, tmp_path)
+    slot = seg.slot(0)
+    activate_slot(slot)
+    await ticks(w, 2)
+    live = FakeLive.instances[0]
+    reply = tone(440, 1.01, 24000)  # not a whole number of frames
+    live.emit(AudioOut(reply[:12000].tobytes()))
+    live.emit(AudioOut(reply[12000:].tobytes()))
+    live.emit(TurnComplete())
+    await ticks(w)
+    got = np.frombuffer(drain_downlink(slot), np.int16)
+    assert len(got) % (DOWN_FRAME // 2) == 0 and len(got) >= len(reply)
+    assert np.array_equal(got[: len(reply)], reply)  # bit-exact, tail padded with silence
+    # a long reply is playing; the caller starts talking -> flushed in the tick the VAD sees speech
+    live.emit(AudioOut(tone(440, 3.0, 24000).tobytes()))
+    assert slot.downlink.available() == 3 * 48000
+    pcm = np.concatenate([silence(0.1), speech[:8000]])
+    flushed_at = None
+    for i, f in enumerate(frames(pcm)):
+        slot.uplink.write(f)
+        await ticks(w)
+        if slot.downlink.available() == 0 and flushed_at is None:
+            flushed_at = i
+    assert flushed_at is not None and w.stats.barge_ins == 1
+    # barge-in needs only one VAD window: flushed within ~100 ms of speech onset (5 frames of silence first)
+    assert flushed_at * 20 - 100 <= 140, flushed_at
+    assert live.log[0] == "start"
+    # the rest of the interrupted model turn is dropped until the model acknowledges
+    live.emit(AudioOut(tone(440, 0.2, 24000).tobytes()))
+    assert slot.downlink.available() == 0
+    live.emit(Interrupted())
+    live.emit(AudioOut(tone(440, 0.2, 24000).tobytes()))
+    assert slot.downlink.available() > 0
+
+
+async def test_slot_reuse_resume_and_state_fields(cfg, seg, tmp_path) -> None:
+    w = make_worker(cfg, seg, tmp_path)
+    slot = seg.slot(2)
+    gen1 = activate_slot(slot, session_id="first")
+    await ticks(w, 2)
+    live1 = FakeLive.instances[0]
+    live1.emit(ResumeHandle("handle-1"))
+    assert slot.resume_handle == "handle-1"
+    slot.begin_close()
+    await ticks(w, 2)
+    assert live1.closed and 2 not in w.calls
+    slot.free()
+    gen2 = activate_slot(slot, session_id="second", options={"resume_handle": "from-redis", "greeting": ""})
+    assert gen2 > gen1
+    await ticks(w, 2)
+    live2 = FakeLive.instances[1]
+    assert live2.session_id == "second" and live2.options.resume_handle == "from-redis"
+    # the old session's late events must not touch the reused slot
+    live1.emit(ResumeHandle("stale"))
+    live1.emit(AudioOut(tone(300, 0.5, 24000).tobytes()))
+    assert slot.downlink.available() == 0
+
+
+async def test_new_call_plays_greeting_resumed_call_does_not(cfg, seg, tmp_path) -> None:
+    cfg = replace(cfg, model={"greeting": "Hello, this is an AI assistant."})
+    w = make_worker(cfg, seg, tmp_path)
+    await w.prepare()
+    activate_slot(seg.slot(0))
+    await ticks(w)
+    assert seg.slot(0).downlink.available() > 24000 * 2  # > 0.5 s of speech, before the model is live
+    s1 = seg.slot(1)
+    activate_slot(s1)
+    s1.resume_handle = "h"  # what a crashed worker left behind
+    await ticks(w)
+    assert s1.downlink.available() == 0
+    assert FakeLive.instances[1].options.resume_handle == "h"
+
+
+async def test_degraded_model_keeps_call_and_plays_hold(cfg, seg, tmp_path) -> None:
+    FakeLive.fail_start = True
+    w = make_worker(cfg, seg, tmp_path)
+    await w.prepare()
+    slot = seg.slot(3)
+    activate_slot(slot)
+    await ticks(w, 3)
+    assert slot.model_state == "degraded"
+    hold = slot.downlink.available()
+    assert hold > 24000  # "Please hold." is in the downlink
+    assert 3 in w.calls  # the call stays
+    FakeLive.fail_start = False
+    await asyncio.sleep(0.6)  # model.degraded_retry_seconds = 0.5
+    await ticks(w, 3)
+    assert len(FakeLive.instances) == 2 and slot.model_state == "live"
+    FakeLive.instances[1].emit(StateChanged("degraded", "retries exhausted"))
+    assert slot.model_state == "degraded"
+
+
+async def test_one_failing_call_does_not_affect_others(cfg, seg, tmp_path, speech) -> None:
+    w = make_worker(cfg, seg, tmp_path)
+    a, b = seg.slot(0), seg.slot(1)
+    activate_slot(a)
+    activate_slot(b)
+    await ticks(w, 2)
+    live_a, live_b = FakeLive.instances
+
+    def boom(_pcm: bytes) -> None:
+        raise RuntimeError("emulated bug")
+
+    live_a.send_audio = boom
+    pcm = np.concatenate([silence(0.2), speech[:16000], silence(0.6)])
+    for f in frames(pcm):
+        a.uplink.write(f)
+        b.uplink.write(f)
+        await ticks(w)
+    assert live_b.log == ["start", "audio", "end"]
+    assert w.stats.session_errors >= 1
+    assert live_a.closed and len(FakeLive.instances) == 3  # a re-opened on the next scan
+    assert a.counters.get("errors") >= 1

@@ -1,0 +1,79 @@
+"""`voice-appliance ai-worker`: run one shard's AI worker (started and pinned by the supervisor).
+
+Attaches the shard's shared-memory segment, pins itself to ``--cpu`` (sched_setaffinity, so a direct
+run behaves like a supervised one), loads the VAD model once, prepares the cached prompts and runs
+:class:`workers.ai.worker.AiWorker` until SIGTERM/SIGINT. Exit codes: 0 stopped cleanly, 2 bad
+arguments/config, 3 segment missing or invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance.config import ConfigError, load_config
+
+log = logging.getLogger("workers.ai")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shard", type=int, required=True, help="shard number K")
+    parser.add_argument("--segment", required=True, help="shared-memory segment name (/va-<instance>-s<K>)")
+    parser.add_argument("--cpu", type=int, default=None, help="pin this process to CPU N")
+    parser.add_argument("--config", default=None, help="config file (default: $VA_CONFIG or /etc/...)")
+
+
+def _ssl_context(cfg: Any) -> Any:
+    from workers.ai import live
+
+    settings = live.model_client_settings(cfg)
+    return settings[2] if isinstance(settings, tuple) and len(settings) > 2 else None
+
+
+async def _amain(args: argparse.Namespace, cfg: Any) -> int:
+    from shm.segment import ShardSegment, ShmError
+    from workers.ai.greeting import PromptCache
+    from workers.ai.worker import AiWorker
+
+    try:
+        seg = ShardSegment.attach(args.segment)
+    except ShmError as exc:
+        log.error("cannot attach segment", extra={"error": str(exc), "shard": args.shard})
+        return 3
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        cache_dir = Path(cfg.paths.state_dir) / "prompts"
+        worker = AiWorker(cfg, seg, ssl_context=_ssl_context(cfg), prompts=PromptCache(cache_dir))
+        await worker.prepare()
+        seg.heartbeat("ai")
+        log.info("AI worker running", extra={"shard": args.shard, "segment": args.segment,
+                                             "slots": seg.n_slots, "cpu": args.cpu})
+        await worker.run(stop)
+        log.info("AI worker stopped", extra={"shard": args.shard, "stats": vars(worker.stats)})
+    finally:
+        seg.close()
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.cpu is not None:
+        try:
+            os.sched_setaffinity(0, {args.cpu})
+        except (OSError, ValueError) as exc:
+            print(f"cannot pin to CPU {args.cpu}: {exc}", file=sys.stderr)
+            return 2
+    return asyncio.run(_amain(args, cfg))

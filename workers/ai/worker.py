@@ -1,0 +1,554 @@
+"""The AI worker loop: one asyncio process per shard, every call of the shard in it.
+
+Why one process for many calls: a Live session is mostly idle I/O, and per-call processes cost 10-20x
+the CPU (ARCHITECTURE). Why a fixed 20 ms tick instead of waking per frame: the media worker writes a
+20 ms frame per call into the uplink ring; one tick reads *all* calls' frames, runs one batched VAD call
+(512-sample windows, remainder kept per call) and drains model audio into the downlink rings. The CPU
+cost is then one wake-up per tick for the whole shard.
+
+Each tick:
+1. ``heartbeat("ai")`` into the segment header (the supervisor restarts a worker whose beat is stale);
+2. scan the slot table: a local call whose (slot, generation) is no longer an ACTIVE slot is closed; an
+   ACTIVE slot without a local call gets one (a Live session resumed from ``slot.resume_handle`` or
+   ``options["resume_handle"]`` when present, so a restarted worker continues the conversation; the
+   cached greeting is played at once for a new call, before the model is live);
+3. uplink: read every whole 640-byte frame of every call; while the caller's turn is open the audio goes
+   to the Live session; all of it goes to the VAD (batched across calls) and the turn detector;
+   ``activity_start`` sends the pre-roll with it, ``activity_end`` is sent the moment the hangover ends;
+4. downlink: model audio (24 kHz) queued per call is written in whole 960-byte frames as far as the ring
+   has room (never blocking; a local backlog absorbs model bursts larger than the ring, beyond a bound it
+   is dropped and counted). Model audio is also written the moment it arrives, not only at the tick.
+
+Barge-in: caller speech onset while model audio is queued or playing flushes the downlink through the
+ring's flush epoch (``request_flush``) in the same tick the VAD sees it, and the rest of that model turn
+is dropped until the model says ``interrupted``/``turnComplete``. The greeting (the AI disclosure) is not
+interruptible. A model that cannot be reached keeps the call up: the "please hold" prompt plays and the
+worker re-opens the Live session every ``model.degraded_retry_seconds``.
+
+Failure isolation: everything per call runs under a guard that logs and closes only that call's Live
+session (the slot stays; the next scan re-opens it); the loop itself never raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from appliance.config import Config
+from shm.segment import ShardSegment, ShmError, Slot
+from workers.ai.greeting import PromptCache
+from workers.ai.turns import Decision, PreRoll, TurnDetector, TurnEvent, TurnParams
+from workers.ai.vad import SAMPLE_RATE, BatchedVad, WindowBuffer
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.020
+UP_FRAME = 640  # 20 ms PCM16 at 16 kHz
+DOWN_FRAME = 960  # 20 ms PCM16 at 24 kHz
+MAX_BACKLOG_BYTES = 60 * 48000  # 60 s of model audio queued locally per call
+LiveFactory = Callable[..., Any]
+
+
+@dataclass
+class WorkerStats:
+    """Process-wide counters (totals) for logs, tests and benchmarks."""
+
+    ticks: int = 0
+    late_ticks: int = 0  # ticks that started more than one tick late
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+    session_errors: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+    downlink_dropped_bytes: int = 0
+    barge_ins: int = 0
+    activity_starts: int = 0
+    activity_ends: int = 0
+    tick_seconds: float = 0.0  # wall time spent inside ticks
+
+
+@dataclass
+class Call:
+    """The worker's local state for one (slot, generation)."""
+
+    slot: Slot
+    generation: int
+    session_id: str
+    options: dict[str, Any]
+    window: WindowBuffer
+    preroll: PreRoll
+    detector: TurnDetector
+    live: Any = None
+    start_task: asyncio.Task[None] | None = None
+    sending: bool = False  # caller turn open: uplink audio goes to the model
+    pending: bytearray = field(default_factory=bytearray)  # model audio not yet in the ring
+    model_turn: bool = False  # model audio arrived since the last turnComplete/interrupted
+    suppress: bool = False  # barge-in: drop the rest of the interrupted model turn
+    protect_until: int = 0  # downlink write cursor up to which audio is the (uninterruptible) greeting
+    hold_played: bool = False
+    start_failed: bool = False
+    retry_at: float = 0.0
+    closed: bool = False
+    last_event: dict[str, float] = field(default_factory=dict)  # monotonic times, for tests and benchmarks
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.slot.index, self.generation)
+
+    def current(self) -> bool:
+        return not self.closed and self.slot.is_current(self.generation)
+
+
+def _default_live() -> tuple[LiveFactory, LiveFactory]:
+    from workers.ai import live  # the SDK import is heavy; tests may inject their own
+
+    return live.LiveSession, live.LiveOptions
+
+
+class AiWorker:
+    """The AI worker of one shard. ``await run(stop)``; everything else is called from the loop."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        segment: ShardSegment,
+        *,
+        live_factory: LiveFactory | None = None,
+        options_factory: LiveFactory | None = None,
+        ssl_context: Any = None,
+        prompts: PromptCache | None = None,
+        vad: BatchedVad | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.seg = segment
+        self._live_factory = live_factory
+        self._options_factory = options_factory
+        self._ssl = ssl_context
+        self.prompts = prompts or PromptCache(None)
+        self.vad = vad or BatchedVad(energy_gate_dbfs=cfg.vad.energy_gate_dbfs)
+        v = cfg.vad
+        self.params = TurnParams(threshold=v.threshold, hangover_ms=v.hangover_ms,
+                                 min_speech_ms=v.min_speech_ms, barge_in_ms=v.barge_in_ms,
+                                 preroll_ms=v.preroll_ms)
+        self._gate_ms = (10.0 ** (v.energy_gate_dbfs / 10.0)) * 32768.0 * 32768.0
+        self._preroll_keep_ms = v.preroll_ms + cfg.shards.uplink_ring_ms + 200
+        self.calls: dict[int, Call] = {}
+        self.stats = WorkerStats()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._greeting = b""
+        self._hold = b""
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def prepare(self) -> None:
+        """Synthesise (or load from cache) the default greeting and hold prompts before taking calls."""
+        m = self.cfg.model
+        if m.greeting:
+            self._greeting = await self.prompts.get_async(m.greeting, m.language)
+        if m.hold_prompt:
+            self._hold = await self.prompts.get_async(m.hold_prompt, m.language)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every 20 ms until ``stop`` is set, then close every Live session (slots stay as they are)."""
+        loop = asyncio.get_running_loop()
+        next_t = loop.time()
+        while not stop.is_set():
+            now = loop.time()
+            if now - next_t > TICK_SECONDS:
+                self.stats.late_ticks += 1
+            t0 = time.perf_counter()
+            try:
+                self.tick()
+            except Exception:  # the loop must survive anything one tick does
+                log.exception("AI worker tick failed")
+            self.stats.tick_seconds += time.perf_counter() - t0
+            next_t += TICK_SECONDS
+            delay = next_t - loop.time()
+            if delay < -5 * TICK_SECONDS:  # fell far behind (suspend, overload): resynchronise
+                next_t = loop.time()
+                delay = 0.0
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(delay, 0.0))
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Close every Live session (the worker is stopping; the calls live on in the slot table)."""
+        for idx in list(self.calls):
+            self._close_call(idx, reason="worker stopping")
+        if self._closing:
+            await asyncio.wait(self._closing, timeout=5.0)
+
+    # ---- the tick --------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """One 20 ms step for the whole shard (see the module docstring)."""
+        self.stats.ticks += 1
+        self.seg.heartbeat("ai")
+        self._scan()
+        now = time.monotonic()
+        batches: list[list[tuple[Call, np.ndarray, int]]] = []
+        for call in list(self.calls.values()):
+            try:
+                self._uplink(call, batches)
+                self._maybe_retry(call, now)
+            except Exception as exc:
+                self._call_failed(call, exc)
+        for batch in batches:
+            try:
+                probs = self.vad.process([(c.key, chunk) for c, chunk, _ in batch])
+            except Exception:
+                log.exception("VAD batch failed")
+                continue
+            for (call, _, end), p in zip(batch, probs, strict=True):
+                if call.closed:
+                    continue
+                try:
+                    ev = call.detector.feed(float(p), end, playing=self._playing(call))
+                    if ev is not None:
+                        self._on_turn(call, ev)
+                except Exception as exc:
+                    self._call_failed(call, exc)
+        for call in list(self.calls.values()):
+            try:
+                if call.detector.speaking:
+                    rest = call.window.remainder()
+                    if rest.size == 0 or self._silent(rest):
+                        ev = call.detector.silent_until(call.window.position)
+                        if ev is not None:
+                            self._on_turn(call, ev)
+                if call.pending:
+                    self._drain(call)
+            except Exception as exc:
+                self._call_failed(call, exc)
+
+    def _silent(self, pcm: np.ndarray) -> bool:
+        x = pcm.astype(np.float32)
+        return float(np.dot(x, x)) < self._gate_ms * pcm.size
+
+    # ---- slot table ------------------------------------------------------------------------------
+    def _scan(self) -> None:
+        for idx, call in list(self.calls.items()):
+            if not call.slot.is_current(call.generation):
+                self._close_call(idx, reason="slot no longer active")
+        for slot in self.seg.slots():
+            if slot.index in self.calls:
+                continue
+            try:
+                info = slot.snapshot()
+            except ShmError as exc:
+                log.warning("slot unreadable", extra={"slot": slot.index, "error": str(exc)})
+                continue
+            if info is None:
+                continue
+            try:
+                self._open_call(slot, info.generation, info.session_id, info.options)
+            except Exception as exc:
+                log.exception("cannot open call", extra={"slot": slot.index, "session": info.session_id})
+                self.stats.session_errors += 1
+                del exc
+
+    def _open_call(self, slot: Slot, generation: int, session_id: str, options: dict[str, Any]) -> None:
+        call = Call(slot=slot, generation=generation, session_id=session_id, options=dict(options),
+                    window=WindowBuffer(), preroll=PreRoll(self._preroll_keep_ms),
+                    detector=TurnDetector(self.params))
+        self.calls[slot.index] = call
+        self.stats.sessions_opened += 1
+        self.vad.reset(call.key)
+        handle = slot.resume_handle or str(options.get("resume_handle") or "")
+        log.info("call attached", extra={"session": session_id, "slot": slot.index, "resume": bool(handle)})
+        if not handle:
+            greeting = self._greeting_for(call)
+            if greeting:
+                call.pending += greeting
+                self._drain(call)
+                call.protect_until = slot.downlink.write_cursor + len(call.pending)
+        self._start_live(call, handle or None)
+
+    def _greeting_for(self, call: Call) -> bytes:
+        text = call.options.get("greeting")
+        if text is None:
+            return self._greeting
+        if not text:
+            return b""
+        lang = str(call.options.get("language") or self.cfg.model.language)
+        cached = self.prompts.cached(str(text), lang)
+        if cached is None:  # synthesise in the background; the default plays now
+            task = asyncio.get_running_loop().create_task(self.prompts.get_async(str(text), lang))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return self._greeting
+        return cached
+
+    def _start_live(self, call: Call, handle: str | None) -> None:
+        if self._live_factory is None or self._options_factory is None:
+            self._live_factory, self._options_factory = _default_live()
+        factory = self._live_factory
+        m = self.cfg.model
+        opts = self._options_factory(
+            voice=str(call.options.get("voice") or m.voice),
+            language=str(call.options.get("language") or m.language),
+            system_instruction=str(call.options.get("system_instruction") or m.system_instruction),
+            resume_handle=handle,
+        )
+        self._set_model_state(call, "connecting")
+        call.start_failed = False
+        call.live = factory(m, call.session_id, opts, lambda ev, c=call: self._on_live_event(c, ev),
+                            ssl_context=self._ssl)
+        call.start_task = asyncio.get_running_loop().create_task(self._run_start(call, call.live))
+
+    async def _run_start(self, call: Call, live: Any) -> None:
+        try:
+            await live.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if call.closed or live is not call.live:
+                return
+            log.warning("Live session failed to start", extra={"session": call.session_id, "error": str(exc)})
+            call.start_failed = True
+            self._degraded(call, f"start failed: {exc}")
+
+    def _close_call(self, idx: int, *, reason: str) -> None:
+        call = self.calls.pop(idx, None)
+        if call is None:
+            return
+        call.closed = True
+        self.vad.remove(call.key)
+        self.stats.sessions_closed += 1
+        log.info("call detached", extra={"session": call.session_id, "slot": idx, "reason": reason})
+        self._stop_live(call)
+
+    def _stop_live(self, call: Call) -> None:
+        live, call.live = call.live, None
+        if call.start_task is not None and not call.start_task.done():
+            call.start_task.cancel()
+        if live is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._close_live(call.session_id, live))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close_live(session_id: str, live: Any) -> None:
+        try:
+            await asyncio.wait_for(live.close(), 5.0)
+        except Exception as exc:
+            log.warning("Live session close failed", extra={"session": session_id, "error": str(exc)})
+
+    def _call_failed(self, call: Call, exc: BaseException) -> None:
+        """One call's failure: log it, drop its Live session; the next scan re-opens it if still active."""
+        self.stats.session_errors += 1
+        log.error("call failed; re-opening", exc_info=exc, extra={"session": call.session_id})
+        with contextlib.suppress(Exception):
+            call.slot.counters.add("errors")
+        self._close_call(call.slot.index, reason=f"error: {type(exc).__name__}")
+
+    # ---- uplink: VAD and turns --------------------------------------------------------------------
+    def _uplink(self, call: Call, batches: list[list[tuple[Call, np.ndarray, int]]]) -> None:
+        ring = call.slot.uplink
+        n = ring.available() // UP_FRAME * UP_FRAME
+        if n:
+            data = ring.read(n)
+            if data is None:
+                return
+            self.stats.frames_in += n // UP_FRAME
+            call.window.push(data)
+            call.preroll.push(data, call.window.position)
+            if call.sending and self._live_ok(call):
+                call.live.send_audio(data)
+        k = 0
+        while call.window.has_window():
+            chunk, end = call.window.pop_window()
+            if k == len(batches):
+                batches.append([])
+            batches[k].append((call, chunk, end))
+            k += 1
+        if k:
+            call.slot.counters.add("vad_frames", k)
+
+    def _live_ok(self, call: Call) -> bool:
+        return (call.live is not None and not call.start_failed
+                and getattr(call.live, "state", "") not in ("degraded", "closed"))
+
+    def _playing(self, call: Call) -> bool:
+        """Model audio queued, in the ring or still arriving (caller speech now is a barge-in)."""
+        if call.pending or call.model_turn:
+            return True
+        ring = call.slot.downlink
+        return ring.free_space() < ring.capacity
+
+    def _on_turn(self, call: Call, ev: TurnEvent) -> None:
+        now = time.monotonic()
+        if ev.decision is Decision.ACTIVITY_START:
+            if ev.barge_in or self._playing(call):
+                self._barge_in(call)
+            call.sending = True
+            self.stats.activity_starts += 1
+            call.last_event["activity_start"] = now
+            call.slot.counters.add("turns")
+            if self._live_ok(call):
+                call.live.activity_start()
+                pre = call.preroll.since(ev.onset - self.params.samples(self.params.preroll_ms))
+                if pre:
+                    call.live.send_audio(pre)
+        else:
+            call.sending = False
+            self.stats.activity_ends += 1
+            call.last_event["activity_end"] = now
+            call.slot.counters.add("speech_ms", (ev.sample - ev.onset) * 1000 // SAMPLE_RATE)
+            if self._live_ok(call):
+                call.live.activity_end()
+
+    def _barge_in(self, call: Call) -> None:
+        ring = call.slot.downlink
+        if ring.read_cursor < call.protect_until:  # the AI disclosure is still playing
+            return
+        if not call.pending and not call.model_turn and ring.free_space() == ring.capacity:
+            return
+        ring.request_flush()
+        call.pending.clear()
+        if call.model_turn:
+            call.suppress = True
+        self.stats.barge_ins += 1
+        call.last_event["barge_in"] = time.monotonic()
+        call.slot.counters.add("interruptions")
+
+    # ---- downlink --------------------------------------------------------------------------------
+    def _drain(self, call: Call) -> None:
+        """Write whole 960-byte frames of queued model audio as far as the ring has room."""
+        if not call.current():
+            call.pending.clear()
+            return
+        ring = call.slot.downlink
+        n = min(len(call.pending), ring.free_space()) // DOWN_FRAME * DOWN_FRAME
+        if n:
+            if ring.write(memoryview(call.pending)[:n]):
+                del call.pending[:n]
+                self.stats.frames_out += n // DOWN_FRAME
+        extra = len(call.pending) - MAX_BACKLOG_BYTES
+        if extra > 0:
+            extra = (extra + DOWN_FRAME - 1) // DOWN_FRAME * DOWN_FRAME
+            del call.pending[:extra]
+            self.stats.downlink_dropped_bytes += extra
+
+    def _pad_tail(self, call: Call) -> None:
+        """End of a model turn: pad the last partial frame with silence so it plays too."""
+        rem = len(call.pending) % DOWN_FRAME
+        if rem:
+            call.pending += bytes(DOWN_FRAME - rem)
+
+    # ---- Live events -----------------------------------------------------------------------------
+    def _on_live_event(self, call: Call, ev: Any) -> None:
+        """Called by the Live session for each event (on this loop). Never raises into the session."""
+        if call.closed:
+            return
+        try:
+            handler = self._handlers.get(type(ev).__name__)
+            if handler is not None:
+                handler(self, call, ev)
+        except Exception as exc:
+            self._call_failed(call, exc)
+
+    def _ev_audio(self, call: Call, ev: Any) -> None:
+        pcm = ev.pcm24k
+        call.slot.counters.add("audio_received_ms", len(pcm) * 1000 // 48000)
+        if call.suppress:
+            return
+        if not call.model_turn:
+            call.model_turn = True
+            call.last_event["first_audio"] = time.monotonic()
+        if len(pcm) % 2:
+            pcm = pcm[:-1]
+        call.pending += pcm
+        self._drain(call)
+
+    def _ev_interrupted(self, call: Call, _ev: Any) -> None:
+        ring = call.slot.downlink
+        if call.current() and ring.read_cursor >= call.protect_until:
+            if call.pending or ring.free_space() < ring.capacity:
+                ring.request_flush()
+            call.pending.clear()
+        call.model_turn = False
+        call.suppress = False
+        call.last_event["interrupted"] = time.monotonic()
+
+    def _ev_turn_complete(self, call: Call, _ev: Any) -> None:
+        if call.model_turn and not call.suppress:
+            self._pad_tail(call)
+            self._drain(call)
+        call.model_turn = False
+        call.suppress = False
+        call.last_event["turn_complete"] = time.monotonic()
+
+    def _ev_transcript(self, call: Call, ev: Any) -> None:
+        if getattr(ev, "final", True) and call.current():
+            call.slot.transcript = f"{ev.role}: {ev.text}"
+
+    def _ev_usage(self, call: Call, ev: Any) -> None:
+        c = call.slot.counters
+        c.add("input_tokens", int(getattr(ev, "prompt_tokens", 0) or 0))
+        c.add("output_tokens", int(getattr(ev, "response_tokens", 0) or 0))
+
+    def _ev_handle(self, call: Call, ev: Any) -> None:
+        if ev.handle and call.current():
+            try:
+                call.slot.resume_handle = ev.handle
+            except ShmError as exc:
+                log.warning("resume handle too long for the slot", extra={"session": call.session_id,
+                                                                        "error": str(exc)})
+
+    def _ev_state(self, call: Call, ev: Any) -> None:
+        self._set_model_state(call, ev.state)
+        if ev.state == "degraded":
+            self._degraded(call, getattr(ev, "reason", ""))
+        elif ev.state == "live":
+            call.hold_played = False
+            call.retry_at = 0.0
+        elif ev.state == "reconnecting":
+            call.slot.counters.add("reconnects")
+
+    def _ev_tool(self, call: Call, _ev: Any) -> None:
+        call.slot.counters.add("tool_calls")
+
+    _handlers: dict[str, Callable[[AiWorker, Call, Any], None]] = {
+        "AudioOut": _ev_audio,
+        "Interrupted": _ev_interrupted,
+        "TurnComplete": _ev_turn_complete,
+        "Transcript": _ev_transcript,
+        "Usage": _ev_usage,
+        "ResumeHandle": _ev_handle,
+        "StateChanged": _ev_state,
+        "ToolCall": _ev_tool,
+    }
+
+    def _set_model_state(self, call: Call, state: str) -> None:
+        if call.current():
+            call.slot.model_state = str(state)[:32]
+
+    # ---- degradation -----------------------------------------------------------------------------
+    def _degraded(self, call: Call, reason: str) -> None:
+        """The model is unreachable: keep the call, tell the caller once, retry later."""
+        self._set_model_state(call, "degraded")
+        if call.retry_at == 0.0 or time.monotonic() >= call.retry_at:
+            call.slot.counters.add("degraded")
+        call.retry_at = time.monotonic() + self.cfg.model.degraded_retry_seconds
+        call.sending = False
+        if not call.hold_played and self._hold:
+            call.hold_played = True
+            call.pending += self._hold
+            self._drain(call)
+        log.warning("model degraded; call kept", extra={"session": call.session_id, "reason": reason})
+
+    def _maybe_retry(self, call: Call, now: float) -> None:
+        if call.retry_at and now >= call.retry_at and not self._live_ok(call):
+            call.retry_at = now + self.cfg.model.degraded_retry_seconds
+            handle = call.slot.resume_handle or getattr(call.live, "resume_handle", None)
+            log.info("re-opening the Live session", extra={"session": call.session_id})
+            self._stop_live(call)
+            self._start_live(call, handle or None)
