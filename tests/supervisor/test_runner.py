@@ -1,0 +1,148 @@
+"""`voice-appliance run`: generated configs, and a real supervisord stack that stops cleanly on SIGINT."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import xmlrpc.client
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_config
+from appliance.runner import dumps_toml, ensure_secret, prepare, supervisord_conf
+from tests.harness.redis import free_port
+
+
+def test_dumps_toml_round_trips():
+    data = {"a": {"s": 'x "y" \\ ü', "i": 3, "f": 0.5, "b": True, "l": ["p", "q"]}}
+    assert tomllib.loads(dumps_toml(data)) == data
+
+
+def test_secret_created_once_private(tmp_path):
+    p = tmp_path / "s" / "secret"
+    a = ensure_secret(p)
+    assert ensure_secret(p) == a and len(a) >= 24
+    assert p.stat().st_mode & 0o777 == 0o600
+
+
+def test_prepare_writes_a_loadable_config_and_programs(tmp_path):
+    base = load_config(env={})
+    plan = prepare(base, tmp_path / "var", redis_port=6391, turn_port=3479, with_janus=True)
+    cfg = load_config(plan.config_path, env={})
+    assert cfg.redis.url == "redis://127.0.0.1:6391/0"
+    assert Path(cfg.auth.jwt_public_key_file).exists() and Path(cfg.auth.jwt_private_key_file).exists()
+    assert cfg.turn.uris[0] == "turn:127.0.0.1:3479?transport=udp"
+    assert cfg.model.ca_file and Path(cfg.model.ca_file).exists()
+    assert plan.config_path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in plan.programs] == ["redis", "coturn", "janus", "emulator", "supervisor"]
+    assert "static-auth-secret=" in (plan.state_dir / "coturn" / "turnserver.conf").read_text()
+    assert (plan.state_dir / "janus" / "janus.jcfg").exists()
+    # secrets and keys survive a second run (tokens minted earlier stay valid)
+    before = Path(cfg.auth.jwt_public_key_file).read_bytes()
+    prepare(base, tmp_path / "var", redis_port=6391)
+    assert Path(cfg.auth.jwt_public_key_file).read_bytes() == before
+
+
+def test_supervisord_conf_escapes_percent(tmp_path):
+    from appliance.runner import Program
+
+    text = supervisord_conf(tmp_path, tmp_path / "s.sock", [Program("x", ["echo", "100%", "a b"], 1)])
+    assert "command=echo 100%% 'a b'" in text
+    assert "stopasgroup=true" in text and "killasgroup=true" in text
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+def _descendants(pid: int) -> set[int]:
+    """All live descendants of pid (walks /proc parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def make_connection(self, host):
+        import http.client
+        import socket
+
+        path = self.path
+
+        class Conn(http.client.HTTPConnection):
+            def connect(self):
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(path)
+
+        return Conn("localhost")
+
+
+@pytest.mark.slow
+def test_run_starts_stack_and_stops_cleanly_on_sigint(tmp_path):
+    state = tmp_path / "var"
+    env = dict(os.environ)
+    env.update({
+        "VA_API_PORT": str(free_port()), "VA_API_METRICS_PORT": "0", "VA_API_AGENT_CHECK_PORT": "0",
+        "VA_EMULATOR_PORT": str(free_port()), "VA_SHARDS_COUNT": "1", "VA_SHARDS_SLOTS": "4",
+        "VA_JANUS_URL": f"http://127.0.0.1:{free_port()}/janus",
+        "VA_JANUS_ADMIN_URL": f"http://127.0.0.1:{free_port()}/admin",
+    })
+    env.pop("VA_CONFIG", None)
+    cmd = [sys.executable, "-m", "appliance", "run", "--state-dir", str(state),
+           "--redis-port", str(free_port()), "--turn-port", str(free_port())]
+    log = open(tmp_path / "run.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    sock = state / "run" / "supervisor.sock"
+    pids: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        wanted = {"redis", "coturn", "janus"}
+        running: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            if sock.exists():
+                try:
+                    server = xmlrpc.client.ServerProxy("http://x", transport=_UnixTransport(str(sock)))
+                    infos = server.supervisor.getAllProcessInfo()
+                    running = {i["name"]: i["pid"] for i in infos if i["statename"] == "RUNNING"}
+                except (OSError, xmlrpc.client.Fault):
+                    running = {}
+                if wanted <= running.keys():
+                    break
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.2)
+        assert wanted <= running.keys(), f"{running} {(tmp_path / 'run.log').read_text()[-3000:]}"
+        pids = _descendants(proc.pid)
+        assert set(running.values()) <= pids
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        log.close()
+    assert rc == 0, (tmp_path / "run.log").read_text()[-3000:]
+    left = [p for p in pids if not _gone(p)]
+    assert not left, f"still running after Ctrl-C: {left}"
