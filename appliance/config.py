@@ -146,6 +146,7 @@ class JanusConfig:
     admin_secret: str = ""
     admin_secret_file: str = ""
     audiobridge_admin_key: str = ""
+    audiobridge_admin_key_file: str = ""  # systemd credential (packaging); read with config.secret()
     keepalive_seconds: float = 25.0
 
 
