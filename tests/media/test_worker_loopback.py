@@ -1,0 +1,238 @@
+"""The media worker against a plain UDP peer standing in for Janus (no netns needed): audio content both
+ways, DTMF events, bad input dropped and counted, barge-in flush, slot close/reuse."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import socket
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from shm.segment import EventCode, ShardSegment
+from tests.harness.audio import dominant_frequency, tone
+from tests.media.conftest import free_port_pair, running_worker
+from workers.media import opus
+from workers.media.rtp import build_rtp, parse_rtp
+
+PT = 111
+DTMF_PT = 101
+
+
+class Peer:
+    """A UDP socket playing Janus's plain-RTP side."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(0.01)
+        self.addr = self.sock.getsockname()
+        self.seq = random.getrandbits(16)
+        self.ts = random.getrandbits(32)
+        self.ssrc = random.getrandbits(32)
+        self.enc = opus.Encoder(48000, bitrate=32000)
+
+    def packets(self, samples48: np.ndarray) -> list[bytes]:
+        out = []
+        for i in range(0, len(samples48) - 960 + 1, 960):
+            payload = self.enc.encode(samples48[i : i + 960].tobytes())
+            out.append(build_rtp(PT, self.seq, self.ts, self.ssrc, payload))
+            self.seq = (self.seq + 1) & 0xFFFF
+            self.ts = (self.ts + 960) & 0xFFFFFFFF
+        return out
+
+    def recv_all(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self.sock.recv(2048))
+            except (TimeoutError, BlockingIOError):
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def activate(seg: ShardSegment, index: int, peer: Peer, port: int, dtmf: int = DTMF_PT) -> int:
+    return seg.slot(index).activate(
+        session_id=f"s{index}-{os.getpid()}", local_rtp_port=port, remote_rtp_ip=peer.addr[0],
+        remote_rtp_port=peer.addr[1], payload_type=PT, channels=2, dtmf_payload_type=dtmf, mode="direct")
+
+
+def wait_for(cond, timeout: float = 5.0, step: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
+def read_uplink(seg: ShardSegment, index: int, frames: int, timeout: float = 10.0) -> np.ndarray:
+    ring = seg.slot(index).uplink
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < frames and time.monotonic() < deadline:
+        f = ring.read(640) if ring.available() >= 640 else None
+        if f is None:
+            time.sleep(0.01)
+        else:
+            got.append(f)
+    return np.frombuffer(b"".join(got), np.int16)
+
+
+def send_paced(peer: Peer, port: int, pkts: list[bytes], host: str = "127.0.0.1") -> None:
+    t0 = time.monotonic()
+    for i, p in enumerate(pkts):
+        peer.sock.sendto(p, (host, port))
+        delay = t0 + (i + 1) * 0.02 - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def test_uplink_tone_reaches_ring_at_16k(segment: ShardSegment) -> None:
+    peer, port = Peer(), free_port_pair()
+    activate(segment, 0, peer, port)
+    with running_worker(segment):
+        assert wait_for(lambda: segment.heartbeat_age("media")[1] is not None)
+        time.sleep(0.15)  # the worker scans every 100 ms
+        send_paced(peer, port, peer.packets(tone(440, 1.5, 48000)))
+        pcm = read_uplink(segment, 0, 60)
+        c = segment.slot(0).counters.snapshot()
+    peer.close()
+    assert len(pcm) >= 60 * 320
+    voiced = pcm[np.abs(pcm) > 1000]
+    assert len(voiced) > 16000 * 0.8
+    assert abs(dominant_frequency(pcm[4000:20000], 16000) - 440) < 5
+    assert c["rx_packets"] >= 70 and c["frames_up"] >= 60 and c["rx_invalid"] == 0
+
+
+def test_downlink_ring_to_paced_rtp(segment: ShardSegment) -> None:
+    peer, port = Peer(), free_port_pair()
+    activate(segment, 1, peer, port)
+    with running_worker(segment):
+        assert wait_for(lambda: len(peer.recv_all()) > 0)  # silence flows before the model speaks
+        segment.slot(1).downlink.write(tone(660, 1.0, 24000).tobytes())
+        pkts: list[bytes] = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.6:
+            pkts += peer.recv_all()
+        c = segment.slot(1).counters.snapshot()
+    peer.close()
+    parsed = [parse_rtp(p) for p in pkts]
+    assert all(p.payload_type == PT for p in parsed)
+    assert len({p.ssrc for p in parsed}) == 1
+    for a, b in itertools.pairwise(parsed):
+        assert (b.sequence - a.sequence) & 0xFFFF == 1
+        assert (b.timestamp - a.timestamp) & 0xFFFFFFFF == 960
+    dec = opus.Decoder(48000)
+    pcm = np.frombuffer(b"".join(dec.decode(p.payload) for p in parsed), np.int16)
+    loud = np.flatnonzero(np.abs(pcm) > 3000)
+    assert len(loud) > 0
+    speech = pcm[loud[0] : loud[0] + 48000]
+    assert abs(dominant_frequency(speech[4800:-4800], 48000) - 660) < 5
+    assert (np.abs(speech[2400:-4800]) > 500).mean() > 0.5
+    assert c["frames_down"] == 50 and c["tx_packets"] >= len(parsed)
+    assert len(parsed) >= 70  # ~80 packets in 1.6 s, loosely (busy CI)
+
+
+def test_barge_in_flush_stops_playback_within_frames(segment: ShardSegment) -> None:
+    peer, port = Peer(), free_port_pair()
+    activate(segment, 2, peer, port)
+    with running_worker(segment):
+        assert wait_for(lambda: len(peer.recv_all()) > 0)
+        down = segment.slot(2).downlink
+        down.write(tone(500, 5.0, 24000).tobytes())
+        assert wait_for(lambda: segment.slot(2).counters.get("frames_down") >= 10)
+        down.request_flush()
+        flushed_at = segment.slot(2).counters.get("frames_down")
+        time.sleep(0.3)
+        after = segment.slot(2).counters.get("frames_down")
+    peer.close()
+    assert after - flushed_at <= 2  # the flush is obeyed on the next read
+
+
+def test_dtmf_becomes_slot_events(segment: ShardSegment) -> None:
+    peer, port = Peer(), free_port_pair()
+    activate(segment, 0, peer, port)
+    with running_worker(segment):
+        time.sleep(0.15)
+        for ts, ev in ((1000, 1), (9000, 11)):
+            for dur, end in ((160, False), (480, False), (800, True), (800, True), (800, True)):
+                payload = struct.pack("!BBH", ev, (0x80 if end else 0) | 10, dur)
+                peer.sock.sendto(build_rtp(DTMF_PT, peer.seq, ts, peer.ssrc, payload), ("127.0.0.1", port))
+                peer.seq += 1
+                time.sleep(0.005)
+        assert wait_for(lambda: segment.slot(0).counters.get("dtmf_events") == 2)
+        events = segment.slot(0).pop_events()
+    peer.close()
+    assert events == [(EventCode.DTMF, 1), (EventCode.DTMF_END, 100), (EventCode.DTMF, 11),
+                      (EventCode.DTMF_END, 100)]
+
+
+def test_bad_input_is_dropped_and_counted(segment: ShardSegment) -> None:
+    peer, port = Peer(), free_port_pair()
+    intruder = Peer()
+    activate(segment, 0, peer, port)
+    rnd = random.Random(3)
+    with running_worker(segment) as worker:
+        time.sleep(0.15)
+        good = peer.packets(tone(440, 1.0, 48000))
+        dst = ("127.0.0.1", port)
+        for i, p in enumerate(good):
+            peer.sock.sendto(p, dst)
+            intruder.sock.sendto(p, dst)  # right packet, wrong source address
+            peer.sock.sendto(bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(0, 40))), dst)
+            peer.sock.sendto(b"\x80\x6f" + bytes(3000), dst)  # giant
+            peer.sock.sendto(build_rtp(96, i, i * 960, peer.ssrc, b"\x78xx"), dst)  # wrong PT
+            peer.sock.sendto(build_rtp(PT, 1000 + i * 7, 0, 0xBAD, p[12:]), dst)  # other SSRC, while live
+            peer.sock.sendto(build_rtp(PT, 5 + i, 5, peer.ssrc, b"\xff\xff\xff"), dst)  # corrupt Opus
+            time.sleep(0.02)
+        pcm = read_uplink(segment, 0, 40)
+        c = segment.slot(0).counters.snapshot()
+        assert worker.sessions  # the session survived
+    peer.close()
+    intruder.close()
+    assert c["rx_dropped"] >= 3 * 40 and c["rx_invalid"] >= 2 * 40
+    assert abs(dominant_frequency(pcm[4000:], 16000) - 440) < 5  # the real stream still plays
+
+
+def test_slot_close_releases_port_and_reuse_gets_new_session(segment: ShardSegment) -> None:
+    peer, port = Peer(), free_port_pair()
+    slot = segment.slot(3)
+    gen1 = activate(segment, 3, peer, port)
+    with running_worker(segment) as worker:
+        assert wait_for(lambda: 3 in worker.sessions)
+        slot.begin_close()
+        assert wait_for(lambda: 3 not in worker.sessions)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", port))  # the worker released the port
+        slot.free()
+        gen2 = activate(segment, 3, peer, port)
+        assert gen2 == gen1 + 1
+        assert wait_for(lambda: 3 in worker.sessions and worker.sessions[3].generation == gen2)
+    peer.close()
+
+
+def test_port_in_use_does_not_crash_the_worker(segment: ShardSegment) -> None:
+    peer, port = Peer(), free_port_pair()
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blocker.bind(("127.0.0.1", port))
+    activate(segment, 0, peer, port)
+    with running_worker(segment) as worker:
+        time.sleep(0.3)
+        assert 0 not in worker.sessions
+        blocker.close()
+        assert wait_for(lambda: 0 in worker.sessions, timeout=3)  # retried once a second
+    peer.close()
+
+
+@pytest.mark.parametrize("n", [1])
+def test_heartbeat_is_written(segment: ShardSegment, n: int) -> None:
+    with running_worker(segment):
+        assert wait_for(lambda: segment.heartbeat_age("media")[0] == os.getpid())
+        assert segment.heartbeat_age("media")[1] < 1.0

@@ -1,0 +1,457 @@
+"""The media worker of one shard: RTP/Opus between Janus and the shard's shared-memory rings.
+
+One process per shard, pinned to a CPU, single-threaded around an epoll selector and a drift-free 20 ms
+tick (:mod:`workers.media.pacing`). Why one thread and not asyncio: the per-packet work is a few
+microseconds, asyncio's datagram callbacks cost ~11 µs per packet (FACTS) and its timers drift; a
+plain ``selector.select(timeout_until_next_deadline)`` loop has neither problem.
+
+Per session (one ACTIVE slot of the segment):
+- UDP socket bound to the slot's deterministic ``local_rtp_port`` (RTCP socket on +1) on
+  ``media.rtp_host``; RTP is sent *from* that socket to Janus's plain-RTP address (Janus ``connect()``s
+  its side, so it only accepts packets from the port it was told).
+- Uplink: packets from any other address, invalid RTP, other payload types, other SSRCs (until a new
+  SSRC proves itself for 2 sequential packets while the old one is silent), and corrupt Opus are
+  dropped and counted. RFC 4733 events become slot events. Valid packets go through the adaptive
+  jitter buffer; each tick produces 20 ms of 16 kHz PCM (decode, FEC from the next packet, or PLC)
+  for the uplink ring. From the first packet on, exactly one frame is written per tick (silence
+  while the caller's stream pauses), so the AI worker sees a continuous 20 ms clock.
+- Downlink: each tick takes one 960-byte 24 kHz frame from the downlink ring (a flush for barge-in is
+  obeyed inside the ring), encodes it (VOIP, FEC, DTX off; libopus takes 24 kHz directly, so no
+  resampler) and sends it. RTP timestamps come from the tick index (+960 at 48 kHz per tick), so they
+  track the monotonic clock exactly; sequence numbers +1 per packet; marker on the first packet.
+- When the model is silent the worker keeps sending: a pre-encoded Opus silence packet (encoding
+  costs ~100 µs, a cached packet ~0), after flushing the real encoder with 3 zero frames so speech
+  ends without a click. Why not stop sending: AudioBridge only starts sending to a plain-RTP
+  participant after its first packet, and a continuous stream keeps the browser's jitter buffer and
+  the RTP timeline steady (no talkspurt re-buffering on every model turn).
+
+Counters go to the slot (``MEDIA_COUNTERS``); the shard heartbeat is written every tick.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.config import MediaConfig
+from shm.segment import EventCode, ShardSegment, Slot, SlotInfo, SlotState
+from workers.media import opus
+from workers.media.jitter import JitterBuffer, Kind
+from workers.media.pacing import PERIOD_NS, Pacer
+from workers.media.rtp import (
+    DTMF_EVENTS,
+    DtmfReceiver,
+    RtpError,
+    SourceStats,
+    build_rtp,
+    parse_rtp,
+)
+
+log = logging.getLogger("media.worker")
+
+UP_RATE = 16000
+DOWN_RATE = 24000
+UP_FRAME = UP_RATE // 50 * 2  # 640 bytes
+DOWN_FRAME = DOWN_RATE // 50 * 2  # 960 bytes
+RTP_CLOCK = 48000
+TS_PER_TICK = RTP_CLOCK // 50
+RECV_BATCH = 64  # packets drained per socket per wakeup before ticks get a chance to run
+SSRC_SWITCH_SILENCE_NS = 100_000_000
+ENCODER_TAIL_FRAMES = 3
+PARTIAL_FRAME_TICKS = 2
+SCAN_EVERY_TICKS = 5
+
+
+@dataclass
+class _Candidate:
+    stats: SourceStats
+    good: int = 0
+
+
+class MediaSession:
+    """One call's RTP/Opus state: sockets, jitter buffer, codecs, counters (in the slot)."""
+
+    def __init__(self, slot: Slot, info: SlotInfo, cfg: MediaConfig, host: str,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.slot = slot
+        self.index = info.index
+        self.generation = info.generation
+        self.session_id = info.session_id
+        self.payload_type = info.payload_type
+        self.dtmf_pt = info.dtmf_payload_type
+        self.clock = clock
+        self.c = slot.counters
+        self.remote: tuple[str, int] | None = None
+        self.set_remote(info.remote_rtp_ip, info.remote_rtp_port)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.rtp = socket.socket(family, socket.SOCK_DGRAM)
+        self.rtcp = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            for s, port in ((self.rtp, info.local_rtp_port), (self.rtcp, info.local_rtp_port + 1)):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setblocking(False)
+                s.bind((host, port))
+        except OSError:
+            self.rtp.close()
+            self.rtcp.close()
+            raise
+        self.local_port = info.local_rtp_port
+        self.decoder = opus.Decoder(UP_RATE)
+        self.encoder = opus.Encoder(DOWN_RATE, bitrate=cfg.opus_bitrate, complexity=cfg.opus_complexity,
+                                    fec=True, expected_loss_percent=cfg.opus_expected_loss_percent)
+        self.silence = _silence_packet(cfg)
+        self.jb = JitterBuffer(target_ms=cfg.jitter_target_ms, max_ms=cfg.jitter_max_ms)
+        self.dtmf = DtmfReceiver()
+        self.src: SourceStats | None = None
+        self.src_last_ns = 0
+        self.candidate: _Candidate | None = None
+        self.up_pcm = bytearray()
+        self.uplink_started = False
+        self.lost_frame_samples = UP_RATE // 50
+        # downlink RTP state (random initial values, RFC 3550 5.1)
+        self.tx_ssrc = random.getrandbits(32)
+        self.tx_seq = random.getrandbits(16)
+        self.tx_ts0 = random.getrandbits(32)
+        self.first_tick: int | None = None
+        self.tail = 0
+        self.speaking = False
+        self.partial_ticks = 0
+        self.tx_errors = 0
+        self.closed = False
+
+    def set_remote(self, ip: str, port: int) -> None:
+        self.remote = (ip, port) if ip and port else None
+
+    # ---- uplink: packets in --------------------------------------------------------------------
+    def on_rtp(self, data: memoryview, addr: tuple[str, int], now_ns: int) -> None:
+        c = self.c
+        if self.remote is None or addr[0] != self.remote[0] or addr[1] != self.remote[1]:
+            c.add("rx_dropped")
+            return
+        try:
+            pkt = parse_rtp(data)
+        except RtpError:
+            c.add("rx_invalid")
+            return
+        if pkt.payload_type == self.dtmf_pt and self.dtmf_pt >= 0:
+            self._on_dtmf(pkt.timestamp, pkt.payload)
+            return
+        if pkt.payload_type != self.payload_type:
+            c.add("rx_dropped")
+            return
+        stats = self._source(pkt.ssrc, pkt.sequence, now_ns)
+        if stats is None:
+            c.add("rx_dropped")
+            return
+        try:
+            samples48 = opus.packet_samples(pkt.payload, RTP_CLOCK)
+        except opus.OpusError:
+            c.add("rx_invalid")
+            return
+        if not 120 <= samples48 <= RTP_CLOCK * 120 // 1000:
+            c.add("rx_invalid")
+            return
+        ext = stats.update_seq(pkt.sequence)
+        if ext is None:
+            c.add("rx_dropped")
+            return
+        self.src_last_ns = now_ns
+        stats.update_jitter(pkt.timestamp, now_ns * RTP_CLOCK // 1_000_000_000)
+        c.add("rx_packets")
+        c.add("rx_bytes", len(data))
+        self.jb.set_frame_ms(samples48 // 48)
+        if self.jb.put(ext, pkt.payload) == "late":
+            c.add("late")
+
+    def _source(self, ssrc: int, seq: int, now_ns: int) -> SourceStats | None:
+        """The stats of the accepted SSRC, switching to a new one only when it proves itself."""
+        if self.src is None:
+            self.src = SourceStats(ssrc, seq, RTP_CLOCK, probation=0)
+            return self.src
+        if ssrc == self.src.ssrc:
+            self.candidate = None
+            return self.src
+        cand = self.candidate
+        if cand is None or cand.stats.ssrc != ssrc:
+            self.candidate = _Candidate(SourceStats(ssrc, seq, RTP_CLOCK))
+            self.candidate.stats.update_seq(seq)
+            return None
+        if cand.stats.update_seq(seq) is None:
+            return None
+        if now_ns - self.src_last_ns < SSRC_SWITCH_SILENCE_NS:
+            return None  # the current source is still talking: an intruder, not a restart
+        log.info("ssrc change", extra={"session": self.session_id, "old": self.src.ssrc, "new": ssrc})
+        self.src = SourceStats(ssrc, seq, RTP_CLOCK, probation=0)
+        self.candidate = None
+        self.jb = JitterBuffer(target_ms=self.jb.base_target_ms, max_ms=self.jb.max_ms)
+        self.decoder.reset()
+        return self.src
+
+    def _on_dtmf(self, timestamp: int, payload: bytes) -> None:
+        try:
+            got = self.dtmf.feed(timestamp, payload)
+        except RtpError:
+            self.c.add("rx_invalid")
+            return
+        if got is None:
+            return
+        digit, duration = got
+        self.c.add("dtmf_events")
+        self.slot.push_event(EventCode.DTMF, DTMF_EVENTS.index(digit))
+        self.slot.push_event(EventCode.DTMF_END, duration * 1000 // 8000)
+
+    def on_rtcp(self, addr: tuple[str, int]) -> None:
+        if self.remote is not None and addr[0] == self.remote[0]:
+            self.c.add("rtcp_packets")
+        else:
+            self.c.add("rx_dropped")
+
+    # ---- uplink: one frame per tick --------------------------------------------------------------
+    def tick_uplink(self) -> None:
+        if not self.uplink_started:
+            if self.src is None:
+                return
+            self.uplink_started = True
+        c, dec, jb = self.c, self.decoder, self.jb
+        while len(self.up_pcm) < UP_FRAME:
+            kind, payload = jb.pop()
+            if kind is Kind.IDLE:
+                break
+            if kind is Kind.FRAME:
+                try:
+                    pcm = dec.decode(payload or b"")
+                    self.lost_frame_samples = dec.last_samples
+                except opus.OpusError:
+                    c.add("rx_invalid")
+                    pcm = dec.conceal(self.lost_frame_samples)
+                    c.add("concealed")
+            elif kind is Kind.FEC:
+                try:
+                    pcm = dec.decode_fec(payload or b"", self.lost_frame_samples)
+                    c.add("fec_recovered")
+                except opus.OpusError:
+                    pcm = dec.conceal(self.lost_frame_samples)
+                    c.add("concealed")
+            else:
+                pcm = dec.conceal(self.lost_frame_samples)
+                c.add("concealed")
+            self.up_pcm += pcm
+        if len(self.up_pcm) >= UP_FRAME:
+            frame = bytes(self.up_pcm[:UP_FRAME])
+            del self.up_pcm[:UP_FRAME]
+        else:
+            frame = bytes(UP_FRAME)  # the caller's stream is paused: keep the AI side's clock running
+        self.slot.uplink.write(frame)
+        c.add("frames_up")
+        if self.src is not None:
+            c.set("lost", max(0, self.src.lost))
+            js = self.src.jitter_seconds()
+            c.set("jitter_us", int(js * 1e6))
+            jb.set_jitter(js)
+
+    # ---- downlink: one packet per tick ----------------------------------------------------------
+    def tick_downlink(self, tick: int) -> None:
+        ring = self.slot.downlink
+        frame = ring.read(DOWN_FRAME) if ring.available() >= DOWN_FRAME else None
+        if frame is None:
+            left = ring.available()
+            if left:
+                self.partial_ticks += 1
+                if self.partial_ticks >= PARTIAL_FRAME_TICKS:  # the end of an utterance: pad it
+                    frame = (ring.read(left) or b"") + bytes(DOWN_FRAME - left)
+                    self.partial_ticks = 0
+            else:
+                self.partial_ticks = 0
+        if self.remote is None:
+            return  # Janus's side not known yet: model audio is discarded in real time
+        if frame is not None:
+            payload = self.encoder.encode(frame)
+            self.tail = ENCODER_TAIL_FRAMES
+            self.speaking = True
+            self.c.add("frames_down")
+        else:
+            if self.speaking and self.tail == ENCODER_TAIL_FRAMES:
+                self.c.add("downlink_underruns")
+            if self.tail > 0:
+                payload = self.encoder.encode(bytes(DOWN_FRAME))
+                self.tail -= 1
+            else:
+                payload = self.silence
+                self.speaking = False
+        marker = self.first_tick is None
+        if marker:
+            self.first_tick = tick
+        ts = self.tx_ts0 + (tick - (self.first_tick or 0)) * TS_PER_TICK
+        pkt = build_rtp(self.payload_type, self.tx_seq, ts, self.tx_ssrc, payload, marker)
+        self.tx_seq = (self.tx_seq + 1) & 0xFFFF
+        try:
+            self.rtp.sendto(pkt, self.remote)
+        except OSError as exc:
+            # ECONNREFUSED (ICMP from a closed Janus port) or a full socket buffer: count, keep going
+            self.tx_errors += 1
+            if exc.errno not in (errno.ECONNREFUSED, errno.EAGAIN, errno.ENOBUFS):
+                log.warning("rtp send failed", extra={"session": self.session_id, "error": str(exc)})
+            return
+        self.c.add("tx_packets")
+        self.c.add("tx_bytes", len(pkt))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.rtp.close()
+            self.rtcp.close()
+            self.decoder.close()
+            self.encoder.close()
+
+
+_SILENCE_CACHE: dict[tuple[int, int, int], bytes] = {}
+
+
+def _silence_packet(cfg: MediaConfig) -> bytes:
+    """A 20 ms Opus packet of digital silence from an encoder with the session's settings."""
+    key = (cfg.opus_bitrate, cfg.opus_complexity, cfg.opus_expected_loss_percent)
+    pkt = _SILENCE_CACHE.get(key)
+    if pkt is None:
+        enc = opus.Encoder(DOWN_RATE, bitrate=cfg.opus_bitrate, complexity=cfg.opus_complexity,
+                           fec=True, expected_loss_percent=cfg.opus_expected_loss_percent)
+        for _ in range(10):
+            pkt = enc.encode(bytes(DOWN_FRAME))
+        enc.close()
+        assert pkt is not None
+        _SILENCE_CACHE[key] = pkt
+    return pkt
+
+
+class MediaWorker:
+    """Runs all sessions of one shard segment on one thread."""
+
+    def __init__(self, segment: ShardSegment, cfg: MediaConfig, *, host: str | None = None,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.seg = segment
+        self.cfg = cfg
+        self.host = host or cfg.rtp_host
+        self.clock = clock
+        self.sel = selectors.DefaultSelector()
+        self.sessions: dict[int, MediaSession] = {}
+        self._bind_failed: dict[tuple[int, int], int] = {}  # (slot, gen) -> tick of the last attempt
+        self.pacer = Pacer(PERIOD_NS, clock)
+        self._buf = bytearray(2048)
+        self._view = memoryview(self._buf)
+        self.ticks = 0
+        self.tick_late_ns: list[int] = []  # recent tick lateness samples (metrics/tests)
+
+    # ---- slot table ------------------------------------------------------------------------------
+    def scan(self) -> None:
+        """Open sessions for new ACTIVE slots, close those whose (slot, generation) is gone."""
+        for idx, sess in list(self.sessions.items()):
+            if not sess.slot.is_current(sess.generation):
+                self._close(idx)
+        for slot in self.seg.slots():
+            if slot.index in self.sessions:
+                sess = self.sessions[slot.index]
+                ip, port = slot.remote_rtp_ip, slot.remote_rtp_port
+                if sess.remote != ((ip, port) if ip and port else None):
+                    sess.set_remote(ip, port)
+                continue
+            if slot.state is not SlotState.ACTIVE:
+                continue
+            info = slot.snapshot()
+            if info is None:
+                continue
+            key = (info.index, info.generation)
+            last = self._bind_failed.get(key)
+            if last is not None and self.ticks - last < 50:
+                continue  # retry a failed bind once a second
+            try:
+                sess = MediaSession(slot, info, self.cfg, self.host, self.clock)
+            except OSError as exc:
+                self._bind_failed[key] = self.ticks
+                log.error("cannot bind rtp port", extra={"session": info.session_id,
+                                                          "port": info.local_rtp_port, "error": str(exc)})
+                continue
+            self._bind_failed.pop(key, None)
+            self.sessions[info.index] = sess
+            self.sel.register(sess.rtp, selectors.EVENT_READ, (sess, True))
+            self.sel.register(sess.rtcp, selectors.EVENT_READ, (sess, False))
+            log.info("session open", extra={"session": info.session_id, "slot": info.index,
+                                            "port": info.local_rtp_port})
+
+    def _close(self, idx: int) -> None:
+        sess = self.sessions.pop(idx)
+        for s in (sess.rtp, sess.rtcp):
+            try:
+                self.sel.unregister(s)
+            except (KeyError, ValueError):
+                pass
+        sess.close()
+        log.info("session closed", extra={"session": sess.session_id, "slot": idx})
+
+    # ---- loop ------------------------------------------------------------------------------------
+    def _drain(self, sock: socket.socket, sess: MediaSession, is_rtp: bool) -> None:
+        buf, view = self._buf, self._view
+        for _ in range(RECV_BATCH):
+            try:
+                n, addr = sock.recvfrom_into(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # e.g. ECONNREFUSED reported on the socket: nothing to read
+            if sess.closed:
+                return
+            if is_rtp:
+                sess.on_rtp(view[:n], addr, self.clock())
+            else:
+                sess.on_rtcp(addr)
+
+    def tick(self, tick: int) -> None:
+        """Everything due every 20 ms: scan (every 100 ms), uplink frame, downlink packet, heartbeat."""
+        if self.ticks % SCAN_EVERY_TICKS == 0:
+            self.scan()
+        self.ticks += 1
+        for sess in list(self.sessions.values()):
+            try:
+                sess.tick_uplink()
+                sess.tick_downlink(tick)
+            except Exception:
+                # a bug or bad state in one session must not stop the others: end that session locally
+                log.exception("session failed", extra={"session": sess.session_id})
+                self._close(sess.index)
+        self.seg.heartbeat("media")
+
+    def run_once(self, max_wait: float = 1.0) -> None:
+        """Wait for packets until the next tick is due, handle them, run due ticks."""
+        timeout = min(self.pacer.timeout(), max_wait)
+        for key, _ in self.sel.select(timeout):
+            sess, is_rtp = key.data
+            self._drain(key.fileobj, sess, is_rtp)  # type: ignore[arg-type]
+        now = self.clock()
+        for t in self.pacer.due(now):
+            late = now - self.pacer.deadline(t)
+            self.tick_late_ns.append(late)
+            if len(self.tick_late_ns) > 3000:
+                del self.tick_late_ns[:1000]
+            self.tick(t)
+
+    def run(self, should_stop: Callable[[], bool]) -> None:
+        self.scan()
+        self.seg.heartbeat("media")
+        while not should_stop():
+            self.run_once()
+
+    def close(self) -> None:
+        for idx in list(self.sessions):
+            self._close(idx)
+        self.sel.close()
+
+
+def pin_cpu(cpu: int | None) -> None:
+    """Pin this process to ``cpu`` (no-op when None)."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
