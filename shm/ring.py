@@ -25,10 +25,13 @@ Algorithm (Lamport ring with monotonic cursors):
   before publishing its cursor sees that frame again (at-least-once at a crash boundary); use
   ``peek`` + ``skip`` to make processing idempotent.
 
-Counters (u64, bytes unless noted) are written only by their own side with plain stores, so each
-is exact: producer ``written``, ``dropped``, ``overruns`` (writes dropped); consumer ``read``,
-``underruns`` (short reads), ``flushes`` (epochs obeyed), ``flushed`` (bytes discarded).
-Invariants: ``write cursor - start == written``, ``read cursor - start == read + flushed``.
+Counters (u64, bytes unless noted) are written only by their own side with plain stores:
+producer ``dropped``, ``overruns`` (writes dropped); consumer ``underruns`` (short reads),
+``flushes`` (epochs obeyed), ``flushed`` (bytes discarded). ``written`` and ``read`` are derived
+from the cursors (``written = write - start``, ``read = read cursor - start - flushed``), so they
+stay exact even when a process is SIGKILLed between publishing a cursor and bumping a counter;
+only a consumer killed in the middle of obeying a flush may attribute that one flush's bytes to
+``read`` instead of ``flushed`` (their sum is always exact).
 """
 
 from __future__ import annotations
@@ -41,12 +44,11 @@ from shm.atomic import Atomics
 _W = L.RING_WRITE // 8
 _EPOCH = L.RING_FLUSH_EPOCH // 8
 _FCUR = L.RING_FLUSH_CURSOR // 8
-_WRITTEN = L.RING_WRITTEN // 8
+_START = L.RING_START // 8
 _DROPPED = L.RING_DROPPED // 8
 _OVERRUNS = L.RING_OVERRUNS // 8
 _R = L.RING_READ // 8
 _SEEN = L.RING_FLUSH_SEEN // 8
-_READ = L.RING_READ_BYTES // 8
 _UNDER = L.RING_UNDERRUNS // 8
 _FLUSHES = L.RING_FLUSHES // 8
 _FLUSHED = L.RING_FLUSHED // 8
@@ -122,7 +124,6 @@ class Ring:
             self._mv[start:start + k] = data[:k]
             self._mv[self._d:self._d + n - k] = data[k:]
         self._pa.store_release(self._a_write, (w + n) & _U64)
-        hq[_WRITTEN] += n
         return True
 
     def free_space(self) -> int:
@@ -180,7 +181,6 @@ class Ring:
             return b""
         out = self._copy_out(r, n)
         self._ca.store_release(self._a_read, (r + n) & _U64)
-        self._hq[_READ] += n
         return out
 
     def read_into(self, buf: Any) -> bool:
@@ -200,7 +200,6 @@ class Ring:
             mv[:k] = self._mv[start:start + k]
             mv[k:] = self._mv[self._d:self._d + n - k]
         self._ca.store_release(self._a_read, (r + n) & _U64)
-        self._hq[_READ] += n
         return True
 
     def peek(self, n: int) -> bytes | None:
@@ -216,7 +215,6 @@ class Ring:
         n = max(0, min(n, (self._ca.load_acquire(self._a_write) - r) & _U64))
         if n:
             self._ca.store_release(self._a_read, (r + n) & _U64)
-            self._hq[_READ] += n
         return n
 
     # ---- both / admin ------------------------------------------------------------------------
@@ -233,10 +231,10 @@ class Ring:
         self._check()
         return self._hq[idx]
 
-    written = property(lambda self: self._counter(_WRITTEN), doc="bytes accepted by write()")
+    written = property(lambda self: self.stats()["written"], doc="bytes accepted by write()")
     dropped = property(lambda self: self._counter(_DROPPED), doc="bytes dropped because the ring was full")
     overruns = property(lambda self: self._counter(_OVERRUNS), doc="write() calls dropped (ring full)")
-    read_bytes = property(lambda self: self._counter(_READ), doc="bytes consumed by read/read_into/skip")
+    read_bytes = property(lambda self: self.stats()["read"], doc="bytes consumed by read/read_into/skip")
     underruns = property(lambda self: self._counter(_UNDER), doc="short read()/read_into() calls")
     flushes = property(lambda self: self._counter(_FLUSHES), doc="flush epochs obeyed by the consumer")
     flushed = property(lambda self: self._counter(_FLUSHED), doc="bytes discarded by flushes")
@@ -248,13 +246,14 @@ class Ring:
         """All counters and the current fill level (a racy snapshot, fine for metrics)."""
         self._check()
         hq = self._hq
+        w, r, start, flushed = hq[_W], hq[_R], hq[_START], hq[_FLUSHED]
         return {
             "capacity": self._cap,
-            "fill": (hq[_W] - hq[_R]) & _U64,
-            "written": hq[_WRITTEN],
+            "fill": (w - r) & _U64,
+            "written": (w - start) & _U64,
             "dropped": hq[_DROPPED],
             "overruns": hq[_OVERRUNS],
-            "read": hq[_READ],
+            "read": (r - start - flushed) & _U64,
             "underruns": hq[_UNDER],
             "flush_requests": hq[_EPOCH],
             "flushes": hq[_FLUSHES],
@@ -272,6 +271,7 @@ class Ring:
         for i in range(len(hq)):
             hq[i] = 0
         start &= _U64
+        hq[_START] = start
         hq[_FCUR] = start
         hq[_R] = start
         self._pa.store_release(self._a_write, start)
