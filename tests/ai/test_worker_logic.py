@@ -198,3 +198,43 @@ async def test_one_failing_call_does_not_affect_others(cfg, seg, tmp_path, speec
     assert w.stats.session_errors >= 1
     assert live_a.closed and len(FakeLive.instances) == 3  # a re-opened on the next scan
     assert a.counters.get("errors") >= 1
+
+
+async def test_crash_mid_utterance_replays_journal(cfg, seg, tmp_path, speech) -> None:
+    slot = seg.slot(0)
+    activate_slot(slot, options={"greeting": ""})
+    w1 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+                  journal_dir=tmp_path)
+    await ticks(w1, 2)
+    live1 = FakeLive.instances[0]
+    live1.emit(ResumeHandle("h1"))
+    pcm = np.concatenate([silence(0.3), speech, silence(0.8)])
+    fr = frames(pcm)
+    half = len(fr) // 2
+    for f in fr[:half]:
+        slot.uplink.write(f)
+        await ticks(w1)
+    assert live1.log == ["start", "audio"]  # mid-utterance
+    # SIGKILL: w1 stops without any cleanup; the media worker keeps writing meanwhile
+    for f in fr[half: half + 10]:
+        slot.uplink.write(f)
+    w2 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+                  journal_dir=tmp_path)
+    await ticks(w2)
+    live2 = FakeLive.instances[1]
+    assert live2.options.resume_handle == "h1"
+    assert seg.slot(0).downlink.available() == 0  # no greeting on a resumed call
+    for f in fr[half + 10:]:
+        slot.uplink.write(f)
+        await ticks(w2)
+    assert live2.log == ["start", "audio", "end"]
+    sent = np.frombuffer(bytes(live2.sent), np.int16)
+    corr, _ = best_correlation(speech, sent, 16000)
+    assert corr > 0.99  # the whole utterance, both halves, reached the resumed session
+    assert slot.counters.get("frames_replayed") > 0
+    # a new handle confirms everything: the journal empties; closing the call deletes it
+    live2.emit(ResumeHandle("h2"))
+    assert w2.calls[0].journal.records() == []
+    slot.begin_close()
+    await ticks(w2)
+    assert not list(tmp_path.glob("*.journal"))

@@ -52,7 +52,8 @@ async def _amain(args: argparse.Namespace, cfg: Any) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         cache_dir = Path(cfg.paths.state_dir) / "prompts"
-        worker = AiWorker(cfg, seg, ssl_context=_ssl_context(cfg), prompts=PromptCache(cache_dir))
+        worker = AiWorker(cfg, seg, ssl_context=_ssl_context(cfg), prompts=PromptCache(cache_dir),
+                          journal_dir=args.journal_dir)
         await worker.prepare()
         seg.heartbeat("ai")
         log.info("AI worker running", extra={"shard": args.shard, "segment": args.segment,
@@ -76,4 +77,6 @@ def main(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             print(f"cannot pin to CPU {args.cpu}: {exc}", file=sys.stderr)
             return 2
+    # the turn journal must outlive this process but not the machine: tmpfs
+    args.journal_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(cfg.paths.run_dir)
     return asyncio.run(_amain(args, cfg))

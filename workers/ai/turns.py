@@ -114,6 +114,13 @@ class TurnDetector:
             return TurnEvent(Decision.ACTIVITY_END, now, self.speech_start)
         return None
 
+    def resume_speaking(self, onset: int) -> None:
+        """Continue a turn that a previous worker opened (replayed from its journal)."""
+        self.speaking = True
+        self.speech_start = onset
+        self._run = 0
+        self._silence_start = onset
+
     def force_end(self, sample: int) -> TurnEvent | None:
         """End an open turn now (session closing or model reconnect)."""
         if not self.speaking:

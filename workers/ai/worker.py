@@ -37,6 +37,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ import numpy as np
 from appliance.config import Config
 from shm.segment import ShardSegment, ShmError, Slot
 from workers.ai.greeting import PromptCache
+from workers.ai.journal import AUDIO, END, START, TurnJournal, journal_path, remove_stale
 from workers.ai.turns import Decision, PreRoll, TurnDetector, TurnEvent, TurnParams
 from workers.ai.vad import SAMPLE_RATE, BatchedVad, WindowBuffer
 
@@ -94,6 +96,7 @@ class Call:
     protect_until: int = 0  # downlink write cursor up to which audio is the (uninterruptible) greeting
     hold_played: bool = False
     start_failed: bool = False
+    journal: TurnJournal | None = None
     retry_at: float = 0.0
     closed: bool = False
     last_event: dict[str, float] = field(default_factory=dict)  # monotonic times, for tests and benchmarks
@@ -125,10 +128,12 @@ class AiWorker:
         ssl_context: Any = None,
         prompts: PromptCache | None = None,
         vad: BatchedVad | None = None,
+        journal_dir: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.seg = segment
         self._live_factory = live_factory
+        self._journal_dir = journal_dir
         self._options_factory = options_factory
         self._ssl = ssl_context
         self.prompts = prompts or PromptCache(None)
@@ -191,6 +196,8 @@ class AiWorker:
         self.stats.ticks += 1
         self.seg.heartbeat("ai")
         self._scan()
+        if self._journal_dir is not None and self.stats.ticks % 250 == 1:
+            remove_stale(self._journal_dir, self.seg.name, {c.key for c in self.calls.values()})
         now = time.monotonic()
         batches: list[list[tuple[Call, np.ndarray, int]]] = []
         for call in list(self.calls.values()):
@@ -261,14 +268,19 @@ class AiWorker:
         self.stats.sessions_opened += 1
         self.vad.reset(call.key)
         handle = slot.resume_handle or str(options.get("resume_handle") or "")
-        log.info("call attached", extra={"session": session_id, "slot": slot.index, "resume": bool(handle)})
-        if not handle:
+        fresh = not handle and not slot.model_state  # never attached by any AI worker before
+        replay = self._open_journal(call)
+        log.info("call attached", extra={"session": session_id, "slot": slot.index, "resume": bool(handle),
+                                         "replay_records": len(replay)})
+        if fresh:
             greeting = self._greeting_for(call)
             if greeting:
                 call.pending += greeting
                 self._drain(call)
                 call.protect_until = slot.downlink.write_cursor + len(call.pending)
         self._start_live(call, handle or None)
+        if replay:
+            self._replay(call, replay)
 
     def _greeting_for(self, call: Call) -> bytes:
         text = call.options.get("greeting")
@@ -320,6 +332,12 @@ class AiWorker:
             return
         call.closed = True
         self.vad.remove(call.key)
+        if call.journal is not None:
+            if call.slot.is_current(call.generation):
+                call.journal.close()  # the call goes on (worker stopping or re-opening): keep it
+            else:
+                call.journal.remove()
+            call.journal = None
         self.stats.sessions_closed += 1
         log.info("call detached", extra={"session": call.session_id, "slot": idx, "reason": reason})
         self._stop_live(call)
@@ -360,8 +378,8 @@ class AiWorker:
             self.stats.frames_in += n // UP_FRAME
             call.window.push(data)
             call.preroll.push(data, call.window.position)
-            if call.sending and self._live_ok(call):
-                call.live.send_audio(data)
+            if call.sending:
+                self._send_audio(call, data)
         k = 0
         while call.window.has_window():
             chunk, end = call.window.pop_window()
@@ -371,6 +389,61 @@ class AiWorker:
             k += 1
         if k:
             call.slot.counters.add("vad_frames", k)
+
+    # ---- what goes to the model (journaled, so a replacement worker can replay it) ----------------
+    def _send_start(self, call: Call) -> None:
+        if call.journal is not None:
+            call.journal.start()
+        if self._live_ok(call):
+            call.live.activity_start()
+
+    def _send_audio(self, call: Call, pcm: bytes) -> None:
+        if not pcm:
+            return
+        if call.journal is not None:
+            call.journal.audio(pcm)
+        if self._live_ok(call):
+            call.live.send_audio(pcm)
+            call.slot.counters.add("audio_sent_ms", len(pcm) // 32)
+
+    def _send_end(self, call: Call) -> None:
+        if call.journal is not None:
+            call.journal.end()
+        if self._live_ok(call):
+            call.live.activity_end()
+
+    def _open_journal(self, call: Call) -> list[tuple[bytes, bytes]]:
+        if self._journal_dir is None:
+            return []
+        path = journal_path(self._journal_dir, self.seg.name, call.slot.index, call.generation)
+        try:
+            call.journal = TurnJournal(path)
+            return call.journal.records()
+        except OSError as exc:
+            log.warning("no turn journal for this call",
+                        extra={"session": call.session_id, "error": str(exc)})
+            call.journal = None
+            return []
+
+    def _replay(self, call: Call, records: list[tuple[bytes, bytes]]) -> None:
+        """Re-send what the previous worker sent after the last handle (it died before the model had it)."""
+        live, open_turn, n = call.live, False, 0
+        for kind, payload in records:
+            if kind == START:
+                live.activity_start()
+                open_turn = True
+            elif kind == AUDIO:
+                live.send_audio(payload)
+                n += len(payload)
+            elif kind == END:
+                live.activity_end()
+                open_turn = False
+        call.slot.counters.add("frames_replayed", n // UP_FRAME)
+        if open_turn:  # the caller was mid-utterance: the turn continues with the audio in the ring
+            call.sending = True
+            call.detector.resume_speaking(0)
+        log.info("replayed unconfirmed audio",
+                 extra={"session": call.session_id, "bytes": n, "open": open_turn})
 
     def _live_ok(self, call: Call) -> bool:
         return (call.live is not None and not call.start_failed
@@ -392,18 +465,14 @@ class AiWorker:
             self.stats.activity_starts += 1
             call.last_event["activity_start"] = now
             call.slot.counters.add("turns")
-            if self._live_ok(call):
-                call.live.activity_start()
-                pre = call.preroll.since(ev.onset - self.params.samples(self.params.preroll_ms))
-                if pre:
-                    call.live.send_audio(pre)
+            self._send_start(call)
+            self._send_audio(call, call.preroll.since(ev.onset - self.params.samples(self.params.preroll_ms)))
         else:
             call.sending = False
             self.stats.activity_ends += 1
             call.last_event["activity_end"] = now
             call.slot.counters.add("speech_ms", (ev.sample - ev.onset) * 1000 // SAMPLE_RATE)
-            if self._live_ok(call):
-                call.live.activity_end()
+            self._send_end(call)
 
     def _barge_in(self, call: Call) -> None:
         ring = call.slot.downlink
@@ -497,6 +566,8 @@ class AiWorker:
 
     def _ev_handle(self, call: Call, ev: Any) -> None:
         if ev.handle and call.current():
+            if call.journal is not None:
+                call.journal.clear()
             try:
                 call.slot.resume_handle = ev.handle
             except ShmError as exc:
