@@ -435,3 +435,163 @@ class JanusClient:
             with contextlib.suppress(Exception):
                 await self._post(f"/{self.session_id}", {"janus": "destroy"})
         await self._http.aclose()
+
+
+# ---- plain-RTP SDP helpers and a real WebRTC caller (aiortc) -----------------------------------------
+def plain_answer_sdp(ip: str, port: int, payload_type: int = 111,
+                     dtmf_payload_type: int | None = None) -> str:
+    """The bare SDP a media worker answers NoSIP's ``generated`` offer with (RTP/AVP, Opus)."""
+    fmts = f"{payload_type}" + (f" {dtmf_payload_type}" if dtmf_payload_type is not None else "")
+    lines = ["v=0", f"o=- 1 1 IN IP4 {ip}", "s=voice-appliance", f"c=IN IP4 {ip}", "t=0 0",
+             f"m=audio {port} RTP/AVP {fmts}", f"a=rtpmap:{payload_type} opus/48000/2",
+             f"a=fmtp:{payload_type} useinbandfec=1", "a=ptime:20"]
+    if dtmf_payload_type is not None:
+        lines += [f"a=rtpmap:{dtmf_payload_type} telephone-event/48000",
+                  f"a=fmtp:{dtmf_payload_type} 0-15"]
+    lines.append("a=sendrecv")
+    return "\r\n".join(lines) + "\r\n"
+
+
+def plain_offer_address(sdp: str) -> tuple[str, int, dict[str, int]]:
+    """(ip, port, {codec name lowercased: payload type}) of NoSIP's bare ``generated`` SDP."""
+    ip, port, pts = "", 0, {}
+    for line in sdp.splitlines():
+        if line.startswith("c=IN IP4 ") or line.startswith("c=IN IP6 "):
+            ip = line.split()[2]
+        elif line.startswith("m=audio "):
+            port = int(line.split()[1])
+        elif line.startswith("a=rtpmap:"):
+            pt, codec = line[len("a=rtpmap:"):].split(" ", 1)
+            pts.setdefault(codec.split("/")[0].lower(), int(pt))
+    return ip, port, pts
+
+
+class WebRtcCaller:
+    """A real WebRTC caller (aiortc): sends ``audio`` (int16 mono 48 kHz, then silence) and records
+    what it receives (``received()``: int16 mono 48 kHz). ``offer()``/``accept(answer)`` do the JSEP."""
+
+    def __init__(self, audio: Any | None = None, *, loop_audio: bool = False) -> None:
+        import numpy as np
+        from aiortc import RTCPeerConnection
+
+        self._np = np
+        self.pc = RTCPeerConnection()
+        self.track = _PcmTrack(audio, loop_audio)
+        self.sender = self.pc.addTrack(self.track)
+        self._chunks: list[Any] = []
+        self._first_rx: float | None = None
+        self._rx_task: asyncio.Task[None] | None = None
+
+        @self.pc.on("track")
+        def _on_track(track: Any) -> None:
+            self._rx_task = asyncio.ensure_future(self._receive(track))
+
+    async def _receive(self, track: Any) -> None:
+        np = self._np
+        with contextlib.suppress(Exception):
+            while True:
+                frame = await track.recv()
+                arr = frame.to_ndarray()
+                channels = len(frame.layout.channels)
+                mono = arr.reshape(-1, channels)[:, 0] if channels > 1 else arr.reshape(-1)
+                if frame.sample_rate != 48000:
+                    import soxr
+
+                    mono = soxr.resample(mono, frame.sample_rate, 48000)
+                if self._first_rx is None:
+                    self._first_rx = time.monotonic()
+                self._chunks.append(np.asarray(mono, dtype=np.int16))
+
+    async def offer(self) -> dict[str, str]:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return {"type": "offer", "sdp": self.pc.localDescription.sdp}
+
+    async def accept(self, answer: dict[str, Any]) -> None:
+        from aiortc import RTCSessionDescription
+
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+
+    def received(self) -> Any:
+        np = self._np
+        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+
+    def clear_received(self) -> None:
+        self._chunks.clear()
+
+    def play(self, audio: Any) -> None:
+        """Start sending ``audio`` now (after what is queued)."""
+        self.track.queue(audio)
+
+    @property
+    def sent_samples(self) -> int:
+        return self.track.sent
+
+    async def close(self) -> None:
+        if self._rx_task:
+            self._rx_task.cancel()
+        await self.pc.close()
+
+
+def _pcm_track_class() -> type:
+    from aiortc.mediastreams import MediaStreamTrack
+
+    class PcmTrack(MediaStreamTrack):
+        kind = "audio"
+
+        def __init__(self, audio: Any | None, loop_audio: bool) -> None:
+            import numpy as np
+
+            super().__init__()
+            self._np = np
+            self._queue: list[Any] = [] if audio is None else [np.asarray(audio, np.int16)]
+            self._loop = loop_audio
+            self._pos = 0
+            self._n = 0
+            self._t0: float | None = None
+            self.sent = 0
+
+        def queue(self, audio: Any) -> None:
+            self._queue.append(self._np.asarray(audio, self._np.int16))
+
+        async def recv(self) -> Any:
+            import fractions
+
+            import av
+
+            np = self._np
+            if self._t0 is None:
+                self._t0 = time.monotonic()
+            wait = self._t0 + self._n * 0.02 - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            out = np.zeros(960, np.int16)
+            filled = 0
+            while filled < 960 and self._queue:
+                cur = self._queue[0]
+                take = min(960 - filled, len(cur) - self._pos)
+                out[filled : filled + take] = cur[self._pos : self._pos + take]
+                filled += take
+                self._pos += take
+                self.sent += take
+                if self._pos >= len(cur):
+                    self._pos = 0
+                    if not self._loop:
+                        self._queue.pop(0)
+            frame = av.AudioFrame.from_ndarray(out.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = 48000
+            frame.pts = self._n * 960
+            frame.time_base = fractions.Fraction(1, 48000)
+            self._n += 1
+            return frame
+
+    return PcmTrack
+
+
+def _PcmTrack(audio: Any | None, loop_audio: bool) -> Any:
+    global _PCM_TRACK
+    if _PCM_TRACK is None:
+        _PCM_TRACK = _pcm_track_class()
+    return _PCM_TRACK(audio, loop_audio)
+
+
+_PCM_TRACK: type | None = None
