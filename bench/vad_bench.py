@@ -9,6 +9,7 @@ time (``time.process_time``; onnxruntime is pinned to one thread) per chunk per 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=200, help="32 ms chunks per stream per run")
     parser.add_argument("--cpu", type=int, default=None, help="pin to this CPU while measuring")
     parser.add_argument("--smoke", action="store_true", help="short CI form (B=1 and 64, 20 chunks)")
+    parser.add_argument("--worker-sessions", type=int, default=64,
+                        help="also measure the whole AI-worker tick (shm + VAD + turns) at this many calls")
+    parser.add_argument("--worker-seconds", type=float, default=10.0, help="audio seconds for the tick run")
 
 
 def _speech() -> np.ndarray:
@@ -67,6 +71,87 @@ def _measure(n_streams: int, chunks: int, source: np.ndarray, silent_fraction: f
             "gated_fraction": round(vad.stats.gated / max(vad.stats.chunks, 1), 3)}
 
 
+class _NullLive:
+    """Accepts everything, answers nothing: isolates the worker's own cost from the Live layer's."""
+
+    state = "live"
+    resume_handle = None
+
+    def __init__(self, *_a: object, **_k: object) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    def send_audio(self, _pcm: bytes) -> None:
+        pass
+
+    def activity_start(self) -> None:
+        pass
+
+    def activity_end(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+async def _worker_ticks(sessions: int, seconds: float, source: np.ndarray) -> dict[str, float]:
+    import uuid
+
+    from appliance.config import load_config, replace
+    from shm.segment import ShardSegment, cleanup_stale, segment_name
+    from workers.ai.worker import AiWorker
+
+    iid = f"bench{os.getpid()}x{uuid.uuid4().hex[:6]}"
+    seg = ShardSegment.create(segment_name(iid, 0), slots=sessions, uplink_bytes=64000,
+                              downlink_bytes=384000, instance_id=iid)
+    try:
+        cfg = replace(load_config(None, env={}), model={"greeting": "", "hold_prompt": ""})
+        w = AiWorker(cfg, seg, live_factory=_NullLive, options_factory=lambda **k: k)
+        for i in range(sessions):
+            seg.slot(i).activate(session_id=f"b{i}", local_rtp_port=40000 + 2 * i, remote_rtp_ip="127.0.0.1",
+                                 remote_rtp_port=20000, payload_type=111, channels=1, dtmf_payload_type=-1,
+                                 mode="direct", options={})
+        # realistic duty: each caller speaks ~40 % of the time (speech 2 s, silence 3 s), phases staggered
+        period = 16000 * 5
+        frames = []
+        for t in range(int(seconds * 50)):
+            row = []
+            for i in range(sessions):
+                pos = (t * 320 + i * 7919) % period
+                if pos < 32000:
+                    off = pos % (len(source) - 320)
+                    row.append(source[off:off + 320].tobytes())
+                else:
+                    row.append(bytes(640))
+            frames.append(row)
+        w.tick()
+        await asyncio.sleep(0)
+        cpu0 = time.process_time()
+        for row in frames:
+            for i, f in enumerate(row):
+                seg.slot(i).uplink.write(f)
+            w.tick()
+        cpu = time.process_time() - cpu0
+        # the uplink writes are the media worker's cost: measure and subtract them
+        cpu1 = time.process_time()
+        for row in frames:
+            for i, f in enumerate(row):
+                seg.slot(i).uplink.write(f)
+            for i in range(sessions):
+                seg.slot(i).uplink.skip(640)
+        writes = time.process_time() - cpu1
+        await w.shutdown()
+    finally:
+        seg.close()
+        cleanup_stale(iid)
+    own = max(cpu - writes, 0.0)
+    return {"sessions": sessions, "audio_seconds": seconds, "duty": "realistic (40 % speech)",
+            "cpu_ms_per_session_second": round(own * 1000 / (sessions * seconds), 3),
+            "activity_starts": w.stats.activity_starts}
+
+
 def run(args: argparse.Namespace) -> dict:
     """Measure and return {"worst": [...], "realistic": [...], ...} rows per stream count."""
     if args.smoke:
@@ -80,6 +165,9 @@ def run(args: argparse.Namespace) -> dict:
     out: dict[str, object] = {"bench": "vad", "chunk_ms": 32, "model": "silero_vad.onnx"}
     for name, src, frac in (("worst", noisy, 0.0), ("realistic", source, 0.4)):
         out[name] = [_measure(b, args.chunks, src, frac) for b in args.batches]
+    if args.worker_sessions > 0:
+        secs = 2.0 if args.smoke else args.worker_seconds
+        out["worker_tick"] = asyncio.run(_worker_ticks(args.worker_sessions, secs, source))
     rows = {r["streams"]: r["cpu_us_per_chunk_stream"] for r in out["worst"]}  # type: ignore[index]
     if 1 in rows and 64 in rows:
         out["b1_us"] = rows[1]
@@ -97,6 +185,8 @@ def main(args: argparse.Namespace) -> int:
                 us = r["cpu_us_per_chunk_stream"]
                 gated = r["gated_fraction"]
                 print(f"{name:10s} B={r['streams']:3d}  cpu {us:7.1f} µs/chunk/stream  gated {gated:.2f}")
+        if "worker_tick" in res:
+            print("worker tick", json.dumps(res["worker_tick"]))
     return 0
 
 
