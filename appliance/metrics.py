@@ -16,20 +16,50 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-# Shard counters summed over shards: name -> (help, kind). Provided by a callback returning
-# {shard: {name: value}}; unknown names are ignored so workers can add counters freely.
-SHM_COUNTERS: dict[str, tuple[str, str]] = {
-    "uplink_drops": ("Uplink ring frames dropped because the ring was full", "counter"),
-    "downlink_drops": ("Downlink ring frames dropped because the ring was full", "counter"),
-    "frames_in": ("RTP audio frames received by media workers", "counter"),
-    "frames_out": ("RTP audio frames sent by media workers", "counter"),
-    "concealed_frames": ("Frames concealed (PLC/FEC) by media workers", "counter"),
+# Shard counters summed over a shard's slots: name -> help. Provided by a callback returning
+# {shard: {name: value}} of monotonically growing totals (see CounterAccumulator).
+SHM_COUNTERS: dict[str, str] = {
+    "uplink_dropped_frames": "Uplink ring writes dropped because the ring was full (media -> AI)",
+    "downlink_dropped_frames": "Downlink ring writes dropped because the ring was full (AI -> media)",
+    "rtp_received_packets": "RTP packets received by media workers",
+    "rtp_sent_packets": "RTP packets sent by media workers",
+    "concealed_frames": "Audio frames concealed (PLC/FEC) by media workers",
+    "model_reconnects": "Live API reconnections by AI workers",
 }
+
+
+class CounterAccumulator:
+    """Turns per-slot counters that restart at 0 (a slot is reset when reused) into monotonic totals.
+
+    ``observe(shard, slot, name, value)`` adds the growth since the last observation of that slot; a
+    smaller value means the slot was reset, so all of it is new.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[int, int, str], int] = {}
+        self.totals: dict[int, dict[str, float]] = {}
+
+    def observe(self, shard: int, slot: int, name: str, value: int) -> None:
+        key = (shard, slot, name)
+        last = self._last.get(key, 0)
+        delta = value - last if value >= last else value
+        self._last[key] = value
+        bucket = self.totals.setdefault(shard, {})
+        bucket[name] = bucket.get(name, 0.0) + delta
+
+
+class _DefaultRegistryProxy(Collector):
+    """Re-exports the process-wide default registry (modules such as api/state register there)."""
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client import REGISTRY
+
+        return list(REGISTRY.collect())
 
 
 class _ShmCollector(Collector):
@@ -43,12 +73,8 @@ class _ShmCollector(Collector):
             log.exception("reading shard counters failed")
             return []
         out = []
-        for name, (help_text, kind) in SHM_COUNTERS.items():
-            fam: Any
-            if kind == "counter":
-                fam = CounterMetricFamily(f"va_{name}", help_text, labels=["shard"])
-            else:
-                fam = GaugeMetricFamily(f"va_{name}", help_text, labels=["shard"])
+        for name, help_text in SHM_COUNTERS.items():
+            fam = CounterMetricFamily(f"va_{name}", help_text, labels=["shard"])
             for shard, values in sorted(per_shard.items()):
                 if name in values:
                     fam.add_metric([str(shard)], float(values[name]))
@@ -89,6 +115,10 @@ class Metrics:
         self.redis_errors = Counter("va_redis_errors", "Failed Redis operations (retried later)", registry=r)
         self.janus_errors = Counter("va_janus_errors", "Failed Janus requests", registry=r)
         self._http: Any = None
+
+    def include_default_registry(self) -> None:
+        """Also serve what other modules registered on prometheus_client's default registry."""
+        self.registry.register(_DefaultRegistryProxy())
 
     def add_shard_counters(self, source: Callable[[], Mapping[int, Mapping[str, float]]]) -> None:
         """Export the workers' shared-memory counters, read at scrape time from ``source()``."""

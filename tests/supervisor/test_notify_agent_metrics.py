@@ -153,7 +153,8 @@ def test_metrics_served_with_shard_counters():
     m.sessions_active.set(3)
     m.admissions.labels(result="accepted").inc(2)
     m.worker_restarts.labels(role="ai", reason="exit").inc()
-    m.add_shard_counters(lambda: {0: {"uplink_drops": 4, "frames_in": 100}, 1: {"uplink_drops": 1}})
+    m.add_shard_counters(lambda: {0: {"uplink_dropped_frames": 4, "rtp_received_packets": 100},
+                                  1: {"uplink_dropped_frames": 1}})
     port = m.serve("127.0.0.1", 0)
     try:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -162,9 +163,37 @@ def test_metrics_served_with_shard_counters():
     assert "va_sessions_active 3.0" in body
     assert 'va_admissions_total{result="accepted"} 2.0' in body
     assert 'va_worker_restarts_total{reason="exit",role="ai"} 1.0' in body
-    assert 'va_uplink_drops_total{shard="0"} 4.0' in body
-    assert 'va_uplink_drops_total{shard="1"} 1.0' in body
-    assert 'va_frames_in_total{shard="0"} 100.0' in body
+    assert 'va_uplink_dropped_frames_total{shard="0"} 4.0' in body
+    assert 'va_uplink_dropped_frames_total{shard="1"} 1.0' in body
+    assert 'va_rtp_received_packets_total{shard="0"} 100.0' in body
+
+
+def test_default_registry_is_included():
+    from prometheus_client import REGISTRY, Counter
+
+    name = f"va_test_default_{os.getpid()}"
+    c = Counter(name, "test", registry=REGISTRY)
+    c.inc(7)
+    m = Metrics()
+    m.include_default_registry()
+    port = m.serve("127.0.0.1", 0)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        m.stop()
+        REGISTRY.unregister(c)
+    assert f"{name}_total 7.0" in body
+
+
+def test_counter_accumulator_survives_slot_reset():
+    from appliance.metrics import CounterAccumulator
+
+    acc = CounterAccumulator()
+    acc.observe(0, 1, "x", 5)
+    acc.observe(0, 1, "x", 8)
+    acc.observe(0, 1, "x", 2)  # slot reused: counter restarted
+    acc.observe(0, 2, "x", 4)
+    assert acc.totals[0]["x"] == 8 + 2 + 4
 
 
 def test_metrics_source_failure_does_not_break_scrape():

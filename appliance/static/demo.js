@@ -1,0 +1,120 @@
+// Demo caller: plain WebRTC against the appliance's session API (no Janus JS needed).
+// Flow: dev token -> getUserMedia -> offer (ICE gathered) -> POST /v1/sessions -> answer ->
+// poll GET /v1/sessions/{id} for state and transcripts -> DELETE on hang-up.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const JITTER_TARGET_MS = 50; // receiver jitterBufferTarget: 40-60 ms keeps latency low on good networks
+let pc = null, stream = null, session = null, token = null, poller = null, lastLine = "";
+
+function show(id, text) { $(id).textContent = text; }
+function fail(msg) { show("error", msg); console.error(msg); }
+
+async function devToken() {
+  const r = await fetch("/dev/token", { method: "POST", cache: "no-store" });
+  if (!r.ok) throw new Error("no dev token (" + r.status + "): mint one with `voice-appliance token`");
+  return (await r.json()).token;
+}
+
+function iceGathered(conn, ms) {
+  if (conn.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { conn.removeEventListener("icegatheringstatechange", check); resolve(); };
+    const check = () => { if (conn.iceGatheringState === "complete") done(); };
+    conn.addEventListener("icegatheringstatechange", check);
+    setTimeout(done, ms);
+  });
+}
+
+function api(path, opts = {}) {
+  return fetch(path, {
+    ...opts,
+    cache: "no-store",
+    headers: { "Authorization": "Bearer " + token, "Content-Type": "application/json", ...(opts.headers || {}) },
+  });
+}
+
+async function call() {
+  show("error", "");
+  $("call").disabled = true;
+  $("transcript").innerHTML = "";
+  lastLine = "";
+  try {
+    token = await devToken();
+    show("conn", "microphone…");
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+    });
+    pc = new RTCPeerConnection({ bundlePolicy: "max-bundle" });
+    window.demoPc = pc; // for tests and curious people
+    stream.getAudioTracks().forEach((t) => pc.addTrack(t, stream));
+    pc.ontrack = (ev) => {
+      try { ev.receiver.jitterBufferTarget = JITTER_TARGET_MS; } catch (e) { /* older browsers */ }
+      $("remote").srcObject = ev.streams[0] || new MediaStream([ev.track]);
+    };
+    pc.onconnectionstatechange = () => {
+      show("conn", pc.connectionState);
+      if (pc.connectionState === "failed") { fail("connection failed"); hangup(); }
+    };
+    pc.oniceconnectionstatechange = () => show("ice", pc.iceConnectionState);
+    show("conn", "offering…");
+    await pc.setLocalDescription(await pc.createOffer());
+    await iceGathered(pc, 2000);
+    const body = { type: "offer", sdp: pc.localDescription.sdp };
+    if ($("voice").value.trim()) body.voice = $("voice").value.trim();
+    const r = await api("/v1/sessions", { method: "POST", body: JSON.stringify(body) });
+    const data = await r.json().catch(() => ({}));
+    if (!r.ok) {
+      const retry = r.headers.get("Retry-After");
+      throw new Error((data.detail || r.statusText) + (retry ? " — retry in " + retry + " s" : ""));
+    }
+    session = data;
+    window.demoSession = data;
+    show("session", data.session_id);
+    if (data.ice_servers && data.ice_servers.length) {
+      try { pc.setConfiguration({ ...pc.getConfiguration(), iceServers: data.ice_servers }); } catch (e) {}
+    }
+    await pc.setRemoteDescription({ type: "answer", sdp: data.sdp });
+    $("hangup").disabled = false;
+    poller = setInterval(poll, 1000);
+  } catch (e) {
+    fail(String(e.message || e));
+    await hangup();
+  }
+}
+
+async function poll() {
+  if (!session) return;
+  try {
+    const r = await api("/v1/sessions/" + session.session_id);
+    if (r.status === 404) { show("model", "ended"); return hangup(); }
+    if (!r.ok) return;
+    const info = await r.json();
+    const d = info.details || {};
+    show("model", (d.model_state || info.state) + (d.shard !== undefined ? " (shard " + d.shard + ")" : ""));
+    const line = d.transcript || "";
+    if (line && line !== lastLine) {
+      lastLine = line;
+      const li = document.createElement("li");
+      li.textContent = line;
+      $("transcript").appendChild(li);
+    }
+  } catch (e) { /* transient; keep polling */ }
+}
+
+async function hangup() {
+  clearInterval(poller);
+  poller = null;
+  const s = session;
+  session = null;
+  if (s && token) { try { await api("/v1/sessions/" + s.session_id, { method: "DELETE" }); } catch (e) {} }
+  if (pc) { pc.close(); pc = null; }
+  if (stream) { stream.getTracks().forEach((t) => t.stop()); stream = null; }
+  show("conn", "idle");
+  $("call").disabled = false;
+  $("hangup").disabled = true;
+}
+
+$("call").addEventListener("click", call);
+$("hangup").addEventListener("click", hangup);
+window.addEventListener("pagehide", () => { if (session) hangup(); });
