@@ -1,0 +1,246 @@
+"""The session API app over HTTP (httpx ASGI transport): contract, auth, ownership, limits, errors.
+
+The control plane is :class:`tests.api.service_double.InMemoryService` (a test double of the
+supervisor's SessionService); JWT verification, rate limiting (real redis-server), body limits, SDP
+validation and TURN credentials are the real code.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import time
+
+import httpx
+import pytest
+
+from appliance.api import UpstreamError, create_app
+from appliance.config import LimitsConfig, load_config, replace
+from appliance.ratelimit import RateLimiter
+from appliance.token import mint
+from tests.api.sdp_fixtures import CHROME_OFFER
+from tests.api.service_double import InMemoryService
+from tests.api.test_auth import ISS, attack_tokens
+
+TURN_SECRET = "turn-test-secret"
+
+
+@pytest.fixture
+def cfg(tmp_path, keypair):
+    return replace(
+        load_config(None, env={"VA_CONFIG": str(_empty(tmp_path))}),
+        auth={"jwt_public_key_file": str(keypair[1]), "issuer": ISS},
+        turn={"secret": TURN_SECRET, "ttl_seconds": 1800},
+        api={"public_host": "turn.example.test", "max_body_bytes": 4096},
+    )
+
+
+def _empty(tmp_path):
+    p = tmp_path / "empty.toml"
+    p.write_text("")
+    return p
+
+
+@pytest.fixture
+def service():
+    return InMemoryService()
+
+
+def client_for(app, ip="198.51.100.10") -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(ip, 50000)), base_url="http://t")
+
+
+@pytest.fixture
+async def api(cfg, service):
+    async with client_for(create_app(cfg, service)) as c:
+        yield c
+
+
+def auth(private_pem, sub="alice", **kw):
+    return {"Authorization": "Bearer " + mint(private_pem, sub=sub, issuer=ISS, **kw)}
+
+
+def offer_body(**kw):
+    return {"sdp": CHROME_OFFER, "type": "offer", **kw}
+
+
+async def test_session_lifecycle(api, service, private_pem):
+    h = auth(private_pem)
+    r = await api.post("/v1/sessions", json=offer_body(voice="Kore", language="de-DE"), headers=h)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    sid = body["session_id"]
+    assert body["type"] == "answer" and body["sdp"].startswith("v=0")
+    assert r.headers["location"] == f"/v1/sessions/{sid}" and r.headers["cache-control"] == "no-store"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", body["expires_at"])
+    assert len(body["resume_token"]) >= 32
+    # TURN credentials are coturn REST credentials for this session, valid ≤ 1 h
+    (turn,) = body["ice_servers"]
+    assert turn["urls"][0] == "turn:turn.example.test:3478?transport=udp"
+    expiry, user = turn["username"].split(":")
+    assert user == sid and 0 < int(expiry) - time.time() <= 1800
+    mac = hmac.new(TURN_SECRET.encode(), turn["username"].encode(), hashlib.sha1).digest()
+    assert turn["credential"] == base64.b64encode(mac).decode()
+    # the control plane got the validated offer and the caller identity
+    _, options, client = service.created_with[0]
+    assert (options.voice, options.language, options.mode) == ("Kore", "de-DE", "direct")
+    assert options.offer.opus_payload_type == 111
+    assert client.sub == "alice" and client.ip == "198.51.100.10"
+
+    cand = {"candidate": "candidate:1 1 udp 2122260223 192.0.2.5 54321 typ host", "sdpMid": "0",
+            "sdpMLineIndex": 0}
+    assert (await api.post(f"/v1/sessions/{sid}/ice", json=cand, headers=h)).status_code == 204
+    assert (await api.post(f"/v1/sessions/{sid}/ice", json={"completed": True}, headers=h)).status_code == 204
+    first, done = service.candidates[sid]
+    assert first.candidate.startswith("candidate:1 ") and first.sdp_mid == "0" and done is None
+
+    r = await api.get(f"/v1/sessions/{sid}", headers=h)
+    assert r.status_code == 200 and r.json()["state"] == "connecting"
+    assert r.json()["details"]["voice"] == "Kore"
+    assert (await api.delete(f"/v1/sessions/{sid}", headers=h)).status_code == 204
+    r = await api.get(f"/v1/sessions/{sid}", headers=h)
+    assert r.status_code == 404 and r.json() == {"error": "not_found", "detail": "no such session"}
+
+
+async def test_only_owner_touches_session(api, service, private_pem):
+    r = await api.post("/v1/sessions", json=offer_body(), headers=auth(private_pem, "alice"))
+    sid = r.json()["session_id"]
+    bob = auth(private_pem, "bob")
+    assert (await api.get(f"/v1/sessions/{sid}", headers=bob)).status_code == 404
+    assert (await api.delete(f"/v1/sessions/{sid}", headers=bob)).status_code == 404
+    r = await api.post(f"/v1/sessions/{sid}/ice", json={"completed": True}, headers=bob)
+    assert r.status_code == 404
+    assert sid in service.sessions and service.candidates[sid] == []
+    assert (await api.get("/v1/sessions/../../etc", headers=bob)).status_code == 404
+
+
+async def test_attack_set_is_401_json(api, service, private_pem, public_pem):
+    for name, token in attack_tokens(private_pem, public_pem).items():
+        r = await api.post("/v1/sessions", json=offer_body(), headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401, (name, r.text)
+        assert set(r.json()) == {"error", "detail"} and r.headers["www-authenticate"].startswith("Bearer")
+    for headers in ({}, {"Authorization": "Basic Zm9vOmJhcg=="}):
+        r = await api.get("/v1/sessions/s_x", headers=headers)
+        assert r.status_code == 401 and r.json()["error"] == "invalid_request"
+    assert service.sessions == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error", "reason"),
+    [
+        (b"{not json", 400, "invalid_json", "not valid JSON"),
+        (b"[1,2]", 400, "invalid_request", "JSON object"),
+        (b'{"sdp": "v=0", "type": "answer"}', 400, "invalid_request", "type"),
+        (b'{"type": "offer"}', 400, "invalid_request", "sdp"),
+        (b'{"sdp": "v=0\\r\\n", "type": "offer"}', 400, "invalid_sdp", "missing o= line"),
+        (b'{"sdp": "x", "type": "offer", "evil": 1}', 400, "invalid_request", "evil"),
+        (b'{"sdp": "x", "type": "offer", "mode": "party"}', 400, "invalid_request", "mode"),
+        (b'{"sdp": "x", "type": "offer", "voice": "../../x"}', 400, "invalid_request", "voice"),
+    ],
+)
+async def test_bad_create_bodies(api, private_pem, body, status, error, reason):
+    h = {**auth(private_pem), "Content-Type": "application/json"}
+    r = await api.post("/v1/sessions", content=body, headers=h)
+    assert r.status_code == status and r.json()["error"] == error, r.text
+    assert reason in r.json()["detail"]
+
+
+async def test_body_limits_and_content_type(api, private_pem):
+    h = auth(private_pem)
+    big = offer_body(sdp=CHROME_OFFER + "a=x\r\n" * 2000)
+    r = await api.post("/v1/sessions", json=big, headers=h)
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+
+    async def chunks():  # no Content-Length: the limit still holds while streaming
+        for _ in range(100):
+            yield b" " * 100
+
+    r = await api.post("/v1/sessions", content=chunks(), headers={**h, "Content-Type": "application/json"})
+    assert r.status_code == 413
+    r = await api.post("/v1/sessions", content=b"sdp=x", headers={**h, "Content-Type": "text/plain"})
+    assert r.status_code == 415
+
+
+async def test_bad_ice_bodies(api, private_pem):
+    h = auth(private_pem)
+    sid = (await api.post("/v1/sessions", json=offer_body(), headers=h)).json()["session_id"]
+    bad = [
+        {},
+        {"candidate": "rm -rf /", "sdpMid": "0"},
+        {"candidate": "candidate:1 1 udp 1 x 1 typ host"},
+        {"completed": True, "candidate": "candidate:1"},
+        {"candidate": "c" * 2000, "sdpMid": "0"},
+        {"candidate": "candidate:1", "sdpMLineIndex": -1},
+    ]
+    for body in bad:
+        r = await api.post(f"/v1/sessions/{sid}/ice", json=body, headers=h)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_request", (body, r.text)
+
+
+async def test_full_and_not_ready_are_503(cfg, service, private_pem):
+    service.capacity = 1
+    async with client_for(create_app(cfg, service)) as api:
+        h = auth(private_pem)
+        assert (await api.post("/v1/sessions", json=offer_body(), headers=h)).status_code == 201
+        r = await api.post("/v1/sessions", json=offer_body(), headers=h)
+        assert r.status_code == 503 and r.headers["retry-after"] == "7" and r.json()["error"] == "capacity"
+        assert (await api.get("/readyz")).status_code == 200
+        service.is_ready = False  # draining
+        r = await api.get("/readyz")
+        assert r.status_code == 503 and r.headers["retry-after"] == "7"
+        r = await api.post("/v1/sessions", json=offer_body(), headers=h)
+        assert r.status_code == 503 and r.json()["error"] == "not_ready"
+        assert (await api.get("/healthz")).json()["status"] == "ok"
+
+
+async def test_service_failures_are_clean(cfg, service, private_pem):
+    app = create_app(cfg, service, create_timeout=0.2)
+    async with client_for(app) as api:
+        h = auth(private_pem)
+        service.fail_with = UpstreamError("janus refused the offer")
+        r = await api.post("/v1/sessions", json=offer_body(), headers=h)
+        assert r.status_code == 502 and r.json() == {"error": "upstream", "detail": "janus refused the offer"}
+        service.fail_with = RuntimeError("bug in the control plane")
+        r = await api.post("/v1/sessions", json=offer_body(), headers=h)
+        assert r.status_code == 500 and r.json()["error"] == "internal" and "bug" not in r.text
+        service.fail_with, service.delay = None, 1.0
+        r = await api.post("/v1/sessions", json=offer_body(), headers=h)
+        assert r.status_code == 504 and r.json()["error"] == "timeout"
+        service.delay = 0
+        assert (await api.post("/v1/sessions", json=offer_body(), headers=h)).status_code == 201
+        r = await api.put("/v1/sessions", json={})
+        assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+        r = await api.get("/nope")
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+async def test_rate_limits_per_ip(cfg, service, private_pem, aredis, prefix):
+    limits = LimitsConfig(session_creates_per_minute=10, signalling_per_minute=60)
+    limiter = RateLimiter(aredis, limits, prefix)
+    app = create_app(cfg, service, limiter=limiter)
+    h = auth(private_pem)
+    async with client_for(app, "203.0.113.5") as api, client_for(app, "203.0.113.6") as other:
+        codes = [(await api.post("/v1/sessions", json=offer_body(), headers=h)).status_code
+                 for _ in range(11)]
+        assert codes == [201] * 10 + [429]
+        r = await api.post("/v1/sessions", json=offer_body(), headers=h)
+        assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 6
+        assert r.json()["error"] == "rate_limited"
+        assert (await other.post("/v1/sessions", json=offer_body(), headers=h)).status_code == 201
+        sid = next(iter(service.sessions))
+        codes = [(await api.get(f"/v1/sessions/{sid}", headers=h)).status_code for _ in range(61)]
+        assert codes[:60] == [200] * 60 and codes[60] == 429
+        # unauthenticated floods are limited too (before any JWT work)
+        assert (await api.get(f"/v1/sessions/{sid}")).status_code == 429
+        assert (await api.get("/healthz")).status_code == 200  # probes are never limited
+
+
+async def test_openapi_document(api):
+    r = await api.get("/openapi.json")
+    doc = r.json()
+    assert doc["openapi"].startswith("3.1")
+    assert set(doc["paths"]) == {"/v1/sessions", "/v1/sessions/{session_id}", "/v1/sessions/{session_id}/ice",
+                                 "/healthz", "/readyz"}
+    assert "CreateSessionRequest" in doc["components"]["schemas"]
