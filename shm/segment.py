@@ -215,24 +215,45 @@ class _SeqString:
         data = value.encode()
         if len(data) > self._max:
             raise ValueError(f"{self.label}: {len(data)} bytes exceeds the {self._max}-byte limit")
-        self._a.fetch_add(self._addr, 1)  # odd: writing (acq_rel keeps the data after it)
+        _seq_begin(self._a, self._addr)
         struct.pack_into("<I", self._mv, self._off + 8, len(data))
         d = self._off + L.SEQ_DATA
         self._mv[d:d + len(data)] = data
         self._a.fetch_add(self._addr, 1)  # even: published (release)
 
     def read(self) -> str:
-        for _ in range(10000):
+        deadline = 0.0
+        while True:
             s1 = self._a.load_acquire(self._addr)
             if s1 & 1:
-                time.sleep(0)
+                deadline = _seq_wait(deadline, self.label)
                 continue
             (n,) = struct.unpack_from("<I", self._mv, self._off + 8)
             d = self._off + L.SEQ_DATA
             raw = self._mv[d:d + min(n, self._max)].tobytes()
             if self._a.load_release_rmw(self._addr) == s1:
                 return raw.decode(errors="replace")
-        raise ShmError(f"{self.label}: writer stuck mid-update (died while writing?)")
+            deadline = _seq_wait(deadline, self.label)
+
+
+_SEQ_WAIT_S = 0.05
+
+
+def _seq_begin(a: Atomics, addr: int) -> None:
+    """Make a seqlock odd (writing). Already odd means a writer died mid-update: just take over."""
+    if not a.load_acquire(addr) & 1:
+        a.fetch_add(addr, 1)  # acq_rel: the data stores that follow cannot move before it
+
+
+def _seq_wait(deadline: float, label: str) -> float:
+    """Back off while a seqlock writer is mid-update; give up after ~50 ms with a clear error."""
+    now = time.monotonic()
+    if not deadline:
+        return now + _SEQ_WAIT_S
+    if now > deadline:
+        raise ShmError(f"{label}: writer stuck mid-update (it died while writing; the next write repairs it)")
+    time.sleep(0)
+    return deadline
 
 
 class Slot:
@@ -386,23 +407,24 @@ class Slot:
     def _write_remote(self, ip: str, port: int) -> None:
         data = ip.encode()
         a, mv, off = self._a, self._mv, self._off
-        a.fetch_add(self._remote_seq, 1)
+        _seq_begin(a, self._remote_seq)
         struct.pack_into("<II", mv, off + L.CB_REMOTE_PORT, port, len(data))
         mv[off + L.CB_REMOTE_IP:off + L.CB_REMOTE_IP + len(data)] = data
         a.fetch_add(self._remote_seq, 1)
 
     def _read_remote(self) -> tuple[str, int]:
         a, mv, off = self._a, self._mv, self._off
-        for _ in range(10000):
+        deadline = 0.0
+        while True:
             s1 = a.load_acquire(self._remote_seq)
             if s1 & 1:
-                time.sleep(0)
+                deadline = _seq_wait(deadline, f"{self._label} remote address")
                 continue
             port, n = struct.unpack_from("<II", mv, off + L.CB_REMOTE_PORT)
             ip = mv[off + L.CB_REMOTE_IP:off + L.CB_REMOTE_IP + min(n, L.REMOTE_IP_MAX)].tobytes()
             if a.load_release_rmw(self._remote_seq) == s1:
                 return ip.decode(errors="replace"), port
-        raise ShmError(f"{self._label}: remote address writer stuck mid-update")
+            deadline = _seq_wait(deadline, f"{self._label} remote address")
 
     def set_remote(self, ip: str, port: int) -> None:
         """Supervisor: set Janus's plain-RTP address atomically (room mode learns it after join)."""
