@@ -105,6 +105,8 @@ class Window:
     rx_packets: int = 0
     rx_model_audio: int = 0
     rx_bad: int = 0
+    rx_lost: int = 0  # downlink sequence gaps
+    rx_reordered: int = 0
     no_reply: int = 0
     bargein_missed: int = 0
     probes: list[tuple[int, int, int]] = field(default_factory=list)  # (event, session, t_ns)
@@ -268,6 +270,10 @@ class Caller:
             d = (ts - self.rx_last_ts) & 0xFFFFFFFF
             self.rx_ext_ts += d if d < 1 << 31 else d - (1 << 32)
             d = (seq - (self.rx_last_seq or 0)) & 0xFFFF
+            if d == 0 or d >= 0x8000:
+                win.rx_reordered += 1
+            elif d > 1:
+                win.rx_lost += d - 1
             self.rx_ext_seq += d if d < 0x8000 else d - 0x10000
         self.rx_last_ts = ts
         self.rx_last_seq = seq
@@ -442,6 +448,9 @@ def summarize(win: Window, now_ns: int) -> dict[str, Any]:
         "tx_speech_fraction": round(win.tx_speech / win.tx_packets, 3) if win.tx_packets else 0.0,
         "rx_packets": win.rx_packets,
         "rx_bad": win.rx_bad,
+        "rx_lost": win.rx_lost,
+        "rx_reordered": win.rx_reordered,
+        "rx_model_audio": win.rx_model_audio,
         "turns": len(win.turns),
         "no_reply": win.no_reply,
         "bargeins": len(win.bargeins),

@@ -1,0 +1,377 @@
+"""`voice-appliance bench pipeline`: CPU per session-second, sessions per core and added latency at load.
+
+The appliance's data path runs as in production — one shared-memory segment per shard, media and AI
+workers spawned and pinned by the real arbiter (:mod:`bench.host`), the AI workers talking to the Live
+emulator through the real google-genai SDK over TLS with zero model delay — and synthetic callers
+(:mod:`bench.loadgen`) send real Opus RTP at real time where Janus NoSIP would. The generator and the
+emulator are pinned to the cores the CPU plan leaves to Janus and are never counted.
+
+Measured (see docs/benchmarks.md for what each number means and the results):
+- CPU: utime+stime from /proc of the host (supervisor share) and every worker over the window, per
+  session-second; memory: PSS (and RSS) of the same processes per session;
+- (a) ``turn_end``: caller's last speech packet → ``activityEnd`` sent by the AI worker, minus
+  ``vad.hangover_ms``; (b) ``first_audio``: first model audio at the AI worker → first RTP packet
+  carrying it at the caller; (c) ``bargein``: caller's first talking-over packet → first silent
+  downlink frame, minus ``vad.barge_in_ms`` (the raw value is reported too); (d) ``pacing``: RTP
+  arrival error against the packet's timestamp. (a) to (c) need the workers' :mod:`bench.probe` events;
+  ``turn_e2e`` (last speech packet → first answer packet, everything included) needs none.
+- drops: ring overruns, media-worker drops and late packets, downlink sequence gaps at the caller.
+
+Modes: a fixed load (``--sessions``, ``--seconds``), ``--ramp`` (add ``--ramp-step`` sessions per step
+until pacing p99 > 5 ms, a drop, or the generator itself falls behind; reports the last good count and
+sessions per core), ``--per-session-process`` (one shard = one media + one AI process per session, how
+peers scale), ``--duty realistic|worst``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import callers, procstat
+from bench.host import HostHandle
+from bench.loadgen import LoadGen, LoadSpec
+
+PACING_LIMIT_MS = 5.0
+GEN_LATE_LIMIT_MS = 5.0  # the generator's own p99 send lateness above which results are void
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sessions", type=int, default=40, help="concurrent sessions (default 40)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="measurement window (default 30)")
+    parser.add_argument("--duty", choices=("realistic", "worst"), default="realistic")
+    parser.add_argument("--ramp", action="store_true", help="raise sessions until pacing/drops fail")
+    parser.add_argument("--ramp-step", type=int, default=10, help="sessions added per ramp step")
+    parser.add_argument("--ramp-max", type=int, default=400, help="stop the ramp here")
+    parser.add_argument("--per-session-process", action="store_true",
+                        help="one media + AI process pair per session (the peers' model)")
+    parser.add_argument("--shards", type=int, default=0, help="shards (0: the CPU plan's default)")
+    parser.add_argument("--warmup", type=float, default=6.0, help="seconds before measuring")
+    parser.add_argument("--smoke", action="store_true", help="short CI form: 3 sessions, a few seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, config)")
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_udp_range(count: int) -> int:
+    """A base port with ``count`` free UDP ports from it (RTP and RTCP of every slot)."""
+    for attempt in range(50):
+        base = 20000 + ((os.getpid() * 7 + attempt * 997) % 300) * 100
+        socks = []
+        try:
+            for p in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no free range of {count} UDP ports found")
+
+
+def _wait_tcp(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"emulator exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"emulator did not listen on {port} within {timeout:.0f} s")
+
+
+def _pct(values: Any, q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if len(values) else None
+
+
+def _lat(name: str, values: Any, minus: float = 0.0) -> dict[str, Any]:
+    v = np.asarray(values, dtype=np.float64) - minus
+    return {
+        f"{name}_p50_ms": _pct(v, 50),
+        f"{name}_p99_ms": _pct(v, 99),
+        f"{name}_max_ms": round(float(v.max()), 2) if len(v) else None,
+        f"{name}_n": len(v),
+    }
+
+
+def _write_config(path: Path, values: dict[str, dict[str, Any]]) -> None:
+    def lit(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    lines = []
+    for section, kv in values.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {lit(v)}" for k, v in kv.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+# ---- the benchmark --------------------------------------------------------------------------------
+class Bench:
+    """Emulator + appliance host + load generator for one run; a context manager that tears all down."""
+
+    def __init__(self, args: argparse.Namespace, capacity: int) -> None:
+        self.args = args
+        self.capacity = capacity
+        self.work = Path(tempfile.mkdtemp(prefix="va-bench-"))
+        self.emulator: subprocess.Popen[bytes] | None = None
+        self.host: HostHandle | None = None
+        self.gen: LoadGen | None = None
+        self.active = 0
+        self.model_problem = ""
+        self.slot_of: list[tuple[int, int]] = []
+
+    def __enter__(self) -> Bench:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        from appliance.config import load_config
+        from appliance.cpuplan import make_plan
+        from appliance.emulator.certs import ensure_certs
+
+        args = self.args
+        if args.per_session_process:
+            shards, slots = self.capacity, 1
+        else:
+            shards = args.shards or make_plan("auto").shard_count
+            slots = -(-self.capacity // shards)
+        port_min = _free_udp_range(2 * shards * slots)
+        emu_port = _free_port()
+        certs = ensure_certs(self.work, ["127.0.0.1"])
+        cfg_path = self.work / "appliance.toml"
+        _write_config(cfg_path, {
+            "paths": {"state_dir": str(self.work), "run_dir": str(self.work / "run"),
+                      "instance_id": f"bench{os.getpid()}"},
+            "emulator": {"host": "127.0.0.1", "port": emu_port},
+            "model": {"base_url": f"https://127.0.0.1:{emu_port}", "ca_file": str(certs.ca_file)},
+            "shards": {"count": shards, "slots": slots},
+            "media": {"rtp_port_min": port_min, "rtp_port_max": port_min + 2 * shards * slots + 1},
+            "log": {"level": "warning"},
+        })
+        self.cfg = load_config(cfg_path)
+        plan = make_plan(self.cfg.shards.cpu_plan, self.cfg.shards.count)
+        worker_cpus = {c for s in plan.shards for c in (s.media_cpu, s.ai_cpu)}
+        self.side_cpus = (set(plan.janus_cpus) - worker_cpus) or set(plan.janus_cpus)
+        self.worker_cpus = worker_cpus
+        env = {**os.environ, "VA_CONFIG": str(cfg_path), "PYTHONUNBUFFERED": "1"}
+        env.pop("VA_BENCH_PROBE", None)
+        with open(self.work / "emulator.log", "wb") as log:
+            self.emulator = subprocess.Popen(
+                [sys.executable, "-m", "appliance", "emulator", "--config", str(cfg_path)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(self.emulator.pid, self.side_cpus)
+        self.audio = callers.prepare()
+        self.gen = LoadGen(LoadSpec(audio=self.audio, n_sessions=self.capacity, duty=args.duty))
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(self.gen.proc.pid, self.side_cpus)
+        try:
+            _wait_tcp(emu_port, self.emulator)
+        except RuntimeError as exc:  # measure what runs; the result says the model was missing
+            self.model_problem = f"{exc} (see {self.work / 'emulator.log'})"
+        worker_env = {**env, "VA_BENCH_PROBE": f"127.0.0.1:{self.gen.probe_port}"}
+        log_path = self.work / "workers.log"
+        self.host = HostHandle(str(cfg_path), worker_env, str(log_path), cpus=self.side_cpus)
+        ready = self.host.call("ready", 90.0, timeout=120)
+        if not ready.get("ok"):
+            tail = log_path.read_text(errors="replace")[-1500:] if log_path.exists() else ""
+            raise RuntimeError(f"workers did not come up: {ready}; workers.log ends with:\n{tail}")
+        if args.per_session_process:
+            self.slot_of = [(i, 0) for i in range(self.capacity)]
+        else:
+            self.slot_of = [(i % shards, i // shards) for i in range(self.capacity)]
+
+    def add_sessions(self, n: int) -> None:
+        """Activate ``n`` more slots and start their callers."""
+        assert self.host is not None and self.gen is not None
+        idx = list(range(self.active, min(self.active + n, self.capacity)))
+        items = [(*self.slot_of[i], self.gen.ports[i]) for i in idx]
+        self.host.call("activate", (items, 111, 1))
+        from shm.segment import local_rtp_port
+
+        starts = []
+        for i in idx:
+            shard, slot = self.slot_of[i]
+            port = local_rtp_port(self.cfg.media.rtp_port_min, shard, self.cfg.shards.slots, slot)
+            starts.append((i, port, shard, slot))
+        self.gen.start(starts)
+        self.active += len(idx)
+
+    def measure(self, seconds: float) -> dict[str, Any]:
+        """One measurement window at the current load."""
+        assert self.host is not None and self.gen is not None
+        pids_info = self.host.call("pids")
+        pids = [pids_info["host"], *[p for p in pids_info["workers"].values() if p]]
+        self.gen.mark()
+        c0 = self.host.call("counters")
+        s0 = procstat.sample(pids)
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        s1 = procstat.sample(pids)
+        window = time.monotonic() - t0
+        c1 = self.host.call("counters")
+        r = self.gen.collect()
+        pss, rss = procstat.memory_total_mb(pids)
+        restarts = self.host.call("pids")["restarts"] - pids_info["restarts"]
+        cpu, lost = procstat.cpu_between(s0, s1)
+        delta = {k: c1.get(k, 0) - c0.get(k, 0) for k in c1}
+        n = self.active
+        cfg = self.cfg
+        drops = (delta.get("uplink_overruns", 0) + delta.get("downlink_overruns", 0)
+                 + delta.get("rx_dropped", 0) + delta.get("late", 0) + r["rx_lost"])
+        gen_late_p99 = _pct(r["send_late_ms"], 99) or 0.0
+        out: dict[str, Any] = {
+            "sessions": n,
+            "duty": self.args.duty,
+            "per_session_process": bool(self.args.per_session_process),
+            "shards": cfg.shards.count,
+            "worker_cpus": len(self.worker_cpus),
+            "window_seconds": round(window, 2),
+            "cpu_ms_per_session_second": round(cpu * 1000 / (n * window), 3) if n else None,
+            "cpu_cores_used": round(cpu / window, 3),
+            "rss_mb_per_session": round(rss / n, 2) if n else None,
+            "pss_mb_per_session": round(pss / n, 2) if n else None,
+            "pss_mb_total": round(pss, 1),
+            **_lat("turn_end", r["activity_end_ms"], cfg.vad.hangover_ms),
+            **_lat("first_audio", r["first_audio_ms"]),
+            **_lat("bargein", r["bargein_ms"], cfg.vad.barge_in_ms),
+            **_lat("bargein_raw", r["bargein_ms"]),
+            **_lat("bargein_after_flush", r["bargein_flush_ms"]),
+            **_lat("turn_e2e", r["turn_e2e_ms"]),
+            **_lat("pacing", r["pacing_ms"]),
+            "drops": int(drops),
+            "uplink_overruns": delta.get("uplink_overruns", 0),
+            "downlink_overruns": delta.get("downlink_overruns", 0),
+            "media_rx_dropped": delta.get("rx_dropped", 0),
+            "media_late": delta.get("late", 0),
+            "media_lost": delta.get("lost", 0),
+            "media_concealed": delta.get("concealed", 0),
+            "downlink_underruns": delta.get("downlink_underruns", delta.get("downlink_underruns", 0)),
+            "downlink_rtp_lost": r["rx_lost"],
+            "turns": r["turns"],
+            "no_reply": r["no_reply"],
+            "bargeins": r["bargeins"],
+            "bargein_missed": r["bargein_missed"],
+            "caller_speech_fraction": r["tx_speech_fraction"],
+            "model_audio_fraction": round(r["rx_model_audio"] / r["rx_packets"], 3) if r["rx_packets"] else 0,
+            "rx_packets": r["rx_packets"],
+            "tx_packets": r["tx_packets"],
+            "probe_events": r["probe_events"],
+            "worker_restarts": restarts,
+            "generator_late_p99_ms": gen_late_p99,
+        }
+        problems = []
+        if gen_late_p99 > GEN_LATE_LIMIT_MS:
+            problems.append(f"load generator fell behind (send lateness p99 {gen_late_p99} ms)")
+        if restarts or lost:
+            problems.append(f"worker restarts during the window ({restarts}; pids lost {lost})")
+        if self.model_problem:
+            problems.append(f"no model: {self.model_problem}")
+        if r["rx_packets"] == 0:
+            problems.append("no RTP came back from the media workers")
+        out["valid"] = not problems
+        out["problems"] = problems
+        return out
+
+    def close(self) -> None:
+        if self.gen is not None:
+            self.gen.close()
+            self.gen = None
+        if self.host is not None:
+            self.host.stop()
+            self.host = None
+        if self.emulator is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.emulator.pid, signal.SIGTERM)
+            try:
+                self.emulator.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.emulator.pid, signal.SIGKILL)
+                self.emulator.wait(5)
+            self.emulator = None
+        if not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpus": len(os.sched_getaffinity(0)), "cpu_model": model, "python": platform.python_version(),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def _ok(step: dict[str, Any]) -> bool:
+    p99 = step.get("pacing_p99_ms")
+    return bool(step["valid"]) and step["drops"] == 0 and p99 is not None and p99 <= PACING_LIMIT_MS
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.smoke:
+        args.sessions, args.seconds, args.warmup = min(args.sessions, 3), min(args.seconds, 8.0), 5.0
+        args.ramp = False
+    if args.sessions < 1 or args.seconds <= 0:
+        raise SystemExit("--sessions must be ≥ 1 and --seconds > 0")
+    if not args.ramp:
+        with Bench(args, args.sessions) as b:
+            b.add_sessions(args.sessions)
+            time.sleep(args.warmup)
+            out = b.measure(args.seconds)
+        return {**out, "machine": _machine()}
+    steps: list[dict[str, Any]] = []
+    last_good: dict[str, Any] | None = None
+    with Bench(args, args.ramp_max) as b:
+        while b.active < args.ramp_max:
+            b.add_sessions(args.ramp_step)
+            time.sleep(args.warmup)
+            step = b.measure(args.seconds)
+            steps.append({k: step[k] for k in ("sessions", "cpu_ms_per_session_second", "pacing_p99_ms",
+                                               "drops", "turn_end_p99_ms", "first_audio_p99_ms",
+                                               "bargein_p99_ms", "valid", "cpu_cores_used")})
+            if not _ok(step):
+                break
+            last_good = step
+    result = dict(last_good or steps[-1])
+    result["ramp_max_sessions"] = last_good["sessions"] if last_good else 0
+    cores = result.get("worker_cpus") or 1
+    result["sessions_per_core"] = round(result["ramp_max_sessions"] / cores, 1)
+    result["ramp_steps"] = steps
+    result["machine"] = _machine()
+    return result
