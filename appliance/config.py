@@ -133,6 +133,9 @@ class VadConfig:
     energy_gate_dbfs: float = -55.0
     barge_in_ms: int = 32  # speech needed to interrupt model audio (one 32 ms VAD window)
     preroll_ms: int = 250  # audio before the detected onset sent with activity_start
+    # Early barge-in: one 20 ms frame at least this loud flushes model audio before Silero confirms
+    # (~20-40 ms instead of ~60-110 ms; a cough also skips model audio). 0 = off (Silero only).
+    barge_in_energy_dbfs: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "vad.min_speech_ms": (0, 2000),
     "vad.barge_in_ms": (0, 2000),
     "vad.preroll_ms": (0, 2000),
+    "vad.barge_in_energy_dbfs": (-90, 0),
     "model.degraded_retry_seconds": (0.5, 3600),
     "turn.ttl_seconds": (60, 3600),
     "limits.session_creates_per_minute": (1, 100000),

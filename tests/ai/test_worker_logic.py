@@ -238,3 +238,25 @@ async def test_crash_mid_utterance_replays_journal(cfg, seg, tmp_path, speech) -
     slot.begin_close()
     await ticks(w2)
     assert not list(tmp_path.glob("*.journal"))
+
+
+async def test_early_energy_barge_in(cfg, seg, tmp_path, speech) -> None:
+    cfg = replace(cfg, vad={"barge_in_energy_dbfs": -40.0})
+    w = make_worker(cfg, seg, tmp_path)
+    slot = seg.slot(0)
+    activate_slot(slot)
+    await ticks(w, 2)
+    live = FakeLive.instances[0]
+    live.emit(AudioOut(tone(440, 3.0, 24000).tobytes()))
+    quiet = np.full(320, 30, np.int16)  # ~ -60 dBFS: not a barge-in
+    slot.uplink.write(quiet.tobytes())
+    await ticks(w)
+    assert slot.downlink.available() == 3 * 48000
+    loud = speech[3200:3520]  # a voiced 20 ms frame
+    assert 20 * np.log10(np.sqrt(np.mean(loud.astype(float) ** 2)) / 32768) > -40
+    slot.uplink.write(loud.tobytes())
+    await ticks(w)
+    assert slot.downlink.available() == 0 and w.stats.early_barge_ins == 1  # the first loud frame
+    # the model turn is not suppressed until Silero confirms speech
+    live.emit(AudioOut(tone(440, 0.2, 24000).tobytes()))
+    assert slot.downlink.available() > 0

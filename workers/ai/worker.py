@@ -71,6 +71,7 @@ class WorkerStats:
     frames_out: int = 0
     downlink_dropped_bytes: int = 0
     barge_ins: int = 0
+    early_barge_ins: int = 0
     activity_starts: int = 0
     activity_ends: int = 0
     tick_seconds: float = 0.0  # wall time spent inside ticks
@@ -143,6 +144,8 @@ class AiWorker:
                                  min_speech_ms=v.min_speech_ms, barge_in_ms=v.barge_in_ms,
                                  preroll_ms=v.preroll_ms)
         self._gate_ms = (10.0 ** (v.energy_gate_dbfs / 10.0)) * 32768.0 * 32768.0
+        early_db = v.barge_in_energy_dbfs
+        self._early_ms = (10.0 ** (early_db / 10.0)) * 32768.0 * 32768.0 if early_db < 0 else 0.0
         self._preroll_keep_ms = v.preroll_ms + cfg.shards.uplink_ring_ms + 200
         self.calls: dict[int, Call] = {}
         self.stats = WorkerStats()
@@ -380,6 +383,10 @@ class AiWorker:
             call.preroll.push(data, call.window.position)
             if call.sending:
                 self._send_audio(call, data)
+            elif self._early_ms and not call.detector.speaking and self._playing(call):
+                last = np.frombuffer(data[-UP_FRAME:], dtype="<i2").astype(np.float32)
+                if float(np.dot(last, last)) >= self._early_ms * last.size:
+                    self._barge_in(call, early=True)
         k = 0
         while call.window.has_window():
             chunk, end = call.window.pop_window()
@@ -474,7 +481,7 @@ class AiWorker:
             call.slot.counters.add("speech_ms", (ev.sample - ev.onset) * 1000 // SAMPLE_RATE)
             self._send_end(call)
 
-    def _barge_in(self, call: Call) -> None:
+    def _barge_in(self, call: Call, *, early: bool = False) -> None:
         ring = call.slot.downlink
         if ring.read_cursor < call.protect_until:  # the AI disclosure is still playing
             return
@@ -482,6 +489,10 @@ class AiWorker:
             return
         ring.request_flush()
         call.pending.clear()
+        if early:  # not confirmed speech yet: skip what is queued, keep the model turn
+            self.stats.early_barge_ins += 1
+            call.last_event["early_barge_in"] = time.monotonic()
+            return
         if call.model_turn:
             call.suppress = True
         self.stats.barge_ins += 1
