@@ -126,19 +126,29 @@ def _check_instance(instance_id: str) -> None:
 
 
 def cleanup_stale(instance_id: str) -> list[str]:
-    """Unlink every segment of ``instance_id`` (``/dev/shm/va-<instance_id>-s<N>``); returns names."""
+    """Unlink every segment of ``instance_id`` (``/dev/shm/va-<instance_id>-s<N>``); returns their names.
+
+    Also deletes the AI workers' crash-replay journals of those segments in /dev/shm
+    (``va-<instance_id>-s<N>-ai<slot>-g<gen>.journal``): they are meaningless without the segment.
+    The patterns are exact, so instance ``a`` never touches instance ``a-b``'s (or ``a-s1``'s) files.
+    """
     _check_instance(instance_id)
-    pat = re.compile(rf"^va-{re.escape(instance_id)}-s\d+$")
+    iid = re.escape(instance_id)
+    seg_pat = re.compile(rf"^va-{iid}-s\d+$")
+    journal_pat = re.compile(rf"^va-{iid}-s\d+-ai\d+-g\d+\.journal$")
     removed: list[str] = []
     try:
         entries = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return removed
     for entry in sorted(entries):
-        if pat.match(entry):
+        if seg_pat.match(entry):
             with contextlib.suppress(posix_ipc.ExistentialError):
                 posix_ipc.unlink_shared_memory("/" + entry)
                 removed.append("/" + entry)
+        elif journal_pat.match(entry):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SHM_DIR, entry))
     return removed
 
 

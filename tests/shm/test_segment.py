@@ -127,12 +127,17 @@ def test_cleanup_stale_only_touches_its_own_instance() -> None:
                                 instance_id=i) for i, s in ((iid, 0), (iid, 1), (other, 0))]
     for s in segs:
         s.close()
+    tricky = f"{iid}-s1"  # an instance whose name looks like one of iid's segments
+    mine, theirs = f"/dev/shm/va-{iid}-s0-ai3-g7.journal", f"/dev/shm/va-{tricky}-s0-ai3-g7.journal"
+    for path in (mine, theirs):
+        open(path, "wb").close()
     try:
         assert cleanup_stale(iid) == sorted([segment_name(iid, 0), segment_name(iid, 1)])
-        assert not os.path.exists(f"/dev/shm/va-{iid}-s0")
-        assert os.path.exists(f"/dev/shm/va-{other}-s0")
+        assert not os.path.exists(f"/dev/shm/va-{iid}-s0") and not os.path.exists(mine)
+        assert os.path.exists(f"/dev/shm/va-{other}-s0") and os.path.exists(theirs)
     finally:
         assert cleanup_stale(other) == [segment_name(other, 0)]
+        assert cleanup_stale(tricky) == [] and not os.path.exists(theirs)
 
 
 def test_activate_fields_roundtrip_across_attach(seg: ShardSegment) -> None:
