@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from appliance.config import Config
+from bench import probe
 from shm.segment import ShardSegment, ShmError, Slot
 from workers.ai.greeting import PromptCache
 from workers.ai.journal import AUDIO, END, START, TurnJournal, journal_path, remove_stale
@@ -266,7 +267,7 @@ class AiWorker:
     def _open_call(self, slot: Slot, generation: int, session_id: str, options: dict[str, Any]) -> None:
         call = Call(slot=slot, generation=generation, session_id=session_id, options=dict(options),
                     window=WindowBuffer(), preroll=PreRoll(self._preroll_keep_ms),
-                    detector=TurnDetector(self.params))
+                    detector=TurnDetector(self.params), last_event=probe.event_times(session_id))
         self.calls[slot.index] = call
         self.stats.sessions_opened += 1
         self.vad.reset(call.key)
@@ -470,16 +471,16 @@ class AiWorker:
                 self._barge_in(call)
             call.sending = True
             self.stats.activity_starts += 1
-            call.last_event["activity_start"] = now
             call.slot.counters.add("turns")
             self._send_start(call)
+            call.last_event["activity_start"] = now
             self._send_audio(call, call.preroll.since(ev.onset - self.params.samples(self.params.preroll_ms)))
         else:
             call.sending = False
             self.stats.activity_ends += 1
-            call.last_event["activity_end"] = now
-            call.slot.counters.add("speech_ms", (ev.sample - ev.onset) * 1000 // SAMPLE_RATE)
             self._send_end(call)
+            call.last_event["activity_end"] = time.monotonic()
+            call.slot.counters.add("speech_ms", (ev.sample - ev.onset) * 1000 // SAMPLE_RATE)
 
     def _barge_in(self, call: Call, *, early: bool = False) -> None:
         ring = call.slot.downlink
@@ -553,10 +554,10 @@ class AiWorker:
         if call.current() and ring.read_cursor >= call.protect_until:
             if call.pending or ring.free_space() < ring.capacity:
                 ring.request_flush()
+                call.last_event["interrupted"] = time.monotonic()
             call.pending.clear()
         call.model_turn = False
         call.suppress = False
-        call.last_event["interrupted"] = time.monotonic()
 
     def _ev_turn_complete(self, call: Call, _ev: Any) -> None:
         if call.model_turn and not call.suppress:
