@@ -183,3 +183,13 @@ def test_pacer_skips_instead_of_bursting_after_a_stall() -> None:
     now[0] = 50 * PERIOD_NS
     assert pacer.due() == [50] and pacer.skipped == 47
     assert pacer.timeout(now[0]) == pytest.approx(0.02)
+
+
+def test_packet_has_fec_flag() -> None:
+    with_fec = _encode(tone(300, 0.5, 24000), 24000, loss=20)
+    no_fec = opus.Encoder(24000, fec=False, expected_loss_percent=0)
+    plain = [no_fec.encode(tone(300, 0.5, 24000)[i : i + 480].tobytes()) for i in range(0, 12000, 480)]
+    if not hasattr(opus.lib(), "opus_packet_has_lbrr"):
+        pytest.skip("libopus < 1.5")
+    assert any(opus.packet_has_fec(p) for p in with_fec[5:])
+    assert not any(opus.packet_has_fec(p) for p in plain)

@@ -105,6 +105,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.opus_packet_get_nb_samples.argtypes = [c, ctypes.c_int32, ctypes.c_int32]
     lib.opus_packet_get_nb_channels.restype = i
     lib.opus_packet_get_nb_channels.argtypes = [c]
+    if hasattr(lib, "opus_packet_has_lbrr"):  # libopus >= 1.5
+        lib.opus_packet_has_lbrr.restype = i
+        lib.opus_packet_has_lbrr.argtypes = [c, ctypes.c_int32]
     # opus_*_ctl are variadic; every request we use takes one int (or int*), passed as c_int/pointer.
     lib.opus_encoder_ctl.restype = i
     lib.opus_decoder_ctl.restype = i
@@ -143,6 +146,17 @@ def packet_samples(packet: bytes, rate: int) -> int:
     if n < 0:
         raise OpusError(n, "opus_packet_get_nb_samples")
     return n
+
+
+def packet_has_fec(packet: bytes) -> bool:
+    """True if ``packet`` carries in-band FEC (LBRR) data for the frame before it.
+
+    Needs libopus >= 1.5; older versions report True (``decode_fec`` then degrades to concealment).
+    """
+    fn = getattr(lib(), "opus_packet_has_lbrr", None)
+    if fn is None:
+        return True
+    return fn(packet, len(packet)) > 0
 
 
 class Encoder:

@@ -232,7 +232,7 @@ class MediaSession:
                     c.add("rx_invalid")
                     pcm = dec.conceal(self.lost_frame_samples)
                     c.add("concealed")
-            elif kind is Kind.FEC:
+            elif kind is Kind.FEC and opus.packet_has_fec(payload or b""):
                 try:
                     pcm = dec.decode_fec(payload or b"", self.lost_frame_samples)
                     c.add("fec_recovered")
