@@ -1,0 +1,163 @@
+"""appliance/janus.py against the REAL Janus 1.1.2 (in its own network namespace, tests.harness.janus).
+
+An aiortc caller in the root namespace reaches Janus over the veth; the "media worker" is a plain UDP
+socket on the root side of the veth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack
+
+from appliance.janus import AUDIOBRIDGE, NOSIP, JanusClient, JanusError, JanusEvent, plain_rtp_answer
+from appliance.sdp import validate_offer
+from tests.harness.janus import janus_available, janus_in_netns
+
+pytestmark = [
+    pytest.mark.janus,
+    pytest.mark.skipif(not janus_available(), reason="needs root, janus and ip (network namespaces)"),
+]
+
+SESSION_TIMEOUT = 3  # Janus reaps sessions without keepalives after this long (checked every ~2 s)
+
+
+@pytest.fixture(scope="module")
+def janus():
+    with janus_in_netns(session_timeout=SESSION_TIMEOUT) as j:
+        yield j
+
+
+def client(j, **kw) -> JanusClient:
+    args = {"api_secret": j.api_secret, "admin_url": j.admin_url, "admin_secret": j.admin_secret,
+            "keepalive_seconds": 1.0}
+    args.update(kw)
+    return JanusClient(j.url, **args)
+
+
+def udp_socket(ip: str) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((ip, 0))
+    s.setblocking(False)
+    return s
+
+
+async def recv_rtp(sock: socket.socket, wait: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(wait):
+        return await loop.sock_recv(sock, 2048)
+
+
+async def caller() -> RTCPeerConnection:
+    pc = RTCPeerConnection()
+    pc.addTrack(AudioStreamTrack())
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc
+
+
+async def test_nosip_call_setup_media_and_hangup(janus):
+    events: list[JanusEvent] = []
+    worker = udp_socket(janus.host_ip)
+    pc = await caller()
+    async with client(janus) as jc:
+        session = await jc.create_session(on_event=events.append)
+        handle = await session.attach(NOSIP, opaque_id="s_test")
+        t0 = time.perf_counter()
+        side = await handle.nosip_generate(pc.localDescription.sdp, info="s_test")
+        assert side.ip == janus.ns_ip and 30000 <= side.port <= 34999
+        assert side.payload_type > 95 and side.channels == 2
+        worker_port = worker.getsockname()[1]
+        answer = await handle.nosip_process_answer(
+            plain_rtp_answer(janus.host_ip, worker_port, side.payload_type, channels=side.channels))
+        signalling_ms = (time.perf_counter() - t0) * 1000
+        assert "a=setup:" in answer and "opus/48000" in answer
+        validate_offer(answer)  # the answer has the WebRTC essentials we require of callers
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        up = await handle.wait_for("webrtcup", 15)
+        assert up.handle_id == handle.id and up.session_id == session.id
+        # the caller's RTP arrives at the worker port we announced, with the caller's payload type
+        packet = await recv_rtp(worker, 10)
+        assert packet[0] >> 6 == 2 and packet[1] & 0x7F == side.payload_type
+        # trickle is accepted (candidates and end-of-candidates)
+        lines = pc.localDescription.sdp.splitlines()
+        cand = next(line[2:] for line in lines if line.startswith("a=candidate"))
+        await handle.trickle({"candidate": cand, "sdpMid": "0", "sdpMLineIndex": 0})
+        await handle.trickle(None)
+        await handle.hangup()
+        hung = await handle.wait_for("hangup", 10)
+        assert hung.reason
+        await handle.detach()
+        await pc.close()
+        assert any(e.kind == "webrtcup" for e in events) and any(e.kind == "hangup" for e in events)
+        assert signalling_ms < 2000  # loopback signalling is ~ms; generous for a loaded CI box
+    worker.close()
+
+
+async def test_caller_going_away_gives_hangup(janus):
+    pc = await caller()
+    async with client(janus) as jc:
+        session = await jc.create_session()
+        handle = await session.attach(NOSIP)
+        side = await handle.nosip_generate(pc.localDescription.sdp)
+        answer = await handle.nosip_process_answer(plain_rtp_answer(janus.host_ip, 40998, side.payload_type))
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await handle.wait_for("webrtcup", 15)
+        await pc.close()  # DTLS close_notify: Janus tears the PeerConnection down
+        assert (await handle.wait_for("hangup", 15)).reason
+
+
+async def test_audiobridge_room_with_plain_rtp_participant(janus):
+    worker = udp_socket(janus.host_ip)
+    async with client(janus) as jc:
+        session = await jc.create_session()
+        handle = await session.attach(AUDIOBRIDGE)
+        with pytest.raises(JanusError) as err:
+            await handle.audiobridge_create_room(admin_key="wrong-key")
+        assert err.value.code != 0 and err.value.reason
+        room = await handle.audiobridge_create_room(admin_key=janus.audiobridge_admin_key, prebuffer=2)
+        side, participant = await handle.audiobridge_join_rtp(room, janus.host_ip, worker.getsockname()[1])
+        assert side.ip == janus.ns_ip and 35000 <= side.port <= 39999 and participant > 0
+        other = await session.attach(AUDIOBRIDGE)
+        with pytest.raises(JanusError):
+            await other.audiobridge_join_rtp(room + 1, janus.host_ip, 40996)  # no such room
+        await other.audiobridge_destroy_room(room)
+        await other.detach()
+        await handle.detach()
+    worker.close()
+
+
+async def test_wrong_secrets_are_clear_errors(janus):
+    async with client(janus, api_secret="wrong") as jc:
+        with pytest.raises(JanusError) as err:
+            await jc.create_session()
+        assert err.value.code == 403 and "secret" in err.value.reason
+    async with client(janus, admin_secret="wrong") as jc:
+        with pytest.raises(JanusError) as err:
+            await jc.admin("list_sessions")
+        assert err.value.code == 403
+    async with client(janus) as jc:
+        assert isinstance((await jc.admin("list_sessions"))["sessions"], list)
+    unreachable = JanusClient(f"http://{janus.host_ip}:1/janus", request_timeout=1)
+    with pytest.raises(JanusError) as err:
+        await unreachable.create_session()
+    assert "unreachable" in str(err.value) or "Connect" in str(err.value)
+    await unreachable.aclose()
+
+
+async def test_keepalives_keep_sessions_alive(janus):
+    async with client(janus) as kept, client(janus, keepalive_seconds=0) as idle:
+        a = await kept.create_session()
+        b = await idle.create_session()
+        hb = await b.attach(NOSIP)
+        lost = await hb.wait_for("session_lost", 20)  # Janus reaps b after SESSION_TIMEOUT
+        assert "timed out" in lost.reason and not b.alive
+        listed = (await kept.admin("list_sessions"))["sessions"]
+        assert a.id in listed and b.id not in listed
+        assert a.alive and time.monotonic() - a.last_keepalive_ok < 3
+        await a.attach(NOSIP)  # still usable
+        with pytest.raises(JanusError):
+            await hb.hangup()
