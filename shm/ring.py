@@ -40,6 +40,7 @@ from typing import Any
 
 from shm import layout as L
 from shm.atomic import Atomics
+from shm.errors import RingClosedError, RingCorruptError
 
 _W = L.RING_WRITE // 8
 _EPOCH = L.RING_FLUSH_EPOCH // 8
@@ -54,10 +55,6 @@ _FLUSHES = L.RING_FLUSHES // 8
 _FLUSHED = L.RING_FLUSHED // 8
 _U64 = L.U64
 _HALF = 1 << 63
-
-
-class RingClosedError(RuntimeError):
-    """The ring's segment was closed; the ring can no longer be used."""
 
 
 class Ring:
@@ -108,7 +105,10 @@ class Ring:
         hq = self._hq
         w = hq[_W]  # own word: plain load is fine
         r = self._pa.load_acquire(self._a_read)
-        if n > self._cap - ((w - r) & _U64):
+        fill = (w - r) & _U64
+        if n > self._cap - fill:
+            if fill > self._cap:
+                self._corrupt(w, r)
             hq[_OVERRUNS] += 1
             hq[_DROPPED] += n
             return False
@@ -158,10 +158,20 @@ class Ring:
             hq[_FLUSHES] += (epoch - seen) & _U64
         return r
 
+    def _avail(self, r: int) -> int:
+        w = self._ca.load_acquire(self._a_write)
+        n = (w - r) & _U64
+        if n > self._cap:
+            self._corrupt(w, r)
+        return n
+
+    def _corrupt(self, w: int, r: int) -> None:
+        raise RingCorruptError(
+            f"ring {self.name}: corrupt cursors (write {w}, read {r}, capacity {self._cap})")
+
     def available(self) -> int:
         """Bytes the consumer can read now (after obeying any flush)."""
-        r = self._sync()
-        return (self._ca.load_acquire(self._a_write) - r) & _U64
+        return self._avail(self._sync())
 
     def _copy_out(self, r: int, n: int) -> bytes:
         pos = r & self._mask
@@ -174,7 +184,7 @@ class Ring:
     def read(self, n: int) -> bytes | None:
         """Take exactly ``n`` bytes, or return ``None`` (underrun, counted) if fewer are queued."""
         r = self._sync()
-        if (self._ca.load_acquire(self._a_write) - r) & _U64 < n or n <= 0:
+        if self._avail(r) < n or n <= 0:
             if n > 0:
                 self._hq[_UNDER] += 1
                 return None
@@ -188,7 +198,7 @@ class Ring:
         r = self._sync()
         mv = memoryview(buf).cast("B")
         n = len(mv)
-        if (self._ca.load_acquire(self._a_write) - r) & _U64 < n:
+        if self._avail(r) < n:
             self._hq[_UNDER] += 1
             return False
         pos = r & self._mask
@@ -205,14 +215,14 @@ class Ring:
     def peek(self, n: int) -> bytes | None:
         """Copy the next ``n`` bytes without consuming them (``None`` if fewer; not counted)."""
         r = self._sync()
-        if (self._ca.load_acquire(self._a_write) - r) & _U64 < n:
+        if self._avail(r) < n:
             return None
         return self._copy_out(r, n) if n > 0 else b""
 
     def skip(self, n: int) -> int:
         """Consume up to ``n`` bytes without copying; returns how many were skipped."""
         r = self._sync()
-        n = max(0, min(n, (self._ca.load_acquire(self._a_write) - r) & _U64))
+        n = max(0, min(n, self._avail(r)))
         if n:
             self._ca.store_release(self._a_read, (r + n) & _U64)
         return n

@@ -48,6 +48,7 @@ import posix_ipc
 
 from shm import layout as L
 from shm.atomic import Atomics, buffer_address
+from shm.errors import RingClosedError, RingCorruptError, ShmError
 from shm.ring import Ring
 
 __all__ = [
@@ -55,6 +56,8 @@ __all__ = [
     "MEDIA_COUNTERS",
     "Counters",
     "EventCode",
+    "RingClosedError",
+    "RingCorruptError",
     "ShardSegment",
     "ShmError",
     "Slot",
@@ -80,10 +83,6 @@ AI_COUNTERS: tuple[str, ...] = (
     "degraded", "frames_replayed",
 )
 assert len(MEDIA_COUNTERS) <= L.COUNTERS_PER_BLOCK and len(AI_COUNTERS) <= L.COUNTERS_PER_BLOCK
-
-
-class ShmError(Exception):
-    """A shared-memory problem; the message always names the segment."""
 
 
 class SlotState(IntEnum):

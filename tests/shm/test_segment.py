@@ -13,7 +13,7 @@ import posix_ipc
 import pytest
 
 from shm import layout as L
-from shm.ring import RingClosedError
+from shm.ring import RingClosedError, RingCorruptError
 from shm.segment import (
     AI_COUNTERS,
     MEDIA_COUNTERS,
@@ -331,3 +331,19 @@ def test_numpy_frames_roundtrip(seg: ShardSegment) -> None:
     np.testing.assert_array_equal(out, frame)
     assert slot.uplink.write(frame[::2].copy())
     assert np.array_equal(np.frombuffer(slot.uplink.read(320), np.int16), frame[::2])
+
+
+def test_corrupt_ring_cursors_raise_instead_of_returning_garbage(seg: ShardSegment) -> None:
+    slot = seg.slot(0)
+    activate_slot(slot)
+    assert slot.uplink.write(b"\1" * 640)
+    hdr = L.HEADER_SIZE + L.CB_UPLINK_HDR
+    struct.pack_into("<Q", seg._mv, hdr + L.RING_WRITE, 1 << 40)  # a stray write into the header
+    with pytest.raises(RingCorruptError, match=rf"ring {seg.name}\[0\]\.uplink: corrupt cursors"):
+        slot.uplink.read(640)
+    with pytest.raises(ShmError, match="corrupt cursors"):  # RingCorruptError is a ShmError
+        slot.uplink.write(b"\1" * 640)
+    slot.begin_close()
+    slot.free()
+    activate_slot(slot)  # re-activation resets the ring
+    assert slot.uplink.write(b"\2" * 640) and slot.uplink.read(640) == b"\2" * 640
