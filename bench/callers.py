@@ -122,18 +122,25 @@ class LevelMeter:
         self._dec.sample_rate = RATE
         self._dec.layout = "mono"
 
-    def dbfs(self, payload: bytes) -> float:
-        """Level of one packet; -120 for digital silence or an undecodable packet."""
+    def dbfs(self, payload: bytes) -> tuple[float, float]:
+        """Level of one packet and of its last 10 ms, in dBFS (-120: digital silence or undecodable).
+
+        The tail level tells a frame that *ends* silent (a flushed downlink's first frame still carries
+        the codec's few-ms overlap from the speech before it) without waiting for the next frame.
+        """
         try:
             frames = self._dec.decode(av.Packet(payload))
         except (av.error.FFmpegError, ValueError):
-            return -120.0
-        total = 0.0
-        count = 0
-        for fr in frames:
-            a = fr.to_ndarray()
-            total += float(np.square(a, dtype=np.float64).sum())
-            count += a.size
-        if count == 0 or total <= 0.0:
-            return -120.0
-        return float(10 * np.log10(total / count + 1e-12))
+            return -120.0, -120.0
+        arrays = [fr.to_ndarray().reshape(-1) for fr in frames]
+        if not arrays:
+            return -120.0, -120.0
+        a = np.concatenate(arrays).astype(np.float64)
+        return _db(a), _db(a[-RATE // 100 :])
+
+
+def _db(a: np.ndarray) -> float:
+    if a.size == 0:
+        return -120.0
+    p = float(np.square(a).mean())
+    return float(10 * np.log10(p)) if p > 1e-12 else -120.0

@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 RING_COUNTERS = ("overruns", "dropped", "underruns", "flushes")
 
 
+def session_id(shard: int, slot: int) -> str:
+    """The session id the benchmark gives (shard, slot); the probe events carry it."""
+    return f"bench-{shard}-{slot}"
+
+
 class Host:
     """Segments + arbiter + slot activation (in the host process)."""
 
@@ -74,7 +79,7 @@ class Host:
         for shard, slot, remote_port in items:
             port = local_rtp_port(self.cfg.media.rtp_port_min, shard, self.cfg.shards.slots, slot)
             gen = self.segs[shard].slot(slot).activate(
-                session_id=f"bench-{shard}-{slot}", local_rtp_port=port, remote_rtp_ip="127.0.0.1",
+                session_id=session_id(shard, slot), local_rtp_port=port, remote_rtp_ip="127.0.0.1",
                 remote_rtp_port=remote_port, payload_type=payload_type, channels=channels,
                 dtmf_payload_type=101, mode="direct", options={})
             self.used.add((shard, slot))

@@ -287,15 +287,15 @@ class Caller:
             self._level(payload, t_ns, win)
 
     def _level(self, payload: bytes, t_ns: int, win: Window) -> None:
-        level = self.meter.dbfs(payload)
-        if level > AUDIO_DBFS:
+        level, tail = self.meter.dbfs(payload)
+        if level > AUDIO_DBFS and tail > SILENT_DBFS:
             win.rx_model_audio += 1
             self.last_audio_ns = t_ns
             self.silent_run = 0
             if self.state is State.WAIT and self.turn is not None:
                 self.turn.first_audio_ns = t_ns
                 self._to(State.REPLY, t_ns)
-        elif level < SILENT_DBFS:
+        elif tail < SILENT_DBFS:
             self.silent_run += 1
             b = self.bargein
             if b is not None and b.onset_ns and t_ns >= b.onset_ns and self.silent_run == 1:
@@ -328,7 +328,7 @@ class Generator:
         self.probe_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.probe_sock.bind(("127.0.0.1", 0))
         self.probe_sock.setblocking(False)
-        self.probe_map: dict[tuple[int, int], int] = {}
+        self.probe_map: dict[str, int] = {}
         self.ep = select.epoll()
         for fd in self.by_fd:
             self.ep.register(fd, select.EPOLLIN)
@@ -341,11 +341,11 @@ class Generator:
         while self.conn.poll():
             cmd, arg = self.conn.recv()
             now = time.monotonic_ns()
-            if cmd == "start":  # arg: list of (session, dest_port, shard, slot)
-                for i, port, shard, slot in arg:
+            if cmd == "start":  # arg: list of (session, dest_port, session_id)
+                for i, port, session_id in arg:
                     c = self.callers[i]
                     c.dest = ("127.0.0.1", port)
-                    self.probe_map[(shard, slot)] = i
+                    self.probe_map[session_id] = i
                     c.begin(now)
                 self.conn.send(("ok", None))
             elif cmd == "stop":
@@ -367,10 +367,11 @@ class Generator:
                 data = self.probe_sock.recv(64)
             except (BlockingIOError, InterruptedError):
                 return
-            if len(data) != probe.FORMAT.size:
+            parsed = probe.parse(data)
+            if parsed is None:
                 continue
-            event, shard, slot, t_ns = probe.FORMAT.unpack(data)
-            session = self.probe_map.get((shard, slot))
+            event, t_ns, session_id = parsed
+            session = self.probe_map.get(session_id)
             if session is not None:
                 self.win.probes.append((event, session, t_ns))
 
@@ -500,8 +501,8 @@ class LoadGen:
         self._conn.send((cmd, arg))
         return self._recv()[1]
 
-    def start(self, sessions: list[tuple[int, int, int, int]]) -> None:
-        """Start callers: (session index, appliance RTP port, shard, slot) each."""
+    def start(self, sessions: list[tuple[int, int, str]]) -> None:
+        """Start callers: (session index, appliance RTP port, session id) each."""
         self._call("start", sessions)
 
     def stop(self, indices: list[int]) -> None:

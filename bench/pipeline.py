@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from bench import callers, procstat
-from bench.host import HostHandle
+from bench.host import HostHandle, session_id
 from bench.loadgen import LoadGen, LoadSpec
 
 PACING_LIMIT_MS = 5.0
@@ -226,7 +226,7 @@ class Bench:
         for i in idx:
             shard, slot = self.slot_of[i]
             port = local_rtp_port(self.cfg.media.rtp_port_min, shard, self.cfg.shards.slots, slot)
-            starts.append((i, port, shard, slot))
+            starts.append((i, port, session_id(shard, slot)))
         self.gen.start(starts)
         self.active += len(idx)
 
