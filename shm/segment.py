@@ -47,7 +47,7 @@ from typing import Any, Literal
 import posix_ipc
 
 from shm import layout as L
-from shm.atomic import Atomics, buffer_address
+from shm.atomic import SharedAtomics, buffer_address
 from shm.errors import RingClosedError, RingCorruptError, ShmError
 from shm.ring import Ring
 
@@ -218,7 +218,7 @@ class _SeqString:
     def __init__(self, mv: memoryview, base_addr: int, off: int, max_bytes: int, label: str) -> None:
         self._mv, self._off, self._max, self.label = mv, off, max_bytes, label
         self._addr = base_addr + off
-        self._a = Atomics()
+        self._a = SharedAtomics()
 
     def write(self, value: str) -> None:
         data = value.encode()
@@ -248,7 +248,7 @@ class _SeqString:
 _SEQ_WAIT_S = 0.05
 
 
-def _seq_begin(a: Atomics, addr: int) -> None:
+def _seq_begin(a: SharedAtomics, addr: int) -> None:
     """Make a seqlock odd (writing). Already odd means a writer died mid-update: just take over."""
     if not a.load_acquire(addr) & 1:
         a.fetch_add(addr, 1)  # acq_rel: the data stores that follow cannot move before it
@@ -274,7 +274,7 @@ class Slot:
         self.index = index
         self._off = off
         self._label = f"segment {seg.name} slot {index}"
-        self._a = Atomics()
+        self._a = SharedAtomics()
         self._gs = base + off + L.CB_GEN_STATE
         self._remote_seq = base + off + L.CB_REMOTE_SEQ
         self.counters = Counters(mv, off)
@@ -291,8 +291,8 @@ class Slot:
                              f"{seg.name}[{index}].downlink")
         self._ev_w = base + off + L.CB_EV_WRITE
         self._ev_r = base + off + L.CB_EV_READ
-        self._eva_p = Atomics()
-        self._eva_c = Atomics()
+        self._eva_p = SharedAtomics()
+        self._eva_c = SharedAtomics()
         self._mv = mv
 
     # ---- state / generation ------------------------------------------------------------------
