@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -264,7 +265,7 @@ def rfc3339(ts: float) -> str:
 
 
 def _retry_after(seconds: float | None) -> dict[str, str]:
-    return {"Retry-After": str(max(1, int(-(-(seconds or DEFAULT_RETRY_AFTER) // 1))))}
+    return {"Retry-After": str(max(1, math.ceil(seconds or DEFAULT_RETRY_AFTER)))}
 
 
 def error_response(

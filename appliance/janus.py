@@ -186,11 +186,18 @@ class JanusClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
-        """Destroy every session this client created and close the HTTP client."""
+    async def aclose(self, destroy_sessions: bool = True) -> None:
+        """Stop every session's tasks and close the HTTP client.
+
+        ``destroy_sessions`` also destroys them in Janus (ending their calls); a supervisor that restarts
+        in place passes False so Janus keeps the calls until their session timeout.
+        """
         for session in list(self.sessions.values()):
-            with contextlib.suppress(JanusError):
-                await session.destroy()
+            if destroy_sessions:
+                with contextlib.suppress(JanusError):
+                    await session.destroy()
+            else:
+                await session.stop()
         if self._own_http:
             await self.http.aclose()
 
@@ -303,11 +310,16 @@ class JanusSession:
                 await self._post("", {"janus": "destroy"})
         finally:
             self._close("destroyed")
-            for task in self._tasks:
-                task.cancel()
-            for task in self._tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop polling and keepalives without touching the session in Janus."""
+        self.client.sessions.pop(self.id, None)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def _post(
         self, path: str, body: dict[str, Any], http_timeout: float | None = None

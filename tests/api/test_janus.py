@@ -161,3 +161,14 @@ async def test_keepalives_keep_sessions_alive(janus):
         await a.attach(NOSIP)  # still usable
         with pytest.raises(JanusError):
             await hb.hangup()
+
+
+async def test_close_without_destroy_leaves_calls_in_janus(janus):
+    jc = client(janus)
+    session = await jc.create_session()
+    await session.attach(NOSIP)
+    await jc.aclose(destroy_sessions=False)  # supervisor restarting in place
+    async with client(janus) as admin:
+        assert session.id in (await admin.admin("list_sessions"))["sessions"]
+        handles = (await admin.admin("list_handles", session_id=session.id))["handles"]
+        assert len(handles) == 1

@@ -8,6 +8,8 @@ a valid SDP offer, and refusing it with 400 is the point of the SDP validator.
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from appliance.token import generate_keys, mint
 from tests.api.service_double import InMemoryService
 
 _TMP = Path(tempfile.mkdtemp(prefix="va-st-"))
+atexit.register(shutil.rmtree, _TMP, True)
 _PRIV, _PUB = generate_keys(_TMP)
 (_TMP / "empty.toml").write_text("")
 _CFG = replace(load_config(_TMP / "empty.toml", env={}), auth={"jwt_public_key_file": str(_PUB)},

@@ -98,7 +98,8 @@ class CoturnServer:
         if not self.port:
             self.port = _free_udp_tcp_port(self.listen_ip) if not self.netns else 34780
         if not self.relay_min_port:
-            base = 20000 + (os.getpid() * 37 + self.port) % 30000
+            # above the Janus (20000-39999) and media worker (40000-44999) ranges
+            base = 45000 + (os.getpid() * 37 + self.port) % 14000
             self.relay_min_port, self.relay_max_port = base, base + 200
         cmd = [
             *self._prefix(), TURNSERVER, "-n", "--no-cli", "--no-tls", "--no-dtls", "--fingerprint",
