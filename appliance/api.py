@@ -310,7 +310,7 @@ def create_app(
     *,
     verifier: JwtVerifier | None = None,
     limiter: RateLimiter | None = None,
-    create_timeout: float = 15.0,
+    create_timeout: float | None = None,
     extra_routes: Sequence[BaseRoute] = (),
     ice_servers_fn: Callable[[str], list[dict[str, Any]]] | None = None,
 ) -> Starlette:
@@ -318,7 +318,8 @@ def create_app(
 
     ``verifier`` defaults to one built from ``cfg.auth`` (the public key file must exist); ``limiter``
     None disables rate limiting (tests; the supervisor passes
-    ``RateLimiter(redis_client(cfg.redis), cfg.limits)``). ``extra_routes`` (demo page, static files,
+    ``RateLimiter(redis_client(cfg.redis), cfg.limits)``). ``create_timeout`` defaults to
+    ``api.create_timeout_seconds``. ``extra_routes`` (demo page, static files,
     metrics) are appended after the API routes. ``ice_servers_fn(session_id)`` overrides the ICE server
     list (default: coturn HMAC credentials from ``cfg.turn`` for ``cfg.api.public_host``).
     """
@@ -327,7 +328,7 @@ def create_app(
         service=service,
         verifier=verifier or JwtVerifier.from_config(cfg.auth),
         limiter=limiter,
-        create_timeout=create_timeout,
+        create_timeout=create_timeout or cfg.api.create_timeout_seconds,
         ice_servers=ice_servers_fn or (lambda sid: ice_servers(cfg.turn, sid, cfg.api.public_host)),
     )
 

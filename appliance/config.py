@@ -48,6 +48,7 @@ class ApiConfig:
     agent_check_host: str = "127.0.0.1"  # HAProxy agent-check responder ("up N%", "drain")
     agent_check_port: int = 9642  # 0: off
     drain_timeout_seconds: int = 600  # SIGTERM: wait this long for live calls to end
+    create_timeout_seconds: float = 15.0  # POST /v1/sessions: control-plane setup limit (then 504)
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "api.metrics_port": (0, 65535),
     "api.agent_check_port": (0, 65535),
     "api.drain_timeout_seconds": (0, 86400),
+    "api.create_timeout_seconds": (1, 120),
     "auth.max_ttl_seconds": (60, 900),
     "auth.leeway_seconds": (0, 300),
     "model.chunk_ms": (20, 50),
