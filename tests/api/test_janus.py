@@ -172,3 +172,26 @@ async def test_close_without_destroy_leaves_calls_in_janus(janus):
         assert session.id in (await admin.admin("list_sessions"))["sessions"]
         handles = (await admin.admin("list_handles", session_id=session.id))["handles"]
         assert len(handles) == 1
+
+
+async def test_audiobridge_webrtc_caller_joins_room(janus):
+    pc = await caller()
+    async with client(janus) as jc:
+        session = await jc.create_session()
+        room_handle = await session.attach(AUDIOBRIDGE)
+        room = await room_handle.audiobridge_create_room(admin_key=janus.audiobridge_admin_key)
+        worker = udp_socket(janus.host_ip)
+        side, _ = await room_handle.audiobridge_join_rtp(room, janus.host_ip, worker.getsockname()[1])
+        handle = await session.attach(AUDIOBRIDGE)
+        answer = await handle.audiobridge_join_webrtc(room, pc.localDescription.sdp, display="caller")
+        assert "opus/48000" in answer and "a=fingerprint" in answer
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await handle.wait_for("webrtcup", 15)
+        # the mixer sends to the worker only after the worker's first RTP packet (FACTS)
+        rtp = bytes([0x80, side.payload_type, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7]) + b"\xf8\xff\xfe"
+        worker.sendto(rtp, (side.ip, side.port))
+        packet = await recv_rtp(worker, 10)
+        assert packet[0] >> 6 == 2 and packet[1] & 0x7F == side.payload_type
+        await pc.close()
+        await room_handle.audiobridge_destroy_room(room)
+        worker.close()
