@@ -19,9 +19,11 @@ collide with other tests or engineers.
 Use::
 
     with janus_in_netns() as j:            # sync context manager; fine inside async tests too
-        async with JanusClient(j.url, j.api_secret) as c:
-            h = await c.attach("janus.plugin.nosip")
-            data, jsep = await c.message(h, {"request": "generate"}, jsep=offer)
+        async with JanusClient(j.url, api_secret=j.api_secret) as c:   # appliance.janus
+            h = await (await c.create_session()).attach(NOSIP)
+            janus_side = await h.nosip_generate(caller_offer_sdp)
+
+:class:`WebRtcCaller` is a real aiortc caller that sends given PCM and records what it hears.
 
 Teardown kills Janus by PID, checks it is gone, and deletes the namespace (which removes the veth).
 Needs root (CI runs as root). :func:`janus_available` says whether a test should skip.
@@ -47,8 +49,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-
-import httpx
 
 from appliance import janus_conf
 
@@ -313,159 +313,7 @@ def _wait_ready(inst: JanusInstance, proc: subprocess.Popen[Any], timeout: float
     raise RuntimeError(f"janus not ready after {timeout}s ({last}):\n{inst.log_text()[-4000:]}")
 
 
-class JanusError(RuntimeError):
-    """Janus answered with an error (``code`` is Janus's or the plugin's error code)."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"janus error {code}: {reason}")
-        self.code = code
-
-
-class JanusClient:
-    """Minimal async client of the Janus HTTP API for tests (long-poll events, one session).
-
-    Tests of other areas should prefer ``appliance/janus.py`` once it exists; this one stays small.
-    """
-
-    def __init__(self, url: str, api_secret: str = "", timeout: float = 10.0) -> None:
-        self.url = url.rstrip("/")
-        self.api_secret = api_secret
-        self.timeout = timeout
-        self.session_id: int | None = None
-        self._http = httpx.AsyncClient(timeout=timeout)
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self.events: dict[int, asyncio.Queue[dict[str, Any]]] = {}
-        self._poller: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> JanusClient:
-        await self.create()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        body = {"transaction": secrets.token_hex(6), **body}
-        if self.api_secret:
-            body["apisecret"] = self.api_secret
-        r = await self._http.post(self.url + path, json=body)
-        r.raise_for_status()
-        data = r.json()
-        if data.get("janus") == "error":
-            err = data.get("error", {})
-            raise JanusError(int(err.get("code", 0)), str(err.get("reason", "")))
-        return data
-
-    async def create(self) -> int:
-        data = await self._post("", {"janus": "create"})
-        self.session_id = int(data["data"]["id"])
-        self._poller = asyncio.create_task(self._poll())
-        return self.session_id
-
-    async def attach(self, plugin: str) -> int:
-        data = await self._post(f"/{self.session_id}", {"janus": "attach", "plugin": plugin})
-        handle = int(data["data"]["id"])
-        self.events[handle] = asyncio.Queue()
-        return handle
-
-    async def message(
-        self, handle: int, body: dict[str, Any], jsep: dict[str, Any] | None = None
-    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Send a plugin message; return (plugin data, jsep) of the answer (sync or async event).
-
-        A plugin-level error (``{"error_code":…}`` in the data) raises :class:`JanusError`.
-        """
-        tx = secrets.token_hex(6)
-        req: dict[str, Any] = {"janus": "message", "transaction": tx, "body": body}
-        if jsep is not None:
-            req["jsep"] = jsep
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[tx] = fut
-        try:
-            data = await self._post(f"/{self.session_id}/{handle}", req)
-            if data.get("janus") != "ack":
-                msg = data
-            else:
-                msg = await asyncio.wait_for(fut, self.timeout)
-        finally:
-            self._pending.pop(tx, None)
-        pdata = msg.get("plugindata", {}).get("data", {})
-        if "error_code" in pdata:
-            raise JanusError(int(pdata["error_code"]), str(pdata.get("error", "")))
-        return pdata, msg.get("jsep")
-
-    async def next_event(self, handle: int, wait: float = 10.0) -> dict[str, Any]:
-        """The next unsolicited event of a handle (webrtcup, media, hangup, plugin events)."""
-        return await asyncio.wait_for(self.events[handle].get(), wait)
-
-    async def keepalive(self) -> None:
-        await self._post(f"/{self.session_id}", {"janus": "keepalive"})
-
-    async def detach(self, handle: int) -> None:
-        await self._post(f"/{self.session_id}/{handle}", {"janus": "detach"})
-
-    async def _poll(self) -> None:
-        params = {"maxev": "10"}
-        if self.api_secret:
-            params["apisecret"] = self.api_secret
-        while True:
-            try:
-                r = await self._http.get(f"{self.url}/{self.session_id}", params=params, timeout=40)
-                msgs = r.json()
-            except (httpx.HTTPError, ValueError):
-                await asyncio.sleep(0.1)
-                continue
-            for msg in msgs if isinstance(msgs, list) else [msgs]:
-                if msg.get("janus") == "keepalive":
-                    continue
-                tx = msg.get("transaction")
-                if tx in self._pending and not self._pending[tx].done():
-                    self._pending[tx].set_result(msg)
-                    continue
-                handle = msg.get("sender")
-                if handle in self.events:
-                    self.events[handle].put_nowait(msg)
-
-    async def close(self) -> None:
-        if self._poller:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._poller
-        if self.session_id is not None:
-            with contextlib.suppress(Exception):
-                await self._post(f"/{self.session_id}", {"janus": "destroy"})
-        await self._http.aclose()
-
-
-# ---- plain-RTP SDP helpers and a real WebRTC caller (aiortc) -----------------------------------------
-def plain_answer_sdp(ip: str, port: int, payload_type: int = 111,
-                     dtmf_payload_type: int | None = None) -> str:
-    """The bare SDP a media worker answers NoSIP's ``generated`` offer with (RTP/AVP, Opus)."""
-    fmts = f"{payload_type}" + (f" {dtmf_payload_type}" if dtmf_payload_type is not None else "")
-    lines = ["v=0", f"o=- 1 1 IN IP4 {ip}", "s=voice-appliance", f"c=IN IP4 {ip}", "t=0 0",
-             f"m=audio {port} RTP/AVP {fmts}", f"a=rtpmap:{payload_type} opus/48000/2",
-             f"a=fmtp:{payload_type} useinbandfec=1", "a=ptime:20"]
-    if dtmf_payload_type is not None:
-        lines += [f"a=rtpmap:{dtmf_payload_type} telephone-event/48000",
-                  f"a=fmtp:{dtmf_payload_type} 0-15"]
-    lines.append("a=sendrecv")
-    return "\r\n".join(lines) + "\r\n"
-
-
-def plain_offer_address(sdp: str) -> tuple[str, int, dict[str, int]]:
-    """(ip, port, {codec name lowercased: payload type}) of NoSIP's bare ``generated`` SDP."""
-    ip, port, pts = "", 0, {}
-    for line in sdp.splitlines():
-        if line.startswith("c=IN IP4 ") or line.startswith("c=IN IP6 "):
-            ip = line.split()[2]
-        elif line.startswith("m=audio "):
-            port = int(line.split()[1])
-        elif line.startswith("a=rtpmap:"):
-            pt, codec = line[len("a=rtpmap:"):].split(" ", 1)
-            pts.setdefault(codec.split("/")[0].lower(), int(pt))
-    return ip, port, pts
-
-
+# ---- a real WebRTC caller (aiortc) -----------------------------------------
 class WebRtcCaller:
     """A real WebRTC caller (aiortc): sends ``audio`` (int16 mono 48 kHz, then silence) and records
     what it receives (``received()``: int16 mono 48 kHz). ``offer()``/``accept(answer)`` do the JSEP."""

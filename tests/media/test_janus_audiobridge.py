@@ -9,9 +9,10 @@ import random
 import numpy as np
 import pytest
 
+from appliance.janus import AUDIOBRIDGE, JanusClient
 from shm.segment import ShardSegment
 from tests.harness.audio import dominant_frequency, tone
-from tests.harness.janus import JanusClient, JanusInstance, WebRtcCaller
+from tests.harness.janus import JanusInstance, WebRtcCaller
 from tests.media.conftest import free_port_pair, running_worker
 from tests.media.test_janus_nosip import _read_uplink, _wait
 
@@ -23,27 +24,21 @@ async def test_audiobridge_plain_rtp_participant(janus: JanusInstance, segment: 
     caller = WebRtcCaller(tone(440, 30.0, 48000, amplitude=0.3))
     slot = segment.slot(1)
     with running_worker(segment, host=janus.host_ip):
-        async with JanusClient(janus.url, janus.api_secret) as client:
-            admin = await client.attach("janus.plugin.audiobridge")
-            data, _ = await client.message(admin, {
-                "request": "create", "room": room, "admin_key": janus.audiobridge_admin_key,
-                "allow_rtp_participants": True, "sampling_rate": 16000, "default_prebuffering": 2})
-            assert data["audiobridge"] == "created"
+        async with JanusClient(janus.url, api_secret=janus.api_secret) as client:
+            session = await client.create_session()
+            admin = await session.attach(AUDIOBRIDGE)
+            await admin.audiobridge_create_room(room, admin_key=janus.audiobridge_admin_key,
+                                                sampling_rate=16000)
             # the worker joins as a plain-RTP participant; Janus's side is known only after the join
             port = free_port_pair(janus.host_ip)
             slot.activate(session_id=f"room-{os.getpid()}", local_rtp_port=port, remote_rtp_ip="",
                           remote_rtp_port=0, payload_type=111, channels=1, dtmf_payload_type=-1, mode="room")
-            data, _ = await client.message(admin, {
-                "request": "join", "room": room, "display": "ai", "codec": "opus",
-                "rtp": {"ip": janus.host_ip, "port": port, "payload_type": 111, "fec": True}})
-            assert data["audiobridge"] == "joined", data
-            slot.set_remote(data["rtp"]["ip"], data["rtp"]["port"])
+            side, _pid = await admin.audiobridge_join_rtp(room, janus.host_ip, port, display="ai")
+            slot.set_remote(side.ip, side.port)
             # the caller joins over WebRTC
-            h = await client.attach("janus.plugin.audiobridge")
-            data, jsep = await client.message(h, {"request": "join", "room": room, "display": "caller"},
-                                              jsep=await caller.offer())
-            assert data["audiobridge"] == "joined" and jsep is not None
-            await caller.accept(jsep)
+            h = await session.attach(AUDIOBRIDGE)
+            sdp = await h.audiobridge_join_webrtc(room, (await caller.offer())["sdp"], display="caller")
+            await caller.accept({"type": "answer", "sdp": sdp})
             counters = slot.counters
             assert await _wait(lambda: counters.get("rx_packets") > 50, 15), janus.log_text()[-3000:]
             up = await _read_uplink(segment, 1, 2.0)

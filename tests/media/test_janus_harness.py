@@ -8,7 +8,8 @@ import httpx
 import pytest
 
 from appliance import janus_conf
-from tests.harness.janus import JanusClient, JanusError, janus_available, janus_in_netns
+from appliance.janus import AUDIOBRIDGE, JanusClient, JanusError
+from tests.harness.janus import janus_available, janus_in_netns
 
 pytestmark = pytest.mark.janus
 
@@ -40,12 +41,12 @@ async def test_janus_runs_in_namespace_with_secrets(janus) -> None:
         assert bad_admin["janus"] == "error"
         ok_admin = (await http.post(janus.admin_url, json={**adm, "admin_secret": janus.admin_secret})).json()
         assert ok_admin["janus"] == "success"
-    async with JanusClient(janus.url, janus.api_secret) as c:
-        h = await c.attach("janus.plugin.audiobridge")
-        data, _ = await c.message(h, {"request": "list"})
+    async with JanusClient(janus.url, api_secret=janus.api_secret) as c:
+        h = await (await c.create_session()).attach(AUDIOBRIDGE)
+        data, _ = await h.message({"request": "list"})
         assert data["audiobridge"] == "success"
-        with pytest.raises(JanusError):
-            await c.message(h, {"request": "create", "room": 5, "admin_key": "wrong"})
+        with pytest.raises(JanusError):  # the AudioBridge admin_key from the rendered config is enforced
+            await h.message({"request": "create", "room": 5, "admin_key": "wrong"})
 
 
 def test_teardown_removes_process_and_namespace() -> None:

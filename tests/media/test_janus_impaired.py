@@ -17,15 +17,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from appliance.janus import NOSIP, JanusClient, plain_rtp_answer
 from shm.segment import ShardSegment
 from tests.harness.audio import dominant_frequency, tone
-from tests.harness.janus import (
-    JanusClient,
-    JanusInstance,
-    WebRtcCaller,
-    plain_answer_sdp,
-    plain_offer_address,
-)
+from tests.harness.janus import JanusInstance, WebRtcCaller
 from tests.media.conftest import free_port_pair, running_worker
 from tests.media.test_janus_nosip import _read_uplink, _wait, connect_nosip
 from tests.media.test_worker_loopback import Peer
@@ -135,20 +130,18 @@ async def test_loss_and_reorder_are_concealed(janus: JanusInstance, segment: Sha
     caller = WebRtcCaller(tone(440, 30.0, 48000, amplitude=0.3))
     slot = segment.slot(2)
     with running_worker(segment, host=janus.host_ip), impair_proxy(janus.host_ip, 0.10, 0.05) as proxy:
-        async with JanusClient(janus.url, janus.api_secret) as client:
-            handle = await client.attach("janus.plugin.nosip")
-            data, _ = await client.message(handle, {"request": "generate"}, jsep=await caller.offer())
-            ip, jport, pts = plain_offer_address(data["result"]["sdp"])
+        async with JanusClient(janus.url, api_secret=janus.api_secret) as client:
+            handle = await (await client.create_session()).attach(NOSIP)
+            side = await handle.nosip_generate((await caller.offer())["sdp"])
             port = free_port_pair(janus.host_ip)
-            proxy.janus = (ip, jport)
+            proxy.janus = (side.ip, side.port)
             proxy.worker = (janus.host_ip, port)
             wip, wport = proxy.worker_side
             slot.activate(session_id="impaired", local_rtp_port=port, remote_rtp_ip=wip,
-                          remote_rtp_port=wport, payload_type=pts["opus"], channels=2, dtmf_payload_type=-1,
-                          mode="direct")
-            answer = plain_answer_sdp(janus.host_ip, proxy.janus_side_port, pts["opus"])
-            data, jsep = await client.message(handle, {"request": "process", "type": "answer", "sdp": answer})
-            await caller.accept(jsep)
+                          remote_rtp_port=wport, payload_type=side.payload_type, channels=2,
+                          dtmf_payload_type=-1, mode="direct")
+            answer = plain_rtp_answer(janus.host_ip, proxy.janus_side_port, side.payload_type)
+            await caller.accept({"type": "answer", "sdp": await handle.nosip_process_answer(answer)})
             assert await _wait(lambda: slot.counters.get("rx_packets") > 50), janus.log_text()[-3000:]
             up = await _read_uplink(segment, 2, 3.0)
             c = slot.counters.snapshot()
@@ -221,7 +214,7 @@ async def test_flood_on_one_session_keeps_the_others_paced(janus: JanusInstance,
 
     proc = _worker_process(janus, segment)
     try:
-        async with JanusClient(janus.url, janus.api_secret) as client:
+        async with JanusClient(janus.url, api_secret=janus.api_secret) as client:
             await connect_nosip(janus, client, caller, segment, 0)
             slot = segment.slot(0)
             assert await _wait(lambda: slot.counters.get("rx_packets") > 25), "worker process not running"

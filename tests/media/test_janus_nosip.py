@@ -13,15 +13,10 @@ import time
 import numpy as np
 import pytest
 
+from appliance.janus import NOSIP, JanusClient, plain_rtp_answer
 from shm.segment import ShardSegment
 from tests.harness.audio import dominant_frequency, tone
-from tests.harness.janus import (
-    JanusClient,
-    JanusInstance,
-    WebRtcCaller,
-    plain_answer_sdp,
-    plain_offer_address,
-)
+from tests.harness.janus import JanusInstance, WebRtcCaller
 from tests.media.conftest import free_port_pair, running_worker
 
 pytestmark = pytest.mark.janus
@@ -50,20 +45,15 @@ async def _read_uplink(seg: ShardSegment, index: int, seconds: float) -> np.ndar
 async def connect_nosip(janus: JanusInstance, client: JanusClient, caller: WebRtcCaller, seg: ShardSegment,
                         index: int) -> int:
     """NoSIP generate/process with the worker's port in the answer; activates the slot. Returns the port."""
-    handle = await client.attach("janus.plugin.nosip")
-    data, _ = await client.message(handle, {"request": "generate", "info": f"slot{index}"},
-                                   jsep=await caller.offer())
-    assert data["result"]["event"] == "generated"
-    ip, jport, pts = plain_offer_address(data["result"]["sdp"])
-    assert ip == janus.ns_ip and jport > 0 and "opus" in pts
+    handle = await (await client.create_session()).attach(NOSIP)
+    side = await handle.nosip_generate((await caller.offer())["sdp"], info=f"slot{index}")
+    assert side.ip == janus.ns_ip and side.port > 0
     port = free_port_pair(janus.host_ip)
-    seg.slot(index).activate(session_id=f"nosip-{index}-{os.getpid()}", local_rtp_port=port, remote_rtp_ip=ip,
-                             remote_rtp_port=jport, payload_type=pts["opus"], channels=2,
-                             dtmf_payload_type=-1, mode="direct")
-    data, jsep = await client.message(handle, {"request": "process", "type": "answer",
-                                               "sdp": plain_answer_sdp(janus.host_ip, port, pts["opus"])})
-    assert data["result"]["event"] == "processed" and jsep is not None
-    await caller.accept(jsep)
+    seg.slot(index).activate(session_id=f"nosip-{index}-{os.getpid()}", local_rtp_port=port,
+                             remote_rtp_ip=side.ip, remote_rtp_port=side.port, payload_type=side.payload_type,
+                             channels=2, dtmf_payload_type=-1, mode="direct")
+    sdp = await handle.nosip_process_answer(plain_rtp_answer(janus.host_ip, port, side.payload_type))
+    await caller.accept({"type": "answer", "sdp": sdp})
     return port
 
 
@@ -71,7 +61,7 @@ async def test_webrtc_caller_through_nosip_both_directions(janus: JanusInstance,
                                                            segment: ShardSegment) -> None:
     caller = WebRtcCaller(tone(440, 30.0, 48000, amplitude=0.3))
     with running_worker(segment, host=janus.host_ip):
-        async with JanusClient(janus.url, janus.api_secret) as client:
+        async with JanusClient(janus.url, api_secret=janus.api_secret) as client:
             await connect_nosip(janus, client, caller, segment, 0)
             counters = segment.slot(0).counters
             assert await _wait(lambda: counters.get("rx_packets") > 25), janus.log_text()[-3000:]
