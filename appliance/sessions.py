@@ -1,0 +1,461 @@
+"""The session service: what `POST/GET/DELETE /v1/sessions` do on this box (``api.SessionService``).
+
+Create (direct mode, the default)::
+
+    admit (placement: least-loaded shard, free slot, deterministic RTP port; full → 503 Retry-After)
+    → Janus NoSIP ``generate`` with the caller's offer  (Janus's plain-RTP side: ip, port, payload type)
+    → ``slot.activate(...)``                            (the media worker binds the port on its next scan,
+                                                         the AI worker opens the Live session while ICE and
+                                                         DTLS complete)
+    → NoSIP ``process`` with the worker's bare answer   (the WebRTC answer for the caller)
+    → Redis record (resume token)                        → 201 with the answer
+
+``room`` mode puts the caller in a private AudioBridge room (WebRTC participant) and the media worker in
+the same room as a plain-RTP participant; the room is destroyed with the session.
+
+Teardown (DELETE, Janus ``hangup``/``detached`` = ICE or DTLS failure or the caller closing, Janus
+session loss, the maximum session age): slot → CLOSING (workers drop the call on their next scan), Janus
+handle detached, slot → FREE a moment later (so the worker sees CLOSING first), placement released.
+DELETE forgets the Redis record; a hangup keeps it as ``disconnected`` for the resume window
+(``redis.disconnected_ttl_seconds``) so the caller can come back with its resume token — on this box or,
+via the load balancer, on another one.
+
+Every second the service mirrors what the AI worker writes into the slot (latest resumable Live
+handle, model state, last transcript line) into Redis, so another box can resume the conversation. A
+resumed session keeps its id, gets a fresh resume token (the old one is spent atomically) and starts its
+Live session from the stored handle.
+
+Janus: one long-lived Janus session per shard (one long-poll each), one handle per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.api import (
+    CapacityError,
+    ClientInfo,
+    CreatedSession,
+    IceCandidate,
+    InvalidRequest,
+    SessionInfo,
+    SessionOptions,
+    UpstreamError,
+)
+from appliance.config import Config, secret
+from appliance.janus import (
+    AUDIOBRIDGE,
+    NOSIP,
+    JanusClient,
+    JanusError,
+    JanusEvent,
+    JanusHandle,
+    JanusSession,
+    plain_rtp_answer,
+)
+from appliance.metrics import Metrics
+from appliance.placement import AdmissionRefused, Placed, Placement
+from appliance.state import ACTIVE, SessionRecord, SessionStore, new_session_id
+
+log = logging.getLogger(__name__)
+
+CLOSE_GRACE_SECONDS = 0.3  # CLOSING → FREE delay: workers scan every tick (≤ 20 ms)
+MIRROR_SECONDS = 1.0
+REFRESH_SECONDS = 300.0
+
+
+@dataclass
+class LiveSession:
+    """A session running on this box."""
+
+    session_id: str
+    sub: str
+    mode: str
+    placed: Placed
+    generation: int
+    created_at: float
+    expires_at: float
+    handle: JanusHandle | None = None
+    room_handle: JanusHandle | None = None
+    room_id: int | None = None
+    webrtc_up: bool = False
+    mirrored: tuple[str, str, str] = ("", "", "")
+    closing: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Sessions:
+    """The supervisor's :class:`appliance.api.SessionService`."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        placement: Placement,
+        segments: dict[int, Any],
+        store: SessionStore,
+        metrics: Metrics,
+        *,
+        box: str,
+        janus: JanusClient | None = None,
+        on_slot_freed: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.placement = placement
+        self.segments = segments
+        self.store = store
+        self.metrics = metrics
+        self.box = box
+        self.janus = janus or JanusClient.from_config(cfg.janus)
+        self.ab_admin_key = secret(cfg.janus.audiobridge_admin_key, cfg.janus.audiobridge_admin_key_file)
+        self.on_slot_freed = on_slot_freed  # (shard, slot) -> None: harvest counters before reuse
+        self.accepting = False
+        self.live: dict[str, LiveSession] = {}
+        self._by_handle: dict[int, str] = {}
+        self._jsessions: dict[int, JanusSession] = {}
+        self._jlocks: dict[int, asyncio.Lock] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._bg: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._mirror_loop(), name="sessions-mirror"))
+
+    async def close(self) -> None:
+        """Tear down every live session (kept resumable), stop background work, close Janus/Redis."""
+        self.accepting = False
+        for sid in list(self.live):
+            await self._teardown(sid, "shutdown", forget=False)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._bg, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.janus.aclose()
+        with contextlib.suppress(Exception):
+            await self.store.close()
+
+    def ready(self) -> bool:
+        return self.accepting and not self.placement.draining
+
+    def retry_after(self) -> float:
+        if self.placement.draining or not self.accepting:
+            return float(self.placement.retry_after_draining)
+        return float(self.placement.retry_after_full)
+
+    # -- Janus sessions -------------------------------------------------------------------------
+    async def _janus_session(self, shard: int) -> JanusSession:
+        lock = self._jlocks.setdefault(shard, asyncio.Lock())
+        async with lock:
+            js = self._jsessions.get(shard)
+            if js is None or not js.alive:
+                js = await self.janus.create_session(on_event=self._on_janus_event)
+                self._jsessions[shard] = js
+            return js
+
+    async def _on_janus_event(self, event: JanusEvent) -> None:
+        if event.kind == "session_lost":
+            sids = [self._by_handle[event.handle_id]] if event.handle_id in self._by_handle else []
+            if event.handle_id is None:
+                sids = [s.session_id for s in self.live.values()
+                        if s.handle is not None and s.handle.session.id == event.session_id]
+            for sid in sids:
+                self._spawn(self._teardown(sid, "janus_lost", forget=False))
+            return
+        sid = self._by_handle.get(event.handle_id or -1)
+        if sid is None or sid not in self.live:
+            return
+        live = self.live[sid]
+        if event.kind == "webrtcup":
+            live.webrtc_up = True
+            log.info("caller connected", extra={"session": sid})
+        elif event.kind in ("hangup", "detached"):
+            log.info("caller gone", extra={"session": sid, "janus_event": event.kind, "reason": event.reason})
+            self._spawn(self._teardown(sid, "hangup", forget=False))
+        elif event.kind == "event":
+            result = event.data.get("result") if isinstance(event.data.get("result"), dict) else {}
+            if event.data.get("nosip") == "event" and result.get("event") in ("hangup", "hangingup"):
+                self._spawn(self._teardown(sid, "hangup", forget=False))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    # -- create ---------------------------------------------------------------------------------
+    async def create(self, offer_sdp: str, options: SessionOptions, client: ClientInfo) -> CreatedSession:
+        started = time.perf_counter()
+        resume_handle = ""
+        resumed: SessionRecord | None = None
+        new_token = ""
+        if options.resume_token:
+            resumed, new_token = await self._claim(options.resume_token, client)
+            resume_handle = resumed.resume_handle
+            old = self.live.get(resumed.session_id)
+            if old is not None:  # the caller came back before we noticed it had gone
+                await self._teardown(old.session_id, "replaced", forget=False)
+        sid = resumed.session_id if resumed else new_session_id()
+        try:
+            placed = self.placement.admit(sid)
+        except AdmissionRefused as exc:
+            result = "draining" if exc.reason == "draining" else "full"
+            self.metrics.admissions.labels(result=result).inc()
+            raise CapacityError(f"no capacity ({exc.reason})", retry_after=exc.retry_after) from exc
+        now = time.time()
+        voice = options.voice or (resumed.voice if resumed else "") or ""
+        language = options.language or (resumed.language if resumed else "") or ""
+        live = LiveSession(sid, client.sub, options.mode, placed, 0, now,
+                           now + self.cfg.redis.active_ttl_seconds)
+        slot_opts: dict[str, Any] = {"voice": voice, "language": language}
+        if resume_handle:
+            slot_opts["resume_handle"] = resume_handle
+        try:
+            if options.mode == "room":
+                answer = await self._setup_room(live, offer_sdp, slot_opts)
+            else:
+                answer = await self._setup_direct(live, offer_sdp, slot_opts)
+        except asyncio.CancelledError:
+            await self._abort(live)
+            raise
+        except JanusError as exc:
+            await self._abort(live)
+            self.metrics.admissions.labels(result="error").inc()
+            self.metrics.janus_errors.inc()
+            log.warning("session setup failed in Janus", extra={"session": sid, "error": str(exc)})
+            raise UpstreamError(f"media gateway refused the call: {exc.reason or exc}") from exc
+        except Exception:
+            await self._abort(live)
+            self.metrics.admissions.labels(result="error").inc()
+            raise
+        self.live[sid] = live
+        record_fields = {
+            "sub": client.sub, "state": ACTIVE, "mode": options.mode, "box": self.box,
+            "shard": placed.shard, "slot": placed.slot, "generation": live.generation,
+            "janus_session_id": live.handle.session.id if live.handle else None,
+            "janus_handle_id": live.handle.id if live.handle else None,
+            "room_id": live.room_id, "voice": voice, "language": language,
+            "resume_handle": resume_handle, "disconnected_at": None,
+        }
+        try:
+            if resumed is not None:
+                await self.store.update(sid, **record_fields)
+                token = new_token
+            else:
+                record = SessionRecord(session_id=sid, created_at=now, **record_fields)
+                token = await self.store.create(record)
+        except Exception as exc:  # the store queues writes itself; this is a real bug or a full outage
+            log.exception("session state write failed", extra={"session": sid})
+            await self._teardown(sid, "error", forget=True)
+            raise UpstreamError("session state unavailable") from exc
+        self.metrics.admissions.labels(result="resumed" if resumed else "accepted").inc()
+        self.metrics.session_setup_seconds.observe(time.perf_counter() - started)
+        log.info("session created", extra={
+            "session": sid, "shard": placed.shard, "slot": placed.slot, "port": placed.rtp_port,
+            "mode": options.mode, "resumed": resumed is not None})
+        return CreatedSession(sid, answer, token, live.expires_at)
+
+    async def _claim(self, token: str, client: ClientInfo) -> tuple[SessionRecord, str]:
+        """Take over a disconnected session by its resume token (only its owner may)."""
+        try:
+            record = await self.store.find_by_resume_token(token)
+            if record is None or record.sub != client.sub:
+                raise InvalidRequest("resume token unknown, expired or already used", code="invalid_resume")
+            claimed = await self.store.claim(token, self.box)
+        except InvalidRequest:
+            raise
+        except Exception as exc:
+            raise UpstreamError("session state unavailable; cannot resume now", status=503,
+                                retry_after=2) from exc
+        if claimed is None:
+            raise InvalidRequest("resume token unknown, expired or already used", code="invalid_resume")
+        return claimed
+
+    def _activate(self, live: LiveSession, ip: str, port: int, pt: int, channels: int, dtmf: int | None,
+                  opts: dict[str, Any]) -> None:
+        slot = self.segments[live.placed.shard].slot(live.placed.slot)
+        live.generation = slot.activate(
+            session_id=live.session_id, local_rtp_port=live.placed.rtp_port, remote_rtp_ip=ip,
+            remote_rtp_port=port, payload_type=pt, channels=max(1, min(2, channels)),
+            dtmf_payload_type=dtmf if dtmf is not None else -1, mode=live.mode, options=opts)
+
+    async def _setup_direct(self, live: LiveSession, offer_sdp: str, opts: dict[str, Any]) -> str:
+        js = await self._janus_session(live.placed.shard)
+        live.handle = await js.attach(NOSIP, opaque_id=live.session_id)
+        self._by_handle[live.handle.id] = live.session_id
+        side = await live.handle.nosip_generate(offer_sdp, info=live.session_id)
+        self._activate(live, side.ip, side.port, side.payload_type, side.channels,
+                       side.telephone_event_payload_type, opts)
+        bare = plain_rtp_answer(self.cfg.media.rtp_host, live.placed.rtp_port, side.payload_type,
+                                channels=side.channels,
+                                telephone_event_payload_type=side.telephone_event_payload_type)
+        return await live.handle.nosip_process_answer(bare)
+
+    async def _setup_room(self, live: LiveSession, offer_sdp: str, opts: dict[str, Any]) -> str:
+        js = await self._janus_session(live.placed.shard)
+        live.room_handle = await js.attach(AUDIOBRIDGE, opaque_id=live.session_id + "-ai")
+        self._by_handle[live.room_handle.id] = live.session_id
+        live.room_id = await live.room_handle.audiobridge_create_room(admin_key=self.ab_admin_key,
+                                                                      description=live.session_id)
+        # The worker's leg first: Janus sends to it only after its first packet, so no audio is lost.
+        side, _pid = await live.room_handle.audiobridge_join_rtp(
+            live.room_id, self.cfg.media.rtp_host, live.placed.rtp_port, payload_type=111,
+            display="assistant")
+        self._activate(live, side.ip, side.port, side.payload_type, 1, None, opts)
+        live.handle = await js.attach(AUDIOBRIDGE, opaque_id=live.session_id)
+        self._by_handle[live.handle.id] = live.session_id
+        return await live.handle.audiobridge_join_webrtc(live.room_id, offer_sdp, display="caller")
+
+    async def _abort(self, live: LiveSession) -> None:
+        """Undo a half-done setup (slot, Janus handles, placement)."""
+        await self._release(live)
+
+    # -- signalling -----------------------------------------------------------------------------
+    async def trickle(self, session_id: str, candidate: IceCandidate | None) -> None:
+        live = self.live.get(session_id)
+        if live is None or live.handle is None:
+            return  # a disconnected (resumable) session has nothing to trickle to
+        body = None if candidate is None else {
+            "candidate": candidate.candidate, "sdpMid": candidate.sdp_mid,
+            "sdpMLineIndex": candidate.sdp_mline_index}
+        try:
+            await live.handle.trickle(body)
+        except JanusError as exc:
+            raise UpstreamError(f"media gateway refused the candidate: {exc.reason or exc}") from exc
+
+    async def get(self, session_id: str) -> SessionInfo | None:
+        live = self.live.get(session_id)
+        if live is not None:
+            details: dict[str, Any] = {"shard": live.placed.shard,
+                                       "webrtc": "up" if live.webrtc_up else "new"}
+            with contextlib.suppress(Exception):
+                slot = self.segments[live.placed.shard].slot(live.placed.slot)
+                if slot.is_current(live.generation):
+                    details["model_state"] = slot.model_state or "connecting"
+                    details["transcript"] = slot.transcript
+            state = "active" if live.webrtc_up else "connecting"
+            return SessionInfo(session_id, live.sub, state, live.mode, live.created_at, live.expires_at,
+                               details)
+        try:
+            record = await self.store.get(session_id)
+        except Exception:
+            record = None
+        if record is None:
+            return None
+        expires = record.created_at + self.cfg.redis.active_ttl_seconds
+        if record.disconnected_at:
+            expires = min(expires, record.disconnected_at + self.cfg.redis.disconnected_ttl_seconds)
+        return SessionInfo(record.session_id, record.sub, record.state, record.mode, record.created_at,
+                           expires, {"transcript": record.last_transcript, "box": record.box})
+
+    async def delete(self, session_id: str) -> bool:
+        if session_id in self.live:
+            await self._teardown(session_id, "deleted", forget=True)
+            return True
+        try:
+            record = await self.store.get(session_id)
+        except Exception:
+            record = None
+        if record is None:
+            return False
+        if record.box and record.box != self.box and record.state == ACTIVE:
+            return False  # live on another box: that box owns it
+        await self.store.delete(session_id)
+        return True
+
+    # -- teardown -------------------------------------------------------------------------------
+    async def _teardown(self, session_id: str, reason: str, *, forget: bool) -> None:
+        live = self.live.pop(session_id, None)
+        if live is None or live.closing:
+            return
+        live.closing = True
+        handle_ids = [h.id for h in (live.handle, live.room_handle) if h is not None]
+        mirror = self._read_slot(live)
+        await self._release(live)
+        for hid in handle_ids:
+            self._by_handle.pop(hid, None)
+        self.metrics.sessions_ended.labels(reason=reason).inc()
+        log.info("session ended", extra={"session": session_id, "reason": reason})
+        try:
+            if forget:
+                await self.store.delete(session_id)
+            else:
+                fields: dict[str, Any] = {}
+                if mirror is not None:
+                    fields = {"resume_handle": mirror[0], "last_transcript": mirror[2]}
+                if fields:
+                    await self.store.update(session_id, **fields)
+                await self.store.mark_disconnected(session_id)
+        except Exception:
+            log.exception("session state update failed at teardown", extra={"session": session_id})
+
+    async def _release(self, live: LiveSession) -> None:
+        shard, slot_idx = live.placed.shard, live.placed.slot
+        slot = None
+        with contextlib.suppress(Exception):
+            slot = self.segments[shard].slot(slot_idx)
+            if live.generation and slot.is_current(live.generation):
+                slot.begin_close()
+            elif not live.generation:
+                slot = None  # never activated
+        for h in (live.handle, live.room_handle):
+            if h is None:
+                continue
+            with contextlib.suppress(Exception):
+                if live.room_id is not None and h is live.room_handle:
+                    await h.audiobridge_destroy_room(live.room_id)
+            with contextlib.suppress(Exception):
+                await h.detach()
+        if slot is not None:
+            await asyncio.sleep(CLOSE_GRACE_SECONDS)
+            with contextlib.suppress(Exception):
+                if self.on_slot_freed is not None:
+                    self.on_slot_freed(shard, slot)
+                if slot.generation == live.generation:
+                    slot.free()
+        self.placement.release(shard, slot_idx)
+
+    def _read_slot(self, live: LiveSession) -> tuple[str, str, str] | None:
+        try:
+            slot = self.segments[live.placed.shard].slot(live.placed.slot)
+            if not slot.is_current(live.generation):
+                return None
+            return slot.resume_handle, slot.model_state, slot.transcript
+        except Exception:
+            return None
+
+    # -- mirror to Redis ------------------------------------------------------------------------
+    async def mirror_once(self) -> int:
+        """Copy changed resume handles / model states / transcripts to Redis; returns the count."""
+        n = 0
+        now = time.time()
+        for sid, live in list(self.live.items()):
+            if now >= live.expires_at:
+                self._spawn(self._teardown(sid, "max_age", forget=False))
+                continue
+            current = self._read_slot(live)
+            if current is None or current == live.mirrored:
+                continue
+            live.mirrored = current
+            try:
+                await self.store.update(sid, resume_handle=current[0], last_transcript=current[2])
+                n += 1
+            except KeyError:
+                pass
+            except Exception:
+                self.metrics.redis_errors.inc()
+        return n
+
+    async def _mirror_loop(self) -> None:
+        last_refresh = time.monotonic()
+        while True:
+            await asyncio.sleep(MIRROR_SECONDS)
+            try:
+                await self.mirror_once()
+                if time.monotonic() - last_refresh > REFRESH_SECONDS:
+                    last_refresh = time.monotonic()
+                    await self.store.refresh_active()
+            except Exception:
+                log.exception("session mirror failed")

@@ -1,0 +1,362 @@
+"""`voice-appliance supervisor`: the control plane in one asyncio process.
+
+It owns, in start-up order:
+
+1. the CPU plan (``appliance.cpuplan``) — the supervisor itself runs on Janus's cores;
+2. one shared-memory segment per shard (stale segments of this instance are removed first);
+3. admission/placement (``appliance.placement``) and the session service (``appliance.sessions``:
+   Janus, Redis state, slot activation);
+4. the arbiter (``appliance.arbiter``): media + AI worker per shard, pinned, restarted, watched;
+5. the public session API and demo page (``appliance.api.create_app`` on uvicorn), /metrics on a
+   loopback port, the HAProxy agent check, and sd_notify READY/WATCHDOG/STATUS.
+
+Signals: SIGTERM = graceful stop (drain: refuse new calls, wait up to ``api.drain_timeout_seconds`` for
+live ones to end, then stop); SIGINT = stop now (live calls are torn down); SIGHUP = rolling restart
+of the workers (calls survive it: workers re-attach from shared memory); SIGUSR1 / SIGUSR2 = start /
+end draining without stopping (the agent check then says ``drain`` / ``up N%``).
+
+One process and one event loop, because the API handlers, the Janus long-poll, Redis and the
+arbiter all just wait on I/O; the heavy work lives in the pinned workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from appliance.config import Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+
+
+def instance_id(cfg: Config) -> str:
+    """``paths.instance_id`` or a short stable hash of the state dir (scopes shared-memory names)."""
+    if cfg.paths.instance_id:
+        return cfg.paths.instance_id
+    digest = hashlib.sha256(os.path.abspath(cfg.paths.state_dir).encode()).hexdigest()
+    return digest[:12]
+
+
+def demo_routes(cfg: Config) -> list[Any]:
+    """The demo page, its static files and the dev-only token endpoint.
+
+    ``POST /dev/token`` exists only when ``api.demo_page`` is on AND the dev private key
+    (``auth.jwt_private_key_file``) exists: `voice-appliance run` creates it, a production install has
+    no private key, so there the endpoint is simply absent (404).
+    """
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, JSONResponse, Response
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    if not cfg.api.demo_page:
+        return []
+
+    async def index(_request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    routes: list[Any] = [
+        Route("/", index, methods=["GET"], name="demo"),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    key_file = cfg.auth.jwt_private_key_file
+    if key_file and Path(key_file).exists():
+        from appliance.token import mint
+
+        pem = Path(key_file).read_bytes()
+
+        async def dev_token(_request: Request) -> Response:
+            token = mint(pem, sub="demo", audience=cfg.auth.audience, issuer=cfg.auth.issuer,
+                         scope=cfg.auth.required_scope, ttl_seconds=min(600, cfg.auth.max_ttl_seconds))
+            return JSONResponse({"token": token, "dev": True}, headers={"Cache-Control": "no-store"})
+
+        routes.append(Route("/dev/token", dev_token, methods=["POST"], name="dev_token"))
+    return routes
+
+
+class _Server:
+    """uvicorn.Server without its own signal handling (the supervisor owns the signals)."""
+
+    @staticmethod
+    def make(app: Any, cfg: Config) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        kwargs: dict[str, Any] = {}
+        if cfg.api.tls_cert_file:
+            kwargs = {"ssl_certfile": cfg.api.tls_cert_file, "ssl_keyfile": cfg.api.tls_key_file}
+        config = uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_config=None,
+                                access_log=False, lifespan="off", server_header=False, **kwargs)
+        return Server(config)
+
+
+class Supervisor:
+    """Wires the pieces together and runs until stopped (see the module docstring)."""
+
+    def __init__(self, cfg: Config, config_path: str | None = None, *, with_workers: bool = True) -> None:
+        from appliance.cpuplan import make_plan
+        from appliance.metrics import CounterAccumulator, Metrics
+        from appliance.placement import Placement
+        from appliance.sdnotify import Notifier
+
+        self.cfg = cfg
+        self.config_path = config_path
+        self.with_workers = with_workers
+        self.plan = make_plan(cfg.shards.cpu_plan, cfg.shards.count)
+        self.instance = instance_id(cfg)
+        self.placement = Placement.from_config(cfg, self.plan.shard_count)
+        self.metrics = Metrics()
+        self._counters = CounterAccumulator()
+        self.notifier = Notifier()
+        self.segments: dict[int, Any] = {}
+        self.sessions: Any = None
+        self.arbiter: Any = None
+        self.server: Any = None
+        self.agent: Any = None
+        self._stop = asyncio.Event()
+        self._graceful = False
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -- start ----------------------------------------------------------------------------------
+    def _create_segments(self) -> None:
+        from shm.segment import ShardSegment, cleanup_stale, ring_bytes, segment_name
+
+        removed = cleanup_stale(self.instance)
+        if removed:
+            log.warning("removed stale shared-memory segments", extra={"segments": removed})
+        up, down = ring_bytes(self.cfg.shards.uplink_ring_ms, self.cfg.shards.downlink_ring_ms)
+        for s in self.plan.shards:
+            name = segment_name(self.instance, s.shard)
+            self.segments[s.shard] = ShardSegment.create(
+                name, slots=self.cfg.shards.slots, uplink_bytes=up, downlink_bytes=down,
+                instance_id=self.instance)
+
+    def _heartbeat(self, role: str, shard: int) -> tuple[int, float] | None:
+        seg = self.segments.get(shard)
+        if seg is None:
+            return None
+        pid, age = seg.heartbeat_age(role)
+        return None if pid is None or age is None else (pid, age)
+
+    def _on_worker_event(self, event: str, worker: Any) -> None:
+        role, shard = worker.spec.role, worker.spec.shard
+        if event.startswith("exited:"):
+            self.metrics.worker_restarts.labels(role=role, reason=event.split(":", 1)[1]).inc()
+            self.metrics.worker_up.labels(role=role, shard=str(shard)).set(0)
+        elif event == "started":
+            self.metrics.worker_up.labels(role=role, shard=str(shard)).set(1)
+        # A crash-looping media worker means its shard cannot carry calls: stop placing there.
+        if role == "media":
+            if event == "backoff":
+                self.placement.set_up(shard, False)
+            elif event == "ready":
+                self.placement.set_up(shard, True)
+
+    def harvest_counters(self, shard: int, slot: Any) -> None:
+        """Fold one slot's counters into the shard totals (at scrapes, and before a slot is freed)."""
+        acc = self._counters
+        i = slot.index
+        c = slot.counters.snapshot()
+        acc.observe(shard, i, "uplink_dropped_frames", slot.uplink.overruns)
+        acc.observe(shard, i, "downlink_dropped_frames", slot.downlink.overruns)
+        acc.observe(shard, i, "rtp_received_packets", c.get("rx_packets", 0))
+        acc.observe(shard, i, "rtp_sent_packets", c.get("tx_packets", 0))
+        acc.observe(shard, i, "concealed_frames", c.get("concealed", 0))
+        acc.observe(shard, i, "model_reconnects", c.get("reconnects", 0))
+
+    def _shard_counters(self) -> dict[int, dict[str, float]]:
+        """Monotonic per-shard totals of the workers' shared-memory counters (read at scrape time)."""
+        from shm.segment import SlotState
+
+        for shard, seg in list(self.segments.items()):
+            for slot in seg.slots():
+                with contextlib.suppress(Exception):  # a slot being reset or a closed segment
+                    if slot.state != SlotState.FREE:
+                        self.harvest_counters(shard, slot)
+        return self._counters.totals
+
+    async def start(self) -> None:
+        from appliance.agentcheck import AgentCheckServer
+        from appliance.api import create_app
+        from appliance.arbiter import Arbiter, specs_for_plan
+        from appliance.cpuplan import pin
+        from appliance.ratelimit import RateLimiter
+        from appliance.sessions import Sessions
+        from appliance.state import SessionStore, redis_client
+
+        cfg = self.cfg
+        with contextlib.suppress(OSError):
+            pin(0, self.plan.janus_cpus)
+        log.info("cpu plan", extra={"plan": self.plan.describe(), "instance": self.instance})
+        self._create_segments()
+        store = SessionStore.from_config(cfg.redis)
+        await store.start()
+        self.sessions = Sessions(cfg, self.placement, self.segments, store, self.metrics, box=self.instance,
+                                 on_slot_freed=self.harvest_counters)
+        await self.sessions.start()
+        limiter = RateLimiter(redis_client(cfg.redis), cfg.limits)
+        app = create_app(cfg, self.sessions, limiter=limiter, extra_routes=demo_routes(cfg))
+        self.metrics.include_default_registry()
+        self.metrics.add_shard_counters(self._shard_counters)
+        if cfg.api.metrics_port:
+            self.metrics.serve(cfg.api.metrics_host, cfg.api.metrics_port)
+        if self.with_workers:
+            from shm.segment import segment_name
+
+            specs = specs_for_plan(self.plan, lambda k: segment_name(self.instance, k), self.config_path)
+            self.arbiter = Arbiter(specs, heartbeat=self._heartbeat,
+                                   heartbeat_timeout=cfg.shards.heartbeat_timeout_seconds,
+                                   on_event=self._on_worker_event)
+            await self.arbiter.start()
+        if cfg.api.agent_check_port:
+            self.agent = AgentCheckServer(lambda: (self.placement.free_fraction(), self.placement.draining),
+                                          cfg.api.agent_check_host, cfg.api.agent_check_port)
+            await self.agent.start()
+        self.server = _Server.make(app, cfg)
+        self._tasks.append(asyncio.create_task(self.server.serve(), name="uvicorn"))
+        while not self.server.started:
+            if self._tasks[0].done():
+                self._tasks[0].result()  # raises the bind error
+                raise RuntimeError("API server exited during start-up")
+            await asyncio.sleep(0.02)
+        self.sessions.accepting = True
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self.notifier.ready(self._status())
+        log.info("supervisor ready", extra={"host": cfg.api.host, "port": cfg.api.port,
+                                             "shards": self.plan.shard_count, "slots": cfg.shards.slots})
+
+    def _status(self) -> str:
+        p = self.placement
+        state = "draining" if p.draining else "serving"
+        return f"{state}: {p.active}/{p.capacity} sessions on {self.plan.shard_count} shard(s)"
+
+    async def _housekeeping(self) -> None:
+        """Metrics gauges, sd_notify WATCHDOG/STATUS."""
+        interval = 1.0
+        if self.notifier.watchdog_seconds:
+            interval = min(interval, self.notifier.watchdog_seconds / 3)
+        last_status = ""
+        while True:
+            p = self.placement
+            self.metrics.sessions_active.set(p.active)
+            self.metrics.sessions_capacity.set(p.capacity)
+            self.metrics.draining.set(1 if p.draining else 0)
+            if self.arbiter is not None:
+                for w in self.arbiter.workers:
+                    age = self.arbiter.heartbeat_age(w)
+                    if age is not None:
+                        self.metrics.heartbeat_age.labels(role=w.spec.role, shard=str(w.spec.shard)).set(age)
+            self.notifier.watchdog()
+            status = self._status()
+            if status != last_status:
+                self.notifier.status(status)
+                last_status = status
+            await asyncio.sleep(interval)
+
+    # -- signals --------------------------------------------------------------------------------
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop, True)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop, False)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR1, self.set_draining, True)
+        loop.add_signal_handler(signal.SIGUSR2, self.set_draining, False)
+
+    def request_stop(self, graceful: bool) -> None:
+        if self._stop.is_set():
+            if not graceful:
+                self._graceful = False  # a second Ctrl-C during a drain: stop now
+            return
+        log.info("stop requested", extra={"graceful": graceful})
+        self._graceful = graceful
+        self._stop.set()
+
+    def set_draining(self, on: bool) -> None:
+        self.placement.draining = on
+        log.warning("draining" if on else "drain ended", extra={"active": self.placement.active})
+        self.notifier.status(self._status())
+
+    async def reload(self) -> None:
+        log.info("SIGHUP: rolling restart of workers")
+        self.notifier.notify(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
+        if self.arbiter is not None:
+            await self.arbiter.rolling_restart()
+        self.notifier.ready(self._status())
+
+    # -- stop -----------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop."""
+        try:
+            await self.start()
+            self.install_signals()
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    async def _drain(self, limit: float) -> None:
+        """Wait until live calls end (or ``limit`` seconds pass, or a second Ctrl-C)."""
+        log.info("draining before stop", extra={"active": self.placement.active, "timeout_seconds": limit})
+        deadline = time.monotonic() + limit
+        while self.placement.active and self._graceful and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.25)
+
+    async def stop(self) -> None:
+        self.notifier.stopping()
+        self.placement.draining = True
+        if self.sessions is not None:
+            self.sessions.accepting = False
+            if self._graceful and self.placement.active:
+                await self._drain(self.cfg.api.drain_timeout_seconds)
+            await self.sessions.close()
+        if self.server is not None:
+            self.server.should_exit = True
+        for t in self._tasks:
+            if t.get_name() != "uvicorn":
+                t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.agent is not None:
+            await self.agent.stop()
+        if self.arbiter is not None:
+            await self.arbiter.stop()
+        self.metrics.stop()
+        for seg in self.segments.values():
+            seg.close()
+            seg.unlink()
+        self.segments.clear()
+        log.info("supervisor stopped")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="config file (default: $VA_CONFIG or /etc/voice-appliance/...)")
+    parser.add_argument("--no-workers", action="store_true", help="do not spawn workers (API-only tests)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config) if args.config else load_config()
+        sup = Supervisor(cfg, args.config or os.environ.get("VA_CONFIG"), with_workers=not args.no_workers)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(sup.run())
+    except OSError as exc:  # e.g. the API port is taken
+        log.error("supervisor failed", extra={"error": str(exc)})
+        return 1
+    return 0

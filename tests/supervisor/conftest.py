@@ -1,0 +1,128 @@
+"""Fixtures for the supervisor tests: real Redis, real Janus (netns), and a running supervisor process."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from appliance.runner import dumps_toml
+from appliance.token import generate_keys, mint
+from tests.harness.janus import JanusInstance, janus_available, janus_in_netns
+from tests.harness.redis import RedisServer, free_port, redis_server
+from tests.harness.shm import unique_instance_id
+
+
+@pytest.fixture(scope="module")
+def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def janus() -> Iterator[JanusInstance]:
+    if not janus_available():
+        pytest.skip("janus or network namespaces not available")
+    with janus_in_netns() as j:
+        yield j
+
+
+@dataclass
+class SupervisorProc:
+    """A `voice-appliance supervisor` subprocess and how to reach it."""
+
+    proc: subprocess.Popen[bytes]
+    config: Path
+    api: str
+    metrics_port: int
+    agent_port: int
+    instance: str
+    private_key: bytes
+    log: Path
+    rtp_port_min: int
+
+    def token(self, sub: str = "alice") -> str:
+        return mint(self.private_key, sub=sub, audience="voice-appliance", scope="voice:session",
+                    ttl_seconds=600)
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+
+def rtp_base() -> int:
+    """A per-run RTP port base (even) unlikely to collide with other tests on the machine."""
+    return 45000 + (os.getpid() % 400) * 40
+
+
+def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: int = 1,
+                     extra: dict[str, dict] | None = None) -> SupervisorProc:
+    priv, pub = generate_keys(tmp / "keys")
+    instance = unique_instance_id("sup")
+    api_port, metrics_port, agent_port = free_port(), free_port(), free_port()
+    base = rtp_base()
+    sections: dict[str, dict] = {
+        "api": {"host": "127.0.0.1", "port": api_port, "metrics_port": metrics_port,
+                "agent_check_port": agent_port, "drain_timeout_seconds": 5},
+        "auth": {"jwt_public_key_file": str(pub), "jwt_private_key_file": str(priv)},
+        "janus": {"url": janus.url, "admin_url": janus.admin_url, "api_secret": janus.api_secret,
+                  "admin_secret": janus.admin_secret, "audiobridge_admin_key": janus.audiobridge_admin_key,
+                  "keepalive_seconds": 5.0},
+        "redis": {"url": redis_url},
+        "media": {"rtp_host": janus.host_ip, "rtp_port_min": base, "rtp_port_max": base + 39},
+        "shards": {"count": 1, "slots": slots, "heartbeat_timeout_seconds": 3.0},
+        "paths": {"state_dir": str(tmp / "state"), "run_dir": str(tmp / "run"), "instance_id": instance},
+        "limits": {"session_creates_per_minute": 1000, "signalling_per_minute": 10000},
+        # no emulator here: the AI worker runs degraded; these tests are about the control plane
+        "model": {"base_url": "https://127.0.0.1:9", "max_retries": 0},
+    }
+    for name, values in (extra or {}).items():
+        sections.setdefault(name, {}).update(values)
+    cfg = tmp / "appliance.toml"
+    cfg.write_text(dumps_toml(sections))
+    log = tmp / "supervisor.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VA_")}
+    env["VA_LOG_LEVEL"] = "info"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "appliance", "supervisor", "--config", str(cfg)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    sp = SupervisorProc(proc, cfg, f"http://127.0.0.1:{api_port}", metrics_port, agent_port, instance,
+                        priv.read_bytes(), log, base)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"supervisor exited {proc.returncode}:\n{sp.log_tail()}")
+        try:
+            with urllib.request.urlopen(sp.api + "/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return sp
+        except OSError:
+            pass
+        time.sleep(0.1)
+    stop_supervisor(sp)
+    raise RuntimeError(f"supervisor not ready:\n{sp.log_tail()}")
+
+
+def stop_supervisor(sp: SupervisorProc, sig: int = signal.SIGTERM, wait: float = 30) -> int:
+    if sp.proc.poll() is None:
+        sp.proc.send_signal(sig)
+        try:
+            sp.proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            sp.proc.kill()
+            sp.proc.wait(5)
+            raise
+    return sp.proc.returncode
+
+
+@pytest.fixture
+def sub() -> str:
+    return "user-" + secrets.token_hex(3)

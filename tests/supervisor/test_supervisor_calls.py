@@ -1,0 +1,237 @@
+"""The supervisor as a real process: real Janus (NoSIP, AudioBridge), Redis, media and AI workers, aiortc.
+
+One supervisor per module (one shard, one slot, so capacity is easy to hit); each test ends its calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack
+
+from shm.segment import ShardSegment, SlotState, segment_name
+from tests.supervisor.conftest import SupervisorProc, start_supervisor, stop_supervisor
+
+pytestmark = [pytest.mark.janus, pytest.mark.slow]
+
+
+def cpus_allowed(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError("no Cpus_allowed_list")
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+async def wait_until(pred, limit: float = 20.0, step: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = pred()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(step)
+    raise AssertionError(f"{what} not met within {limit} s")
+
+
+async def caller() -> RTCPeerConnection:
+    pc = RTCPeerConnection()
+    pc.addTrack(AudioStreamTrack())
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc
+
+
+def agent(sp: SupervisorProc) -> str:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", sp.agent_port), 5) as s:
+        return s.recv(100).decode()
+
+
+def metrics(sp: SupervisorProc) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{sp.metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+@pytest.fixture(scope="module")
+def sup(tmp_path_factory, redis_srv, janus):
+    sp = start_supervisor(tmp_path_factory.mktemp("sup"), redis_srv.url, janus, slots=1)
+    yield sp
+    stop_supervisor(sp)
+
+
+@pytest.fixture
+def seg(sup):
+    s = ShardSegment.attach(segment_name(sup.instance, 0))
+    yield s
+    s.close()
+
+
+async def create(http: httpx.AsyncClient, token: str, pc: RTCPeerConnection, **extra) -> httpx.Response:
+    return await http.post("/v1/sessions", json={"type": "offer", "sdp": pc.localDescription.sdp, **extra},
+                           headers={"Authorization": f"Bearer {token}"})
+
+
+async def test_call_capacity_worker_restart_and_delete(sup, seg, sub):
+    token = sup.token(sub)
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=sup.api, timeout=20) as http:
+        pc = await caller()
+        r = await create(http, token, pc)
+        assert r.status_code == 201, (r.text, sup.log_tail())
+        body = r.json()
+        sid = body["session_id"]
+        assert body["type"] == "answer" and "opus/48000" in body["sdp"] and body["resume_token"]
+        await pc.setRemoteDescription(RTCSessionDescription(body["sdp"], "answer"))
+
+        async def state(want: str) -> bool:
+            return (await http.get(f"/v1/sessions/{sid}", headers=auth)).json().get("state") == want
+
+        await wait_until(lambda: state("active"), what="webrtcup")
+        info = seg.slot(0).snapshot()
+        assert info is not None and info.session_id == sid and info.local_rtp_port == sup.rtp_port_min
+        slot = seg.slot(0)
+        await wait_until(lambda: slot.counters.get("rx_packets") > 20, what="caller RTP at the media worker")
+
+        # full: the one slot is taken
+        pc2 = await caller()
+        r2 = await create(http, sup.token(sub), pc2)
+        assert r2.status_code == 503 and int(r2.headers["Retry-After"]) >= 1, r2.text
+        await pc2.close()
+        assert agent(sup) == "up 0%\n"
+        text = metrics(sup)
+        assert "va_sessions_active 1.0" in text and 'va_admissions_total{result="full"} 1.0' in text
+
+        # kill -9 the media worker: restarted on the same CPU, the call keeps flowing
+        old_pid, _ = seg.heartbeat_age("media")
+        cpu = cpus_allowed(old_pid)
+        rx_before = slot.counters.get("rx_packets")
+        t0 = time.monotonic()
+        os.kill(old_pid, signal.SIGKILL)
+
+        def new_beat():
+            pid, age = seg.heartbeat_age("media")
+            return pid if pid != old_pid and age is not None and age < 1 else None
+
+        new_pid = await wait_until(new_beat, what="media worker restarted")
+        restart_s = time.monotonic() - t0
+        print(f"media worker restart to first heartbeat: {restart_s * 1000:.0f} ms")
+        assert cpus_allowed(new_pid) == cpu
+        await wait_until(lambda: slot.counters.get("rx_packets") > rx_before + 25, what="RTP after restart")
+        assert gone(old_pid)
+        assert 'va_worker_restarts_total{reason="signal",role="media"} 1.0' in metrics(sup)
+
+        # DELETE ends it: slot freed, capacity back
+        r = await http.delete(f"/v1/sessions/{sid}", headers=auth)
+        assert r.status_code == 204
+        assert (await http.get(f"/v1/sessions/{sid}", headers=auth)).status_code == 404
+        await wait_until(lambda: slot.state == SlotState.FREE, what="slot freed")
+        assert agent(sup) == "up 100%\n"
+        await pc.close()
+
+
+async def test_hangup_keeps_resumable_state_and_resume_continues(sup, seg, sub):
+    token = sup.token(sub)
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=sup.api, timeout=20) as http:
+        pc = await caller()
+        r = await create(http, token, pc, voice="Kore")
+        assert r.status_code == 201, r.text
+        body = r.json()
+        sid, resume = body["session_id"], body["resume_token"]
+        await pc.setRemoteDescription(RTCSessionDescription(body["sdp"], "answer"))
+
+        async def state(want: str) -> bool:
+            return (await http.get(f"/v1/sessions/{sid}", headers=auth)).json().get("state") == want
+
+        await wait_until(lambda: state("active"), what="webrtcup")
+        await pc.close()  # the caller goes away: Janus hangup → teardown, record kept as disconnected
+        await wait_until(lambda: state("disconnected"), what="disconnected")
+        await wait_until(lambda: seg.slot(0).state == SlotState.FREE, what="slot freed")
+
+        # someone else cannot use the token
+        pc_x = await caller()
+        rx = await create(http, sup.token("mallory"), pc_x, resume_token=resume)
+        assert rx.status_code == 400 and rx.json()["error"] == "invalid_resume"
+        await pc_x.close()
+
+        pc2 = await caller()
+        r2 = await create(http, token, pc2, resume_token=resume)
+        assert r2.status_code == 201, r2.text
+        body2 = r2.json()
+        assert body2["session_id"] == sid and body2["resume_token"] != resume
+        info = seg.slot(0).snapshot()
+        assert info is not None and info.session_id == sid and info.options.get("voice") == "Kore"
+        await pc2.setRemoteDescription(RTCSessionDescription(body2["sdp"], "answer"))
+        await wait_until(lambda: state("active"), what="webrtcup after resume")
+        # a spent token does not work twice
+        pc3 = await caller()
+        r3 = await create(http, token, pc3, resume_token=resume)
+        assert r3.status_code == 400
+        await pc3.close()
+        assert (await http.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
+        await pc2.close()
+
+
+async def test_room_mode_through_audiobridge(sup, seg, sub):
+    token = sup.token(sub)
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=sup.api, timeout=20) as http:
+        pc = await caller()
+        r = await create(http, token, pc, mode="room")
+        assert r.status_code == 201, (r.text, sup.log_tail())
+        body = r.json()
+        await pc.setRemoteDescription(RTCSessionDescription(body["sdp"], "answer"))
+        info = seg.slot(0).snapshot()
+        assert info is not None and info.mode == "room" and info.remote_rtp_port > 0
+        sid = body["session_id"]
+        slot = seg.slot(0)
+        # the AudioBridge mix reaches the media worker once the worker has sent its first packet
+        await wait_until(lambda: slot.counters.get("rx_packets") > 10, limit=30, what="room RTP")
+        assert (await http.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
+        await pc.close()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+            except (FileNotFoundError, IndexError, ValueError):
+                continue
+    return out
+
+
+def test_sigterm_stops_workers_and_removes_segments(tmp_path, redis_srv, janus):
+    sp = start_supervisor(tmp_path, redis_srv.url, janus)
+    seg = ShardSegment.attach(segment_name(sp.instance, 0))
+    deadline = time.monotonic() + 30
+    media = None
+    while time.monotonic() < deadline and media is None:
+        pid, age = seg.heartbeat_age("media")
+        media = pid if pid and age is not None and age < 1 else None
+        time.sleep(0.1)
+    seg.close()
+    assert media, sp.log_tail()
+    workers = _children(sp.proc.pid)
+    assert media in workers
+    assert stop_supervisor(sp) == 0, sp.log_tail()
+    assert all(gone(p) for p in workers)
+    assert not Path(f"/dev/shm{segment_name(sp.instance, 0)}").exists()
