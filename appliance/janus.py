@@ -155,6 +155,7 @@ class JanusClient:
         admin_secret: str = "",
         keepalive_seconds: float = 25.0,
         request_timeout: float = 10.0,
+        session_lost_after: float = 60.0,
         http: httpx.AsyncClient | None = None,
     ) -> None:
         self.url = url.rstrip("/")
@@ -163,6 +164,7 @@ class JanusClient:
         self.admin_secret = admin_secret
         self.keepalive_seconds = keepalive_seconds
         self.request_timeout = request_timeout
+        self.session_lost_after = session_lost_after  # Janus unreachable this long → session_lost
         self._own_http = http is None
         self.http = http or httpx.AsyncClient(
             timeout=request_timeout, limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
@@ -357,25 +359,30 @@ class JanusSession:
         if self.client.api_secret:
             params["apisecret"] = self.client.api_secret
         backoff = 0.05
+        failing_since: float | None = None
         url = f"{self.client.url}/{self.id}"
         poll_timeout = httpx.Timeout(self.client.request_timeout, read=65.0)  # Janus answers within 30 s
         while self.alive:
             try:
                 query = {**params, "rid": str(time.time_ns())}
-                resp = await self.client.http.get(url, params=query, timeout=poll_timeout)
+                try:
+                    resp = await self.client.http.get(url, params=query, timeout=poll_timeout)
+                except httpx.HTTPError as exc:
+                    ERRORS.labels("transport").inc()
+                    raise JanusUnavailable(repr(exc)) from exc
                 data = _check(resp)
-                backoff = 0.05
+                backoff, failing_since = 0.05, None
             except JanusError as exc:
                 if exc.code == ERR_SESSION_NOT_FOUND:
                     self._close("session not found")
                     return
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > self.client.session_lost_after:
+                    # Janus has been unreachable longer than it keeps idle sessions: the calls are gone
+                    self._close("janus unreachable")
+                    return
                 log.warning("janus long poll failed", extra={"janus_session": self.id, "error": str(exc)})
-                await asyncio.sleep(backoff)
-                backoff = min(2.0, backoff * 2)
-                continue
-            except httpx.HTTPError as exc:
-                ERRORS.labels("transport").inc()
-                log.warning("janus long poll failed", extra={"janus_session": self.id, "error": repr(exc)})
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
                 continue

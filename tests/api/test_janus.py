@@ -7,6 +7,8 @@ socket on the root side of the veth.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import time
 
@@ -195,3 +197,15 @@ async def test_audiobridge_webrtc_caller_joins_room(janus):
         await pc.close()
         await room_handle.audiobridge_destroy_room(room)
         worker.close()
+
+
+async def test_janus_dying_gives_session_lost():
+    with janus_in_netns() as j:
+        async with client(j, session_lost_after=1.0, request_timeout=1.0) as jc:
+            session = await jc.create_session()
+            handle = await session.attach(NOSIP)
+            os.kill(j.pid, signal.SIGKILL)
+            lost = await handle.wait_for("session_lost", 15)
+            assert lost.reason == "janus unreachable" and not session.alive
+            with pytest.raises(JanusError):
+                await session.attach(NOSIP)
