@@ -1,11 +1,13 @@
 """`voice-appliance run`: generated configs, and a real supervisord stack that stops cleanly on SIGINT."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 import xmlrpc.client
 from pathlib import Path
 
@@ -80,6 +82,24 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+def _http_get(url: str, limit: float = 5) -> str:
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _http_post(url: str) -> str:
+    req = urllib.request.Request(url, data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.read().decode()
+
+
 class _UnixTransport(xmlrpc.client.Transport):
     def __init__(self, path: str) -> None:
         super().__init__()
@@ -103,8 +123,9 @@ class _UnixTransport(xmlrpc.client.Transport):
 def test_run_starts_stack_and_stops_cleanly_on_sigint(tmp_path):
     state = tmp_path / "var"
     env = dict(os.environ)
+    api_port = free_port()
     env.update({
-        "VA_API_PORT": str(free_port()), "VA_API_METRICS_PORT": "0", "VA_API_AGENT_CHECK_PORT": "0",
+        "VA_API_PORT": str(api_port), "VA_API_METRICS_PORT": "0", "VA_API_AGENT_CHECK_PORT": "0",
         "VA_EMULATOR_PORT": str(free_port()), "VA_SHARDS_COUNT": "1", "VA_SHARDS_SLOTS": "4",
         "VA_JANUS_URL": f"http://127.0.0.1:{free_port()}/janus",
         "VA_JANUS_ADMIN_URL": f"http://127.0.0.1:{free_port()}/admin",
@@ -118,7 +139,7 @@ def test_run_starts_stack_and_stops_cleanly_on_sigint(tmp_path):
     pids: set[int] = set()
     try:
         deadline = time.monotonic() + 60
-        wanted = {"redis", "coturn", "janus"}
+        wanted = {"redis", "coturn", "janus", "supervisor"}
         running: dict[str, int] = {}
         while time.monotonic() < deadline:
             if sock.exists():
@@ -133,6 +154,14 @@ def test_run_starts_stack_and_stops_cleanly_on_sigint(tmp_path):
             assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
             time.sleep(0.2)
         assert wanted <= running.keys(), f"{running} {(tmp_path / 'run.log').read_text()[-3000:]}"
+        # the supervisor serves the demo page and hands out dev tokens (the run created the dev key)
+        page = _http_get(f"http://127.0.0.1:{api_port}/", 30)
+        assert "<button id=\"call\"" in page
+        token = json.loads(_http_post(f"http://127.0.0.1:{api_port}/dev/token"))["token"]
+        cfg = load_config(state / "appliance.toml", env={})
+        from appliance.auth import JwtVerifier
+
+        assert JwtVerifier.from_config(cfg.auth).verify(token).sub == "demo"
         pids = _descendants(proc.pid)
         assert set(running.values()) <= pids
     finally:
