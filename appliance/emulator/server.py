@@ -1,0 +1,671 @@
+"""A protocol-faithful Gemini Live (BidiGenerateContent) server, so the real SDK runs unchanged offline.
+
+Wire protocol (google-genai 3.4 against ``wss://HOST/ws/google.ai.generativelanguage.{v1alpha,v1beta}
+.GenerativeService.BidiGenerateContent``):
+
+- the API key comes in ``x-goog-api-key`` (or ``?key=``); a wrong key is accepted at HTTP level and then
+  closed with 1008, exactly like the service, so the SDK raises ``APIError`` with a clear message;
+- the first frame must be ``setup`` (anything else: close 1007); answered by ``setupComplete{sessionId}``
+  where ``sessionId`` is the *conversation* id (stable across resumptions — the key for the audio record);
+- client frames may use either key casing and either base64 alphabet (see :mod:`.protocol`); bad JSON,
+  unknown message types, truncated base64 or odd-length PCM close the connection with 1007 and a reason;
+  frames above ``max_frame_bytes`` close it with 1009 (websockets does that);
+- turns: automatic (energy + ``silenceDurationMs``) unless ``automaticActivityDetection.disabled``, then
+  ``activityStart``/``activityEnd``; ``audioStreamEnd`` flushes an automatic turn;
+- replies: ``inputTranscription``, optional model first-byte delay, 24 kHz PCM chunks (``echo`` of the
+  caller's last utterance, a ``tone`` or ``silence``) paced in real time or in a burst,
+  ``outputTranscription``, ``generationComplete``, ``turnComplete`` + ``usageMetadata`` (25 tokens/s of
+  audio). Caller speech during a reply cancels it and sends ``interrupted``;
+- tools: with ``tool_calls`` on and functions declared in setup, a turn first sends ``toolCall`` and waits
+  for the matching ``toolResponse`` (barge-in meanwhile sends ``toolCallCancellation``);
+- session resumption (when ``sessionResumption`` is in setup): ``sessionResumptionUpdate{newHandle,
+  resumable}`` after setup and after each turn; with ``transparent`` it carries
+  ``lastConsumedClientMessageIndex`` (0-based index of the client frames of *this connection*, the setup
+  being 0). A handle snapshots the conversation — history, last utterance and the length of the
+  received-audio record — and resuming restores exactly that, so audio sent after the handle is lost
+  unless the client replays it. That makes the record a proof: it is continuous only if the client
+  replayed correctly. An unknown handle closes with 1007;
+- ``goAway{timeLeft}`` then a close after ``timeLeft``; context window compression config is accepted.
+
+Faults (run-wide from flags, for the next connection, or for one live session through the control
+channel): first-byte delay, pacing, abrupt close (any code; 1006 = drop TCP without a close frame),
+refuse new connections (HTTP 503), goAway after N seconds, stop reading (a slow consumer), a garbage
+frame, tool calls.
+
+Control channel: plain HTTPS GET on the same port under ``/emulator/`` (same API key), because the
+websockets server can answer ordinary GETs and tests need no second listener:
+``health``, ``sessions`` (JSON), ``audio?session=ID`` (raw PCM record), ``config?k=v`` (run-wide),
+``next?k=v`` (the next connection only), ``fault?session=ID&action=…`` (one live session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import itertools
+import json
+import logging
+import math
+import secrets
+import ssl
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+import soxr
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from appliance.emulator.protocol import (
+    ProtocolError,
+    audio_message,
+    decode_b64,
+    dumps,
+    duration,
+    parse_client_frame,
+    pcm_rate,
+)
+from appliance.emulator.turns import TurnDetector
+
+log = logging.getLogger("appliance.emulator")
+
+PATH_PREFIX = "/ws/google.ai.generativelanguage."
+PATH_SUFFIX = ".GenerativeService.BidiGenerateContent"
+API_VERSIONS = ("v1alpha", "v1beta")
+OUT_RATE = 24000
+TOKENS_PER_SECOND = 25
+
+
+@dataclass
+class Behaviour:
+    """What a connection does: reply mode and faults. Run-wide defaults; overridable per connection."""
+
+    reply: str = "echo"  # echo | tone | silence
+    tone_hz: float = 440.0
+    pacing: str = "realtime"  # realtime | burst
+    chunk_ms: int = 40
+    first_byte_delay_ms: int = 0
+    goaway_after_s: float = 0.0  # 0: never
+    goaway_time_left_s: float = 1.0
+    close_after_s: float = 0.0  # 0: never
+    close_code: int = 1011
+    stop_reading_after_s: float = 0.0
+    refuse: bool = False
+    tool_calls: bool = False
+    threshold_dbfs: float = -45.0
+    silence_ms: int = 500  # automatic detection default when setup gives none
+
+
+def _coerce_behaviour(base: Behaviour, values: dict[str, str]) -> Behaviour:
+    kinds = {f.name: f.type for f in fields(Behaviour)}
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if k not in kinds:
+            raise ValueError(f"unknown setting {k!r} (known: {', '.join(kinds)})")
+        kind = kinds[k]
+        if kind in ("bool", bool):
+            out[k] = v.lower() in ("1", "true", "yes", "on")
+        elif kind in ("int", int):
+            out[k] = int(v)
+        elif kind in ("float", float):
+            out[k] = float(v)
+        else:
+            out[k] = v
+    new = replace(base, **out)
+    if new.reply not in ("echo", "tone", "silence"):
+        raise ValueError("reply must be echo, tone or silence")
+    if new.pacing not in ("realtime", "burst"):
+        raise ValueError("pacing must be realtime or burst")
+    return new
+
+
+@dataclass
+class Conversation:
+    """The model-side state a handle restores: history and the record of caller audio received."""
+
+    id: str
+    record: bytearray = field(default_factory=bytearray)
+    rate: int = 16000
+    history: list[str] = field(default_factory=list)
+    last_utterance: bytes = b""
+    resumes: int = 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    conversation_id: str
+    record_len: int
+    history: tuple[str, ...]
+    last_utterance: bytes
+
+
+class _Closed(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Connection:
+    """One WebSocket connection: a receive loop, turn detection and reply tasks."""
+
+    def __init__(self, server: EmulatorServer, ws: ServerConnection, behaviour: Behaviour, conn_id: int):
+        self.server = server
+        self.ws = ws
+        self.b = behaviour
+        self.id = conn_id
+        self.conv: Conversation | None = None
+        self.detector = TurnDetector()
+        self.msg_index = -1
+        self.resumption = False
+        self.transparent = False
+        self.transcribe_in = False
+        self.transcribe_out = False
+        self.functions: list[str] = []
+        self.reply_task: asyncio.Task[None] | None = None
+        self.pending_tool: tuple[str, asyncio.Future[dict[str, Any]]] | None = None
+        self.reading = asyncio.Event()
+        self.reading.set()
+        self.timers: list[asyncio.Task[None]] = []
+        self.state = "setup"
+        self.bytes_in = 0
+        self.started = time.monotonic()
+
+    # --- sending -------------------------------------------------------------------------------
+    async def send(self, msg: dict[str, Any] | bytes) -> None:
+        await self.ws.send(msg if isinstance(msg, bytes) else dumps(msg))
+
+    async def close(self, code: int, reason: str = "") -> None:
+        self.state = "closed"
+        if code == 1006:
+            self.ws.transport.abort()
+            return
+        await self.ws.close(code, reason[:120])
+
+    # --- main loop -----------------------------------------------------------------------------
+    async def run(self, api_key_ok: bool) -> None:
+        if not api_key_ok:
+            # Like the service: the handshake succeeds, the first frame (setup) is read, then 1008.
+            log.info("rejected: bad API key", extra={"conn": self.id})
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
+                await asyncio.wait_for(self.ws.recv(), 5)
+            await self.close(1008, "API key not valid. Please pass a valid API key.")
+            return
+        try:
+            await self._loop()
+        except _Closed as exc:
+            log.info("closing", extra={"conn": self.id, "code": exc.code, "reason": exc.reason})
+            await self.close(exc.code, exc.reason)
+        except ProtocolError as exc:
+            log.info("protocol error", extra={"conn": self.id, "reason": exc.reason})
+            await self.close(exc.code, exc.reason)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.state = "closed"
+            for t in [*self.timers, self.reply_task]:
+                if t and not t.done():
+                    t.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.reading.is_set():
+                await self.reading.wait()
+            frame = await self.ws.recv()
+            self.msg_index += 1
+            kind, body = parse_client_frame(frame)
+            if self.state == "setup":
+                if kind != "setup":
+                    raise ProtocolError("setup must be the first message")
+                await self._setup(body)
+                continue
+            if kind == "setup":
+                raise ProtocolError("setup may be sent only once")
+            if kind == "realtimeInput":
+                await self._realtime(body)
+            elif kind == "clientContent":
+                await self._client_content(body)
+            elif kind == "toolResponse":
+                self._tool_response(body)
+
+    # --- setup and resumption ------------------------------------------------------------------
+    async def _setup(self, setup: dict[str, Any]) -> None:
+        if not isinstance(setup.get("model"), str) or not setup["model"]:
+            raise ProtocolError("setup.model is required")
+        rt = setup.get("realtimeInputConfig") or {}
+        aad = rt.get("automaticActivityDetection") or {}
+        self.detector = TurnDetector(
+            manual=bool(aad.get("disabled")),
+            silence_ms=int(aad.get("silenceDurationMs") or self.b.silence_ms),
+            prefix_ms=int(aad.get("prefixPaddingMs") or 40),
+            threshold_dbfs=self.b.threshold_dbfs,
+        )
+        self.transcribe_in = "inputAudioTranscription" in setup
+        self.transcribe_out = "outputAudioTranscription" in setup
+        for tool in setup.get("tools") or []:
+            for fd in tool.get("functionDeclarations") or []:
+                if isinstance(fd, dict) and fd.get("name"):
+                    self.functions.append(fd["name"])
+        resumption = setup.get("sessionResumption")
+        self.resumption = resumption is not None
+        handle = (resumption or {}).get("handle")
+        self.transparent = bool((resumption or {}).get("transparent"))
+        if handle:
+            snap = self.server.handles.get(handle)
+            if snap is None:
+                raise ProtocolError("session resumption handle not found or expired")
+            self.conv = self.server.restore(snap)
+        else:
+            self.conv = self.server.new_conversation()
+        self.server.live[self.conv.id] = self
+        self.state = "live"
+        log.info(
+            "session live",
+            extra={"conn": self.id, "session": self.conv.id, "resumed": bool(handle),
+                   "manual": self.detector.manual},
+        )
+        await self.send({"setupComplete": {"sessionId": self.conv.id}})
+        await self._handle_update()
+        self._arm_timers()
+
+    async def _handle_update(self) -> None:
+        if not self.resumption or self.conv is None:
+            return
+        handle = self.server.snapshot(self.conv)
+        update: dict[str, Any] = {"newHandle": handle, "resumable": True}
+        if self.transparent:
+            update["lastConsumedClientMessageIndex"] = self.msg_index
+        await self.send({"sessionResumptionUpdate": update})
+
+    def _arm_timers(self) -> None:
+        b = self.b
+        if b.goaway_after_s > 0:
+            self.timers.append(asyncio.create_task(self._later(b.goaway_after_s, self.go_away)))
+        if b.close_after_s > 0:
+            self.timers.append(asyncio.create_task(self._later(b.close_after_s, self.abrupt_close)))
+        if b.stop_reading_after_s > 0:
+            self.timers.append(
+                asyncio.create_task(self._later(b.stop_reading_after_s, self.stop_reading))
+            )
+
+    async def _later(self, delay: float, fn: Any) -> None:
+        await asyncio.sleep(delay)
+        with contextlib.suppress(ConnectionClosed):
+            await fn()
+
+    # --- faults --------------------------------------------------------------------------------
+    async def go_away(self, time_left_s: float | None = None) -> None:
+        left = self.b.goaway_time_left_s if time_left_s is None else time_left_s
+        log.info("goAway", extra={"conn": self.id, "time_left_s": left})
+        await self.send({"goAway": {"timeLeft": duration(left)}})
+        await asyncio.sleep(left)
+        await self.close(1000, "session duration limit reached")
+
+    async def abrupt_close(self, code: int | None = None) -> None:
+        await self.close(self.b.close_code if code is None else code, "injected fault")
+
+    async def stop_reading(self) -> None:
+        self.reading.clear()
+
+    async def garbage(self) -> None:
+        await self.ws.send(b"\x00\xffthis is not json{")
+
+    # --- input ---------------------------------------------------------------------------------
+    async def _realtime(self, body: dict[str, Any]) -> None:
+        chunks: list[dict[str, Any]] = []
+        if "audio" in body:
+            chunks.append(body["audio"])
+        chunks.extend(body.get("mediaChunks") or [])
+        for blob in chunks:
+            if not isinstance(blob, dict):
+                raise ProtocolError("Invalid audio blob")
+            rate = pcm_rate(blob.get("mimeType"))
+            pcm = decode_b64(blob.get("data"))
+            if len(pcm) % 2:
+                raise ProtocolError("audio/pcm data must hold whole 16-bit samples")
+            assert self.conv is not None
+            self.conv.rate = rate
+            self.detector.rate = rate
+            self.conv.record += pcm
+            self.bytes_in += len(pcm)
+            for ev in self.detector.feed(pcm):
+                await self._turn_event(ev.kind, ev.utterance)
+        if "activityStart" in body:
+            if not self.detector.manual:
+                raise ProtocolError("activityStart requires automatic activity detection disabled")
+            for ev in self.detector.activity_start():
+                await self._turn_event(ev.kind, ev.utterance)
+        if "activityEnd" in body:
+            if not self.detector.manual:
+                raise ProtocolError("activityEnd requires automatic activity detection disabled")
+            for ev in self.detector.activity_end():
+                await self._turn_event(ev.kind, ev.utterance)
+        if body.get("audioStreamEnd"):
+            for ev in self.detector.stream_end():
+                await self._turn_event(ev.kind, ev.utterance)
+        if isinstance(body.get("text"), str) and body["text"]:
+            await self._start_reply(b"", f"text: {body['text']}")
+
+    async def _client_content(self, body: dict[str, Any]) -> None:
+        texts = [
+            p.get("text", "")
+            for turn in body.get("turns") or []
+            for p in (turn.get("parts") or [])
+            if isinstance(p, dict)
+        ]
+        assert self.conv is not None
+        self.conv.history.extend(f"user: {t}" for t in texts if t)
+        if body.get("turnComplete"):
+            await self._start_reply(b"", " ".join(texts))
+
+    def _tool_response(self, body: dict[str, Any]) -> None:
+        responses = body.get("functionResponses") or []
+        if not isinstance(responses, list):
+            raise ProtocolError("toolResponse.functionResponses must be a list")
+        for r in responses:
+            if self.pending_tool and isinstance(r, dict) and r.get("id") == self.pending_tool[0]:
+                fut = self.pending_tool[1]
+                if not fut.done():
+                    fut.set_result(r)
+
+    async def _turn_event(self, kind: str, utterance: bytes) -> None:
+        if kind == "start":
+            await self._barge_in()
+            return
+        assert self.conv is not None
+        self.conv.last_utterance = utterance
+        seconds = len(utterance) / 2 / self.conv.rate
+        self.conv.history.append(f"user: <{seconds:.2f} s of audio>")
+        await self._start_reply(utterance, f"heard {seconds:.2f} seconds of audio")
+
+    async def _barge_in(self) -> None:
+        task = self.reply_task
+        if task is None or task.done():
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await task
+        if self.pending_tool:
+            call_id = self.pending_tool[0]
+            self.pending_tool = None
+            await self.send({"toolCallCancellation": {"ids": [call_id]}})
+        await self.send({"serverContent": {"interrupted": True}})
+
+    async def _start_reply(self, utterance: bytes, heard: str) -> None:
+        await self._barge_in()
+        self.reply_task = asyncio.create_task(self._reply(utterance, heard))
+
+    # --- output --------------------------------------------------------------------------------
+    def _reply_audio(self, utterance: bytes) -> bytes:
+        assert self.conv is not None
+        mode = self.b.reply
+        in_seconds = len(utterance) / 2 / self.conv.rate
+        if mode == "echo" and utterance:
+            x = np.frombuffer(utterance, dtype="<i2")
+            return soxr.resample(x, self.conv.rate, OUT_RATE).astype("<i2").tobytes()
+        seconds = max(in_seconds, 0.5) if utterance else 1.0
+        n = int(seconds * OUT_RATE)
+        if mode == "silence":
+            return bytes(2 * n)
+        t = np.arange(n) / OUT_RATE
+        return (0.3 * 32767 * np.sin(2 * math.pi * self.b.tone_hz * t)).astype("<i2").tobytes()
+
+    async def _reply(self, utterance: bytes, heard: str) -> None:
+        assert self.conv is not None
+        try:
+            if self.transcribe_in:
+                await self.send({"serverContent": {"inputTranscription": {"text": heard, "finished": True}}})
+            said = f"{self.b.reply} reply"
+            if self.b.tool_calls and self.functions:
+                call_id = f"call-{secrets.token_hex(4)}"
+                fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+                self.pending_tool = (call_id, fut)
+                await self.send(
+                    {"toolCall": {"functionCalls": [
+                        {"id": call_id, "name": self.functions[0], "args": {"heard": heard}}
+                    ]}}
+                )
+                result = await fut
+                self.pending_tool = None
+                said = f"tool {result.get('name')} said {json.dumps(result.get('response'))}"
+            if self.b.first_byte_delay_ms:
+                await asyncio.sleep(self.b.first_byte_delay_ms / 1000)
+            audio = self._reply_audio(utterance)
+            step = OUT_RATE * self.b.chunk_ms // 1000 * 2
+            t0 = time.monotonic()
+            for i, off in enumerate(range(0, len(audio), step)):
+                await self.send(audio_message(audio[off : off + step]))
+                if self.b.pacing == "realtime":
+                    delay = t0 + (i + 1) * self.b.chunk_ms / 1000 - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                else:
+                    await asyncio.sleep(0)
+            if self.transcribe_out:
+                await self.send({"serverContent": {"outputTranscription": {"text": said, "finished": True}}})
+            await self.send({"serverContent": {"generationComplete": True}})
+            prompt = math.ceil(len(utterance) / 2 / self.conv.rate * TOKENS_PER_SECOND) + 1
+            response = math.ceil(len(audio) / 2 / OUT_RATE * TOKENS_PER_SECOND)
+            await self.send(
+                {
+                    "serverContent": {"turnComplete": True},
+                    "usageMetadata": {
+                        "promptTokenCount": prompt,
+                        "responseTokenCount": response,
+                        "totalTokenCount": prompt + response,
+                    },
+                }
+            )
+            self.conv.history.append(f"model: {said}")
+            await self._handle_update()
+        except ConnectionClosed:
+            pass
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "connection": self.id,
+            "state": self.state,
+            "manual": self.detector.manual,
+            "bytes_received": self.bytes_in,
+            "messages_received": self.msg_index + 1,
+            "reading": self.reading.is_set(),
+            "replying": bool(self.reply_task and not self.reply_task.done()),
+        }
+
+
+class EmulatorServer:
+    """Owns the listener, conversations, handles, run-wide behaviour and the control channel."""
+
+    def __init__(self, api_key: str, behaviour: Behaviour | None = None, *, max_frame_bytes: int = 4 << 20,
+                 control: bool = True) -> None:
+        self.api_key = api_key
+        self.behaviour = behaviour or Behaviour()
+        self.next_behaviour: Behaviour | None = None
+        self.max_frame_bytes = max_frame_bytes
+        self.control = control
+        self.conversations: dict[str, Conversation] = {}
+        self.handles: dict[str, Snapshot] = {}
+        self.live: dict[str, Connection] = {}
+        self.connections: dict[int, Connection] = {}
+        self._ids = itertools.count(1)
+        self._server: Server | None = None
+        self.stats = {"connections": 0, "refused": 0, "rejected_key": 0}
+
+    # --- conversations -------------------------------------------------------------------------
+    def new_conversation(self) -> Conversation:
+        conv = Conversation(id=f"emu-{secrets.token_hex(6)}")
+        self.conversations[conv.id] = conv
+        return conv
+
+    def snapshot(self, conv: Conversation) -> str:
+        handle = secrets.token_urlsafe(18)
+        self.handles[handle] = Snapshot(conv.id, len(conv.record), tuple(conv.history), conv.last_utterance)
+        return handle
+
+    def restore(self, snap: Snapshot) -> Conversation:
+        old = self.conversations.get(snap.conversation_id)
+        previous = self.live.pop(snap.conversation_id, None)
+        if previous is not None and previous.state != "closed":
+            log.info("resumed while the old connection is open", extra={"session": snap.conversation_id})
+        conv = Conversation(
+            id=snap.conversation_id,
+            record=bytearray(old.record[: snap.record_len]) if old else bytearray(),
+            rate=old.rate if old else 16000,
+            history=list(snap.history),
+            last_utterance=snap.last_utterance,
+            resumes=(old.resumes + 1) if old else 1,
+        )
+        self.conversations[conv.id] = conv
+        return conv
+
+    # --- HTTP side ---------------------------------------------------------------------------
+    def _key_ok(self, request: Request) -> bool:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
+        given = request.headers.get("x-goog-api-key") or (query.get("key") or [""])[0]
+        return secrets.compare_digest(given.encode(), self.api_key.encode())
+
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = urllib.parse.urlsplit(request.path).path
+        if path.startswith("/emulator/") and self.control:
+            return self._control(request, path)
+        if not (path.startswith(PATH_PREFIX) and path.endswith(PATH_SUFFIX)):
+            return conn.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
+        version = path[len(PATH_PREFIX) : -len(PATH_SUFFIX)]
+        if version not in API_VERSIONS:
+            return conn.respond(http.HTTPStatus.NOT_FOUND, f"API version {version} has no Live API\n")
+        b = self.next_behaviour or self.behaviour
+        if b.refuse:
+            if b is self.next_behaviour:
+                self.next_behaviour = None
+            self.stats["refused"] += 1
+            return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "The service is unavailable.\n")
+        return None
+
+    def _control(self, request: Request, path: str) -> Response:
+        if not self._key_ok(request):
+            return _json_response(403, {"error": "bad API key"})
+        q = {k: v[-1] for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query).items()}
+        q.pop("key", None)
+        name = path[len("/emulator/") :]
+        try:
+            if name == "health":
+                return _json_response(200, {"ok": True, "live": len(self.live), **self.stats})
+            if name == "sessions":
+                return _json_response(200, {"sessions": self.sessions_info()})
+            if name == "audio":
+                conv = self.conversations.get(q.get("session", ""))
+                if conv is None:
+                    return _json_response(404, {"error": "unknown session"})
+                return Response(200, "OK", Headers([("Content-Type", "application/octet-stream"),
+                                                    ("X-Sample-Rate", str(conv.rate)),
+                                                    ("Content-Length", str(len(conv.record)))]),
+                                bytes(conv.record))
+            if name == "config":
+                self.behaviour = _coerce_behaviour(self.behaviour, q)
+                return _json_response(200, asdict(self.behaviour))
+            if name == "next":
+                self.next_behaviour = _coerce_behaviour(self.behaviour, q)
+                return _json_response(200, asdict(self.next_behaviour))
+            if name == "fault":
+                return self._fault(q)
+        except (ValueError, TypeError) as exc:
+            return _json_response(400, {"error": str(exc)})
+        return _json_response(404, {"error": f"unknown control endpoint {name!r}"})
+
+    def _fault(self, q: dict[str, str]) -> Response:
+        conn = self.live.get(q.pop("session", ""))
+        if conn is None or conn.state == "closed":
+            return _json_response(404, {"error": "no live connection for that session"})
+        action = q.pop("action", "")
+        loop = asyncio.get_running_loop()
+        if action == "close":
+            coro = conn.abrupt_close(int(q.get("code", conn.b.close_code)))
+        elif action == "goaway":
+            coro = conn.go_away(float(q.get("time_left_s", conn.b.goaway_time_left_s)))
+        elif action == "stop_reading":
+            coro = conn.stop_reading()
+        elif action == "resume_reading":
+            conn.reading.set()
+            return _json_response(200, {"ok": True})
+        elif action == "garbage":
+            coro = conn.garbage()
+        elif action == "set":
+            conn.b = _coerce_behaviour(conn.b, q)
+            return _json_response(200, asdict(conn.b))
+        else:
+            raise ValueError("action must be close, goaway, stop_reading, resume_reading, garbage or set")
+        task = loop.create_task(conn._later(0, lambda: coro))
+        conn.timers.append(task)
+        return _json_response(200, {"ok": True, "action": action})
+
+    def sessions_info(self) -> list[dict[str, Any]]:
+        out = []
+        for conv in self.conversations.values():
+            live = self.live.get(conv.id)
+            out.append({
+                "session": conv.id,
+                "audio_bytes": len(conv.record),
+                "rate": conv.rate,
+                "history": conv.history,
+                "resumes": conv.resumes,
+                "live": live.info() if live and live.state != "closed" else None,
+            })
+        return out
+
+    # --- WebSocket side ----------------------------------------------------------------------
+    async def _handler(self, ws: ServerConnection) -> None:
+        behaviour = self.next_behaviour or self.behaviour
+        self.next_behaviour = None
+        conn = Connection(self, ws, replace(behaviour), next(self._ids))
+        self.connections[conn.id] = conn
+        self.stats["connections"] += 1
+        key_ok = self._key_ok(ws.request) if ws.request else False
+        if not key_ok:
+            self.stats["rejected_key"] += 1
+        try:
+            await conn.run(key_ok)
+        except Exception:  # a bug in one connection must never take the server down
+            log.exception("connection failed", extra={"conn": conn.id})
+            with contextlib.suppress(Exception):
+                await conn.close(1011, "internal error")
+        finally:
+            self.connections.pop(conn.id, None)
+            if conn.conv and self.live.get(conn.conv.id) is conn:
+                del self.live[conn.conv.id]
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
+        self._server = await serve(
+            self._handler,
+            host,
+            port,
+            ssl=ssl_context,
+            process_request=self._process_request,
+            max_size=self.max_frame_bytes,
+            compression=None,
+            ping_interval=None,
+            server_header="voice-appliance-emulator",
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+def _json_response(status: int, body: Any) -> Response:
+    data = json.dumps(body).encode()
+    reason = http.HTTPStatus(status).phrase
+    return Response(status, reason, Headers([("Content-Type", "application/json"),
+                                             ("Content-Length", str(len(data)))]), data)
+
+
+def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx

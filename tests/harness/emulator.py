@@ -1,0 +1,251 @@
+"""Start the Live emulator as a real subprocess (the `voice-appliance emulator` CLI) for tests.
+
+    with start_emulator(tmp_path, reply="tone") as emu:
+        client = emu.genai_client()            # google-genai Client trusting the emulator's test CA
+        ...                                    # or emu.base_url, emu.ca_file, emu.api_key, emu.ssl_context()
+        emu.sessions()                         # what the emulator saw, per conversation
+        emu.audio(session_id)                  # the caller audio it received (PCM16 bytes), across resumes
+        emu.fault(session_id, "close", code=1011)   # goaway / stop_reading / resume_reading / garbage / set
+        emu.configure(first_byte_delay_ms=300)      # run-wide; emu.configure_next(...) for one connection
+        emu.model_config()                     # appliance.config.ModelConfig pointing at the emulator
+
+Flags are the CLI's long options with ``_`` for ``-`` (``goaway_after_s=2``, ``tool_calls=True``).
+The process is stopped by PID and checked to be gone (not merely a zombie).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+API_KEY = "test-emulator-key"
+_LINE = re.compile(r"emulator listening on wss://(\S+):(\d+) ca=(\S+)")
+
+
+@dataclass
+class Emulator:
+    """A running emulator subprocess and helpers to drive its control channel."""
+
+    host: str
+    port: int
+    ca_file: str
+    api_key: str
+    proc: subprocess.Popen[str]
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def base_url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_file)
+
+    def genai_client(self, api_key: str | None = None, api_version: str = "v1beta") -> Any:
+        """A google-genai ``Client`` aimed at this emulator (TLS trusting its CA, no compression)."""
+        from google import genai
+        from google.genai import types
+
+        return genai.Client(
+            api_key=api_key or self.api_key,
+            http_options=types.HttpOptions(
+                base_url=self.base_url,
+                api_version=api_version,
+                async_client_args={"ssl": self.ssl_context(), "compression": None, "proxy": None},
+            ),
+        )
+
+    def model_config(self, **overrides: Any) -> Any:
+        """An ``appliance.config.ModelConfig`` that points at this emulator."""
+        from appliance.config import ModelConfig
+
+        values = {"api_key": self.api_key, "base_url": self.base_url, "ca_file": self.ca_file, **overrides}
+        return ModelConfig(**values)
+
+    # --- control channel -----------------------------------------------------------------------
+    def _get(self, name: str, params: dict[str, Any] | None = None) -> bytes:
+        q = {k: _str(v) for k, v in (params or {}).items()}
+        url = f"{self.base_url}/emulator/{name}?{urllib.parse.urlencode(q)}"
+        req = urllib.request.Request(url, headers={"x-goog-api-key": self.api_key})
+        try:
+            with urllib.request.urlopen(req, context=self.ssl_context(), timeout=10) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"emulator control {name}: {exc.code} {exc.read().decode()}") from None
+
+    def health(self) -> dict[str, Any]:
+        return json.loads(self._get("health"))
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return json.loads(self._get("sessions"))["sessions"]
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        for s in self.sessions():
+            if s["session"] == session_id:
+                return s
+        raise KeyError(session_id)
+
+    def audio(self, session_id: str) -> bytes:
+        """The caller audio the emulator holds for a conversation (PCM16 LE at the sent rate)."""
+        return self._get("audio", {"session": session_id})
+
+    def fault(self, session_id: str, action: str, **params: Any) -> dict[str, Any]:
+        """Inject a fault into one live session: close(code), goaway(time_left_s), stop_reading,
+        resume_reading, garbage, or set(<behaviour fields>)."""
+        return json.loads(self._get("fault", {"session": session_id, "action": action, **params}))
+
+    def configure(self, **settings: Any) -> dict[str, Any]:
+        """Change run-wide behaviour for new connections (reply, pacing, first_byte_delay_ms, refuse…)."""
+        return json.loads(self._get("config", settings))
+
+    def configure_next(self, **settings: Any) -> dict[str, Any]:
+        """Behaviour for the next connection only."""
+        return json.loads(self._get("next", settings))
+
+
+def _str(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _cli() -> list[str]:
+    exe = Path(sys.executable).parent / "voice-appliance"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "appliance"]
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@contextlib.contextmanager
+def start_emulator(tmp_dir: str | os.PathLike[str], *, api_key: str = API_KEY, host: str = "127.0.0.1",
+                   timeout: float = 20.0, **flags: Any) -> Iterator[Emulator]:
+    """Run ``voice-appliance emulator`` on a free port with its state in ``tmp_dir``; stop it after."""
+    state = Path(tmp_dir) / "emulator-state"
+    cmd = [*_cli(), "emulator", "--host", host, "--port", "0", "--api-key", api_key,
+           "--state-dir", str(state)]
+    for k, v in flags.items():
+        opt = "--" + k.replace("_", "-")
+        if v is True:
+            cmd.append(opt)
+        elif v is not False and v is not None:
+            cmd += [opt, str(v)]
+    env = dict(os.environ)
+    env.setdefault("VA_LOG_LEVEL", "warning")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log_lines: list[str] = []
+
+    def drain_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log_lines.append(line.rstrip())
+
+    threading.Thread(target=drain_stderr, daemon=True).start()
+    try:
+        assert proc.stdout is not None
+        found: dict[str, Any] = {}
+
+        def read_banner() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                m = _LINE.search(line)
+                if m:
+                    found["m"] = m
+                    return
+
+        reader = threading.Thread(target=read_banner, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if "m" not in found:
+            raise RuntimeError(f"emulator did not start: {' | '.join(log_lines[-10:])}")
+        m = found["m"]
+        emu = Emulator(host=m.group(1).strip("[]"), port=int(m.group(2)), ca_file=m.group(3), api_key=api_key,
+                       proc=proc, log_lines=log_lines)
+        yield emu
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        deadline = time.monotonic() + 5
+        while not _pid_gone(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not _pid_gone(proc.pid):
+            raise RuntimeError(f"emulator pid {proc.pid} did not exit")
+
+
+# --- audio helpers (tones, test signals, frequency and correlation checks) ------------------------
+
+
+def tone(freq: float, seconds: float, rate: int = 16000, amplitude: float = 0.3) -> bytes:
+    """A sine tone as PCM16 LE mono."""
+    t = np.arange(int(seconds * rate)) / rate
+    return (amplitude * 32767 * np.sin(2 * np.pi * freq * t)).astype("<i2").tobytes()
+
+
+def silence(seconds: float, rate: int = 16000) -> bytes:
+    return bytes(2 * int(seconds * rate))
+
+
+def chirp(
+    seconds: float, rate: int = 16000, f0: float = 300.0, f1: float = 3000.0, amplitude: float = 0.3
+) -> bytes:
+    """A linear chirp: unlike a tone, its cross-correlation has a single sharp peak."""
+    t = np.arange(int(seconds * rate)) / rate
+    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t * t / (2 * seconds))
+    return (amplitude * 32767 * np.sin(phase)).astype("<i2").tobytes()
+
+
+def counter_signal(n_samples: int, start: int = 0) -> bytes:
+    """PCM16 whose samples count up (mod 2^15): any lost or repeated chunk is visible exactly."""
+    return (np.arange(start, start + n_samples) % 32768).astype("<i2").tobytes()
+
+
+def pcm(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i2").astype(np.float64)
+
+
+def dominant_frequency(data: bytes, rate: int) -> float:
+    """Frequency (Hz) of the strongest FFT bin of PCM16 audio."""
+    x = pcm(data)
+    if not len(x):
+        return 0.0
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.argmax(spec) * rate / len(x))
+
+
+def max_normalized_correlation(a: bytes, b: bytes) -> float:
+    """Peak of the normalised cross-correlation of two PCM16 signals (1.0 = identical shape)."""
+    x, y = pcm(a), pcm(b)
+    n = len(x) + len(y)
+    size = 1 << (n - 1).bit_length()
+    c = np.fft.irfft(np.fft.rfft(x, size) * np.conj(np.fft.rfft(y, size)), size)
+    return float(np.max(np.abs(c)) / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-9))
