@@ -235,3 +235,53 @@ def test_sigterm_stops_workers_and_removes_segments(tmp_path, redis_srv, janus):
     assert stop_supervisor(sp) == 0, sp.log_tail()
     assert all(gone(p) for p in workers)
     assert not Path(f"/dev/shm{segment_name(sp.instance, 0)}").exists()
+
+
+# -- the demo page ----------------------------------------------------------------------------------
+def test_demo_page_and_dev_token(sup):
+    from appliance.auth import JwtVerifier
+    from appliance.config import load_config
+
+    with urllib.request.urlopen(sup.api + "/", timeout=5) as r:
+        html = r.read().decode()
+    assert '<button id="call"' in html and "/static/demo.js" in html
+    with urllib.request.urlopen(sup.api + "/static/demo.js", timeout=5) as r:
+        js = r.read().decode()
+    assert "jitterBufferTarget" in js and "/v1/sessions" in js
+    req = urllib.request.Request(sup.api + "/dev/token", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        token = __import__("json").loads(r.read())["token"]
+    principal = JwtVerifier.from_config(load_config(sup.config, env={}).auth).verify(token)
+    assert principal.sub == "demo"
+
+
+NODE_MODULES = Path(__file__).resolve().parents[1] / "e2e" / "node_modules"
+
+
+@pytest.mark.skipif(not (NODE_MODULES / "playwright-core").exists(), reason="npm install in tests/e2e first")
+async def test_demo_page_call_in_chromium(sup, seg):
+    import json
+    import subprocess
+
+    env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
+    proc = await asyncio.create_subprocess_exec(
+        "node", str(Path(__file__).with_name("demo_call.js")), sup.api + "/", "4000",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert line, (await proc.stderr.read()).decode()[-3000:] + sup.log_tail()
+        connected = json.loads(line)
+        assert connected["event"] == "connected" and 40 <= connected["jitterBufferTarget"] <= 60
+        slot = seg.slot(0)
+        info = slot.snapshot()
+        assert info is not None and info.session_id == connected["session_id"]
+        # Chromium's fake microphone reaches the media worker through Janus
+        await wait_until(lambda: slot.counters.get("rx_packets") > 50, what="browser RTP at the worker")
+        hung = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert hung["event"] == "hungup"
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        await wait_until(lambda: slot.state == SlotState.FREE, what="slot freed after hang-up")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,46 @@
+// Drive the demo page in headless Chromium: click Call, wait for "connected", hold, hang up.
+// Usage: NODE_PATH=tests/e2e/node_modules node demo_call.js URL HOLD_MS
+// Prints one JSON line per step on stdout.
+"use strict";
+const { chromium } = require("playwright-core");
+
+(async () => {
+  const [url, holdMs] = process.argv.slice(2);
+  const browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: [
+      "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
+      "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+      "--autoplay-policy=no-user-gesture-required",
+      // Janus cannot resolve mDNS host candidates: show the real addresses to the local test Janus
+      "--disable-features=WebRtcHideLocalIpsWithMdns",
+    ],
+  });
+  try {
+    const page = await browser.newPage();
+    page.on("console", (m) => console.error("page:", m.text()));
+    await page.goto(url);
+    await page.click("#call");
+    await page.waitForFunction(
+      () => (window.demoPc && window.demoPc.connectionState === "connected") ||
+            document.getElementById("error").textContent !== "",
+      null, { timeout: 30000 });
+    const error = await page.textContent("#error");
+    if (error) throw new Error("page error: " + error);
+    const info = await page.evaluate(() => ({
+      session_id: window.demoSession.session_id,
+      jitterBufferTarget: window.demoPc.getReceivers()[0].jitterBufferTarget,
+      conn: document.getElementById("conn").textContent,
+    }));
+    console.log(JSON.stringify({ event: "connected", ...info }));
+    await page.waitForTimeout(Number(holdMs));
+    const model = await page.textContent("#model");
+    await page.click("#hangup");
+    await page.waitForFunction(() => document.getElementById("conn").textContent === "idle", null,
+                               { timeout: 10000 });
+    console.log(JSON.stringify({ event: "hungup", model }));
+  } finally {
+    await browser.close();
+  }
+})().catch((e) => { console.error(e); process.exit(1); });
