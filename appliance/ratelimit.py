@@ -8,7 +8,9 @@ minute allow a burst of N, then one request every 60/N seconds.
 
 IPv6 clients are limited per /64 (one host usually owns a whole /64; per-address limits would be
 trivial to dodge). If Redis is unreachable the limiter fails *open* — the API keeps admitting calls —
-and counts ``va_ratelimit_redis_errors_total`` and logs a warning (at most every 10 s).
+counts ``va_ratelimit_redis_errors_total`` / ``va_ratelimit_fail_open_total`` and logs a warning (at
+most every 10 s); after a failure it skips Redis for ``open_seconds`` so requests do not each wait for
+a connection timeout.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 REDIS_ERRORS = Counter(
     "va_ratelimit_redis_errors_total", "Rate-limit checks that failed open because Redis was unreachable"
 )
+FAIL_OPEN = Counter("va_ratelimit_fail_open_total", "Requests admitted without a rate-limit check")
 REJECTIONS = Counter("va_ratelimit_rejections_total", "Requests refused with 429", ["bucket"])
 
 CREATE = "create"
@@ -81,8 +84,11 @@ def client_key(ip: str) -> str:
 class RateLimiter:
     """GCRA limits per client IP for the ``create`` and ``signal`` buckets."""
 
-    def __init__(self, client: aioredis.Redis, limits: LimitsConfig, prefix: str = "va:rl") -> None:
+    def __init__(self, client: aioredis.Redis, limits: LimitsConfig, prefix: str = "va:rl",
+                 open_seconds: float = 2.0) -> None:
         self._redis = client
+        self._open_seconds = open_seconds
+        self._skip_until = 0.0
         self._per_minute = {CREATE: limits.session_creates_per_minute, SIGNAL: limits.signalling_per_minute}
         self._prefix = prefix
         self._script = client.register_script(_GCRA)
@@ -93,11 +99,16 @@ class RateLimiter:
         limit = self._per_minute[bucket]
         interval_ms = max(1, 60_000 // limit)
         key = f"{self._prefix}:{bucket}:{client_key(ip)}"
+        if time.monotonic() < self._skip_until:
+            FAIL_OPEN.inc()
+            return Decision(True)  # Redis failed a moment ago: do not make every request wait a timeout
         try:
             allowed, retry_ms = await self._script(keys=[key], args=[interval_ms, limit])
         except (RedisError, OSError) as exc:
             REDIS_ERRORS.inc()
+            FAIL_OPEN.inc()
             now = time.monotonic()
+            self._skip_until = now + self._open_seconds
             if now - self._last_warning > 10:
                 self._last_warning = now
                 log.warning("rate limiter: Redis unreachable, failing open", extra={"error": str(exc)})

@@ -134,6 +134,7 @@ class SessionStore:
         self._max_backoff = max_backoff
         self._cache: dict[str, SessionRecord] = {}
         self._tombstones: dict[str, str] = {}  # deleted session id -> resume hash still to remove
+        self._spent: dict[str, str] = {}  # session id -> resume hash claimed offline, index to remove
         self._dirty: dict[str, None] = {}  # ordered set of session ids with unwritten changes
         self._inflight: set[str] = set()
         self._degraded = False
@@ -254,9 +255,26 @@ class SessionStore:
             return dataclasses.replace(cached) if cached else None
         return record
 
+    def _cached_by_hash(self, token_hash: str) -> SessionRecord | None:
+        for record in self._cache.values():
+            if record.resume_token_hash and hmac.compare_digest(record.resume_token_hash, token_hash):
+                return record
+        return None
+
     async def find_by_resume_token(self, token: str) -> SessionRecord | None:
-        """The session a resume token belongs to (without claiming it), or None."""
+        """The session a resume token belongs to (without claiming it), or None.
+
+        With Redis unreachable only this box's own sessions can be found.
+        """
         token_hash = hash_token(token)
+        try:
+            return await self._find_by_hash(token_hash)
+        except (RedisError, OSError) as exc:
+            self._on_error(exc)
+            cached = self._cached_by_hash(token_hash)
+            return dataclasses.replace(cached) if cached else None
+
+    async def _find_by_hash(self, token_hash: str) -> SessionRecord | None:
         sid = await self._redis.get(self._k_resume(token_hash))
         if sid is None:
             return None
@@ -269,9 +287,33 @@ class SessionStore:
         """Atomically take over the session of ``token`` for ``box``: returns (record, new token) or None.
 
         The old token stops working at once, so a token resumes a call exactly once even if two boxes
-        race for it.
+        race for it. With Redis unreachable, a session of this box can still be resumed here (the
+        swap is queued like any other write); other boxes' sessions cannot.
         """
         token_hash = hash_token(token)
+        if self._degraded:
+            return await self._claim_local(token_hash, box)
+        try:
+            return await self._claim_redis(token_hash, box)
+        except (RedisError, OSError) as exc:
+            self._on_error(exc)
+            self._kick()
+            return await self._claim_local(token_hash, box)
+
+    async def _claim_local(self, token_hash: str, box: str) -> tuple[SessionRecord, str] | None:
+        record = self._cached_by_hash(token_hash)
+        if record is None or record.state == ENDED:
+            return None
+        old_hash = record.resume_token_hash
+        new_token = new_resume_token()
+        record.resume_token_hash = hash_token(new_token)
+        record.box, record.state, record.disconnected_at = box, ACTIVE, None
+        record.updated_at = time.time()
+        self._spent[record.session_id] = old_hash
+        await self._write(record.session_id)
+        return dataclasses.replace(record), new_token
+
+    async def _claim_redis(self, token_hash: str, box: str) -> tuple[SessionRecord, str] | None:
         idx = self._k_resume(token_hash)
         async with self._redis.pipeline(transaction=True) as pipe:
             for _ in range(5):
@@ -353,7 +395,10 @@ class SessionStore:
             return
         snapshot = record.to_json()
         ttl = self._ttl(record)
+        spent = self._spent.get(sid)
         async with self._redis.pipeline(transaction=True) as pipe:
+            if spent:
+                pipe.delete(self._k_resume(spent))
             if ttl <= 0:
                 pipe.delete(self._k_rec(sid), self._k_resume(record.resume_token_hash))
             else:
@@ -361,6 +406,8 @@ class SessionStore:
                 if record.resume_token_hash:
                     pipe.set(self._k_resume(record.resume_token_hash), sid, ex=ttl)
             await pipe.execute()
+        if spent and self._spent.get(sid) == spent:
+            del self._spent[sid]
         if ttl <= 0 and self._cache.get(sid) is record and sid not in self._dirty:
             self._cache.pop(sid, None)
 
@@ -377,6 +424,7 @@ class SessionStore:
         if not self._degraded:
             log.warning("session store: Redis unreachable, queueing writes", extra={"error": str(exc)})
         self._degraded = True
+        self._kick()  # the flusher retries and clears the degraded state once Redis answers
 
     async def _flush_loop(self) -> None:
         backoff = 0.05

@@ -51,10 +51,17 @@ async def test_redis_down_fails_open_and_counts(tmp_path):
         assert (await rl.check(CREATE, "192.0.2.1")).allowed
         assert not (await rl.check(CREATE, "192.0.2.1")).allowed
         srv.stop()
-        before = REGISTRY.get_sample_value("va_ratelimit_redis_errors_total") or 0.0
+        errors = REGISTRY.get_sample_value("va_ratelimit_redis_errors_total") or 0.0
+        opened = REGISTRY.get_sample_value("va_ratelimit_fail_open_total") or 0.0
         assert (await rl.check(CREATE, "192.0.2.1")).allowed
-        assert REGISTRY.get_sample_value("va_ratelimit_redis_errors_total") == pytest.approx(before + 1)
+        assert REGISTRY.get_sample_value("va_ratelimit_redis_errors_total") == pytest.approx(errors + 1)
+        # for a moment after a failure Redis is not asked at all (no timeout per request)
+        for _ in range(5):
+            assert (await rl.check(CREATE, "192.0.2.1")).allowed
+        assert REGISTRY.get_sample_value("va_ratelimit_redis_errors_total") == pytest.approx(errors + 1)
+        assert REGISTRY.get_sample_value("va_ratelimit_fail_open_total") == pytest.approx(opened + 6)
         srv.start()
+        rl._skip_until = 0.0  # (instead of waiting open_seconds)
         # back in business: limits apply again (the restarted, empty Redis allows one, then refuses)
         assert (await rl.check(CREATE, "192.0.2.1")).allowed
         assert not (await rl.check(CREATE, "192.0.2.1")).allowed

@@ -105,3 +105,29 @@ async def test_hung_redis_does_not_block_calls(tmp_path):
         assert (await SessionStore(client, prefix="h").get(sid)).resume_handle == "h2"
         await store.close()
         await client.aclose()
+
+
+async def test_resume_on_same_box_during_outage(tmp_path):
+    with redis_server(tmp_path) as srv:
+        client = redis_client(RedisConfig(url=srv.url), timeout=0.3)
+        store = SessionStore(client, prefix="r", max_backoff=0.2)
+        sid = new_session_id()
+        token = await store.create(SessionRecord(session_id=sid, sub="frank", resume_handle="h-7"))
+        await store.mark_disconnected(sid)
+        srv.pause()
+        try:
+            assert (await store.find_by_resume_token(token)).session_id == sid
+            record, new_token = await store.claim(token, "box-a")
+            assert record.state == "active" and record.resume_handle == "h-7"
+            assert await store.claim(token, "box-a") is None  # spent, even offline
+        finally:
+            srv.resume()
+        for _ in range(200):
+            if store.pending == 0 and not store.degraded:
+                break
+            await asyncio.sleep(0.02)
+        other_box = SessionStore(client, prefix="r")
+        assert await other_box.find_by_resume_token(token) is None
+        assert (await other_box.find_by_resume_token(new_token)).state == "active"
+        await store.close()
+        await client.aclose()
