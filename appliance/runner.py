@@ -213,7 +213,7 @@ def prepare(
     if base.uses_emulator:
         from appliance.emulator.certs import ensure_certs
 
-        certs = ensure_certs(state, [base.emulator.host])
+        certs = ensure_certs(state / "emulator", [base.emulator.host])  # where the emulator looks
         model = {"base_url": f"https://{base.emulator.host}:{base.emulator.port}",
                  "ca_file": str(certs.ca_file)}
     cfg = replace(

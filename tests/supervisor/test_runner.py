@@ -139,7 +139,7 @@ def test_run_starts_stack_and_stops_cleanly_on_sigint(tmp_path):
     pids: set[int] = set()
     try:
         deadline = time.monotonic() + 60
-        wanted = {"redis", "coturn", "janus", "supervisor"}
+        wanted = {"redis", "coturn", "janus", "emulator", "supervisor"}
         running: dict[str, int] = {}
         while time.monotonic() < deadline:
             if sock.exists():
@@ -162,6 +162,22 @@ def test_run_starts_stack_and_stops_cleanly_on_sigint(tmp_path):
         from appliance.auth import JwtVerifier
 
         assert JwtVerifier.from_config(cfg.auth).verify(token).sub == "demo"
+        # the emulator answers TLS with the CA the generated config tells the AI worker to trust
+        import socket
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=cfg.model.ca_file)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", cfg.emulator.port), 2) as raw, \
+                        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                    assert tls.version()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         pids = _descendants(proc.pid)
         assert set(running.values()) <= pids
     finally:
