@@ -72,9 +72,13 @@ def _free_port() -> int:
 
 
 def _free_udp_range(count: int) -> int:
-    """A base port with ``count`` free UDP ports from it (RTP and RTCP of every slot)."""
+    """A base port with ``count`` free UDP ports from it (RTP and RTCP of every slot).
+
+    Below the kernel's ephemeral range (32768+), so the callers' own sockets never land in it later.
+    """
+    span = max((32000 - count - 10000) // 100, 1)
     for attempt in range(50):
-        base = 20000 + ((os.getpid() * 7 + attempt * 997) % 300) * 100
+        base = 10000 + ((os.getpid() * 7 + attempt * 997) % span) * 100
         socks = []
         try:
             for p in range(base, base + count):
@@ -345,7 +349,7 @@ def _ok(step: dict[str, Any]) -> bool:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.smoke:
-        args.sessions, args.seconds, args.warmup = min(args.sessions, 3), min(args.seconds, 8.0), 5.0
+        args.sessions, args.seconds, args.warmup = min(args.sessions, 3), min(args.seconds, 10.0), 6.0
         args.ramp = False
     if args.sessions < 1 or args.seconds <= 0:
         raise SystemExit("--sessions must be ≥ 1 and --seconds > 0")
