@@ -401,7 +401,8 @@ def create_app(
         principal = d.verifier.verify_authorization(request.headers.get("authorization"))
         sid = await _owned(request, d, principal)
         body = await _parse(request, d.cfg.api.max_body_bytes, IceRequest)
-        candidate = None if body.completed else IceCandidate(
+        # completed:true, or the empty candidate some browsers send, both mean end of candidates
+        candidate = None if body.completed or not body.candidate else IceCandidate(
             candidate=(body.candidate or "").removeprefix("a="), sdp_mid=body.sdpMid,
             sdp_mline_index=body.sdpMLineIndex)
         await d.service.trickle(sid.session_id, candidate)

@@ -93,8 +93,11 @@ async def test_session_lifecycle(api, service, private_pem):
             "sdpMLineIndex": 0}
     assert (await api.post(f"/v1/sessions/{sid}/ice", json=cand, headers=h)).status_code == 204
     assert (await api.post(f"/v1/sessions/{sid}/ice", json={"completed": True}, headers=h)).status_code == 204
-    first, done = service.candidates[sid]
-    assert first.candidate.startswith("candidate:1 ") and first.sdp_mid == "0" and done is None
+    empty = {"candidate": "", "sdpMid": "0", "sdpMLineIndex": 0}
+    assert (await api.post(f"/v1/sessions/{sid}/ice", json=empty, headers=h)).status_code == 204
+    first, done, done_too = service.candidates[sid]
+    assert first.candidate.startswith("candidate:1 ") and first.sdp_mid == "0"
+    assert done is None and done_too is None
 
     r = await api.get(f"/v1/sessions/{sid}", headers=h)
     assert r.status_code == 200 and r.json()["state"] == "connecting"
