@@ -64,7 +64,8 @@ def rtp_base() -> int:
 
 
 def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: int = 1,
-                     extra: dict[str, dict] | None = None) -> SupervisorProc:
+                     extra: dict[str, dict] | None = None, env_extra: dict[str, str] | None = None,
+                     ) -> SupervisorProc:
     priv, pub = generate_keys(tmp / "keys")
     instance = unique_instance_id("sup")
     api_port, metrics_port, agent_port = free_port(), free_port(), free_port()
@@ -91,6 +92,7 @@ def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: 
     log = tmp / "supervisor.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("VA_")}
     env["VA_LOG_LEVEL"] = "info"
+    env.update(env_extra or {})
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "appliance", "supervisor", "--config", str(cfg)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -98,6 +98,13 @@ async def test_call_capacity_worker_restart_and_delete(sup, seg, sub):
         sid = body["session_id"]
         assert body["type"] == "answer" and "opus/48000" in body["sdp"] and body["resume_token"]
         await pc.setRemoteDescription(RTCSessionDescription(body["sdp"], "answer"))
+        # trickle goes to Janus (aiortc put its candidates in the offer; re-sending one is harmless)
+        cand = next(ln[2:] for ln in pc.localDescription.sdp.splitlines() if ln.startswith("a=candidate"))
+        r = await http.post(f"/v1/sessions/{sid}/ice", headers=auth,
+                            json={"candidate": cand, "sdpMid": "0", "sdpMLineIndex": 0})
+        assert r.status_code == 204, r.text
+        r = await http.post(f"/v1/sessions/{sid}/ice", headers=auth, json={"completed": True})
+        assert r.status_code == 204, r.text
 
         async def state(want: str) -> bool:
             return (await http.get(f"/v1/sessions/{sid}", headers=auth)).json().get("state") == want
@@ -205,6 +212,77 @@ async def test_room_mode_through_audiobridge(sup, seg, sub):
         await wait_until(lambda: slot.counters.get("rx_packets") > 10, limit=30, what="room RTP")
         assert (await http.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
         await pc.close()
+
+
+async def test_drain_signals_and_rolling_restart_keep_the_call(sup, seg, sub):
+    token = sup.token(sub)
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=sup.api, timeout=20) as http:
+        pc = await caller()
+        r = await create(http, token, pc)
+        assert r.status_code == 201, r.text
+        sid = r.json()["session_id"]
+        await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
+        slot = seg.slot(0)
+        await wait_until(lambda: slot.counters.get("rx_packets") > 20, what="caller RTP")
+
+        # SIGUSR1: drain (agent says drain, new calls get 503, the live call stays); SIGUSR2: back
+        sup.proc.send_signal(signal.SIGUSR1)
+        await wait_until(lambda: agent(sup) == "drain\n", what="agent drain")
+        pc2 = await caller()
+        r2 = await create(http, sup.token(sub), pc2)
+        assert r2.status_code == 503 and "Retry-After" in r2.headers
+        await pc2.close()
+        assert (await http.get("/readyz")).status_code == 503
+        sup.proc.send_signal(signal.SIGUSR2)
+        await wait_until(lambda: agent(sup) == "ready up 0%\n", what="agent ready")
+
+        # SIGHUP: workers replaced one by one, the call keeps flowing through the new media worker
+        old_media, _ = seg.heartbeat_age("media")
+        sup.proc.send_signal(signal.SIGHUP)
+
+        def replaced():
+            pid, age = seg.heartbeat_age("media")
+            return pid if pid != old_media and age is not None and age < 1 else None
+
+        await wait_until(replaced, limit=30, what="media worker replaced")
+        rx = slot.counters.get("rx_packets")
+        await wait_until(lambda: slot.counters.get("rx_packets") > rx + 25, what="RTP after reload")
+        assert (await http.get(f"/v1/sessions/{sid}", headers=auth)).json()["state"] == "active"
+        assert (await http.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
+        await pc.close()
+
+
+def test_sd_notify_ready_status_and_stopping(tmp_path, redis_srv, janus):
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(60)
+    sp = start_supervisor(tmp_path, redis_srv.url, janus,
+                          env_extra={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
+    try:
+        seen = []
+        while not any(m.startswith(b"READY=1") for m in seen):
+            seen.append(sock.recv(4096))
+        ready = next(m for m in seen if m.startswith(b"READY=1"))
+        assert b"STATUS=serving: 0/1 sessions on 1 shard(s)" in ready
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and b"WATCHDOG=1" not in seen:
+            seen.append(sock.recv(4096))
+        assert b"WATCHDOG=1" in seen
+    finally:
+        assert stop_supervisor(sp) == 0, sp.log_tail()
+    rest = []
+    sock.settimeout(1)
+    try:
+        while True:
+            rest.append(sock.recv(4096))
+    except TimeoutError:
+        pass
+    sock.close()
+    assert b"STOPPING=1" in rest
 
 
 def _children(pid: int) -> list[int]:
