@@ -23,7 +23,8 @@ Algorithm (Lamport ring with monotonic cursors):
 * Re-attach: every cursor and the consumer's ``flush_seen`` live in the segment, so a restarted
   process continues where its predecessor stopped. A consumer killed after copying a frame but
   before publishing its cursor sees that frame again (at-least-once at a crash boundary); use
-  ``peek`` + ``skip`` to make processing idempotent.
+  ``peek`` + ``skip`` to make processing idempotent (``skip`` consumes the peeked bytes even when a
+  flush arrives between the two, and only then obeys the flush).
 
 Counters (u64, bytes unless noted) are written only by their own side with plain stores:
 producer ``dropped``, ``overruns`` (writes dropped); consumer ``underruns`` (short reads),
@@ -220,11 +221,18 @@ class Ring:
         return self._copy_out(r, n) if n > 0 else b""
 
     def skip(self, n: int) -> int:
-        """Consume up to ``n`` bytes without copying; returns how many were skipped."""
-        r = self._sync()
+        """Consume up to ``n`` bytes without copying; returns how many were skipped.
+
+        Skips from the current read cursor *before* obeying a pending flush, then obeys it: after
+        ``peek(n)`` a ``skip(n)`` always consumes exactly the bytes that were peeked, even if a flush
+        was requested in between (obeying it first would skip an unseen frame after the flush point).
+        """
+        self._check()
+        r = self._hq[_R]
         n = max(0, min(n, self._avail(r)))
         if n:
             self._ca.store_release(self._a_read, (r + n) & _U64)
+        self._sync()
         return n
 
     # ---- both / admin ------------------------------------------------------------------------

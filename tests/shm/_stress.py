@@ -6,8 +6,11 @@ array records, per seq, whether the producer dropped it (ring full) and whether 
 delivered it. The consumer uses ``peek`` → verify → mark → ``skip`` so a consumer SIGKILLed at any
 point re-delivers at most the one frame it had not yet skipped (marking is idempotent).
 
-Aux layout: u64 words [last_seq+1, producer_done, redeliveries, corrupt, order_errors, checked],
-then ``drops`` u8[N] and ``marks`` u8[N].
+Every ``FLUSH_EVERY`` frames the producer requests a flush (barge-in) and records the boundary (the
+first seq written after it): frames neither delivered nor dropped must be older than a boundary.
+
+Aux layout: u64 words [last_seq+1, producer_done, redeliveries, corrupt, order_errors, checked,
+flush requests, last flush boundary], then ``drops`` u8[N] and ``marks`` u8[N].
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from shm.segment import ShardSegment
 
 FRAME = 640
 WORDS = 8
-LAST, DONE, REDELIVERED, CORRUPT, ORDER, CHECKED = range(6)
+LAST, DONE, REDELIVERED, CORRUPT, ORDER, CHECKED, FLUSHES, BOUNDARY = range(8)
+FLUSH_EVERY = 40_000  # the producer requests a barge-in flush this often
 POOL = 97
 
 
@@ -61,6 +65,10 @@ def producer(seg_name: str, aux_name: str, n: int) -> None:
     fmv = memoryview(frame)
     pack = struct.Struct("<QI").pack_into
     for seq in range(n):
+        if seq and seq % FLUSH_EVERY == 0:
+            ring.request_flush()
+            words[FLUSHES] += 1
+            words[BOUNDARY] = seq
         fmv[16:] = pool[seq % POOL]
         struct.pack_into("<Q", frame, 0, seq)
         pack(frame, 0, seq, zlib.crc32(fmv[16:], zlib.crc32(fmv[0:8])))

@@ -110,11 +110,30 @@ class RingMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(0, 3000))
     def skip(self, n: int) -> None:
-        self._consumer_sync()
+        """skip consumes from the current cursor first, then obeys a pending flush."""
         k = self.cons.skip(n)
         assert k == min(n, len(self.model))
         del self.model[:k]
         self.exp["read"] += k
+        if self.pending_flush is not None:
+            self.pending_flush = max(0, self.pending_flush - k)
+        self._consumer_sync()
+
+    @rule(n=st.sampled_from([FRAME, 960]))
+    def peek_then_skip_across_flush(self, n: int) -> None:
+        """The idempotent-consume pattern: what was peeked is what gets skipped, flush or not."""
+        self._consumer_sync()
+        got = self.cons.peek(n)
+        if got is None:
+            return
+        self.flush()
+        self.write(n)  # a frame written after the flush must survive
+        assert self.cons.skip(n) == n
+        assert got == bytes(self.model[:n])
+        del self.model[:n]
+        self.exp["read"] += n
+        self.pending_flush = max(0, (self.pending_flush or 0) - n)
+        self._consumer_sync()
 
     @rule()
     def available(self) -> None:
