@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "live": "bench.live_sessions",
     "media": "bench.media_bench",
     "vad": "bench.vad_bench",
+    "api": "bench.api_bench",
     "pipeline": "bench.pipeline",
 }
 
