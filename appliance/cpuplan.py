@@ -153,3 +153,29 @@ def make_plan(cpu_plan: str = "auto", shard_count: int = 0, cpus: Iterable[int] 
 def pin(pid: int, cpus: Iterable[int]) -> None:
     """Pin a process to CPUs (``sched_setaffinity``)."""
     os.sched_setaffinity(pid, set(cpus))
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m appliance.cpuplan [--janus]``: print the plan (or only Janus's CPU list, for
+    systemd ``CPUAffinity=`` drop-ins) for the effective config."""
+    import argparse
+    import sys
+
+    from appliance.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m appliance.cpuplan", description=_main.__doc__)
+    parser.add_argument("--config")
+    parser.add_argument("--janus", action="store_true", help="print only Janus's CPUs (e.g. 0 or 0,1)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config) if args.config else load_config()
+        plan = make_plan(cfg.shards.cpu_plan, cfg.shards.count)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print(",".join(map(str, plan.janus_cpus)) if args.janus else plan.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import Config, ConfigError, load_config, replace, to_toml_dict
+from appliance.cpuplan import make_plan
 
 DEFAULT_REDIS_PORT = 6390
 DEFAULT_TURN_PORT = 3478
@@ -248,7 +249,11 @@ def prepare(
     )
     py = sys.executable
     env = {"VA_CONFIG": str(config_path)}
-    programs = [Program("redis", [shutil.which("redis-server") or "redis-server",
+    # Janus, Redis and coturn run on Janus's cores of the CPU plan; the shards' cores stay for workers.
+    plan = make_plan(cfg.shards.cpu_plan, cfg.shards.count)
+    taskset = shutil.which("taskset")
+    pin = [taskset, "-c", ",".join(map(str, plan.janus_cpus))] if taskset else []
+    programs = [Program("redis", [*pin, shutil.which("redis-server") or "redis-server",
                                   str(state / "redis" / "redis.conf")], 10, startsecs=0)]
     if with_coturn:
         turn_conf = state / "coturn" / "turnserver.conf"
@@ -259,8 +264,8 @@ def prepare(
             f"pidfile={state / 'run' / 'turnserver.pid'}", f"userdb={state / 'coturn' / 'turndb'}",
             "",
         ]))
-        programs.append(Program("coturn", [shutil.which("turnserver") or "turnserver", "-c", str(turn_conf)],
-                                20, startsecs=0))
+        programs.append(Program("coturn", [*pin, shutil.which("turnserver") or "turnserver", "-c",
+                                            str(turn_conf)], 20, startsecs=0))
     if with_janus:
         settings = janus_conf.JanusSettings(
             http_port=_url_port(cfg.janus.url, 8088),
@@ -272,7 +277,7 @@ def prepare(
             plain_rtp_ip=cfg.media.rtp_host,
         )
         janus_conf.write(settings, state / "janus")
-        programs.append(Program("janus", janus_conf.command(state / "janus"), 30, startsecs=0))
+        programs.append(Program("janus", [*pin, *janus_conf.command(state / "janus")], 30, startsecs=0))
     if cfg.uses_emulator:
         programs.append(Program("emulator", [py, "-m", "appliance", "emulator", "--config", str(config_path)],
                                 40, startsecs=0, environment=env))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_config
+from appliance.cpuplan import make_plan
 from appliance.runner import dumps_toml, ensure_secret, prepare, supervisord_conf
 from tests.harness.redis import free_port
 
@@ -42,6 +44,8 @@ def test_prepare_writes_a_loadable_config_and_programs(tmp_path):
     assert [p.name for p in plan.programs] == ["redis", "coturn", "janus", "emulator", "supervisor"]
     assert "static-auth-secret=" in (plan.state_dir / "coturn" / "turnserver.conf").read_text()
     assert (plan.state_dir / "janus" / "janus.jcfg").exists()
+    janus = next(p for p in plan.programs if p.name == "janus")
+    assert janus.command[:3] == [shutil.which("taskset"), "-c", ",".join(map(str, make_plan().janus_cpus))]
     # secrets and keys survive a second run (tokens minted earlier stay valid)
     before = Path(cfg.auth.jwt_public_key_file).read_bytes()
     prepare(base, tmp_path / "var", redis_port=6391)
@@ -178,6 +182,9 @@ def test_run_starts_stack_and_stops_cleanly_on_sigint(tmp_path):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+        janus_status = Path(f"/proc/{running['janus']}/status").read_text()
+        janus_cpus = ",".join(map(str, make_plan().janus_cpus))
+        assert f"Cpus_allowed_list:\t{janus_cpus}\n" in janus_status
         pids = _descendants(proc.pid)
         assert set(running.values()) <= pids
     finally:
