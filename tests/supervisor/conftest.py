@@ -59,8 +59,8 @@ class SupervisorProc:
 
 
 def rtp_base() -> int:
-    """A per-run RTP port base (even) unlikely to collide with other tests on the machine."""
-    return 45000 + (os.getpid() % 400) * 40
+    """A per-run RTP port base (even), below the kernel's ephemeral range (32768+) and Janus's ranges."""
+    return 12000 + (os.getpid() % 200) * 40
 
 
 def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: int = 1,
