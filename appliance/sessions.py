@@ -310,6 +310,9 @@ class Sessions:
 
     async def _abort(self, live: LiveSession) -> None:
         """Undo a half-done setup (slot, Janus handles, placement)."""
+        for h in (live.handle, live.room_handle):
+            if h is not None:
+                self._by_handle.pop(h.id, None)
         await self._release(live)
 
     # -- signalling -----------------------------------------------------------------------------
