@@ -26,6 +26,11 @@ Counters: ``Slot.counters`` holds a fixed set of named u64 counters (``MEDIA_COU
 the media worker, ``AI_COUNTERS`` by the AI worker — one writer each, plain stores, racy-but-untorn
 reads for metrics). New names may be appended to either tuple without changing the layout version
 (up to 32 per block).
+
+Threads: slot control-plane methods (state, snapshot, strings, events) may be called from several
+threads of one process; each *side* of a ring (producer or consumer) must stay on one thread.
+Errors are ``ShmError`` (or its subclasses ``RingClosedError`` / ``RingCorruptError``) and always name
+the segment — a bad header, a closed segment or damaged cursors never crash the process.
 """
 
 from __future__ import annotations
