@@ -285,6 +285,24 @@ def test_sd_notify_ready_status_and_stopping(tmp_path, redis_srv, janus):
     assert b"STOPPING=1" in rest
 
 
+async def test_janus_down_gives_502_and_frees_the_slot(tmp_path, redis_srv, janus, sub):
+    from tests.harness.redis import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/janus"
+    sp = start_supervisor(tmp_path, redis_srv.url, janus, extra={"janus": {"url": dead}})
+    try:
+        async with httpx.AsyncClient(base_url=sp.api, timeout=30) as http:
+            for _ in range(2):  # twice: the first failure must not leak the only slot
+                pc = await caller()
+                r = await create(http, sp.token(sub), pc)
+                await pc.close()
+                assert r.status_code == 502 and r.json()["error"] == "upstream", r.text
+            assert agent(sp) == "up 100%\n"
+            assert 'va_admissions_total{result="error"} 2.0' in metrics(sp)
+    finally:
+        assert stop_supervisor(sp) == 0, sp.log_tail()
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
