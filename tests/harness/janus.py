@@ -318,17 +318,22 @@ class WebRtcCaller:
     """A real WebRTC caller (aiortc): sends ``audio`` (int16 mono 48 kHz, then silence) and records
     what it receives (``received()``: int16 mono 48 kHz). ``offer()``/``accept(answer)`` do the JSEP."""
 
-    def __init__(self, audio: Any | None = None, *, loop_audio: bool = False) -> None:
+    def __init__(self, audio: Any | None = None, *, loop_audio: bool = False, dtmf: bool = False) -> None:
         import numpy as np
         from aiortc import RTCPeerConnection
 
         self._np = np
+        self._te_codec: Any = None
+        if dtmf:
+            self._te_codec = _add_telephone_event_codec()
         self.pc = RTCPeerConnection()
         self.track = _PcmTrack(audio, loop_audio)
         self.sender = self.pc.addTrack(self.track)
         self._chunks: list[Any] = []
         self._first_rx: float | None = None
         self._rx_task: asyncio.Task[None] | None = None
+        self._dtmf_queue: list[tuple[int, int]] = []  # (event, packets) still to send
+        self._dtmf_state: dict[str, int] = {}
 
         @self.pc.on("track")
         def _on_track(track: Any) -> None:
@@ -358,6 +363,61 @@ class WebRtcCaller:
         from aiortc import RTCSessionDescription
 
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        if self._te_codec is not None:
+            self._hook_dtmf(answer["sdp"])
+
+    # -- RFC 4733 DTMF (aiortc has no RTCDTMFSender) -------------------------------------------------
+    def send_dtmf(self, digits: str, duration_ms: int = 100) -> None:
+        """Queue DTMF digits; each replaces ``duration_ms`` of outgoing audio packets with RFC 4733
+        telephone-event packets in the same RTP stream (same SSRC and sequence space, as browsers do),
+        followed by three end packets."""
+        for d in digits:
+            self._dtmf_queue.append(("0123456789*#ABCD".index(d.upper()), max(1, duration_ms // 20)))
+
+    def _hook_dtmf(self, answer_sdp: str) -> None:
+        import re
+
+        m = re.search(r"a=rtpmap:(\d+) telephone-event/(\d+)", answer_sdp)
+        if not m:
+            raise RuntimeError("the answer did not accept telephone-event")
+        te_pt, te_rate = int(m.group(1)), int(m.group(2))
+        transport = self.sender.transport
+        original = transport._send_rtp
+
+        async def send_rtp(data: bytes) -> None:
+            if self._dtmf_queue and len(data) >= 12 and data[1] & 0x7F != te_pt and not 192 <= data[1] <= 223:
+                data = self._dtmf_packet(data, te_pt, te_rate)
+            await original(data)
+
+        transport._send_rtp = send_rtp
+
+    def _dtmf_packet(self, data: bytes, te_pt: int, te_rate: int) -> bytes:
+        import struct
+
+        event, packets = self._dtmf_queue[0]
+        st = self._dtmf_state
+        if not st:
+            st.update(sent=0, ts=struct.unpack_from("!I", data, 4)[0], end_sent=0)
+        st["sent"] += 1
+        end = st["sent"] >= packets
+        duration = min(min(st["sent"], packets) * te_rate // 50, 0xFFFF)
+        if end:
+            st["end_sent"] += 1
+        cc = data[0] & 0x0F
+        hlen = 12 + 4 * cc
+        if data[0] & 0x10:
+            (ext_words,) = struct.unpack_from("!H", data, hlen + 2)
+            hlen += 4 + 4 * ext_words
+        marker = 0x80 if st["sent"] == 1 else 0
+        header = bytearray(data[:hlen])
+        header[0] &= ~0x20  # no padding
+        header[1] = marker | te_pt
+        struct.pack_into("!I", header, 4, st["ts"])
+        payload = struct.pack("!BBH", event, (0x80 if end else 0) | 10, duration)
+        if end and st["end_sent"] >= 3:
+            self._dtmf_queue.pop(0)
+            st.clear()
+        return bytes(header) + payload
 
     def received(self) -> Any:
         np = self._np
@@ -378,6 +438,23 @@ class WebRtcCaller:
         if self._rx_task:
             self._rx_task.cancel()
         await self.pc.close()
+        if self._te_codec is not None:
+            from aiortc.codecs import CODECS
+
+            with contextlib.suppress(ValueError):
+                CODECS["audio"].remove(self._te_codec)
+            self._te_codec = None
+
+
+def _add_telephone_event_codec() -> Any:
+    """Let aiortc offer telephone-event/48000 (removed again by :meth:`WebRtcCaller.close`)."""
+    from aiortc.codecs import CODECS
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+    codec = RTCRtpCodecParameters(mimeType="audio/telephone-event", clockRate=48000, channels=1,
+                                  payloadType=101)
+    CODECS["audio"].append(codec)
+    return codec
 
 
 def _pcm_track_class() -> type:

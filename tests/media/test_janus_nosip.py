@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from appliance.janus import NOSIP, JanusClient, plain_rtp_answer
-from shm.segment import ShardSegment
+from shm.segment import EventCode, ShardSegment
 from tests.harness.audio import dominant_frequency, tone
 from tests.harness.janus import JanusInstance, WebRtcCaller
 from tests.media.conftest import free_port_pair, running_worker
@@ -43,7 +43,7 @@ async def _read_uplink(seg: ShardSegment, index: int, seconds: float) -> np.ndar
 
 
 async def connect_nosip(janus: JanusInstance, client: JanusClient, caller: WebRtcCaller, seg: ShardSegment,
-                        index: int) -> int:
+                        index: int, dtmf: bool = False) -> int:
     """NoSIP generate/process with the worker's port in the answer; activates the slot. Returns the port."""
     handle = await (await client.create_session()).attach(NOSIP)
     side = await handle.nosip_generate((await caller.offer())["sdp"], info=f"slot{index}")
@@ -51,8 +51,11 @@ async def connect_nosip(janus: JanusInstance, client: JanusClient, caller: WebRt
     port = free_port_pair(janus.host_ip)
     seg.slot(index).activate(session_id=f"nosip-{index}-{os.getpid()}", local_rtp_port=port,
                              remote_rtp_ip=side.ip, remote_rtp_port=side.port, payload_type=side.payload_type,
-                             channels=2, dtmf_payload_type=-1, mode="direct")
-    sdp = await handle.nosip_process_answer(plain_rtp_answer(janus.host_ip, port, side.payload_type))
+                             channels=2, mode="direct",
+                             dtmf_payload_type=side.telephone_event_payload_type if dtmf else -1)
+    te = side.telephone_event_payload_type if dtmf else None
+    answer = plain_rtp_answer(janus.host_ip, port, side.payload_type, telephone_event_payload_type=te)
+    sdp = await handle.nosip_process_answer(answer)
     await caller.accept({"type": "answer", "sdp": sdp})
     return port
 
@@ -82,3 +85,21 @@ async def test_webrtc_caller_through_nosip_both_directions(janus: JanusInstance,
     assert abs(dominant_frequency(speech[4800:-4800], 48000) - 660) < 5
     c = segment.slot(0).counters.snapshot()
     assert c["rx_invalid"] == 0 and c["rx_dropped"] == 0
+
+
+async def test_dtmf_from_the_caller_becomes_slot_events(janus: JanusInstance, segment: ShardSegment) -> None:
+    caller = WebRtcCaller(tone(440, 30.0, 48000, amplitude=0.3), dtmf=True)
+    try:
+        with running_worker(segment, host=janus.host_ip):
+            async with JanusClient(janus.url, api_secret=janus.api_secret) as client:
+                await connect_nosip(janus, client, caller, segment, 0, dtmf=True)
+                slot = segment.slot(0)
+                assert slot.dtmf_payload_type >= 0
+                assert await _wait(lambda: slot.counters.get("rx_packets") > 25)
+                caller.send_dtmf("5#", duration_ms=120)
+                assert await _wait(lambda: slot.counters.get("dtmf_events") >= 2), slot.counters.snapshot()
+                events = slot.pop_events()
+    finally:
+        await caller.close()
+    assert [e for e in events if e[0] == EventCode.DTMF] == [(EventCode.DTMF, 5), (EventCode.DTMF, 11)]
+    assert [e[1] for e in events if e[0] == EventCode.DTMF_END] == [120, 120]

@@ -162,7 +162,7 @@ def test_dtmf_becomes_slot_events(segment: ShardSegment) -> None:
     with running_worker(segment):
         time.sleep(0.15)
         for ts, ev in ((1000, 1), (9000, 11)):
-            for dur, end in ((160, False), (480, False), (800, True), (800, True), (800, True)):
+            for dur, end in ((960, False), (2880, False), (4800, True), (4800, True), (4800, True)):
                 payload = struct.pack("!BBH", ev, (0x80 if end else 0) | 10, dur)
                 peer.sock.sendto(build_rtp(DTMF_PT, peer.seq, ts, peer.ssrc, payload), ("127.0.0.1", port))
                 peer.seq += 1

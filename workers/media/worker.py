@@ -61,6 +61,7 @@ DOWN_RATE = 24000
 UP_FRAME = UP_RATE // 50 * 2  # 640 bytes
 DOWN_FRAME = DOWN_RATE // 50 * 2  # 960 bytes
 RTP_CLOCK = 48000
+DTMF_CLOCK = 48000  # we answer telephone-event/48000 (appliance.janus.plain_rtp_answer), as browsers prefer
 TS_PER_TICK = RTP_CLOCK // 50
 RECV_BATCH = 64  # packets drained per socket per wakeup before ticks get a chance to run
 SSRC_SWITCH_SILENCE_NS = 100_000_000
@@ -205,7 +206,7 @@ class MediaSession:
         digit, duration = got
         self.c.add("dtmf_events")
         self.slot.push_event(EventCode.DTMF, DTMF_EVENTS.index(digit))
-        self.slot.push_event(EventCode.DTMF_END, duration * 1000 // 8000)
+        self.slot.push_event(EventCode.DTMF_END, duration * 1000 // DTMF_CLOCK)
 
     def on_rtcp(self, addr: tuple[str, int]) -> None:
         if self.remote is not None and addr[0] == self.remote[0]:
