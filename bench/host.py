@@ -40,7 +40,7 @@ def session_id(shard: int, slot: int) -> str:
 class Host:
     """Segments + arbiter + slot activation (in the host process)."""
 
-    def __init__(self, cfg_path: str, env: dict[str, str]) -> None:
+    def __init__(self, cfg_path: str, env: dict[str, str], roles: tuple[str, ...] = ("media", "ai")) -> None:
         self.cfg_path = cfg_path
         self.cfg = cfg = load_config(cfg_path)
         self.plan = make_plan(cfg.shards.cpu_plan, cfg.shards.count)
@@ -53,7 +53,7 @@ class Host:
                 segment_name(iid, s.shard), slots=cfg.shards.slots, uplink_bytes=up, downlink_bytes=down,
                 instance_id=iid)
         self.arbiter = Arbiter(
-            specs_for_plan(self.plan, lambda k: self.segs[k].name, cfg_path),
+            [w for w in specs_for_plan(self.plan, lambda k: self.segs[k].name, cfg_path) if w.role in roles],
             heartbeat=self._heartbeat, heartbeat_timeout=cfg.shards.heartbeat_timeout_seconds, env=env)
         self.used: set[tuple[int, int]] = set()
 
@@ -122,9 +122,9 @@ class Host:
                 seg.unlink()
 
 
-async def _serve(conn: Any, cfg_path: str, env: dict[str, str]) -> None:
+async def _serve(conn: Any, cfg_path: str, env: dict[str, str], roles: tuple[str, ...]) -> None:
     try:
-        host = Host(cfg_path, env)
+        host = Host(cfg_path, env, roles)
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -161,25 +161,26 @@ async def _serve(conn: Any, cfg_path: str, env: dict[str, str]) -> None:
         conn.send(("ok", None))
 
 
-def _main(conn: Any, cfg_path: str, env: dict[str, str], log_path: str) -> None:
+def _main(conn: Any, cfg_path: str, env: dict[str, str], log_path: str, roles: tuple[str, ...]) -> None:
     # The workers inherit these: their logs go to the work directory, not the benchmark's output.
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(_serve(conn, cfg_path, env))
+    asyncio.run(_serve(conn, cfg_path, env, roles))
 
 
 class HostHandle:
     """Parent-side handle of the host process."""
 
     def __init__(self, cfg_path: str, env: dict[str, str], log_path: str,
-                 cpus: set[int] | None = None) -> None:
+                 cpus: set[int] | None = None, roles: tuple[str, ...] = ("media", "ai")) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.log_path = log_path
-        self.proc = ctx.Process(target=_main, args=(child, cfg_path, env, log_path), name="va-bench-host")
+        self.proc = ctx.Process(target=_main, args=(child, cfg_path, env, log_path, roles),
+                                name="va-bench-host")
         self.proc.start()
         child.close()
         if cpus:

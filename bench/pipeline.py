@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=6.0, help="seconds before measuring")
     parser.add_argument("--smoke", action="store_true", help="short CI form: 3 sessions, a few seconds")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, config)")
+    parser.add_argument("--media-only", action="store_true",
+                        help="diagnostic: media workers only (no AI worker, no model): the RTP/Opus share")
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -174,7 +176,8 @@ class Bench:
             slots = -(-self.capacity // shards)
         port_min = _free_udp_range(2 * shards * slots)
         emu_port = _free_port()
-        certs = ensure_certs(self.work, ["127.0.0.1"])
+        emu_dir = self.work / "emulator"
+        certs = ensure_certs(emu_dir, ["127.0.0.1"])
         cfg_path = self.work / "appliance.toml"
         _write_config(cfg_path, {
             "paths": {"state_dir": str(self.work), "run_dir": str(self.work / "run"),
@@ -184,6 +187,9 @@ class Bench:
             "shards": {"count": shards, "slots": slots},
             "media": {"rtp_port_min": port_min, "rtp_port_max": port_min + 2 * shards * slots + 1},
             "log": {"level": "warning"},
+            # worst duty: the caller talks over every answer; keep the answer playing as long as the
+            # config allows so both directions stay busy (see docs/benchmarks.md)
+            **({"vad": {"barge_in_ms": 2000}} if args.duty == "worst" else {}),
         })
         self.cfg = load_config(cfg_path)
         plan = make_plan(self.cfg.shards.cpu_plan, self.cfg.shards.count)
@@ -194,12 +200,15 @@ class Bench:
         env.pop("VA_BENCH_PROBE", None)
         with open(self.work / "emulator.log", "wb") as log:
             self.emulator = subprocess.Popen(
-                [sys.executable, "-m", "appliance", "emulator", "--config", str(cfg_path)],
+                [sys.executable, "-m", "appliance", "emulator", "--config", str(cfg_path),
+                 "--state-dir", str(emu_dir), "--reply", "echo", "--first-byte-delay-ms", "0",
+                 "--log-level", "warning"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         with contextlib.suppress(OSError):
             os.sched_setaffinity(self.emulator.pid, self.side_cpus)
         self.audio = callers.prepare()
-        self.gen = LoadGen(LoadSpec(audio=self.audio, n_sessions=self.capacity, duty=args.duty))
+        self.gen = LoadGen(LoadSpec(audio=self.audio, n_sessions=self.capacity, duty=args.duty,
+                                    worst_gap_s=(self.cfg.vad.hangover_ms + 80) / 1000))
         with contextlib.suppress(OSError):
             os.sched_setaffinity(self.gen.proc.pid, self.side_cpus)
         try:
@@ -208,7 +217,8 @@ class Bench:
             self.model_problem = f"{exc} (see {self.work / 'emulator.log'})"
         worker_env = {**env, "VA_BENCH_PROBE": f"127.0.0.1:{self.gen.probe_port}"}
         log_path = self.work / "workers.log"
-        self.host = HostHandle(str(cfg_path), worker_env, str(log_path), cpus=self.side_cpus)
+        roles = ("media",) if args.media_only else ("media", "ai")
+        self.host = HostHandle(str(cfg_path), worker_env, str(log_path), cpus=self.side_cpus, roles=roles)
         ready = self.host.call("ready", 90.0, timeout=120)
         if not ready.get("ok"):
             tail = log_path.read_text(errors="replace")[-1500:] if log_path.exists() else ""
@@ -254,13 +264,15 @@ class Bench:
         delta = {k: c1.get(k, 0) - c0.get(k, 0) for k in c1}
         n = self.active
         cfg = self.cfg
-        drops = (delta.get("uplink_overruns", 0) + delta.get("downlink_overruns", 0)
+        up_overruns = 0 if self.args.media_only else delta.get("uplink_overruns", 0)  # no consumer there
+        drops = (up_overruns + delta.get("downlink_overruns", 0)
                  + delta.get("rx_dropped", 0) + delta.get("late", 0) + r["rx_lost"])
         gen_late_p99 = _pct(r["send_late_ms"], 99) or 0.0
         out: dict[str, Any] = {
             "sessions": n,
             "duty": self.args.duty,
             "per_session_process": bool(self.args.per_session_process),
+            "media_only": bool(self.args.media_only),
             "shards": cfg.shards.count,
             "worker_cpus": len(self.worker_cpus),
             "window_seconds": round(window, 2),
