@@ -8,6 +8,8 @@ import os
 import random
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -236,3 +238,44 @@ def test_heartbeat_is_written(segment: ShardSegment, n: int) -> None:
     with running_worker(segment):
         assert wait_for(lambda: segment.heartbeat_age("media")[0] == os.getpid())
         assert segment.heartbeat_age("media")[1] < 1.0
+
+
+def _spawn_worker(seg: ShardSegment) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "VA_MEDIA_RTP_HOST": "127.0.0.1", "VA_LOG_LEVEL": "warning"}
+    return subprocess.Popen([sys.executable, "-m", "appliance.cli", "media-worker", "--shard", "0",
+                             "--segment", seg.name, "--config", os.devnull], env=env)
+
+
+def test_killed_worker_is_replaced_and_the_call_continues(segment: ShardSegment) -> None:
+    """SIGKILL the worker process mid-call: a new one re-attaches the slot, rebinds the same port, and
+    both directions continue (Janus would keep sending to the same port)."""
+    peer, port = Peer(), free_port_pair()
+    activate(segment, 0, peer, port)
+    slot = segment.slot(0)
+    first = _spawn_worker(segment)
+    seen: list[bytes] = []
+    try:
+        assert wait_for(lambda: bool(seen.extend(peer.recv_all())) or len(seen) > 5, timeout=10)
+        before = slot.counters.get("tx_packets")
+        first.kill()
+        first.wait(5)
+        time.sleep(0.2)
+        peer.recv_all()
+        assert slot.counters.get("tx_packets") == before  # nobody sends now
+        second = _spawn_worker(segment)
+        try:
+            got: list[bytes] = []
+            assert wait_for(lambda: bool(got.extend(peer.recv_all()) or len(got) > 5), timeout=10)
+            pkts = peer.packets(tone(440, 1.2, 48000))
+            send_paced(peer, port, pkts)
+            pcm = read_uplink(segment, 0, 40)
+            assert abs(dominant_frequency(pcm[-8000:], 16000) - 440) < 5
+            _, addr = peer.sock.recvfrom(2048)
+            assert addr == ("127.0.0.1", port)  # still sent from the announced port
+        finally:
+            second.terminate()
+            assert second.wait(10) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+        peer.close()
