@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ramp-step", type=int, default=10, help="sessions added per ramp step")
     parser.add_argument("--ramp-max", type=int, default=400, help="stop the ramp here")
     parser.add_argument("--per-session-process", action="store_true",
-                        help="one media + AI process pair per session (the peers' model)")
+                        help="compare: the same load with shared shard workers, then one media + AI "
+                             "process pair per session (the peers' model); reports the CPU ratio")
     parser.add_argument("--shards", type=int, default=0, help="shards (0: the CPU plan's default)")
     parser.add_argument("--warmup", type=float, default=6.0, help="seconds before measuring")
     parser.add_argument("--smoke", action="store_true", help="short CI form: 3 sessions, a few seconds")
@@ -359,18 +360,38 @@ def _ok(step: dict[str, Any]) -> bool:
     return bool(step["valid"]) and step["drops"] == 0 and p99 is not None and p99 <= PACING_LIMIT_MS
 
 
+def _fixed(args: argparse.Namespace) -> dict[str, Any]:
+    with Bench(args, args.sessions) as b:
+        b.add_sessions(args.sessions)
+        time.sleep(args.warmup)
+        return b.measure(args.seconds)
+
+
+COMPARED = ("cpu_ms_per_session_second", "pss_mb_per_session", "rss_mb_per_session", "turn_end_p99_ms",
+            "first_audio_p99_ms", "bargein_p99_ms", "pacing_p99_ms", "drops", "valid")
+
+
+def _compare(args: argparse.Namespace) -> dict[str, Any]:
+    """The same load twice in one run: shared shard processes, then one media + AI process per session."""
+    shared = _fixed(argparse.Namespace(**{**vars(args), "per_session_process": False}))
+    per = _fixed(args)
+    ratio = None
+    if shared.get("cpu_ms_per_session_second") and per.get("cpu_ms_per_session_second"):
+        ratio = round(per["cpu_ms_per_session_second"] / shared["cpu_ms_per_session_second"], 2)
+    return {**per, "shared": {k: shared.get(k) for k in COMPARED}, "cpu_ratio_per_session_vs_shared": ratio,
+            "machine": _machine()}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.smoke:
         args.sessions, args.seconds, args.warmup = min(args.sessions, 3), min(args.seconds, 10.0), 6.0
         args.ramp = False
     if args.sessions < 1 or args.seconds <= 0:
         raise SystemExit("--sessions must be ≥ 1 and --seconds > 0")
+    if not args.ramp and args.per_session_process:
+        return _compare(args)
     if not args.ramp:
-        with Bench(args, args.sessions) as b:
-            b.add_sessions(args.sessions)
-            time.sleep(args.warmup)
-            out = b.measure(args.seconds)
-        return {**out, "machine": _machine()}
+        return {**_fixed(args), "machine": _machine()}
     steps: list[dict[str, Any]] = []
     last_good: dict[str, Any] | None = None
     with Bench(args, args.ramp_max) as b:
