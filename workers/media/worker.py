@@ -385,7 +385,9 @@ class MediaWorker:
                                             "port": info.local_rtp_port})
 
     def _close(self, idx: int) -> None:
-        sess = self.sessions.pop(idx)
+        sess = self.sessions.pop(idx, None)
+        if sess is None:
+            return
         for s in (sess.rtp, sess.rtcp):
             try:
                 self.sel.unregister(s)
@@ -397,6 +399,11 @@ class MediaWorker:
     # ---- loop ------------------------------------------------------------------------------------
     def _drain(self, sock: socket.socket, sess: MediaSession, is_rtp: bool) -> None:
         buf, view = self._buf, self._view
+        if sess.closed:
+            return
+        if not sess.slot.is_current(sess.generation):
+            self._close(sess.index)  # never write counters/events into a slot that was closed or reused
+            return
         for _ in range(RECV_BATCH):
             try:
                 n, addr = sock.recvfrom_into(buf)
@@ -417,6 +424,9 @@ class MediaWorker:
             self.scan()
         self.ticks += 1
         for sess in list(self.sessions.values()):
+            if not sess.slot.is_current(sess.generation):
+                self._close(sess.index)
+                continue
             try:
                 sess.tick_uplink()
                 sess.tick_downlink(tick)
