@@ -213,6 +213,10 @@ class Supervisor:
         limiter = RateLimiter(redis_client(cfg.redis), cfg.limits)
         app = create_app(cfg, self.sessions, limiter=limiter, extra_routes=demo_routes(cfg))
         self.metrics.include_default_registry()
+        p = self.placement
+        self.metrics.sessions_active.set_function(lambda: p.active)  # read at scrape time
+        self.metrics.sessions_capacity.set_function(lambda: p.capacity)
+        self.metrics.draining.set_function(lambda: 1 if p.draining else 0)
         self.metrics.add_shard_counters(self._shard_counters)
         if cfg.api.metrics_port:
             self.metrics.serve(cfg.api.metrics_host, cfg.api.metrics_port)
@@ -253,10 +257,6 @@ class Supervisor:
             interval = min(interval, self.notifier.watchdog_seconds / 3)
         last_status = ""
         while True:
-            p = self.placement
-            self.metrics.sessions_active.set(p.active)
-            self.metrics.sessions_capacity.set(p.capacity)
-            self.metrics.draining.set(1 if p.draining else 0)
             if self.arbiter is not None:
                 for w in self.arbiter.workers:
                     age = self.arbiter.heartbeat_age(w)
