@@ -30,10 +30,25 @@ SUITE = "bookworm"
 # the container needs no network: the playbook's apt tasks then converge without downloading anything.
 BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-apt", "ca-certificates", "iproute2"]
 EXTRA_PACKAGES = [
-    "procps", "janus", "coturn", "redis-server", "nftables", "openssh-server", "auditd",
-    "unattended-upgrades", "apt-listchanges", "systemd-timesyncd", "openssl", "haproxy", "libopus0",
-    "espeak-ng", "sox", "python3-venv", "libpython3.11", "netbase",
-]  # fmt: skip
+    "procps",
+    "janus",
+    "coturn",
+    "redis-server",
+    "nftables",
+    "openssh-server",
+    "auditd",
+    "unattended-upgrades",
+    "apt-listchanges",
+    "systemd-timesyncd",
+    "openssl",
+    "haproxy",
+    "libopus0",
+    "espeak-ng",
+    "sox",
+    "python3-venv",
+    "libpython3.11",
+    "netbase",
+]
 PEER_ADDR = "192.0.2.1"  # documentation range, only ever inside our own namespaces
 HOST_ADDR = "192.0.2.2"
 
@@ -73,15 +88,27 @@ def ensure_rootfs(cache_dir: Path = CACHE_DIR) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".building-{rootfs_key()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, str(tmp),
-         debian_mirror()], timeout=1800)  # fmt: skip
+    run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(BASE_PACKAGES)}",
+            SUITE,
+            str(tmp),
+            debian_mirror(),
+        ],
+        timeout=1800,
+    )
     policy = tmp / "usr/sbin/policy-rc.d"
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
     shutil.copy("/etc/resolv.conf", tmp / "etc/resolv.conf")
     env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-    run(["chroot", str(tmp), "apt-get", "install", "-y", "-q", "--no-install-recommends", *EXTRA_PACKAGES],
-        env=env, timeout=1800)  # fmt: skip
+    run(
+        ["chroot", str(tmp), "apt-get", "install", "-y", "-q", "--no-install-recommends", *EXTRA_PACKAGES],
+        env=env,
+        timeout=1800,
+    )
     run(["chroot", str(tmp), "apt-get", "clean"], env=env)
     policy.unlink()
     (tmp / "etc/resolv.conf").unlink(missing_ok=True)
@@ -109,6 +136,11 @@ class Container:
     def sh(self, script: str, check: bool = True, timeout: float = 300, input: str | None = None):
         """Run a shell script inside the container (all its namespaces, as root)."""
         return run([*self.nsenter(), "/bin/sh", "-c", script], check=check, timeout=timeout, input=input)
+
+    def put(self, local: Path, remote: str) -> None:
+        """Copy a host file into the container (its root is an overlay, not a host directory)."""
+        with open(local, "rb") as src:
+            subprocess.run([*self.nsenter(), "/bin/sh", "-c", f"cat > '{remote}'"], stdin=src, check=True)
 
     def peer(self, cmd: list[str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run a command in the peer namespace (the "Internet" side of the container's veth)."""
@@ -159,8 +191,23 @@ def booted(root: Path, name: str = "va-ops", workdir: Path | None = None) -> Ite
         _netns(ct_ns)
         _netns(peer_ns)
         veth_ct, veth_peer = f"va{suffix}c"[-15:], f"va{suffix}p"[-15:]
-        run(["ip", "link", "add", veth_ct, "netns", ct_ns, "type", "veth", "peer", "name", veth_peer,
-             "netns", peer_ns])  # fmt: skip
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                veth_ct,
+                "netns",
+                ct_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                veth_peer,
+                "netns",
+                peer_ns,
+            ]
+        )
         run(["ip", "-n", ct_ns, "link", "set", veth_ct, "name", "eth0"])
         run(["ip", "-n", ct_ns, "addr", "add", f"{HOST_ADDR}/24", "dev", "eth0"])
         run(["ip", "-n", ct_ns, "link", "set", "eth0", "up"])
@@ -169,11 +216,25 @@ def booted(root: Path, name: str = "va-ops", workdir: Path | None = None) -> Ite
         run(["ip", "-n", peer_ns, "link", "set", veth_peer, "up"])
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                ["systemd-nspawn", "-D", str(root), "--boot", "--register=no", "--keep-unit",
-                 f"--network-namespace-path=/run/netns/{ct_ns}", "--volatile=overlay", f"--machine={name}",
-                 "--console=passive", "--capability=CAP_NET_ADMIN"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+                [
+                    "systemd-nspawn",
+                    "-D",
+                    str(root),
+                    "--boot",
+                    "--register=no",
+                    "--keep-unit",
+                    "--private-network",
+                    f"--network-namespace-path=/run/netns/{ct_ns}",
+                    "--volatile=overlay",
+                    f"--machine={name}",
+                    "--console=passive",
+                    "--capability=CAP_NET_ADMIN",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         leader = _find_leader(proc.pid)
         ct = Container(name, proc.pid, leader, ct_ns, peer_ns, root, log)
         ct.wait_running()

@@ -62,8 +62,10 @@ class Connection(ConnectionBase):
         with open(to_bytes(in_path), "rb") as src:
             proc = subprocess.run(
                 [*self._prefix(), "/bin/sh", "-c", f"cat > {shlex.quote(out_path)}"],
-                stdin=src, capture_output=True, check=False,
-            )  # fmt: skip
+                stdin=src,
+                capture_output=True,
+                check=False,
+            )
         if proc.returncode != 0:
             raise AnsibleError(f"put_file {out_path}: {proc.stderr.decode(errors='replace')}")
 
