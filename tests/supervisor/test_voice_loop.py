@@ -1,0 +1,124 @@
+"""The whole call through the supervisor: aiortc caller → Janus (NoSIP) → media worker → AI worker →
+the Live emulator (real google-genai SDK) → back; and kill -9 of each worker mid-call.
+
+The emulator echoes the caller's utterance; the test checks the reply's content by envelope correlation
+with what was spoken, and records mouth-to-ear latency (end of speech → first loud reply audio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+from aiortc import RTCSessionDescription
+
+from shm.segment import ShardSegment, segment_name
+from tests.harness.audio import envelope_correlation, speech
+from tests.harness.emulator import start_emulator
+from tests.supervisor.conftest import start_supervisor, stop_supervisor
+from tests.supervisor.rtc import RATE, caller
+
+pytestmark = [
+    pytest.mark.janus,
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("workers.ai.live") is None,
+                       reason="AI worker Live layer missing"),
+]
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    with start_emulator(tmp_path_factory.mktemp("emu"), reply="echo") as emu:
+        yield emu
+
+
+@pytest.fixture(scope="module")
+def sup(tmp_path_factory, redis_srv, janus, emulator):
+    sp = start_supervisor(tmp_path_factory.mktemp("sup"), redis_srv.url, janus, slots=2, extra={
+        "model": {"api_key": emulator.api_key, "base_url": emulator.base_url, "ca_file": emulator.ca_file,
+                  "max_retries": 5},
+    })
+    yield sp
+    stop_supervisor(sp)
+
+
+async def wait_until(pred, limit: float = 20.0, step: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = pred()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(step)
+    raise AssertionError(f"{what} not met within {limit} s")
+
+
+async def say_and_hear(track, rec, utterance: np.ndarray, limit: float = 15.0) -> tuple[float, float]:
+    """Play ``utterance``; wait for the echo; return (envelope correlation, mouth-to-ear seconds)."""
+    track.play(utterance)
+    await wait_until(lambda: track.play_ended is not None, what="utterance played")
+    end = track.play_ended
+    first = await wait_until(lambda: rec.first_loud_after(end + 0.05), limit=limit, what="reply audio")
+    await asyncio.sleep(len(utterance) / RATE + 1.0)  # the whole echo
+    heard = rec.since(first - 0.2)
+    return envelope_correlation(utterance, heard, RATE), first - end
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), dtype=np.int16)
+
+
+async def test_echo_through_the_appliance_and_worker_crashes(sup, sub, tmp_path):
+    utterance = speech("the quick brown fox jumps over the lazy dog", RATE)
+    seg = ShardSegment.attach(segment_name(sup.instance, 0))
+    token = sup.token(sub)
+    auth = {"Authorization": f"Bearer {token}"}
+    pc, track, rec = await caller()
+    try:
+        async with httpx.AsyncClient(base_url=sup.api, timeout=30) as http:
+            r = await http.post("/v1/sessions", headers=auth,
+                                json={"type": "offer", "sdp": pc.localDescription.sdp})
+            assert r.status_code == 201, (r.text, sup.log_tail())
+            sid = r.json()["session_id"]
+            await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
+
+            async def model_live() -> bool:
+                info = (await http.get(f"/v1/sessions/{sid}", headers=auth)).json()
+                return info["state"] == "active" and info["details"].get("model_state") == "live"
+
+            await wait_until(model_live, limit=30, what="call up and model live")
+            await asyncio.sleep(3.0)  # let any greeting finish
+            corr, m2e = await say_and_hear(track, rec, utterance)
+            print(f"echo correlation {corr:.2f}, mouth-to-ear {m2e * 1000:.0f} ms")
+            assert corr > 0.6
+
+            # kill -9 the AI worker while the caller speaks: the call stays up and the reply comes
+            ai_pid, _ = seg.heartbeat_age("ai")
+            track.play(silence(0.3))
+            await asyncio.sleep(0.1)
+            os.kill(ai_pid, signal.SIGKILL)
+            t_kill = time.time()
+            corr2, m2e2 = await say_and_hear(track, rec, utterance, limit=20)
+            print(f"after AI kill -9: correlation {corr2:.2f}, mouth-to-ear {m2e2 * 1000:.0f} ms "
+                  f"({(time.time() - t_kill):.1f} s since kill)")
+            assert corr2 > 0.6
+            assert pc.connectionState == "connected"
+
+            # kill -9 the media worker: the call stays up, audio flows again
+            media_pid, _ = seg.heartbeat_age("media")
+            os.kill(media_pid, signal.SIGKILL)
+            corr3, m2e3 = await say_and_hear(track, rec, utterance, limit=20)
+            print(f"after media kill -9: correlation {corr3:.2f}, mouth-to-ear {m2e3 * 1000:.0f} ms")
+            assert corr3 > 0.6
+            assert (await http.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
+    finally:
+        await rec.stop()
+        await pc.close()
+        seg.close()
