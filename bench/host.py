@@ -93,6 +93,18 @@ class Host:
                 s.begin_close()
             self.used.discard((shard, slot))
 
+    def realtime(self, role: str) -> list[int]:
+        """Experiment: put ``role``'s workers (every thread) on SCHED_RR 1; returns the pids changed."""
+        done = []
+        for w in self.arbiter.workers:
+            if w.spec.role != role or w.pid is None:
+                continue
+            for tid in os.listdir(f"/proc/{w.pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(int(tid), os.SCHED_RR, os.sched_param(1))
+            done.append(w.pid)
+        return done
+
     def pids(self) -> dict[str, Any]:
         return {
             "host": os.getpid(),
@@ -144,6 +156,8 @@ async def _serve(conn: Any, cfg_path: str, env: dict[str, str], roles: tuple[str
                     reply = host.activate(*arg)
                 elif cmd == "close":
                     reply = host.close(arg)
+                elif cmd == "realtime":
+                    reply = host.realtime(arg)
                 elif cmd == "pids":
                     reply = host.pids()
                 elif cmd == "counters":

@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=6.0, help="seconds before measuring")
     parser.add_argument("--smoke", action="store_true", help="short CI form: 3 sessions, a few seconds")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, config)")
+    parser.add_argument("--rt-media", action="store_true",
+                        help="experiment: run the media workers on SCHED_RR (what systemd's "
+                             "CPUSchedulingPolicy=rr would do); off = as the appliance runs today")
     parser.add_argument("--media-only", action="store_true",
                         help="diagnostic: media workers only (no AI worker, no model): the RTP/Opus share")
 
@@ -224,6 +227,8 @@ class Bench:
         if not ready.get("ok"):
             tail = log_path.read_text(errors="replace")[-1500:] if log_path.exists() else ""
             raise RuntimeError(f"workers did not come up: {ready}; workers.log ends with:\n{tail}")
+        if args.rt_media:
+            self.host.call("realtime", "media")
         if args.per_session_process:
             self.slot_of = [(i, 0) for i in range(self.capacity)]
         else:
@@ -274,6 +279,7 @@ class Bench:
             "duty": self.args.duty,
             "per_session_process": bool(self.args.per_session_process),
             "media_only": bool(self.args.media_only),
+            "rt_media": bool(self.args.rt_media),
             "shards": cfg.shards.count,
             "worker_cpus": len(self.worker_cpus),
             "window_seconds": round(window, 2),
