@@ -11,6 +11,9 @@ loopback), driving it directly (no sleeping), so the numbers are pure CPU:
   model is silent (the cached silence packet).
 * ``binding``: encode/decode µs of the same 20 ms frames through our ctypes binding (bundled libopus
   1.6 and Debian's 1.3.1) and through PyAV, the numbers behind docs/opus.md.
+* ``resampler``: soxr stream per quality for the only rate changes we have (G.711 rooms: 8→16 kHz up,
+  24→8 kHz down): µs per 20 ms frame, worst output lag behind real time (burstiness → latency) and
+  SINAD on a 1 kHz tone; the reason ``workers/media/g711.py`` uses QQ.
 * ``sessions_per_core_media``: 20 ms / (uplink + downlink at the default complexity), i.e. the media
   worker's share of one core, assuming a call is ~50 % model speech.
 """
@@ -223,6 +226,37 @@ def _pyav(pcm24: np.ndarray, frames: int) -> dict[str, Any]:
             "note": "decoder output is 48 kHz only: +soxr 48->16 kHz per frame on top"}
 
 
+def _resampler(frames: int) -> dict[str, Any]:
+    import soxr
+
+    out: dict[str, Any] = {}
+    for fin, fout in ((8000, 16000), (24000, 8000)):
+        n = fin // 50
+        t = np.arange(n * frames) / fin
+        x = (np.sin(2 * np.pi * 1000 * t) * 12000).astype(np.int16)
+        for q in ("QQ", "LQ", "MQ", "HQ", "VHQ"):
+            rs = soxr.ResampleStream(fin, fout, 1, dtype="int16", quality=q)
+            chunks = []
+            lag = 0.0
+            produced = 0
+            t0 = _cpu()
+            for i in range(frames):
+                y = rs.resample_chunk(x[i * n : (i + 1) * n])
+                chunks.append(y)
+                produced += len(y)
+                lag = max(lag, ((i + 1) * fout // 50 - produced) / fout * 1000)
+            spent = _cpu() - t0
+            y = np.concatenate(chunks)[fout // 10 :].astype(np.float64)
+            spec = np.abs(np.fft.rfft(y * np.hanning(len(y)))) ** 2
+            k = round(1000 * len(y) / fout)
+            sig = spec[max(0, k - 4) : k + 5].sum()
+            sinad = 10 * np.log10(sig / max(spec.sum() - sig, 1e-12))
+            out[f"{fin // 1000}k_to_{fout // 1000}k_{q}"] = {
+                "us_per_frame": round(spent / frames * 1e6, 1), "max_lag_ms": round(lag, 1),
+                "sinad_db": round(float(sinad), 1)}
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     frames = 300 if args.smoke else args.frames
     complexities = [5] if args.smoke else [int(c) for c in str(args.complexity).split(",")]
@@ -250,6 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["media_cpu_ms_per_call_second"] = round(per_call_us * 50 / 1000, 2)
             result["sessions_per_core_media"] = int(20_000 / per_call_us)
         result["binding"] = _binding(frames)
+        result["resampler"] = _resampler(min(frames, 500))
         result["loadavg_1m"] = os.getloadavg()[0]
         return result
     finally:

@@ -39,10 +39,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from appliance.config import MediaConfig
 from shm.segment import EventCode, ShardSegment, Slot, SlotInfo, SlotState
-from workers.media import opus
+from workers.media import g711, opus
 from workers.media.jitter import JitterBuffer, Kind
 from workers.media.pacing import PERIOD_NS, Pacer
 from workers.media.rtp import (
@@ -60,9 +61,8 @@ UP_RATE = 16000
 DOWN_RATE = 24000
 UP_FRAME = UP_RATE // 50 * 2  # 640 bytes
 DOWN_FRAME = DOWN_RATE // 50 * 2  # 960 bytes
-RTP_CLOCK = 48000
+OPUS_CLOCK = 48000
 DTMF_CLOCK = 48000  # we answer telephone-event/48000 (appliance.janus.plain_rtp_answer), as browsers prefer
-TS_PER_TICK = RTP_CLOCK // 50
 RECV_BATCH = 64  # packets drained per socket per wakeup before ticks get a chance to run
 SSRC_SWITCH_SILENCE_NS = 100_000_000
 ENCODER_TAIL_FRAMES = 3
@@ -104,10 +104,15 @@ class MediaSession:
             self.rtcp.close()
             raise
         self.local_port = info.local_rtp_port
-        self.decoder = opus.Decoder(UP_RATE)
-        self.encoder = opus.Encoder(DOWN_RATE, bitrate=cfg.opus_bitrate, complexity=cfg.opus_complexity,
-                                    fec=True, expected_loss_percent=cfg.opus_expected_loss_percent)
-        self.silence = _silence_packet(cfg)
+        if info.payload_type in (g711.PCMU, g711.PCMA):  # static G.711 payload types (rooms, gateways)
+            self.decoder: UplinkCodec = g711.G711Uplink(info.payload_type, UP_RATE)
+            self.encoder: DownlinkCodec = g711.G711Downlink(info.payload_type, DOWN_RATE)
+        else:
+            self.decoder = OpusUplink(UP_RATE)
+            self.encoder = OpusDownlink(cfg)
+        self.rtp_clock = self.decoder.rtp_clock
+        self.ts_per_tick = self.encoder.rtp_clock // 50
+        self.silence = self.encoder.silence()
         self.jb = JitterBuffer(target_ms=cfg.jitter_target_ms, max_ms=cfg.jitter_max_ms)
         self.dtmf = DtmfReceiver()
         self.src: SourceStats | None = None
@@ -152,11 +157,12 @@ class MediaSession:
             c.add("rx_dropped")
             return
         try:
-            samples48 = opus.packet_samples(pkt.payload, RTP_CLOCK)
+            samples = self.decoder.samples(pkt.payload)
         except opus.OpusError:
             c.add("rx_invalid")
             return
-        if not 120 <= samples48 <= RTP_CLOCK * 120 // 1000:
+        clock = self.rtp_clock
+        if not clock // 400 <= samples <= clock * 120 // 1000:  # 2.5 ms .. 120 ms
             c.add("rx_invalid")
             return
         ext = stats.update_seq(pkt.sequence)
@@ -164,24 +170,24 @@ class MediaSession:
             c.add("rx_dropped")
             return
         self.src_last_ns = now_ns
-        stats.update_jitter(pkt.timestamp, now_ns * RTP_CLOCK // 1_000_000_000)
+        stats.update_jitter(pkt.timestamp, now_ns * clock // 1_000_000_000)
         c.add("rx_packets")
         c.add("rx_bytes", len(data))
-        self.jb.set_frame_ms(samples48 // 48)
+        self.jb.set_frame_ms(samples * 1000 // clock)
         if self.jb.put(ext, pkt.payload) == "late":
             c.add("late")
 
     def _source(self, ssrc: int, seq: int, now_ns: int) -> SourceStats | None:
         """The stats of the accepted SSRC, switching to a new one only when it proves itself."""
         if self.src is None:
-            self.src = SourceStats(ssrc, seq, RTP_CLOCK, probation=0)
+            self.src = SourceStats(ssrc, seq, self.rtp_clock, probation=0)
             return self.src
         if ssrc == self.src.ssrc:
             self.candidate = None
             return self.src
         cand = self.candidate
         if cand is None or cand.stats.ssrc != ssrc:
-            self.candidate = _Candidate(SourceStats(ssrc, seq, RTP_CLOCK))
+            self.candidate = _Candidate(SourceStats(ssrc, seq, self.rtp_clock))
             self.candidate.stats.update_seq(seq)
             return None
         if cand.stats.update_seq(seq) is None:
@@ -189,7 +195,7 @@ class MediaSession:
         if now_ns - self.src_last_ns < SSRC_SWITCH_SILENCE_NS:
             return None  # the current source is still talking: an intruder, not a restart
         log.info("ssrc change", extra={"session": self.session_id, "old": self.src.ssrc, "new": ssrc})
-        self.src = SourceStats(ssrc, seq, RTP_CLOCK, probation=0)
+        self.src = SourceStats(ssrc, seq, self.rtp_clock, probation=0)
         self.candidate = None
         self.jb = JitterBuffer(target_ms=self.jb.base_target_ms, max_ms=self.jb.max_ms)
         self.decoder.reset()
@@ -233,7 +239,7 @@ class MediaSession:
                     c.add("rx_invalid")
                     pcm = dec.conceal(self.lost_frame_samples)
                     c.add("concealed")
-            elif kind is Kind.FEC and opus.packet_has_fec(payload or b""):
+            elif kind is Kind.FEC and dec.has_fec(payload or b""):
                 try:
                     pcm = dec.decode_fec(payload or b"", self.lost_frame_samples)
                     c.add("fec_recovered")
@@ -289,7 +295,7 @@ class MediaSession:
         marker = self.first_tick is None
         if marker:
             self.first_tick = tick
-        ts = self.tx_ts0 + (tick - (self.first_tick or 0)) * TS_PER_TICK
+        ts = self.tx_ts0 + (tick - (self.first_tick or 0)) * self.ts_per_tick
         pkt = build_rtp(self.payload_type, self.tx_seq, ts, self.tx_ssrc, payload, marker)
         self.tx_seq = (self.tx_seq + 1) & 0xFFFF
         try:
@@ -312,22 +318,71 @@ class MediaSession:
             self.encoder.close()
 
 
+class UplinkCodec(Protocol):
+    """What the uplink path needs from a decoder (Opus, or G.711 + resampler)."""
+
+    rtp_clock: int
+    last_samples: int
+
+    def samples(self, payload: bytes) -> int: ...
+    def decode(self, payload: bytes) -> bytes: ...
+    def has_fec(self, payload: bytes) -> bool: ...
+    def decode_fec(self, next_payload: bytes, samples: int | None = None) -> bytes: ...
+    def conceal(self, samples: int | None = None) -> bytes: ...
+    def reset(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class DownlinkCodec(Protocol):
+    """What the downlink path needs from an encoder."""
+
+    rtp_clock: int
+
+    def encode(self, pcm: bytes) -> bytes: ...
+    def silence(self) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class OpusUplink(opus.Decoder):
+    """Opus decoder at 16 kHz with the RTP-facing helpers (48 kHz RTP clock, FEC detection)."""
+
+    rtp_clock = OPUS_CLOCK
+
+    @staticmethod
+    def samples(payload: bytes) -> int:
+        return opus.packet_samples(payload, OPUS_CLOCK)
+
+    @staticmethod
+    def has_fec(payload: bytes) -> bool:
+        return opus.packet_has_fec(payload)
+
+
 _SILENCE_CACHE: dict[tuple[int, int, int], bytes] = {}
 
 
-def _silence_packet(cfg: MediaConfig) -> bytes:
-    """A 20 ms Opus packet of digital silence from an encoder with the session's settings."""
-    key = (cfg.opus_bitrate, cfg.opus_complexity, cfg.opus_expected_loss_percent)
-    pkt = _SILENCE_CACHE.get(key)
-    if pkt is None:
-        enc = opus.Encoder(DOWN_RATE, bitrate=cfg.opus_bitrate, complexity=cfg.opus_complexity,
-                           fec=True, expected_loss_percent=cfg.opus_expected_loss_percent)
-        for _ in range(10):
-            pkt = enc.encode(bytes(DOWN_FRAME))
-        enc.close()
-        assert pkt is not None
-        _SILENCE_CACHE[key] = pkt
-    return pkt
+class OpusDownlink(opus.Encoder):
+    """Opus encoder fed with 24 kHz frames, configured from ``[media]``; its silence packet is cached."""
+
+    rtp_clock = OPUS_CLOCK
+
+    def __init__(self, cfg: MediaConfig) -> None:
+        super().__init__(DOWN_RATE, bitrate=cfg.opus_bitrate, complexity=cfg.opus_complexity, fec=True,
+                         expected_loss_percent=cfg.opus_expected_loss_percent)
+        self._key = (cfg.opus_bitrate, cfg.opus_complexity, cfg.opus_expected_loss_percent)
+
+    def silence(self) -> bytes:
+        """A 20 ms packet of digital silence from a separate, identically configured encoder."""
+        pkt = _SILENCE_CACHE.get(self._key)
+        if pkt is None:
+            bitrate, complexity, loss = self._key
+            enc = opus.Encoder(DOWN_RATE, bitrate=bitrate, complexity=complexity, fec=True,
+                               expected_loss_percent=loss)
+            for _ in range(10):
+                pkt = enc.encode(bytes(DOWN_FRAME))
+            enc.close()
+            assert pkt is not None
+            _SILENCE_CACHE[self._key] = pkt
+        return pkt
 
 
 class MediaWorker:
