@@ -411,14 +411,21 @@ class Sessions:
                     await h.audiobridge_destroy_room(live.room_id)
             with contextlib.suppress(Exception):
                 await h.detach()
-        if slot is not None:
+        if slot is None:
+            self.placement.release(shard, slot_idx)
+        else:  # FREE only after the workers have seen CLOSING; the caller does not wait for it
+            self._spawn(self._free_later(live, slot))
+
+    async def _free_later(self, live: LiveSession, slot: Any) -> None:
+        try:
             await asyncio.sleep(CLOSE_GRACE_SECONDS)
+        finally:
             with contextlib.suppress(Exception):
                 if self.on_slot_freed is not None:
-                    self.on_slot_freed(shard, slot)
+                    self.on_slot_freed(live.placed.shard, slot)
                 if slot.generation == live.generation:
                     slot.free()
-        self.placement.release(shard, slot_idx)
+            self.placement.release(live.placed.shard, live.placed.slot)
 
     def _read_slot(self, live: LiveSession) -> tuple[str, str, str] | None:
         try:

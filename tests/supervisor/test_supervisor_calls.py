@@ -79,6 +79,10 @@ def sup(tmp_path_factory, redis_srv, janus):
 def seg(sup):
     s = ShardSegment.attach(segment_name(sup.instance, 0))
     yield s
+    # a test's last call frees its slot a moment after DELETE returns: the next test needs it
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and s.slot(0).state != SlotState.FREE:
+        time.sleep(0.05)
     s.close()
 
 
