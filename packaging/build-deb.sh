@@ -9,43 +9,50 @@
 # LINTIAN=0 skips lintian; otherwise any lintian error or warning fails the build.
 set -euo pipefail
 
-here="$(cd "$(dirname "$0")" && pwd)"
-repo="$(cd "$here/.." && pwd)"
-out="${1:-$here/dist}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
-work="$(mktemp -d "${TMPDIR:-/tmp}/va-deb.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
+# Everything runs inside main() so bash parses the whole script before running it (safe to edit mid-build).
+main() {
+	here="$(cd "$(dirname "$0")" && pwd)"
+	repo="$(cd "$here/.." && pwd)"
+	out="${1:-$here/dist}"
+	mkdir -p "$out"
+	out="$(cd "$out" && pwd)"
+	work="$(mktemp -d "${TMPDIR:-/tmp}/va-deb.XXXXXX")"
+	trap 'rm -rf "$work"' EXIT
 
-version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/pyproject.toml" | head -1)"
-deb_version="$(dpkg-parsechangelog -l "$here/debian/changelog" -S Version)"
-if [ "${deb_version%-*}" != "$version" ]; then
-	echo "build-deb: pyproject version $version != debian/changelog $deb_version" >&2
-	exit 1
-fi
-
-src="$work/voice-appliance-$version"
-mkdir -p "$src"
-(cd "$repo" && git ls-files -z --cached --others --exclude-standard -- \
-	pyproject.toml README.md appliance workers shm bench docs packaging systemd \
-	| xargs -0 -I{} sh -c 'test -e "{}" && printf "%s\0" "{}"' | xargs -0 cp --parents -t "$src")
-cp -r "$here/debian" "$src/debian"
-cp "$repo/systemd/voice-appliance.service" "$src/debian/voice-appliance.service"
-
-(cd "$src" && dpkg-buildpackage -us -uc -b --no-sign >"$work/build.log" 2>&1) || {
-	tail -60 "$work/build.log" >&2
-	exit 1
-}
-deb="$(ls "$work"/voice-appliance_*.deb)"
-cp "$deb" "$out/"
-if [ "${LINTIAN:-1}" != 0 ]; then
-	# Overrides (debian/voice-appliance.lintian-overrides) each carry their reason.
-	status=0
-	lintian --fail-on error,warning "$deb" >"$out/lintian.txt" 2>&1 || status=$?
-	cat "$out/lintian.txt" >&2
-	if [ "$status" != 0 ]; then
-		echo "build-deb: lintian found errors or warnings" >&2
+	version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/pyproject.toml" | head -1)"
+	deb_version="$(dpkg-parsechangelog -l "$here/debian/changelog" -S Version)"
+	if [ "${deb_version%-*}" != "$version" ]; then
+		echo "build-deb: pyproject version $version != debian/changelog $deb_version" >&2
 		exit 1
 	fi
-fi
-echo "$out/$(basename "$deb")"
+
+	src="$work/voice-appliance-$version"
+	mkdir -p "$src"
+	(cd "$repo" && git ls-files -z --cached --others --exclude-standard -- \
+		pyproject.toml README.md appliance workers shm bench docs packaging systemd \
+		| while IFS= read -r -d '' f; do [ ! -e "$f" ] || printf '%s\0' "$f"; done \
+		| xargs -0 cp --parents -t "$src")
+	cp -r "$here/debian" "$src/debian"
+	cp "$repo/systemd/voice-appliance.service" "$src/debian/voice-appliance.service"
+	cp "$repo/systemd/voice-appliance-emulator.service" "$src/debian/voice-appliance.voice-appliance-emulator.service"
+
+	(cd "$src" && dpkg-buildpackage -us -uc -b --no-sign >"$work/build.log" 2>&1) || {
+		tail -60 "$work/build.log" >&2
+		exit 1
+	}
+	deb="$(ls "$work"/voice-appliance_*.deb)"
+	cp "$deb" "$out/"
+	if [ "${LINTIAN:-1}" != 0 ]; then
+		# Overrides (debian/voice-appliance.lintian-overrides) each carry their reason.
+		status=0
+		lintian --fail-on error,warning "$deb" >"$out/lintian.txt" 2>&1 || status=$?
+		cat "$out/lintian.txt" >&2
+		if [ "$status" != 0 ]; then
+			echo "build-deb: lintian found errors or warnings" >&2
+			exit 1
+		fi
+	fi
+	echo "$out/$(basename "$deb")"
+}
+
+main "$@"

@@ -39,8 +39,6 @@ DEB_INPUTS = [
 ]
 
 
-
-
 def _require_root_tools() -> None:
     if os.geteuid() != 0:
         pytest.skip("ops tests need root (debootstrap, network namespaces, nspawn)")

@@ -17,7 +17,16 @@ from tests.harness import nspawn
 # Session fixtures build the .deb and converge a host on first use: allow for that in the first test.
 pytestmark = [pytest.mark.ops, pytest.mark.timeout(2400)]
 
-SERVICES = ["voice-appliance", "janus", "coturn", "redis-server", "nftables", "ssh"]
+# The emulator runs because the test vault has no Gemini key.
+SERVICES = [
+    "voice-appliance",
+    "voice-appliance-emulator",
+    "janus",
+    "coturn",
+    "redis-server",
+    "nftables",
+    "ssh",
+]
 
 
 def tcp_probe(host, addr: str, port: int, timeout: float = 2.0) -> str:
@@ -84,7 +93,12 @@ def test_services_active(provisioned) -> None:
 
 def test_units_verify_without_output(provisioned) -> None:
     """systemd-analyze verify exits 0 on unknown keys, so any output at all is a failure (FACTS)."""
-    for unit in ("voice-appliance.service", "janus.service", "coturn.service"):
+    for unit in (
+        "voice-appliance.service",
+        "voice-appliance-emulator.service",
+        "janus.service",
+        "coturn.service",
+    ):
         p = provisioned.ct.sh(f"systemd-analyze verify --man=no {unit} 2>&1", check=False)
         assert p.stdout.strip() == "" and p.returncode == 0, f"{unit}: {p.stdout}"
 
