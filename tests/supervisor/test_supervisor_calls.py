@@ -289,6 +289,33 @@ def test_sd_notify_ready_status_and_stopping(tmp_path, redis_srv, janus):
     assert b"STOPPING=1" in rest
 
 
+async def test_redis_outage_does_not_stop_calls(sup, seg, redis_srv, sub):
+    token = sup.token(sub)
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=sup.api, timeout=30) as http:
+        redis_srv.pause()  # port open, nothing answers: timeouts, the worst kind of outage
+        try:
+            pc = await caller()
+            r = await create(http, token, pc)
+            assert r.status_code == 201, r.text
+            sid = r.json()["session_id"]
+            await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
+            slot = seg.slot(0)
+            await wait_until(lambda: slot.counters.get("rx_packets") > 20, what="caller RTP during outage")
+            info = await http.get(f"/v1/sessions/{sid}", headers=auth)
+            assert info.status_code == 200 and info.json()["state"] in ("connecting", "active")
+        finally:
+            redis_srv.resume()
+        # the supervisor catches up: the record reaches Redis once it answers again
+        import redis as redis_sync
+
+        client = redis_sync.Redis.from_url(redis_srv.url)
+        await wait_until(lambda: client.exists(f"va:session:{sid}"), what="record written after outage")
+        client.close()
+        assert (await http.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
+        await pc.close()
+
+
 async def test_janus_down_gives_502_and_frees_the_slot(tmp_path, redis_srv, janus, sub):
     from tests.harness.redis import free_port
 
