@@ -133,6 +133,8 @@ def test_jb_sequence_jump_resets() -> None:
     jb.pop()
     assert jb.put(100000, b"x") == "reset" and not jb.playing
     assert jb.pop() == (Kind.FRAME, b"x")
+    assert jb.put(7, b"y") == "reset"  # far behind: a restarted sequence, not a late packet
+    assert jb.pop() == (Kind.FRAME, b"y")
 
 
 def test_jb_random_jitter_plays_every_frame_once() -> None:

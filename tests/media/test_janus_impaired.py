@@ -4,6 +4,7 @@ against one session while another keeps its pacing. Real Janus NoSIP and a real 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import random
 import selectors
@@ -12,6 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -48,12 +50,15 @@ def browser_like_opus(monkeypatch: pytest.MonkeyPatch) -> None:
 class ImpairProxy:
     """Janus <-> proxy A | proxy B <-> worker. Drops/reorders packets going to the worker."""
 
-    def __init__(self, host: str, loss: float, reorder: float, seed: int = 11) -> None:
+    def __init__(self, host: str, loss: float, reorder: float, seed: int = 11,
+                 jitter_ms: float = 0.0) -> None:
         self.a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.a.bind((host, free_port_pair(host)))
         self.b.bind((host, 0))
-        self.loss, self.reorder = loss, reorder
+        self.loss, self.reorder, self.jitter_ms = loss, reorder, jitter_ms
+        self._delayed: list[tuple[float, int, bytes]] = []
+        self._n = 0
         self.rnd = random.Random(seed)
         self.janus: tuple[str, int] | None = None
         self.worker: tuple[str, int] | None = None
@@ -75,7 +80,11 @@ class ImpairProxy:
         sel.register(self.a, selectors.EVENT_READ)
         sel.register(self.b, selectors.EVENT_READ)
         while not self._stop.is_set():
-            for key, _ in sel.select(0.05):
+            now = time.monotonic()
+            while self._delayed and self._delayed[0][0] <= now and self.worker:
+                self.b.sendto(heapq.heappop(self._delayed)[2], self.worker)
+            wait = min(0.05, max(0.0, self._delayed[0][0] - now)) if self._delayed else 0.05
+            for key, _ in sel.select(wait):
                 sock: socket.socket = key.fileobj  # type: ignore[assignment]
                 data = sock.recv(2048)
                 if sock is self.b:
@@ -92,8 +101,13 @@ class ImpairProxy:
                     self._held = data
                     self.reordered += 1
                     continue
-                self.b.sendto(data, self.worker)
                 self.forwarded += 1
+                if self.jitter_ms:
+                    self._n += 1
+                    due = time.monotonic() + self.rnd.uniform(0, self.jitter_ms) / 1000
+                    heapq.heappush(self._delayed, (due, self._n, data))
+                    continue
+                self.b.sendto(data, self.worker)
                 if self._held is not None:
                     self.b.sendto(self._held, self.worker)
                     self._held = None
@@ -110,8 +124,8 @@ class ImpairProxy:
 
 
 @contextlib.contextmanager
-def impair_proxy(host: str, loss: float, reorder: float) -> Iterator[ImpairProxy]:
-    p = ImpairProxy(host, loss, reorder)
+def impair_proxy(host: str, loss: float, reorder: float, jitter_ms: float = 0.0) -> Iterator[ImpairProxy]:
+    p = ImpairProxy(host, loss, reorder, jitter_ms=jitter_ms)
     p.start()
     try:
         yield p
@@ -125,11 +139,13 @@ def _frame_coverage(pcm: np.ndarray, threshold: float = 800.0) -> float:
     return float((rms > threshold).mean())
 
 
-async def test_loss_and_reorder_are_concealed(janus: JanusInstance, segment: ShardSegment,
-                                              browser_like_opus: None) -> None:
+async def _impaired_call(janus: JanusInstance, segment: ShardSegment, index: int, loss: float,
+                         reorder: float, jitter_ms: float,
+                         ) -> tuple[np.ndarray, dict[str, int], ImpairProxy, int]:
     caller = WebRtcCaller(tone(440, 30.0, 48000, amplitude=0.3))
-    slot = segment.slot(2)
-    with running_worker(segment, host=janus.host_ip), impair_proxy(janus.host_ip, 0.10, 0.05) as proxy:
+    slot = segment.slot(index)
+    with running_worker(segment, host=janus.host_ip) as worker, \
+            impair_proxy(janus.host_ip, loss, reorder, jitter_ms) as proxy:
         async with JanusClient(janus.url, api_secret=janus.api_secret) as client:
             handle = await (await client.create_session()).attach(NOSIP)
             side = await handle.nosip_generate((await caller.offer())["sdp"])
@@ -137,15 +153,22 @@ async def test_loss_and_reorder_are_concealed(janus: JanusInstance, segment: Sha
             proxy.janus = (side.ip, side.port)
             proxy.worker = (janus.host_ip, port)
             wip, wport = proxy.worker_side
-            slot.activate(session_id="impaired", local_rtp_port=port, remote_rtp_ip=wip,
+            slot.activate(session_id=f"impaired{index}", local_rtp_port=port, remote_rtp_ip=wip,
                           remote_rtp_port=wport, payload_type=side.payload_type, channels=2,
                           dtmf_payload_type=-1, mode="direct")
             answer = plain_rtp_answer(janus.host_ip, proxy.janus_side_port, side.payload_type)
             await caller.accept({"type": "answer", "sdp": await handle.nosip_process_answer(answer)})
             assert await _wait(lambda: slot.counters.get("rx_packets") > 50), janus.log_text()[-3000:]
-            up = await _read_uplink(segment, 2, 3.0)
+            up = await _read_uplink(segment, index, 3.0)
             c = slot.counters.snapshot()
+            target_ms = worker.sessions[index].jb.target_ms
             await caller.close()
+    return up, c, proxy, target_ms
+
+
+async def test_loss_and_reorder_are_concealed(janus: JanusInstance, segment: ShardSegment,
+                                              browser_like_opus: None) -> None:
+    up, c, proxy, _ = await _impaired_call(janus, segment, 2, 0.10, 0.05, 0.0)
     assert proxy.dropped > 5 and proxy.reordered > 2
     assert c["lost"] > 0 and c["concealed"] + c["fec_recovered"] > 0
     tail = up[-3 * 16000 + 3200 :]
@@ -157,6 +180,19 @@ async def test_loss_and_reorder_are_concealed(janus: JanusInstance, segment: Sha
     assert abs(dominant_frequency(tail, 16000) - 440) < 5
     if c["fec_recovered"] == 0:
         pytest.fail(f"expected in-band FEC recoveries with 10% loss: {c}")
+
+
+async def test_network_jitter_grows_the_buffer(janus: JanusInstance, segment: ShardSegment) -> None:
+    """0-60 ms of random delay (which also reorders): the jitter buffer raises its target above the
+    configured 40 ms and the audio stays continuous."""
+    up, c, _proxy, target_ms = await _impaired_call(janus, segment, 1, 0.0, 0.0, 60.0)
+    tail = up[-2 * 16000 :]
+    coverage = _frame_coverage(tail)
+    print(f"\njitter 0-60 ms: jitter_us={c['jitter_us']} target_ms={target_ms} late={c['late']} "
+          f"concealed={c['concealed']} coverage={coverage:.3f}")
+    assert c["jitter_us"] > 5000 and target_ms > 40
+    assert coverage > 0.95
+    assert abs(dominant_frequency(tail, 16000) - 440) < 5
 
 
 FLOOD_SCRIPT = """

@@ -279,3 +279,38 @@ def test_killed_worker_is_replaced_and_the_call_continues(segment: ShardSegment)
         if first.poll() is None:
             first.kill()
         peer.close()
+
+
+def test_ssrc_restart_and_sequence_jump_keep_audio_flowing(segment: ShardSegment) -> None:
+    """A sender restart (new SSRC after silence) and a confirmed sequence/timestamp jump are followed;
+    the audio after each is played."""
+    peer, port = Peer(), free_port_pair()
+    activate(segment, 0, peer, port)
+    ring = segment.slot(0).uplink
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # the ring holds 2 s: keep consuming like the AI worker does
+        chunks.append(ring.read(ring.available() // 640 * 640) or b"")
+
+    with running_worker(segment) as worker:
+        time.sleep(0.15)
+        send_paced(peer, port, peer.packets(tone(440, 0.6, 48000)))
+        time.sleep(0.3)  # the old source goes quiet
+        drain()
+        peer.ssrc ^= 0x5A5A5A5A
+        peer.seq = (peer.seq + 30000) & 0xFFFF
+        peer.ts = (peer.ts + 123456789) & 0xFFFFFFFF
+        send_paced(peer, port, peer.packets(tone(880, 0.6, 48000)))
+        drain()
+        peer.seq = (peer.seq + 20000) & 0xFFFF  # a jump within the same SSRC
+        send_paced(peer, port, peer.packets(tone(660, 0.8, 48000)))
+        time.sleep(0.2)
+        drain()
+        sess = worker.sessions[0]
+        assert sess.src is not None and sess.src.ssrc == peer.ssrc
+        pcm = np.frombuffer(b"".join(chunks), np.int16)
+    peer.close()
+    frames = pcm[: len(pcm) // 320 * 320].reshape(-1, 320)
+    freqs = [dominant_frequency(f, 16000) for f in frames if np.abs(f).max() > 3000]
+    assert sum(abs(f - 880) < 60 for f in freqs) >= 25  # the new SSRC was accepted (30 frames sent)
+    assert sum(abs(f - 660) < 60 for f in freqs) >= 35  # and the stream after the jump plays (40 sent)

@@ -15,8 +15,8 @@ Playout, one :meth:`JitterBuffer.pop` per frame the caller needs:
   between the configured target and ``max_ms``; every late arrival raises it by one frame (decaying
   after ``decay_frames`` without a late packet). If the queue stays above target + 1 frame for a
   second, one frame is dropped (time compression) to bring latency back down.
-- A packet older than ``next_seq`` is *late* and dropped; one too far ahead (a sequence jump) or a
-  long silence from the sender re-starts buffering.
+- A packet older than ``next_seq`` is *late* and dropped; one far ahead or far behind (a sequence
+  jump or restart) or a long silence from the sender re-starts buffering.
 """
 
 from __future__ import annotations
@@ -89,6 +89,11 @@ class JitterBuffer:
         """Queue one packet; returns ``ok``, ``late``, ``duplicate`` or ``reset``."""
         max_frames = max(1, self.max_ms // self.frame_ms)
         if self.playing and self.next_seq is not None:
+            if ext_seq < self.next_seq - 4 * max_frames - 50:
+                # far behind: the sender restarted its sequence (RFC 3550 A.1 re-init), not a late packet
+                self._reset()
+                self._buf[ext_seq] = payload
+                return "reset"
             if ext_seq < self.next_seq:
                 self.late += 1
                 self._late_bonus = min(self._late_bonus + 1, max_frames)
