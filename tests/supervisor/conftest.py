@@ -65,11 +65,11 @@ def rtp_base() -> int:
 
 def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: int = 1,
                      extra: dict[str, dict] | None = None, env_extra: dict[str, str] | None = None,
-                     ) -> SupervisorProc:
+                     rtp_port_min: int | None = None) -> SupervisorProc:
     priv, pub = generate_keys(tmp / "keys")
     instance = unique_instance_id("sup")
     api_port, metrics_port, agent_port = free_port(), free_port(), free_port()
-    base = rtp_base()
+    base = rtp_port_min or rtp_base()
     sections: dict[str, dict] = {
         "api": {"host": "127.0.0.1", "port": api_port, "metrics_port": metrics_port,
                 "agent_check_port": agent_port, "drain_timeout_seconds": 5},

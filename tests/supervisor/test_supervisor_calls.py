@@ -316,6 +316,56 @@ async def test_redis_outage_does_not_stop_calls(sup, seg, redis_srv, sub):
         await pc.close()
 
 
+async def test_box_loss_resume_on_another_box(tmp_path, redis_srv, janus, sub):
+    from shm.segment import cleanup_stale
+    from tests.supervisor.conftest import rtp_base
+
+    box_a = start_supervisor(tmp_path / "a", redis_srv.url, janus, rtp_port_min=rtp_base() + 8000)
+    keys = {"jwt_public_key_file": str(tmp_path / "a" / "keys" / "jwt-public.pem"),
+            "jwt_private_key_file": str(tmp_path / "a" / "keys" / "jwt-private.pem")}  # one fleet, one key
+    box_b = start_supervisor(tmp_path / "b", redis_srv.url, janus, rtp_port_min=rtp_base() + 8100,
+                             extra={"auth": keys})
+    token = box_a.token(sub)
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            pc = await caller()
+            r = await http.post(box_a.api + "/v1/sessions", headers=auth,
+                                json={"type": "offer", "sdp": pc.localDescription.sdp, "voice": "Puck"})
+            assert r.status_code == 201, r.text
+            sid, resume = r.json()["session_id"], r.json()["resume_token"]
+            await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
+            a_workers = _children(box_a.proc.pid)
+            box_a.proc.kill()  # the box is gone: no teardown, no state update
+            box_a.proc.wait(10)
+            await wait_until(lambda: all(gone(p) for p in a_workers), what="box A workers exit with it")
+            await pc.close()
+
+            pc2 = await caller()
+            r2 = await http.post(box_b.api + "/v1/sessions", headers=auth, json={
+                "type": "offer", "sdp": pc2.localDescription.sdp, "resume_token": resume})
+            assert r2.status_code == 201, (r2.text, box_b.log_tail())
+            assert r2.json()["session_id"] == sid
+            await pc2.setRemoteDescription(RTCSessionDescription(r2.json()["sdp"], "answer"))
+            seg_b = ShardSegment.attach(segment_name(box_b.instance, 0))
+            try:
+                slot = seg_b.slot(0)
+                info = slot.snapshot()
+                assert info is not None and info.session_id == sid and info.options.get("voice") == "Puck"
+                await wait_until(lambda: slot.counters.get("rx_packets") > 20, what="RTP on box B")
+            finally:
+                seg_b.close()
+            got = await http.get(f"{box_b.api}/v1/sessions/{sid}", headers=auth)
+            assert got.json()["state"] == "active"
+            assert (await http.delete(f"{box_b.api}/v1/sessions/{sid}", headers=auth)).status_code == 204
+            await pc2.close()
+    finally:
+        stop_supervisor(box_b)
+        if box_a.proc.poll() is None:
+            box_a.proc.kill()
+        cleanup_stale(box_a.instance)
+
+
 async def test_janus_down_gives_502_and_frees_the_slot(tmp_path, redis_srv, janus, sub):
     from tests.harness.redis import free_port
 
