@@ -26,6 +26,10 @@ Per session (one ACTIVE slot of the segment):
   the RTP timeline steady (no talkspurt re-buffering on every model turn).
 
 Counters go to the slot (``MEDIA_COUNTERS``); the shard heartbeat is written every tick.
+``downlink_underruns`` counts transitions from model audio to an empty downlink ring (the end of a model
+utterance, or the AI worker falling behind mid-utterance); ``concealed`` counts frames synthesised by
+PLC (lost packets, and stalls while the jitter buffer waits for a late one); ``late`` counts packets
+that arrived after their playout time; ``lost`` and ``jitter_us`` are RFC 3550 values.
 """
 
 from __future__ import annotations
@@ -96,7 +100,8 @@ class MediaSession:
         self.rtcp = socket.socket(family, socket.SOCK_DGRAM)
         try:
             for s, port in ((self.rtp, info.local_rtp_port), (self.rtcp, info.local_rtp_port + 1)):
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # no SO_REUSEADDR: on Linux it would let a second (stale) worker bind the same UDP port and
+                # steal half the packets; UDP has no TIME_WAIT, so a restarted worker rebinds at once
                 s.setblocking(False)
                 s.bind((host, port))
         except OSError:
@@ -147,6 +152,8 @@ class MediaSession:
             c.add("rx_invalid")
             return
         if pkt.payload_type == self.dtmf_pt and self.dtmf_pt >= 0:
+            if self.src is not None and pkt.ssrc == self.src.ssrc:
+                self.src.update_seq(pkt.sequence)  # events share the audio's sequence space: not losses
             self._on_dtmf(pkt.timestamp, pkt.payload)
             return
         if pkt.payload_type != self.payload_type:
