@@ -139,7 +139,8 @@ class Sessions:
             await self.store.close()
 
     def ready(self) -> bool:
-        return self.accepting and not self.placement.draining
+        """Accepting (started, not stopping), not draining, and at least one shard's media worker up."""
+        return self.accepting and not self.placement.draining and self.placement.capacity > 0
 
     def retry_after(self) -> float:
         if self.placement.draining or not self.accepting:

@@ -227,7 +227,14 @@ class Supervisor:
             self.arbiter = Arbiter(specs, heartbeat=self._heartbeat,
                                    heartbeat_timeout=cfg.shards.heartbeat_timeout_seconds,
                                    on_event=self._on_worker_event)
+            for s in self.plan.shards:  # a shard takes calls once its media worker beats
+                self.placement.set_up(s.shard, False)
             await self.arbiter.start()
+            media = [w.ready_event.wait() for w in self.arbiter.workers if w.spec.role == "media"]
+            try:
+                await asyncio.wait_for(asyncio.gather(*media), 30)
+            except TimeoutError:
+                log.error("media workers not up after 30 s; serving the shards that are")
         if cfg.api.agent_check_port:
             self.agent = AgentCheckServer(lambda: (self.placement.free_fraction(), self.placement.draining),
                                           cfg.api.agent_check_host, cfg.api.agent_check_port)
