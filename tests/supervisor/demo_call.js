@@ -13,8 +13,8 @@ const { chromium } = require("playwright-core");
       "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
       "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
       "--autoplay-policy=no-user-gesture-required",
-      // Janus cannot resolve mDNS host candidates: show the real addresses to the local test Janus
-      "--disable-features=WebRtcHideLocalIpsWithMdns",
+      // mDNS host candidates stay on (as for real callers): Janus learns the browser's address as a
+      // peer-reflexive candidate from its connectivity checks.
     ],
   });
   try {
