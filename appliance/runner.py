@@ -33,6 +33,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -125,6 +126,19 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+
+
+def primary_ip() -> str:
+    """The address of the default route's interface ("" if none): what Janus should advertise.
+
+    A UDP ``connect`` picks the route without sending anything. Janus must not guess (FACTS: it may
+    advertise a made-up address), and ICE never uses loopback, so 127.0.0.1 is no answer either.
+    """
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere, no packet leaves
+        ip = s.getsockname()[0]
+        return "" if ip.startswith("127.") else ip
+    return ""
 
 
 def _url_port(url: str, default: int) -> int:
@@ -273,7 +287,7 @@ def prepare(
             api_secret=janus_api,
             admin_secret=janus_admin,
             audiobridge_admin_key=ab_key,
-            public_ip=public_host,
+            public_ip=public_host or primary_ip(),
             plain_rtp_ip=cfg.media.rtp_host,
         )
         janus_conf.write(settings, state / "janus")
