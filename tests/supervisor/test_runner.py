@@ -182,6 +182,15 @@ def test_run_starts_stack_and_stops_cleanly_on_sigint(tmp_path):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+        # a person opens the demo page and clicks Call: Chromium → Janus (host interfaces) → media worker
+        demo = Path(__file__).with_name("demo_call.js")
+        node_modules = Path(__file__).resolve().parents[1] / "e2e" / "node_modules"
+        if (node_modules / "playwright-core").exists():
+            res = subprocess.run(["node", str(demo), f"http://127.0.0.1:{api_port}/", "1500"],
+                                 env={**os.environ, "NODE_PATH": str(node_modules)},
+                                 capture_output=True, text=True, timeout=90)
+            assert res.returncode == 0, res.stderr[-3000:] + (tmp_path / "run.log").read_text()[-3000:]
+            assert '"event":"connected"' in res.stdout and '"event":"hungup"' in res.stdout
         janus_status = Path(f"/proc/{running['janus']}/status").read_text()
         janus_cpus = ",".join(map(str, make_plan().janus_cpus))
         assert f"Cpus_allowed_list:\t{janus_cpus}\n" in janus_status
