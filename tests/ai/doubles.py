@@ -57,9 +57,12 @@ class FakeLive:
 
     instances: list[FakeLive] = []
     fail_start: bool = False
+    fail_init: bool = False
 
     def __init__(self, model_cfg: Any, session_id: str, options: Options, on_event: Any, *,
                  ssl_context: Any = None) -> None:
+        if FakeLive.fail_init:
+            raise ValueError("emulated: bad options")
         self.session_id = session_id
         self.options = options
         self.on_event = on_event

@@ -40,6 +40,7 @@ def seg():
 def _reset_fake():
     FakeLive.instances = []
     FakeLive.fail_start = False
+    FakeLive.fail_init = False
     yield
 
 
@@ -260,3 +261,43 @@ async def test_early_energy_barge_in(cfg, seg, tmp_path, speech) -> None:
     # the model turn is not suppressed until Silero confirms speech
     live.emit(AudioOut(tone(440, 0.2, 24000).tobytes()))
     assert slot.downlink.available() > 0
+
+
+async def test_session_that_ends_itself_is_reopened_with_the_open_turn(cfg, seg, tmp_path, speech) -> None:
+    w = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+                 journal_dir=tmp_path)
+    slot = seg.slot(0)
+    activate_slot(slot)
+    await ticks(w, 2)
+    live1 = FakeLive.instances[0]
+    pcm = np.concatenate([silence(0.2), speech, silence(0.8)])
+    fr = frames(pcm)
+    half = len(fr) // 2
+    for f in fr[:half]:
+        slot.uplink.write(f)
+        await ticks(w)
+    live1.state = "closed"
+    live1.emit(StateChanged("closed", "garbage from the server"))
+    await asyncio.sleep(0.55)
+    for f in fr[half:]:
+        slot.uplink.write(f)
+        await ticks(w)
+    assert len(FakeLive.instances) == 2
+    live2 = FakeLive.instances[1]
+    assert live2.log[0] == "start" and live2.log[-1] == "end"
+    corr, _ = best_correlation(speech[: len(speech) // 3], np.frombuffer(bytes(live2.sent), np.int16), 16000)
+    assert corr > 0.99  # the beginning of the utterance was replayed into the new session
+
+
+async def test_live_constructor_failure_degrades_then_recovers(cfg, seg, tmp_path) -> None:
+    FakeLive.fail_init = True
+    w = make_worker(cfg, seg, tmp_path)
+    await w.prepare()
+    slot = seg.slot(0)
+    activate_slot(slot)
+    await ticks(w, 2)
+    assert slot.model_state == "degraded" and 0 in w.calls
+    FakeLive.fail_init = False
+    await asyncio.sleep(0.55)
+    await ticks(w, 2)
+    assert slot.model_state == "live"

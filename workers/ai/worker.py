@@ -314,8 +314,15 @@ class AiWorker:
         )
         self._set_model_state(call, "connecting")
         call.start_failed = False
-        call.live = factory(m, call.session_id, opts, lambda ev, c=call: self._on_live_event(c, ev),
-                            ssl_context=self._ssl)
+        try:
+            call.live = factory(m, call.session_id, opts, lambda ev, c=call: self._on_live_event(c, ev),
+                                ssl_context=self._ssl)
+        except Exception as exc:  # bad options or config: keep the call, retry later
+            call.live = None
+            call.start_failed = True
+            log.exception("cannot create the Live session", extra={"session": call.session_id})
+            self._degraded(call, f"cannot create the Live session: {exc}")
+            return
         call.start_task = asyncio.get_running_loop().create_task(self._run_start(call, call.live))
 
     async def _run_start(self, call: Call, live: Any) -> None:
@@ -399,25 +406,24 @@ class AiWorker:
             call.slot.counters.add("vad_frames", k)
 
     # ---- what goes to the model (journaled, so a replacement worker can replay it) ----------------
+    # While the model is degraded nothing is journaled: the caller was asked to hold.
     def _send_start(self, call: Call) -> None:
-        if call.journal is not None:
-            call.journal.start()
         if self._live_ok(call):
+            if call.journal is not None:
+                call.journal.start()
             call.live.activity_start()
 
     def _send_audio(self, call: Call, pcm: bytes) -> None:
-        if not pcm:
-            return
-        if call.journal is not None:
-            call.journal.audio(pcm)
-        if self._live_ok(call):
+        if pcm and self._live_ok(call):
+            if call.journal is not None:
+                call.journal.audio(pcm)
             call.live.send_audio(pcm)
             call.slot.counters.add("audio_sent_ms", len(pcm) // 32)
 
     def _send_end(self, call: Call) -> None:
-        if call.journal is not None:
-            call.journal.end()
         if self._live_ok(call):
+            if call.journal is not None:
+                call.journal.end()
             call.live.activity_end()
 
     def _open_journal(self, call: Call) -> list[tuple[bytes, bytes]]:
@@ -447,9 +453,9 @@ class AiWorker:
                 live.activity_end()
                 open_turn = False
         call.slot.counters.add("frames_replayed", n // UP_FRAME)
-        if open_turn:  # the caller was mid-utterance: the turn continues with the audio in the ring
+        if open_turn and not call.detector.speaking:  # mid-utterance: the turn continues
             call.sending = True
-            call.detector.resume_speaking(0)
+            call.detector.resume_speaking(call.window.position)
         log.info("replayed unconfirmed audio",
                  extra={"session": call.session_id, "bytes": n, "open": open_turn})
 
@@ -595,6 +601,14 @@ class AiWorker:
             call.retry_at = 0.0
         elif ev.state == "reconnecting":
             call.slot.counters.add("reconnects")
+        elif ev.state == "closed" and not call.closed:
+            # the session ended on its own (e.g. the server sent garbage): re-open it soon
+            call.start_failed = True
+            call.sending = False
+            if not call.retry_at:
+                call.retry_at = time.monotonic() + 0.5
+            log.warning("Live session ended; re-opening", extra={"session": call.session_id,
+                                                                 "reason": getattr(ev, "reason", "")})
 
     def _ev_tool(self, call: Call, _ev: Any) -> None:
         call.slot.counters.add("tool_calls")
@@ -635,3 +649,7 @@ class AiWorker:
             log.info("re-opening the Live session", extra={"session": call.session_id})
             self._stop_live(call)
             self._start_live(call, handle or None)
+            if call.live is not None and call.journal is not None:
+                records = call.journal.records()
+                if records:
+                    self._replay(call, records)

@@ -1,0 +1,208 @@
+"""The AI worker end to end with real parts: shm segment, Silero VAD, the Live layer on the real
+google-genai SDK, and the Live emulator (a subprocess) answering by echoing what it heard.
+
+The test plays the media worker: it writes 20 ms speech frames into the uplink ring (paced like the
+media worker does) and reads the downlink ring; echo content is checked by correlation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soxr
+
+from appliance.config import load_config, replace
+from tests.ai.audio import frames, silence
+from tests.harness.audio import best_correlation
+from tests.harness.emulator import start_emulator
+from tests.harness.shm import activate_slot, shard_segment
+from workers.ai.greeting import PromptCache
+from workers.ai.worker import AiWorker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    with start_emulator(tmp_path_factory.mktemp("emu"), pacing="burst") as e:
+        yield e
+
+
+@pytest.fixture
+def cfg(emu, tmp_path):
+    return replace(load_config(None, env={}),
+                   model={"api_key": emu.api_key, "base_url": emu.base_url, "ca_file": emu.ca_file,
+                          "greeting": "", "hold_prompt": "Please hold."},
+                   paths={"state_dir": str(tmp_path)})
+
+
+@pytest.fixture
+def seg():
+    with shard_segment(slots=2, uplink_bytes=64000, downlink_bytes=384000) as s:
+        yield s
+
+
+@contextlib.asynccontextmanager
+async def running(cfg, seg, emu, tmp_path) -> AsyncIterator[AiWorker]:
+    w = AiWorker(cfg, seg, ssl_context=emu.ssl_context(), prompts=PromptCache(tmp_path),
+                 journal_dir=tmp_path)
+    await w.prepare()
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    try:
+        yield w
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def until(pred, limit: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + limit
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def speak(slot, pcm: np.ndarray, speed: float = 2.0) -> None:
+    """Write 20 ms frames into the uplink like the media worker (at ``speed`` x real time)."""
+    for f in frames(pcm):
+        assert slot.uplink.write(f), "uplink ring full"
+        await asyncio.sleep(0.02 / speed)
+
+
+def collect(slot, out: bytearray) -> int:
+    n = slot.downlink.available()
+    if n:
+        out += slot.downlink.read(n)
+    return len(out)
+
+
+def to24k(x: np.ndarray) -> np.ndarray:
+    return soxr.resample(x, 16000, 24000).astype(np.int16)
+
+
+async def test_echo_turn_through_real_sdk(cfg, seg, emu, tmp_path, speech) -> None:
+    slot = seg.slot(0)
+    async with running(cfg, seg, emu, tmp_path) as w:
+        activate_slot(slot, options={"greeting": ""})
+        await until(lambda: slot.model_state == "live", what="model live")
+        await speak(slot, np.concatenate([silence(0.3), speech, silence(0.7)]))
+        got = bytearray()
+        await until(lambda: collect(slot, got) >= 2 * len(speech) * 3 // 2, what="echo")
+        await asyncio.sleep(0.3)
+        collect(slot, got)
+        echo = np.frombuffer(bytes(got), np.int16)
+        corr, _ = best_correlation(to24k(speech), echo, 24000)
+        assert corr > 0.9, corr
+        assert w.stats.activity_starts == 1 and w.stats.activity_ends == 1
+        await until(lambda: bool(slot.resume_handle), what="resume handle")
+        assert slot.counters.get("audio_received_ms") >= len(speech) // 16 - 50
+        assert slot.transcript  # transcription events reached the slot
+
+
+async def test_barge_in_flushes_playback(cfg, seg, emu, tmp_path, speech) -> None:
+    slot = seg.slot(1)
+    async with running(cfg, seg, emu, tmp_path) as w:
+        activate_slot(slot, options={"greeting": ""})
+        await until(lambda: slot.model_state == "live", what="model live")
+        await speak(slot, np.concatenate([silence(0.2), speech, silence(0.6)]))
+        # the echo is queued in the downlink (nobody plays it): the model is "speaking"
+        await until(lambda: slot.downlink.write_cursor > 48000, what="model audio in the downlink")
+        epoch = slot.downlink.flush_epoch
+        await speak(slot, speech[:16000 // 2], speed=1.0)  # the caller talks over it for 0.5 s
+        assert slot.downlink.flush_epoch > epoch and w.stats.barge_ins >= 1
+        assert slot.downlink.available() < 48000 * 0.5  # the old reply is gone (consumer obeys the epoch)
+        assert slot.counters.get("interruptions") >= 1
+
+
+def _write_config(path: Path, emu, state: Path) -> None:
+    path.write_text(
+        "[model]\n"
+        f'api_key = "{emu.api_key}"\nbase_url = "{emu.base_url}"\nca_file = "{emu.ca_file}"\n'
+        'greeting = ""\n'
+        "[paths]\n"
+        f'state_dir = "{state}"\n'
+    )
+
+
+def _start_worker(seg, cfg_path: Path, log: Path) -> subprocess.Popen:
+    exe = Path(sys.executable).parent / "voice-appliance"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "appliance"]
+    args = ["ai-worker", "--shard", "0", "--segment", seg.name, "--config", str(cfg_path)]
+    return subprocess.Popen([*cmd, *args], stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, emu, tmp_path, speech) -> None:
+    cfg_path = tmp_path / "appliance.toml"
+    _write_config(cfg_path, emu, tmp_path / "state")
+    log = tmp_path / "worker.log"
+    slot = seg.slot(0)
+    activate_slot(slot, options={"greeting": ""})
+    proc = _start_worker(seg, cfg_path, log)
+    procs = [proc]
+    try:
+        await until(lambda: slot.model_state == "live", 20, "model live")
+        pid, age = seg.heartbeat_age("ai")
+        assert pid == proc.pid and age is not None and age < 1.0
+        # turn 1: a complete exchange, so the model issues a resume handle
+        await speak(slot, np.concatenate([silence(0.2), speech, silence(0.7)]))
+        await until(lambda: bool(slot.resume_handle), 10, "resume handle")
+        first_handle = slot.resume_handle
+        sessions = emu.sessions()
+        conv = next(s["session"] for s in sessions if s["live"])
+        before = len(emu.audio(conv))
+        # turn 2: SIGKILL halfway through the utterance; the media worker keeps writing meanwhile
+        utter = np.concatenate([silence(0.2), speech, silence(0.7)])
+        fr = frames(utter)
+        half = len(fr) // 2
+        for f in fr[:half]:
+            slot.uplink.write(f)
+            await asyncio.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        for f in fr[half: half + 15]:  # 300 ms of speech while no AI worker runs
+            slot.uplink.write(f)
+            await asyncio.sleep(0.01)
+        proc = _start_worker(seg, cfg_path, log)
+        procs.append(proc)
+        for f in fr[half + 15:]:
+            slot.uplink.write(f)
+            await asyncio.sleep(0.01)
+        # the restarted worker resumed the same conversation and the model got the whole utterance
+        await until(lambda: emu.session(conv)["resumes"] >= 1, 10, "resume")
+        await until(lambda: slot.resume_handle != first_handle, 15, "a new handle after turn 2")
+        rec = np.frombuffer(emu.audio(conv)[before:], np.int16)
+        corr, _ = best_correlation(speech, rec, 16000)
+        assert corr > 0.98, corr
+        # and the echo of turn 2 reached the downlink
+        got = bytearray()
+        await until(lambda: collect(slot, got) > 0 and slot.downlink.write_cursor > 0, 10, "echo")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+            assert _gone(p.pid)
