@@ -7,7 +7,9 @@ key never leaves the state directory and the server certificate is re-issued whe
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -57,9 +59,23 @@ def _names(hosts: list[str]) -> list[x509.GeneralName]:
 
 
 def ensure_certs(state_dir: str | os.PathLike[str], hosts: list[str] | None = None) -> CertPaths:
-    """Create (once) the test CA and (when missing or for other hosts) the server certificate."""
+    """Create (once) the test CA and (when missing or for other hosts) the server certificate.
+
+    A lock file serialises processes (the emulator and a client that needs the CA) so they never write a
+    CA certificate and key from two different generations.
+    """
     d = Path(state_dir)
     d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".certs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _ensure_locked(d, hosts)
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _ensure_locked(d: Path, hosts: list[str] | None) -> CertPaths:
     paths = CertPaths(d / "emulator-ca.pem", d / "emulator-server.pem", d / "emulator-server.key")
     ca_key_file = d / "emulator-ca.key"
     now = dt.datetime.now(dt.UTC)

@@ -19,12 +19,14 @@ Wire protocol (google-genai 3.4 against ``wss://HOST/ws/google.ai.generativelang
 - tools: with ``tool_calls`` on and functions declared in setup, a turn first sends ``toolCall`` and waits
   for the matching ``toolResponse`` (barge-in meanwhile sends ``toolCallCancellation``);
 - session resumption (when ``sessionResumption`` is in setup): ``sessionResumptionUpdate{newHandle,
-  resumable}`` after setup and after each turn; with ``transparent`` it carries
-  ``lastConsumedClientMessageIndex`` (0-based index of the client frames of *this connection*, the setup
-  being 0). A handle snapshots the conversation — history, last utterance and the length of the
-  received-audio record — and resuming restores exactly that, so audio sent after the handle is lost
-  unless the client replays it. That makes the record a proof: it is continuous only if the client
-  replayed correctly. An unknown handle closes with 1007;
+  resumable}`` after setup and after each completed turn. A handle snapshots the conversation as of the
+  *end of the caller's turn it answered* (the ``activityEnd``, or the detected end of speech): history,
+  last utterance and the length of the received-audio record; input received after that point is not
+  part of it. With ``transparent`` the update carries ``lastConsumedClientMessageIndex`` (0-based index
+  of the client frames of *this connection*, the setup being 0) of that same point. Resuming restores
+  exactly that snapshot, so audio sent after the turn end is lost unless the client replays it.
+  That makes the record a proof: it is continuous only if the client replayed correctly.
+  An unknown handle closes with 1007;
 - ``goAway{timeLeft}`` then a close after ``timeLeft``; context window compression config is accepted.
 
 Faults (run-wide from flags, for the next connection, or for one live session through the control
@@ -173,6 +175,7 @@ class Connection:
         self.reading.set()
         self.timers: list[asyncio.Task[None]] = []
         self.state = "setup"
+        self.boundary = (0, 0)  # (record length, client message index) at the last caller-turn end
         self.bytes_in = 0
         self.started = time.monotonic()
 
@@ -263,6 +266,7 @@ class Connection:
         else:
             self.conv = self.server.new_conversation()
         self.server.live[self.conv.id] = self
+        self.boundary = (len(self.conv.record), 0)
         self.state = "live"
         log.info(
             "session live",
@@ -270,16 +274,16 @@ class Connection:
                    "manual": self.detector.manual},
         )
         await self.send({"setupComplete": {"sessionId": self.conv.id}})
-        await self._handle_update()
+        await self._handle_update(self.boundary)
         self._arm_timers()
 
-    async def _handle_update(self) -> None:
+    async def _handle_update(self, boundary: tuple[int, int]) -> None:
         if not self.resumption or self.conv is None:
             return
-        handle = self.server.snapshot(self.conv)
+        handle = self.server.snapshot(self.conv, boundary[0])
         update: dict[str, Any] = {"newHandle": handle, "resumable": True}
         if self.transparent:
-            update["lastConsumedClientMessageIndex"] = self.msg_index
+            update["lastConsumedClientMessageIndex"] = boundary[1]
         await self.send({"sessionResumptionUpdate": update})
 
     def _arm_timers(self) -> None:
@@ -349,6 +353,7 @@ class Connection:
             for ev in self.detector.stream_end():
                 await self._turn_event(ev.kind, ev.utterance)
         if isinstance(body.get("text"), str) and body["text"]:
+            self.boundary = (len(self.conv.record), self.msg_index)
             await self._start_reply(b"", f"text: {body['text']}")
 
     async def _client_content(self, body: dict[str, Any]) -> None:
@@ -361,6 +366,7 @@ class Connection:
         assert self.conv is not None
         self.conv.history.extend(f"user: {t}" for t in texts if t)
         if body.get("turnComplete"):
+            self.boundary = (len(self.conv.record), self.msg_index)
             await self._start_reply(b"", " ".join(texts))
 
     def _tool_response(self, body: dict[str, Any]) -> None:
@@ -378,6 +384,7 @@ class Connection:
             await self._barge_in()
             return
         assert self.conv is not None
+        self.boundary = (len(self.conv.record), self.msg_index)
         self.conv.last_utterance = utterance
         seconds = len(utterance) / 2 / self.conv.rate
         self.conv.history.append(f"user: <{seconds:.2f} s of audio>")
@@ -398,7 +405,7 @@ class Connection:
 
     async def _start_reply(self, utterance: bytes, heard: str) -> None:
         await self._barge_in()
-        self.reply_task = asyncio.create_task(self._reply(utterance, heard))
+        self.reply_task = asyncio.create_task(self._reply(utterance, heard, self.boundary))
 
     # --- output --------------------------------------------------------------------------------
     def _reply_audio(self, utterance: bytes) -> bytes:
@@ -415,7 +422,7 @@ class Connection:
         t = np.arange(n) / OUT_RATE
         return (0.3 * 32767 * np.sin(2 * math.pi * self.b.tone_hz * t)).astype("<i2").tobytes()
 
-    async def _reply(self, utterance: bytes, heard: str) -> None:
+    async def _reply(self, utterance: bytes, heard: str, boundary: tuple[int, int]) -> None:
         assert self.conv is not None
         try:
             if self.transcribe_in:
@@ -462,7 +469,7 @@ class Connection:
                 }
             )
             self.conv.history.append(f"model: {said}")
-            await self._handle_update()
+            await self._handle_update(boundary)
         except ConnectionClosed:
             pass
 
@@ -502,9 +509,9 @@ class EmulatorServer:
         self.conversations[conv.id] = conv
         return conv
 
-    def snapshot(self, conv: Conversation) -> str:
+    def snapshot(self, conv: Conversation, record_len: int) -> str:
         handle = secrets.token_urlsafe(18)
-        self.handles[handle] = Snapshot(conv.id, len(conv.record), tuple(conv.history), conv.last_utterance)
+        self.handles[handle] = Snapshot(conv.id, record_len, tuple(conv.history), conv.last_utterance)
         return handle
 
     def restore(self, snap: Snapshot) -> Conversation:
