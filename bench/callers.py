@@ -8,8 +8,10 @@ stamp RTP headers on the stored payloads.
 The clip is shaped so the benchmark can time turns from the outside without guessing:
 - it starts and ends on speech (trimmed), so "the caller's last speech packet" is exact;
 - pauses inside it are shortened to ≤ 60 ms, so no pause ever reaches the VAD hangover mid-turn;
-- a -45 dBFS noise floor runs under the speech, so an echo of it is never digital silence while a
-  flushed or idle downlink is (the receiver tells model audio from silence by decoded level).
+- a -45 dBFS noise floor runs under the speech, and between turns the caller sends quiet room noise
+  (-63 dBFS: below the VAD's -55 dBFS energy gate, like a real microphone), so anything the model
+  echoes — including the pre-roll before the onset — is never digital silence, while a flushed or idle
+  downlink is (the receiver tells model audio from silence by decoded level).
 
 espeak-ng is a Debian package the appliance already depends on (the cached greeting uses it); the few
 lines of WAV reading are here rather than in ``tests/harness/audio.py`` because ``bench`` ships in the
@@ -31,12 +33,13 @@ import soxr
 
 RATE = 48000
 FRAME = 960  # 20 ms at 48 kHz
+ROOM_NOISE_DBFS = -63.0  # what the caller sends between turns
 TEXT = "Hello, what will the weather be like tomorrow morning?"  # ~2.5 s: a typical caller turn
 
 
 @dataclass(frozen=True)
 class CallerAudio:
-    """Pre-encoded Opus payloads (one per 20 ms) of the speech clip and of silence."""
+    """Pre-encoded Opus payloads (one per 20 ms) of the speech clip and of room noise (``silence``)."""
 
     speech: tuple[bytes, ...]
     silence: tuple[bytes, ...]
@@ -109,7 +112,9 @@ def prepare(text: str = TEXT) -> CallerAudio:
     """Generate, shape and encode the callers' speech and silence."""
     clip = shape_clip(espeak(text))
     speech = encode_opus(clip)
-    silence = encode_opus(np.zeros(RATE, dtype=np.int16))
+    rng = np.random.default_rng(11)
+    room = (rng.standard_normal(RATE) * 32768 * 10 ** (ROOM_NOISE_DBFS / 20)).astype(np.int16)
+    silence = encode_opus(room)
     n = len(clip) // FRAME
     return CallerAudio(speech=tuple(speech[:n]), silence=tuple(silence[:50]), speech_pcm=clip)
 

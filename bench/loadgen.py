@@ -47,8 +47,8 @@ from bench.callers import FRAME, CallerAudio, LevelMeter
 TICK_NS = 20_000_000
 PHASES = 4
 RTP = struct.Struct("!BBHII")
-AUDIO_DBFS = -60.0  # a received frame louder than this is model audio
-SILENT_DBFS = -70.0  # ... quieter than this is silence (a flushed or idle downlink)
+AUDIO_DBFS = -75.0  # a received frame louder than this is model audio (echoed room noise: ~-67)
+SILENT_DBFS = -85.0  # ... quieter than this is silence (a flushed or idle downlink: ~-100)
 SILENT_RUN = 3  # consecutive silent frames that end a model turn
 
 
