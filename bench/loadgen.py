@@ -109,6 +109,7 @@ class Window:
     rx_bad: int = 0
     rx_lost: int = 0  # downlink sequence gaps
     rx_reordered: int = 0
+    rx_skipped: int = 0  # 20 ms frames the sender skipped (RTP timestamp jumps)
     no_reply: int = 0
     bargein_missed: int = 0
     probes: list[tuple[int, int, int]] = field(default_factory=list)  # (event, session, t_ns)
@@ -286,6 +287,8 @@ class Caller:
         else:
             d = (ts - self.rx_last_ts) & 0xFFFFFFFF
             self.rx_ext_ts += d if d < 1 << 31 else d - (1 << 32)
+            if FRAME < d < 1 << 31:  # media time jumped: the sender skipped ticks (missed deadlines)
+                win.rx_skipped += d // FRAME - 1
             d = (seq - (self.rx_last_seq or 0)) & 0xFFFF
             if d == 0 or d >= 0x8000:
                 win.rx_reordered += 1
@@ -469,6 +472,7 @@ def summarize(win: Window, now_ns: int) -> dict[str, Any]:
         "rx_bad": win.rx_bad,
         "rx_lost": win.rx_lost,
         "rx_reordered": win.rx_reordered,
+        "rx_skipped": win.rx_skipped,
         "rx_model_audio": win.rx_model_audio,
         "turns": len(win.turns),
         "no_reply": win.no_reply,

@@ -15,7 +15,8 @@ Measured (see docs/benchmarks.md for what each number means and the results):
   downlink frame, minus ``vad.barge_in_ms`` (the raw value is reported too); (d) ``pacing``: RTP
   arrival error against the packet's timestamp. (a) to (c) need the workers' :mod:`bench.probe` events;
   ``turn_e2e`` (last speech packet → first answer packet, everything included) needs none.
-- drops: ring overruns, media-worker drops and late packets, downlink sequence gaps at the caller.
+- drops: ring overruns, media-worker drops and late packets, downlink sequence gaps at the caller and
+  downlink frames the media worker skipped (RTP timestamp jumps: a missed deadline the caller hears).
 
 Modes: a fixed load (``--sessions``, ``--seconds``), ``--ramp`` (add ``--ramp-step`` sessions per step
 until pacing p99 > 5 ms, a drop, or the generator itself falls behind; reports the last good count and
@@ -272,7 +273,7 @@ class Bench:
         cfg = self.cfg
         up_overruns = 0 if self.args.media_only else delta.get("uplink_overruns", 0)  # no consumer there
         drops = (up_overruns + delta.get("downlink_overruns", 0)
-                 + delta.get("rx_dropped", 0) + delta.get("late", 0) + r["rx_lost"])
+                 + delta.get("rx_dropped", 0) + delta.get("late", 0) + r["rx_lost"] + r["rx_skipped"])
         gen_late_p99 = _pct(r["send_late_ms"], 99) or 0.0
         out: dict[str, Any] = {
             "sessions": n,
@@ -304,6 +305,7 @@ class Bench:
             "media_concealed": delta.get("concealed", 0),
             "downlink_underruns": delta.get("downlink_underruns", delta.get("downlink_underruns", 0)),
             "downlink_rtp_lost": r["rx_lost"],
+            "downlink_skipped_frames": r["rx_skipped"],
             "turns": r["turns"],
             "no_reply": r["no_reply"],
             "bargeins": r["bargeins"],
