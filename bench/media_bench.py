@@ -14,6 +14,11 @@ loopback), driving it directly (no sleeping), so the numbers are pure CPU:
 * ``resampler``: soxr stream per quality for the only rate changes we have (G.711 rooms: 8→16 kHz up,
   24→8 kHz down): µs per 20 ms frame, worst output lag behind real time (burstiness → latency) and
   SINAD on a 1 kHz tone; the reason ``workers/media/g711.py`` uses QQ.
+* ``scale``: the real ``voice-appliance media-worker`` process carrying ``--sessions`` calls in real time
+  (a load-generator process sends each call's Opus RTP every 20 ms and receives the worker's packets;
+  this process plays the AI worker: consumes every uplink frame and speaks on the downlink 50 % of the
+  time): worker CPU per call-second from /proc, and packets each call received per second (50 = none
+  missing).
 * ``sessions_per_core_media``: 20 ms / (uplink + downlink at the default complexity), i.e. the media
   worker's share of one core, assuming a call is ~50 % model speech.
 """
@@ -21,8 +26,10 @@ loopback), driving it directly (no sleeping), so the numbers are pure CPU:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
+import random
 import secrets
 import socket
 import time
@@ -39,6 +46,8 @@ from workers.media.worker import DOWN_FRAME, MediaSession
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=3000, help="frames per measurement (default 3000)")
+    parser.add_argument("--sessions", type=int, default=64, help="calls for the real-time scale run")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds of the scale run")
     parser.add_argument("--complexity", default="0,3,5,8,10", help="Opus complexities to measure")
     parser.add_argument("--smoke", action="store_true", help="short CI form")
 
@@ -257,6 +266,133 @@ def _resampler(frames: int) -> dict[str, Any]:
     return out
 
 
+def _loadgen(n: int, packets: list[bytes], seconds: float, conn: Any) -> None:
+    """Child process: one UDP socket per call, paced sends, counts received packets per 20 ms period."""
+    import selectors as _sel
+
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        socks.append(s)
+    sel = _sel.DefaultSelector()
+    for i, s in enumerate(socks):
+        sel.register(s, _sel.EVENT_READ, i)
+    conn.send([s.getsockname()[1] for s in socks])
+    ports: list[int] = conn.recv()
+    t0 = time.monotonic()
+    n_periods = int(seconds * 50)
+    got = np.zeros((len(socks), n_periods + 50), np.int32)
+    tick = 0
+    seq = [random.getrandbits(16) for _ in socks]
+    while tick < n_periods:
+        deadline = t0 + tick * 0.02
+        for i, s in enumerate(socks):
+            payload = packets[tick % len(packets)]
+            with contextlib.suppress(OSError):
+                s.sendto(build_rtp(111, seq[i], tick * 960, 1000 + i, payload), ("127.0.0.1", ports[i]))
+            seq[i] = (seq[i] + 1) & 0xFFFF
+        tick += 1
+        while True:
+            wait = t0 + tick * 0.02 - time.monotonic()
+            if wait <= 0:
+                break
+            for key, _ in sel.select(wait):
+                s = key.fileobj
+                while True:
+                    try:
+                        s.recv(2048)  # type: ignore[union-attr]
+                    except BlockingIOError:
+                        break
+                    period = int((time.monotonic() - t0) / 0.02)
+                    got[key.data, min(period, got.shape[1] - 1)] += 1
+        del deadline
+    conn.send(got[:, : n_periods].tolist())
+    for s in socks:
+        s.close()
+
+
+def _scale(sessions: int, seconds: float) -> dict[str, Any]:
+    import multiprocessing as mp
+    import subprocess
+    import sys
+
+    from bench.procstat import cpu_seconds
+
+    iid = "ms" + secrets.token_hex(4)
+    up, down = ring_bytes(2000, 8000)
+    seg = ShardSegment.create(f"/va-{iid}-s0", slots=sessions, uplink_bytes=up, downlink_bytes=down,
+                              instance_id=iid)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    warm = 1.0
+    enc = opus.Encoder(48000, bitrate=32000, complexity=9, fec=True, expected_loss_percent=5)
+    pcm48 = _speechlike(2.0, 48000)
+    packets = [enc.encode(pcm48[i * 960 : (i + 1) * 960].tobytes()) for i in range(100)]
+    gen = ctx.Process(target=_loadgen, args=(sessions, packets, seconds + warm, child), daemon=True)
+    gen.start()
+    if not parent.poll(30):
+        gen.kill()
+        raise RuntimeError("load generator did not start")
+    peers: list[int] = parent.recv()
+    ports: list[int] = []
+    while len(ports) < sessions:
+        p = _free_port()
+        if p not in ports and p + 1 not in peers and p not in peers:
+            ports.append(p)
+    for i in range(sessions):
+        seg.slot(i).activate(session_id=f"scale{i}", local_rtp_port=ports[i], remote_rtp_ip="127.0.0.1",
+                             remote_rtp_port=peers[i], payload_type=111, channels=2, dtmf_payload_type=101,
+                             mode="direct")
+    speech = _speechlike(2.0, 24000).tobytes()
+    env = {**os.environ, "VA_MEDIA_RTP_HOST": "127.0.0.1", "VA_LOG_LEVEL": "warning"}
+    cpus = sorted(os.sched_getaffinity(0))
+    argv = [sys.executable, "-m", "appliance.cli", "media-worker", "--shard", "0", "--segment", seg.name,
+            "--cpu", str(cpus[-1]), "--config", os.devnull]
+    worker = subprocess.Popen(argv, env=env)
+    try:
+        time.sleep(0.5)
+        parent.send(ports)
+        t0 = time.monotonic()
+        c0 = None
+        k = 0
+        while time.monotonic() - t0 < seconds + warm:
+            if c0 is None and time.monotonic() - t0 >= warm:
+                c0, w0 = cpu_seconds(worker.pid), time.monotonic()
+            talking = (k // 100) % 2 == 0  # 2 s speaking, 2 s silent
+            for i in range(sessions):
+                slot = seg.slot(i)
+                ring = slot.uplink
+                ring.skip(ring.available())
+                if talking:
+                    off = (k % 100) * DOWN_FRAME
+                    slot.downlink.write(speech[off : off + DOWN_FRAME])
+            k += 1
+            time.sleep(max(0.0, t0 + k * 0.02 - time.monotonic()))
+        c1, w1 = cpu_seconds(worker.pid), time.monotonic()
+        if not parent.poll(30):
+            raise RuntimeError("load generator did not report")
+        got = np.array(parent.recv())
+        gen.join(10)
+    finally:
+        worker.terminate()
+        worker.wait(10)
+        if gen.is_alive():
+            gen.kill()
+        seg.close()
+        seg.unlink()
+    if c0 is None or c1 is None:
+        raise RuntimeError("media worker exited during the scale run")
+    cpu = c1 - c0
+    wall = w1 - w0
+    steady = got[:, int(warm * 50) + 5 : -5]
+    per_second = float(steady.sum() / steady.shape[0] / (steady.shape[1] / 50))
+    return {"sessions": sessions, "seconds": round(wall, 1), "worker_cpu_percent": round(100 * cpu / wall, 1),
+            "worker_cpu_ms_per_call_second": round(cpu * 1000 / (wall * sessions), 2),
+            "packets_received_per_call_second": round(per_second, 1)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     frames = 300 if args.smoke else args.frames
     complexities = [5] if args.smoke else [int(c) for c in str(args.complexity).split(",")]
@@ -285,6 +421,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["sessions_per_core_media"] = int(20_000 / per_call_us)
         result["binding"] = _binding(frames)
         result["resampler"] = _resampler(min(frames, 500))
+        result["scale"] = _scale(8 if args.smoke else args.sessions, 2.0 if args.smoke else args.seconds)
         result["loadavg_1m"] = os.getloadavg()[0]
         return result
     finally:

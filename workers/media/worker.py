@@ -408,6 +408,7 @@ class MediaWorker:
         self._buf = bytearray(2048)
         self._view = memoryview(self._buf)
         self.ticks = 0
+        self._skipped_logged = 0
         self.tick_late_ns: list[int] = []  # recent tick lateness samples (metrics/tests)
 
     # ---- slot table ------------------------------------------------------------------------------
@@ -497,6 +498,12 @@ class MediaWorker:
                 log.exception("session failed", extra={"session": sess.session_id})
                 self._close(sess.index)
         self.seg.heartbeat("media")
+        if self.ticks % 500 == 0 and self.pacer.skipped != self._skipped_logged:
+            log.warning("media worker fell behind: ticks skipped", extra={
+                "skipped": self.pacer.skipped - self._skipped_logged, "sessions": len(self.sessions),
+                "max_late_ms": round(self.pacer.late_ns_max / 1e6, 1)})
+            self._skipped_logged = self.pacer.skipped
+            self.pacer.late_ns_max = 0
 
     def run_once(self, max_wait: float = 1.0) -> None:
         """Wait for packets until the next tick is due, handle them, run due ticks."""
