@@ -314,3 +314,52 @@ def test_ssrc_restart_and_sequence_jump_keep_audio_flowing(segment: ShardSegment
     freqs = [dominant_frequency(f, 16000) for f in frames if np.abs(f).max() > 3000]
     assert sum(abs(f - 880) < 60 for f in freqs) >= 25  # the new SSRC was accepted (30 frames sent)
     assert sum(abs(f - 660) < 60 for f in freqs) >= 35  # and the stream after the jump plays (40 sent)
+
+
+def test_one_hour_of_downlink_rtp_has_no_drift(segment: ShardSegment) -> None:
+    """An hour of ticks on a controllable clock with late wakeups: the session's RTP timestamps stay
+    exactly tick x 960 from the first packet, and sequence numbers advance by one per packet."""
+    from appliance.config import MediaConfig
+    from workers.media.pacing import Pacer
+    from workers.media.worker import MediaSession
+
+    peer, port = Peer(), free_port_pair()
+    activate(segment, 0, peer, port)
+    info = segment.slot(0).snapshot()
+    assert info is not None
+    sess = MediaSession(segment.slot(0), info, MediaConfig(), "127.0.0.1")
+
+    class Capture:
+        def __init__(self) -> None:
+            self.n = 0
+            self.first: bytes | None = None
+            self.last: bytes | None = None
+
+        def sendto(self, data: bytes, _addr: object) -> int:
+            self.n += 1
+            self.first = self.first or data
+            self.last = data
+            return len(data)
+
+    real_socket, cap = sess.rtp, Capture()
+    sess.rtp = cap  # type: ignore[assignment]
+    now = [5_000_000_000]
+    pacer = Pacer(clock=lambda: now[0])
+    rnd = random.Random(9)
+    hour_ticks = 3600 * 50
+    try:
+        while pacer.tick <= hour_ticks:
+            now[0] = pacer.deadline() + rnd.randrange(0, 4_000_000)  # 0-4 ms late wakeups
+            for t in pacer.due():
+                sess.tick_downlink(t)
+    finally:
+        sess.rtp = real_socket
+        sess.close()
+        peer.close()
+    assert cap.first is not None and cap.last is not None
+    first, last = parse_rtp(cap.first), parse_rtp(cap.last)
+    assert first.marker and not last.marker
+    assert cap.n == hour_ticks + 1 and pacer.skipped == 0
+    assert (last.timestamp - first.timestamp) & 0xFFFFFFFF == (hour_ticks * 960) & 0xFFFFFFFF
+    assert (last.sequence - first.sequence) & 0xFFFF == hour_ticks & 0xFFFF
+    assert now[0] - pacer.start - hour_ticks * 20_000_000 < 4_000_000  # the clock and RTP agree
