@@ -50,6 +50,11 @@ RTP = struct.Struct("!BBHII")
 AUDIO_DBFS = -75.0  # a received frame louder than this is model audio (echoed room noise: ~-67)
 SILENT_DBFS = -85.0  # ... quieter than this is silence (a flushed or idle downlink: ~-100)
 SILENT_RUN = 3  # consecutive silent frames that end a model turn
+# Barge-in happens mid-answer, where the echo never drops below ~-50 dBFS (the clip's noise floor), so a
+# frame whose last 10 ms is below -60 dBFS is the flushed downlink. Opus's lookahead carries ~6.5 ms of
+# the old audio into the first frame encoded after the flush (its tail decodes at ~-48 dBFS, the next
+# at ~-70), so the flush is seen one frame after the worker first sent silence: up to 20 ms late.
+FLUSH_TAIL_DBFS = -60.0
 
 
 class State(enum.Enum):
@@ -316,14 +321,14 @@ class Caller:
                 self.turn.first_audio_ns = t_ns
             if self.state is State.WAIT:
                 self._to(State.REPLY, t_ns)
-        elif tail < SILENT_DBFS:
+        b = self.bargein
+        if b is not None and b.onset_ns and t_ns >= b.onset_ns and tail < FLUSH_TAIL_DBFS:
+            b.flushed_ns = t_ns
+            self.bargein = None
+            if self.state is State.SPEAK:
+                self.decoding = False
+        if tail < SILENT_DBFS:
             self.silent_run += 1
-            b = self.bargein
-            if b is not None and b.onset_ns and t_ns >= b.onset_ns and self.silent_run == 1:
-                b.flushed_ns = t_ns
-                self.bargein = None
-                if self.state is State.SPEAK:
-                    self.decoding = False
 
     def check_bargein_timeout(self, now_ns: int, win: Window) -> None:
         b = self.bargein
@@ -412,7 +417,8 @@ class Generator:
                     due[g] += TICK_NS
                     if now - due[g] > 5 * TICK_NS:  # hopelessly behind: skip ahead (counted as lateness)
                         due[g] = now + TICK_NS
-            timeout = max(min(due) - time.monotonic_ns(), 0) / 1e9
+            next_due = min(due)
+            timeout = max(next_due - time.monotonic_ns(), 0) / 1e9
             for fd, _ in self.ep.poll(timeout):
                 if fd == probe_fd:
                     self._probes()
@@ -420,6 +426,8 @@ class Generator:
                     self._command()
                 else:
                     self.by_fd[fd].receive(now, self.win)
+                    if time.monotonic_ns() >= next_due:
+                        break  # sends first; the sockets left are still readable on the next poll
             now = time.monotonic_ns()
             for c in self.callers:
                 if c.bargein is not None:
