@@ -148,8 +148,8 @@ class MediaSession:
             return
         try:
             pkt = parse_rtp(data)
-        except RtpError:
-            c.add("rx_invalid")
+        except RtpError as exc:
+            c.add("rtcp_packets" if exc.reason == "rtcp" else "rx_invalid")  # rtcp-mux is fine
             return
         if pkt.payload_type == self.dtmf_pt and self.dtmf_pt >= 0:
             if self.src is not None and pkt.ssrc == self.src.ssrc:
