@@ -143,3 +143,31 @@ async def test_echo_through_the_appliance_and_worker_crashes(sup, sub, tmp_path)
         await rec.stop()
         await pc.close()
         seg.close()
+
+
+async def test_room_mode_echo_through_audiobridge(sup, sub):
+    utterance = speech("seven eight nine ten", RATE)
+    token = sup.token(sub)
+    auth = {"Authorization": f"Bearer {token}"}
+    pc, track, rec = await caller()
+    try:
+        async with httpx.AsyncClient(base_url=sup.api, timeout=30) as http:
+            r = await http.post("/v1/sessions", headers=auth,
+                                json={"type": "offer", "sdp": pc.localDescription.sdp, "mode": "room"})
+            assert r.status_code == 201, (r.text, sup.log_tail())
+            sid = r.json()["session_id"]
+            await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
+
+            async def model_live() -> bool:
+                info = (await http.get(f"/v1/sessions/{sid}", headers=auth)).json()
+                return info["details"].get("model_state") == "live"
+
+            await wait_until(model_live, limit=30, what="model live")
+            await asyncio.sleep(3.0)
+            corr, m2e = await say_and_hear(track, rec, utterance)
+            print(f"room mode: echo correlation {corr:.2f}, mouth-to-ear {m2e * 1000:.0f} ms")
+            assert corr > 0.6
+            assert (await http.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
+    finally:
+        await rec.stop()
+        await pc.close()
