@@ -19,6 +19,10 @@ loopback), driving it directly (no sleeping), so the numbers are pure CPU:
   this process plays the AI worker: consumes every uplink frame and speaks on the downlink 50 % of the
   time): worker CPU per call-second from /proc, and packets each call received per second (50 = none
   missing).
+* ``latency``: with the worker running in real time (a thread here), the time from a tone onset's RTP
+  packet leaving the peer to the onset appearing in the uplink ring (jitter buffer + tick phase +
+  decode), and from a frame written into an idle downlink ring to its RTP packet arriving at the peer
+  (tick phase + encode + send): p50/p99/max in ms over ``--latency-trials``.
 * ``sessions_per_core_media``: 20 ms / (uplink + downlink at the default complexity), i.e. the media
   worker's share of one core, assuming a call is ~50 % model speech.
 """
@@ -48,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=3000, help="frames per measurement (default 3000)")
     parser.add_argument("--sessions", type=int, default=64, help="calls for the real-time scale run")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds of the scale run")
+    parser.add_argument("--latency-trials", type=int, default=100, help="onsets per direction")
     parser.add_argument("--complexity", default="0,3,5,8,10", help="Opus complexities to measure")
     parser.add_argument("--smoke", action="store_true", help="short CI form")
 
@@ -393,6 +398,94 @@ def _scale(sessions: int, seconds: float) -> dict[str, Any]:
             "packets_received_per_call_second": round(per_second, 1)}
 
 
+def _latency(trials: int) -> dict[str, Any]:
+    import threading
+
+    from workers.media.worker import MediaWorker
+
+    iid = "ml" + secrets.token_hex(4)
+    up, down = ring_bytes(2000, 8000)
+    seg = ShardSegment.create(f"/va-{iid}-s0", slots=1, uplink_bytes=up, downlink_bytes=down, instance_id=iid)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.setblocking(False)
+    port = _free_port()
+    slot = seg.slot(0)
+    slot.activate(session_id="lat", local_rtp_port=port, remote_rtp_ip="127.0.0.1",
+                  remote_rtp_port=peer.getsockname()[1], payload_type=111, channels=1, dtmf_payload_type=-1,
+                  mode="direct")
+    cfg = MediaConfig()
+    worker = MediaWorker(seg, cfg, host="127.0.0.1")
+    stop = threading.Event()
+    th = threading.Thread(target=worker.run, args=(stop.is_set,), daemon=True)
+    th.start()
+    enc = opus.Encoder(48000, bitrate=32000, complexity=5)
+    loud = (np.sin(2 * np.pi * 440 * np.arange(960) / 48000) * 16000).astype(np.int16).tobytes()
+    quiet = bytes(1920)
+    up_ms: list[float] = []
+    down_ms: list[float] = []
+    seq = 0
+    rng = random.Random(5)
+    silence = None
+    try:
+        time.sleep(0.2)
+        t_next = time.monotonic()
+        for _trial in range(trials):
+            # uplink: 10 quiet packets, then loud ones; time until loud samples reach the ring
+            onset_sent = 0.0
+            for k in range(16):
+                pcm = loud if k >= 10 else quiet
+                pkt = build_rtp(111, seq & 0xFFFF, seq * 960, 42, enc.encode(pcm))
+                seq += 1
+                t_next += 0.02
+                while time.monotonic() < t_next:
+                    ring = slot.uplink
+                    while ring.available() >= 640:
+                        f = np.frombuffer(ring.read(640) or b"", np.int16)
+                        if onset_sent and np.abs(f).max() > 4000 and len(up_ms) < _trial + 1:
+                            up_ms.append((time.monotonic() - onset_sent) * 1000)
+                    time.sleep(0.0005)
+                peer.sendto(pkt, ("127.0.0.1", port))
+                if k == 10:
+                    onset_sent = time.monotonic()
+            # downlink: wait a random phase, write one frame, time its packet's arrival
+            while True:
+                try:
+                    data = peer.recv(2048)
+                    silence = silence or data[12:]
+                except BlockingIOError:
+                    break
+            time.sleep(rng.uniform(0, 0.02))
+            t_write = time.monotonic()
+            slot.downlink.write(bytes(np.frombuffer(loud, np.int16)[::2].tobytes()))
+            deadline = t_write + 0.2
+            while time.monotonic() < deadline:
+                try:
+                    data = peer.recv(2048)
+                except BlockingIOError:
+                    time.sleep(0.0002)
+                    continue
+                if len(data) - 12 > 20:  # a speech packet, not the few-byte silence packet
+                    down_ms.append((time.monotonic() - t_write) * 1000)
+                    break
+            t_next = time.monotonic()
+    finally:
+        stop.set()
+        th.join(5)
+        worker.close()
+        peer.close()
+        seg.close()
+        seg.unlink()
+
+    def stats(xs: list[float]) -> dict[str, float]:
+        a = np.array(xs) if xs else np.array([float("nan")])
+        return {"p50": round(float(np.percentile(a, 50)), 1), "p99": round(float(np.percentile(a, 99)), 1),
+                "max": round(float(a.max()), 1), "n": len(xs)}
+
+    return {"uplink_packet_to_ring_ms": stats(up_ms), "downlink_ring_to_packet_ms": stats(down_ms),
+            "jitter_target_ms": cfg.jitter_target_ms}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     frames = 300 if args.smoke else args.frames
     complexities = [5] if args.smoke else [int(c) for c in str(args.complexity).split(",")]
@@ -421,6 +514,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["sessions_per_core_media"] = int(20_000 / per_call_us)
         result["binding"] = _binding(frames)
         result["resampler"] = _resampler(min(frames, 500))
+        result["latency"] = _latency(10 if args.smoke else args.latency_trials)
         result["scale"] = _scale(8 if args.smoke else args.sessions, 2.0 if args.smoke else args.seconds)
         result["loadavg_1m"] = os.getloadavg()[0]
         return result
