@@ -1,7 +1,7 @@
 """Real Janus 1.1.2 in its own network namespace, for tests of every area.
 
 Why a namespace: Janus's ICE never gathers on loopback interfaces (FACTS), and tests must not touch
-the machine's real interfaces. So each Janus gets a private netns ``va-jN-xxxx`` with a veth pair:
+the machine's real interfaces. So each Janus gets a private netns ``va-j<tag>`` with a veth pair:
 
     root namespace                         netns (Janus)
     <host_ip> 10.213.x.y+1/30  ── veth ──  <ns_ip> 10.213.x.y+2/30  and  127.0.0.2/32
@@ -23,7 +23,10 @@ Use::
             h = await (await c.create_session()).attach(NOSIP)
             janus_side = await h.nosip_generate(caller_offer_sdp)
 
-:class:`WebRtcCaller` is a real aiortc caller that sends given PCM and records what it hears.
+:class:`WebRtcCaller` is a real aiortc caller that sends given PCM (int16 48 kHz), records what it hears
+(``received()``) and can send RFC 4733 DTMF (``dtmf=True`` + ``send_dtmf("5#")``; aiortc has no DTMF
+sender, so telephone-event packets replace audio packets in the same SRTP stream, as browsers do).
+:meth:`JanusInstance.call` runs a function inside the netns (e.g. to create a socket there).
 
 Teardown kills Janus by PID, checks it is gone, and deletes the namespace (which removes the veth).
 Needs root (CI runs as root). :func:`janus_available` says whether a test should skip.
