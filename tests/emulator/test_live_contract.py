@@ -96,7 +96,7 @@ def test_fast_parser_matches_the_sdk_parser(msg: dict[str, Any]) -> None:
     s2, c2 = layer(sdk)
     s2.fast_path = False
     for conn in (c1, c2):
-        conn.ends.append(7)  # one unanswered activity, so interrupted/turnComplete resolve it
+        conn.ends.append((7, 0.0))  # one unanswered activity, so interrupted/turnComplete resolve it
     s1._dispatch(c1, json.loads(json.dumps(msg)))
     s2._dispatch_sdk(c2, json.dumps(msg).encode())
     assert fast == sdk

@@ -181,6 +181,26 @@ async def test_abrupt_close_mid_utterance_resumes_without_loss(
     await _resume_mid_utterance(emu, session, lambda sid: emu.fault(sid, "close", code=code))
 
 
+async def test_server_that_stops_reading_is_replaced_without_loss(emu: Emulator, session: Any) -> None:
+    live, rec = await session()
+    live.response_timeout = 0.5
+    sid = live.server_session_id
+    first = counter_signal(4000)
+    live.activity_start()
+    await speak(live, first)
+    live.activity_end()
+    await rec.turns(1)
+    await rec.wait(lambda: len(rec.of(L.ResumeHandle)) >= 2, what="handle after turn 1")
+    emu.fault(sid, "stop_reading")
+    second = counter_signal(8000, start=4000)
+    live.activity_start()
+    await speak(live, second, realtime=True)
+    live.activity_end()
+    await rec.turns(2)
+    assert "server stopped answering" in [e.reason for e in rec.of(L.StateChanged)]
+    assert emu.audio(sid) == first + second
+
+
 async def test_unknown_handle_starts_a_fresh_session(emu: Emulator, session: Any) -> None:
     live, rec = await session(resume_handle="no-such-handle")
     assert live.state == "live"

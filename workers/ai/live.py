@@ -73,6 +73,7 @@ log = logging.getLogger("workers.ai.live")
 GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
 IN_RATE = 16000
 AUDIO_MIME = "audio/pcm;rate=16000"
+WATCHDOG_SECONDS = 1.0  # how often each session checks its connection for a stalled server
 STABLE_SECONDS = 30.0  # a connection that lived this long resets the failure count
 MAX_LOG_SECONDS = 120.0  # unconfirmed caller audio kept for replay; older audio is dropped (and counted)
 
@@ -270,8 +271,9 @@ class _Conn:
     ws: Any
     recv_task: asyncio.Task[None] | None = None
     closing: bool = False
-    ends: deque[int] = field(default_factory=deque)  # seqs of activityEnd sent, awaiting their outcome
+    ends: deque[tuple[int, float]] = field(default_factory=deque)  # activityEnds sent: (seq, time)
     opened: float = field(default_factory=time.monotonic)
+    last_rx: float = field(default_factory=time.monotonic)
 
 
 class LiveSession:
@@ -289,6 +291,8 @@ class LiveSession:
         api_key: str | None = None,
         manual_activity: bool = True,
         fast_path: bool = True,
+        response_timeout: float = 10.0,
+        stall_timeout: float = 10.0,
     ) -> None:
         self.cfg = model_cfg
         self.session_id = session_id
@@ -296,6 +300,9 @@ class LiveSession:
         self.on_event = on_event
         self.manual = manual_activity
         self.fast_path = fast_path
+        self.response_timeout = response_timeout  # no server message this long after an activityEnd
+        self.stall_timeout = stall_timeout  # one socket write blocked this long (server not reading)
+        self._write_started = 0.0
         key = api_key or secret(model_cfg.api_key, model_cfg.api_key_file)
         if key:
             self.base_url = base_url or model_cfg.base_url or GEMINI_BASE_URL
@@ -503,7 +510,11 @@ class LiveSession:
     # --- supervision: goAway and unexpected closes -----------------------------------------------
     async def _supervise(self) -> None:
         while not self._closed:
-            await self._replace.wait()
+            try:
+                await asyncio.wait_for(self._replace.wait(), WATCHDOG_SECONDS)
+            except TimeoutError:
+                self._watchdog()
+                continue
             self._replace.clear()
             if self._closed:
                 return
@@ -516,7 +527,8 @@ class LiveSession:
                 self._unstable = 0
             if reason != "goAway":
                 self._unstable += 1
-            await self._close_conn(old)  # close the old socket first, then resume
+            # close the old socket first, then resume; a stalled server gets no close handshake
+            await self._close_conn(old, abort=reason.startswith("server stopped"))
             if self._unstable > max(1, self.cfg.max_retries):
                 self._degrade(f"connection keeps failing: {reason}")
                 return
@@ -525,6 +537,19 @@ class LiveSession:
             except LiveUnavailable as exc:
                 self._degrade(str(exc))
                 return
+
+    def _watchdog(self) -> None:
+        """A server that stopped reading or answering gets the same treatment as a dropped connection."""
+        conn = self._conn
+        if conn is None or conn.closing:
+            return
+        now = time.monotonic()
+        if self._write_started and now - self._write_started > self.stall_timeout:
+            log.warning("server stopped reading", extra={"session": self.session_id})
+            self._request_replace(conn, "server stopped reading")
+        elif conn.ends and now - max(conn.ends[0][1], conn.last_rx) > self.response_timeout:
+            log.warning("server stopped answering", extra={"session": self.session_id})
+            self._request_replace(conn, "server stopped answering")
 
     def _request_replace(self, conn: _Conn, reason: str) -> None:
         if conn is not self._conn or conn.closing or self._closed:
@@ -552,10 +577,13 @@ class LiveSession:
         asyncio.get_running_loop().create_task(self._close_conn(conn)).add_done_callback(_ignore_result)
         self._conn = None
 
-    async def _close_conn(self, conn: _Conn | None) -> None:
+    async def _close_conn(self, conn: _Conn | None, *, abort: bool = False) -> None:
         if conn is None:
             return
         conn.closing = True
+        if abort:
+            with contextlib.suppress(Exception):
+                conn.ws.transport.abort()
         if conn.recv_task is not None and conn.recv_task is not asyncio.current_task():
             conn.recv_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -630,6 +658,7 @@ class LiveSession:
                 if idx >= len(self._log):
                     break
                 item = self._log[max(idx, 0)]
+                self._write_started = time.monotonic()
                 try:
                     await self._write(conn, item)
                 except ConnectionClosed:
@@ -638,11 +667,13 @@ class LiveSession:
                     log.warning("send failed", extra={"session": self.session_id, "error": str(exc)})
                     self._request_replace(conn, f"send failed: {exc}")
                     break
+                finally:
+                    self._write_started = 0.0
                 if conn is not self._conn:
                     break
                 self._sent = item.seq
                 if item.kind == END:
-                    conn.ends.append(item.seq)
+                    conn.ends.append((item.seq, time.monotonic()))
                 elif item.kind == AUDIO:
                     self.stats.chunks_sent += 1
                     delay = time.monotonic() - item.t
@@ -656,6 +687,7 @@ class LiveSession:
         try:
             while True:
                 raw = await conn.ws.recv(decode=False)
+                conn.last_rx = time.monotonic()
                 self.stats.messages_received += 1
                 try:
                     if self.fast_path:
@@ -790,7 +822,7 @@ class LiveSession:
     def _outcome(self, conn: _Conn, *, answered: bool) -> None:
         """A model turn finished (or was interrupted): it resolves the oldest unanswered activity."""
         if conn.ends:
-            seq = conn.ends.popleft()
+            seq, _ = conn.ends.popleft()
             if answered:
                 self._answered = max(self._answered, seq)
 
