@@ -30,7 +30,6 @@ from workers.ai.greeting import PromptCache
 from workers.ai.worker import AiWorker
 
 pytestmark = pytest.mark.timeout(120)
-pytest.importorskip("workers.ai.live", reason="the Live session layer has not landed yet")
 
 
 @pytest.fixture(scope="module")

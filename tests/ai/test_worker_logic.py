@@ -233,8 +233,12 @@ async def test_crash_mid_utterance_replays_journal(cfg, seg, tmp_path, speech) -
     corr, _ = best_correlation(speech, sent, 16000)
     assert corr > 0.99  # the whole utterance, both halves, reached the resumed session
     assert slot.counters.get("frames_replayed") > 0
-    # a new handle confirms everything: the journal empties; closing the call deletes it
+    # a handle that arrives before the model answered covers nothing new
     live2.emit(ResumeHandle("h2"))
+    assert len(w2.calls[0].journal.records()) > 2
+    # once the turn is answered, the next handle confirms it: the journal empties
+    live2.emit(TurnComplete())
+    live2.emit(ResumeHandle("h3"))
     assert w2.calls[0].journal.records() == []
     slot.begin_close()
     await ticks(w2)

@@ -4,9 +4,11 @@ Why: the Live layer replays caller audio sent after the latest resumable handle 
 but that buffer lives in the AI worker's memory. If the worker is SIGKILLed mid-utterance, the words
 already read from the uplink ring and sent on the dead connection are gone from the ring too, and the
 resumed session only knows the conversation up to the handle. This journal keeps exactly that gap —
-turn starts, audio, turn ends since the last handle — in a tmpfs file per (slot, generation) that
-outlives the process; the replacement worker replays it into the resumed session, so no caller audio
-is lost across a worker crash.
+turn starts, audio, turn ends not yet covered by a handle — in a tmpfs file per (slot, generation)
+that outlives the process. Which turns a handle covers follows the Live layer's rule: every caller turn
+gets exactly one outcome (``turnComplete`` or ``interrupted``), in order, and a handle covers the turns
+answered before it arrived (see ``workers/ai/live.py``). The replacement worker replays the journal
+into the resumed session, so no caller audio is lost across a worker crash.
 
 Why a plain file on /dev/shm: appends are one ``write(2)`` per tick per talking call (~2 µs), the
 kernel keeps the data when the writer dies, and nothing needs ordering beyond "the writer is dead
@@ -79,6 +81,26 @@ class TurnJournal:
             os.ftruncate(self._fd, 0)
             self._size = 0
             self.full = False
+
+    def confirm(self, ends: int) -> None:
+        """A new resume handle covers the first ``ends`` caller turns: drop them, keep what follows
+        (e.g. the start of a turn the caller began while the model was still answering)."""
+        if self._fd < 0 or not self._size or ends <= 0:
+            return
+        data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
+        off = 0
+        seen = 0
+        while off + _HDR.size <= len(data) and seen < ends:
+            kind, n = _HDR.unpack_from(data, off)
+            off += _HDR.size + n
+            if kind == END:
+                seen += 1
+        rest = data[off:]
+        os.ftruncate(self._fd, 0)
+        if rest:
+            os.write(self._fd, rest)
+        self._size = len(rest)
+        self.full = False
 
     def records(self) -> list[tuple[bytes, bytes]]:
         """Everything recorded (kind, payload), in order; a torn last record is ignored."""

@@ -99,6 +99,7 @@ class Call:
     hold_played: bool = False
     start_failed: bool = False
     journal: TurnJournal | None = None
+    answered: int = 0  # caller turns answered (turnComplete/interrupted) since the last handle
     retry_at: float = 0.0
     closed: bool = False
     last_event: dict[str, float] = field(default_factory=dict)  # monotonic times, for tests and benchmarks
@@ -556,6 +557,7 @@ class AiWorker:
         self._drain(call)
 
     def _ev_interrupted(self, call: Call, _ev: Any) -> None:
+        call.answered += 1
         ring = call.slot.downlink
         if call.current() and ring.read_cursor >= call.protect_until:
             if call.pending or ring.free_space() < ring.capacity:
@@ -566,6 +568,7 @@ class AiWorker:
         call.suppress = False
 
     def _ev_turn_complete(self, call: Call, _ev: Any) -> None:
+        call.answered += 1
         if call.model_turn and not call.suppress:
             self._pad_tail(call)
             self._drain(call)
@@ -585,7 +588,8 @@ class AiWorker:
     def _ev_handle(self, call: Call, ev: Any) -> None:
         if ev.handle and call.current():
             if call.journal is not None:
-                call.journal.clear()
+                call.journal.confirm(call.answered)
+            call.answered = 0
             try:
                 call.slot.resume_handle = ev.handle
             except ShmError as exc:
