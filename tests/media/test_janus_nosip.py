@@ -103,3 +103,36 @@ async def test_dtmf_from_the_caller_becomes_slot_events(janus: JanusInstance, se
         await caller.close()
     assert [e for e in events if e[0] == EventCode.DTMF] == [(EventCode.DTMF, 5), (EventCode.DTMF, 11)]
     assert [e[1] for e in events if e[0] == EventCode.DTMF_END] == [120, 120]
+
+
+async def test_three_concurrent_calls_stay_separate(janus: JanusInstance, segment: ShardSegment) -> None:
+    """Three callers with different tones at once: each slot hears its own caller, and each caller
+    hears its own slot's model audio (no cross-talk between ports/slots)."""
+    up_tones, down_tones = (300, 500, 700), (400, 600, 800)
+    callers = [WebRtcCaller(tone(f, 30.0, 48000, amplitude=0.3)) for f in up_tones]
+    try:
+        with running_worker(segment, host=janus.host_ip):
+            async with JanusClient(janus.url, api_secret=janus.api_secret) as client:
+                for i, caller in enumerate(callers):
+                    await connect_nosip(janus, client, caller, segment, i)
+                assert await _wait(lambda: all(segment.slot(i).counters.get("rx_packets") > 25
+                                               for i in range(3)))
+                for i in range(3):
+                    segment.slot(i).uplink.skip(10**6)
+                    callers[i].clear_received()
+                    segment.slot(i).downlink.write(tone(down_tones[i], 1.0, 24000).tobytes())
+                await asyncio.sleep(1.4)
+                ups = []
+                for i in range(3):
+                    ring = segment.slot(i).uplink
+                    ups.append(np.frombuffer(ring.read(ring.available() // 640 * 640) or b"", np.int16))
+                downs = [c.received() for c in callers]
+    finally:
+        for c in callers:
+            await c.close()
+    for i in range(3):
+        assert abs(dominant_frequency(ups[i][-16000:], 16000) - up_tones[i]) < 5
+        loud = np.flatnonzero(np.abs(downs[i]) > 3000)
+        assert len(loud) > 0, f"caller {i} heard nothing"
+        heard = downs[i][loud[0] : loud[0] + 24000]
+        assert abs(dominant_frequency(heard[2400:], 48000) - down_tones[i]) < 8
