@@ -12,10 +12,11 @@ import time
 
 import numpy as np
 import pytest
+import soxr
 
 from appliance.janus import NOSIP, JanusClient, plain_rtp_answer
 from shm.segment import EventCode, ShardSegment
-from tests.harness.audio import dominant_frequency, tone
+from tests.harness.audio import best_correlation, dominant_frequency, envelope_correlation, speech, tone
 from tests.harness.janus import JanusInstance, WebRtcCaller
 from tests.media.conftest import free_port_pair, running_worker
 
@@ -136,3 +137,35 @@ async def test_three_concurrent_calls_stay_separate(janus: JanusInstance, segmen
         assert len(loud) > 0, f"caller {i} heard nothing"
         heard = downs[i][loud[0] : loud[0] + 24000]
         assert abs(dominant_frequency(heard[2400:], 48000) - down_tones[i]) < 8
+
+
+async def test_speech_both_ways_correlates(janus: JanusInstance, segment: ShardSegment) -> None:
+    """espeak-ng speech from the caller reaches the uplink ring, and model speech reaches the caller,
+    recognisably (waveform correlation at 16 kHz, envelope correlation through two Opus hops)."""
+    import shutil
+
+    if not shutil.which("espeak-ng"):
+        pytest.skip("espeak-ng not installed")
+    said = speech("The quick brown fox jumps over the lazy dog.", 48000)
+    model = speech("Hello, how can I help you today?", 24000)
+    caller = WebRtcCaller(np.concatenate([np.zeros(9600, np.int16), said]))
+    try:
+        with running_worker(segment, host=janus.host_ip):
+            async with JanusClient(janus.url, api_secret=janus.api_secret) as client:
+                await connect_nosip(janus, client, caller, segment, 0)
+                up = await _read_uplink(segment, 0, len(said) / 48000 + 1.5)
+                caller.clear_received()
+                segment.slot(0).downlink.write(model.tobytes())
+                await asyncio.sleep(len(model) / 24000 + 0.8)
+                down = caller.received()
+    finally:
+        await caller.close()
+    ref16 = soxr.resample(said, 48000, 16000).astype(np.int16)
+    corr, _lag = best_correlation(ref16, up, 16000)
+    env_up = envelope_correlation(ref16, up, 16000)
+    ref48 = soxr.resample(model, 24000, 48000).astype(np.int16)
+    env_down = envelope_correlation(ref48, down, 48000)
+    print(f"\nspeech: uplink waveform corr {corr:.2f} envelope {env_up:.2f}; "
+          f"downlink envelope {env_down:.2f}")
+    assert env_up > 0.85 and corr > 0.4  # measured 0.95 and 0.64
+    assert env_down > 0.85  # measured 0.98
