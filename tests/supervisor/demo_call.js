@@ -1,11 +1,12 @@
 // Drive the demo page in headless Chromium: click Call, wait for "connected", hold, hang up.
-// Usage: NODE_PATH=tests/e2e/node_modules node demo_call.js URL HOLD_MS
-// Prints one JSON line per step on stdout.
+// Usage: NODE_PATH=tests/e2e/node_modules node demo_call.js URL HOLD_MS [SPEECH.wav]
+// With a WAV the fake microphone plays it (looped); the script then waits for a transcript line and
+// measures the loudness of what the page hears. Prints one JSON line per step on stdout.
 "use strict";
 const { chromium } = require("playwright-core");
 
 (async () => {
-  const [url, holdMs] = process.argv.slice(2);
+  const [url, holdMs, wav] = process.argv.slice(2);
   const browser = await chromium.launch({
     executablePath: "/usr/bin/chromium",
     args: [
@@ -13,6 +14,7 @@ const { chromium } = require("playwright-core");
       "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
       "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
       "--autoplay-policy=no-user-gesture-required",
+      ...(wav ? ["--use-file-for-fake-audio-capture=" + wav] : []),
       // mDNS host candidates stay on (as for real callers): Janus learns the browser's address as a
       // peer-reflexive candidate from its connectivity checks.
     ],
@@ -34,7 +36,30 @@ const { chromium } = require("playwright-core");
       conn: document.getElementById("conn").textContent,
     }));
     console.log(JSON.stringify({ event: "connected", ...info }));
+    if (wav) {
+      // loudness of the remote audio, sampled every 50 ms by an AnalyserNode
+      await page.evaluate(() => {
+        const ctx = new AudioContext();
+        const an = ctx.createAnalyser();
+        ctx.createMediaStreamSource(document.getElementById("remote").srcObject).connect(an);
+        const buf = new Float32Array(an.fftSize);
+        window.maxRms = 0;
+        setInterval(() => {
+          an.getFloatTimeDomainData(buf);
+          let s = 0;
+          for (const v of buf) s += v * v;
+          window.maxRms = Math.max(window.maxRms, Math.sqrt(s / buf.length));
+        }, 50);
+      });
+      await page.waitForFunction(() => document.querySelectorAll("#transcript li").length > 0, null,
+                                 { timeout: 30000 });
+    }
     await page.waitForTimeout(Number(holdMs));
+    const heard = await page.evaluate(() => ({
+      transcript: [...document.querySelectorAll("#transcript li")].map((li) => li.textContent),
+      maxRms: window.maxRms || 0,
+    }));
+    console.log(JSON.stringify({ event: "heard", ...heard }));
     const model = await page.textContent("#model");
     await page.click("#hangup");
     await page.waitForFunction(() => document.getElementById("conn").textContent === "idle", null,
