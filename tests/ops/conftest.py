@@ -101,6 +101,12 @@ def deb() -> BuiltDeb:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         found = sorted(out.glob("voice-appliance_*.deb"))
+        # Keep the cache bounded: the three newest builds (each ~80 MB).
+        builds = sorted(
+            (p for p in out.parent.iterdir() if ".tmp" not in p.name), key=lambda p: p.stat().st_mtime
+        )
+        for old in builds[:-3]:
+            shutil.rmtree(old, ignore_errors=True)
     lintian_file = out / "lintian.txt"
     return BuiltDeb(found[-1], lintian_file.read_text() if lintian_file.exists() else "", cached)
 

@@ -88,7 +88,8 @@ def test_services_active(provisioned) -> None:
         )
     assert all(v == "active" for v in states.values()), states
     enabled = ct.sh("systemctl is-enabled " + " ".join(SERVICES), check=False).stdout.split()
-    assert enabled == ["enabled"] * len(SERVICES), enabled
+    # The emulator has no [Install]: the main unit pulls it in.
+    assert enabled == ["enabled", "static"] + ["enabled"] * (len(SERVICES) - 2), enabled
 
 
 def test_units_verify_without_output(provisioned) -> None:
@@ -257,23 +258,79 @@ def test_credentials_reach_the_service(provisioned) -> None:
     )
 
 
+JANUS_PROBE = """
+import json, sys, urllib.error, urllib.request
+
+def post(body):
+    req = urllib.request.Request("http://127.0.0.1:8088/janus", data=json.dumps(body).encode(), method="POST")
+    try:
+        return json.loads(urllib.request.urlopen(req, timeout=3).read())
+    except urllib.error.HTTPError as exc:
+        return {"http": exc.code, **json.loads(exc.read() or b"{}")}
+
+print(json.dumps([post({"janus": "create", "transaction": "a"}),
+                  post({"janus": "create", "transaction": "b", "apisecret": sys.argv[1]})]))
+"""
+
+
 def test_janus_api_answers_only_with_its_secret(provisioned) -> None:
+    """Janus (our config, its own user) refuses API calls without the vault's secret."""
     ct = provisioned.ct
-    script = (
-        "import json,urllib.request as u\n"
-        "def post(body):\n"
-        " r=u.Request('http://127.0.0.1:8088/janus', data=json.dumps(body).encode(), method='POST')\n"
-        " return json.loads(u.urlopen(r, timeout=3).read())\n"
-        "print(json.dumps([post({{'janus':'create','transaction':'a'}}),"
-        " post({{'janus':'create','transaction':'b','apisecret':{!r}}})]))\n"
-    ).format(provisioned.secrets["vault_janus_api_secret"])
-    got = wait_for(lambda: ct.sh(f"python3 -c {json.dumps(script)}", check=False).stdout.strip(), timeout=30)
-    without, with_secret = json.loads(got)
-    assert without["janus"] == "error" and without["error"]["code"] == 403
-    assert with_secret["janus"] == "success"
-    assert (
-        ct.sh(
-            "id -un $(systemctl show janus -p MainPID --value | xargs -I{} stat -c %u /proc/{})"
-        ).stdout.strip()
-        == "janus"
+    ct.sh("cat > /root/janus_probe.py", input=JANUS_PROBE)
+    secret = provisioned.secrets["vault_janus_api_secret"]
+    got = wait_for(
+        lambda: ct.sh(f"python3 /root/janus_probe.py '{secret}'", check=False).stdout.strip(), timeout=30
     )
+    without, with_secret = json.loads(got)
+    assert without.get("http") == 403 or without["error"]["code"] == 403, without
+    assert with_secret["janus"] == "success", with_secret
+    pid = ct.sh("systemctl show janus -p MainPID --value").stdout.strip()
+    assert ct.sh(f"stat -c %U /proc/{pid}").stdout.strip() == "janus"
+
+
+def test_notify_status_and_watchdog_pings(provisioned) -> None:
+    """Type=notify: the supervisor reports STATUS= and keeps feeding the watchdog (WatchdogSec=15)."""
+    ct = provisioned.ct
+
+    def show() -> dict[str, str]:
+        out = ct.sh(
+            "systemctl show voice-appliance -p StatusText -p WatchdogUSec -p WatchdogTimestampMonotonic"
+        )
+        return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+
+    first = show()
+    assert first["WatchdogUSec"] in ("15s", "15000000"), first
+    assert "sessions" in first["StatusText"], first
+    later = wait_for(
+        lambda: (s := show())["WatchdogTimestampMonotonic"] != first["WatchdogTimestampMonotonic"] and s,
+        timeout=20,
+    )
+    assert later, "no WATCHDOG=1 ping within 20 s"
+
+
+AFFINITY_PROBE = """
+import os
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+    except OSError:
+        continue
+    if b"media-worker" in args or b"ai-worker" in args:
+        role = "media" if b"media-worker" in args else "ai"
+        print(role, pid, ",".join(map(str, sorted(os.sched_getaffinity(int(pid))))))
+"""
+
+
+def test_workers_pinned_inside_the_cpu_plan(provisioned) -> None:
+    """The supervisor's worker children run pinned, on cores other than Janus's (CPUAffinity drop-in)."""
+    ct = provisioned.ct
+    ct.sh("cat > /root/affinity_probe.py", input=AFFINITY_PROBE)
+    lines = wait_for(lambda: ct.sh("python3 /root/affinity_probe.py").stdout.splitlines(), timeout=60)
+    assert {line.split()[0] for line in lines or []} == {"media", "ai"}, lines
+    ncpu = int(ct.sh("nproc --all").stdout)
+    janus = ct.sh("systemctl show janus -p CPUAffinity --value").stdout.strip()
+    for line in lines:
+        cpus = line.split()[2].split(",")
+        if ncpu >= 2:
+            assert len(cpus) == 1, f"worker not pinned to one core: {line}"
+            assert cpus[0] not in janus.split(), f"worker on Janus's core(s) {janus!r}: {line}"

@@ -50,11 +50,11 @@ def test_install_reinstall_purge(deb, rootfs, tmp_path) -> None:
         # An operator's secret survives reconfiguration; nothing else changes.
         ct.sh("printf operator-key > /etc/voice-appliance/credentials/gemini_api_key")
         before = ct.sh(
-            "cd /etc/voice-appliance && ls -la --time-style=+%s credentials && md5sum credentials/*"
+            "cd /etc/voice-appliance && ls -l --time-style=+%s credentials && md5sum credentials/*"
         ).stdout
         ct.sh("dpkg -i /root/va.deb && dpkg-reconfigure voice-appliance", timeout=600)
         after = ct.sh(
-            "cd /etc/voice-appliance && ls -la --time-style=+%s credentials && md5sum credentials/*"
+            "cd /etc/voice-appliance && ls -l --time-style=+%s credentials && md5sum credentials/*"
         ).stdout
         assert before == after
         assert ct.sh("cat /etc/voice-appliance/credentials/gemini_api_key").stdout == "operator-key"
