@@ -299,3 +299,10 @@ def test_model_client_settings_defaults_to_the_emulator(tmp_path: Any) -> None:
     assert (tmp_path / "emulator" / "emulator-ca.pem").exists() and ctx.verify_mode.name == "CERT_REQUIRED"
     gem = replace(cfg, model={"api_key": "real"})
     assert L.model_client_settings(gem)[:2] == (L.GEMINI_BASE_URL, "real")
+    # an extra CA is added to the system store (a leftover emulator ca_file must not break Gemini)
+    with_ca = replace(gem, model={"ca_file": str(tmp_path / "emulator" / "emulator-ca.pem")})
+    ctx = L.model_client_settings(with_ca)[2]
+    names = [dict(x[0] for x in c["subject"]).get("commonName") for c in ctx.get_ca_certs()]
+    assert "voice-appliance emulator test CA" in names
+    with pytest.raises(L.LiveUnavailable, match=r"model\.ca_file"):
+        L.model_client_settings(replace(gem, model={"ca_file": str(tmp_path / "missing.pem")}))

@@ -178,6 +178,17 @@ class LiveStats:
 _DEFAULT_SETTINGS: tuple[str, str, ssl.SSLContext] | None = None
 
 
+def tls_context(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """The system trust store plus, when given, an extra CA (the emulator's test CA)."""
+    ctx = ssl.create_default_context()
+    if ca_file:
+        try:
+            ctx.load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise LiveUnavailable(f"model.ca_file {ca_file}: cannot load a CA certificate ({exc})") from None
+    return ctx
+
+
 def emulator_ca_file(cfg: Config) -> Path:
     """Where ``voice-appliance emulator`` keeps its CA for this config (same rule as its CLI)."""
     wanted = Path(cfg.paths.state_dir) / "emulator"
@@ -200,7 +211,7 @@ def model_client_settings(cfg: Config) -> tuple[str, str, ssl.SSLContext]:
     key = secret(m.api_key, m.api_key_file)
     if key:
         base = m.base_url or GEMINI_BASE_URL
-        ctx = ssl.create_default_context(cafile=m.ca_file or None)
+        ctx = tls_context(m.ca_file or None)
     else:
         e = cfg.emulator
         host = "127.0.0.1" if e.host in ("0.0.0.0", "::", "") else e.host
@@ -212,7 +223,7 @@ def model_client_settings(cfg: Config) -> tuple[str, str, ssl.SSLContext]:
             from appliance.emulator.certs import ensure_certs
 
             ca = ensure_certs(ca.parent, [host]).ca_file
-        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx = tls_context(ca)
     _DEFAULT_SETTINGS = (base, key, ctx)
     return _DEFAULT_SETTINGS
 
@@ -307,7 +318,7 @@ class LiveSession:
         if key:
             self.base_url = base_url or model_cfg.base_url or GEMINI_BASE_URL
             self.api_key = key
-            ctx = ssl_context or ssl.create_default_context(cafile=model_cfg.ca_file or None)
+            ctx = ssl_context or tls_context(model_cfg.ca_file or None)
         elif _DEFAULT_SETTINGS is not None:
             self.base_url, self.api_key, ctx = _DEFAULT_SETTINGS
             self.base_url = base_url or model_cfg.base_url or self.base_url
