@@ -37,7 +37,9 @@ frame, tool calls.
 Control channel: plain HTTPS GET on the same port under ``/emulator/`` (same API key), because the
 websockets server can answer ordinary GETs and tests need no second listener:
 ``health``, ``sessions`` (JSON), ``audio?session=ID`` (raw PCM record), ``config?k=v`` (run-wide),
-``next?k=v`` (the next connection only), ``fault?session=ID&action=…`` (one live session).
+``next?k=v`` (the next connection only), ``fault?session=ID&action=…`` (one live session:
+close[&code], goaway[&time_left_s], stop_reading, resume_reading, garbage[&kind=json|unknown|b64|big],
+set&<behaviour fields>).
 """
 
 from __future__ import annotations
@@ -316,8 +318,20 @@ class Connection:
     async def stop_reading(self) -> None:
         self.reading.clear()
 
-    async def garbage(self) -> None:
-        await self.ws.send(b"\x00\xffthis is not json{")
+    async def garbage(self, kind: str = "json") -> None:
+        """Send a bad frame: ``json`` (not JSON), ``unknown`` (an unknown message type), ``b64``
+        (audio with truncated base64) or ``big`` (a 2 MiB frame, above the SDK's 1 MiB limit)."""
+        if kind == "json":
+            await self.ws.send(b"\x00\xffthis is not json{")
+        elif kind == "unknown":
+            await self.send({"someFutureMessage": {"hello": 1}})
+        elif kind == "b64":
+            await self.send({"serverContent": {"modelTurn": {"parts": [{"inlineData": {
+                "mimeType": "audio/pcm;rate=24000", "data": "AAAAA"}}]}}})
+        elif kind == "big":
+            await self.ws.send(b" " * (2 << 20))
+        else:
+            raise ValueError("garbage kind must be json, unknown, b64 or big")
 
     # --- input ---------------------------------------------------------------------------------
     async def _realtime(self, body: dict[str, Any]) -> None:
@@ -600,7 +614,10 @@ class EmulatorServer:
             conn.reading.set()
             return _json_response(200, {"ok": True})
         elif action == "garbage":
-            coro = conn.garbage()
+            kind = q.get("kind", "json")
+            if kind not in ("json", "unknown", "b64", "big"):
+                raise ValueError("garbage kind must be json, unknown, b64 or big")
+            coro = conn.garbage(kind)
         elif action == "set":
             conn.b = _coerce_behaviour(conn.b, q)
             return _json_response(200, asdict(conn.b))

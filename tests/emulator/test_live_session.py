@@ -289,6 +289,26 @@ async def test_garbage_frame_ends_only_that_session(emu: Emulator, session: Any)
     assert abs(dominant_frequency(rec_b.audio(), 24000) - 700) < 5 and b.state == "live"
 
 
+async def test_bad_server_frames(emu: Emulator, session: Any) -> None:
+    """Unknown message: ignored. Truncated base64: that session ends. Oversized frame: reconnect + resume."""
+    ignore, rec_i = await session()
+    broken, rec_b = await session()
+    big, rec_g = await session()
+    emu.fault(ignore.server_session_id, "garbage", kind="unknown")
+    emu.fault(broken.server_session_id, "garbage", kind="b64")
+    emu.fault(big.server_session_id, "garbage", kind="big")
+    await rec_b.wait(lambda: broken.state == "closed", what="b64 session closed")
+    await rec_g.wait(lambda: big.stats.reconnects == 1 and big.state == "live", what="big session resumed")
+    for live, rec in ((ignore, rec_i), (big, rec_g)):
+        live.activity_start()
+        await speak(live, tone(600, 0.3))
+        live.activity_end()
+        await rec.turns(1)
+        assert abs(dominant_frequency(rec.audio(), 24000) - 600) < 5
+    assert ignore.stats.reconnects == 0 and ignore.state == "live"
+    assert big.server_session_id == emu.session(big.server_session_id)["session"]
+
+
 def test_model_client_settings_defaults_to_the_emulator(tmp_path: Any) -> None:
     from appliance.config import load_config, replace
 
