@@ -155,6 +155,7 @@ class Bench:
         self.gen: LoadGen | None = None
         self.active = 0
         self.model_problem = ""
+        self.keep = False
         self.slot_of: list[tuple[int, int]] = []
 
     def __enter__(self) -> Bench:
@@ -179,6 +180,11 @@ class Bench:
         else:
             shards = args.shards or make_plan("auto").shard_count
             slots = -(-self.capacity // shards)
+        # The plan is fixed here and written out explicitly, so the host (which must not be pinned while
+        # it plans: cpuplan validates against its own affinity) and this report use the same cores.
+        auto = make_plan("auto", shards)
+        plan_text = (f"janus={','.join(map(str, auto.janus_cpus))};"
+                     + ",".join(f"{s.media_cpu}:{s.ai_cpu}" for s in auto.shards))
         port_min = _free_udp_range(2 * shards * slots)
         emu_port = _free_port()
         emu_dir = self.work / "emulator"
@@ -189,7 +195,7 @@ class Bench:
                       "instance_id": f"bench{os.getpid()}"},
             "emulator": {"host": "127.0.0.1", "port": emu_port},
             "model": {"base_url": f"https://127.0.0.1:{emu_port}", "ca_file": str(certs.ca_file)},
-            "shards": {"count": shards, "slots": slots},
+            "shards": {"count": 0, "slots": slots, "cpu_plan": plan_text},
             "media": {"rtp_port_min": port_min, "rtp_port_max": port_min + 2 * shards * slots + 1},
             "log": {"level": "warning"},
             # worst duty: the caller talks over every answer; keep the answer playing as long as the
@@ -197,10 +203,11 @@ class Bench:
             **({"vad": {"barge_in_ms": 2000}} if args.duty == "worst" else {}),
         })
         self.cfg = load_config(cfg_path)
-        plan = make_plan(self.cfg.shards.cpu_plan, self.cfg.shards.count)
+        plan = make_plan(self.cfg.shards.cpu_plan, 0)
         worker_cpus = {c for s in plan.shards for c in (s.media_cpu, s.ai_cpu)}
         self.side_cpus = (set(plan.janus_cpus) - worker_cpus) or set(plan.janus_cpus)
         self.worker_cpus = worker_cpus
+        self.segs_plan = plan
         env = {**os.environ, "VA_CONFIG": str(cfg_path), "PYTHONUNBUFFERED": "1"}
         env.pop("VA_BENCH_PROBE", None)
         with open(self.work / "emulator.log", "wb") as log:
@@ -223,7 +230,7 @@ class Bench:
         worker_env = {**env, "VA_BENCH_PROBE": f"127.0.0.1:{self.gen.probe_port}"}
         log_path = self.work / "workers.log"
         roles = ("media",) if args.media_only else ("media", "ai")
-        self.host = HostHandle(str(cfg_path), worker_env, str(log_path), cpus=self.side_cpus, roles=roles)
+        self.host = HostHandle(str(cfg_path), worker_env, str(log_path), roles=roles)
         ready = self.host.call("ready", 90.0, timeout=120)
         if not ready.get("ok"):
             tail = log_path.read_text(errors="replace")[-1500:] if log_path.exists() else ""
@@ -287,7 +294,8 @@ class Bench:
             "per_session_process": bool(self.args.per_session_process),
             "media_only": bool(self.args.media_only),
             "rt_media": bool(self.args.rt_media),
-            "shards": cfg.shards.count,
+            "shards": len(self.segs_plan.shards),
+            "cpu_plan": self.segs_plan.describe(),
             "worker_cpus": len(self.worker_cpus),
             "window_seconds": round(window, 2),
             "cpu_ms_per_session_second": round(cpu * 1000 / (n * window), 3) if n else None,
@@ -335,6 +343,9 @@ class Bench:
             problems.append(f"no model: {self.model_problem}")
         if r["rx_packets"] == 0:
             problems.append("no RTP came back from the media workers")
+        if problems:  # keep the logs of a run that went wrong
+            self.keep = True
+            problems.append(f"logs kept in {self.work}")
         out["valid"] = not problems
         out["problems"] = problems
         return out
@@ -356,7 +367,7 @@ class Bench:
                     os.killpg(self.emulator.pid, signal.SIGKILL)
                 self.emulator.wait(5)
             self.emulator = None
-        if not self.args.keep:
+        if not (self.args.keep or self.keep):
             shutil.rmtree(self.work, ignore_errors=True)
 
 
