@@ -208,3 +208,26 @@ async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, e
                     p.kill()
                     p.wait(5)
             assert _gone(p.pid)
+
+
+async def test_unreachable_model_keeps_call_plays_hold_then_recovers(cfg, seg, emu, tmp_path, speech) -> None:
+    cfg = replace(cfg, model={"max_retries": 1, "degraded_retry_seconds": 1.0})
+    slot = seg.slot(0)
+    emu.configure(refuse=True)
+    try:
+        async with running(cfg, seg, emu, tmp_path) as w:
+            activate_slot(slot, options={"greeting": ""})
+            await until(lambda: slot.model_state == "degraded", 15, "degraded")
+            # the caller hears "please hold" (espeak speech, > 0.5 s) and the call stays attached
+            await until(lambda: slot.downlink.available() > 24000, 5, "hold prompt")
+            assert 0 in w.calls and slot.counters.get("degraded") >= 1
+            emu.configure(refuse=False)
+            await until(lambda: slot.model_state == "live", 15, "recovered")
+            slot.downlink.skip(slot.downlink.available())
+            await speak(slot, np.concatenate([silence(0.2), speech, silence(0.7)]))
+            got = bytearray()
+            await until(lambda: collect(slot, got) >= 2 * len(speech) * 3 // 2, 10, "echo after recovery")
+            corr, _ = best_correlation(to24k(speech), np.frombuffer(bytes(got), np.int16), 24000)
+            assert corr > 0.9, corr
+    finally:
+        emu.configure(refuse=False)

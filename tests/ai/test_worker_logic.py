@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from appliance.config import load_config, replace
+from shm.segment import EventCode
 from tests.ai.audio import frames, silence
 from tests.ai.doubles import (
     AudioOut,
@@ -305,3 +306,19 @@ async def test_live_constructor_failure_degrades_then_recovers(cfg, seg, tmp_pat
     await asyncio.sleep(0.55)
     await ticks(w, 2)
     assert slot.model_state == "live"
+
+
+async def test_dtmf_events_are_consumed_and_interrupted_flushes(cfg, seg, tmp_path) -> None:
+    w = make_worker(cfg, seg, tmp_path)
+    slot = seg.slot(0)
+    activate_slot(slot)
+    await ticks(w, 2)
+    for digit in (1, 2, 11):
+        assert slot.push_event(EventCode.DTMF, digit)
+    await ticks(w, 5)
+    assert w.calls[0].dtmf == "12#" and slot.pop_events() == []
+    live = FakeLive.instances[0]
+    live.emit(AudioOut(tone(440, 1.0, 24000).tobytes()))
+    epoch = slot.downlink.flush_epoch
+    live.emit(Interrupted())  # the model stopped on its own: what is queued must not play
+    assert slot.downlink.flush_epoch == epoch + 1 and slot.downlink.available() == 0

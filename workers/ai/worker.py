@@ -44,7 +44,7 @@ import numpy as np
 
 from appliance.config import Config
 from bench import probe
-from shm.segment import ShardSegment, ShmError, Slot
+from shm.segment import EventCode, ShardSegment, ShmError, Slot
 from workers.ai.greeting import PromptCache
 from workers.ai.journal import AUDIO, END, START, TurnJournal, journal_path, remove_stale
 from workers.ai.turns import Decision, PreRoll, TurnDetector, TurnEvent, TurnParams
@@ -100,6 +100,7 @@ class Call:
     start_failed: bool = False
     journal: TurnJournal | None = None
     answered: int = 0  # caller turns answered (turnComplete/interrupted) since the last handle
+    dtmf: str = ""  # keypad digits the caller pressed (last 32), from the media worker's events
     retry_at: float = 0.0
     closed: bool = False
     last_event: dict[str, float] = field(default_factory=dict)  # monotonic times, for tests and benchmarks
@@ -205,10 +206,13 @@ class AiWorker:
             remove_stale(self._journal_dir, self.seg.name, {c.key for c in self.calls.values()})
         now = time.monotonic()
         batches: list[list[tuple[Call, np.ndarray, int]]] = []
+        events = self.stats.ticks % 5 == 0  # media-worker events (DTMF): every 100 ms is plenty
         for call in list(self.calls.values()):
             try:
                 self._uplink(call, batches)
                 self._maybe_retry(call, now)
+                if events:
+                    self._events(call)
             except Exception as exc:
                 self._call_failed(call, exc)
         for batch in batches:
@@ -459,6 +463,16 @@ class AiWorker:
             call.detector.resume_speaking(call.window.position)
         log.info("replayed unconfirmed audio",
                  extra={"session": call.session_id, "bytes": n, "open": open_turn})
+
+    def _events(self, call: Call) -> None:
+        """Consume the media worker's events for this call (the queue is ours to drain)."""
+        for code, value in call.slot.pop_events():
+            if code == EventCode.DTMF:
+                digit = "0123456789*#ABCD"[value] if 0 <= value < 16 else "?"
+                call.dtmf = (call.dtmf + digit)[-32:]
+                log.info("DTMF", extra={"session": call.session_id, "digit": digit})
+            elif code == EventCode.RTP_TIMEOUT:
+                log.info("caller RTP silent", extra={"session": call.session_id, "ms": value})
 
     def _live_ok(self, call: Call) -> bool:
         return (call.live is not None and not call.start_failed
