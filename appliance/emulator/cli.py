@@ -57,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="end-of-turn silence when setup gives no silenceDurationMs")
     p.add_argument("--max-frame-bytes", type=int, default=4 << 20,
                    help="larger client frames close with 1009")
+    p.add_argument("--max-record-seconds", type=float, default=60.0,
+                   help="caller audio kept per conversation for the /emulator/audio record")
+    p.add_argument("--handle-ttl-s", type=float, default=7200.0,
+                   help="resumption handles and idle conversations are forgotten after this long")
     p.add_argument("--no-control", action="store_true", help="disable the /emulator/ control channel")
     p.add_argument("--log-level", default=None, help="debug, info, warning, error")
 
@@ -111,7 +115,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"cannot write certificates to {state_dir}: {exc}", file=sys.stderr)
         return 1
     server = EmulatorServer(api_key, behaviour, max_frame_bytes=args.max_frame_bytes,
-                            control=not args.no_control)
+                            control=not args.no_control, max_record_seconds=args.max_record_seconds,
+                            handle_ttl_s=args.handle_ttl_s)
 
     async def run() -> int:
         try:

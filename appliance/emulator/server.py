@@ -83,6 +83,7 @@ PATH_SUFFIX = ".GenerativeService.BidiGenerateContent"
 API_VERSIONS = ("v1alpha", "v1beta")
 OUT_RATE = 24000
 TOKENS_PER_SECOND = 25
+MAX_HISTORY = 200
 
 
 @dataclass
@@ -134,18 +135,33 @@ class Conversation:
 
     id: str
     record: bytearray = field(default_factory=bytearray)
+    base: int = 0  # bytes dropped from the front of the record (it keeps the last max_record_bytes)
     rate: int = 16000
     history: list[str] = field(default_factory=list)
     last_utterance: bytes = b""
     resumes: int = 0
+    touched: float = field(default_factory=time.monotonic)
+
+    @property
+    def end(self) -> int:
+        """Absolute length of all caller audio received (what snapshots record)."""
+        return self.base + len(self.record)
+
+    def add_audio(self, pcm: bytes, limit: int) -> None:
+        self.record += pcm
+        excess = len(self.record) - limit
+        if excess > 0:
+            del self.record[:excess]
+            self.base += excess
 
 
 @dataclass(frozen=True)
 class Snapshot:
     conversation_id: str
-    record_len: int
+    record_len: int  # absolute (Conversation.end) at the snapshot point
     history: tuple[str, ...]
     last_utterance: bytes
+    created: float = field(default_factory=time.monotonic)
 
 
 class _Closed(Exception):
@@ -268,7 +284,8 @@ class Connection:
         else:
             self.conv = self.server.new_conversation()
         self.server.live[self.conv.id] = self
-        self.boundary = (len(self.conv.record), 0)
+        self.boundary = (self.conv.end, 0)
+        self.conv.touched = time.monotonic()
         self.state = "live"
         log.info(
             "session live",
@@ -349,7 +366,7 @@ class Connection:
             assert self.conv is not None
             self.conv.rate = rate
             self.detector.rate = rate
-            self.conv.record += pcm
+            self.conv.add_audio(pcm, self.server.max_record_bytes)
             self.bytes_in += len(pcm)
             for ev in self.detector.feed(pcm):
                 await self._turn_event(ev.kind, ev.utterance)
@@ -367,7 +384,7 @@ class Connection:
             for ev in self.detector.stream_end():
                 await self._turn_event(ev.kind, ev.utterance)
         if isinstance(body.get("text"), str) and body["text"]:
-            self.boundary = (len(self.conv.record), self.msg_index)
+            self.boundary = (self.conv.end, self.msg_index)
             await self._start_reply(b"", f"text: {body['text']}")
 
     async def _client_content(self, body: dict[str, Any]) -> None:
@@ -380,7 +397,7 @@ class Connection:
         assert self.conv is not None
         self.conv.history.extend(f"user: {t}" for t in texts if t)
         if body.get("turnComplete"):
-            self.boundary = (len(self.conv.record), self.msg_index)
+            self.boundary = (self.conv.end, self.msg_index)
             await self._start_reply(b"", " ".join(texts))
 
     def _tool_response(self, body: dict[str, Any]) -> None:
@@ -398,7 +415,7 @@ class Connection:
             await self._barge_in()
             return
         assert self.conv is not None
-        self.boundary = (len(self.conv.record), self.msg_index)
+        self.boundary = (self.conv.end, self.msg_index)
         self.conv.last_utterance = utterance
         seconds = len(utterance) / 2 / self.conv.rate
         self.conv.history.append(f"user: <{seconds:.2f} s of audio>")
@@ -483,6 +500,7 @@ class Connection:
                 }
             )
             self.conv.history.append(f"model: {said}")
+            del self.conv.history[:-MAX_HISTORY]
             await self._handle_update(boundary)
         except ConnectionClosed:
             pass
@@ -503,8 +521,12 @@ class EmulatorServer:
     """Owns the listener, conversations, handles, run-wide behaviour and the control channel."""
 
     def __init__(self, api_key: str, behaviour: Behaviour | None = None, *, max_frame_bytes: int = 4 << 20,
-                 control: bool = True) -> None:
+                 control: bool = True, max_record_seconds: float = 60.0,
+                 handle_ttl_s: float = 7200.0) -> None:
         self.api_key = api_key
+        self.max_record_bytes = int(max_record_seconds * 16000 * 2)
+        self.handle_ttl_s = handle_ttl_s
+        self._janitor: asyncio.Task[None] | None = None
         self.behaviour = behaviour or Behaviour()
         self.next_behaviour: Behaviour | None = None
         self.max_frame_bytes = max_frame_bytes
@@ -533,9 +555,12 @@ class EmulatorServer:
         previous = self.live.pop(snap.conversation_id, None)
         if previous is not None and previous.state != "closed":
             log.info("resumed while the old connection is open", extra={"session": snap.conversation_id})
+        base = old.base if old else snap.record_len
+        keep = max(0, snap.record_len - base)
         conv = Conversation(
             id=snap.conversation_id,
-            record=bytearray(old.record[: snap.record_len]) if old else bytearray(),
+            record=bytearray(old.record[:keep]) if old else bytearray(),
+            base=base if keep or not old else snap.record_len,
             rate=old.rate if old else 16000,
             history=list(snap.history),
             last_utterance=snap.last_utterance,
@@ -584,6 +609,7 @@ class EmulatorServer:
                     return _json_response(404, {"error": "unknown session"})
                 return Response(200, "OK", Headers([("Content-Type", "application/octet-stream"),
                                                     ("X-Sample-Rate", str(conv.rate)),
+                                                    ("X-Record-Base", str(conv.base)),
                                                     ("Content-Length", str(len(conv.record)))]),
                                 bytes(conv.record))
             if name == "config":
@@ -659,8 +685,10 @@ class EmulatorServer:
                 await conn.close(1011, "internal error")
         finally:
             self.connections.pop(conn.id, None)
-            if conn.conv and self.live.get(conn.conv.id) is conn:
-                del self.live[conn.conv.id]
+            if conn.conv:
+                conn.conv.touched = time.monotonic()
+                if self.live.get(conn.conv.id) is conn:
+                    del self.live[conn.conv.id]
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
         self._server = await serve(
@@ -674,9 +702,29 @@ class EmulatorServer:
             ping_interval=None,
             server_header="voice-appliance-emulator",
         )
+        self._janitor = asyncio.create_task(self._expire_loop())
         return int(self._server.sockets[0].getsockname()[1])
 
+    def expire(self, now: float | None = None) -> int:
+        """Forget conversations idle (no live connection) longer than the handle TTL, and their handles."""
+        now = time.monotonic() if now is None else now
+        gone = {cid for cid, c in self.conversations.items()
+                if cid not in self.live and now - c.touched > self.handle_ttl_s}
+        for cid in gone:
+            del self.conversations[cid]
+        for h in [h for h, snap in self.handles.items()
+                  if snap.conversation_id in gone or now - snap.created > self.handle_ttl_s]:
+            del self.handles[h]
+        return len(gone)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(60.0, self.handle_ttl_s / 4))
+            self.expire()
+
     async def stop(self) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
