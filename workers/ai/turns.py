@@ -11,9 +11,10 @@ The rules (Silero's own ``VADIterator`` hysteresis, made streaming and decision-
   while model audio is playing only ``barge_in_ms`` is needed (a caller talking over the model is an
   interruption: stop playback at once), and the start is then flagged ``barge_in``.
 - end: while speaking, a window with p < ``threshold - 0.15`` opens a silence at the end of the last
-  speech window; a window with p ≥ ``threshold`` closes it; once ``hangover_ms`` of silence has passed
-  → ``activity_end`` (also when the still-unanalysed tail is known silent from the energy gate, so the
-  end is not held back to the next 32 ms window boundary).
+  audible sample before it (energy, 4 ms resolution; at most the window start, so Silero's decay after
+  a word and the 32 ms window grid do not delay the end); a window with p ≥ ``threshold`` closes it;
+  once ``hangover_ms`` of silence has passed → ``activity_end`` (also when the still-unanalysed tail
+  is known silent from the energy gate, so the end is not held back to the next 32 ms window boundary).
 - :class:`PreRoll` keeps the last ``preroll_ms`` of audio before a confirmed onset so the first
   syllable reaches the model.
 """
@@ -62,7 +63,8 @@ class TurnParams:
 class TurnDetector:
     """Streaming onset/offset decisions for one session, fed one VAD probability per 512-sample window."""
 
-    __slots__ = ("_hangover", "_min_barge", "_min_speech", "_p", "_run", "_run_start", "_silence_start",
+    __slots__ = ("_hangover", "_last_loud", "_min_barge", "_min_speech", "_p", "_run", "_run_start",
+                 "_silence_start",
                  "speaking", "speech_start")
 
     def __init__(self, params: TurnParams) -> None:
@@ -75,11 +77,17 @@ class TurnDetector:
         self._run = 0  # samples of consecutive speech windows (not speaking yet)
         self._run_start = 0
         self._silence_start: int | None = None
+        self._last_loud = 0  # end of the last audible sample seen (energy), for a precise speech end
 
-    def feed(self, prob: float, end: int, *, playing: bool = False) -> TurnEvent | None:
-        """One window's probability; ``end`` = its end sample. Returns a decision or None."""
+    def feed(self, prob: float, end: int, *, playing: bool = False, quiet_tail: int = 0) -> TurnEvent | None:
+        """One window's probability; ``end`` = its end sample; ``quiet_tail`` = how many samples at the
+        window's end are below the energy gate (lets the speech end be placed inside the window, and
+        keeps Silero's slow decay after a word from delaying the end). Returns a decision or None."""
         p = self._p
         start = end - WINDOW
+        last_loud = self._last_loud
+        if quiet_tail < WINDOW:
+            self._last_loud = end - quiet_tail
         if not self.speaking:
             if prob >= p.threshold:
                 if self._run == 0:
@@ -98,7 +106,7 @@ class TurnDetector:
         if prob >= p.threshold:
             self._silence_start = None
         elif prob < p.neg_threshold and self._silence_start is None:
-            self._silence_start = start
+            self._silence_start = max(min(start, last_loud), self.speech_start)
         return self._check_end(end)
 
     def silent_until(self, sample: int) -> TurnEvent | None:

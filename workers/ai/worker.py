@@ -221,11 +221,12 @@ class AiWorker:
             except Exception:
                 log.exception("VAD batch failed")
                 continue
-            for (call, _, end), p in zip(batch, probs, strict=True):
+            for (call, chunk, end), p in zip(batch, probs, strict=True):
                 if call.closed:
                     continue
                 try:
-                    ev = call.detector.feed(float(p), end, playing=self._playing(call))
+                    ev = call.detector.feed(float(p), end, playing=self._playing(call),
+                                            quiet_tail=self._quiet_tail(chunk))
                     if ev is not None:
                         self._on_turn(call, ev)
                 except Exception as exc:
@@ -242,6 +243,12 @@ class AiWorker:
                     self._drain(call)
             except Exception as exc:
                 self._call_failed(call, exc)
+
+    def _quiet_tail(self, chunk: np.ndarray) -> int:
+        """Samples at the end of a 512-sample window below the energy gate, in 4 ms (64-sample) blocks."""
+        x = chunk.astype(np.float32).reshape(8, 64)
+        loud = np.flatnonzero(np.einsum("ij,ij->i", x, x) >= self._gate_ms * 64)
+        return 512 if loud.size == 0 else (7 - int(loud[-1])) * 64
 
     def _silent(self, pcm: np.ndarray) -> bool:
         x = pcm.astype(np.float32)
