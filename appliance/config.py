@@ -122,6 +122,7 @@ class MediaConfig:
     opus_complexity: int = 5
     opus_bitrate: int = 28000
     opus_expected_loss_percent: int = 5
+    rtp_timeout_ms: int = 5000  # no caller RTP for this long → EventCode.RTP_TIMEOUT (repeated)
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "media.opus_complexity": (0, 10),
     "media.opus_bitrate": (6000, 510000),
     "media.opus_expected_loss_percent": (0, 100),
+    "media.rtp_timeout_ms": (200, 600000),
     "vad.threshold": (0.0, 1.0),
     "vad.hangover_ms": (0, 5000),
     "vad.min_speech_ms": (0, 2000),

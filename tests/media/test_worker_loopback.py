@@ -363,3 +363,18 @@ def test_one_hour_of_downlink_rtp_has_no_drift(segment: ShardSegment) -> None:
     assert (last.timestamp - first.timestamp) & 0xFFFFFFFF == (hour_ticks * 960) & 0xFFFFFFFF
     assert (last.sequence - first.sequence) & 0xFFFF == hour_ticks & 0xFFFF
     assert now[0] - pacer.start - hour_ticks * 20_000_000 < 4_000_000  # the clock and RTP agree
+
+
+def test_rtp_timeout_event_when_the_caller_goes_silent(segment: ShardSegment) -> None:
+    peer, port = Peer(), free_port_pair()
+    activate(segment, 0, peer, port)
+    with running_worker(segment, rtp_timeout_ms=300):
+        time.sleep(0.15)
+        send_paced(peer, port, peer.packets(tone(440, 0.2, 48000)))
+        assert not [c for c, _ in segment.slot(0).pop_events() if c == EventCode.RTP_TIMEOUT]
+        events: list[tuple[int, int]] = []
+        assert wait_for(lambda: len(events.extend(segment.slot(0).pop_events()) or events) >= 2, timeout=5)
+    peer.close()
+    timeouts = [v for c, v in events if c == EventCode.RTP_TIMEOUT]
+    # repeated once per period of silence, carrying the silent time (loose bounds: busy CI)
+    assert 300 <= timeouts[0] < 1000 and timeouts[1] >= timeouts[0] + 250

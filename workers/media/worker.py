@@ -29,7 +29,9 @@ Counters go to the slot (``MEDIA_COUNTERS``); the shard heartbeat is written eve
 ``downlink_underruns`` counts transitions from model audio to an empty downlink ring (the end of a model
 utterance, or the AI worker falling behind mid-utterance); ``concealed`` counts frames synthesised by
 PLC (lost packets, and stalls while the jitter buffer waits for a late one); ``late`` counts packets
-that arrived after their playout time; ``lost`` and ``jitter_us`` are RFC 3550 values.
+that arrived after their playout time; ``lost`` and ``jitter_us`` are RFC 3550 values. When no caller
+RTP arrived for ``media.rtp_timeout_ms`` (and every further such period) an ``EventCode.RTP_TIMEOUT``
+event carries the silent time in ms.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ class MediaSession:
         self.partial_ticks = 0
         self.tx_errors = 0
         self.closed = False
+        self.rtp_timeout_ns = cfg.rtp_timeout_ms * 1_000_000
+        self._next_timeout_ns = self.rtp_timeout_ns
 
     def set_remote(self, ip: str, port: int) -> None:
         self.remote = (ip, port) if ip and port else None
@@ -177,6 +181,7 @@ class MediaSession:
             c.add("rx_dropped")
             return
         self.src_last_ns = now_ns
+        self._next_timeout_ns = self.rtp_timeout_ns
         stats.update_jitter(pkt.timestamp, now_ns * clock // 1_000_000_000)
         c.add("rx_packets")
         c.add("rx_bytes", len(data))
@@ -233,6 +238,10 @@ class MediaSession:
             if self.src is None:
                 return
             self.uplink_started = True
+        silent_ns = self.clock() - self.src_last_ns
+        if silent_ns >= self._next_timeout_ns:  # the caller went quiet at the RTP level: tell the AI side
+            self.slot.push_event(EventCode.RTP_TIMEOUT, silent_ns // 1_000_000)
+            self._next_timeout_ns += self.rtp_timeout_ns
         c, dec, jb = self.c, self.decoder, self.jb
         while len(self.up_pcm) < UP_FRAME:
             kind, payload = jb.pop()
