@@ -159,12 +159,38 @@ class AiWorker:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def prepare(self) -> None:
-        """Synthesise (or load from cache) the default greeting and hold prompts before taking calls."""
+        """Before taking calls (and before the first heartbeat): warm up the Live layer, and synthesise
+        (or load from cache) the default greeting and hold prompts."""
+        if self._live_factory is None:
+            self._warm_up_live()
         m = self.cfg.model
         if m.greeting:
             self._greeting = await self.prompts.get_async(m.greeting, m.language)
         if m.hold_prompt:
             self._hold = await self.prompts.get_async(m.hold_prompt, m.language)
+
+    def _warm_up_live(self) -> None:
+        """Import the SDK and build its first objects now: done lazily inside the first call's tick, it
+        blocked the loop for seconds on a loaded box (the supervisor then saw a stale heartbeat)."""
+        t0 = time.perf_counter()
+        try:
+            import google.genai.errors
+            import google.genai.live  # noqa: F401
+            from google.genai import types
+
+            from workers.ai import live
+
+            self._live_factory, self._options_factory = live.LiveSession, live.LiveOptions
+            m = self.cfg.model
+            opts = live.LiveOptions(m.voice, m.language, m.system_instruction)
+            session = live.LiveSession(m, "warm-up", opts, lambda _ev: None, ssl_context=self._ssl)
+            types.LiveConnectConfig(response_modalities=["AUDIO"])
+            client_fn = getattr(live, "_client", None)  # the shared SDK client for this endpoint
+            if client_fn is not None:
+                client_fn(session.base_url, session.api_key, m.api_version, session.ssl_context)
+        except Exception as exc:  # best effort: the first call pays instead
+            log.warning("Live layer warm-up failed", extra={"error": str(exc)})
+        log.info("Live layer warmed up", extra={"seconds": round(time.perf_counter() - t0, 3)})
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every 20 ms until ``stop`` is set, then close every Live session (slots stay as they are)."""
