@@ -62,6 +62,14 @@ class Recorder:
     async def turns(self, n: int) -> None:
         await self.wait(lambda: len(self.of(L.TurnComplete)) >= n, what=f"{n} turn(s)")
 
+    def _handle_after_turn(self) -> bool:
+        last_turn = max((i for i, e in enumerate(self.events) if isinstance(e, L.TurnComplete)), default=-1)
+        return any(isinstance(e, L.ResumeHandle) for e in self.events[last_turn + 1 :])
+
+    async def handle_after_turn(self) -> None:
+        """A ResumeHandle event after the last TurnComplete (the handle that covers that turn)."""
+        await self.wait(self._handle_after_turn, what="a handle after the turn")
+
 
 async def speak(live: L.LiveSession, pcm: bytes, realtime: bool = False) -> None:
     for off in range(0, len(pcm), FRAME):
@@ -115,7 +123,7 @@ async def test_full_turn_echoes_with_transcripts_usage_and_handle(emu: Emulator,
     assert finals == {("user", "heard 1.00 seconds of audio"), ("model", "echo reply")}
     usage = rec.of(L.Usage)[-1]
     assert (usage.prompt_tokens, usage.response_tokens, usage.total_tokens) == (26, 25, 51)
-    await rec.wait(lambda: len(rec.of(L.ResumeHandle)) >= 2, what="handle after the turn")
+    await rec.handle_after_turn()
     assert live.resume_handle == rec.of(L.ResumeHandle)[-1].handle
     assert emu.audio(live.server_session_id) == said
     assert emu.session(live.server_session_id)["live"]["manual"] is True
@@ -149,7 +157,7 @@ async def _resume_mid_utterance(emu: Emulator, session: Any, inject: Callable[[s
     await speak(live, first)
     live.activity_end()
     await rec.turns(1)
-    await rec.wait(lambda: len(rec.of(L.ResumeHandle)) >= 2, what="handle after turn 1")
+    await rec.handle_after_turn()
     second = counter_signal(16000 * 2, start=8000)  # 2 s, streamed in real time
     live.activity_start()
     half = len(second) // 2 // FRAME * FRAME
@@ -190,7 +198,7 @@ async def test_server_that_stops_reading_is_replaced_without_loss(emu: Emulator,
     await speak(live, first)
     live.activity_end()
     await rec.turns(1)
-    await rec.wait(lambda: len(rec.of(L.ResumeHandle)) >= 2, what="handle after turn 1")
+    await rec.handle_after_turn()
     emu.fault(sid, "stop_reading")
     second = counter_signal(8000, start=4000)
     live.activity_start()
@@ -199,6 +207,27 @@ async def test_server_that_stops_reading_is_replaced_without_loss(emu: Emulator,
     await rec.turns(2)
     assert "server stopped answering" in [e.reason for e in rec.of(L.StateChanged)]
     assert emu.audio(sid) == first + second
+
+
+async def test_resume_handle_event_only_when_the_handle_covers_everything_sent(
+    emu: Emulator, session: Any
+) -> None:
+    emu.configure_next(pacing="realtime")
+    live, rec = await session()
+    live.activity_start()
+    await speak(live, tone(400, 0.3))
+    live.activity_end()
+    await rec.wait(lambda: rec.of(L.AudioOut), what="reply started")
+    n_events = len(rec.of(L.ResumeHandle))
+    live.activity_start()  # the caller speaks again before the turn's handle arrives...
+    await speak(live, tone(400, 0.1))
+    await rec.wait(lambda: rec.of(L.Interrupted) or rec.of(L.TurnComplete), what="turn outcome")
+    await asyncio.sleep(0.1)
+    # ...so any handle that came meanwhile does not cover the open activity: no event for it
+    assert len(rec.of(L.ResumeHandle)) == n_events
+    live.activity_end()
+    await rec.turns(1)
+    await rec.wait(lambda: len(rec.of(L.ResumeHandle)) > n_events, what="handle once all is answered")
 
 
 async def test_unknown_handle_starts_a_fresh_session(emu: Emulator, session: Any) -> None:
@@ -220,7 +249,7 @@ async def test_resume_handle_from_a_previous_session_restores_the_conversation(
     await speak(a, tone(300, 0.3))
     a.activity_end()
     await rec_a.turns(1)
-    await rec_a.wait(lambda: len(rec_a.of(L.ResumeHandle)) >= 2)
+    await rec_a.handle_after_turn()
     handle, sid = a.resume_handle, a.server_session_id
     await a.close()
     b, _ = await session(resume_handle=handle)

@@ -42,7 +42,10 @@ Events (``on_event`` is called synchronously on the loop; it must not block): ``
 ``Interrupted()``, ``TurnComplete()``, ``Transcript(role, text, final)``, ``Usage(prompt_tokens,
 response_tokens, total_tokens)``, ``StateChanged(state, reason)``, ``ResumeHandle(handle)``,
 ``ToolCall(calls)``, ``ToolCallCancellation(ids)``. ``StateChanged("closed", reason)`` means the session
-ended on its own (e.g. the server sent a garbage frame); other sessions are unaffected.
+ended on its own (e.g. the server sent a garbage frame); other sessions are unaffected. ``ResumeHandle``
+is emitted only for a handle that covers *everything sent so far* (nothing unanswered in the log), so a
+journal of audio kept since the last ``ResumeHandle`` can be truncated there exactly; ``resume_handle``
+always holds the newest handle (the layer's own reconnects use it together with its log).
 """
 
 from __future__ import annotations
@@ -846,7 +849,10 @@ class LiveSession:
         while self._log and self._log[0].seq <= self._answered:
             old = self._log.popleft()
             self._log_bytes -= len(old.data)
-        self._emit(ResumeHandle(handle))
+        if not self._log and not self._partial:
+            # only a handle that covers everything sent so far is announced, so an owner that journals
+            # audio since the last ResumeHandle can truncate its journal at exactly the handle's point
+            self._emit(ResumeHandle(handle))
 
     def _transcript(self, role: str, text: str, finished: bool) -> None:
         parts = self._transcripts[role]
