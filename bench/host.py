@@ -54,7 +54,10 @@ class Host:
                 instance_id=iid)
         self.arbiter = Arbiter(
             [w for w in specs_for_plan(self.plan, lambda k: self.segs[k].name, cfg_path) if w.role in roles],
-            heartbeat=self._heartbeat, heartbeat_timeout=cfg.shards.heartbeat_timeout_seconds, env=env)
+            heartbeat=self._heartbeat, heartbeat_timeout=cfg.shards.heartbeat_timeout_seconds, env=env,
+            # many workers importing onnxruntime and the SDK at once on a busy core start slowly; the
+            # production heartbeat timeout applies once they run
+            start_grace=20.0 + 2.0 * len(self.plan.shards))
         self.used: set[tuple[int, int]] = set()
 
     def _heartbeat(self, role: str, shard: int) -> tuple[int, float] | None:

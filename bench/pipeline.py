@@ -300,6 +300,7 @@ class Bench:
             "window_seconds": round(window, 2),
             "cpu_ms_per_session_second": round(cpu * 1000 / (n * window), 3) if n else None,
             "cpu_cores_used": round(cpu / window, 3),
+            "sessions_per_core_by_cpu": round(1000 * n * window / (cpu * 1000), 1) if cpu > 0 else None,
             "cpu_ms_per_session_second_by_role": {
                 role: round(v * 1000 / (n * window), 3) for role, v in sorted(by_role.items())} if n else {},
             "rss_mb_per_session": round(rss / n, 2) if n else None,
