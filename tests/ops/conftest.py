@@ -210,7 +210,9 @@ class ProvisionedHost:
         self.extra_vars.write_text(json.dumps(extra))
         self.runs: list[PlaybookRun] = []
 
-    def playbook(self, *args: str, timeout: float = 900) -> PlaybookRun:
+    def playbook(
+        self, *args: str, playbook: Path = ANSIBLE_DIR / "site.yml", timeout: float = 900
+    ) -> PlaybookRun:
         env = {
             **os.environ,
             "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
@@ -230,7 +232,7 @@ class ProvisionedHost:
                 f"@{self.extra_vars}",
                 "--force-handlers",
                 *args,
-                str(ANSIBLE_DIR / "site.yml"),
+                str(playbook),
             ],
             cwd=ANSIBLE_DIR,
             env=env,

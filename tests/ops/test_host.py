@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -334,3 +335,46 @@ def test_workers_pinned_inside_the_cpu_plan(provisioned) -> None:
         if ncpu >= 2:
             assert len(cpus) == 1, f"worker not pinned to one core: {line}"
             assert cpus[0] not in janus.split(), f"worker on Janus's core(s) {janus!r}: {line}"
+
+
+HAPROXY_STAT = """
+import csv, io, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect("/run/haproxy/admin.sock")
+s.sendall(b"show stat\\n"); data = b""
+while chunk := s.recv(65536):
+    data += chunk
+rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
+for r in rows:
+    if r["pxname"] == "appliances" and r["svname"] != "BACKEND":
+        print(r["status"], "|", r["last_agt"], "|", r["check_status"])
+"""
+
+
+def test_loadbalancer_role_health_and_agent_drain(provisioned) -> None:
+    """The loadbalancer role: HAProxy checks /readyz and follows the appliance's agent (drain and back)."""
+    ct = provisioned.ct
+    lb = Path(__file__).with_name("lb-playbook.yml")
+    lb_vars = (
+        '{"loadbalancer_backends": ["127.0.0.1"], "loadbalancer_frontend_port": 8444, '
+        '"loadbalancer_backend_port": 8443, "loadbalancer_backend_tls": false, '
+        '"loadbalancer_agent_interval": "1s", "loadbalancer_apt_update_cache": false}'
+    )
+    first = provisioned.playbook("-e", lb_vars, playbook=lb)
+    assert first.rc == 0, first.output[-4000:]
+    second = provisioned.playbook("-e", lb_vars, playbook=lb)
+    assert second.rc == 0 and second.recap.get("changed") == 0, second.output[-3000:]
+    ct.sh("cat > /root/haproxy_stat.py", input=HAPROXY_STAT)
+
+    def stat() -> str:
+        return ct.sh("python3 /root/haproxy_stat.py", check=False).stdout.strip()
+
+    assert wait_for(lambda: stat().startswith("UP") and "up" in stat(), timeout=30), stat()
+    url = "http://127.0.0.1:8444/readyz"  # through HAProxy
+    got = ct.sh(f"python3 -c \"import urllib.request as u; print(u.urlopen('{url}', timeout=3).status)\"")
+    assert got.stdout.strip() == "200"
+    try:
+        ct.sh("systemctl kill -s SIGUSR1 --kill-who=main voice-appliance")
+        assert wait_for(lambda: "| drain |" in stat(), timeout=20), stat()
+    finally:
+        ct.sh("systemctl kill -s SIGUSR2 --kill-who=main voice-appliance")
+    assert wait_for(lambda: stat().startswith("UP") and "ready" in stat(), timeout=30), stat()
