@@ -211,8 +211,7 @@ class AiWorker:
             if delay < -5 * TICK_SECONDS:  # fell far behind (suspend, overload): resynchronise
                 next_t = loop.time()
                 delay = 0.0
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(delay, 0.0))
+            await asyncio.sleep(max(delay, 0.0))  # cheaper than wait_for(stop.wait()); stop lags ≤ 20 ms
         await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -251,8 +250,8 @@ class AiWorker:
                 if call.closed:
                     continue
                 try:
-                    ev = call.detector.feed(float(p), end, playing=self._playing(call),
-                                            quiet_tail=self._quiet_tail(chunk))
+                    quiet = self._quiet_tail(chunk) if call.detector.speaking else 0
+                    ev = call.detector.feed(float(p), end, playing=self._playing(call), quiet_tail=quiet)
                     if ev is not None:
                         self._on_turn(call, ev)
                 except Exception as exc:
