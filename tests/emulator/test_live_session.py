@@ -232,6 +232,29 @@ async def test_resume_handle_event_only_when_the_handle_covers_everything_sent(
     await rec.wait(lambda: len(rec.of(L.ResumeHandle)) > n_events, what="handle once all is answered")
 
 
+async def test_silence_reply_mode(emu: Emulator, session: Any) -> None:
+    emu.configure_next(reply="silence")
+    live, rec = await session()
+    live.activity_start()
+    await speak(live, tone(440, 0.6))
+    live.activity_end()
+    await rec.turns(1)
+    audio = rec.audio()
+    assert len(audio) == 24000 * 2 * 0.6 and audio == bytes(len(audio))
+
+
+async def test_close_while_starting_leaves_no_connection(emu: Emulator, session: Any) -> None:
+    live, _ = await session(start=False)
+    task = asyncio.create_task(live.start())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await live.close()
+    assert live.state == "closed"
+    await Recorder().wait(lambda: emu.health()["live"] == 0, limit=5, what="no open session at the emulator")
+
+
 async def test_unknown_handle_starts_a_fresh_session(emu: Emulator, session: Any) -> None:
     live, rec = await session(resume_handle="no-such-handle")
     assert live.state == "live"

@@ -474,6 +474,10 @@ class LiveSession:
         except Exception as exc:  # the websockets handshake (InvalidStatus 503 …) and the like
             await stack.aclose()
             raise _Retryable(f"cannot connect to {self.base_url}: {exc}") from None
+        except asyncio.CancelledError:  # the owner gave up (call ended): do not leak the socket
+            with contextlib.suppress(Exception):
+                await asyncio.shield(stack.aclose())
+            raise
         CONNECT_SECONDS.observe(time.monotonic() - t0)
         self.server_session_id = session.session_id or self.server_session_id
         return _Conn(stack=stack, session=session, ws=session._ws)
