@@ -56,6 +56,7 @@ TICK_SECONDS = 0.020
 UP_FRAME = 640  # 20 ms PCM16 at 16 kHz
 DOWN_FRAME = 960  # 20 ms PCM16 at 24 kHz
 MAX_BACKLOG_BYTES = 60 * 48000  # 60 s of model audio queued locally per call
+HOLD_REPEAT_SECONDS = 20.0
 LiveFactory = Callable[..., Any]
 
 
@@ -97,6 +98,7 @@ class Call:
     suppress: bool = False  # barge-in: drop the rest of the interrupted model turn
     protect_until: int = 0  # downlink write cursor up to which audio is the (uninterruptible) greeting
     hold_played: bool = False
+    hold_at: float = 0.0  # when "please hold" last started
     start_failed: bool = False
     journal: TurnJournal | None = None
     answered: int = 0  # caller turns answered (turnComplete/interrupted) since the last handle
@@ -680,14 +682,17 @@ class AiWorker:
 
     # ---- degradation -----------------------------------------------------------------------------
     def _degraded(self, call: Call, reason: str) -> None:
-        """The model is unreachable: keep the call, tell the caller once, retry later."""
+        """The model is unreachable: keep the call, ask the caller to hold (again every
+        ``HOLD_REPEAT_SECONDS`` while it lasts), retry later."""
         self._set_model_state(call, "degraded")
         if call.retry_at == 0.0 or time.monotonic() >= call.retry_at:
             call.slot.counters.add("degraded")
         call.retry_at = time.monotonic() + self.cfg.model.degraded_retry_seconds
         call.sending = False
-        if not call.hold_played and self._hold:
+        now = time.monotonic()
+        if self._hold and (not call.hold_played or now - call.hold_at >= HOLD_REPEAT_SECONDS):
             call.hold_played = True
+            call.hold_at = now
             call.pending += self._hold
             self._drain(call)
         log.warning("model degraded; call kept", extra={"session": call.session_id, "reason": reason})
