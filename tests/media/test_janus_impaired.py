@@ -3,6 +3,7 @@ against one session while another keeps its pacing. Real Janus NoSIP and a real 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import heapq
 import os
@@ -256,6 +257,8 @@ async def test_flood_on_one_session_keeps_the_others_paced(janus: JanusInstance,
             assert await _wait(lambda: slot.counters.get("rx_packets") > 25), "worker process not running"
             sniffer = threading.Thread(target=sniff, daemon=True)
             sniffer.start()
+            await asyncio.sleep(1.5)  # a baseline without the flood: this machine's own scheduling noise
+            flood_start = time.time()
             flooder = janus.popen([sys.executable, "-c", FLOOD_SCRIPT, janus.host_ip, str(victim_port), "3"],
                                   stdout=subprocess.PIPE)
             up = await _read_uplink(segment, 0, 3.0)
@@ -272,14 +275,20 @@ async def test_flood_on_one_session_keeps_the_others_paced(janus: JanusInstance,
     assert sent > 1000
     assert victim["rx_dropped"] + victim["rx_invalid"] > 500
     # pacing of the plain peer's packets: kernel arrival time vs the RTP timestamp's ideal time
-    t0, ts0 = arrivals[0]
-    err = np.array([(t - t0) - ((ts - ts0) & 0xFFFFFFFF) / 48000 for t, ts in arrivals]) * 1000
-    err -= np.median(err)
-    p99 = float(np.percentile(np.abs(err), 99))
+    def pacing_p99(points: list[tuple[float, int]]) -> float:
+        t0, ts0 = points[0]
+        err = np.array([(t - t0) - ((ts - ts0) & 0xFFFFFFFF) / 48000 for t, ts in points]) * 1000
+        return float(np.percentile(np.abs(err - np.median(err)), 99))
+
+    baseline = [a for a in arrivals if a[0] < flood_start]
+    flooded = [a for a in arrivals if a[0] >= flood_start]
+    p99_base, p99 = pacing_p99(baseline), pacing_p99(flooded)
     print(f"\nflood: {sent} junk packets, {victim['rx_dropped'] + victim['rx_invalid']} dropped by the "
-          f"worker; paced session {len(arrivals)} packets, |pacing error| p50 "
-          f"{np.percentile(np.abs(err), 50):.2f} ms p99 {p99:.2f} ms max {np.abs(err).max():.2f} ms")
-    assert len(arrivals) >= 0.85 * 50 * 2.5
-    assert p99 < 30.0  # loose: 2 busy CI cores shared with Janus, the caller and the flooder
+          f"worker; paced session {len(flooded)} packets during it, |pacing error| p99 {p99:.2f} ms "
+          f"(baseline without flood {p99_base:.2f} ms, {len(baseline)} packets)")
+    assert len(flooded) >= 0.85 * 50 * 2.5
+    # loose (2 busy CI cores shared with Janus, the caller and the flooder): the flood must not push the
+    # pacing error beyond what this machine's scheduling already causes
+    assert p99 < max(30.0, 2 * p99_base + 10.0)
     assert abs(dominant_frequency(up[-16000:], 16000) - 440) < 5
     assert _frame_coverage(up[-16000:]) > 0.9
