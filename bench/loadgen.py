@@ -1,28 +1,31 @@
 """Synthetic callers: real Opus RTP at real time into the media workers, as Janus NoSIP would deliver it.
 
-Runs in its own process (:func:`start`), so its CPU is never counted as the appliance's. One caller per
-session owns a UDP socket on loopback (it plays Janus's plain-RTP side: the slot's ``remote_rtp_port``),
-sends one 20 ms packet per tick from pre-encoded payloads (:mod:`bench.callers`) and receives the
-appliance's RTP back. Callers are spread over four 5 ms phases so the media worker does not see all
-packets of a tick in one burst (browsers are not synchronised either).
+Runs in its own process (:class:`LoadGen`), so its CPU is never counted as the appliance's. One caller
+per session owns a UDP socket on loopback (it plays Janus's plain-RTP side: the slot's
+``remote_rtp_port``), sends one 20 ms packet per tick from pre-encoded payloads (:mod:`bench.callers`)
+and receives the appliance's RTP back. Callers are spread over four 5 ms phases so the media worker
+does not see all packets of a tick in one burst (browsers are not synchronised either). Hand-written
+rather than e.g. aiortc or a SIPp-style tool: those would encode per caller in real time (the CPU the
+box needs for the workers), and none reports the in-pipeline latencies below.
 
 What a caller does (``duty``):
-- ``realistic``: a conversation — it speaks a ~2.5 s turn, stays silent while the model answers (the
-  emulator echoes the turn), waits a short gap, speaks again; every fourth turn it talks over the answer
-  (barge-in). About 40 % caller speech, 40 % model speech, 20 % silence.
-- ``worst``: the caller never stops speaking (the uplink path runs VAD and model streaming all the
-  time); the downlink is as busy as the model makes it (see ``bench.pipeline``).
+- ``realistic``: a conversation — it speaks a ~2.7 s turn, sends quiet room noise while the model
+  answers (the emulator echoes the turn), waits 1 s, speaks again; every fourth turn it talks over the
+  answer 0.6 s in (barge-in). About 40 % caller speech, 35-40 % model speech, the rest quiet.
+- ``worst``: the caller pauses only ``worst_gap_s`` (hangover + a little) between turns, so it speaks
+  ~85 % of the time and talks over every answer (``bench.pipeline`` keeps answers playing).
 
 What it measures, all with CLOCK_MONOTONIC (shared with the workers' :mod:`bench.probe` events):
 - pacing error of every received packet: its arrival minus the arrival its RTP timestamp promises,
-  relative to the earliest packet of the talkspurt (re-anchored after a gap, marker or SSRC change);
-- first model audio after each turn (the received payload is decoded only while it matters, and model
-  audio is told from silence by level: the echo always carries the clip's noise floor);
-- barge-in: the caller's first talking-over packet → the first silent (or missing) downlink frame;
-- downlink loss from sequence numbers, and its own send lateness (a late generator makes results void).
+  relative to the earliest packet of the stream (re-anchored after a 200 ms gap, marker or SSRC change);
+  sequence gaps (lost) and RTP timestamp jumps (frames the sender skipped);
+- first model audio after each turn (received payloads are decoded only while it matters; model audio
+  is told from silence by level, since the echo always carries the callers' noise floor);
+- barge-in: the caller's first talking-over packet → the first downlink frame that ends silent;
+- its own send lateness (a late generator makes results void).
 
-Commands over a ``multiprocessing`` pipe: ``start`` (session indices), ``mark`` (open a measurement
-window), ``collect`` (results since ``mark``), ``stop``, ``quit``.
+Commands over a ``multiprocessing`` pipe: ``start`` (session, port, session id), ``mark`` (open a
+measurement window), ``collect`` (results since ``mark``), ``stop``, ``quit``.
 """
 
 from __future__ import annotations
