@@ -255,6 +255,15 @@ async def test_close_while_starting_leaves_no_connection(emu: Emulator, session:
     await Recorder().wait(lambda: emu.health()["live"] == 0, limit=5, what="no open session at the emulator")
 
 
+async def test_replay_log_is_bounded(emu: Emulator, session: Any) -> None:
+    live = L.LiveSession(emu.model_config(), "bounded", options(), Recorder(), ssl_context=emu.ssl_context(),
+                         max_replay_seconds=1.0)
+    live.activity_start()  # not started: everything stays in the log
+    live.send_audio(tone(440, 3.0))
+    assert live._log_bytes <= 32000 and live.stats.dropped_bytes >= 2 * 32000 - 1280
+    await live.close()
+
+
 async def test_unknown_handle_starts_a_fresh_session(emu: Emulator, session: Any) -> None:
     live, rec = await session(resume_handle="no-such-handle")
     assert live.state == "live"

@@ -78,7 +78,7 @@ IN_RATE = 16000
 AUDIO_MIME = "audio/pcm;rate=16000"
 WATCHDOG_SECONDS = 1.0  # how often each session checks its connection for a stalled server
 STABLE_SECONDS = 30.0  # a connection that lived this long resets the failure count
-MAX_LOG_SECONDS = 120.0  # unconfirmed caller audio kept for replay; older audio is dropped (and counted)
+MAX_LOG_SECONDS = 30.0  # unconfirmed caller audio kept for replay (~1 MB); older audio is dropped, counted
 
 State = Literal["connecting", "live", "reconnecting", "degraded", "closed"]
 
@@ -307,6 +307,7 @@ class LiveSession:
         fast_path: bool = True,
         response_timeout: float = 10.0,
         stall_timeout: float = 10.0,
+        max_replay_seconds: float = MAX_LOG_SECONDS,
     ) -> None:
         self.cfg = model_cfg
         self.session_id = session_id
@@ -340,7 +341,7 @@ class LiveSession:
         self._sent = 0  # last sequence number written on the current connection
         self._answered = 0  # sequence number a handle received now would cover
         self._log_bytes = 0
-        self._max_log_bytes = int(MAX_LOG_SECONDS * IN_RATE * 2)
+        self._max_log_bytes = int(max_replay_seconds * IN_RATE * 2)
         self._conn: _Conn | None = None
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
