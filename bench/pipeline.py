@@ -20,8 +20,13 @@ Measured (see docs/benchmarks.md for what each number means and the results):
 
 Modes: a fixed load (``--sessions``, ``--seconds``), ``--ramp`` (add ``--ramp-step`` sessions per step
 until pacing p99 > 5 ms, a drop, or the generator itself falls behind; reports the last good count and
-sessions per core), ``--per-session-process`` (one shard = one media + one AI process per session, how
-peers scale), ``--duty realistic|worst``.
+sessions per core), ``--per-session-process`` (the same load with shared shard workers, then with one
+media + one AI process per session — how peers scale — and the CPU ratio), ``--duty realistic|worst``.
+Experiments: ``--rt-media`` (media workers on SCHED_RR), ``--media-only`` (no AI worker: the RTP/Opus
+share alone).
+
+Hand-written orchestration because the point is to run *our* processes exactly as the supervisor does;
+the only borrowed pieces are the arbiter, the CPU plan and the shm segment themselves.
 """
 
 from __future__ import annotations
