@@ -454,6 +454,8 @@ async def test_demo_page_call_in_chromium(sup, seg):
         assert info is not None and info.session_id == connected["session_id"]
         # Chromium's fake microphone reaches the media worker through Janus
         await wait_until(lambda: slot.counters.get("rx_packets") > 50, what="browser RTP at the worker")
+        heard = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert heard["event"] == "heard"
         hung = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
         assert hung["event"] == "hungup"
         assert await asyncio.wait_for(proc.wait(), 30) == 0
