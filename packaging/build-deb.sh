@@ -29,7 +29,7 @@ main() {
 	src="$work/voice-appliance-$version"
 	mkdir -p "$src"
 	(cd "$repo" && git ls-files -z --cached --others --exclude-standard -- \
-		pyproject.toml README.md appliance workers shm bench docs packaging systemd \
+		pyproject.toml README.md appliance workers shm bench docs/operations.md docs/architecture.md packaging systemd \
 		| while IFS= read -r -d '' f; do [ ! -e "$f" ] || printf '%s\0' "$f"; done \
 		| xargs -0 cp --parents -t "$src")
 	cp -r "$here/debian" "$src/debian"

@@ -26,14 +26,15 @@ REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
 PLUGINS = Path(__file__).parent / "plugins"
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
-DEB_INPUTS = [
+DEB_INPUTS = [  # what packaging/build-deb.sh stages (keep the two lists in step)
     "pyproject.toml",
     "README.md",
     "appliance",
     "workers",
     "shm",
     "bench",
-    "docs",
+    "docs/operations.md",
+    "docs/architecture.md",
     "packaging",
     "systemd",
 ]
