@@ -198,6 +198,8 @@ class AiWorker:
         """Tick every 20 ms until ``stop`` is set, then close every Live session (slots stay as they are)."""
         loop = asyncio.get_running_loop()
         next_t = loop.time()
+        failures = 0
+        warned = 0.0
         while not stop.is_set():
             now = loop.time()
             if now - next_t > TICK_SECONDS:
@@ -205,12 +207,18 @@ class AiWorker:
             t0 = time.perf_counter()
             try:
                 self.tick()
-            except Exception:  # the loop must survive anything one tick does
-                log.exception("AI worker tick failed")
+            except Exception:  # the loop must survive anything one tick does; log 1st, 2nd, 4th, 8th...
+                failures += 1
+                if failures & (failures - 1) == 0:
+                    log.exception("AI worker tick failed", extra={"failures": failures})
             self.stats.tick_seconds += time.perf_counter() - t0
             next_t += TICK_SECONDS
             delay = next_t - loop.time()
             if delay < -5 * TICK_SECONDS:  # fell far behind (suspend, overload): resynchronise
+                if now - warned > 10.0:
+                    warned = now
+                    log.warning("AI worker fell behind", extra={"behind_ms": round(-delay * 1000, 1),
+                                                                "calls": len(self.calls)})
                 next_t = loop.time()
                 delay = 0.0
             await asyncio.sleep(max(delay, 0.0))  # cheaper than wait_for(stop.wait()); stop lags ≤ 20 ms
