@@ -70,6 +70,11 @@ DOWN_FRAME = DOWN_RATE // 50 * 2  # 960 bytes
 OPUS_CLOCK = 48000
 DTMF_CLOCK = 48000  # we answer telephone-event/48000 (appliance.janus.plain_rtp_answer), as browsers prefer
 RECV_BATCH = 64  # packets drained per socket per wakeup before ticks get a chance to run
+# A call carries 1-3 packets per 20 ms; a socket that delivers more than this in one tick is flooded: it
+# is not polled again until the next tick, so the kernel drops the excess and one flooded port costs the
+# worker a bounded amount of CPU (<= RX_BUDGET x 50 packets/s) instead of starving every other call.
+RX_BUDGET_PER_TICK = 64
+RCVBUF_BYTES = 256 * 1024
 SSRC_SWITCH_SILENCE_NS = 100_000_000
 ENCODER_TAIL_FRAMES = 3
 PARTIAL_FRAME_TICKS = 2
@@ -105,6 +110,7 @@ class MediaSession:
                 # no SO_REUSEADDR: on Linux it would let a second (stale) worker bind the same UDP port and
                 # steal half the packets; UDP has no TIME_WAIT, so a restarted worker rebinds at once
                 s.setblocking(False)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
                 s.bind((host, port))
         except OSError:
             self.rtp.close()
@@ -138,6 +144,9 @@ class MediaSession:
         self.partial_ticks = 0
         self.tx_errors = 0
         self.closed = False
+        self.rx_this_tick = 0
+        self.flood_logged = False
+        self.muted: list[socket.socket] = []  # sockets over their per-tick budget (re-polled next tick)
         self.rtp_timeout_ns = cfg.rtp_timeout_ms * 1_000_000
         self._next_timeout_ns = self.rtp_timeout_ns
 
@@ -461,6 +470,8 @@ class MediaWorker:
         if sess is None:
             return
         for s in (sess.rtp, sess.rtcp):
+            if s in sess.muted:
+                continue
             try:
                 self.sel.unregister(s)
             except (KeyError, ValueError):
@@ -489,6 +500,18 @@ class MediaWorker:
                 sess.on_rtp(view[:n], addr, self.clock())
             else:
                 sess.on_rtcp(addr)
+            sess.rx_this_tick += 1
+            if sess.rx_this_tick >= RX_BUDGET_PER_TICK:
+                # flooded: stop polling this session's sockets until the next tick
+                for s in (sess.rtp, sess.rtcp):
+                    if s not in sess.muted:
+                        self.sel.unregister(s)
+                        sess.muted.append(s)
+                if not sess.flood_logged:
+                    sess.flood_logged = True
+                    log.warning("rtp flood: port muted until the next tick",
+                                extra={"session": sess.session_id, "port": sess.local_port})
+                return
 
     def tick(self, tick: int) -> None:
         """Everything due every 20 ms: scan (every 100 ms), uplink frame, downlink packet, heartbeat."""
@@ -499,6 +522,11 @@ class MediaWorker:
             if not sess.slot.is_current(sess.generation):
                 self._close(sess.index)
                 continue
+            sess.rx_this_tick = 0
+            if sess.muted:
+                for s in sess.muted:
+                    self.sel.register(s, selectors.EVENT_READ, (sess, s is sess.rtp))
+                sess.muted.clear()
             try:
                 sess.tick_uplink()
                 sess.tick_downlink(tick)
