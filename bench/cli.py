@@ -2,8 +2,8 @@
 
 Each benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> dict``; ``--json`` prints the dict
 as one JSON object (what CI's smoke and docs/benchmarks.md use), otherwise a small table. ``smoke`` runs
-every benchmark in its short CI form; ``all`` runs each at its full default size. A module that supports a short
-form takes ``--smoke``.
+every benchmark in its short CI form (a module with a short form takes ``--smoke``); ``all`` runs each at
+its full default size.
 """
 
 from __future__ import annotations
