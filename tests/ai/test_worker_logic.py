@@ -322,3 +322,27 @@ async def test_dtmf_events_are_consumed_and_interrupted_flushes(cfg, seg, tmp_pa
     epoch = slot.downlink.flush_epoch
     live.emit(Interrupted())  # the model stopped on its own: what is queued must not play
     assert slot.downlink.flush_epoch == epoch + 1 and slot.downlink.available() == 0
+
+
+async def test_calls_attached_during_warm_up_are_journaled_then_replayed(cfg, seg, tmp_path, speech) -> None:
+    w = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+                 journal_dir=tmp_path)
+    w._live_ready = False  # as while the SDK import still runs in its thread
+    slot = seg.slot(0)
+    activate_slot(slot)
+    pcm = np.concatenate([silence(0.2), speech, silence(0.8)])
+    fr = frames(pcm)
+    half = len(fr) // 2
+    for f in fr[:half]:
+        slot.uplink.write(f)
+        await ticks(w)
+    assert FakeLive.instances == [] and slot.model_state == "connecting"
+    assert w.calls[0].sending  # the caller's turn is open and journaled
+    w._live_ready = True
+    for f in fr[half:]:
+        slot.uplink.write(f)
+        await ticks(w)
+    live = FakeLive.instances[0]
+    assert live.log == ["start", "audio", "end"]
+    corr, _ = best_correlation(speech, np.frombuffer(bytes(live.sent), np.int16), 16000)
+    assert corr > 0.99

@@ -101,6 +101,8 @@ class Call:
     hold_at: float = 0.0  # when "please hold" last started
     start_failed: bool = False
     journal: TurnJournal | None = None
+    awaiting_live: bool = False  # attached before the SDK was ready: journal now, open the session later
+    handle: str = ""  # resume handle found at attach
     answered: int = 0  # caller turns answered (turnComplete/interrupted) since the last handle
     dtmf: str = ""  # keypad digits the caller pressed (last 32), from the media worker's events
     retry_at: float = 0.0
@@ -113,6 +115,15 @@ class Call:
 
     def current(self) -> bool:
         return not self.closed and self.slot.is_current(self.generation)
+
+
+def _import_sdk() -> None:
+    """The slow part of the Live layer's start-up (run in a thread)."""
+    import google.genai.errors
+    import google.genai.live
+    import google.genai.types  # noqa: F401
+
+    import workers.ai.live  # noqa: F401
 
 
 def _default_live() -> tuple[LiveFactory, LiveFactory]:
@@ -140,6 +151,8 @@ class AiWorker:
         self.seg = segment
         self._live_factory = live_factory
         self._journal_dir = journal_dir
+        self._live_ready = live_factory is not None
+        self._warm_task: asyncio.Task[None] | None = None
         self._options_factory = options_factory
         self._ssl = ssl_context
         self.prompts = prompts or PromptCache(None)
@@ -161,23 +174,30 @@ class AiWorker:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def prepare(self) -> None:
-        """Before taking calls (and before the first heartbeat): warm up the Live layer, and synthesise
-        (or load from cache) the default greeting and hold prompts."""
-        if self._live_factory is None:
-            self._warm_up_live()
+        """Before taking calls: synthesise (or load from cache) the greeting and hold prompts."""
         m = self.cfg.model
         if m.greeting:
             self._greeting = await self.prompts.get_async(m.greeting, m.language)
         if m.hold_prompt:
             self._hold = await self.prompts.get_async(m.hold_prompt, m.language)
 
-    def _warm_up_live(self) -> None:
-        """Import the SDK and build its first objects now: done lazily inside the first call's tick, it
-        blocked the loop for seconds on a loaded box (the supervisor then saw a stale heartbeat)."""
+    async def warm_up(self) -> None:
+        """Make the Live layer ready without stalling the loop: the SDK import (0.5-2 s) runs in a
+        thread while the loop already ticks (heartbeat, uplink, VAD, journal); done lazily inside a
+        tick it blocked the loop past the heartbeat timeout on a loaded box."""
+        if self._live_ready:
+            return
         t0 = time.perf_counter()
         try:
-            import google.genai.errors
-            import google.genai.live  # noqa: F401
+            await asyncio.to_thread(_import_sdk)
+        except Exception as exc:
+            log.warning("SDK import failed", extra={"error": str(exc)})
+        self._warm_up_live(t0)
+        self._live_ready = True
+
+    def _warm_up_live(self, t0: float) -> None:
+        """Build the SDK's first objects (on the loop thread: the SDK client may bind to it)."""
+        try:
             from google.genai import types
 
             from workers.ai import live
@@ -197,6 +217,8 @@ class AiWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every 20 ms until ``stop`` is set, then close every Live session (slots stay as they are)."""
         loop = asyncio.get_running_loop()
+        if not self._live_ready and self._warm_task is None:
+            self._warm_task = loop.create_task(self.warm_up())
         next_t = loop.time()
         failures = 0
         warned = 0.0
@@ -244,6 +266,8 @@ class AiWorker:
         events = self.stats.ticks % 5 == 0  # media-worker events (DTMF): every 100 ms is plenty
         for call in list(self.calls.values()):
             try:
+                if call.awaiting_live and self._live_ready:
+                    self._start_awaited(call)
                 self._uplink(call, batches)
                 self._maybe_retry(call, now)
                 if events:
@@ -322,13 +346,20 @@ class AiWorker:
         fresh = not handle and not slot.model_state  # never attached by any AI worker before
         replay = self._open_journal(call)
         log.info("call attached", extra={"session": session_id, "slot": slot.index, "resume": bool(handle),
-                                         "replay_records": len(replay)})
+                                         "replay_records": len(replay), "live_ready": self._live_ready})
         if fresh:
             greeting = self._greeting_for(call)
             if greeting:
                 call.pending += greeting
                 self._drain(call)
                 call.protect_until = slot.downlink.write_cursor + len(call.pending)
+        if not self._live_ready:
+            call.awaiting_live = True
+            call.handle = handle
+            self._set_model_state(call, "connecting")
+            if replay:
+                self._replay(call, replay, send=False)  # only picks up an open turn
+            return
         self._start_live(call, handle or None)
         if replay:
             self._replay(call, replay)
@@ -455,20 +486,31 @@ class AiWorker:
     # ---- what goes to the model (journaled, so a replacement worker can replay it) ----------------
     # While the model is degraded nothing is journaled: the caller was asked to hold.
     def _send_start(self, call: Call) -> None:
-        if self._live_ok(call):
+        if call.awaiting_live:
+            if call.journal is not None:
+                call.journal.start()
+        elif self._live_ok(call):
             if call.journal is not None:
                 call.journal.start()
             call.live.activity_start()
 
     def _send_audio(self, call: Call, pcm: bytes) -> None:
-        if pcm and self._live_ok(call):
+        if not pcm:
+            return
+        if call.awaiting_live:
+            if call.journal is not None:
+                call.journal.audio(pcm)
+        elif self._live_ok(call):
             if call.journal is not None:
                 call.journal.audio(pcm)
             call.live.send_audio(pcm)
             call.slot.counters.add("audio_sent_ms", len(pcm) // 32)
 
     def _send_end(self, call: Call) -> None:
-        if self._live_ok(call):
+        if call.awaiting_live:
+            if call.journal is not None:
+                call.journal.end()
+        elif self._live_ok(call):
             if call.journal is not None:
                 call.journal.end()
             call.live.activity_end()
@@ -486,19 +528,28 @@ class AiWorker:
             call.journal = None
             return []
 
-    def _replay(self, call: Call, records: list[tuple[bytes, bytes]]) -> None:
-        """Re-send what the previous worker sent after the last handle (it died before the model had it)."""
+    def _replay(self, call: Call, records: list[tuple[bytes, bytes]], *, send: bool = True) -> None:
+        """Re-send what was sent (or journaled) after the last handle and never confirmed."""
         live, open_turn, n = call.live, False, 0
+        send = send and live is not None
         for kind, payload in records:
             if kind == START:
-                live.activity_start()
+                if send:
+                    live.activity_start()
                 open_turn = True
             elif kind == AUDIO:
-                live.send_audio(payload)
+                if send:
+                    live.send_audio(payload)
                 n += len(payload)
             elif kind == END:
-                live.activity_end()
+                if send:
+                    live.activity_end()
                 open_turn = False
+        if not send:
+            if open_turn and not call.detector.speaking:
+                call.sending = True
+                call.detector.resume_speaking(call.window.position)
+            return
         call.slot.counters.add("frames_replayed", n // UP_FRAME)
         if open_turn and not call.detector.speaking:  # mid-utterance: the turn continues
             call.sending = True
@@ -704,6 +755,15 @@ class AiWorker:
             call.pending += self._hold
             self._drain(call)
         log.warning("model degraded; call kept", extra={"session": call.session_id, "reason": reason})
+
+    def _start_awaited(self, call: Call) -> None:
+        """The SDK is ready: open the Live session of a call attached during warm-up, replay its journal."""
+        call.awaiting_live = False
+        self._start_live(call, call.handle or None)
+        if call.live is not None and call.journal is not None:
+            records = call.journal.records()
+            if records:
+                self._replay(call, records)
 
     def _maybe_retry(self, call: Call, now: float) -> None:
         if call.retry_at and now >= call.retry_at and not self._live_ok(call):
