@@ -135,6 +135,9 @@ class Host:
                 seg.close()
             with contextlib.suppress(Exception):
                 seg.unlink()
+        # the AI workers keep crash-replay journals in /dev/shm next to the segments: remove them too
+        with contextlib.suppress(Exception):
+            cleanup_stale(self.cfg.paths.instance_id)
 
 
 async def _serve(conn: Any, cfg_path: str, env: dict[str, str], roles: tuple[str, ...]) -> None:
