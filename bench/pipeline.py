@@ -388,9 +388,17 @@ def _machine() -> dict[str, Any]:
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
-def _ok(step: dict[str, Any]) -> bool:
+def _failures(step: dict[str, Any]) -> list[str]:
+    """Why a ramp step does not count as good (empty: it does)."""
+    out = []
     p99 = step.get("pacing_p99_ms")
-    return bool(step["valid"]) and step["drops"] == 0 and p99 is not None and p99 <= PACING_LIMIT_MS
+    if p99 is None or p99 > PACING_LIMIT_MS:
+        out.append(f"pacing p99 {p99} ms > {PACING_LIMIT_MS}")
+    if step["drops"]:
+        out.append(f"{step['drops']} drops")
+    if not step["valid"]:
+        out.extend(step["problems"])
+    return out
 
 
 def _fixed(args: argparse.Namespace) -> dict[str, Any]:
@@ -432,10 +440,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             b.add_sessions(args.ramp_step)
             time.sleep(args.warmup)
             step = b.measure(args.seconds)
-            steps.append({k: step[k] for k in ("sessions", "cpu_ms_per_session_second", "pacing_p99_ms",
-                                               "drops", "turn_end_p99_ms", "first_audio_p99_ms",
-                                               "bargein_p99_ms", "valid", "cpu_cores_used")})
-            if not _ok(step):
+            failures = _failures(step)
+            steps.append({**{k: step[k] for k in ("sessions", "cpu_ms_per_session_second", "pacing_p99_ms",
+                                                  "drops", "turn_end_p99_ms", "first_audio_p99_ms",
+                                                  "bargein_p99_ms", "valid", "cpu_cores_used")},
+                          "failed": failures})
+            if failures:
                 break
             last_good = step
     result = dict(last_good or steps[-1])
