@@ -105,7 +105,7 @@ class ShardsConfig:
     count: int = 0  # 0: one shard per CPU not reserved for Janus/supervisor
     slots: int = 64  # sessions per shard (capacity)
     cpu_plan: str = "auto"  # auto, or explicit "media:ai" CPU lists per shard, e.g. "1:1,2:2"
-    uplink_ring_ms: int = 2000
+    uplink_ring_ms: int = 5000  # covers an AI worker restart (~0.6 s) with margin; 160 KB per slot
     downlink_ring_ms: int = 8000
     heartbeat_timeout_seconds: float = 2.0
 
