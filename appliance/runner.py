@@ -224,6 +224,15 @@ def prepare(
     turn_secret = ensure_secret(sec / "turn-secret", 32)
     host = public_host or base.api.public_host or "127.0.0.1"
 
+    api: dict[str, Any] = {"public_host": host}
+    if public_host and not public_host.startswith("127.") and public_host != "localhost" \
+            and not base.api.tls_cert_file:
+        # Reachable from other machines: browsers allow the microphone only on https (or localhost),
+        # so serve TLS with a certificate from a private CA in the state dir (import it, or click through).
+        from appliance.emulator.certs import ensure_certs
+
+        tls = ensure_certs(state / "api-tls", [public_host])
+        api.update(host="0.0.0.0", tls_cert_file=str(tls.cert_file), tls_key_file=str(tls.key_file))
     model: dict[str, Any] = {}
     if base.uses_emulator:
         from appliance.emulator.certs import ensure_certs
@@ -247,7 +256,7 @@ def prepare(
         },
         redis={"url": f"redis://127.0.0.1:{redis_port}/0"},
         model=model,
-        api={"public_host": host},
+        api=api,
     )
     config_path = state / "appliance.toml"
     sections = to_toml_dict(cfg)
@@ -352,6 +361,10 @@ def main(args: argparse.Namespace) -> int:
         "  Ctrl-C stops everything.",
         flush=True,
     )
+    ca = plan.state_dir / "api-tls" / "emulator-ca.pem"
+    if plan.cfg.api.tls_cert_file.startswith(str(plan.state_dir / "api-tls")):
+        print(f"  TLS: certificate from a private CA ({ca}); import it in the browser or accept the warning",
+              flush=True)
     if args.dry_run:
         print(json.dumps({"supervisord_conf": str(plan.supervisord_conf),
                           "programs": [dataclasses.asdict(p) for p in plan.programs]}, indent=2))

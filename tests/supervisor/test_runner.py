@@ -52,6 +52,19 @@ def test_prepare_writes_a_loadable_config_and_programs(tmp_path):
     assert Path(cfg.auth.jwt_public_key_file).read_bytes() == before
 
 
+def test_public_host_gets_tls_for_the_demo_page(tmp_path):
+    from cryptography import x509
+
+    plan = prepare(load_config(env={}), tmp_path / "var", public_host="192.0.2.77", with_janus=False)
+    cfg = load_config(plan.config_path, env={})
+    assert cfg.api.host == "0.0.0.0" and cfg.api.public_host == "192.0.2.77"
+    assert plan.demo_url == "https://192.0.2.77:8443/"
+    cert = x509.load_pem_x509_certificate(Path(cfg.api.tls_cert_file).read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "192.0.2.77" in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    assert cfg.turn.uris[0] == "turn:192.0.2.77:3478?transport=udp"
+
+
 def test_supervisord_conf_escapes_percent(tmp_path):
     from appliance.runner import Program
 
