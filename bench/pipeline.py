@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rt-media", action="store_true",
                         help="experiment: run the media workers on SCHED_RR (what systemd's "
                              "CPUSchedulingPolicy=rr would do); off = as the appliance runs today")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for a lever experiment, e.g. media.opus_complexity=3 "
+                             "(TOML value; repeatable)")
     parser.add_argument("--media-only", action="store_true",
                         help="diagnostic: media workers only (no AI worker, no model): the RTP/Opus share")
 
@@ -129,6 +132,24 @@ def _lat(name: str, values: Any, minus: float = 0.0) -> dict[str, Any]:
         f"{name}_max_ms": round(float(v.max()), 2) if len(v) else None,
         f"{name}_n": len(v),
     }
+
+
+def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["media.opus_complexity=3"]`` → ``{"media": {"opus_complexity": 3}}`` (values parsed as TOML)."""
+    import tomllib
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not (eq and dot and section and name):
+            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
 
 
 def _write_config(path: Path, values: dict[str, dict[str, Any]]) -> None:
@@ -195,7 +216,7 @@ class Bench:
         emu_dir = self.work / "emulator"
         certs = ensure_certs(emu_dir, ["127.0.0.1"])
         cfg_path = self.work / "appliance.toml"
-        _write_config(cfg_path, {
+        values: dict[str, dict[str, Any]] = {
             "paths": {"state_dir": str(self.work), "run_dir": str(self.work / "run"),
                       "instance_id": f"bench{os.getpid()}"},
             "emulator": {"host": "127.0.0.1", "port": emu_port},
@@ -206,7 +227,10 @@ class Bench:
             # worst duty: the caller talks over every answer; keep the answer playing as long as the
             # config allows so both directions stay busy (see docs/benchmarks.md)
             **({"vad": {"barge_in_ms": 2000}} if args.duty == "worst" else {}),
-        })
+        }
+        for section, kv in _overrides(args.set).items():
+            values.setdefault(section, {}).update(kv)
+        _write_config(cfg_path, values)
         self.cfg = load_config(cfg_path)
         plan = make_plan(self.cfg.shards.cpu_plan, 0)
         worker_cpus = {c for s in plan.shards for c in (s.media_cpu, s.ai_cpu)}
@@ -299,6 +323,7 @@ class Bench:
             "per_session_process": bool(self.args.per_session_process),
             "media_only": bool(self.args.media_only),
             "rt_media": bool(self.args.rt_media),
+            "overrides": list(self.args.set),
             "shards": len(self.segs_plan.shards),
             "cpu_plan": self.segs_plan.describe(),
             "worker_cpus": len(self.worker_cpus),
