@@ -357,7 +357,9 @@ def test_loadbalancer_role_health_and_agent_drain(provisioned) -> None:
     lb_vars = (
         '{"loadbalancer_backends": ["127.0.0.1"], "loadbalancer_frontend_port": 8444, '
         '"loadbalancer_backend_port": 8443, "loadbalancer_backend_tls": false, '
-        '"loadbalancer_agent_interval": "1s", "loadbalancer_apt_update_cache": false}'
+        '"loadbalancer_agent_interval": "1s", "loadbalancer_apt_update_cache": false, '
+        # This machine's hard file limit (20000) caps the container's; a real host allows the default.
+        '"loadbalancer_maxconn": 4000}'
     )
     first = provisioned.playbook("-e", lb_vars, playbook=lb)
     assert first.rc == 0, first.output[-4000:]
@@ -368,13 +370,13 @@ def test_loadbalancer_role_health_and_agent_drain(provisioned) -> None:
     def stat() -> str:
         return ct.sh("python3 /root/haproxy_stat.py", check=False).stdout.strip()
 
-    assert wait_for(lambda: stat().startswith("UP") and "up" in stat(), timeout=30), stat()
+    assert wait_for(lambda: stat().startswith("UP | via agent : up"), timeout=30), stat()
     url = "http://127.0.0.1:8444/readyz"  # through HAProxy
     got = ct.sh(f"python3 -c \"import urllib.request as u; print(u.urlopen('{url}', timeout=3).status)\"")
     assert got.stdout.strip() == "200"
     try:
         ct.sh("systemctl kill -s SIGUSR1 --kill-who=main voice-appliance")
-        assert wait_for(lambda: "| drain |" in stat(), timeout=20), stat()
+        assert wait_for(lambda: stat().startswith("DRAIN"), timeout=20), stat()
     finally:
         ct.sh("systemctl kill -s SIGUSR2 --kill-who=main voice-appliance")
-    assert wait_for(lambda: stat().startswith("UP") and "ready" in stat(), timeout=30), stat()
+    assert wait_for(lambda: stat().startswith("UP"), timeout=30), stat()
