@@ -193,7 +193,9 @@ class Sessions:
         resumed: SessionRecord | None = None
         new_token = ""
         if options.resume_token:
-            resumed, new_token = await self._claim(options.resume_token, client)
+            # Read (and check ownership) now, claim only once the new leg is set up: a refused or failed
+            # setup must not spend the caller's token.
+            resumed = await self._lookup(options.resume_token, client)
             resume_handle = resumed.resume_handle
             old = self.live.get(resumed.session_id)
             if old is not None:  # the caller came back before we noticed it had gone
@@ -231,6 +233,13 @@ class Sessions:
             await self._abort(live)
             self.metrics.admissions.labels(result="error").inc()
             raise
+        if resumed is not None:
+            try:
+                resumed, new_token = await self._claim(options.resume_token or "", client)
+            except Exception:
+                await self._abort(live)
+                raise
+            resume_handle = resumed.resume_handle or resume_handle
         self.live[sid] = live
         record_fields = {
             "sub": client.sub, "state": ACTIVE, "mode": options.mode, "box": self.box,
@@ -258,19 +267,25 @@ class Sessions:
             "mode": options.mode, "resumed": resumed is not None})
         return CreatedSession(sid, answer, token, live.expires_at)
 
-    async def _claim(self, token: str, client: ClientInfo) -> tuple[SessionRecord, str]:
-        """Take over a disconnected session by its resume token (only its owner may)."""
+    async def _lookup(self, token: str, client: ClientInfo) -> SessionRecord:
+        """The session a resume token belongs to, if ``client`` owns it (nothing is spent)."""
         try:
             record = await self.store.find_by_resume_token(token)
-            if record is None or record.sub != client.sub:
-                raise InvalidRequest("resume token unknown, expired or already used", code="invalid_resume")
-            claimed = await self.store.claim(token, self.box)
-        except InvalidRequest:
-            raise
         except Exception as exc:
             raise UpstreamError("session state unavailable; cannot resume now", status=503,
                                 retry_after=2) from exc
-        if claimed is None:
+        if record is None or record.sub != client.sub:
+            raise InvalidRequest("resume token unknown, expired or already used", code="invalid_resume")
+        return record
+
+    async def _claim(self, token: str, client: ClientInfo) -> tuple[SessionRecord, str]:
+        """Atomically take over the session of ``token`` for this box (a token works exactly once)."""
+        try:
+            claimed = await self.store.claim(token, self.box)
+        except Exception as exc:
+            raise UpstreamError("session state unavailable; cannot resume now", status=503,
+                                retry_after=2) from exc
+        if claimed is None or claimed[0].sub != client.sub:
             raise InvalidRequest("resume token unknown, expired or already used", code="invalid_resume")
         return claimed
 

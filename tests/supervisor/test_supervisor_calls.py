@@ -175,6 +175,19 @@ async def test_hangup_keeps_resumable_state_and_resume_continues(sup, seg, sub):
         await wait_until(lambda: state("disconnected"), what="disconnected")
         await wait_until(lambda: seg.slot(0).state == SlotState.FREE, what="slot freed")
 
+        # a resume refused for capacity does not spend the token
+        blocker_pc = await caller()
+        blocker = await create(http, token, blocker_pc)
+        assert blocker.status_code == 201, blocker.text
+        pc_full = await caller()
+        r_full = await create(http, token, pc_full, resume_token=resume)
+        assert r_full.status_code == 503, r_full.text
+        await pc_full.close()
+        blocker_id = blocker.json()["session_id"]
+        assert (await http.delete(f"/v1/sessions/{blocker_id}", headers=auth)).status_code == 204
+        await blocker_pc.close()
+        await wait_until(lambda: seg.slot(0).state == SlotState.FREE, what="blocker's slot freed")
+
         # someone else cannot use the token
         pc_x = await caller()
         rx = await create(http, sup.token("mallory"), pc_x, resume_token=resume)
