@@ -409,6 +409,35 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+async def test_sigterm_drains_live_calls_before_stopping(tmp_path, redis_srv, janus, sub):
+    sp = start_supervisor(tmp_path, redis_srv.url, janus, slots=2,
+                          extra={"api": {"drain_timeout_seconds": 60}})
+    token = sp.token(sub)
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        async with httpx.AsyncClient(base_url=sp.api, timeout=20) as http:
+            pc = await caller()
+            r = await create(http, token, pc)
+            assert r.status_code == 201, r.text
+            sid = r.json()["session_id"]
+            await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
+            sp.proc.send_signal(signal.SIGTERM)
+            await wait_until(lambda: agent(sp) == "drain\n", what="draining")
+            pc2 = await caller()
+            assert (await create(http, token, pc2)).status_code == 503  # no new calls
+            await pc2.close()
+            await asyncio.sleep(1.0)
+            assert sp.proc.poll() is None  # the live call keeps the box up (drain timeout 60 s)
+            assert (await http.get(f"/v1/sessions/{sid}", headers=auth)).json()["state"] == "active"
+            t0 = time.monotonic()
+            assert (await http.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
+            await wait_until(lambda: sp.proc.poll() is not None, limit=10, what="exit after the last call")
+            assert sp.proc.returncode == 0 and time.monotonic() - t0 < 20, sp.log_tail()  # not the 60 s
+            await pc.close()
+    finally:
+        stop_supervisor(sp)
+
+
 def test_sigterm_stops_workers_and_removes_segments(tmp_path, redis_srv, janus):
     sp = start_supervisor(tmp_path, redis_srv.url, janus)
     seg = ShardSegment.attach(segment_name(sp.instance, 0))
