@@ -83,6 +83,10 @@ def demo_routes(cfg: Config) -> list[Any]:
             return JSONResponse({"token": token, "dev": True}, headers={"Cache-Control": "no-store"})
 
         routes.append(Route("/dev/token", dev_token, methods=["POST"], name="dev_token"))
+        if not cfg.api.host.startswith("127.") and cfg.api.host not in ("localhost", "::1"):
+            log.warning("dev token endpoint is reachable from the network: anyone who can open the demo "
+                        "page can start calls (remove auth.jwt_private_key_file or set api.demo_page=false)",
+                        extra={"host": cfg.api.host})
     return routes
 
 
