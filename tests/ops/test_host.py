@@ -7,6 +7,9 @@ the peer namespace on the other end of the container's veth, i.e. from "the Inte
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import time
 from pathlib import Path
@@ -380,3 +383,36 @@ def test_loadbalancer_role_health_and_agent_drain(provisioned) -> None:
     finally:
         ct.sh("systemctl kill -s SIGUSR2 --kill-who=main voice-appliance")
     assert wait_for(lambda: stat().startswith("UP"), timeout=30), stat()
+
+
+def turn_credentials(secret: str, ttl: int) -> tuple[str, str]:
+    """use-auth-secret credentials: user "<expiry>:<name>", password base64(HMAC-SHA1(secret, user))."""
+    user = f"{int(time.time()) + ttl}:ops"
+    return user, base64.b64encode(hmac.new(secret.encode(), user.encode(), hashlib.sha1).digest()).decode()
+
+
+def test_turn_hmac_credentials_relay_and_tls(provisioned) -> None:
+    """coturn relays with fresh HMAC credentials, refuses expired or forged ones, and serves TLS on 5349.
+
+    The relay runs between two allocations on the box's own address, which lies in a denied range
+    (192.0.2.0/24) but is the configured allowed peer: the exception for the co-located Janus works.
+    """
+    ct = provisioned.ct
+    secret = provisioned.secrets["vault_turn_secret"]
+
+    def uclient(user: str, password: str) -> str:
+        target = f"-p 3478 {nspawn.HOST_ADDR}"
+        cmd = f"timeout 30 turnutils_uclient -y -n 3 -c -u '{user}' -w '{password}' {target} 2>&1"
+        return ct.sh(cmd, check=False, timeout=60).stdout
+
+    good = uclient(*turn_credentials(secret, 600))
+    assert "Total lost packets 0" in good and "tot_recv_msgs=6" in good, good[-1500:]
+    for user, password in (turn_credentials(secret, -600), turn_credentials("forged", 600)):
+        bad = uclient(user, password)
+        assert "Cannot complete Allocation" in bad and "tot_recv_msgs" not in bad, bad[-1500:]
+    tls = ct.sh(f"timeout 10 openssl s_client -connect {nspawn.HOST_ADDR}:5349 </dev/null 2>&1", check=False)
+    assert "CN = ops-test.invalid" in tls.stdout, tls.stdout[-1500:]
+    conf = ct.sh("cat /etc/voice-appliance/coturn/turnserver.conf").stdout
+    for line in ("use-auth-secret", "no-multicast-peers", "no-cli", "denied-peer-ip=10.0.0.0-10.255.255.255",
+                 f"allowed-peer-ip={nspawn.HOST_ADDR}", "user-quota=", "total-quota="):  # fmt: skip
+        assert line in conf, line
