@@ -383,9 +383,13 @@ async def test_janus_down_gives_502_and_frees_the_slot(tmp_path, redis_srv, janu
     from tests.harness.redis import free_port
 
     dead = f"http://127.0.0.1:{free_port()}/janus"
-    sp = start_supervisor(tmp_path, redis_srv.url, janus, extra={"janus": {"url": dead}})
+    # also a production-like auth config: public key only, so no dev token endpoint
+    sp = start_supervisor(tmp_path, redis_srv.url, janus,
+                          extra={"janus": {"url": dead}, "auth": {"jwt_private_key_file": ""}})
     try:
         async with httpx.AsyncClient(base_url=sp.api, timeout=30) as http:
+            assert (await http.post("/dev/token")).status_code == 404
+            assert (await http.get("/")).status_code == 200  # the page itself stays (api.demo_page)
             for _ in range(2):  # twice: the first failure must not leak the only slot
                 pc = await caller()
                 r = await create(http, sp.token(sub), pc)
