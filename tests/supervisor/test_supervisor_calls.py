@@ -444,18 +444,21 @@ async def test_sigterm_drains_live_calls_before_stopping(tmp_path, redis_srv, ja
 
 def test_sigterm_stops_workers_and_removes_segments(tmp_path, redis_srv, janus):
     sp = start_supervisor(tmp_path, redis_srv.url, janus)
-    seg = ShardSegment.attach(segment_name(sp.instance, 0))
-    deadline = time.monotonic() + 30
-    media = None
-    while time.monotonic() < deadline and media is None:
-        pid, age = seg.heartbeat_age("media")
-        media = pid if pid and age is not None and age < 1 else None
-        time.sleep(0.1)
-    seg.close()
-    assert media, sp.log_tail()
-    workers = _children(sp.proc.pid)
-    assert media in workers
-    assert stop_supervisor(sp) == 0, sp.log_tail()
+    try:
+        seg = ShardSegment.attach(segment_name(sp.instance, 0))
+        deadline = time.monotonic() + 30
+        media = None
+        while time.monotonic() < deadline and media is None:
+            pid, age = seg.heartbeat_age("media")
+            media = pid if pid and age is not None and age < 1 else None
+            time.sleep(0.1)
+        seg.close()
+        assert media, sp.log_tail()
+        workers = _children(sp.proc.pid)
+        assert media in workers
+    finally:
+        rc = stop_supervisor(sp)
+    assert rc == 0, sp.log_tail()
     assert all(gone(p) for p in workers)
     assert not Path(f"/dev/shm{segment_name(sp.instance, 0)}").exists()
 

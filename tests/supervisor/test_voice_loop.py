@@ -155,6 +155,7 @@ async def test_echo_through_the_appliance_and_worker_crashes(sup, emulator, sub,
 
             await wait_until(ai_back, step=0.01, what="AI worker back")
             print(f"AI worker kill -9 → replacement beating after {(time.time() - t_kill) * 1000:.0f} ms")
+            drops_before = seg.slot(0).uplink.overruns
             corr2, m2e2 = await say_and_hear(track, rec, np.zeros(0, dtype=np.int16), limit=20,
                                              reference=during_ai_restart)
             print(f"after AI kill -9 mid-utterance: correlation {corr2:.2f}, m2e {m2e2 * 1000:.0f} ms")
@@ -166,7 +167,8 @@ async def test_echo_through_the_appliance_and_worker_crashes(sup, emulator, sub,
             got = np.frombuffer(emulator.audio(conv["session"]), dtype=np.int16)
             ref16 = soxr.resample(during_ai_restart, RATE, conv["rate"]).astype(np.int16)
             corr_in, _ = find_echo(ref16, got, conv["rate"])
-            print(f"model received the utterance spoken during the AI restart: correlation {corr_in:.2f}")
+            print(f"model received the utterance spoken during the AI restart: correlation {corr_in:.2f} "
+                  f"(uplink ring drops: {drops_before})")
             assert corr_in > 0.8
             assert pc.connectionState == "connected"
 
