@@ -9,8 +9,14 @@ Read it top to bottom like gunicorn's arbiter:
    exit, and spawns it again on the *same* CPU. A worker that keeps dying within ``min_uptime`` of
    its start backs off exponentially (a crash loop must not eat the core its shard-mate needs).
 3. ``watch()`` runs every ``tick`` seconds: a worker whose heartbeat in the shard's shared-memory header
-   is older than ``heartbeat_timeout`` (after a start-up grace period) is hung — SIGKILL, and its
-   keeper restarts it. It also feeds the metrics (up, heartbeat age) and the watchdog callback.
+   is older than ``heartbeat_timeout`` (after a start-up grace period) is either *hung* or *overloaded*.
+   The CPU time it has used (utime+stime in ``/proc/PID/stat``) tells them apart: a worker whose CPU
+   time does not advance across the stale period is hung (deadlocked, stopped, blocked) — SIGKILL, and
+   its keeper restarts it. A worker whose CPU time keeps advancing is alive but behind: it is counted
+   (``va_worker_overloaded_total``, an ``overloaded`` event, a warning) and left alone until the
+   heartbeat is ``hard_timeout`` old (default 5x the timeout). Killing it would make overload worse:
+   its replacement re-attaches every session at once and falls behind again (a restart loop, seen in
+   the pipeline benchmark). It also feeds the metrics (up, heartbeat age) and the watchdog callback.
 4. ``stop()`` (SIGTERM/SIGINT in the supervisor, after draining sessions) sends SIGTERM to every
    worker, waits ``stop_timeout``, then SIGKILLs what is left. ``rolling_restart()`` (SIGHUP) replaces
    the workers one at a time, waiting for each replacement's heartbeat: calls survive it, because a
@@ -38,6 +44,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter
+
 from appliance.cpuplan import CpuPlan
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,11 @@ ROLES = ("media", "ai")
 
 # (pid, age in seconds) of the last heartbeat written for (role, shard), or None if none yet.
 HeartbeatFn = Callable[[str, int], "tuple[int, float] | None"]
+
+OVERLOADED = Counter(
+    "va_worker_overloaded", "Times a worker's heartbeat went stale while it kept using CPU (not killed)",
+    ["role"])
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -82,6 +95,9 @@ class Worker:
     quick_failures: int = 0
     last_exit: int | None = None
     kill_reason: str = ""
+    overloaded: bool = False  # heartbeat stale but CPU time advancing (this episode already counted)
+    stale_cpu: int | None = None  # CPU ticks when the heartbeat was first seen stale
+    stale_since: float = 0.0  # time.monotonic() of that observation
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)  # heartbeat seen
     spawned_event: asyncio.Event = field(default_factory=asyncio.Event)  # a process is running
 
@@ -115,6 +131,17 @@ def specs_for_plan(
     return out
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of ``pid`` (all its threads) in clock ticks, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the name in (...) may contain spaces
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
 def pin_all_threads(pid: int, cpu: int) -> None:
     """Pin every thread of ``pid`` to ``cpu`` (sched_setaffinity acts on one thread id)."""
     try:
@@ -135,6 +162,7 @@ class Arbiter:
         *,
         heartbeat: HeartbeatFn | None = None,
         heartbeat_timeout: float = 2.0,
+        hard_timeout: float | None = None,
         start_grace: float = 20.0,
         tick: float = 0.25,
         min_uptime: float = 1.0,
@@ -146,6 +174,7 @@ class Arbiter:
         self.workers = [Worker(s) for s in specs]
         self.heartbeat = heartbeat
         self.heartbeat_timeout = heartbeat_timeout
+        self.hard_timeout = hard_timeout if hard_timeout is not None else 5.0 * heartbeat_timeout
         self.start_grace = start_grace
         self.tick = tick
         self.min_uptime = min_uptime
@@ -171,6 +200,7 @@ class Arbiter:
     async def _spawn(self, w: Worker) -> None:
         w.ready_event.clear()
         w.kill_reason = ""
+        w.overloaded, w.stale_cpu = False, None
         w.proc = await asyncio.create_subprocess_exec(
             *w.spec.argv, env=self.env, start_new_session=True, preexec_fn=_child_setup,
             stdin=asyncio.subprocess.DEVNULL,
@@ -239,19 +269,46 @@ class Arbiter:
         age = self.heartbeat_age(w)
         running_for = time.monotonic() - w.started_at
         if age is not None and age <= self.heartbeat_timeout:
+            if w.overloaded:
+                log.info("worker caught up", extra={"worker": w.name, "worker_pid": w.pid})
+            w.overloaded, w.stale_cpu = False, None
             if not w.ready_event.is_set():
                 w.ready_event.set()
                 self.on_event("ready", w)
             return
-        hung = (age is not None and age > self.heartbeat_timeout) or (
+        stale = (age is not None and age > self.heartbeat_timeout) or (
             age is None and running_for > self.start_grace
         )
-        if hung and not w.kill_reason:
-            w.kill_reason = "heartbeat"
-            log.error("worker heartbeat stale, killing", extra={
-                "worker": w.name, "worker_pid": w.pid, "heartbeat_age_seconds": age})
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(w.pid, signal.SIGKILL)
+        if not stale or w.kill_reason:
+            return
+        now = time.monotonic()
+        cpu = cpu_ticks(w.pid)
+        if w.stale_cpu is None:  # first stale look: remember the CPU time, decide on a later tick
+            w.stale_cpu, w.stale_since = cpu, now
+            return
+        # CPU time has a 1/CLK_TCK (10 ms) grain and a busy worker on a crowded core gets only a share:
+        # compare over up to 1 s (half the timeout) so an overloaded worker is not mistaken for a hung one.
+        if now - w.stale_since < max(self.tick, 3.0 / _CLK_TCK, min(1.0, self.heartbeat_timeout / 2)):
+            return
+        busy = cpu is not None and cpu > w.stale_cpu
+        w.stale_cpu, w.stale_since = cpu, now
+        past_hard = age > self.hard_timeout if age is not None else (
+            running_for > self.start_grace + self.hard_timeout)
+        if busy and not past_hard:
+            if not w.overloaded:
+                w.overloaded = True
+                OVERLOADED.labels(role=w.spec.role).inc()
+                log.warning("worker heartbeat stale but it is using CPU: overloaded, not restarting", extra={
+                    "worker": w.name, "worker_pid": w.pid, "heartbeat_age_seconds": age,
+                    "hard_timeout_seconds": self.hard_timeout})
+                self.on_event("overloaded", w)
+            return
+        w.kill_reason = "heartbeat" if not busy else "heartbeat_hard"
+        log.error("worker heartbeat stale, killing", extra={
+            "worker": w.name, "worker_pid": w.pid, "heartbeat_age_seconds": age,
+            "reason": "no CPU progress" if not busy else "hard timeout"})
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, signal.SIGKILL)
 
     # -- 4. stop and rolling restart --------------------------------------------------------------
     async def stop(self) -> None:

@@ -86,18 +86,54 @@ async def test_pinned_and_restarted_on_same_cpu_after_kill9(tmp_path):
 
 
 async def test_hung_worker_is_killed_and_restarted(tmp_path):
+    events = []
     arb = Arbiter([spec(tmp_path, "ai", 1, CPUS[0])], heartbeat=file_heartbeat(tmp_path),
-                  heartbeat_timeout=0.5, tick=0.05)
+                  heartbeat_timeout=0.5, hard_timeout=30.0, tick=0.05,
+                  on_event=lambda e, w: events.append(e))
     await arb.start()
     try:
         w = arb.worker("ai", 1)
         await wait_until(lambda: w.ready_event.is_set())
         old = w.pid
-        os.kill(old, signal.SIGSTOP)  # alive but silent: only the heartbeat can tell
+        os.kill(old, signal.SIGSTOP)  # alive but silent and using no CPU: hung, long before the hard limit
         await wait_until(lambda: w.pid not in (None, old))
         assert w.restarts == 1 and w.last_exit == -signal.SIGKILL
+        assert "exited:heartbeat" in events and "overloaded" not in events
         assert gone(old)
         await wait_until(lambda: w.ready_event.is_set())
+    finally:
+        await arb.stop()
+
+
+async def test_overloaded_worker_is_kept_until_the_hard_limit(tmp_path):
+    """Stale heartbeat + advancing CPU time = overloaded: counted, not killed until the hard limit."""
+    from appliance.arbiter import OVERLOADED
+
+    events = []
+    ages_at_kill = []
+    hb = file_heartbeat(tmp_path)
+
+    def on_event(e, w):
+        events.append(e)
+        if e == "exited:heartbeat_hard":
+            ages_at_kill.append(hb("media", 0)[1])
+
+    before = OVERLOADED.labels(role="media")._value.get()
+    arb = Arbiter([spec(tmp_path, "media", 0, CPUS[0], "--spin-after", "0.5")], heartbeat=hb,
+                  heartbeat_timeout=0.3, hard_timeout=1.5, tick=0.05, on_event=on_event)
+    await arb.start()
+    try:
+        w = arb.worker("media", 0)
+        await wait_until(lambda: w.ready_event.is_set())
+        first = w.pid
+        await wait_until(lambda: "overloaded" in events)
+        assert w.pid == first and w.restarts == 0  # stale for > timeout, but alive and working
+        assert OVERLOADED.labels(role="media")._value.get() == before + 1
+        await wait_until(lambda: w.restarts >= 1, limit=20.0)
+        assert events.index("overloaded") < events.index("exited:heartbeat_hard")
+        assert "exited:heartbeat" not in events  # never taken for hung
+        assert ages_at_kill and ages_at_kill[0] > 1.5  # only after the hard limit
+        assert gone(first)
     finally:
         await arb.stop()
 
