@@ -1,6 +1,6 @@
 """The public session API: a Starlette ASGI app in front of the control plane.
 
-Why Starlette (and not FastAPI): the surface is five routes whose security checks must run in a fixed,
+Why Starlette (and not FastAPI): the surface is a handful of routes whose security checks must run in a fixed,
 visible order — per-IP rate limit (cheap, first), body size, JWT, body schema, SDP validation, then
 the control plane — and FastAPI's dependency injection would hide that order for little gain. Bodies
 are parsed with pydantic (already a dependency of google-genai) so the same models give the OpenAPI
@@ -13,6 +13,11 @@ supervisor implements it). Every error is JSON ``{"error": code, "detail": reaso
 Only the token's ``sub`` may see or touch its own sessions; someone else's session is a plain 404 so
 ids cannot be probed.
 
+TURN credentials: ``GET /v1/ice-servers`` hands out the ICE server list (coturn HMAC credentials, TTL
+≤ 1 h) *before* a session exists, because a caller must know its TURN server when it gathers candidates
+for its offer — a relay-only caller (``iceTransportPolicy: "relay"``) has no candidate at all otherwise.
+The 201 of ``POST /v1/sessions`` still carries a list too (for ICE restarts).
+
 Client IP: ``request.client`` — behind a load balancer run uvicorn with ``proxy_headers`` and
 ``forwarded_allow_ips`` set to the balancer's address so that this is the caller's address.
 """
@@ -24,6 +29,7 @@ import json
 import logging
 import math
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +52,7 @@ from appliance.auth import AuthError, JwtVerifier, Principal
 from appliance.config import Config
 from appliance.ratelimit import CREATE, SIGNAL, RateLimiter
 from appliance.sdp import MAX_SDP_BYTES, OfferInfo, SdpError, validate_offer
-from appliance.turn import ice_servers
+from appliance.turn import MAX_TTL_SECONDS, ice_servers
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +214,12 @@ class CreateSessionResponse(BaseModel):
     expires_at: str = Field(description="RFC 3339 UTC time")
 
 
+class IceServersResponse(BaseModel):
+    ice_servers: list[IceServer] = Field(description="RTCPeerConnection iceServers (STUN, then TURN with "
+                                                    "fresh coturn HMAC credentials)")
+    ttl: int = Field(description="Seconds the TURN credentials stay valid (at most 3600)")
+
+
 class IceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -320,8 +332,9 @@ def create_app(
     None disables rate limiting (tests; the supervisor passes
     ``RateLimiter(redis_client(cfg.redis), cfg.limits)``). ``create_timeout`` defaults to
     ``api.create_timeout_seconds``. ``extra_routes`` (demo page, static files,
-    metrics) are appended after the API routes. ``ice_servers_fn(session_id)`` overrides the ICE server
-    list (default: coturn HMAC credentials from ``cfg.turn`` for ``cfg.api.public_host``).
+    metrics) are appended after the API routes. ``ice_servers_fn(user)`` (user = the session id, or a
+    random ``c_…`` id for ``GET /v1/ice-servers``) overrides the ICE server list (default: coturn HMAC
+    credentials from ``cfg.turn`` for ``cfg.api.public_host``).
     """
     deps = _Deps(
         cfg=cfg,
@@ -396,6 +409,16 @@ def create_app(
                             headers={"Cache-Control": "no-store",
                                      "Location": f"/v1/sessions/{created.session_id}"})
 
+    @route("ice_servers", SIGNAL)
+    async def get_ice_servers(request: Request, d: _Deps) -> Response:
+        # before the offer: a relay-only caller needs TURN credentials to gather relay candidates at all.
+        # The TURN user is a random id, not the token's sub (coturn logs usernames; subs may be PII).
+        d.verifier.verify_authorization(request.headers.get("authorization"))
+        servers = d.ice_servers("c_" + secrets.token_urlsafe(12))
+        ttl = max(1, min(int(d.cfg.turn.ttl_seconds), MAX_TTL_SECONDS))
+        out = IceServersResponse(ice_servers=[IceServer(**s) for s in servers], ttl=ttl)
+        return JSONResponse(out.model_dump(exclude_none=True), headers={"Cache-Control": "no-store"})
+
     @route("trickle", SIGNAL)
     async def trickle(request: Request, d: _Deps) -> Response:
         principal = d.verifier.verify_authorization(request.headers.get("authorization"))
@@ -462,6 +485,7 @@ def create_app(
         Route("/v1/sessions", create_session, methods=["POST"], name="create_session"),
         Route("/v1/sessions/{session_id}", session_resource, methods=["GET", "DELETE"], name="session"),
         Route("/v1/sessions/{session_id}/ice", trickle, methods=["POST"], name="trickle"),
+        Route("/v1/ice-servers", get_ice_servers, methods=["GET"], name="ice_servers"),
         Route("/healthz", healthz, methods=["GET"], name="healthz"),
         Route("/readyz", readyz, methods=["GET"], name="readyz"),
         Route("/openapi.json", openapi_json, methods=["GET"], name="openapi"),
@@ -528,8 +552,8 @@ def _client(request: Request, principal: Principal) -> ClientInfo:
 
 def build_openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the session API (schemas from the pydantic models)."""
-    models = [CreateSessionRequest, CreateSessionResponse, IceRequest, SessionResponse, ErrorResponse,
-              HealthResponse]
+    models = [CreateSessionRequest, CreateSessionResponse, IceRequest, IceServersResponse, SessionResponse,
+              ErrorResponse, HealthResponse]
     _, defs = models_json_schema([(m, "validation") for m in models],
                                  ref_template="#/components/schemas/{model}")
     schemas = defs.get("$defs", {})
@@ -582,6 +606,13 @@ def build_openapi() -> dict[str, Any]:
                                 "content": {"application/json": {"schema": ref("IceRequest")}}},
                 "responses": {"204": {"description": "Accepted"}, "400": err("Invalid candidate"),
                               "413": err("Body too large"), "415": err("Not JSON"), **common},
+            }},
+            "/v1/ice-servers": {"get": {
+                "operationId": "getIceServers", "security": security,
+                "summary": "ICE servers with fresh TURN credentials, to fetch before creating the offer "
+                           "(a relay-only caller cannot gather relay candidates without them)",
+                "responses": {"200": ok("ICE servers", "IceServersResponse"), "401": common["401"],
+                              "429": common["429"]},
             }},
             "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness",
                                  "responses": {"200": ok("Alive", "HealthResponse")}}},

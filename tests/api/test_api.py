@@ -245,5 +245,69 @@ async def test_openapi_document(api):
     doc = r.json()
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) == {"/v1/sessions", "/v1/sessions/{session_id}", "/v1/sessions/{session_id}/ice",
-                                 "/healthz", "/readyz"}
+                                 "/v1/ice-servers", "/healthz", "/readyz"}
+    ice = doc["paths"]["/v1/ice-servers"]["get"]
+    assert ice["security"] == [{"bearer": []}] and {"200", "401", "429"} <= set(ice["responses"])
+    assert set(doc["components"]["schemas"]["IceServersResponse"]["properties"]) == {"ice_servers", "ttl"}
     assert "CreateSessionRequest" in doc["components"]["schemas"]
+
+
+async def test_ice_servers_before_the_offer(api, service, private_pem):
+    """GET /v1/ice-servers: fresh coturn credentials a relay-only caller can gather relay candidates with."""
+    r = await api.get("/v1/ice-servers", headers=auth(private_pem))
+    assert r.status_code == 200, r.text
+    assert r.headers["cache-control"] == "no-store"
+    body = r.json()
+    assert body["ttl"] == 1800
+    (turn,) = body["ice_servers"]
+    host = "turn.example.test"
+    assert turn["urls"] == [f"turn:{host}:3478?transport=udp", f"turn:{host}:3478?transport=tcp",
+                            f"turns:{host}:5349?transport=tcp"]
+    expiry, user = turn["username"].split(":")
+    assert 1800 - 5 <= int(expiry) - time.time() <= 1800
+    assert re.fullmatch(r"c_[A-Za-z0-9_-]{16}", user)  # random, not the token's sub (coturn logs it)
+    mac = hmac.new(TURN_SECRET.encode(), turn["username"].encode(), hashlib.sha1).digest()
+    assert turn["credential"] == base64.b64encode(mac).decode()
+    again = (await api.get("/v1/ice-servers", headers=auth(private_pem))).json()["ice_servers"][0]
+    assert again["username"].split(":")[1] != user  # every request gets its own TURN user
+    assert service.sessions == {}  # no session was created
+
+
+async def test_ice_servers_need_a_valid_token(api, private_pem, public_pem):
+    for headers in ({}, {"Authorization": "Basic Zm9vOmJhcg=="}):
+        r = await api.get("/v1/ice-servers", headers=headers)
+        assert r.status_code == 401 and r.json()["error"] == "invalid_request", r.text
+        assert "ice_servers" not in r.text
+    for name, token in attack_tokens(private_pem, public_pem).items():
+        r = await api.get("/v1/ice-servers", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401 and set(r.json()) == {"error", "detail"}, (name, r.text)
+    assert (await api.post("/v1/ice-servers", headers=auth(private_pem))).status_code == 405
+
+
+async def test_ice_servers_ttl_capped_at_one_hour_and_stun_first(tmp_path, keypair, service, private_pem):
+    cfg = replace(load_config(None, env={"VA_CONFIG": str(_empty(tmp_path))}),
+                  auth={"jwt_public_key_file": str(keypair[1]), "issuer": ISS},
+                  turn={"secret": TURN_SECRET, "ttl_seconds": 3600, "uris": ["turn:192.0.2.7:3478"],
+                        "stun_uris": ["stun:192.0.2.7:3478"]})
+    async with client_for(create_app(cfg, service)) as api:
+        body = (await api.get("/v1/ice-servers", headers=auth(private_pem))).json()
+    assert body["ttl"] == 3600
+    stun, turn = body["ice_servers"]
+    assert stun == {"urls": ["stun:192.0.2.7:3478"]} and turn["urls"] == ["turn:192.0.2.7:3478"]
+    assert int(turn["username"].split(":")[0]) - time.time() <= 3600
+    with pytest.raises(ValueError, match=r"turn\.ttl_seconds"):  # config refuses more than an hour
+        replace(cfg, turn={"ttl_seconds": 7200})
+    no_turn = replace(cfg, turn={"secret": ""})
+    async with client_for(create_app(no_turn, service)) as api:
+        body = (await api.get("/v1/ice-servers", headers=auth(private_pem))).json()
+    assert body["ice_servers"] == [{"urls": ["stun:192.0.2.7:3478"]}]  # no secret: no TURN entry
+
+
+async def test_ice_servers_signalling_rate_limit(cfg, service, private_pem, aredis, prefix):
+    limits = LimitsConfig(session_creates_per_minute=10, signalling_per_minute=5)
+    limiter = RateLimiter(aredis, limits, prefix)
+    async with client_for(create_app(cfg, service, limiter=limiter), "203.0.113.9") as api:
+        codes = [(await api.get("/v1/ice-servers", headers=auth(private_pem))).status_code for _ in range(6)]
+        assert codes == [200] * 5 + [429]
+        r = await api.get("/v1/ice-servers")  # limited before any JWT work
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
