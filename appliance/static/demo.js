@@ -1,6 +1,8 @@
 // Demo caller: plain WebRTC against the appliance's session API (no Janus JS needed).
-// Flow: dev token -> getUserMedia -> offer (ICE gathered) -> POST /v1/sessions -> answer ->
+// Flow: dev token -> GET /v1/ice-servers (TURN credentials before the offer, so relay candidates are
+// gathered) -> getUserMedia -> offer (ICE gathered) -> POST /v1/sessions -> answer ->
 // poll GET /v1/sessions/{id} for state and transcripts -> DELETE on hang-up.
+// `?relay=1` in the page URL forces relay-only ICE (iceTransportPolicy "relay": media only via TURN).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -26,6 +28,12 @@ function iceGathered(conn, ms) {
   });
 }
 
+async function iceServers() {
+  const r = await api("/v1/ice-servers");
+  if (!r.ok) throw new Error("no ICE servers (" + r.status + ")");
+  return (await r.json()).ice_servers || [];
+}
+
 function api(path, opts = {}) {
   return fetch(path, {
     ...opts,
@@ -41,11 +49,17 @@ async function call() {
   lastLine = "";
   try {
     token = await devToken();
+    const servers = await iceServers();
+    const relayOnly = new URLSearchParams(location.search).get("relay") === "1";
     show("conn", "microphone…");
     stream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
     });
-    pc = new RTCPeerConnection({ bundlePolicy: "max-bundle" });
+    pc = new RTCPeerConnection({
+      bundlePolicy: "max-bundle",
+      iceServers: servers,
+      iceTransportPolicy: relayOnly ? "relay" : "all",
+    });
     window.demoPc = pc; // for tests and curious people
     stream.getAudioTracks().forEach((t) => pc.addTrack(t, stream));
     pc.ontrack = (ev) => {
@@ -71,9 +85,6 @@ async function call() {
     session = data;
     window.demoSession = data;
     show("session", data.session_id);
-    if (data.ice_servers && data.ice_servers.length) {
-      try { pc.setConfiguration({ ...pc.getConfiguration(), iceServers: data.ice_servers }); } catch (e) {}
-    }
     await pc.setRemoteDescription({ type: "answer", sdp: data.sdp });
     $("hangup").disabled = false;
     poller = setInterval(poll, 1000);

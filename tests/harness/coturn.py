@@ -4,7 +4,10 @@
         ok, out = uclient_check(turn, username, password)   # turnutils_uclient allocate + relay
 
 ``listen_ip`` may be another loopback address (127.0.0.2 inside the Janus namespace) and ``netns`` runs
-the server inside ``ip netns exec NS``. Loopback peers are allowed (tests only; production denies them).
+the server inside ``ip netns exec NS``. Loopback peers are allowed by default (tests only; production
+denies them); ``allow_loopback_peers=False`` keeps coturn's default denial (e.g. relaying to a Janus on a
+veth address needs no loopback peer). ``verbose=True`` makes coturn log each session, including its
+``usage: … username=<U>, rp=…, rb=…, sp=…, sb=…`` traffic counters (proof that media was relayed).
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class CoturnServer:
     port: int = 0
     relay_min_port: int = 0
     relay_max_port: int = 0
+    allow_loopback_peers: bool = True
+    verbose: bool = False
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -106,7 +111,9 @@ class CoturnServer:
             "--use-auth-secret", f"--static-auth-secret={self.secret}", f"--realm={self.realm}",
             f"--listening-ip={self.listen_ip}", f"--relay-ip={self.listen_ip}",
             f"--listening-port={self.port}", f"--min-port={self.relay_min_port}",
-            f"--max-port={self.relay_max_port}", "--allow-loopback-peers", "--no-multicast-peers",
+            f"--max-port={self.relay_max_port}", "--no-multicast-peers",
+            *(["--allow-loopback-peers"] if self.allow_loopback_peers else []),
+            *(["--verbose"] if self.verbose else []),
             f"--log-file={self.log_path}", "--simple-log", "--no-stdout-log",
             f"--pidfile={self.workdir / 'turnserver.pid'}", f"--db={self.workdir / 'turndb'}",
             "--no-software-attribute",
@@ -154,10 +161,12 @@ class CoturnServer:
 
 @contextlib.contextmanager
 def coturn_server(
-    workdir: Path, secret: str, listen_ip: str = "127.0.0.1", netns: str | None = None
+    workdir: Path, secret: str, listen_ip: str = "127.0.0.1", netns: str | None = None,
+    allow_loopback_peers: bool = True, verbose: bool = False,
 ) -> Iterator[CoturnServer]:
     """Start turnserver with ``use-auth-secret``; always stopped (by PID) on exit."""
-    srv = CoturnServer(Path(workdir), secret, listen_ip=listen_ip, netns=netns)
+    srv = CoturnServer(Path(workdir), secret, listen_ip=listen_ip, netns=netns,
+                       allow_loopback_peers=allow_loopback_peers, verbose=verbose)
     srv.start()
     try:
         yield srv
