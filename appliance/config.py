@@ -108,6 +108,9 @@ class ShardsConfig:
     uplink_ring_ms: int = 5000  # covers an AI worker restart (~0.6 s) with margin; 160 KB per slot
     downlink_ring_ms: int = 8000
     heartbeat_timeout_seconds: float = 2.0
+    # AI workers lower their own priority by this much (os.nice, no privilege) so the deadline-driven
+    # media worker on the same core wins wakeups (bench pipeline: docs/benchmarks.md). 0 = equal.
+    ai_nice: int = 10
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,10 @@ class MediaConfig:
     opus_bitrate: int = 28000
     opus_expected_loss_percent: int = 5
     rtp_timeout_ms: int = 5000  # no caller RTP for this long → EventCode.RTP_TIMEOUT (repeated)
+    # SCHED_RR priority (1-99) for the media worker when allowed (root, CAP_SYS_NICE, or LimitRTPRIO= with
+    # RestrictRealtime=no under systemd); otherwise it warns and runs normally. 0 = off. Pacing p99 at 40
+    # sessions 6.5 ms RR vs 12-64 ms normal on a shared 2-core box (docs/benchmarks.md).
+    realtime_priority: int = 1
 
 
 @dataclass(frozen=True)
@@ -246,6 +253,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "media.opus_bitrate": (6000, 510000),
     "media.opus_expected_loss_percent": (0, 100),
     "media.rtp_timeout_ms": (200, 600000),
+    "media.realtime_priority": (0, 99),
+    "shards.ai_nice": (0, 19),
     "vad.threshold": (0.0, 1.0),
     "vad.hangover_ms": (0, 5000),
     "vad.min_speech_ms": (0, 2000),

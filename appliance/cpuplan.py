@@ -16,6 +16,12 @@ Policy for ``shards.cpu_plan = "auto"`` (``C`` = the CPUs this process may use, 
 - ``shards.count > 0`` overrides the number of shards; shards are then dealt round-robin over the
   worker cores (several shards on a core is fine: fewer sessions per process, same total).
 
+Why media and AI share a core even on >= 4 cores: the contention between them (the media worker
+missing 20 ms deadlines while its AI worker is busy) is solved by priority, not placement — the media
+worker runs SCHED_RR when allowed (``media.realtime_priority``) and the AI worker lowers its own nice
+(``shards.ai_nice``). Splitting them would leave the cores unbalanced (media ~65 %, AI ~35 % of a shard's
+CPU in the pipeline benchmark) and put the rings across cores; an explicit plan (``"1:2"``) still can.
+
 Explicit plans (``shards.cpu_plan``) name the cores per shard as ``media:ai`` pairs separated by
 commas, optionally preceded by Janus's cores: ``"janus=0;1:1,2:2,3:3"``. Without ``janus=``, Janus gets
 the allowed CPUs no shard uses (or every allowed CPU if the shards use them all).

@@ -77,6 +77,13 @@ def main(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             print(f"cannot pin to CPU {args.cpu}: {exc}", file=sys.stderr)
             return 2
+    # Yield the core to the deadline-driven media worker of this shard: before any thread exists (the
+    # SDK import, onnxruntime), so every thread inherits it. Lowering one's own priority needs no privilege.
+    if cfg.shards.ai_nice:
+        try:
+            os.nice(cfg.shards.ai_nice)
+        except OSError as exc:
+            log.warning("cannot lower priority", extra={"error": str(exc)})
     # the turn journal must outlive this process but not the machine: tmpfs
     args.journal_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(cfg.paths.run_dir)
     return asyncio.run(_amain(args, cfg))

@@ -15,7 +15,7 @@ import sys
 from appliance.config import ConfigError, load_config
 from shm.segment import ShardSegment, ShmError
 from workers.media import opus
-from workers.media.worker import MediaWorker, pin_cpu
+from workers.media.worker import MediaWorker, pin_cpu, set_realtime
 
 log = logging.getLogger("media.main")
 
@@ -39,6 +39,10 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"cannot pin to CPU {args.cpu}: {exc}", file=sys.stderr)
         return 2
+    rt = set_realtime(cfg.media.realtime_priority)
+    if cfg.media.realtime_priority and not rt:
+        log.warning("media.realtime_priority set but SCHED_RR not permitted (needs CAP_SYS_NICE); "
+                    "running at normal priority", extra={"priority": cfg.media.realtime_priority})
     try:
         seg = ShardSegment.attach(args.segment)
     except ShmError as exc:
@@ -63,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     log.info("media worker started", extra={"shard": args.shard, "segment": args.segment, "cpu": args.cpu,
-                                            "opus": opus.version(), "slots": seg.n_slots})
+                                            "opus": opus.version(), "slots": seg.n_slots,
+                                            "realtime": rt})
     try:
         worker.run(lambda: stop)
     finally:

@@ -568,6 +568,21 @@ class MediaWorker:
         self.sel.close()
 
 
+def set_realtime(priority: int) -> bool:
+    """SCHED_RR at ``priority`` for this thread (the worker's only one) if allowed; False otherwise.
+
+    Needs CAP_SYS_NICE (or an RLIMIT_RTPRIO); without it the worker runs at normal priority and relies
+    on its AI shard-mate lowering its own (``shards.ai_nice``).
+    """
+    if priority <= 0:
+        return False
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(priority))
+    except (PermissionError, OSError):
+        return False
+    return True
+
+
 def pin_cpu(cpu: int | None) -> None:
     """Pin this process to ``cpu`` (no-op when None)."""
     if cpu is not None:
