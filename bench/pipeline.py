@@ -70,8 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="short CI form: 3 sessions, a few seconds")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, config)")
     parser.add_argument("--rt-media", action="store_true",
-                        help="experiment: run the media workers on SCHED_RR (what systemd's "
-                             "CPUSchedulingPolicy=rr would do); off = as the appliance runs today")
+                        help="experiment: put every thread of the media workers on SCHED_RR (the default "
+                             "media.realtime_priority = 1 already does it for the worker itself when "
+                             "allowed; --set media.realtime_priority=0 measures normal priority)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for a lever experiment, e.g. media.opus_complexity=3 "
                              "(TOML value; repeatable)")
