@@ -65,17 +65,22 @@ lint: venv
 
 test: deps-test venv $(STAMPS)/node lint test-unit test-ops bench-smoke
 
+# CI must never hang (90-min limit): pytest-timeout bounds each test (pyproject), and `timeout` bounds
+# each run. On expiry SIGINT makes pytest stop, print the running test's traceback and the summary;
+# SIGKILL follows 60 s later if even that hangs. -rfEs lists failures, errors and skips (expect none).
+PYTEST_RUN = timeout -s INT -k 60
+
 test-unit: venv
-	$(PY) -m pytest -q -m "not ops" tests
+	$(PYTEST_RUN) 25m $(PY) -m pytest -q -rfEs --durations=15 -m "not ops" tests
 
 test-ops: venv deps-test
-	$(PY) -m pytest -q -m ops tests
+	$(PYTEST_RUN) 45m $(PY) -m pytest -q -rfEs --durations=15 -m ops tests
 
 bench: venv
 	$(VENV)/bin/voice-appliance bench all --json
 
 bench-smoke: venv
-	$(VENV)/bin/voice-appliance bench smoke --json
+	timeout -s INT -k 30 10m $(VENV)/bin/voice-appliance bench smoke --json
 
 deb: deps-test
 	cd packaging && ./build-deb.sh

@@ -320,8 +320,15 @@ class JanusSession:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await task
+            except asyncio.CancelledError:
+                # expected from the cancelled loop; re-raise only if WE were cancelled meanwhile
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+            except Exception:  # a loop's own failure is already logged; stopping anyway
+                pass
 
     async def _post(
         self, path: str, body: dict[str, Any], http_timeout: float | None = None

@@ -170,15 +170,21 @@ class SessionStore:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wait_caught_up(), flush_timeout)
         if self._flusher:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+            flusher, self._flusher = self._flusher, None
+            flusher.cancel()
+            try:
+                await flusher
+            except asyncio.CancelledError:
+                # the flusher's own cancellation is expected; ours (the caller was cancelled while
+                # waiting) must propagate, or a cancelled shutdown carries on as if nothing happened
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
 
     @property
     def pending(self) -> int:
-        """Sessions whose latest state has not reached Redis yet."""
-        return len(self._dirty)
+        """Sessions whose latest state has not reached Redis yet (queued, or being written right now)."""
+        return len(self._dirty.keys() | self._inflight)
 
     @property
     def degraded(self) -> bool:

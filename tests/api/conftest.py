@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,9 +26,10 @@ def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
 
 @pytest.fixture
 async def aredis(redis_srv: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = redis_client(RedisConfig(url=redis_srv.url))
+    # generous timeout: these tests are about behaviour, not latency (outage tests make their own client)
+    client = redis_client(RedisConfig(url=redis_srv.url), timeout=5.0)
     yield client
-    await client.aclose()
+    await asyncio.wait_for(client.aclose(), 5)
 
 
 @pytest.fixture

@@ -1,0 +1,66 @@
+"""Suite-wide guard: an ``async`` test that hangs is cancelled INSIDE its event loop before pytest-timeout.
+
+Why: pytest-timeout's signal method raises ``Failed: Timeout`` from a SIGALRM handler wherever the main
+thread happens to be — usually inside the event loop's ``select()``. The test task is then left pending,
+the loop is unwound from the outside, and pytest-asyncio's runner teardown (``_cancel_all_tasks``) can
+wait forever on it (seen in CI: a hung test, then a teardown that never ended). Cancelling the test task
+from within the loop (``asyncio.timeout``) ends it the normal way: ``finally`` blocks and ``async with``
+exits run, the traceback shows the await that hung, fixture teardown runs on a healthy loop, and
+pytest-timeout stays armed for a hang in teardown or in sync code. The Makefile's ``timeout`` wrapper is
+the last net for everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+# Share of the item's pytest-timeout given to the test body; the rest is left for fixture teardown.
+_BODY_SHARE = 0.8
+
+
+def _item_timeout(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    if marker is not None:
+        value = marker.args[0] if marker.args else marker.kwargs.get("timeout")
+        if value is not None:
+            return float(value)
+    try:
+        return float(item.config.getini("timeout") or 0)
+    except ValueError:
+        return 0.0
+
+
+def _bounded(func: Callable[..., Any], limit: float, nodeid: str) -> Callable[..., Any]:
+    @functools.wraps(func)
+    async def run_bounded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(limit):
+                return await func(*args, **kwargs)
+        except TimeoutError as exc:
+            # asyncio.timeout turned our cancellation into TimeoutError; a TimeoutError raised by the test
+            # itself has no CancelledError context
+            if isinstance(exc.__context__, asyncio.CancelledError):
+                pytest.fail(f"{nodeid}: async test body still running after {limit:.0f} s "
+                            "(cancelled where it hung — see the traceback)")
+            raise
+
+    return run_bounded
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        func = getattr(item, "obj", None)
+        if not isinstance(item, pytest.Function) or not inspect.iscoroutinefunction(func):
+            continue
+        if getattr(func, "is_hypothesis_test", False):
+            continue  # pytest-asyncio drives hypothesis' inner test itself
+        limit = _item_timeout(item)
+        if limit > 0:
+            item.obj = _bounded(func, limit * _BODY_SHARE, item.nodeid)
