@@ -21,13 +21,15 @@ const { chromium } = require("playwright-core");
   });
   try {
     const page = await browser.newPage();
+    // generous: a loaded 2-core CI box can take tens of seconds for what takes ~1 s idle
+    page.setDefaultTimeout(60000);
     page.on("console", (m) => console.error("page:", m.text()));
     await page.goto(url);
     await page.click("#call");
     await page.waitForFunction(
       () => (window.demoPc && window.demoPc.connectionState === "connected") ||
             document.getElementById("error").textContent !== "",
-      null, { timeout: 30000 });
+      null, { timeout: 60000 });
     const error = await page.textContent("#error");
     if (error) throw new Error("page error: " + error);
     const info = await page.evaluate(() => ({
@@ -52,7 +54,7 @@ const { chromium } = require("playwright-core");
         }, 50);
       });
       await page.waitForFunction(() => document.querySelectorAll("#transcript li").length > 0, null,
-                                 { timeout: 30000 });
+                                 { timeout: 60000 });
     }
     await page.waitForTimeout(Number(holdMs));
     const heard = await page.evaluate(() => ({
@@ -63,7 +65,7 @@ const { chromium } = require("playwright-core");
     const model = await page.textContent("#model");
     await page.click("#hangup");
     await page.waitForFunction(() => document.getElementById("conn").textContent === "idle", null,
-                               { timeout: 10000 });
+                               { timeout: 30000 });
     console.log(JSON.stringify({ event: "hungup", model }));
   } finally {
     await browser.close();

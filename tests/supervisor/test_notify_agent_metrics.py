@@ -85,6 +85,7 @@ def _free_port() -> int:
 
 def _haproxy_servers_state(sock_path: str) -> str:
     with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
         s.connect(sock_path)
         s.sendall(b"show servers state be\n")
         out = b""

@@ -322,7 +322,7 @@ async def test_redis_outage_does_not_stop_calls(sup, seg, redis_srv, sub):
         # the supervisor catches up: the record reaches Redis once it answers again
         import redis as redis_sync
 
-        client = redis_sync.Redis.from_url(redis_srv.url)
+        client = redis_sync.Redis.from_url(redis_srv.url, socket_timeout=2, socket_connect_timeout=2)
         await wait_until(lambda: client.exists(f"va:session:{sid}"), what="record written after outage")
         client.close()
         assert (await http.delete(f"/v1/sessions/{sid}", headers=auth)).status_code == 204
