@@ -29,7 +29,7 @@ from tests.harness.shm import activate_slot, shard_segment
 from workers.ai.greeting import PromptCache
 from workers.ai.worker import AiWorker
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)  # worst case of the generous waits below; ~25 s loaded
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ async def running(cfg, seg, emu, tmp_path) -> AsyncIterator[AiWorker]:
         await asyncio.wait_for(task, 15)
 
 
-async def until(pred, limit: float = 10.0, what: str = "condition") -> None:
+async def until(pred, limit: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + limit
     while not pred():
         if time.monotonic() > deadline:
@@ -160,12 +160,12 @@ async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, e
     proc = _start_worker(seg, cfg_path, log)
     procs = [proc]
     try:
-        await until(lambda: slot.model_state == "live", 20, "model live")
+        await until(lambda: slot.model_state == "live", 30, "model live")
         pid, age = seg.heartbeat_age("ai")
         assert pid == proc.pid and age is not None and age < 1.0
         # turn 1: a complete exchange, so the model issues a resume handle
         await speak(slot, np.concatenate([silence(0.2), speech, silence(0.7)]))
-        await until(lambda: bool(slot.resume_handle), 10, "resume handle")
+        await until(lambda: bool(slot.resume_handle), 20, "resume handle")
         first_handle = slot.resume_handle
         sessions = emu.sessions()
         conv = next(s["session"] for s in sessions if s["live"])
@@ -190,13 +190,15 @@ async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, e
             await asyncio.sleep(0.01)
         t_end = time.monotonic()
         # the restarted worker resumed the same conversation and the model got the whole utterance
-        await until(lambda: emu.session(conv)["resumes"] >= 1, 10, "resume")
-        await until(lambda: slot.resume_handle != first_handle, 15, "a new handle after turn 2")
+        # generous limits: a replacement worker's start (imports, VAD model, Live connect) takes ~1 s idle
+        # and ~10 s on a loaded 2-core box; the content check below is what matters
+        await until(lambda: emu.session(conv)["resumes"] >= 1, 40, "resume")
+        await until(lambda: slot.resume_handle != first_handle, 40, "a new handle after turn 2")
         rec = np.frombuffer(emu.audio(conv)[before:], np.int16)
         corr, _ = best_correlation(speech, rec, 16000)
         assert corr > 0.98, corr
         # and the echo of turn 2 reached the downlink, soon after the caller stopped
-        await until(lambda: slot.downlink.write_cursor > cursor, 10, "echo")
+        await until(lambda: slot.downlink.write_cursor > cursor, 30, "echo")
         print(f"echo {time.monotonic() - t_end:.2f} s after the caller stopped")
     finally:
         for p in procs:
@@ -217,16 +219,16 @@ async def test_unreachable_model_keeps_call_plays_hold_then_recovers(cfg, seg, e
     try:
         async with running(cfg, seg, emu, tmp_path) as w:
             activate_slot(slot, options={"greeting": ""})
-            await until(lambda: slot.model_state == "degraded", 15, "degraded")
+            await until(lambda: slot.model_state == "degraded", 30, "degraded")
             # the caller hears "please hold" (espeak speech, > 0.5 s) and the call stays attached
-            await until(lambda: slot.downlink.available() > 24000, 5, "hold prompt")
+            await until(lambda: slot.downlink.available() > 24000, 15, "hold prompt")
             assert 0 in w.calls and slot.counters.get("degraded") >= 1
             emu.configure(refuse=False)
-            await until(lambda: slot.model_state == "live", 15, "recovered")
+            await until(lambda: slot.model_state == "live", 30, "recovered")
             slot.downlink.skip(slot.downlink.available())
             await speak(slot, np.concatenate([silence(0.2), speech, silence(0.7)]))
             got = bytearray()
-            await until(lambda: collect(slot, got) >= 2 * len(speech) * 3 // 2, 10, "echo after recovery")
+            await until(lambda: collect(slot, got) >= 2 * len(speech) * 3 // 2, 30, "echo after recovery")
             corr, _ = best_correlation(to24k(speech), np.frombuffer(bytes(got), np.int16), 24000)
             assert corr > 0.9, corr
     finally:

@@ -109,6 +109,11 @@ async def wait_quiet(rec, seconds: float = 1.0, limit: float = 20.0) -> None:
     await wait_until(quiet, limit=limit, step=0.1, what="quiet line (greeting over)")
 
 
+def media_path_losses(slot) -> dict[str, int]:
+    """Frames the media worker lost, received too late or concealed (the caller's path, not the AI's)."""
+    return {k: int(slot.counters.get(k)) for k in ("late", "lost", "concealed")}
+
+
 def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * RATE), dtype=np.int16)
 
@@ -143,6 +148,7 @@ async def test_echo_through_the_appliance_and_worker_crashes(sup, emulator, sub,
 
             # kill -9 the AI worker while the caller speaks: the call stays up and the reply comes
             ai_pid, _ = seg.heartbeat_age("ai")
+            path_before = media_path_losses(seg.slot(0))
             track.play(silence(0.3))
             await asyncio.sleep(0.1)
             os.kill(ai_pid, signal.SIGKILL)
@@ -167,8 +173,9 @@ async def test_echo_through_the_appliance_and_worker_crashes(sup, emulator, sub,
             got = np.frombuffer(emulator.audio(conv["session"]), dtype=np.int16)
             ref16 = soxr.resample(during_ai_restart, RATE, conv["rate"]).astype(np.int16)
             corr_in, _ = find_echo(ref16, got, conv["rate"])
+            path = {k: v - path_before[k] for k, v in media_path_losses(seg.slot(0)).items()}
             print(f"model received the utterance spoken during the AI restart: correlation {corr_in:.2f} "
-                  f"(uplink ring drops: {drops_before})")
+                  f"(uplink ring drops: {drops_before}, caller→media worker path: {path})")
             assert corr_in > 0.8
             assert pc.connectionState == "connected"
 
