@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -64,3 +66,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         limit = _item_timeout(item)
         if limit > 0:
             item.obj = _bounded(func, limit * _BODY_SHARE, item.nodeid)
+
+
+# If pytest-timeout had to fire during the test itself (a body that ignored the in-loop cancellation, or
+# sync code), its one alarm is spent: give the teardown an alarm of its own, so a runner teardown that
+# waits on the abandoned test task fails this test instead of hanging the whole run.
+_TEARDOWN_AFTER_TIMEOUT_S = 60
+_timed_out = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed and "from pytest-timeout" in str(report.longrepr):
+        item.stash[_timed_out] = True
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Any:
+    if not item.stash.get(_timed_out, False) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        pytest.fail(f"teardown still running {_TEARDOWN_AFTER_TIMEOUT_S} s after the test timed out")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, _TEARDOWN_AFTER_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
