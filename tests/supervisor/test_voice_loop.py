@@ -190,7 +190,9 @@ async def test_echo_through_the_appliance_and_worker_crashes(sup, emulator, sub,
             await wait_until(lambda: slot.counters.get("rx_packets") > rx + 2, step=0.01, what="RTP again")
             gap = time.monotonic() - t_kill
             print(f"media worker kill -9 → caller RTP processed again after {gap * 1000:.0f} ms")
-            assert gap < 3.0  # ~0.6-0.8 s measured; generous for a loaded CI box
+            # ~0.25-0.8 s idle; 2.6 s seen with real-time (SCHED_RR) load next to the suite: the bound only
+            # proves the replacement takes over the call's port (what comes next checks the content)
+            assert gap < 8.0
             corr3, m2e3 = await say_and_hear(track, rec, after_media_restart, limit=20)
             print(f"after media kill -9: correlation {corr3:.2f}, mouth-to-ear {m2e3 * 1000:.0f} ms")
             got = np.frombuffer(emulator.audio(conv["session"]), dtype=np.int16)
