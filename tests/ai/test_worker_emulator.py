@@ -162,7 +162,7 @@ async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, e
     try:
         await until(lambda: slot.model_state == "live", 30, "model live")
         pid, age = seg.heartbeat_age("ai")
-        assert pid == proc.pid and age is not None and age < 1.0
+        assert pid == proc.pid and age is not None and age < 3.0  # the arbiter's stale limit; ~0.02 s idle
         # turn 1: a complete exchange, so the model issues a resume handle
         await speak(slot, np.concatenate([silence(0.2), speech, silence(0.7)]))
         await until(lambda: bool(slot.resume_handle), 20, "resume handle")
