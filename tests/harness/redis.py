@@ -20,11 +20,24 @@ from pathlib import Path
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port that was free a moment ago on ``host`` and never returned before in this process.
+
+    The kernel may give the same ephemeral port to two back-to-back ``bind(0)`` calls once the first
+    socket is closed; a test that takes several ports before starting its servers then had two servers on
+    one port (seen in CI: the API and the emulator both given 44369).
+    """
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no fresh free port")
 
 
 def _alive(pid: int) -> bool:
