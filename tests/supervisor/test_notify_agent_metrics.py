@@ -78,9 +78,9 @@ async def test_agent_server_follows_state():
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests.harness.redis import free_port  # never the same port twice in a run
+
+    return free_port()
 
 
 def _haproxy_servers_state(sock_path: str) -> str:
