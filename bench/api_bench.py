@@ -1,7 +1,7 @@
 """Session API control-plane costs: JWT verification, SDP validation, Redis rate limit and state writes,
 a whole ``POST /v1/sessions`` through the app, and (``--janus``) NoSIP signalling on a real Janus.
 
-``python -m bench.api_bench --json`` (or ``voice-appliance bench api`` once registered). Every number is
+``voice-appliance bench api --json`` from a source checkout (it reuses tests/harness). Every number is
 a median over ``--n`` repetitions; CPU numbers use ``process_time`` (the box is shared).
 """
 
@@ -114,7 +114,17 @@ async def _janus_part(n: int) -> dict[str, Any]:
             "janus_nosip_attach_generate_process_ms_max": round(max(samples), 2)}
 
 
+def _use_source_checkout() -> None:
+    """This benchmark reuses the test harnesses (real redis-server, Janus netns): it needs the source tree."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "tests" / "harness").is_dir():
+        raise RuntimeError("bench api needs a source checkout (it uses tests/harness)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    _use_source_checkout()
     from appliance.auth import JwtVerifier
     from appliance.sdp import validate_offer
     from appliance.token import generate_keys, mint
