@@ -17,13 +17,16 @@ from shm.segment import ShardSegment, ShmError
 from tests.harness.shm import activate_slot, shard_segment
 
 _CTX = mp.get_context("fork")
-DURATION = 1.5
+# Seconds each child hammers, counted from its own start (process start-up on a loaded box can take
+# most of a second, which must not eat into the window the reader observes).
+DURATION = 2.0
 
 
-def _hammer_strings(name: str, stop_at: float) -> None:
+def _hammer_strings(name: str, duration: float) -> None:
     seg = ShardSegment.attach(name)
     slot = seg.slot(0)
     i = 0
+    stop_at = time.monotonic() + duration
     while time.monotonic() < stop_at:
         ch = "abcdefgh"[i % 8]
         slot.resume_handle = ch * (100 + 113 * (i % 8))  # 100..891 bytes, length tied to the char
@@ -44,7 +47,7 @@ def test_seqlocked_strings_are_never_torn() -> None:
         slot.resume_handle = "a" * 100
         slot.transcript = "a" * 10
         slot.set_remote("127.0.0.1", 5000)
-        proc = _CTX.Process(target=_hammer_strings, args=(seg.name, time.monotonic() + DURATION))
+        proc = _CTX.Process(target=_hammer_strings, args=(seg.name, DURATION))
         proc.start()
         reads = changes = 0
         last = ""
@@ -86,10 +89,11 @@ def test_writer_dying_mid_update_gives_clear_error_and_is_repaired() -> None:
         assert seq2 % 2 == 0
 
 
-def _cycle_sessions(name: str, stop_at: float) -> None:
+def _cycle_sessions(name: str, duration: float) -> None:
     seg = ShardSegment.attach(name)
     slot = seg.slot(1)
     k = 0
+    stop_at = time.monotonic() + duration
     while time.monotonic() < stop_at:
         k += 1
         activate_slot(slot, session_id=f"s{k}", local_rtp_port=1000 + k % 60000, remote_rtp_port=k % 60000,
@@ -101,7 +105,7 @@ def _cycle_sessions(name: str, stop_at: float) -> None:
 
 def test_snapshots_are_consistent_while_slot_is_reused() -> None:
     with shard_segment(slots=2) as seg:
-        proc = _CTX.Process(target=_cycle_sessions, args=(seg.name, time.monotonic() + DURATION))
+        proc = _CTX.Process(target=_cycle_sessions, args=(seg.name, DURATION))
         proc.start()
         slot = seg.slot(1)
         seen = 0
