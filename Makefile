@@ -68,7 +68,8 @@ test: deps-test venv $(STAMPS)/node lint test-unit test-ops bench-smoke
 # CI must never hang (90-min limit): pytest-timeout bounds each test (pyproject), and `timeout` bounds
 # each run. On expiry SIGINT makes pytest stop, print the running test's traceback and the summary;
 # SIGKILL follows 60 s later if even that hangs. -rfEs lists failures, errors and skips (expect none).
-PYTEST_RUN = timeout -s INT -k 60
+# VA_TESTS_REQUIRE_ALL=1: a skipped test fails the run (tests/conftest.py).
+PYTEST_RUN = VA_TESTS_REQUIRE_ALL=1 timeout -s INT -k 60
 
 test-unit: venv
 	$(PYTEST_RUN) 25m $(PY) -m pytest -q -rfEs --durations=15 -m "not ops" tests

@@ -99,3 +99,20 @@ def pytest_runtest_teardown(item: pytest.Item) -> Any:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# Environment skips (no root, no Janus, no Chromium modules) keep a partial developer checkout usable, but
+# `make test` installs everything, so there a skip means a missing install step, never a pass:
+# the Makefile sets VA_TESTS_REQUIRE_ALL=1 and any skipped test fails the run.
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import os
+
+    if os.environ.get("VA_TESTS_REQUIRE_ALL") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped and exitstatus == 0:
+        for report in skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+            print(f"SKIPPED under make test (VA_TESTS_REQUIRE_ALL=1): {report.nodeid}: {reason}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -8,7 +8,6 @@ with what was spoken, and records mouth-to-ear latency (end of speech → first 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 import time
@@ -28,8 +27,6 @@ from tests.supervisor.rtc import RATE, caller
 pytestmark = [
     pytest.mark.janus,
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("workers.ai.live") is None,
-                       reason="AI worker Live layer missing"),
 ]
 
 
