@@ -19,17 +19,13 @@ import asyncio
 import contextlib
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from appliance.emulator.process import run_emulator
 
 FRAME = 640  # 20 ms at 16 kHz
 
@@ -106,42 +102,11 @@ def per_message_costs(n: int = 3000) -> dict[str, float]:
 
 
 # --- the emulator process ------------------------------------------------------------------------
-_BANNER = re.compile(r"emulator listening on wss://(\S+):(\d+) ca=(\S+)")
-
-
 @contextlib.contextmanager
 def _emulator(state_dir: str, api_key: str) -> Any:
-    exe = Path(sys.executable).parent / "voice-appliance"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "appliance"]
-    cmd += ["emulator", "--port", "0", "--api-key", api_key, "--state-dir", state_dir, "--pacing", "realtime"]
-    env = {**os.environ, "VA_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    found: dict[str, Any] = {}
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            m = _BANNER.search(line)
-            if m:
-                found["m"] = m
-                return
-
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    t.join(20)
-    try:
-        if "m" not in found:
-            raise RuntimeError("the emulator did not start")
-        m = found["m"]
-        yield proc.pid, f"https://{m.group(1)}:{m.group(2)}", m.group(3)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+    args = ["--port", "0", "--api-key", api_key, "--state-dir", state_dir, "--pacing", "realtime"]
+    with run_emulator(args) as child:
+        yield child.proc.pid, child.base_url, child.ca_file
 
 
 # --- the load run --------------------------------------------------------------------------------

@@ -18,13 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import signal
 import ssl
 import subprocess
-import sys
-import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from appliance.emulator.process import run_emulator
+
 API_KEY = "test-emulator-key"
-_LINE = re.compile(r"emulator listening on wss://(\S+):(\d+) ca=(\S+)")
 
 
 @dataclass
@@ -129,77 +125,21 @@ def _str(v: Any) -> str:
     return str(v)
 
 
-def _cli() -> list[str]:
-    exe = Path(sys.executable).parent / "voice-appliance"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "appliance"]
-
-
-def _pid_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
 @contextlib.contextmanager
 def start_emulator(tmp_dir: str | os.PathLike[str], *, api_key: str = API_KEY, host: str = "127.0.0.1",
                    timeout: float = 20.0, **flags: Any) -> Iterator[Emulator]:
     """Run ``voice-appliance emulator`` on a free port with its state in ``tmp_dir``; stop it after."""
     state = Path(tmp_dir) / "emulator-state"
-    cmd = [*_cli(), "emulator", "--host", host, "--port", "0", "--api-key", api_key,
-           "--state-dir", str(state)]
+    args = ["--host", host, "--port", "0", "--api-key", api_key, "--state-dir", str(state)]
     for k, v in flags.items():
         opt = "--" + k.replace("_", "-")
         if v is True:
-            cmd.append(opt)
+            args.append(opt)
         elif v is not False and v is not None:
-            cmd += [opt, str(v)]
-    env = dict(os.environ)
-    env.setdefault("VA_LOG_LEVEL", "warning")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    log_lines: list[str] = []
-
-    def drain_stderr() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            log_lines.append(line.rstrip())
-
-    threading.Thread(target=drain_stderr, daemon=True).start()
-    try:
-        assert proc.stdout is not None
-        found: dict[str, Any] = {}
-
-        def read_banner() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                m = _LINE.search(line)
-                if m:
-                    found["m"] = m
-                    return
-
-        reader = threading.Thread(target=read_banner, daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if "m" not in found:
-            raise RuntimeError(f"emulator did not start: {' | '.join(log_lines[-10:])}")
-        m = found["m"]
-        emu = Emulator(host=m.group(1).strip("[]"), port=int(m.group(2)), ca_file=m.group(3), api_key=api_key,
-                       proc=proc, log_lines=log_lines)
-        yield emu
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        deadline = time.monotonic() + 5
-        while not _pid_gone(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not _pid_gone(proc.pid):
-            raise RuntimeError(f"emulator pid {proc.pid} did not exit")
+            args += [opt, str(v)]
+    with run_emulator(args, timeout=timeout) as child:
+        yield Emulator(host=child.host, port=child.port, ca_file=child.ca_file, api_key=api_key,
+                       proc=child.proc, log_lines=child.log_lines)
 
 
 # --- audio helpers (tones, test signals, frequency and correlation checks) ------------------------
