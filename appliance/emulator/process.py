@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.procs import pid_gone
+
 START_LINE = re.compile(r"emulator listening on wss://(\S+):(\d+) ca=(\S+)")
 
 
@@ -43,12 +45,6 @@ def cli_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "appliance"]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 @contextlib.contextmanager
@@ -92,7 +88,7 @@ def run_emulator(args: list[str], *, timeout: float = 20.0) -> Iterator[Emulator
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(5)
         deadline = time.monotonic() + 5
-        while not _gone(proc.pid) and time.monotonic() < deadline:
+        while not pid_gone(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if not _gone(proc.pid):
+        if not pid_gone(proc.pid):
             raise RuntimeError(f"emulator pid {proc.pid} did not exit")

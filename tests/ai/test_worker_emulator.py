@@ -22,6 +22,7 @@ import pytest
 import soxr
 
 from appliance.config import load_config, replace
+from appliance.procs import pid_gone
 from tests.ai.audio import frames, silence
 from tests.harness.audio import best_correlation
 from tests.harness.emulator import start_emulator
@@ -143,12 +144,7 @@ def _start_worker(seg, cfg_path: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([*cmd, *args], stdout=subprocess.DEVNULL, stderr=log.open("ab"))
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
+_gone = pid_gone
 
 
 async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, emu, tmp_path, speech) -> None:

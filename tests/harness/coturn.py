@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.procs import pid_gone
+
 TURNSERVER = "/usr/bin/turnserver"
 UCLIENT = "/usr/bin/turnutils_uclient"
 
@@ -41,11 +43,9 @@ def _free_udp_tcp_port(host: str) -> int:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    """True if ``pid`` exists and is not a zombie."""
+    return not pid_gone(pid)
+
 
 
 _STUN_PROBE = """

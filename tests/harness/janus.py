@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from appliance import janus_conf
+from appliance.procs import pid_gone
 
 T = TypeVar("T")
 _CLONE_NEWNET = 0x40000000
@@ -216,11 +217,9 @@ class JanusInstance:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+    """True if ``pid`` exists and is not a zombie."""
+    return not pid_gone(pid)
+
 
 
 def _stop(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:

@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from appliance.procs import pid_gone
+
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
@@ -42,11 +44,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    return not pid_gone(pid)
+
 
 
 class RedisServer:

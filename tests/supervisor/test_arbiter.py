@@ -12,6 +12,7 @@ import pytest
 
 from appliance.arbiter import Arbiter, WorkerSpec
 from appliance.cpuplan import available_cpus
+from appliance.procs import pid_gone
 
 CHILD = str(Path(__file__).with_name("child.py"))
 CPUS = available_cpus()
@@ -24,13 +25,7 @@ def cpus_allowed(pid: int) -> str:
     raise AssertionError("no Cpus_allowed_list")
 
 
-def gone(pid: int) -> bool:
-    """True if the process no longer exists (or is a zombie nobody reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state == "Z"
+gone = pid_gone
 
 
 def file_heartbeat(tmp_path: Path):

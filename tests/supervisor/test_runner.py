@@ -16,6 +16,7 @@ import pytest
 
 from appliance.config import load_config
 from appliance.cpuplan import make_plan
+from appliance.procs import pid_gone
 from appliance.runner import dumps_toml, ensure_secret, prepare, supervisord_conf
 from tests.harness.redis import free_port
 
@@ -73,12 +74,7 @@ def test_supervisord_conf_escapes_percent(tmp_path):
     assert "stopasgroup=true" in text and "killasgroup=true" in text
 
 
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state == "Z"
+_gone = pid_gone
 
 
 def _descendants(pid: int) -> set[int]:

@@ -17,6 +17,7 @@ import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
 
+from appliance.procs import pid_gone
 from shm.segment import ShardSegment, SlotState, segment_name
 from tests.supervisor.conftest import SupervisorProc, start_supervisor, stop_supervisor
 
@@ -30,11 +31,7 @@ def cpus_allowed(pid: int) -> str:
     raise AssertionError("no Cpus_allowed_list")
 
 
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
+gone = pid_gone
 
 
 async def wait_until(pred, limit: float = 20.0, step: float = 0.05, what: str = "condition"):
