@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import signal
@@ -129,3 +130,16 @@ def stop_supervisor(sp: SupervisorProc, sig: int = signal.SIGTERM, wait: float =
 @pytest.fixture
 def sub() -> str:
     return "user-" + secrets.token_hex(3)
+
+
+async def wait_until(pred, limit: float = 20.0, step: float = 0.05, what: str = "condition"):
+    """Poll ``pred`` (sync or async) until it returns a truthy value, or fail naming ``what``."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = pred()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(step)
+    raise AssertionError(f"{what} not met within {limit} s")

@@ -19,7 +19,7 @@ from aiortc.mediastreams import AudioStreamTrack
 
 from appliance.procs import pid_gone
 from shm.segment import ShardSegment, SlotState, segment_name
-from tests.supervisor.conftest import SupervisorProc, start_supervisor, stop_supervisor
+from tests.supervisor.conftest import SupervisorProc, start_supervisor, stop_supervisor, wait_until
 
 pytestmark = [pytest.mark.janus, pytest.mark.slow]
 
@@ -32,18 +32,6 @@ def cpus_allowed(pid: int) -> str:
 
 
 gone = pid_gone
-
-
-async def wait_until(pred, limit: float = 20.0, step: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = pred()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        await asyncio.sleep(step)
-    raise AssertionError(f"{what} not met within {limit} s")
 
 
 async def caller() -> RTCPeerConnection:

@@ -21,7 +21,7 @@ from aiortc import RTCSessionDescription
 from shm.segment import ShardSegment, segment_name
 from tests.harness.audio import speech
 from tests.harness.emulator import start_emulator
-from tests.supervisor.conftest import start_supervisor, stop_supervisor
+from tests.supervisor.conftest import start_supervisor, stop_supervisor, wait_until
 from tests.supervisor.rtc import RATE, caller
 
 pytestmark = [
@@ -44,18 +44,6 @@ def sup(tmp_path_factory, redis_srv, janus, emulator):
     })
     yield sp
     stop_supervisor(sp)
-
-
-async def wait_until(pred, limit: float = 20.0, step: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = pred()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        await asyncio.sleep(step)
-    raise AssertionError(f"{what} not met within {limit} s")
 
 
 def envelope(x: np.ndarray, hop: int) -> np.ndarray:
