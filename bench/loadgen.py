@@ -52,6 +52,10 @@ PHASES = 4
 RTP = struct.Struct("!BBHII")
 AUDIO_DBFS = -75.0  # a received frame louder than this is model audio (echoed room noise: ~-67)
 SILENT_DBFS = -85.0  # ... quieter than this is silence (a flushed or idle downlink: ~-100)
+# The first model audio of a turn is the echo of the caller's pre-roll: room noise that arrives at
+# -75..-88 dBFS after two Opus passes. An idle downlink (the cached silence packet) decodes to digital
+# silence (< -100), so the first frame above this is the first packet carrying model audio.
+FIRST_AUDIO_DBFS = -92.0
 SILENT_RUN = 3  # consecutive silent frames that end a model turn
 # Barge-in happens mid-answer, where the echo never drops below ~-50 dBFS (the clip's noise floor), so a
 # frame whose last 10 ms is below -60 dBFS is the flushed downlink. Opus's lookahead carries ~6.5 ms of
@@ -316,6 +320,9 @@ class Caller:
 
     def _level(self, payload: bytes, t_ns: int, win: Window) -> None:
         level, tail = self.meter.dbfs(payload)
+        if (level > FIRST_AUDIO_DBFS and self.turn is not None and not self.turn.first_audio_ns
+                and self.state is State.WAIT):
+            self.turn.first_audio_ns = t_ns
         if level > AUDIO_DBFS and tail > SILENT_DBFS:
             win.rx_model_audio += 1
             self.last_audio_ns = t_ns

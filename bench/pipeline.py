@@ -243,7 +243,8 @@ class Bench:
         with open(self.work / "emulator.log", "wb") as log:
             self.emulator = subprocess.Popen(
                 [sys.executable, "-m", "appliance", "emulator", "--config", str(cfg_path),
-                 "--state-dir", str(emu_dir), "--reply", "echo", "--first-byte-delay-ms", "0",
+                 "--state-dir", str(emu_dir), "--reply", os.environ.get("VA_BENCH_REPLY", "echo"),
+                 "--first-byte-delay-ms", "0",
                  "--log-level", "warning"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         with contextlib.suppress(OSError):
