@@ -25,6 +25,9 @@ media + one AI process per session — how peers scale — and the CPU ratio), `
 Experiments: ``--rt-media`` (media workers on SCHED_RR), ``--media-only`` (no AI worker: the RTP/Opus
 share alone).
 
+Environment knobs for investigations: ``VA_BENCH_REPLY=tone|silence`` changes the emulator's reply
+(default ``echo``); ``VA_BENCH_RAW=1`` adds ``raw_turn_end_ms`` (every turn's value, hangover included).
+
 Hand-written orchestration because the point is to run *our* processes exactly as the supervisor does;
 the only borrowed pieces are the arbiter, the CPU plan and the shm segment themselves.
 """
@@ -338,6 +341,7 @@ class Bench:
             "rss_mb_per_session": round(rss / n, 2) if n else None,
             "pss_mb_per_session": round(pss / n, 2) if n else None,
             "pss_mb_total": round(pss, 1),
+            **({"raw_turn_end_ms": r["activity_end_ms"]} if os.environ.get("VA_BENCH_RAW") else {}),
             **_lat("turn_end", r["activity_end_ms"], cfg.vad.hangover_ms),
             **_lat("first_audio", r["first_audio_ms"]),
             **_lat("bargein", r["bargein_ms"], cfg.vad.barge_in_ms),

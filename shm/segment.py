@@ -700,6 +700,12 @@ class ShardSegment:
             return None, None
         return pid, max(0.0, (time.monotonic_ns() - ns) / 1e9)
 
+    def heartbeat_ns(self, role: Literal["media", "ai"]) -> int:
+        """CLOCK_MONOTONIC ns of ``role``'s last beat (0: never). The media worker beats at the end of
+        each 20 ms tick, so this is also the phase of its tick grid (the AI worker locks onto it)."""
+        self._check()
+        return int(self._hb_words(role)[1])
+
     def _hb_words(self, role: str) -> memoryview:
         try:
             return self._hb[role]

@@ -346,3 +346,20 @@ async def test_calls_attached_during_warm_up_are_journaled_then_replayed(cfg, se
     assert live.log == ["start", "audio", "end"]
     corr, _ = best_correlation(speech, np.frombuffer(bytes(live.sent), np.int16), 16000)
     assert corr > 0.99
+
+
+def test_tick_locks_onto_the_media_workers_grid(cfg, seg, tmp_path) -> None:
+    """The AI tick is scheduled 2 ms after the media worker's beat (the end of its tick) on a 20 ms grid,
+    moving at most half a tick; a stale or missing beat leaves the free-running schedule alone."""
+    from workers.ai.worker import MEDIA_PHASE_SECONDS, TICK_SECONDS
+
+    w = make_worker(cfg, seg, tmp_path)
+    assert w._phase_locked(123.456, 123.44) == 123.456  # the media worker never beat
+    seg.heartbeat("media")
+    beat = seg.heartbeat_ns("media") / 1e9
+    for off in (0.0, 0.004, 0.011, 0.0199, 0.031):
+        got = w._phase_locked(beat + off, beat)
+        phase = (got - beat - MEDIA_PHASE_SECONDS) / TICK_SECONDS
+        assert abs(phase - round(phase)) < 1e-6, (off, got - beat)
+        assert abs(got - (beat + off)) <= TICK_SECONDS / 2 + 1e-9
+    assert w._phase_locked(beat + 0.5, beat + 0.2) == beat + 0.5  # beat 200 ms old: free-running

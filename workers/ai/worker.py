@@ -53,6 +53,12 @@ from workers.ai.vad import SAMPLE_RATE, BatchedVad, WindowBuffer
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.020
+# The AI tick runs this long after the media worker's tick ends (its heartbeat): the uplink frames of that
+# tick are all in the rings, so the VAD sees a caller frame within ~2 ms instead of 0-20 ms later (a
+# free-running tick has a random phase per worker start, which shifted turn-end and barge-in by up to a
+# tick between runs). The media beat is the end of its tick, so any per-tick work already happened.
+MEDIA_PHASE_SECONDS = 0.002
+MEDIA_BEAT_FRESH_SECONDS = 0.1  # older beat: the media worker is down or stalled; tick free-running
 UP_FRAME = 640  # 20 ms PCM16 at 16 kHz
 DOWN_FRAME = 960  # 20 ms PCM16 at 24 kHz
 MAX_BACKLOG_BYTES = 60 * 48000  # 60 s of model audio queued locally per call
@@ -234,7 +240,7 @@ class AiWorker:
                 if failures & (failures - 1) == 0:
                     log.exception("AI worker tick failed", extra={"failures": failures})
             self.stats.tick_seconds += time.perf_counter() - t0
-            next_t += TICK_SECONDS
+            next_t = self._phase_locked(next_t + TICK_SECONDS, loop.time())
             delay = next_t - loop.time()
             if delay < -5 * TICK_SECONDS:  # fell far behind (suspend, overload): resynchronise
                 if now - warned > 10.0:
@@ -245,6 +251,22 @@ class AiWorker:
                 delay = 0.0
             await asyncio.sleep(max(delay, 0.0))  # cheaper than wait_for(stop.wait()); stop lags ≤ 20 ms
         await self.shutdown()
+
+    def _phase_locked(self, nominal: float, now: float) -> float:
+        """The tick time on the media worker's grid (+ ``MEDIA_PHASE_SECONDS``) nearest ``nominal``.
+
+        Moves the schedule by at most half a tick per tick, so a media worker restart (new phase) or a
+        late media beat only nudges it; without a fresh beat the nominal time stands.
+        """
+        try:
+            beat_ns = self.seg.heartbeat_ns("media")
+        except ShmError:
+            return nominal
+        beat = beat_ns / 1e9
+        if not beat_ns or now - beat > MEDIA_BEAT_FRESH_SECONDS:
+            return nominal
+        base = beat + MEDIA_PHASE_SECONDS
+        return base + round((nominal - base) / TICK_SECONDS) * TICK_SECONDS
 
     async def shutdown(self) -> None:
         """Close every Live session (the worker is stopping; the calls live on in the slot table)."""
