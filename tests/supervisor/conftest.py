@@ -143,3 +143,29 @@ async def wait_until(pred, limit: float = 20.0, step: float = 0.05, what: str = 
             return value
         await asyncio.sleep(step)
     raise AssertionError(f"{what} not met within {limit} s")
+
+
+NODE_MODULES = Path(__file__).resolve().parents[1] / "e2e" / "node_modules"
+DEMO_CALL = Path(__file__).with_name("demo_call.js")
+
+
+async def demo_page_call(page_url: str, talk_ms: int, wav: Path, log_tail) -> dict[str, dict]:
+    """Call from the demo page in Chromium (tests/supervisor/demo_call.js) with ``wav`` as the fake
+    microphone; returns the page's events by name, after checking the page ran and heard the answer."""
+    import json
+
+    env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
+    proc = await asyncio.create_subprocess_exec(
+        "node", str(DEMO_CALL), page_url, str(talk_ms), str(wav),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 200)  # Chromium is slow on a loaded box
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    events = {e["event"]: e for e in map(json.loads, out.decode().splitlines())}
+    assert proc.returncode == 0 and "heard" in events, err.decode()[-3000:] + log_tail()
+    heard = events["heard"]
+    assert heard["transcript"] and heard["maxRms"] > 0.02, events
+    return events

@@ -19,12 +19,9 @@ the allocation for that TURN user carrying traffic.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import re
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -43,14 +40,13 @@ from tests.harness.audio import speech, write_wav
 from tests.harness.coturn import CoturnServer, coturn_server
 from tests.harness.emulator import start_emulator
 from tests.harness.janus import JanusInstance
-from tests.supervisor.conftest import start_supervisor, stop_supervisor
+from tests.supervisor.conftest import NODE_MODULES, demo_page_call, start_supervisor, stop_supervisor
 from tests.supervisor.rtc import RATE, PcmTrack, Recorder
 from tests.supervisor.test_voice_loop import say_and_hear, wait_quiet, wait_until
 
 pytestmark = [pytest.mark.janus, pytest.mark.slow]
 
 TURN_SECRET = "relay-test-" + secrets.token_hex(8)
-NODE_MODULES = Path(__file__).resolve().parents[1] / "e2e" / "node_modules"
 
 
 @pytest.fixture(scope="module")
@@ -217,25 +213,12 @@ async def test_expired_turn_credentials_are_refused(sup, janus, turn, sub):
 @pytest.mark.skipif(not (NODE_MODULES / "playwright-core").exists(), reason="npm install in tests/e2e first")
 async def test_demo_page_relay_only_in_chromium(sup, turn, tmp_path):
     """The demo page with ?relay=1: Chromium fetches /v1/ice-servers first and talks only through coturn."""
-    import subprocess
 
     wav = tmp_path / "speech.wav"
     write_wav(wav, np.concatenate([speech("hello through the relay", RATE), np.zeros(RATE * 2, np.int16)]),
               RATE)
     before = turn.log_path.read_text(errors="replace")
-    env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
-    proc = await asyncio.create_subprocess_exec(
-        "node", str(Path(__file__).with_name("demo_call.js")), sup.api + "/?relay=1", "1500", str(wav),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 200)  # Chromium is slow on a loaded box
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    events = {e["event"]: e for e in map(json.loads, out.decode().splitlines())}
-    assert proc.returncode == 0 and "heard" in events, err.decode()[-3000:] + sup.log_tail()
-    assert events["heard"]["transcript"] and events["heard"]["maxRms"] > 0.02, events
+    await demo_page_call(sup.api + "/?relay=1", 1500, wav, sup.log_tail)
     # the page's TURN user (c_…, minted by GET /v1/ice-servers) allocated and relayed the call
     new = turn.log_path.read_text(errors="replace")[len(before):]
     users = set(re.findall(r"username=<(\d+:c_[A-Za-z0-9_-]+)>", new))

@@ -19,7 +19,14 @@ from aiortc.mediastreams import AudioStreamTrack
 
 from appliance.procs import pid_gone
 from shm.segment import ShardSegment, SlotState, segment_name
-from tests.supervisor.conftest import SupervisorProc, start_supervisor, stop_supervisor, wait_until
+from tests.supervisor.conftest import (
+    DEMO_CALL,
+    NODE_MODULES,
+    SupervisorProc,
+    start_supervisor,
+    stop_supervisor,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.janus, pytest.mark.slow]
 
@@ -466,7 +473,6 @@ def test_demo_page_and_dev_token(sup):
     assert principal.sub == "demo"
 
 
-NODE_MODULES = Path(__file__).resolve().parents[1] / "e2e" / "node_modules"
 
 
 @pytest.mark.skipif(not (NODE_MODULES / "playwright-core").exists(), reason="npm install in tests/e2e first")
@@ -476,7 +482,7 @@ async def test_demo_page_call_in_chromium(sup, seg):
 
     env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
     proc = await asyncio.create_subprocess_exec(
-        "node", str(Path(__file__).with_name("demo_call.js")), sup.api + "/", "4000",
+        "node", str(DEMO_CALL), sup.api + "/", "4000",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), 60)

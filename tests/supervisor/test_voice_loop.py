@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,7 +20,13 @@ from aiortc import RTCSessionDescription
 from shm.segment import ShardSegment, segment_name
 from tests.harness.audio import speech
 from tests.harness.emulator import start_emulator
-from tests.supervisor.conftest import start_supervisor, stop_supervisor, wait_until
+from tests.supervisor.conftest import (
+    NODE_MODULES,
+    demo_page_call,
+    start_supervisor,
+    stop_supervisor,
+    wait_until,
+)
 from tests.supervisor.rtc import RATE, caller
 
 pytestmark = [
@@ -220,31 +225,15 @@ async def test_room_mode_echo_through_audiobridge(sup, sub):
         await pc.close()
 
 
-NODE_MODULES = Path(__file__).resolve().parents[1] / "e2e" / "node_modules"
 
 
 @pytest.mark.skipif(not (NODE_MODULES / "playwright-core").exists(), reason="npm install in tests/e2e first")
 async def test_demo_page_talks_in_chromium(sup, tmp_path):
     """A person on the demo page: fake microphone speaking, transcripts shown, the answer audible."""
-    import json
-    import subprocess
 
     from tests.harness.audio import write_wav
 
     wav = tmp_path / "speech.wav"
     write_wav(wav, np.concatenate([speech("hello appliance, can you hear me", RATE), silence(2.0)]), RATE)
-    env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
-    proc = await asyncio.create_subprocess_exec(
-        "node", str(Path(__file__).with_name("demo_call.js")), sup.api + "/", "3000", str(wav),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 200)  # Chromium is slow on a loaded box
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    events = {e["event"]: e for e in map(json.loads, out.decode().splitlines())}
-    assert proc.returncode == 0 and "heard" in events, err.decode()[-3000:] + sup.log_tail()
-    heard = events["heard"]
+    heard = (await demo_page_call(sup.api + "/", 3000, wav, sup.log_tail))["heard"]
     print(f"demo page heard: max RMS {heard['maxRms']:.3f}, transcript {heard['transcript']}")
-    assert heard["transcript"] and heard["maxRms"] > 0.02
