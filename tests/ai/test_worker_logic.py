@@ -21,6 +21,7 @@ from tests.ai.doubles import (
 )
 from tests.harness.audio import best_correlation, tone
 from tests.harness.shm import activate_slot, shard_segment
+from workers.ai.dtmf import dtmf_text
 from workers.ai.greeting import PromptCache
 from workers.ai.worker import DOWN_FRAME, AiWorker
 
@@ -318,6 +319,9 @@ async def test_dtmf_events_are_consumed_and_interrupted_flushes(cfg, seg, tmp_pa
     await ticks(w, 5)
     assert w.calls[0].dtmf == "12#" and slot.pop_events() == []
     live = FakeLive.instances[0]
+    # "#" ends the entry: one turn of its own carrying the digits as text
+    assert live.log == ["start", f"text:{dtmf_text('12#')}", "end"]
+    assert slot.counters.get("dtmf_sent") == 3
     live.emit(AudioOut(tone(440, 1.0, 24000).tobytes()))
     epoch = slot.downlink.flush_epoch
     live.emit(Interrupted())  # the model stopped on its own: what is queued must not play
@@ -346,3 +350,24 @@ async def test_calls_attached_during_warm_up_are_journaled_then_replayed(cfg, se
     assert live.log == ["start", "audio", "end"]
     corr, _ = best_correlation(speech, np.frombuffer(bytes(live.sent), np.int16), 16000)
     assert corr > 0.99
+
+
+async def test_dtmf_while_the_caller_talks_joins_the_open_turn(cfg, seg, tmp_path, speech) -> None:
+    cfg = replace(cfg, model={"dtmf_flush_ms": 100})
+    w = make_worker(cfg, seg, tmp_path)
+    slot = seg.slot(0)
+    activate_slot(slot)
+    await ticks(w, 2)
+    live = FakeLive.instances[0]
+    half = len(speech) // 2
+    await feed(w, slot, np.concatenate([silence(0.3), speech[:half]]))
+    assert w.calls[0].sending and live.log == ["start", "audio"]
+    assert slot.push_event(EventCode.DTMF, 5) and slot.push_event(EventCode.DTMF_END, 120)
+    await ticks(w, 5)
+    assert live.log == ["start", "audio"]  # no "#": the entry waits for dtmf_flush_ms
+    await asyncio.sleep(0.12)
+    await ticks(w, 5)
+    await feed(w, slot, np.concatenate([speech[half:], silence(0.8)]))
+    # the digit went into the caller's turn: no extra turn, nothing sent outside it
+    assert live.log == ["start", "audio", f"text:{dtmf_text('5')}", "audio", "end"]
+    assert w.stats.activity_starts == 1 and w.stats.activity_ends == 1

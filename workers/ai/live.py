@@ -34,6 +34,7 @@ Interface (what the AI worker calls)::
                        resume_handle=None), on_event, ssl_context=settings[2])
     await live.start()                               # live, or raises LiveUnavailable (state degraded)
     live.send_audio(pcm16_16k); live.activity_start(); live.activity_end()   # never block, never raise
+    live.send_text("…")                               # realtime text, in order with the audio
     live.send_tool_response([{"id": …, "name": …, "response": {…}}])
     await live.close()                               # emits nothing
     live.state, live.resume_handle, live.server_session_id, live.stats
@@ -255,7 +256,7 @@ def _client(base_url: str, api_key: str, api_version: str, ctx: ssl.SSLContext) 
 
 
 # --- the log of outgoing items -------------------------------------------------------------------------
-AUDIO, START, END = 0, 1, 2
+AUDIO, START, END, TEXT = 0, 1, 2, 3
 
 
 @dataclass(slots=True)
@@ -391,14 +392,27 @@ class LiveSession:
         self._append(END, b"", time.monotonic())
         self._wake.set()
 
-    def send_tool_response(self, responses: list[dict[str, Any]]) -> None:
-        """Answer a :class:`ToolCall` (``[{"id", "name", "response"}]``); dropped if not connected."""
-        conn = self._conn
-        if conn is None or self._closed:
+    def send_text(self, text: str) -> None:
+        """Queue realtime text (``realtime_input.text``, e.g. keypad digits) in order with the audio and
+        activity marks: with manual activity detection it belongs to the caller turn it is sent in, so the
+        owner wraps it in ``activity_start``/``activity_end`` when no turn is open. Never blocks."""
+        if self._closed or not text:
             return
+        self._flush_partial()
+        self._append(TEXT, text.encode(), time.monotonic())
+        self._wake.set()
+
+    def send_tool_response(self, responses: list[dict[str, Any]]) -> bool:
+        """Answer a :class:`ToolCall` (``[{"id", "name", "response"}]``). False (dropped) if not connected:
+        the call came on a connection that is gone, and whether a resumed one still expects the answer is
+        not documented, so it is not replayed."""
+        conn = self._conn
+        if conn is None or conn.closing or self._closed:
+            return False
         msg = json.dumps({"tool_response": {"functionResponses": responses}})
         task = asyncio.get_running_loop().create_task(self._send_raw(conn, msg))
         task.add_done_callback(_ignore_result)
+        return True
 
     async def close(self) -> None:
         """Close the session for good. Emits no events (the owner asked for it)."""
@@ -647,6 +661,8 @@ class LiveSession:
             return '{"realtime_input": {"audio": {"data": "' + b64 + '", "mime_type": "' + AUDIO_MIME + '"}}}'
         if item.kind == START:
             return '{"realtime_input": {"activityStart": {}}}'
+        if item.kind == TEXT:
+            return json.dumps({"realtime_input": {"text": item.data.decode()}})
         return '{"realtime_input": {"activityEnd": {}}}'
 
     async def _write(self, conn: _Conn, item: _Item) -> None:
@@ -660,6 +676,8 @@ class LiveSession:
             await s.send_realtime_input(audio=types.Blob(data=item.data, mime_type=AUDIO_MIME))
         elif item.kind == START:
             await s.send_realtime_input(activity_start=types.ActivityStart())
+        elif item.kind == TEXT:
+            await s.send_realtime_input(text=item.data.decode())
         else:
             await s.send_realtime_input(activity_end=types.ActivityEnd())
 
