@@ -371,3 +371,22 @@ async def test_dtmf_while_the_caller_talks_joins_the_open_turn(cfg, seg, tmp_pat
     # the digit went into the caller's turn: no extra turn, nothing sent outside it
     assert live.log == ["start", "audio", f"text:{dtmf_text('5')}", "audio", "end"]
     assert w.stats.activity_starts == 1 and w.stats.activity_ends == 1
+
+
+async def test_keypad_entry_is_journaled_and_replayed_by_a_replacement_worker(cfg, seg, tmp_path) -> None:
+    w1 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+                  journal_dir=tmp_path)
+    slot = seg.slot(0)
+    activate_slot(slot)
+    await ticks(w1, 2)
+    for code in (4, 2, 11):
+        assert slot.push_event(EventCode.DTMF, code)
+    await ticks(w1, 5)
+    entry = f"text:{dtmf_text('42#')}"
+    assert FakeLive.instances[0].log == ["start", entry, "end"]
+    # w1 is SIGKILLed before the model answered (no handle): its replacement replays the entry
+    w2 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+                  journal_dir=tmp_path)
+    await ticks(w2, 2)
+    assert FakeLive.instances[1].log == ["start", entry, "end"]
+    await w2.shutdown()
