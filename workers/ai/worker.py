@@ -27,6 +27,9 @@ worker re-opens the Live session every ``model.degraded_retry_seconds``.
 
 Failure isolation: everything per call runs under a guard that logs and closes only that call's Live
 session (the slot stays; the next scan re-opens it); the loop itself never raises.
+
+Keypad digits (media-worker events, every 5th tick) go to the model as text entries (workers/ai/dtmf.py);
+the model's tool calls are answered by tasks of workers/ai/tools.py, never inside the tick.
 """
 
 from __future__ import annotations
