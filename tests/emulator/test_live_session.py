@@ -413,3 +413,25 @@ async def test_text_in_an_activity_survives_a_resume_exactly_once(emu: Emulator,
     assert emu.audio(sid) == counter_signal(10400)
     users = [e.text for e in rec.of(L.Transcript) if e.role == "user" and e.final]
     assert users[-1] == "heard 0.40 seconds of audio and text: keys: 42#"
+
+
+async def test_a_slow_tool_is_not_mistaken_for_a_stalled_server(emu: Emulator, session: Any) -> None:
+    """While the model waits on our tool response its silence is ours: no 'stopped answering' reconnect.
+    Only open calls of the current connection can be answered."""
+    emu.configure_next(tool_calls=True, reply="tone")
+    live, rec = await session(tools=[{"name": "lights", "description": "x"}])
+    live.response_timeout = 0.5
+    live.activity_start()
+    await speak(live, tone(300, 0.3))
+    live.activity_end()
+    await rec.wait(lambda: rec.of(L.ToolCall), what="tool call")
+    await asyncio.sleep(2.5)  # 5x the response timeout, 2+ watchdog rounds: our tool is just slow
+    assert live.stats.reconnects == 0
+    c = rec.of(L.ToolCall)[0].calls[0]
+    assert not live.send_tool_response([{"id": "not-asked", "name": "lights", "response": {}}])
+    assert live.send_tool_response([{"id": c["id"], "name": c["name"], "response": {"on": True}}])
+    assert not live.send_tool_response([{"id": c["id"], "name": c["name"], "response": {"on": True}}])
+    await rec.turns(1)
+    assert live.stats.reconnects == 0
+    assert emu.session(live.server_session_id)["tool_responses"] == [
+        {"id": c["id"], "name": "lights", "response": {"on": True}}]

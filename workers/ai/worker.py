@@ -771,6 +771,7 @@ class AiWorker:
             call.retry_at = 0.0
         elif ev.state == "reconnecting":
             call.slot.counters.add("reconnects")
+            self.tools.cancel_all(call.key)  # its open tool calls died with the connection (live.py)
         elif ev.state == "closed" and not call.closed:
             # the session ended on its own (e.g. the server sent garbage): re-open it soon
             call.start_failed = True
