@@ -391,10 +391,15 @@ def test_model_client_settings_defaults_to_the_emulator(tmp_path: Any) -> None:
         L.model_client_settings(replace(gem, model={"ca_file": str(tmp_path / "missing.pem")}))
 
 
-async def test_text_in_an_activity_survives_a_resume_exactly_once(emu: Emulator, session: Any) -> None:
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "sdk_path"])
+async def test_text_in_an_activity_survives_a_resume_exactly_once(
+    emu: Emulator, session: Any, fast: bool
+) -> None:
     """Keypad text goes through the same replay log as audio: a close right after it is sent resumes
     from the last handle and re-sends it, so the model holds it exactly once."""
-    live, rec = await session()
+    live, rec = await session(start=False)
+    live.fast_path = fast
+    await live.start()
     sid = live.server_session_id
     live.activity_start()
     await speak(live, counter_signal(4000))
