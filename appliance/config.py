@@ -15,7 +15,9 @@ Secrets may also be given as ``*_file`` keys that name a file (systemd ``LoadCre
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -86,6 +88,15 @@ class ModelConfig:
     greeting: str = "Hello! You are talking with an AI assistant. How can I help?"  # "" = none
     hold_prompt: str = "Please hold on, I am reconnecting."  # played when the model is unreachable
     degraded_retry_seconds: float = 10.0  # re-open a degraded Live session this often
+    # Keypad digits (RFC 4733 DTMF) go to the model as one text message per entry: sent at `#` (kept in
+    # the text), at 32 digits, or after this long without a new digit (workers/ai/dtmf.py says why 1 s).
+    dtmf_flush_ms: int = 1000
+    # Function calling: declarations (a JSON list of FunctionDeclaration objects) go into the Live setup;
+    # each call the model makes is POSTed as {session_id, name, args, call_id} to tools_url and the JSON
+    # answer (or an error result) goes back as the tool_response (workers/ai/tools.py).
+    tools_file: str = ""
+    tools_url: str = ""  # http(s) endpoint; empty: every tool call is answered with an error result
+    tools_timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -266,6 +277,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "vad.preroll_ms": (0, 2000),
     "vad.barge_in_energy_dbfs": (-90, 0),
     "model.degraded_retry_seconds": (0.5, 3600),
+    "model.dtmf_flush_ms": (100, 10000),
+    "model.tools_timeout_seconds": (0.1, 300),
     "turn.ttl_seconds": (60, 3600),
     "limits.session_creates_per_minute": (1, 100000),
     "limits.signalling_per_minute": (1, 100000),
@@ -408,6 +421,59 @@ def _check_cross_field(cfg: Config) -> None:
         )
     if bool(cfg.api.tls_cert_file) != bool(cfg.api.tls_key_file):
         raise ConfigError("api.tls_cert_file: expected both tls_cert_file and tls_key_file, or neither")
+    url = cfg.model.tools_url
+    if url and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", url):
+        raise ConfigError(f"model.tools_url: expected an http:// or https:// URL, got {url!r}")
+    if cfg.model.tools_file:
+        load_tool_declarations(cfg.model.tools_file)
+
+
+_TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
+# FunctionDeclaration fields of the Live API (either casing), see google.genai.types.FunctionDeclaration.
+_TOOL_KEYS = {"name", "description", "parameters", "parametersJsonSchema", "parameters_json_schema",
+              "response", "responseJsonSchema", "response_json_schema", "behavior"}
+MAX_TOOLS = 128
+
+
+def load_tool_declarations(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read ``model.tools_file``: a JSON list of function declarations (``{"name", "description",
+    "parameters"}`` as in the Gemini API). Checked here, at config load, so a bad file fails the start
+    with the key named instead of every call's Live setup failing later."""
+    key = "model.tools_file"
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {str(path)!r}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{key}: {str(path)!r} is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("functionDeclarations"), list):
+        data = data["functionDeclarations"]  # a whole Tool object is accepted too
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"{key}: expected a non-empty JSON list of function declarations")
+    if len(data) > MAX_TOOLS:
+        raise ConfigError(f"{key}: at most {MAX_TOOLS} function declarations, got {len(data)}")
+    seen: set[str] = set()
+    for i, d in enumerate(data):
+        where = f"{key}[{i}]"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected an object, got {d!r:.80}")
+        unknown = sorted(set(d) - _TOOL_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(_TOOL_KEYS))})")
+        name = d.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise ConfigError(f"{where}.name: expected a name of letters, digits, _ . : - (max 64, not "
+                              f"starting with a digit), got {name!r}")
+        if name in seen:
+            raise ConfigError(f"{where}.name: duplicate function name {name!r}")
+        seen.add(name)
+        if not isinstance(d.get("description", ""), str):
+            raise ConfigError(f"{where}.description: expected a string")
+        for k in ("parameters", "parametersJsonSchema", "parameters_json_schema", "response",
+                  "responseJsonSchema", "response_json_schema"):
+            if k in d and not isinstance(d[k], dict):
+                raise ConfigError(f"{where}.{k}: expected a JSON object (a schema)")
+    return data
 
 
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:

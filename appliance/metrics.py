@@ -30,6 +30,9 @@ SHM_COUNTERS: dict[str, str] = {
     "rtp_sent_packets": "RTP packets sent by media workers",
     "concealed_frames": "Audio frames concealed (PLC/FEC) by media workers",
     "model_reconnects": "Live API reconnections by AI workers",
+    "model_tool_calls": "Function calls made by the model (each answered unless the model cancels it)",
+    "model_tool_errors": "Function calls answered with an error result (timeout, HTTP error, bad JSON, ...)",
+    "dtmf_digits_sent": "Keypad digits sent to the model as text",
 }
 
 

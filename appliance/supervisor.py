@@ -183,6 +183,9 @@ class Supervisor:
         acc.observe(shard, i, "rtp_sent_packets", c.get("tx_packets", 0))
         acc.observe(shard, i, "concealed_frames", c.get("concealed", 0))
         acc.observe(shard, i, "model_reconnects", c.get("reconnects", 0))
+        acc.observe(shard, i, "model_tool_calls", c.get("tool_calls", 0))
+        acc.observe(shard, i, "model_tool_errors", c.get("tool_errors", 0))
+        acc.observe(shard, i, "dtmf_digits_sent", c.get("dtmf_sent", 0))
 
     def _shard_counters(self) -> dict[int, dict[str, float]]:
         """Monotonic per-shard totals of the workers' shared-memory counters (read at scrape time)."""

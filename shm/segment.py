@@ -85,7 +85,7 @@ MEDIA_COUNTERS: tuple[str, ...] = (
 AI_COUNTERS: tuple[str, ...] = (
     "chunks_sent", "audio_sent_ms", "audio_received_ms", "turns", "interruptions", "reconnects",
     "resumes", "tool_calls", "errors", "input_tokens", "output_tokens", "vad_frames", "speech_ms",
-    "degraded", "frames_replayed",
+    "degraded", "frames_replayed", "tool_errors", "dtmf_sent",
 )
 assert len(MEDIA_COUNTERS) <= L.COUNTERS_PER_BLOCK and len(AI_COUNTERS) <= L.COUNTERS_PER_BLOCK
 

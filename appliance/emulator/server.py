@@ -16,6 +16,11 @@ Wire protocol (google-genai 3.4 against ``wss://HOST/ws/google.ai.generativelang
   caller's last utterance, a ``tone`` or ``silence``) paced in real time or in a burst,
   ``outputTranscription``, ``generationComplete``, ``turnComplete`` + ``usageMetadata`` (25 tokens/s of
   audio). Caller speech during a reply cancels it and sends ``interrupted``;
+- realtime text (``realtimeInput.text``, the appliance's keypad digits): recorded per conversation in
+  order (``texts`` in ``/emulator/sessions``; handles snapshot it like the audio record). Inside a manual
+  activity it belongs to that turn — its reply's ``inputTranscription`` says ``… and text: T`` and its
+  ``outputTranscription`` ``<reply> reply to text: T``; otherwise it is a turn of its own, answered at once;
+- tool responses received are recorded per conversation (``tool_responses``), answered or not;
 - tools: with ``tool_calls`` on and functions declared in setup, a turn first sends ``toolCall`` and waits
   for the matching ``toolResponse`` (barge-in meanwhile sends ``toolCallCancellation``);
 - session resumption (when ``sessionResumption`` is in setup): ``sessionResumptionUpdate{newHandle,
@@ -139,6 +144,8 @@ class Conversation:
     rate: int = 16000
     history: list[str] = field(default_factory=list)
     last_utterance: bytes = b""
+    texts: list[str] = field(default_factory=list)  # realtime text received (e.g. keypad digits), in order
+    tool_responses: list[dict[str, Any]] = field(default_factory=list)  # functionResponses received
     resumes: int = 0
     touched: float = field(default_factory=time.monotonic)
 
@@ -161,6 +168,7 @@ class Snapshot:
     record_len: int  # absolute (Conversation.end) at the snapshot point
     history: tuple[str, ...]
     last_utterance: bytes
+    texts: int = 0  # len(Conversation.texts) at the snapshot point
     created: float = field(default_factory=time.monotonic)
 
 
@@ -193,7 +201,9 @@ class Connection:
         self.reading.set()
         self.timers: list[asyncio.Task[None]] = []
         self.state = "setup"
-        self.boundary = (0, 0)  # (record length, client message index) at the last caller-turn end
+        # (record length, client message index, texts received) at the last caller-turn end
+        self.boundary = (0, 0, 0)
+        self.turn_texts: list[str] = []  # realtime text inside the open (manual) caller activity
         self.bytes_in = 0
         self.started = time.monotonic()
 
@@ -284,7 +294,7 @@ class Connection:
         else:
             self.conv = self.server.new_conversation()
         self.server.live[self.conv.id] = self
-        self.boundary = (self.conv.end, 0)
+        self.boundary = (self.conv.end, 0, len(self.conv.texts))
         self.conv.touched = time.monotonic()
         self.state = "live"
         log.info(
@@ -296,10 +306,10 @@ class Connection:
         await self._handle_update(self.boundary)
         self._arm_timers()
 
-    async def _handle_update(self, boundary: tuple[int, int]) -> None:
+    async def _handle_update(self, boundary: tuple[int, int, int]) -> None:
         if not self.resumption or self.conv is None:
             return
-        handle = self.server.snapshot(self.conv, boundary[0])
+        handle = self.server.snapshot(self.conv, boundary[0], boundary[2])
         update: dict[str, Any] = {"newHandle": handle, "resumable": True}
         if self.transparent:
             update["lastConsumedClientMessageIndex"] = boundary[1]
@@ -383,9 +393,18 @@ class Connection:
         if body.get("audioStreamEnd"):
             for ev in self.detector.stream_end():
                 await self._turn_event(ev.kind, ev.utterance)
-        if isinstance(body.get("text"), str) and body["text"]:
-            self.boundary = (self.conv.end, self.msg_index)
-            await self._start_reply(b"", f"text: {body['text']}")
+        text = body.get("text")
+        if text is not None and not isinstance(text, str):
+            raise ProtocolError("realtimeInput.text must be a string")
+        if text:
+            assert self.conv is not None
+            self.conv.texts.append(text)
+            if self.detector.manual and self.detector.speaking:
+                self.turn_texts.append(text)  # part of the open activity: answered at its activityEnd
+            else:
+                self.conv.history.append(f"user: text: {text}")
+                self.boundary = (self.conv.end, self.msg_index, len(self.conv.texts))
+                await self._start_reply(b"", f"text: {text}", text)
 
     async def _client_content(self, body: dict[str, Any]) -> None:
         texts = [
@@ -397,14 +416,18 @@ class Connection:
         assert self.conv is not None
         self.conv.history.extend(f"user: {t}" for t in texts if t)
         if body.get("turnComplete"):
-            self.boundary = (self.conv.end, self.msg_index)
+            self.boundary = (self.conv.end, self.msg_index, len(self.conv.texts))
             await self._start_reply(b"", " ".join(texts))
 
     def _tool_response(self, body: dict[str, Any]) -> None:
         responses = body.get("functionResponses") or []
         if not isinstance(responses, list):
             raise ProtocolError("toolResponse.functionResponses must be a list")
+        assert self.conv is not None
         for r in responses:
+            if isinstance(r, dict):
+                self.conv.tool_responses.append(r)
+                del self.conv.tool_responses[:-MAX_HISTORY]
             if self.pending_tool and isinstance(r, dict) and r.get("id") == self.pending_tool[0]:
                 fut = self.pending_tool[1]
                 if not fut.done():
@@ -412,14 +435,21 @@ class Connection:
 
     async def _turn_event(self, kind: str, utterance: bytes) -> None:
         if kind == "start":
+            self.turn_texts = []
             await self._barge_in()
             return
         assert self.conv is not None
-        self.boundary = (self.conv.end, self.msg_index)
+        self.boundary = (self.conv.end, self.msg_index, len(self.conv.texts))
         self.conv.last_utterance = utterance
         seconds = len(utterance) / 2 / self.conv.rate
+        heard = f"heard {seconds:.2f} seconds of audio"
         self.conv.history.append(f"user: <{seconds:.2f} s of audio>")
-        await self._start_reply(utterance, f"heard {seconds:.2f} seconds of audio")
+        text = " | ".join(self.turn_texts)
+        if text:
+            heard += f" and text: {text}"
+            self.conv.history.append(f"user: text: {text}")
+            self.turn_texts = []
+        await self._start_reply(utterance, heard, text)
 
     async def _barge_in(self) -> None:
         task = self.reply_task
@@ -434,9 +464,9 @@ class Connection:
             await self.send({"toolCallCancellation": {"ids": [call_id]}})
         await self.send({"serverContent": {"interrupted": True}})
 
-    async def _start_reply(self, utterance: bytes, heard: str) -> None:
+    async def _start_reply(self, utterance: bytes, heard: str, text: str = "") -> None:
         await self._barge_in()
-        self.reply_task = asyncio.create_task(self._reply(utterance, heard, self.boundary))
+        self.reply_task = asyncio.create_task(self._reply(utterance, heard, self.boundary, text))
 
     # --- output --------------------------------------------------------------------------------
     def _reply_audio(self, utterance: bytes) -> bytes:
@@ -453,12 +483,13 @@ class Connection:
         t = np.arange(n) / OUT_RATE
         return (0.3 * 32767 * np.sin(2 * math.pi * self.b.tone_hz * t)).astype("<i2").tobytes()
 
-    async def _reply(self, utterance: bytes, heard: str, boundary: tuple[int, int]) -> None:
+    async def _reply(self, utterance: bytes, heard: str, boundary: tuple[int, int, int],
+                     text: str = "") -> None:
         assert self.conv is not None
         try:
             if self.transcribe_in:
                 await self.send({"serverContent": {"inputTranscription": {"text": heard, "finished": True}}})
-            said = f"{self.b.reply} reply"
+            said = f"{self.b.reply} reply" + (f" to text: {text}" if text else "")
             if self.b.tool_calls and self.functions:
                 call_id = f"call-{secrets.token_hex(4)}"
                 fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -545,9 +576,10 @@ class EmulatorServer:
         self.conversations[conv.id] = conv
         return conv
 
-    def snapshot(self, conv: Conversation, record_len: int) -> str:
+    def snapshot(self, conv: Conversation, record_len: int, texts: int = 0) -> str:
         handle = secrets.token_urlsafe(18)
-        self.handles[handle] = Snapshot(conv.id, record_len, tuple(conv.history), conv.last_utterance)
+        self.handles[handle] = Snapshot(conv.id, record_len, tuple(conv.history), conv.last_utterance,
+                                        texts)
         return handle
 
     def restore(self, snap: Snapshot) -> Conversation:
@@ -564,6 +596,7 @@ class EmulatorServer:
             rate=old.rate if old else 16000,
             history=list(snap.history),
             last_utterance=snap.last_utterance,
+            texts=list(old.texts[:snap.texts]) if old else [],
             resumes=(old.resumes + 1) if old else 1,
         )
         self.conversations[conv.id] = conv
@@ -662,6 +695,8 @@ class EmulatorServer:
                 "audio_bytes": len(conv.record),
                 "rate": conv.rate,
                 "history": conv.history,
+                "texts": conv.texts,
+                "tool_responses": conv.tool_responses,
                 "resumes": conv.resumes,
                 "live": live.info() if live and live.state != "closed" else None,
             })

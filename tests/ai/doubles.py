@@ -91,6 +91,13 @@ class FakeLive:
     def activity_end(self) -> None:
         self.log.append("end")
 
+    def send_text(self, text: str) -> None:
+        self.log.append(f"text:{text}")
+
+    def send_tool_response(self, responses: list[dict[str, Any]]) -> bool:
+        self.log.append(f"tool_response:{','.join(str(r.get('id')) for r in responses)}")
+        return True
+
     async def close(self) -> None:
         self.closed = True
         self.state = "closed"

@@ -35,3 +35,18 @@ def test_remove_stale_keeps_live_calls(tmp_path) -> None:
     removed = remove_stale(tmp_path, "/va-x-s0", {(0, 2)})
     assert sorted(p.name for p in removed) == ["va-x-s0-ai0-g1.journal", "va-x-s0-ai1-g5.journal"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["va-x-s0-ai0-g2.journal", "va-y-s0-ai0-g1.journal"]
+
+
+def test_text_records_round_trip_and_count_in_their_turn(tmp_path) -> None:
+    from workers.ai.journal import TEXT
+
+    j = TurnJournal(journal_path(tmp_path, "/va-x-s0", 0, 1))
+    j.start()
+    j.text("keys: 1234#")
+    j.end()
+    j.start()
+    j.text("keys: 9")
+    assert j.records() == [(START, b""), (TEXT, b"keys: 1234#"), (END, b""), (START, b""), (TEXT, b"keys: 9")]
+    j.confirm(1)
+    assert j.records() == [(START, b""), (TEXT, b"keys: 9")]
+    j.remove()

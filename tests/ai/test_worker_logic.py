@@ -21,6 +21,7 @@ from tests.ai.doubles import (
 )
 from tests.harness.audio import best_correlation, tone
 from tests.harness.shm import activate_slot, shard_segment
+from workers.ai.dtmf import dtmf_text
 from workers.ai.greeting import PromptCache
 from workers.ai.worker import DOWN_FRAME, AiWorker
 
@@ -318,6 +319,9 @@ async def test_dtmf_events_are_consumed_and_interrupted_flushes(cfg, seg, tmp_pa
     await ticks(w, 5)
     assert w.calls[0].dtmf == "12#" and slot.pop_events() == []
     live = FakeLive.instances[0]
+    # "#" ends the entry: one turn of its own carrying the digits as text
+    assert live.log == ["start", f"text:{dtmf_text('12#')}", "end"]
+    assert slot.counters.get("dtmf_sent") == 3
     live.emit(AudioOut(tone(440, 1.0, 24000).tobytes()))
     epoch = slot.downlink.flush_epoch
     live.emit(Interrupted())  # the model stopped on its own: what is queued must not play
@@ -363,3 +367,41 @@ def test_tick_locks_onto_the_media_workers_grid(cfg, seg, tmp_path) -> None:
         assert abs(phase - round(phase)) < 1e-6, (off, got - beat)
         assert abs(got - (beat + off)) <= TICK_SECONDS / 2 + 1e-9
     assert w._phase_locked(beat + 0.5, beat + 0.2) == beat + 0.5  # beat 200 ms old: free-running
+async def test_dtmf_while_the_caller_talks_joins_the_open_turn(cfg, seg, tmp_path, speech) -> None:
+    cfg = replace(cfg, model={"dtmf_flush_ms": 100})
+    w = make_worker(cfg, seg, tmp_path)
+    slot = seg.slot(0)
+    activate_slot(slot)
+    await ticks(w, 2)
+    live = FakeLive.instances[0]
+    half = len(speech) // 2
+    await feed(w, slot, np.concatenate([silence(0.3), speech[:half]]))
+    assert w.calls[0].sending and live.log == ["start", "audio"]
+    assert slot.push_event(EventCode.DTMF, 5) and slot.push_event(EventCode.DTMF_END, 120)
+    await ticks(w, 5)
+    assert live.log == ["start", "audio"]  # no "#": the entry waits for dtmf_flush_ms
+    await asyncio.sleep(0.12)
+    await ticks(w, 5)
+    await feed(w, slot, np.concatenate([speech[half:], silence(0.8)]))
+    # the digit went into the caller's turn: no extra turn, nothing sent outside it
+    assert live.log == ["start", "audio", f"text:{dtmf_text('5')}", "audio", "end"]
+    assert w.stats.activity_starts == 1 and w.stats.activity_ends == 1
+
+
+async def test_keypad_entry_is_journaled_and_replayed_by_a_replacement_worker(cfg, seg, tmp_path) -> None:
+    w1 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+                  journal_dir=tmp_path)
+    slot = seg.slot(0)
+    activate_slot(slot)
+    await ticks(w1, 2)
+    for code in (4, 2, 11):
+        assert slot.push_event(EventCode.DTMF, code)
+    await ticks(w1, 5)
+    entry = f"text:{dtmf_text('42#')}"
+    assert FakeLive.instances[0].log == ["start", entry, "end"]
+    # w1 is SIGKILLed before the model answered (no handle): its replacement replays the entry
+    w2 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+                  journal_dir=tmp_path)
+    await ticks(w2, 2)
+    assert FakeLive.instances[1].log == ["start", entry, "end"]
+    await w2.shutdown()

@@ -139,3 +139,19 @@ async def test_text_turn_gets_a_reply(emu: Emulator) -> None:
         turn = await asyncio.wait_for(collect_turn(s), 10)
         assert len(turn["audio"]) == 24000 * 2  # one second of tone for a text prompt
         assert "user: hello" in emu.session(s.session_id)["history"]
+
+
+async def test_realtime_text_inside_an_activity_belongs_to_that_turn(emu: Emulator) -> None:
+    """What the AI worker sends for keypad digits, sent by the SDK itself: the emulator records the text
+    and answers it once, at the activity's end, with the text in both transcriptions."""
+    async with emu.genai_client().aio.live.connect(model=MODEL, config=manual_config()) as s:
+        await s.send_realtime_input(activity_start=types.ActivityStart())
+        await send_pcm(s, tone(440, 0.2))
+        await s.send_realtime_input(text="keys: 1234#")
+        await s.send_realtime_input(activity_end=types.ActivityEnd())
+        turn = await asyncio.wait_for(collect_turn(s), 10)
+        assert turn["in"] == ["heard 0.20 seconds of audio and text: keys: 1234#"]
+        assert turn["out"] == ["echo reply to text: keys: 1234#"]
+        state = emu.session(s.session_id)
+        assert state["texts"] == ["keys: 1234#"]
+        assert "user: text: keys: 1234#" in state["history"]

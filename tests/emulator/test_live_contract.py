@@ -47,18 +47,22 @@ def test_sdk_version_is_the_pinned_one() -> None:
     assert "_ws" in AsyncSession.__init__.__code__.co_names or hasattr(sdk_session()[0], "_ws")
 
 
-@pytest.mark.parametrize("kind", [L.AUDIO, L.START, L.END])
+@pytest.mark.parametrize("kind", [L.AUDIO, L.START, L.END, L.TEXT])
 async def test_fast_path_sends_the_bytes_the_sdk_sends(kind: int) -> None:
     sdk, ws = sdk_session()
     data = tone(440, 0.04) + bytes([0xFB, 0xFF, 0xFE, 0xFF])  # hits both base64 alphabets' differences
+    text = 'The caller pressed: 1234#, "quoted" é'
     if kind == L.AUDIO:
         await sdk.send_realtime_input(audio=types.Blob(data=data, mime_type=L.AUDIO_MIME))
     elif kind == L.START:
         await sdk.send_realtime_input(activity_start=types.ActivityStart())
+    elif kind == L.TEXT:
+        await sdk.send_realtime_input(text=text)
+        data = text.encode()
     else:
         await sdk.send_realtime_input(activity_end=types.ActivityEnd())
     s, _ = layer([])
-    assert s._encode(L._Item(1, kind, data if kind == L.AUDIO else b"", 0.0)) == ws.sent[0]
+    assert s._encode(L._Item(1, kind, data if kind in (L.AUDIO, L.TEXT) else b"", 0.0)) == ws.sent[0]
 
 
 async def test_tool_response_matches_the_sdk() -> None:

@@ -389,3 +389,54 @@ def test_model_client_settings_defaults_to_the_emulator(tmp_path: Any) -> None:
     assert "voice-appliance emulator test CA" in names
     with pytest.raises(L.LiveUnavailable, match=r"model\.ca_file"):
         L.model_client_settings(replace(gem, model={"ca_file": str(tmp_path / "missing.pem")}))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "sdk_path"])
+async def test_text_in_an_activity_survives_a_resume_exactly_once(
+    emu: Emulator, session: Any, fast: bool
+) -> None:
+    """Keypad text goes through the same replay log as audio: a close right after it is sent resumes
+    from the last handle and re-sends it, so the model holds it exactly once."""
+    live, rec = await session(start=False)
+    live.fast_path = fast
+    await live.start()
+    sid = live.server_session_id
+    live.activity_start()
+    await speak(live, counter_signal(4000))
+    live.activity_end()
+    await rec.turns(1)
+    await rec.handle_after_turn()
+    live.activity_start()
+    live.send_text("keys: 42#")
+    await speak(live, counter_signal(3200, start=4000), realtime=True)
+    emu.fault(sid, "close", code=1011)
+    await speak(live, counter_signal(3200, start=7200), realtime=True)
+    live.activity_end()
+    await rec.turns(2)
+    assert live.stats.reconnects == 1 and emu.session(sid)["resumes"] == 1
+    assert emu.session(sid)["texts"] == ["keys: 42#"]
+    assert emu.audio(sid) == counter_signal(10400)
+    users = [e.text for e in rec.of(L.Transcript) if e.role == "user" and e.final]
+    assert users[-1] == "heard 0.40 seconds of audio and text: keys: 42#"
+
+
+async def test_a_slow_tool_is_not_mistaken_for_a_stalled_server(emu: Emulator, session: Any) -> None:
+    """While the model waits on our tool response its silence is ours: no 'stopped answering' reconnect.
+    Only open calls of the current connection can be answered."""
+    emu.configure_next(tool_calls=True, reply="tone")
+    live, rec = await session(tools=[{"name": "lights", "description": "x"}])
+    live.response_timeout = 0.5
+    live.activity_start()
+    await speak(live, tone(300, 0.3))
+    live.activity_end()
+    await rec.wait(lambda: rec.of(L.ToolCall), what="tool call")
+    await asyncio.sleep(2.5)  # 5x the response timeout, 2+ watchdog rounds: our tool is just slow
+    assert live.stats.reconnects == 0
+    c = rec.of(L.ToolCall)[0].calls[0]
+    assert not live.send_tool_response([{"id": "not-asked", "name": "lights", "response": {}}])
+    assert live.send_tool_response([{"id": c["id"], "name": c["name"], "response": {"on": True}}])
+    assert not live.send_tool_response([{"id": c["id"], "name": c["name"], "response": {"on": True}}])
+    await rec.turns(1)
+    assert live.stats.reconnects == 0
+    assert emu.session(live.server_session_id)["tool_responses"] == [
+        {"id": c["id"], "name": "lights", "response": {"on": True}}]

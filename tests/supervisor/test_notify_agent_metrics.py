@@ -206,3 +206,32 @@ def test_metrics_source_failure_does_not_break_scrape():
     finally:
         m.stop()
     assert "va_sessions_active" in body
+
+
+def test_ai_worker_tool_and_keypad_counters_reach_prometheus():
+    """AI worker slot counters (tool calls, tool errors, keypad digits) → shard totals → /metrics."""
+    from types import SimpleNamespace
+
+    from appliance.metrics import CounterAccumulator
+    from appliance.supervisor import Supervisor
+    from tests.harness.shm import activate_slot, shard_segment
+
+    owner = SimpleNamespace(_counters=CounterAccumulator())
+    with shard_segment(slots=2) as seg:
+        for i, (calls, errors, digits) in enumerate(((3, 1, 5), (2, 0, 0))):
+            slot = seg.slot(i)
+            activate_slot(slot)
+            slot.counters.add("tool_calls", calls)
+            slot.counters.add("tool_errors", errors)
+            slot.counters.add("dtmf_sent", digits)
+            Supervisor.harvest_counters(owner, 0, slot)  # type: ignore[arg-type]
+    m = Metrics()
+    m.add_shard_counters(lambda: owner._counters.totals)
+    port = m.serve("127.0.0.1", 0)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        m.stop()
+    assert 'va_model_tool_calls_total{shard="0"} 5.0' in body
+    assert 'va_model_tool_errors_total{shard="0"} 1.0' in body
+    assert 'va_dtmf_digits_sent_total{shard="0"} 5.0' in body

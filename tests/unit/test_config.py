@@ -71,3 +71,46 @@ def test_replace_validates(tmp_path):
     assert replace(cfg, shards={"count": 3}).shards.count == 3
     with pytest.raises(ConfigError, match=r"shards\.count"):
         replace(cfg, shards={"count": -1})
+
+
+def _tools(tmp_path: Path, content: str) -> str:
+    p = tmp_path / "tools.json"
+    p.write_text(content)
+    return str(p)
+
+
+def test_tools_file_is_loaded_and_checked_at_config_load(tmp_path):
+    from appliance.config import load_tool_declarations
+
+    good = _tools(tmp_path, '[{"name": "lookup_order", "description": "Find an order", '
+                            '"parameters": {"type": "object", "properties": {"id": {"type": "string"}}}}]')
+    cfg = load_config(None, env={}, overrides={"model": {"tools_file": good,
+                                                          "tools_url": "http://127.0.0.1:8080/tools"}})
+    assert cfg.model.tools_timeout_seconds == 5.0
+    assert load_tool_declarations(cfg.model.tools_file)[0]["name"] == "lookup_order"
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ("not json", "model.tools_file: .* is not valid JSON"),
+    ("[]", "model.tools_file: expected a non-empty JSON list"),
+    ('{"name": "x"}', "model.tools_file: expected a non-empty JSON list"),
+    ('["x"]', r"model.tools_file\[0\]: expected an object"),
+    ('[{"description": "no name"}]', r"model.tools_file\[0\].name: expected a name"),
+    ('[{"name": "a b"}]', r"model.tools_file\[0\].name: expected a name"),
+    ('[{"name": "f"}, {"name": "f"}]', r"model.tools_file\[1\].name: duplicate function name 'f'"),
+    ('[{"name": "f", "paramters": {}}]', r"model.tools_file\[0\].paramters: unknown key"),
+    ('[{"name": "f", "parameters": "object"}]', r"model.tools_file\[0\].parameters: expected a JSON object"),
+    ('[{"name": "f", "description": 3}]', r"model.tools_file\[0\].description: expected a string"),
+])
+def test_bad_tools_file_names_the_key(tmp_path, content, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, env={}, overrides={"model": {"tools_file": _tools(tmp_path, content)}})
+
+
+def test_missing_tools_file_and_bad_url_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.tools_file: cannot read"):
+        load_config(None, env={}, overrides={"model": {"tools_file": str(tmp_path / "nope.json")}})
+    with pytest.raises(ConfigError, match=r"model\.tools_url: expected an http"):
+        load_config(None, env={}, overrides={"model": {"tools_url": "tools.local/x"}})
+    with pytest.raises(ConfigError, match=r"model\.dtmf_flush_ms: expected a value from 100 to 10000"):
+        load_config(None, env={}, overrides={"model": {"dtmf_flush_ms": 0}})

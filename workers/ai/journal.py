@@ -16,7 +16,8 @@ before the reader starts". The file is truncated at every new handle, so it stay
 seconds of 16 kHz audio); it is capped at ``MAX_BYTES`` (older content is kept, newer dropped and
 logged) so a model that never sends handles cannot fill memory.
 
-Record format: ``kind`` (1 byte: S start, A audio, E end) + ``len`` (u32 LE) + payload.
+Record format: ``kind`` (1 byte: S start, A audio, T text such as keypad digits, E end) + ``len``
+(u32 LE) + payload.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-START, AUDIO, END = b"S", b"A", b"E"
+START, AUDIO, END, TEXT = b"S", b"A", b"E", b"T"
 _HDR = struct.Struct("<cI")
 MAX_BYTES = 16000 * 2 * 300  # 5 minutes of 16 kHz audio
 DEFAULT_DIR = Path("/dev/shm")
@@ -72,6 +73,10 @@ class TurnJournal:
         if pcm:
             self._append(AUDIO, pcm)
 
+    def text(self, text: str) -> None:
+        if text:
+            self._append(TEXT, text.encode())
+
     def end(self) -> None:
         self._append(END)
 
@@ -111,7 +116,7 @@ class TurnJournal:
         off = 0
         while off + _HDR.size <= len(data):
             kind, n = _HDR.unpack_from(data, off)
-            if kind not in (START, AUDIO, END) or off + _HDR.size + n > len(data):
+            if kind not in (START, AUDIO, TEXT, END) or off + _HDR.size + n > len(data):
                 break
             out.append((kind, data[off + _HDR.size: off + _HDR.size + n]))
             off += _HDR.size + n

@@ -22,6 +22,11 @@ and owns the rest:
   session (conversation context is lost; unanswered input is still replayed). Wrong API key (1008) is not
   retried. Exhausted → state ``degraded`` (the worker tells the caller and re-opens later). Nothing here
   raises into the worker's loop except ``start()``.
+- **Tool calls.** While a ``toolCall`` of the current connection is unanswered the model's silence is
+  ours, so the "stopped answering" watchdog waits (a slow tool is not a stalled server); an answer
+  restarts its clock. ``send_tool_response`` only answers open calls of the current connection.
+- **Realtime text** (``send_text``, the worker's keypad entries) is a log item like audio: replayed after
+  a reconnect, byte-identical to the SDK's ``send_realtime_input(text=…)``.
 - **Fast path** (``fast_path=True``, the default): realtime audio is written as hand-built JSON on the
   SDK's websocket and server frames are parsed by hand — byte-identical to what google-genai 3.4.0 sends
   and accepts; ``tests/emulator/test_live_contract.py`` pins that. Numbers in docs/benchmarks.md.
@@ -34,6 +39,7 @@ Interface (what the AI worker calls)::
                        resume_handle=None), on_event, ssl_context=settings[2])
     await live.start()                               # live, or raises LiveUnavailable (state degraded)
     live.send_audio(pcm16_16k); live.activity_start(); live.activity_end()   # never block, never raise
+    live.send_text("…")                               # realtime text, in order with the audio
     live.send_tool_response([{"id": …, "name": …, "response": {…}}])
     await live.close()                               # emits nothing
     live.state, live.resume_handle, live.server_session_id, live.stats
@@ -255,7 +261,7 @@ def _client(base_url: str, api_key: str, api_version: str, ctx: ssl.SSLContext) 
 
 
 # --- the log of outgoing items -------------------------------------------------------------------------
-AUDIO, START, END = 0, 1, 2
+AUDIO, START, END, TEXT = 0, 1, 2, 3
 
 
 @dataclass(slots=True)
@@ -351,6 +357,8 @@ class LiveSession:
         self._closed = False
         self._unstable = 0  # unexpected closes since the model last completed a turn
         self._transcripts: dict[str, list[str]] = {"user": [], "model": []}
+        # function calls the model waits on: while any is open its silence is ours, not a stall
+        self._tools_open: set[str] = set()
         self._setup_config = self._build_config()
 
     # --- public API ------------------------------------------------------------------------------
@@ -391,14 +399,33 @@ class LiveSession:
         self._append(END, b"", time.monotonic())
         self._wake.set()
 
-    def send_tool_response(self, responses: list[dict[str, Any]]) -> None:
-        """Answer a :class:`ToolCall` (``[{"id", "name", "response"}]``); dropped if not connected."""
-        conn = self._conn
-        if conn is None or self._closed:
+    def send_text(self, text: str) -> None:
+        """Queue realtime text (``realtime_input.text``, e.g. keypad digits) in order with the audio and
+        activity marks: with manual activity detection it belongs to the caller turn it is sent in, so the
+        owner wraps it in ``activity_start``/``activity_end`` when no turn is open. Never blocks."""
+        if self._closed or not text:
             return
+        self._flush_partial()
+        self._append(TEXT, text.encode(), time.monotonic())
+        self._wake.set()
+
+    def send_tool_response(self, responses: list[dict[str, Any]]) -> bool:
+        """Answer a :class:`ToolCall` (``[{"id", "name", "response"}]``). False (nothing sent) if not
+        connected or if a response's id is not an open call of the current connection (cancelled, or
+        made on a connection that is gone: whether a resumed one still expects the answer is not
+        documented, and the resumed model asks again when it replays the unanswered turn)."""
+        conn = self._conn
+        if conn is None or conn.closing or self._closed:
+            return False
+        ids = [str(r.get("id")) for r in responses]
+        if not all(i in self._tools_open for i in ids):
+            return False
+        self._tools_open.difference_update(ids)
+        conn.last_rx = max(conn.last_rx, time.monotonic())  # the model's time to answer starts again
         msg = json.dumps({"tool_response": {"functionResponses": responses}})
         task = asyncio.get_running_loop().create_task(self._send_raw(conn, msg))
         task.add_done_callback(_ignore_result)
+        return True
 
     async def close(self) -> None:
         """Close the session for good. Emits no events (the owner asked for it)."""
@@ -515,6 +542,7 @@ class LiveSession:
         self._go_live(conn)
 
     def _go_live(self, conn: _Conn) -> None:
+        self._tools_open.clear()  # calls of the old connection are not this one's to answer
         replay = [it for it in self._log if it.seq > self._answered]
         self._sent = self._answered  # the sender (re)sends everything after the handle's point
         if replay:
@@ -566,7 +594,8 @@ class LiveSession:
         if self._write_started and now - self._write_started > self.stall_timeout:
             log.warning("server stopped reading", extra={"session": self.session_id})
             self._request_replace(conn, "server stopped reading")
-        elif conn.ends and now - max(conn.ends[0][1], conn.last_rx) > self.response_timeout:
+        elif (conn.ends and not self._tools_open
+              and now - max(conn.ends[0][1], conn.last_rx) > self.response_timeout):
             log.warning("server stopped answering", extra={"session": self.session_id})
             self._request_replace(conn, "server stopped answering")
 
@@ -647,6 +676,8 @@ class LiveSession:
             return '{"realtime_input": {"audio": {"data": "' + b64 + '", "mime_type": "' + AUDIO_MIME + '"}}}'
         if item.kind == START:
             return '{"realtime_input": {"activityStart": {}}}'
+        if item.kind == TEXT:
+            return json.dumps({"realtime_input": {"text": item.data.decode()}})
         return '{"realtime_input": {"activityEnd": {}}}'
 
     async def _write(self, conn: _Conn, item: _Item) -> None:
@@ -660,6 +691,8 @@ class LiveSession:
             await s.send_realtime_input(audio=types.Blob(data=item.data, mime_type=AUDIO_MIME))
         elif item.kind == START:
             await s.send_realtime_input(activity_start=types.ActivityStart())
+        elif item.kind == TEXT:
+            await s.send_realtime_input(text=item.data.decode())
         else:
             await s.send_realtime_input(activity_end=types.ActivityEnd())
 
@@ -775,9 +808,11 @@ class LiveSession:
         if tc:
             calls = [{"id": c.get("id"), "name": c.get("name"), "args": c.get("args") or {}}
                      for c in tc.get("functionCalls") or ()]
+            self._tools_open.update(str(c["id"]) for c in calls)
             self._emit(ToolCall(calls))
         tcc = msg.get("toolCallCancellation")
         if tcc:
+            self._tools_open.difference_update(str(i) for i in tcc.get("ids") or ())
             self._emit(ToolCallCancellation(list(tcc.get("ids") or ())))
         sru = msg.get("sessionResumptionUpdate")
         if sru:
@@ -828,9 +863,12 @@ class LiveSession:
             p, r = um.prompt_token_count or 0, um.response_token_count or 0
             self._emit(Usage(p, r, um.total_token_count or p + r))
         if msg.tool_call:
-            self._emit(ToolCall([{"id": c.id, "name": c.name, "args": c.args or {}}
-                                 for c in msg.tool_call.function_calls or ()]))
+            calls = [{"id": c.id, "name": c.name, "args": c.args or {}}
+                     for c in msg.tool_call.function_calls or ()]
+            self._tools_open.update(str(c["id"]) for c in calls)
+            self._emit(ToolCall(calls))
         if msg.tool_call_cancellation:
+            self._tools_open.difference_update(str(i) for i in msg.tool_call_cancellation.ids or ())
             self._emit(ToolCallCancellation(list(msg.tool_call_cancellation.ids or ())))
         if msg.session_resumption_update:
             u = msg.session_resumption_update

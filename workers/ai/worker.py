@@ -27,6 +27,9 @@ worker re-opens the Live session every ``model.degraded_retry_seconds``.
 
 Failure isolation: everything per call runs under a guard that logs and closes only that call's Live
 session (the slot stays; the next scan re-opens it); the loop itself never raises.
+
+Keypad digits (media-worker events, every 5th tick) go to the model as text entries (workers/ai/dtmf.py);
+the model's tool calls are answered by tasks of workers/ai/tools.py, never inside the tick.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ import numpy as np
 from appliance.config import Config
 from bench import probe
 from shm.segment import EventCode, ShardSegment, ShmError, Slot
+from workers.ai.dtmf import DtmfBuffer, digit_for, dtmf_text
 from workers.ai.greeting import PromptCache
-from workers.ai.journal import AUDIO, END, START, TurnJournal, journal_path, remove_stale
+from workers.ai.journal import AUDIO, END, START, TEXT, TurnJournal, journal_path, remove_stale
+from workers.ai.tools import ToolRunner
 from workers.ai.turns import Decision, PreRoll, TurnDetector, TurnEvent, TurnParams
 from workers.ai.vad import SAMPLE_RATE, BatchedVad, WindowBuffer
 
@@ -111,6 +116,7 @@ class Call:
     handle: str = ""  # resume handle found at attach
     answered: int = 0  # caller turns answered (turnComplete/interrupted) since the last handle
     dtmf: str = ""  # keypad digits the caller pressed (last 32), from the media worker's events
+    keypad: DtmfBuffer | None = None  # digits not yet sent to the model (workers/ai/dtmf.py)
     retry_at: float = 0.0
     closed: bool = False
     last_event: dict[str, float] = field(default_factory=dict)  # monotonic times, for tests and benchmarks
@@ -177,6 +183,13 @@ class AiWorker:
         self._background: set[asyncio.Task[Any]] = set()
         self._greeting = b""
         self._hold = b""
+        m = cfg.model
+        self.tools = ToolRunner(m.tools_url, m.tools_timeout_seconds)
+        self._tool_decls: list[dict[str, Any]] | None = None
+        if m.tools_file:
+            from appliance.config import load_tool_declarations
+
+            self._tool_decls = load_tool_declarations(m.tools_file)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def prepare(self) -> None:
@@ -274,6 +287,7 @@ class AiWorker:
             self._close_call(idx, reason="worker stopping")
         if self._closing:
             await asyncio.wait(self._closing, timeout=5.0)
+        await self.tools.aclose()
 
     # ---- the tick --------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -411,6 +425,7 @@ class AiWorker:
             language=str(call.options.get("language") or m.language),
             system_instruction=str(call.options.get("system_instruction") or m.system_instruction),
             resume_handle=handle,
+            **({"tools": self._tool_decls} if self._tool_decls else {}),
         )
         self._set_model_state(call, "connecting")
         call.start_failed = False
@@ -455,6 +470,7 @@ class AiWorker:
 
     def _stop_live(self, call: Call) -> None:
         live, call.live = call.live, None
+        self.tools.cancel_all(call.key)  # the session that asked is going away: nobody awaits answers
         if call.start_task is not None and not call.start_task.done():
             call.start_task.cancel()
         if live is None:
@@ -563,6 +579,9 @@ class AiWorker:
                 if send:
                     live.send_audio(payload)
                 n += len(payload)
+            elif kind == TEXT:
+                if send:
+                    live.send_text(payload.decode(errors="replace"))
             elif kind == END:
                 if send:
                     live.activity_end()
@@ -580,14 +599,54 @@ class AiWorker:
                  extra={"session": call.session_id, "bytes": n, "open": open_turn})
 
     def _events(self, call: Call) -> None:
-        """Consume the media worker's events for this call (the queue is ours to drain)."""
+        """Consume the media worker's events for this call (the queue is ours to drain); keypad digits
+        go to the model in entries (``#``, 32 digits or ``model.dtmf_flush_ms`` of quiet: dtmf.py)."""
+        now = time.monotonic()
+        if call.keypad is None:
+            call.keypad = DtmfBuffer(self.cfg.model.dtmf_flush_ms)
         for code, value in call.slot.pop_events():
             if code == EventCode.DTMF:
-                digit = "0123456789*#ABCD"[value] if 0 <= value < 16 else "?"
+                digit = digit_for(value)
+                if digit is None:
+                    continue
                 call.dtmf = (call.dtmf + digit)[-32:]
                 log.info("DTMF", extra={"session": call.session_id, "digit": digit})
+                entry = call.keypad.push(digit, now)
+                if entry:
+                    self._send_dtmf(call, entry)
             elif code == EventCode.RTP_TIMEOUT:
                 log.info("caller RTP silent", extra={"session": call.session_id, "ms": value})
+        entry = call.keypad.due(now)
+        if entry:
+            self._send_dtmf(call, entry)
+
+    def _send_dtmf(self, call: Call, digits: str) -> None:
+        """One keypad entry to the model: inside the caller's open turn, else as a turn of its own
+        (which, like speech, interrupts model audio)."""
+        text = dtmf_text(digits)
+        if not call.awaiting_live and not self._live_ok(call):
+            log.warning("keypad entry dropped: model unavailable", extra={"session": call.session_id})
+            return
+        if call.sending:
+            self._send_text(call, text)
+        else:
+            if self._playing(call):
+                self._barge_in(call)
+            self._send_start(call)
+            self._send_text(call, text)
+            self._send_end(call)
+        call.slot.counters.add("dtmf_sent", len(digits))
+        call.last_event["dtmf_sent"] = time.monotonic()
+        log.info("keypad entry sent to the model", extra={"session": call.session_id, "digits": len(digits)})
+
+    def _send_text(self, call: Call, text: str) -> None:
+        if call.awaiting_live:
+            if call.journal is not None:
+                call.journal.text(text)
+        elif self._live_ok(call):
+            if call.journal is not None:
+                call.journal.text(text)
+            call.live.send_text(text)
 
     def _live_ok(self, call: Call) -> bool:
         return (call.live is not None and not call.start_failed
@@ -734,6 +793,7 @@ class AiWorker:
             call.retry_at = 0.0
         elif ev.state == "reconnecting":
             call.slot.counters.add("reconnects")
+            self.tools.cancel_all(call.key)  # its open tool calls died with the connection (live.py)
         elif ev.state == "closed" and not call.closed:
             # the session ended on its own (e.g. the server sent garbage): re-open it soon
             call.start_failed = True
@@ -743,8 +803,26 @@ class AiWorker:
             log.warning("Live session ended; re-opening", extra={"session": call.session_id,
                                                                  "reason": getattr(ev, "reason", "")})
 
-    def _ev_tool(self, call: Call, _ev: Any) -> None:
-        call.slot.counters.add("tool_calls")
+    def _ev_tool(self, call: Call, ev: Any) -> None:
+        """The model called functions: answer each (workers/ai/tools.py), never blocking the loop."""
+        calls = list(getattr(ev, "calls", None) or ())
+        call.slot.counters.add("tool_calls", len(calls))
+        live = call.live
+
+        def respond(fr: dict[str, Any], c: Call = call, asked: Any = live) -> bool:
+            if c.closed or c.live is not asked or asked is None:
+                return False  # the call ended or its Live session was replaced: nobody waits for this
+            return bool(asked.send_tool_response([fr]))
+
+        def done(ok: bool, c: Call = call) -> None:
+            if not ok and c.current():
+                c.slot.counters.add("tool_errors")
+
+        self.tools.submit(call.key, call.session_id, calls, respond, done)
+
+    def _ev_tool_cancel(self, call: Call, ev: Any) -> None:
+        n = self.tools.cancel(call.key, [str(i) for i in getattr(ev, "ids", None) or ()])
+        log.info("tool calls cancelled by the model", extra={"session": call.session_id, "running": n})
 
     _handlers: dict[str, Callable[[AiWorker, Call, Any], None]] = {
         "AudioOut": _ev_audio,
@@ -755,6 +833,7 @@ class AiWorker:
         "ResumeHandle": _ev_handle,
         "StateChanged": _ev_state,
         "ToolCall": _ev_tool,
+        "ToolCallCancellation": _ev_tool_cancel,
     }
 
     def _set_model_state(self, call: Call, state: str) -> None:
