@@ -367,6 +367,8 @@ def test_tick_locks_onto_the_media_workers_grid(cfg, seg, tmp_path) -> None:
         assert abs(phase - round(phase)) < 1e-6, (off, got - beat)
         assert abs(got - (beat + off)) <= TICK_SECONDS / 2 + 1e-9
     assert w._phase_locked(beat + 0.5, beat + 0.2) == beat + 0.5  # beat 200 ms old: free-running
+
+
 async def test_dtmf_while_the_caller_talks_joins_the_open_turn(cfg, seg, tmp_path, speech) -> None:
     cfg = replace(cfg, model={"dtmf_flush_ms": 100})
     w = make_worker(cfg, seg, tmp_path)
