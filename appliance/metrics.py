@@ -30,6 +30,10 @@ SHM_COUNTERS: dict[str, str] = {
     "rtp_sent_packets": "RTP packets sent by media workers",
     "concealed_frames": "Audio frames concealed (PLC/FEC) by media workers",
     "model_reconnects": "Live API reconnections by AI workers",
+    "playback_pauses": "Model playback paused by media workers on a loud caller frame (provisional barge-in)",
+    "playback_pauses_confirmed": "Playback pauses the AI worker confirmed as speech (model audio flushed)",
+    "playback_pauses_released": "Playback pauses released without speech (false alarms: playback resumed)",
+    "playback_pause_timeouts": "Playback pauses no AI worker settled in time (the media worker resumed)",
 }
 
 

@@ -183,6 +183,10 @@ class Supervisor:
         acc.observe(shard, i, "rtp_sent_packets", c.get("tx_packets", 0))
         acc.observe(shard, i, "concealed_frames", c.get("concealed", 0))
         acc.observe(shard, i, "model_reconnects", c.get("reconnects", 0))
+        acc.observe(shard, i, "playback_pauses", c.get("pauses", 0))
+        acc.observe(shard, i, "playback_pauses_confirmed", c.get("pauses_confirmed", 0))
+        acc.observe(shard, i, "playback_pauses_released", c.get("pauses_released", 0))
+        acc.observe(shard, i, "playback_pause_timeouts", c.get("pause_timeouts", 0))
 
     def _shard_counters(self) -> dict[int, dict[str, float]]:
         """Monotonic per-shard totals of the workers' shared-memory counters (read at scrape time)."""
