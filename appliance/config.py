@@ -134,10 +134,11 @@ class MediaConfig:
     # RestrictRealtime=no under systemd); otherwise it warns and runs normally. 0 = off. Pacing p99 at 40
     # sessions 6.5 ms RR vs 12-64 ms normal on a shared 2-core box (docs/benchmarks.md).
     realtime_priority: int = 1
-    # Provisional barge-in: a decoded caller frame at least this loud while model audio plays pauses
-    # playback in the same tick (no AI round trip); the AI worker then flushes (speech) or resumes (a
-    # cough) within vad.pause_confirm_ms. -40: the bench clip's 2nd speech frame; room noise is -63..-70
-    # and the clip's own noise floor -45 (docs/benchmarks.md "Pipeline"). 0 = off (Silero-only barge-in).
+    # Provisional barge-in: a decoded caller frame with a 10 ms half at least this loud while model audio
+    # plays pauses playback in the same tick (no AI round trip); the AI worker then flushes (speech) or
+    # resumes (a cough) within vad.pause_confirm_ms. -40: the bench clip's first frame (-39 in its 2nd
+    # half) triggers, room noise (≤ -70 decoded) is 30 dB below (docs/benchmarks.md "Pipeline").
+    # 0 = off (Silero-only barge-in).
     pause_on_speech_dbfs: float = -40.0
 
 

@@ -25,21 +25,21 @@ Per session (one ACTIVE slot of the segment):
   participant after its first packet, and a continuous stream keeps the browser's jitter buffer and
   the RTP timeline steady (no talkspurt re-buffering on every model turn).
 
-Provisional barge-in (playback hold): while model audio plays, a decoded caller frame at least
-``media.pause_on_speech_dbfs`` loud pauses playback *in the same tick* — no AI-worker round trip, no
-wait for Silero — because what a caller perceives as barge-in latency is when the model stops talking.
-The worker stops reading the downlink ring (its content stays: nothing is lost), resets the Opus
-encoder and sends the cached silence packet: measured on the bench clip, the first paused packet then
-decodes silent after ~2.5 ms (its last 10 ms ≤ -66 dBFS) while the old 3-zero-frame encoder tail
+Provisional barge-in (playback hold): while model audio plays, a decoded caller frame with a 10 ms half
+at least ``media.pause_on_speech_dbfs`` loud pauses playback *in the same tick* — no AI-worker round
+trip, no wait for Silero — because what a caller perceives as barge-in latency is when the model stops
+talking. The worker stops reading the downlink ring (its content stays: nothing is lost), resets the
+Opus encoder and sends the cached silence packet: measured on the bench clip, the first paused packet
+then decodes silent after ~2.5 ms (its last 10 ms ≤ -66 dBFS) while the old 3-zero-frame encoder tail
 carries the cut-off audio through two more packets (-28 / -35 dBFS), with no larger sample step (a
 click) either way. It publishes the hold in the slot (``Slot.request_hold``); the AI worker either
 confirms speech (flushes the ring, then releases: the answer is gone) or releases after
-``vad.pause_confirm_ms`` (a cough: playback resumes at the exact ring position, with a 5 ms fade-in).
-A hold the AI side never answers (it died) ends after ``HOLD_MAX_NS`` anyway (``pause_timeouts``). The
+``vad.pause_confirm_ms`` (a cough: playback resumes at the exact ring position, with a 5 ms fade-in). A
+hold the AI side never answers (it died) ends after ``HOLD_MAX_NS`` anyway (``pause_timeouts``). The
 uninterruptible greeting (the slot's ``protect_until`` cursor) is never paused, and after a hold the
-next pause needs a quiet frame first, so steady noise above the threshold pauses once, not every
-other tick. A flush requested by the AI worker gets the same encoder reset (one packet less of old
-audio after a confirmed barge-in).
+next pause needs a quiet frame first, so steady noise above the threshold pauses once, not every other
+tick. A flush requested by the AI worker gets the same encoder reset (one packet less of old audio after
+a confirmed barge-in).
 
 Counters go to the slot (``MEDIA_COUNTERS``); the shard heartbeat is written every tick.
 ``downlink_underruns`` counts transitions from model audio to an empty downlink ring (the end of a model
@@ -171,7 +171,7 @@ class MediaSession:
         self.muted: list[socket.socket] = []  # sockets over their per-tick budget (re-polled next tick)
         self.rtp_timeout_ns = cfg.rtp_timeout_ms * 1_000_000
         self._next_timeout_ns = self.rtp_timeout_ns
-        # playback hold: mean-square threshold of a 20 ms 16 kHz frame (0: off)
+        # playback hold: mean-square threshold of a 10 ms block of a 16 kHz frame (0: off)
         db = cfg.pause_on_speech_dbfs
         self.pause_ms = 10.0 ** (db / 10.0) * 32768.0 * 32768.0 if db < 0 else 0.0
         self.hold_seq: int | None = None  # the hold this session published and still obeys
@@ -327,8 +327,9 @@ class MediaSession:
             ring = self.slot.downlink
             if ring.available() < DOWN_FRAME:
                 return  # nothing playing or about to: no level needed
-        x = np.frombuffer(frame, dtype="<i2").astype(np.float32)
-        loud = float(np.dot(x, x)) >= self.pause_ms * x.size
+        # either 10 ms half loud enough: an onset late in the frame counts now, not one frame later
+        x = np.frombuffer(frame, dtype="<i2").astype(np.float32).reshape(2, -1)
+        loud = float(np.einsum("ij,ij->i", x, x).max()) >= self.pause_ms * x.shape[1]
         if not self.pause_armed:
             self.pause_armed = not loud
             return
