@@ -145,6 +145,12 @@ class MediaConfig:
     # RestrictRealtime=no under systemd); otherwise it warns and runs normally. 0 = off. Pacing p99 at 40
     # sessions 6.5 ms RR vs 12-64 ms normal on a shared 2-core box (docs/benchmarks.md).
     realtime_priority: int = 1
+    # Provisional barge-in: a decoded caller frame with a 10 ms half at least this loud while model audio
+    # plays pauses playback in the same tick (no AI round trip); the AI worker then flushes (speech) or
+    # resumes (a cough) within vad.pause_confirm_ms. -40: the bench clip's first frame (-39 in its 2nd
+    # half) triggers, room noise (≤ -70 decoded) is 30 dB below (docs/benchmarks.md "Pipeline").
+    # 0 = off (Silero-only barge-in).
+    pause_on_speech_dbfs: float = -40.0
 
 
 @dataclass(frozen=True)
@@ -157,9 +163,9 @@ class VadConfig:
     energy_gate_dbfs: float = -55.0
     barge_in_ms: int = 32  # speech needed to interrupt model audio (one 32 ms VAD window)
     preroll_ms: int = 250  # audio before the detected onset sent with activity_start
-    # Early barge-in: one 20 ms frame at least this loud flushes model audio before Silero confirms
-    # (~20-40 ms instead of ~60-110 ms; a cough also skips model audio). 0 = off (Silero only).
-    barge_in_energy_dbfs: float = 0.0
+    # A playback pause (media.pause_on_speech_dbfs) not confirmed as speech within this long resumes
+    # where it stopped: Silero onset (20-88 ms after the first speech sample) + barge_in_ms + ticks.
+    pause_confirm_ms: int = 200
 
 
 @dataclass(frozen=True)
@@ -275,7 +281,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "vad.min_speech_ms": (0, 2000),
     "vad.barge_in_ms": (0, 2000),
     "vad.preroll_ms": (0, 2000),
-    "vad.barge_in_energy_dbfs": (-90, 0),
+    "vad.pause_confirm_ms": (20, 1000),
+    "media.pause_on_speech_dbfs": (-90, 0),
     "model.degraded_retry_seconds": (0.5, 3600),
     "model.dtmf_flush_ms": (100, 10000),
     "model.tools_timeout_seconds": (0.1, 300),

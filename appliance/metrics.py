@@ -33,6 +33,10 @@ SHM_COUNTERS: dict[str, str] = {
     "model_tool_calls": "Function calls made by the model (each answered unless the model cancels it)",
     "model_tool_errors": "Function calls answered with an error result (timeout, HTTP error, bad JSON, ...)",
     "dtmf_digits_sent": "Keypad digits sent to the model as text",
+    "playback_pauses": "Model playback paused by media workers on a loud caller frame (provisional barge-in)",
+    "playback_pauses_confirmed": "Playback pauses the AI worker confirmed as speech (model audio flushed)",
+    "playback_pauses_released": "Playback pauses released without speech (false alarms: playback resumed)",
+    "playback_pause_timeouts": "Playback pauses no AI worker settled in time (the media worker resumed)",
 }
 
 

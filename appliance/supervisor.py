@@ -186,6 +186,10 @@ class Supervisor:
         acc.observe(shard, i, "model_tool_calls", c.get("tool_calls", 0))
         acc.observe(shard, i, "model_tool_errors", c.get("tool_errors", 0))
         acc.observe(shard, i, "dtmf_digits_sent", c.get("dtmf_sent", 0))
+        acc.observe(shard, i, "playback_pauses", c.get("pauses", 0))
+        acc.observe(shard, i, "playback_pauses_confirmed", c.get("pauses_confirmed", 0))
+        acc.observe(shard, i, "playback_pauses_released", c.get("pauses_released", 0))
+        acc.observe(shard, i, "playback_pause_timeouts", c.get("pause_timeouts", 0))
 
     def _shard_counters(self) -> dict[int, dict[str, float]]:
         """Monotonic per-shard totals of the workers' shared-memory counters (read at scrape time)."""

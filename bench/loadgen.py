@@ -21,7 +21,8 @@ What it measures, all with CLOCK_MONOTONIC (shared with the workers' :mod:`bench
   sequence gaps (lost) and RTP timestamp jumps (frames the sender skipped);
 - first model audio after each turn (received payloads are decoded only while it matters; model audio
   is told from silence by level, since the echo always carries the callers' noise floor);
-- barge-in: the caller's first talking-over packet → the first downlink frame that ends silent;
+- barge-in: the caller's first talking-over packet → the first downlink frame that ends silent (the media
+  worker's pause, or the AI worker's flush when pausing is off), and → the AI worker's confirmed flush;
 - its own send lateness (a late generator makes results void).
 
 Commands over a ``multiprocessing`` pipe: ``start`` (session, port, session id), ``mark`` (open a
@@ -58,9 +59,10 @@ SILENT_DBFS = -85.0  # ... quieter than this is silence (a flushed or idle downl
 FIRST_AUDIO_DBFS = -92.0
 SILENT_RUN = 3  # consecutive silent frames that end a model turn
 # Barge-in happens mid-answer, where the echo never drops below ~-50 dBFS (the clip's noise floor), so a
-# frame whose last 10 ms is below -60 dBFS is the flushed downlink. Opus's lookahead carries ~6.5 ms of
-# the old audio into the first frame encoded after the flush (its tail decodes at ~-48 dBFS, the next
-# at ~-70), so the flush is seen one frame after the worker first sent silence: up to 20 ms late.
+# frame whose last 10 ms is below -60 dBFS is the paused or flushed downlink. The media worker resets
+# its Opus encoder when playback is cut, so the first silent packet already decodes below -66 dBFS after
+# ~2.5 ms (with a zero-frame encoder tail, Opus's lookahead would carry the old audio into two more
+# packets at ~-28 and ~-35 dBFS, and the silence would be seen 20-40 ms late).
 FLUSH_TAIL_DBFS = -60.0
 
 
@@ -473,14 +475,15 @@ def summarize(win: Window, now_ns: int) -> dict[str, Any]:
             t_model = first_after(t.session, probe.MODEL_AUDIO, t_end, t.first_audio_ns - t_end)
             if t_model is not None:
                 first_audio.append((t.first_audio_ns - t_model) / 1e6)
-    bargein, bargein_flush = [], []
+    bargein, bargein_confirm = [], []
     for b in win.bargeins:
         if not (b.onset_ns and b.flushed_ns):
             continue
         bargein.append((b.flushed_ns - b.onset_ns) / 1e6)
-        t_flush = first_after(b.session, probe.FLUSH, b.onset_ns, b.flushed_ns - b.onset_ns)
+        # the AI worker's confirmed flush: after the silence when the media worker paused, before it not
+        t_flush = first_after(b.session, probe.FLUSH, b.onset_ns, 2_000_000_000)
         if t_flush is not None:
-            bargein_flush.append((b.flushed_ns - t_flush) / 1e6)
+            bargein_confirm.append((t_flush - b.onset_ns) / 1e6)
     seconds = (now_ns - win.start_ns) / 1e9
     return {
         "window_seconds": round(seconds, 3),
@@ -501,7 +504,7 @@ def summarize(win: Window, now_ns: int) -> dict[str, Any]:
         "first_audio_ms": first_audio,
         "turn_e2e_ms": turn_e2e,
         "bargein_ms": bargein,
-        "bargein_flush_ms": bargein_flush,
+        "bargein_confirm_ms": bargein_confirm,
         "pacing_ms": np.asarray(win.pacing_ms, dtype=np.float32),
         "send_late_ms": np.asarray(win.send_late_ms, dtype=np.float32),
     }

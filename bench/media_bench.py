@@ -414,7 +414,7 @@ def _latency(trials: int) -> dict[str, Any]:
     slot.activate(session_id="lat", local_rtp_port=port, remote_rtp_ip="127.0.0.1",
                   remote_rtp_port=peer.getsockname()[1], payload_type=111, channels=1, dtmf_payload_type=-1,
                   mode="direct")
-    cfg = MediaConfig()
+    cfg = MediaConfig(pause_on_speech_dbfs=0.0)  # no AI worker here to settle playback holds
     worker = MediaWorker(seg, cfg, host="127.0.0.1")
     stop = threading.Event()
     th = threading.Thread(target=worker.run, args=(stop.is_set,), daemon=True)

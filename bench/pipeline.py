@@ -12,8 +12,10 @@ Measured (see docs/benchmarks.md for what each number means and the results):
 - (a) ``turn_end``: caller's last speech packet → ``activityEnd`` sent by the AI worker, minus
   ``vad.hangover_ms``; (b) ``first_audio``: first model audio at the AI worker → first RTP packet
   carrying it at the caller; (c) ``bargein``: caller's first talking-over packet → first silent
-  downlink frame, minus ``vad.barge_in_ms`` (the raw value is reported too); (d) ``pacing``: RTP
-  arrival error against the packet's timestamp. (a) to (c) need the workers' :mod:`bench.probe` events;
+  downlink frame (the media worker's playback pause; the AI worker's flush with pauses off), and
+  ``bargein_confirm``: → the AI worker's confirmed flush; false pauses are ``pauses_released``;
+  (d) ``pacing``: RTP arrival error against the packet's timestamp. (a) to (c) need the workers'
+  :mod:`bench.probe` events;
   ``turn_e2e`` (last speech packet → first answer packet, everything included) needs none.
 - drops: ring overruns, media-worker drops and late packets, downlink sequence gaps at the caller and
   downlink frames the media worker skipped (RTP timestamp jumps: a missed deadline the caller hears).
@@ -226,10 +228,12 @@ class Bench:
             "emulator": {"host": "127.0.0.1", "port": emu_port},
             "model": {"base_url": f"https://127.0.0.1:{emu_port}", "ca_file": str(certs.ca_file)},
             "shards": {"count": 0, "slots": slots, "cpu_plan": plan_text},
-            "media": {"rtp_port_min": port_min, "rtp_port_max": port_min + 2 * shards * slots + 1},
+            "media": {"rtp_port_min": port_min, "rtp_port_max": port_min + 2 * shards * slots + 1,
+                      # no playback pauses without an AI worker to settle them, or in the worst duty
+                      **({"pause_on_speech_dbfs": 0.0} if args.duty == "worst" or args.media_only else {})},
             "log": {"level": "warning"},
             # worst duty: the caller talks over every answer; keep the answer playing as long as the
-            # config allows so both directions stay busy (see docs/benchmarks.md)
+            # config allows so both directions stay busy, without playback pauses (docs/benchmarks.md)
             **({"vad": {"barge_in_ms": 2000}} if args.duty == "worst" else {}),
         }
         for section, kv in _overrides(args.set).items():
@@ -344,9 +348,8 @@ class Bench:
             **({"raw_turn_end_ms": r["activity_end_ms"]} if os.environ.get("VA_BENCH_RAW") else {}),
             **_lat("turn_end", r["activity_end_ms"], cfg.vad.hangover_ms),
             **_lat("first_audio", r["first_audio_ms"]),
-            **_lat("bargein", r["bargein_ms"], cfg.vad.barge_in_ms),
-            **_lat("bargein_raw", r["bargein_ms"]),
-            **_lat("bargein_after_flush", r["bargein_flush_ms"]),
+            **_lat("bargein", r["bargein_ms"]),
+            **_lat("bargein_confirm", r["bargein_confirm_ms"]),
             **_lat("turn_e2e", r["turn_e2e_ms"]),
             **_lat("pacing", r["pacing_ms"]),
             "drops": int(drops),
@@ -363,6 +366,10 @@ class Bench:
             "no_reply": r["no_reply"],
             "bargeins": r["bargeins"],
             "bargein_missed": r["bargein_missed"],
+            "pauses": delta.get("pauses", 0),
+            "pauses_confirmed": delta.get("pauses_confirmed", 0),
+            "pauses_released": delta.get("pauses_released", 0),  # false alarms: playback resumed
+            "pause_timeouts": delta.get("pause_timeouts", 0),
             "caller_speech_fraction": r["tx_speech_fraction"],
             "model_audio_fraction": round(r["rx_model_audio"] / r["rx_packets"], 3) if r["rx_packets"] else 0,
             "rx_packets": r["rx_packets"],

@@ -28,6 +28,7 @@ ACTIVITY_START = 1  # AI worker sent activityStart (caller speech onset)
 ACTIVITY_END = 2  # AI worker sent activityEnd (end of the caller's turn)
 MODEL_AUDIO = 3  # AI worker received the first model audio of a model turn
 FLUSH = 4  # AI worker requested a downlink flush (barge-in or the model's interrupted)
+# (the media worker's playback pause needs no probe: the caller measures the silence itself)
 
 FORMAT = struct.Struct("!Bq")
 # ``call.last_event`` keys of the AI worker → event codes
@@ -36,7 +37,6 @@ EVENT_NAMES: dict[str, int] = {
     "activity_end": ACTIVITY_END,
     "first_audio": MODEL_AUDIO,
     "barge_in": FLUSH,
-    "early_barge_in": FLUSH,
     "interrupted": FLUSH,
 }
 

@@ -1,4 +1,4 @@
-"""Byte layout of a shard segment (layout version 1). All integers little-endian.
+"""Byte layout of a shard segment (layout version 2). All integers little-endian.
 
 Why a fixed hand-written layout instead of a serialisation library: the segment is mapped by
 several processes at once and read/written field by field with atomics; every hot field sits at a
@@ -24,7 +24,7 @@ control block, ring data after it.
 from __future__ import annotations
 
 MAGIC = b"VASHMSEG"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: playback hold words (CB_HOLD / CB_RELEASE)
 PAGE = 4096
 CACHE_LINE = 128  # aarch64 parts prefetch pairs of 64 B lines; keep hot words 128 B apart
 
@@ -93,6 +93,13 @@ COUNTERS_PER_BLOCK = 32
 CB_UPLINK_HDR = 6656  # ring header, 256 B
 CB_DOWNLINK_HDR = 6912
 
+# provisional barge-in (playback hold): one writer per line. The media worker bumps ``hold_seq`` when it
+# pauses model audio on a loud caller frame; the AI worker answers with ``release_seq = hold_seq`` once it
+# has flushed (speech confirmed) or decided to resume (a false alarm). Held while the two differ.
+CB_HOLD = 7168  # u64 hold_seq (media worker)
+CB_RELEASE = 7296  # u64 release_seq (AI worker)
+CB_PROTECT = 7304  # u64 downlink cursor up to which audio is the uninterruptible greeting (AI worker)
+
 # ---- ring header (relative) ----------------------------------------------------------------
 RING_HDR_SIZE = 256
 # producer-owned line
@@ -114,7 +121,8 @@ U64 = (1 << 64) - 1
 
 assert CB_EV_ENTRIES + EVENTS_CAP * EVENT_SIZE <= CB_COUNTERS_MEDIA
 assert CB_TRANSCRIPT + SEQ_DATA + TRANSCRIPT_MAX <= CB_EV_WRITE
-assert CB_DOWNLINK_HDR + RING_HDR_SIZE <= CTRL_SIZE
+assert CB_DOWNLINK_HDR + RING_HDR_SIZE <= CB_HOLD and CB_HOLD + CACHE_LINE <= CB_RELEASE
+assert CB_PROTECT + 8 <= CTRL_SIZE
 
 
 def ring_capacity(requested: int) -> int:

@@ -10,9 +10,16 @@ Who writes what (see docs/architecture.md):
 * supervisor: creates/unlinks the segment, ``Slot.activate`` / ``begin_close`` / ``free``,
   ``remote_rtp_ip``/``remote_rtp_port`` (room mode learns them after join);
 * media worker: uplink producer, downlink consumer, media counters, DTMF events (producer),
-  ``heartbeat("media")``;
+  ``hold_seq`` (``request_hold``), ``heartbeat("media")``;
 * AI worker: uplink consumer, downlink producer (+ flush on barge-in), AI counters, event consumer,
-  ``resume_handle`` / ``model_state`` / ``transcript``, ``heartbeat("ai")``.
+  ``resume_handle`` / ``model_state`` / ``transcript``, ``release_seq`` (``release_hold``),
+  ``protect_until``, ``heartbeat("ai")``.
+
+Playback hold (provisional barge-in): the media worker pauses model audio the moment a loud caller
+frame arrives and publishes that with ``request_hold`` (``hold_seq`` += 1); the AI worker, once its VAD
+has decided, flushes the downlink (speech) or not (a cough) and then ``release_hold(seq)``. Playback is
+held while ``hold_seq != release_seq``. Each word has one writer, so a restarted worker of either side
+reads the other's word and carries on (docs/architecture.md "Barge-in").
 
 Slot state and generation share one u64 word (``generation << 8 | state``) written only by the
 supervisor with release stores, so one acquire load gives a consistent (state, generation) pair.
@@ -80,12 +87,12 @@ SHM_DIR = "/dev/shm"
 MEDIA_COUNTERS: tuple[str, ...] = (
     "rx_packets", "rx_bytes", "rx_dropped", "rx_invalid", "tx_packets", "tx_bytes",
     "frames_up", "frames_down", "late", "lost", "concealed", "jitter_us", "dtmf_events",
-    "downlink_underruns", "rtcp_packets", "fec_recovered",
+    "downlink_underruns", "rtcp_packets", "fec_recovered", "pauses", "pause_timeouts",
 )
 AI_COUNTERS: tuple[str, ...] = (
     "chunks_sent", "audio_sent_ms", "audio_received_ms", "turns", "interruptions", "reconnects",
     "resumes", "tool_calls", "errors", "input_tokens", "output_tokens", "vad_frames", "speech_ms",
-    "degraded", "frames_replayed", "tool_errors", "dtmf_sent",
+    "degraded", "frames_replayed", "tool_errors", "dtmf_sent", "pauses_confirmed", "pauses_released",
 )
 assert len(MEDIA_COUNTERS) <= L.COUNTERS_PER_BLOCK and len(AI_COUNTERS) <= L.COUNTERS_PER_BLOCK
 
@@ -294,6 +301,9 @@ class Slot:
                            f"{seg.name}[{index}].uplink")
         self.downlink = Ring(mv, base, off + L.CB_DOWNLINK_HDR, down_data, seg.downlink_bytes,
                              f"{seg.name}[{index}].downlink")
+        self._hold = base + off + L.CB_HOLD
+        self._release = base + off + L.CB_RELEASE
+        self._protect = base + off + L.CB_PROTECT
         self._ev_w = base + off + L.CB_EV_WRITE
         self._ev_r = base + off + L.CB_EV_READ
         self._eva_p = SharedAtomics()
@@ -360,7 +370,7 @@ class Slot:
         self.downlink.reset()
         self.counters.reset()
         mv, off = self._mv, self._off
-        for o in (L.CB_EV_WRITE, L.CB_EV_DROPPED, L.CB_EV_READ):
+        for o in (L.CB_EV_WRITE, L.CB_EV_DROPPED, L.CB_EV_READ, L.CB_HOLD, L.CB_RELEASE, L.CB_PROTECT):
             struct.pack_into("<Q", mv, off + o, 0)
         struct.pack_into("<IIIiIII", mv, off + L.CB_LOCAL_PORT, local_rtp_port, payload_type, channels,
                          dtmf_payload_type, L.MODES.index(mode), len(sid), len(opts))
@@ -503,6 +513,36 @@ class Slot:
         if len(data) > L.TRANSCRIPT_MAX:  # keep the tail, on a UTF-8 boundary
             v = data[-L.TRANSCRIPT_MAX:].decode(errors="ignore")
         self._str_prop(self._transcript, v)
+
+    # ---- playback hold (provisional barge-in) -------------------------------------------------
+    def hold_words(self) -> tuple[int, int]:
+        """(hold_seq, release_seq): playback is held while they differ."""
+        self._seg._check()
+        a = self._a
+        return a.load_acquire(self._hold), a.load_acquire(self._release)
+
+    def request_hold(self) -> int:
+        """Media worker: pause model playback (a new hold); returns its ``hold_seq``."""
+        self._seg._check()
+        seq = (self._a.load_acquire(self._hold) + 1) & L.U64
+        self._a.store_release(self._hold, seq)
+        return seq
+
+    def release_hold(self, seq: int) -> None:
+        """AI worker: end hold ``seq`` (after flushing, if the caller really spoke)."""
+        self._seg._check()
+        self._a.store_release(self._release, seq & L.U64)
+
+    @property
+    def protect_until(self) -> int:
+        """Downlink write cursor up to which audio is the uninterruptible greeting (AI worker writes)."""
+        self._seg._check()
+        return self._a.load_acquire(self._protect)
+
+    @protect_until.setter
+    def protect_until(self, cursor: int) -> None:
+        self._seg._check()
+        self._a.store_release(self._protect, cursor & L.U64)
 
     # ---- events (SPSC, media worker → AI worker) -----------------------------------------------
     def push_event(self, code: int, value: int) -> bool:

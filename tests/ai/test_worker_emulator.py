@@ -23,7 +23,7 @@ import soxr
 
 from appliance.config import load_config, replace
 from appliance.procs import pid_gone
-from tests.ai.audio import frames, silence
+from tests.ai.audio import frames, silence, white_noise
 from tests.harness.audio import best_correlation
 from tests.harness.emulator import start_emulator
 from tests.harness.shm import activate_slot, shard_segment
@@ -125,6 +125,55 @@ async def test_barge_in_flushes_playback(cfg, seg, emu, tmp_path, speech) -> Non
         assert slot.downlink.flush_epoch > epoch and w.stats.barge_ins >= 1
         assert slot.downlink.available() < 48000 * 0.5  # the old reply is gone (consumer obeys the epoch)
         assert slot.counters.get("interruptions") >= 1
+
+
+async def _echo_queued(slot, speech) -> bytes:
+    """Have the emulator answer one turn; return the whole echo, left unplayed in the downlink ring."""
+    await speak(slot, np.concatenate([silence(0.2), speech, silence(0.6)]))
+    await until(lambda: slot.downlink.write_cursor > 48000, what="model audio in the downlink")
+    last = -1
+    while slot.downlink.write_cursor != last:  # burst pacing: the rest follows within moments
+        last = slot.downlink.write_cursor
+        await asyncio.sleep(0.3)
+    return slot.downlink.peek(slot.downlink.available()) or b""
+
+
+async def test_paused_playback_confirmed_by_speech_is_flushed_then_released(cfg, seg, emu, tmp_path,
+                                                                            speech) -> None:
+    slot = seg.slot(0)
+    async with running(cfg, seg, emu, tmp_path) as w:
+        activate_slot(slot, options={"greeting": ""})
+        await until(lambda: slot.model_state == "live", what="model live")
+        await _echo_queued(slot, speech)
+        epoch = slot.downlink.flush_epoch
+        seq = slot.request_hold()  # the media worker paused on the caller's first loud frame
+        await speak(slot, speech[:16000 // 2], speed=1.0)  # ... because the caller talks over the answer
+        assert slot.hold_words() == (seq, seq)
+        assert slot.downlink.flush_epoch > epoch and slot.downlink.available() < 48000 * 0.5
+        assert slot.counters.get("pauses_confirmed") == 1 and slot.counters.get("pauses_released") == 0
+        assert w.stats.barge_ins >= 1
+
+
+async def test_paused_playback_on_a_knock_resumes_with_the_answer_intact(cfg, seg, emu, tmp_path,
+                                                                         speech) -> None:
+    slot = seg.slot(1)
+    async with running(cfg, seg, emu, tmp_path) as w:
+        activate_slot(slot, options={"greeting": ""})
+        await until(lambda: slot.model_state == "live", what="model live")
+        queued = await _echo_queued(slot, speech)
+        starts, epoch = w.stats.activity_starts, slot.downlink.flush_epoch
+        seq = slot.request_hold()
+        t0 = time.monotonic()
+        await speak(slot, np.concatenate([white_noise(0.02, -12.0), silence(0.1)]), speed=1.0)
+        await until(lambda: slot.hold_words()[1] == seq, 5, "the hold released")
+        waited = time.monotonic() - t0
+        assert waited >= cfg.vad.pause_confirm_ms / 1000, waited
+        assert slot.counters.get("pauses_released") == 1 and slot.counters.get("pauses_confirmed") == 0
+        assert w.stats.activity_starts == starts and slot.downlink.flush_epoch == epoch
+        # the answer resumes where it stopped: every byte of the echo is still queued, in order
+        assert slot.downlink.peek(len(queued)) == queued
+        corr, _ = best_correlation(to24k(speech), np.frombuffer(queued, np.int16), 24000)
+        assert corr > 0.9, corr
 
 
 def _write_config(path: Path, emu, state: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from appliance.config import load_config, replace
 from shm.segment import EventCode
-from tests.ai.audio import frames, silence
+from tests.ai.audio import frames, silence, white_noise
 from tests.ai.doubles import (
     AudioOut,
     FakeLive,
@@ -247,26 +247,110 @@ async def test_crash_mid_utterance_replays_journal(cfg, seg, tmp_path, speech) -
     assert not list(tmp_path.glob("*.journal"))
 
 
-async def test_early_energy_barge_in(cfg, seg, tmp_path, speech) -> None:
-    cfg = replace(cfg, vad={"barge_in_energy_dbfs": -40.0})
+async def paced(worker: AiWorker, slot, pcm: np.ndarray, until=None) -> int:
+    """Like ``feed`` but in real time (holds are settled on the monotonic clock); stops when ``until()``."""
+    for i, f in enumerate(frames(pcm)):
+        assert slot.uplink.write(f)
+        await ticks(worker)
+        if until is not None and until():
+            return i
+        await asyncio.sleep(0.02)
+    return -1
+
+
+async def test_hold_confirmed_by_speech_flushes_then_releases(cfg, seg, tmp_path, speech) -> None:
     w = make_worker(cfg, seg, tmp_path)
     slot = seg.slot(0)
     activate_slot(slot)
     await ticks(w, 2)
     live = FakeLive.instances[0]
     live.emit(AudioOut(tone(440, 3.0, 24000).tobytes()))
-    quiet = np.full(320, 30, np.int16)  # ~ -60 dBFS: not a barge-in
-    slot.uplink.write(quiet.tobytes())
+    epoch = slot.downlink.flush_epoch
+    seq = slot.request_hold()  # the media worker paused playback on the caller's first loud frame
     await ticks(w)
-    assert slot.downlink.available() == 3 * 48000
-    loud = speech[3200:3520]  # a voiced 20 ms frame
-    assert 20 * np.log10(np.sqrt(np.mean(loud.astype(float) ** 2)) / 32768) > -40
-    slot.uplink.write(loud.tobytes())
-    await ticks(w)
-    assert slot.downlink.available() == 0 and w.stats.early_barge_ins == 1  # the first loud frame
-    # the model turn is not suppressed until Silero confirms speech
+    assert slot.hold_words() == (seq, 0)  # not settled: no speech seen yet, far from the deadline
+    # the caller really talks (fed faster than real time: the confirm deadline cannot be what ends it)
+    for f in frames(speech[:8000]):
+        slot.uplink.write(f)
+        await ticks(w)
+        if slot.hold_words()[1] == seq:
+            break
+    assert slot.hold_words() == (seq, seq)
+    # flushed before the release: when the media worker reads again, the old answer is gone
+    assert slot.downlink.flush_epoch == epoch + 1 and slot.downlink.available() == 0
+    c = slot.counters.snapshot()
+    assert c["pauses_confirmed"] == 1 and c["pauses_released"] == 0 and w.stats.barge_ins == 1
+    assert live.log[0] == "start"
     live.emit(AudioOut(tone(440, 0.2, 24000).tobytes()))
-    assert slot.downlink.available() > 0
+    assert slot.downlink.available() == 0  # the rest of the interrupted turn is dropped as before
+
+
+async def test_hold_on_a_click_is_released_and_the_answer_continues_intact(cfg, seg, tmp_path) -> None:
+    w = make_worker(cfg, seg, tmp_path)
+    slot = seg.slot(1)
+    activate_slot(slot)
+    await ticks(w, 2)
+    live = FakeLive.instances[0]
+    answer = tone(440, 3.0, 24000)
+    live.emit(AudioOut(answer.tobytes()))
+    epoch = slot.downlink.flush_epoch
+    click = np.concatenate([white_noise(0.02, -12.0), silence(0.6)])  # a knock: loud, but not speech
+    seq = slot.request_hold()
+    t0 = asyncio.get_running_loop().time()
+    await paced(w, slot, click, until=lambda: slot.hold_words()[1] == seq)
+    waited = asyncio.get_running_loop().time() - t0
+    assert slot.hold_words() == (seq, seq)
+    assert cfg.vad.pause_confirm_ms / 1000 <= waited < cfg.vad.pause_confirm_ms / 1000 + 0.15, waited
+    c = slot.counters.snapshot()
+    assert c["pauses_released"] == 1 and c["pauses_confirmed"] == 0 and w.stats.barge_ins == 0
+    assert slot.downlink.flush_epoch == epoch and live.log == []  # no flush, no caller turn
+    # playback resumes exactly where it stopped: the whole answer is still there, bit-exact
+    live.emit(AudioOut(tone(660, 0.2, 24000).tobytes()))  # and the model turn goes on
+    got = np.frombuffer(drain_downlink(slot), np.int16)
+    assert np.array_equal(got[: len(answer)], answer) and len(got) == len(answer) + 4800
+
+
+async def test_hold_with_nothing_playing_or_during_the_greeting_is_just_released(cfg, seg, tmp_path,
+                                                                                  speech) -> None:
+    cfg = replace(cfg, model={"greeting": "Hello, this is an AI assistant."})
+    w = make_worker(cfg, seg, tmp_path)
+    await w.prepare()
+    slot = seg.slot(2)
+    activate_slot(slot)
+    await ticks(w)
+    greeting = slot.downlink.available()
+    # published for the media worker: the greeting's end (its last partial frame is still queued)
+    assert greeting > 24000 and greeting <= slot.protect_until < greeting + DOWN_FRAME
+    epoch = slot.downlink.flush_epoch
+    seq = slot.request_hold()  # (the media worker never pauses the greeting; be robust anyway)
+    await feed(w, slot, np.concatenate([silence(0.1), speech[:8000]]))
+    assert slot.hold_words() == (seq, seq) and slot.downlink.flush_epoch == epoch
+    assert slot.downlink.available() == greeting  # the AI disclosure plays on
+    drain_downlink(slot)
+    seq = slot.request_hold()  # nothing to play: released at the next tick, not counted
+    await ticks(w)
+    assert slot.hold_words() == (seq, seq)
+    c = slot.counters.snapshot()
+    assert c["pauses_confirmed"] == 0 and c["pauses_released"] == 0
+
+
+async def test_restarted_worker_settles_a_stale_hold(cfg, seg, tmp_path) -> None:
+    cfg = replace(cfg, model={"greeting": "Hello, this is an AI assistant."})
+    w1 = make_worker(cfg, seg, tmp_path)
+    await w1.prepare()
+    slot = seg.slot(3)
+    activate_slot(slot)
+    await ticks(w1, 2)
+    protect = slot.protect_until
+    FakeLive.instances[0].emit(AudioOut(tone(440, 3.0, 24000).tobytes()))
+    seq = slot.request_hold()
+    # w1 dies (SIGKILL: nothing released); a replacement attaches the same call
+    w2 = make_worker(cfg, seg, tmp_path)
+    await ticks(w2)
+    assert w2.calls[3].protect_until == protect > 0  # the greeting stays protected after a restart
+    assert slot.hold_words() == (seq, 0)
+    i = await paced(w2, slot, silence(0.6), until=lambda: slot.hold_words()[1] == seq)
+    assert 0 < i and slot.counters.get("pauses_released") == 1
 
 
 async def test_session_that_ends_itself_is_reopened_with_the_open_turn(cfg, seg, tmp_path, speech) -> None:

@@ -55,8 +55,12 @@ def segment() -> Iterator[ShardSegment]:
 
 @contextlib.contextmanager
 def running_worker(seg: ShardSegment, host: str = "127.0.0.1", **media: object) -> Iterator[MediaWorker]:
-    """A MediaWorker on its own thread (stopped and joined at exit)."""
-    cfg = MediaConfig(**{"rtp_host": host, **media})  # type: ignore[arg-type]
+    """A MediaWorker on its own thread (stopped and joined at exit).
+
+    Playback pauses are off unless a test asks for them (``pause_on_speech_dbfs``): no AI worker runs
+    here to settle a hold, and most tests have the caller talk while the model audio plays.
+    """
+    cfg = MediaConfig(**{"rtp_host": host, "pause_on_speech_dbfs": 0.0, **media})  # type: ignore[arg-type]
     worker = MediaWorker(seg, cfg, host=host)
     stop = threading.Event()
     t = threading.Thread(target=worker.run, args=(stop.is_set,), name="media-worker", daemon=True)

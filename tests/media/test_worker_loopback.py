@@ -1,5 +1,6 @@
 """The media worker against a plain UDP peer standing in for Janus (no netns needed): audio content both
-ways, DTMF events, bad input dropped and counted, barge-in flush, slot close/reuse."""
+ways, DTMF events, bad input dropped and counted, barge-in flush, playback hold (pause on a loud caller
+frame, resume in place, greeting, timeout), slot close/reuse."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from appliance.config import MediaConfig
 from shm.segment import EventCode, ShardSegment
-from tests.harness.audio import dominant_frequency, tone
+from tests.harness.audio import best_correlation, dominant_frequency, tone
 from tests.media.conftest import free_port_pair, running_worker
 from workers.media import opus
 from workers.media.rtp import build_rtp, parse_rtp
@@ -378,3 +381,140 @@ def test_rtp_timeout_event_when_the_caller_goes_silent(segment: ShardSegment) ->
     timeouts = [v for c, v in events if c == EventCode.RTP_TIMEOUT]
     # repeated once per period of silence, carrying the silent time (loose bounds: busy CI)
     assert 300 <= timeouts[0] < 1000 and timeouts[1] >= timeouts[0] + 250
+
+
+# ---- provisional barge-in: the playback hold ---------------------------------------------------------
+class Receiver:
+    """Collects every RTP packet the worker sends to ``peer`` on a thread (the test keeps sending)."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer, self.pkts, self._stop = peer, [], threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.pkts += self.peer.recv_all()
+
+    def stop(self) -> list[bytes]:
+        self._stop.set()
+        self._t.join(5)
+        return self.pkts
+
+
+def decoded_packets(pkts: list[bytes]) -> list[np.ndarray]:
+    """Each packet decoded at 24 kHz, in sequence order."""
+    parsed = [parse_rtp(p) for p in pkts]
+    base = parsed[0].sequence
+    parsed.sort(key=lambda p: (p.sequence - base) & 0xFFFF)
+    dec = opus.Decoder(24000)
+    return [np.frombuffer(dec.decode(p.payload), np.int16) for p in parsed]
+
+
+def dbfs(x: np.ndarray) -> float:
+    x = x.astype(np.float64)
+    return 10 * np.log10(max(float(np.mean(x * x)), 1e-12) / 32768**2)
+
+
+LOUD = 0.3  # caller tone amplitude: about -13 dBFS, speech-like loudness
+QUIET = 0.0003  # about -73 dBFS: a quiet room
+PAUSE = {"pause_on_speech_dbfs": MediaConfig().pause_on_speech_dbfs}  # the shipped default threshold
+
+
+def test_loud_caller_frame_holds_playback_and_release_resumes_in_place(segment: ShardSegment) -> None:
+    peer, port = Peer(), free_port_pair()
+    activate(segment, 3, peer, port)
+    slot = segment.slot(3)
+    model = tone(660, 2.0, 24000)  # 100 frames of model answer
+    with running_worker(segment, **PAUSE):
+        assert wait_for(lambda: len(peer.recv_all()) > 0)
+        rx = Receiver(peer)
+        slot.downlink.write(model.tobytes())
+        assert wait_for(lambda: slot.counters.get("frames_down") >= 15)
+        send_paced(peer, port, peer.packets(tone(300, 0.1, 48000, LOUD)))  # the caller talks over it
+        assert wait_for(lambda: slot.counters.get("pauses") == 1)
+        hold, release = slot.hold_words()
+        assert hold != release
+        r0, played = slot.downlink.read_cursor, slot.counters.get("frames_down")
+        time.sleep(0.3)
+        # held: the ring is not consumed (nothing of the answer is lost) while silence goes out
+        assert slot.downlink.read_cursor == r0 and slot.counters.get("frames_down") == played
+        assert 10 < played < 100
+        slot.release_hold(hold)  # the AI worker: no speech confirmed, resume
+        assert wait_for(lambda: slot.counters.get("frames_down") == 100)
+        time.sleep(0.1)
+        pkts = rx.stop()
+        c = slot.counters.snapshot()
+    peer.close()
+    assert c["pauses"] == 1 and c["pause_timeouts"] == 0 and c["downlink_underruns"] == 1  # only the end
+    frames_ = decoded_packets(pkts)
+    tail_db = [dbfs(f[-240:]) for f in frames_]  # last 10 ms of each packet
+    start = next(i for i, d in enumerate(tail_db) if d > -30)
+    cut = next(i for i in range(start, len(tail_db)) if tail_db[i] < -30)
+    back = next(i for i in range(cut, len(tail_db)) if tail_db[i] > -30)
+    # the first packet sent while held already ends silent (encoder reset: no tail of the old audio)
+    assert tail_db[cut] < -60 and tail_db[cut - 1] > -20, tail_db[cut - 2: cut + 2]
+    assert back - cut >= 12  # ~300 ms of silence while held
+    # joined without the gap, what the caller heard is the answer, uninterrupted: nothing skipped or repeated
+    # (a skipped or repeated 20 ms frame shifts a 660 Hz tone by 0.2 cycle and drops this well below 0.9)
+    heard = np.concatenate(frames_[start:cut] + frames_[back:])
+    corr, _ = best_correlation(model[2400:-4800], heard, 24000)
+    assert corr > 0.95, corr
+    assert abs(dominant_frequency(np.concatenate(frames_[back + 1: back + 20]), 24000) - 660) < 5
+
+
+def test_quiet_caller_frames_never_pause(segment: ShardSegment) -> None:
+    peer, port = Peer(), free_port_pair()
+    activate(segment, 0, peer, port)
+    slot = segment.slot(0)
+    with running_worker(segment, **PAUSE):
+        assert wait_for(lambda: len(peer.recv_all()) > 0)
+        slot.downlink.write(tone(660, 2.0, 24000).tobytes())
+        assert wait_for(lambda: slot.counters.get("frames_down") >= 5)
+        send_paced(peer, port, peer.packets(tone(300, 0.6, 48000, QUIET)))
+        assert wait_for(lambda: slot.counters.get("frames_up") >= 20)
+        assert wait_for(lambda: slot.counters.get("frames_down") == 100)
+        c = slot.counters.snapshot()
+    peer.close()
+    assert c["pauses"] == 0 and slot.hold_words()[0] == 0
+
+
+def test_greeting_is_never_paused_but_what_follows_is(segment: ShardSegment) -> None:
+    peer, port = Peer(), free_port_pair()
+    activate(segment, 1, peer, port)
+    slot = segment.slot(1)
+    with running_worker(segment, **PAUSE):
+        assert wait_for(lambda: len(peer.recv_all()) > 0)
+        slot.downlink.write(tone(440, 1.0, 24000).tobytes())  # the greeting (AI disclosure)
+        slot.protect_until = slot.downlink.write_cursor  # as the AI worker publishes it
+        slot.downlink.write(tone(660, 2.0, 24000).tobytes())  # the model's answer after it
+        assert wait_for(lambda: slot.counters.get("frames_down") >= 5)
+        send_paced(peer, port, peer.packets(tone(300, 0.2, 48000, LOUD)))
+        assert slot.counters.get("pauses") == 0 and slot.downlink.read_cursor < slot.protect_until
+        assert wait_for(lambda: slot.downlink.read_cursor > slot.protect_until + 960)
+        send_paced(peer, port, peer.packets(tone(300, 0.06, 48000, QUIET)))  # re-arms after the loud run
+        send_paced(peer, port, peer.packets(tone(300, 0.1, 48000, LOUD)))
+        assert wait_for(lambda: slot.counters.get("pauses") == 1)
+    peer.close()
+
+
+def test_unanswered_hold_times_out(segment: ShardSegment, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.media import worker as media_worker
+
+    monkeypatch.setattr(media_worker, "HOLD_MAX_NS", 300_000_000)  # no AI worker releases it
+    peer, port = Peer(), free_port_pair()
+    activate(segment, 2, peer, port)
+    slot = segment.slot(2)
+    with running_worker(segment, **PAUSE):
+        assert wait_for(lambda: len(peer.recv_all()) > 0)
+        slot.downlink.write(tone(660, 2.0, 24000).tobytes())
+        assert wait_for(lambda: slot.counters.get("frames_down") >= 5)
+        send_paced(peer, port, peer.packets(tone(300, 0.1, 48000, LOUD)))
+        assert wait_for(lambda: slot.counters.get("pauses") == 1)
+        t0 = time.monotonic()
+        assert wait_for(lambda: slot.counters.get("pause_timeouts") == 1)
+        assert 0.2 < time.monotonic() - t0 < 1.5
+        assert wait_for(lambda: slot.counters.get("frames_down") == 100)  # then the rest plays
+        hold, release = slot.hold_words()
+    peer.close()
+    assert hold == 1 and release == 0  # the slot still says held: only the media worker gave up on it

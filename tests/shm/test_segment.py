@@ -93,7 +93,8 @@ def _corrupt(seg: ShardSegment, offset: int, data: bytes, *, fix_crc: bool) -> N
     ("offset", "data", "fix_crc", "message"),
     [
         (L.H_MAGIC, b"GARBAGE!", False, "bad magic"),
-        (L.H_VERSION, struct.pack("<I", 99), False, "layout version 99, this build speaks 1"),
+        (L.H_VERSION, struct.pack("<I", 99), False,
+         f"layout version 99, this build speaks {L.LAYOUT_VERSION}"),
         (L.H_INSTANCE, b"evil", False, "header checksum mismatch"),
         (L.H_NSLOTS, struct.pack("<I", 9), True, "sizes inconsistent"),
         (L.H_NSLOTS, struct.pack("<I", 0), True, "slot count 0 out of range"),
@@ -243,6 +244,27 @@ def test_activate_resets_rings_counters_events(seg: ShardSegment) -> None:
     assert slot.uplink.available() == 0 and slot.downlink.available() == 0
     assert slot.uplink.stats()["written"] == 0 and slot.counters.get("rx_packets") == 0
     assert slot.pop_events() == [] and slot.transcript == "" and slot.resume_handle == ""
+
+
+def test_playback_hold_words_one_writer_each_and_reset_on_activate(seg: ShardSegment) -> None:
+    slot = seg.slot(1)
+    activate_slot(slot)
+    other = ShardSegment.attach(seg.name)  # the AI worker's own mapping
+    try:
+        ai = other.slot(1)
+        assert slot.hold_words() == (0, 0) and slot.protect_until == 0
+        seq = slot.request_hold()  # media worker pauses
+        assert seq == 1 and ai.hold_words() == (1, 0)  # held: the words differ
+        ai.protect_until = 48000
+        ai.release_hold(seq)
+        assert slot.hold_words() == (1, 1) and slot.protect_until == 48000
+        assert slot.request_hold() == 2 and ai.hold_words() == (2, 1)
+        slot.begin_close()
+        slot.free()
+        activate_slot(slot)  # a reused slot never starts held or protected
+        assert ai.hold_words() == (0, 0) and ai.protect_until == 0
+    finally:
+        other.close()
 
 
 def test_counters(seg: ShardSegment) -> None:

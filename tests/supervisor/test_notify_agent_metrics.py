@@ -169,6 +169,36 @@ def test_metrics_served_with_shard_counters():
     assert 'va_rtp_received_packets_total{shard="0"} 100.0' in body
 
 
+def test_playback_pause_counters_from_slots_are_exported():
+    """The workers' pause counters in a real slot reach /metrics as shard totals (no session label)."""
+    from types import SimpleNamespace
+
+    from appliance.metrics import CounterAccumulator
+    from appliance.supervisor import Supervisor
+    from tests.harness.shm import activate_slot, shard_segment
+
+    with shard_segment(slots=2) as seg:
+        sup = SimpleNamespace(_counters=CounterAccumulator())
+        for i, (pauses, confirmed, released) in enumerate(((3, 2, 1), (1, 0, 1))):
+            slot = seg.slot(i)
+            activate_slot(slot)
+            slot.counters.add("pauses", pauses)
+            slot.counters.add("pauses_confirmed", confirmed)
+            slot.counters.add("pauses_released", released)
+            Supervisor.harvest_counters(sup, 0, slot)  # type: ignore[arg-type]
+        m = Metrics()
+        m.add_shard_counters(lambda: sup._counters.totals)
+        port = m.serve("127.0.0.1", 0)
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        finally:
+            m.stop()
+    assert 'va_playback_pauses_total{shard="0"} 4.0' in body
+    assert 'va_playback_pauses_confirmed_total{shard="0"} 2.0' in body
+    assert 'va_playback_pauses_released_total{shard="0"} 2.0' in body
+    assert 'va_playback_pause_timeouts_total{shard="0"} 0.0' in body
+
+
 def test_default_registry_is_included():
     from prometheus_client import REGISTRY, Counter
 

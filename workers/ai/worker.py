@@ -22,7 +22,18 @@ Each tick:
 Barge-in: caller speech onset while model audio is queued or playing flushes the downlink through the
 ring's flush epoch (``request_flush``) in the same tick the VAD sees it, and the rest of that model turn
 is dropped until the model says ``interrupted``/``turnComplete``. The greeting (the AI disclosure) is not
-interruptible. A model that cannot be reached keeps the call up: the "please hold" prompt plays and the
+interruptible; its end (a downlink cursor) is published in the slot (``protect_until``) so the media
+worker and a restarted AI worker respect it too.
+
+Playback holds (provisional barge-in): the media worker pauses model audio on the caller's first loud
+frame, before any VAD could know whether it is speech, and publishes the hold in the slot. This worker
+settles every hold: Silero-confirmed speech (the barge-in above, or a caller turn already open) flushes
+the ring and then releases the hold (``pauses_confirmed``); no speech within ``vad.pause_confirm_ms``
+releases it untouched, and playback resumes exactly where it stopped (``pauses_released``: a false
+alarm such as a cough). A hold with nothing left to play, or on a call this worker lets go of, is
+released at once. A restarted worker finds an unsettled hold in the slot and starts its clock anew.
+
+A model that cannot be reached keeps the call up: the "please hold" prompt plays and the
 worker re-opens the Live session every ``model.degraded_retry_seconds``.
 
 Failure isolation: everything per call runs under a guard that logs and closes only that call's Live
@@ -84,7 +95,8 @@ class WorkerStats:
     frames_out: int = 0
     downlink_dropped_bytes: int = 0
     barge_ins: int = 0
-    early_barge_ins: int = 0
+    pauses_confirmed: int = 0
+    pauses_released: int = 0
     activity_starts: int = 0
     activity_ends: int = 0
     tick_seconds: float = 0.0  # wall time spent inside ticks
@@ -108,6 +120,8 @@ class Call:
     model_turn: bool = False  # model audio arrived since the last turnComplete/interrupted
     suppress: bool = False  # barge-in: drop the rest of the interrupted model turn
     protect_until: int = 0  # downlink write cursor up to which audio is the (uninterruptible) greeting
+    hold_seq: int | None = None  # the media worker's playback hold being settled
+    hold_deadline: float = 0.0  # ... released as a false alarm at this monotonic time
     hold_played: bool = False
     hold_at: float = 0.0  # when "please hold" last started
     start_failed: bool = False
@@ -174,8 +188,7 @@ class AiWorker:
                                  min_speech_ms=v.min_speech_ms, barge_in_ms=v.barge_in_ms,
                                  preroll_ms=v.preroll_ms)
         self._gate_ms = (10.0 ** (v.energy_gate_dbfs / 10.0)) * 32768.0 * 32768.0
-        early_db = v.barge_in_energy_dbfs
-        self._early_ms = (10.0 ** (early_db / 10.0)) * 32768.0 * 32768.0 if early_db < 0 else 0.0
+        self._confirm_s = v.pause_confirm_ms / 1000.0
         self._preroll_keep_ms = v.preroll_ms + cfg.shards.uplink_ring_ms + 200
         self.calls: dict[int, Call] = {}
         self.stats = WorkerStats()
@@ -334,6 +347,7 @@ class AiWorker:
                         ev = call.detector.silent_until(call.window.position)
                         if ev is not None:
                             self._on_turn(call, ev)
+                self._settle_hold(call, now)
                 if call.pending:
                     self._drain(call)
             except Exception as exc:
@@ -386,9 +400,12 @@ class AiWorker:
         if fresh:
             greeting = self._greeting_for(call)
             if greeting:
+                call.protect_until = slot.downlink.write_cursor + len(greeting)
+                slot.protect_until = call.protect_until  # before any of it is readable
                 call.pending += greeting
                 self._drain(call)
-                call.protect_until = slot.downlink.write_cursor + len(call.pending)
+        else:
+            call.protect_until = slot.protect_until  # a restarted worker: the greeting may still play
         if not self._live_ready:
             call.awaiting_live = True
             call.handle = handle
@@ -458,6 +475,10 @@ class AiWorker:
             return
         call.closed = True
         self.vad.remove(call.key)
+        if call.hold_seq is not None:  # nobody settles it now: let the media worker play on
+            with contextlib.suppress(ShmError):
+                if call.slot.is_current(call.generation):
+                    self._end_hold(call)
         if call.journal is not None:
             if call.slot.is_current(call.generation):
                 call.journal.close()  # the call goes on (worker stopping or re-opening): keep it
@@ -507,10 +528,6 @@ class AiWorker:
             call.preroll.push(data, call.window.position)
             if call.sending:
                 self._send_audio(call, data)
-            elif self._early_ms and not call.detector.speaking and self._playing(call):
-                last = np.frombuffer(data[-UP_FRAME:], dtype="<i2").astype(np.float32)
-                if float(np.dot(last, last)) >= self._early_ms * last.size:
-                    self._barge_in(call, early=True)
         k = 0
         while call.window.has_window():
             chunk, end = call.window.pop_window()
@@ -677,7 +694,7 @@ class AiWorker:
             call.last_event["activity_end"] = time.monotonic()
             call.slot.counters.add("speech_ms", (ev.sample - ev.onset) * 1000 // SAMPLE_RATE)
 
-    def _barge_in(self, call: Call, *, early: bool = False) -> None:
+    def _barge_in(self, call: Call) -> None:
         ring = call.slot.downlink
         if ring.read_cursor < call.protect_until:  # the AI disclosure is still playing
             return
@@ -685,15 +702,48 @@ class AiWorker:
             return
         ring.request_flush()
         call.pending.clear()
-        if early:  # not confirmed speech yet: skip what is queued, keep the model turn
-            self.stats.early_barge_ins += 1
-            call.last_event["early_barge_in"] = time.monotonic()
-            return
         if call.model_turn:
             call.suppress = True
         self.stats.barge_ins += 1
         call.last_event["barge_in"] = time.monotonic()
         call.slot.counters.add("interruptions")
+        self._end_hold(call, confirmed=True)
+
+    # ---- playback holds (the media worker's provisional barge-in) ---------------------------------
+    def _settle_hold(self, call: Call, now: float) -> None:
+        """Once per tick, after the VAD: confirm, keep or release the media worker's playback hold."""
+        hold, release = call.slot.hold_words()
+        if hold == release:
+            call.hold_seq = None
+            return
+        if call.hold_seq != hold:  # a new hold (or one found in the slot after a restart)
+            call.hold_seq = hold
+            call.hold_deadline = now + self._confirm_s
+            call.last_event["pause"] = now
+        if not self._playing(call):
+            self._end_hold(call)  # nothing left to hold (flushed, interrupted, or never started)
+        elif call.detector.speaking:
+            self._barge_in(call)  # the caller's turn is open: talking over the model is a barge-in
+            if call.hold_seq is not None:  # not flushable (the greeting): play on
+                self._end_hold(call)
+        elif now >= call.hold_deadline:
+            self._end_hold(call, released=True)
+
+    def _end_hold(self, call: Call, *, confirmed: bool = False, released: bool = False) -> None:
+        """Release the current hold, if any (after any flush it needs: the media worker resumes reading)."""
+        hold, release = call.slot.hold_words()
+        if hold == release:
+            call.hold_seq = None
+            return
+        call.slot.release_hold(hold)
+        call.hold_seq = None
+        if confirmed:
+            self.stats.pauses_confirmed += 1
+            call.slot.counters.add("pauses_confirmed")
+        elif released:
+            self.stats.pauses_released += 1
+            call.slot.counters.add("pauses_released")
+            call.last_event["resume"] = time.monotonic()
 
     # ---- downlink --------------------------------------------------------------------------------
     def _drain(self, call: Call) -> None:
@@ -751,6 +801,7 @@ class AiWorker:
             if call.pending or ring.free_space() < ring.capacity:
                 ring.request_flush()
                 call.last_event["interrupted"] = time.monotonic()
+                self._end_hold(call, confirmed=True)
             call.pending.clear()
         call.model_turn = False
         call.suppress = False

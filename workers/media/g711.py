@@ -141,5 +141,10 @@ class G711Downlink:
     def silence(self) -> bytes:
         return encode(np.zeros(160, np.int16), self.pt)
 
+    def reset(self) -> None:
+        """Drop the resampler's history (playback cut: a hold or a flush)."""
+        self._rs.clear()
+        self._pending = np.zeros(0, np.int16)
+
     def close(self) -> None:
         pass
