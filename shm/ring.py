@@ -194,6 +194,27 @@ class Ring:
         self._ca.store_release(self._a_read, (r + n) & _U64)
         return out
 
+    def read_frames(self, frame: int, max_frames: int = -1) -> tuple[bytes, int]:
+        """Take whole ``frame``-byte frames (at most ``max_frames``; all when < 0): ``(data, left)``.
+
+        ``data`` is ``b""`` when less than one frame is queued (not counted as an underrun: the caller
+        asked for "what is there"); ``left`` is what stays queued after the read. The per-tick hot
+        paths use this instead of ``available()`` + ``read()``: one flush check and one cursor load
+        instead of two of each (each atomic costs ~0.4 µs through ctypes), same bytes.
+        """
+        if frame <= 0:
+            raise ValueError(f"ring {self.name}: frame size must be > 0, got {frame}")
+        r = self._sync()
+        avail = self._avail(r)
+        n = avail - avail % frame
+        if 0 <= max_frames < n // frame:
+            n = max_frames * frame
+        if n == 0:
+            return b"", avail
+        out = self._copy_out(r, n)
+        self._ca.store_release(self._a_read, (r + n) & _U64)
+        return out, avail - n
+
     def read_into(self, buf: Any) -> bool:
         """Fill the writable buffer ``buf`` completely, or return False (underrun, counted)."""
         r = self._sync()

@@ -446,6 +446,12 @@ class Slot:
         self._seg._check()
         self._write_remote(_check_ip(self._label, ip), port)
 
+    def remote(self) -> tuple[str, int]:
+        """Janus's plain-RTP (ip, port) from one seqlocked read ("", 0 until known): the media worker's
+        scan compares both every 100 ms per session, and two property reads cost two seqlock rounds."""
+        self._seg._check()
+        return self._read_remote()
+
     @property
     def remote_rtp_ip(self) -> str:
         """Janus's plain-RTP IP ("" until known)."""

@@ -89,6 +89,17 @@ class RingMachine(RuleBasedStateMachine):
             assert got is None
             self.exp["underruns"] += 1
 
+    @rule(frame=st.sampled_from([FRAME, 960, 7]), most=st.integers(-1, 4))
+    def read_frames(self, frame: int, most: int) -> None:
+        """Whole frames only, never an underrun; ``left`` is the fill after the read."""
+        self._consumer_sync()
+        got, left = self.cons.read_frames(frame, most)
+        k = len(self.model) // frame if most < 0 else min(most, len(self.model) // frame)
+        assert got == bytes(self.model[:k * frame])
+        del self.model[:k * frame]
+        self.exp["read"] += k * frame
+        assert left == len(self.model)
+
     @rule(n=st.integers(1, 3000))
     def read_into(self, n: int) -> None:
         self._consumer_sync()

@@ -160,6 +160,9 @@ def test_activate_fields_roundtrip_across_attach(seg: ShardSegment) -> None:
         slot.remote_rtp_ip = "127.0.0.5"
         slot.remote_rtp_port = 6000
         assert (ws.remote_rtp_ip, ws.remote_rtp_port) == ("127.0.0.5", 6000)
+        assert ws.remote() == ("127.0.0.5", 6000)
+        slot.set_remote("", 0)
+        assert ws.remote() == ("", 0)
         ws.resume_handle = "handle-" + "x" * 1000
         ws.model_state = "live"
         ws.transcript = "caller: hello"
@@ -306,6 +309,10 @@ def test_use_after_close_raises_instead_of_crashing() -> None:
         ring.write(b"x" * 640)
     with pytest.raises(RingClosedError):
         ring.read(640)
+    with pytest.raises(RingClosedError):
+        ring.read_frames(640)
+    with pytest.raises(ShmError, match="is closed"):
+        slot.remote()
     with pytest.raises(ShmError, match="is closed"):
         _ = slot.state
     with pytest.raises(ShmError, match="is closed"):
