@@ -291,9 +291,9 @@ class MediaSession:
     # ---- downlink: one packet per tick ----------------------------------------------------------
     def tick_downlink(self, tick: int) -> None:
         ring = self.slot.downlink
-        frame = ring.read(DOWN_FRAME) if ring.available() >= DOWN_FRAME else None
+        data, left = ring.read_frames(DOWN_FRAME, 1)  # one cursor round for the frame and the fill
+        frame = data or None
         if frame is None:
-            left = ring.available()
             if left:
                 self.partial_ticks += 1
                 if self.partial_ticks >= PARTIAL_FRAME_TICKS:  # the end of an utterance: pad it
@@ -438,7 +438,7 @@ class MediaWorker:
         for slot in self.seg.slots():
             if slot.index in self.sessions:
                 sess = self.sessions[slot.index]
-                ip, port = slot.remote_rtp_ip, slot.remote_rtp_port
+                ip, port = slot.remote()
                 if sess.remote != ((ip, port) if ip and port else None):
                     sess.set_remote(ip, port)
                 continue
