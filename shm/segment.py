@@ -51,6 +51,7 @@ from typing import Any, Literal
 
 import posix_ipc
 
+from shm import atomic
 from shm import layout as L
 from shm.atomic import SharedAtomics, buffer_address
 from shm.errors import RingClosedError, RingCorruptError, ShmError
@@ -281,6 +282,7 @@ class Slot:
         self._label = f"segment {seg.name} slot {index}"
         self._a = SharedAtomics()
         self._gs = base + off + L.CB_GEN_STATE
+        self._gsq = mv[off + L.CB_GEN_STATE:off + L.CB_GEN_STATE + 8].cast("Q")  # PLAIN_ORDERED reads
         self._remote_seq = base + off + L.CB_REMOTE_SEQ
         self.counters = Counters(mv, off)
         self._resume = _SeqString(mv, base, off + L.CB_RESUME, L.RESUME_MAX, f"{self._label} resume_handle")
@@ -303,6 +305,8 @@ class Slot:
     # ---- state / generation ------------------------------------------------------------------
     def _word(self) -> int:
         self._seg._check()
+        if atomic.PLAIN_ORDERED:  # x86-64: a plain aligned load is an acquire (shm.atomic); 2x cheaper
+            return self._gsq[0]
         return self._a.load_acquire(self._gs)
 
     @property
@@ -721,6 +725,7 @@ class ShardSegment:
             s.uplink._close()
             s.downlink._close()
             s.counters._q.release()
+            s._gsq.release()
         for hb in self._hb.values():
             hb.release()
         self._unmap()

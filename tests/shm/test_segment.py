@@ -12,6 +12,7 @@ import numpy as np
 import posix_ipc
 import pytest
 
+from shm import atomic
 from shm import layout as L
 from shm.ring import RingClosedError, RingCorruptError
 from shm.segment import (
@@ -209,7 +210,10 @@ def test_string_limits(seg: ShardSegment) -> None:
         slot.remote_rtp_port = -1
 
 
-def test_generation_guard_and_state_machine(seg: ShardSegment) -> None:
+@pytest.mark.parametrize("plain", [True, False], ids=["tso-plain", "patomic"])
+def test_generation_guard_and_state_machine(seg: ShardSegment, plain: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(atomic, "PLAIN_ORDERED", plain and atomic.PLAIN_ORDERED)
     sup = seg.slot(1)
     w = ShardSegment.attach(seg.name)
     try:
