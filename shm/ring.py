@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from shm import atomic
 from shm import layout as L
 from shm.atomic import Atomics
 from shm.errors import RingClosedError, RingCorruptError
@@ -105,7 +106,7 @@ class Ring:
         n = len(data)
         hq = self._hq
         w = hq[_W]  # own word: plain load is fine
-        r = self._pa.load_acquire(self._a_read)
+        r = hq[_R] if atomic.PLAIN_ORDERED else self._pa.load_acquire(self._a_read)
         fill = (w - r) & _U64
         if n > self._cap - fill:
             if fill > self._cap:
@@ -124,13 +125,18 @@ class Ring:
             k = self._cap - pos
             self._mv[start:start + k] = data[:k]
             self._mv[self._d:self._d + n - k] = data[k:]
-        self._pa.store_release(self._a_write, (w + n) & _U64)
+        if atomic.PLAIN_ORDERED:
+            hq[_W] = (w + n) & _U64  # after the copy: a TSO store is a release
+        else:
+            self._pa.store_release(self._a_write, (w + n) & _U64)
         return True
 
     def free_space(self) -> int:
         """Bytes the producer can write now (conservative: ignores a flush not yet obeyed)."""
         self._check()
-        return self._cap - ((self._hq[_W] - self._pa.load_acquire(self._a_read)) & _U64)
+        hq = self._hq
+        r = hq[_R] if atomic.PLAIN_ORDERED else self._pa.load_acquire(self._a_read)
+        return self._cap - ((hq[_W] - r) & _U64)
 
     def request_flush(self) -> None:
         """Producer: ask the consumer to discard everything written so far (barge-in)."""
@@ -146,7 +152,7 @@ class Ring:
             raise RingClosedError(f"ring {self.name}: segment closed")
         hq = self._hq
         r = hq[_R]
-        epoch = self._ca.load_acquire(self._a_epoch)
+        epoch = hq[_EPOCH] if atomic.PLAIN_ORDERED else self._ca.load_acquire(self._a_epoch)
         seen = hq[_SEEN]
         if epoch != seen:
             fc = self._ca.load_acquire(self._a_fcur)
@@ -159,8 +165,15 @@ class Ring:
             hq[_FLUSHES] += (epoch - seen) & _U64
         return r
 
+    def _publish_read(self, r: int) -> None:
+        """Release-store the read cursor (after the copy out; a TSO store is a release)."""
+        if atomic.PLAIN_ORDERED:
+            self._hq[_R] = r
+        else:
+            self._ca.store_release(self._a_read, r)
+
     def _avail(self, r: int) -> int:
-        w = self._ca.load_acquire(self._a_write)
+        w = self._hq[_W] if atomic.PLAIN_ORDERED else self._ca.load_acquire(self._a_write)
         n = (w - r) & _U64
         if n > self._cap:
             self._corrupt(w, r)
@@ -191,8 +204,29 @@ class Ring:
                 return None
             return b""
         out = self._copy_out(r, n)
-        self._ca.store_release(self._a_read, (r + n) & _U64)
+        self._publish_read((r + n) & _U64)
         return out
+
+    def read_frames(self, frame: int, max_frames: int = -1) -> tuple[bytes, int]:
+        """Take whole ``frame``-byte frames (at most ``max_frames``; all when < 0): ``(data, left)``.
+
+        ``data`` is ``b""`` when less than one frame is queued (not counted as an underrun: the caller
+        asked for "what is there"); ``left`` is what stays queued after the read. The per-tick hot
+        paths use this instead of ``available()`` + ``read()``: one flush check and one cursor load
+        instead of two of each (each atomic costs ~0.4 µs through ctypes), same bytes.
+        """
+        if frame <= 0:
+            raise ValueError(f"ring {self.name}: frame size must be > 0, got {frame}")
+        r = self._sync()
+        avail = self._avail(r)
+        n = avail - avail % frame
+        if 0 <= max_frames < n // frame:
+            n = max_frames * frame
+        if n == 0:
+            return b"", avail
+        out = self._copy_out(r, n)
+        self._publish_read((r + n) & _U64)
+        return out, avail - n
 
     def read_into(self, buf: Any) -> bool:
         """Fill the writable buffer ``buf`` completely, or return False (underrun, counted)."""
@@ -210,7 +244,7 @@ class Ring:
             k = self._cap - pos
             mv[:k] = self._mv[start:start + k]
             mv[k:] = self._mv[self._d:self._d + n - k]
-        self._ca.store_release(self._a_read, (r + n) & _U64)
+        self._publish_read((r + n) & _U64)
         return True
 
     def peek(self, n: int) -> bytes | None:
@@ -231,7 +265,7 @@ class Ring:
         r = self._hq[_R]
         n = max(0, min(n, self._avail(r)))
         if n:
-            self._ca.store_release(self._a_read, (r + n) & _U64)
+            self._publish_read((r + n) & _U64)
         self._sync()
         return n
 

@@ -32,3 +32,19 @@ def test_help_lists_flags() -> None:
     assert r.returncode == 0
     for flag in ("--shard", "--segment", "--cpu", "--config"):
         assert flag in r.stdout
+
+
+def test_event_loop_is_uvloop_unless_forced_to_asyncio(monkeypatch) -> None:
+    """uvloop (a dependency) carries the worker's websockets; VA_AI_EVENT_LOOP=asyncio is the fallback."""
+    import asyncio
+
+    from workers.ai.main import loop_factory
+
+    monkeypatch.delenv("VA_AI_EVENT_LOOP", raising=False)
+    name, factory = loop_factory()
+    assert name == "uvloop" and factory is not None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        assert runner.run(asyncio.sleep(0, "ok")) == "ok"
+        assert type(runner.get_loop()).__module__.startswith("uvloop")
+    monkeypatch.setenv("VA_AI_EVENT_LOOP", "asyncio")
+    assert loop_factory() == ("asyncio", None)

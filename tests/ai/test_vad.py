@@ -48,6 +48,18 @@ def test_energy_gate_skips_inference() -> None:
     assert vad.stats.batches == 1
 
 
+def test_energy_gate_threshold_in_a_mixed_batch() -> None:
+    """-55 dBFS mean square = 3395.5 per sample: a constant 58 (3364) is gated, 59 (3481) is not, whatever
+    else shares the batch; a gated stream starts again from a fresh state."""
+    vad = BatchedVad(energy_gate_dbfs=-55.0)
+    loud = white_noise(0.032, -20.0)[:WINDOW]
+    chunks = [("a", np.full(WINDOW, 58, np.int16)), ("b", np.full(WINDOW, -59, np.int16)), ("c", loud)]
+    vad.process(chunks)
+    assert vad.stats.gated == 1 and vad.stats.batches == 1
+    assert not vad._streams["a"].state.any() and vad._streams["c"].state.any()
+    np.testing.assert_array_equal(vad._streams["a"].context, np.full(64, 58 / 32768, np.float32))
+
+
 def test_batch_equals_single_bit_identical(speech: np.ndarray) -> None:
     rng = np.random.default_rng(7)
     streams = {}

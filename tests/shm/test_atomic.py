@@ -42,3 +42,20 @@ def test_shared_atomics_use_a_scratch_word_per_thread() -> None:
         t.join()
     assert len(set(seen)) == 2 and not errors
     del keeper
+
+
+def test_plain_ordered_only_on_x86_64_and_overridable() -> None:
+    """The TSO fast path is chosen by CPU, and VA_SHM_PATOMIC=1 forces the patomic calls."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from shm import atomic
+
+    assert atomic.PLAIN_ORDERED == (platform.machine().lower() in ("x86_64", "amd64")
+                                    and os.environ.get("VA_SHM_PATOMIC", "") not in ("1", "true", "yes"))
+    code = "from shm import atomic; print(atomic.PLAIN_ORDERED)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "VA_SHM_PATOMIC": "1"},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

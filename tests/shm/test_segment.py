@@ -12,6 +12,7 @@ import numpy as np
 import posix_ipc
 import pytest
 
+from shm import atomic
 from shm import layout as L
 from shm.ring import RingClosedError, RingCorruptError
 from shm.segment import (
@@ -161,6 +162,9 @@ def test_activate_fields_roundtrip_across_attach(seg: ShardSegment) -> None:
         slot.remote_rtp_ip = "127.0.0.5"
         slot.remote_rtp_port = 6000
         assert (ws.remote_rtp_ip, ws.remote_rtp_port) == ("127.0.0.5", 6000)
+        assert ws.remote() == ("127.0.0.5", 6000)
+        slot.set_remote("", 0)
+        assert ws.remote() == ("", 0)
         ws.resume_handle = "handle-" + "x" * 1000
         ws.model_state = "live"
         ws.transcript = "caller: hello"
@@ -207,7 +211,10 @@ def test_string_limits(seg: ShardSegment) -> None:
         slot.remote_rtp_port = -1
 
 
-def test_generation_guard_and_state_machine(seg: ShardSegment) -> None:
+@pytest.mark.parametrize("plain", [True, False], ids=["tso-plain", "patomic"])
+def test_generation_guard_and_state_machine(seg: ShardSegment, plain: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(atomic, "PLAIN_ORDERED", plain and atomic.PLAIN_ORDERED)
     sup = seg.slot(1)
     w = ShardSegment.attach(seg.name)
     try:
@@ -328,6 +335,10 @@ def test_use_after_close_raises_instead_of_crashing() -> None:
         ring.write(b"x" * 640)
     with pytest.raises(RingClosedError):
         ring.read(640)
+    with pytest.raises(RingClosedError):
+        ring.read_frames(640)
+    with pytest.raises(ShmError, match="is closed"):
+        slot.remote()
     with pytest.raises(ShmError, match="is closed"):
         _ = slot.state
     with pytest.raises(ShmError, match="is closed"):

@@ -4,6 +4,12 @@ Attaches the shard's shared-memory segment, pins itself to ``--cpu`` (sched_seta
 run behaves like a supervised one), loads the VAD model once, prepares the cached prompts and runs
 :class:`workers.ai.worker.AiWorker` until SIGTERM/SIGINT. Exit codes: 0 stopped cleanly, 2 bad
 arguments/config, 3 segment missing or invalid.
+
+Event loop: uvloop when installed (a pyproject dependency on Linux), else asyncio's own. The worker is one
+loop carrying every call's TLS websocket: per Live message the stdlib loop's Python selector, transport
+and SSL-protocol layers cost more than the message's own work, and uvloop (libuv, same asyncio API)
+cut the AI worker's CPU by ~13 % at 40 sessions (docs/benchmarks.md, Pipeline, "CPU work").
+``VA_AI_EVENT_LOOP=asyncio`` forces the stdlib loop (A/B measurements, or a fallback if uvloop misbehaves).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segment", required=True, help="shared-memory segment name (/va-<instance>-s<K>)")
     parser.add_argument("--cpu", type=int, default=None, help="pin this process to CPU N")
     parser.add_argument("--config", default=None, help="config file (default: $VA_CONFIG or /etc/...)")
+
+
+def loop_factory() -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
+    """(name, factory) of the event loop the worker runs on: uvloop unless unavailable or not wanted."""
+    if os.environ.get("VA_AI_EVENT_LOOP", "").strip().lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return "uvloop", uvloop.new_event_loop
+    return "asyncio", None
 
 
 def _ssl_context(cfg: Any) -> Any:
@@ -57,7 +76,8 @@ async def _amain(args: argparse.Namespace, cfg: Any) -> int:
         await worker.prepare()
         seg.heartbeat("ai")
         log.info("AI worker running", extra={"shard": args.shard, "segment": args.segment,
-                                             "slots": seg.n_slots, "cpu": args.cpu})
+                                             "slots": seg.n_slots, "cpu": args.cpu,
+                                             "event_loop": type(loop).__module__.split(".")[0]})
         await worker.run(stop)
         log.info("AI worker stopped", extra={"shard": args.shard, "stats": vars(worker.stats)})
     finally:
@@ -86,4 +106,6 @@ def main(args: argparse.Namespace) -> int:
             log.warning("cannot lower priority", extra={"error": str(exc)})
     # the turn journal must outlive this process but not the machine: tmpfs
     args.journal_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(cfg.paths.run_dir)
-    return asyncio.run(_amain(args, cfg))
+    _, factory = loop_factory()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(_amain(args, cfg))

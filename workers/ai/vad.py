@@ -12,7 +12,10 @@ probability never rises (FACTS). Each stream keeps its own context and state her
 An energy gate runs first: a chunk whose RMS is below ``energy_gate_dbfs`` is silence for sure, gets
 probability 0 without touching the network, and resets that stream's recurrent state (a fresh state is
 what Silero starts every stream with; it is the right prior after silence). On a realistic duty cycle
-~20-60 % of chunks are gated, which is the cheapest VAD there is. onnxruntime runs with one intra-op
+~20-60 % of chunks are gated, which is the cheapest VAD there is. The gate's energy is the exact integer
+sum of squares, computed for the whole batch in one numpy call (as are the int16 → float scaling and
+the input rows): per-chunk numpy calls cost more than the gate saves. Probabilities and stream states
+are bit-identical to feeding the chunks one by one. onnxruntime runs with one intra-op
 thread: the worker is pinned to one core and must not spawn a thread pool fighting its own event loop.
 """
 
@@ -125,43 +128,46 @@ class BatchedVad:
         probs = np.zeros(n, dtype=np.float32)
         if n == 0:
             return probs
-        self.stats.chunks += n
-        rows: list[int] = []
         streams: list[_Stream] = []
-        floats: list[np.ndarray] = []
         seen: set[Hashable] = set()
-        for i, (key, pcm) in enumerate(chunks):
+        for key, pcm in chunks:
             if pcm.shape != (WINDOW,):
                 raise ValueError(f"VAD chunk must be {WINDOW} samples, got shape {pcm.shape}")
             if key in seen:
                 raise ValueError(f"VAD stream {key!r} given twice in one batch")
             seen.add(key)
-            st = self._stream(key)
-            x = pcm.astype(np.float32)
-            if float(np.dot(x, x)) < self._gate_ms * WINDOW:
-                # Silence for sure: no inference; fresh state, context continues.
-                st.state.fill(0.0)
-                st.context[:] = x[-CONTEXT:] * (1.0 / 32768.0)
-                continue
-            x *= 1.0 / 32768.0
-            rows.append(i)
-            streams.append(st)
-            floats.append(x)
-        self.stats.gated += n - len(rows)
-        if not rows:
+            streams.append(self._stream(key))
+        self.stats.chunks += n
+        # One array for the whole batch: the gate energy and the scaling are one numpy call each instead
+        # of ~6 small calls per chunk (that per-chunk overhead was most of the VAD's Python time).
+        pcm16 = np.stack([pcm for _, pcm in chunks])
+        wide = pcm16.astype(np.int64)
+        energy = np.einsum("ij,ij->i", wide, wide)  # exact sum of squares (int64 cannot overflow here)
+        x = pcm16.astype(np.float32)
+        x *= 1.0 / 32768.0
+        loud = energy >= self._gate_ms * WINDOW
+        rows = np.flatnonzero(loud)
+        for i in np.flatnonzero(~loud).tolist():
+            # Silence for sure: no inference; fresh state, context continues.
+            st = streams[i]
+            st.state.fill(0.0)
+            st.context[:] = x[i, -CONTEXT:]
+        self.stats.gated += n - rows.size
+        if not rows.size:
             return probs
-        b = len(rows)
+        b = rows.size
         inp = np.empty((b, CONTEXT + WINDOW), dtype=np.float32)
+        inp[:, CONTEXT:] = x[rows]
         state = np.empty((2, b, 128), dtype=np.float32)
-        for j, (st, x) in enumerate(zip(streams, floats, strict=True)):
+        live = [streams[i] for i in rows.tolist()]
+        for j, st in enumerate(live):
             inp[j, :CONTEXT] = st.context
-            inp[j, CONTEXT:] = x
             state[:, j, :] = st.state
         t0 = time.perf_counter()
         out, new_state = self._session.run(None, {"input": inp, "state": state, "sr": self._sr})
         self.stats.inference_seconds += time.perf_counter() - t0
         self.stats.batches += 1
-        for j, st in enumerate(streams):
+        for j, st in enumerate(live):
             st.state[:] = new_state[:, j, :]
             st.context[:] = inp[j, -CONTEXT:]
         probs[rows] = out[:, 0]

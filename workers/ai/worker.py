@@ -517,13 +517,9 @@ class AiWorker:
 
     # ---- uplink: VAD and turns --------------------------------------------------------------------
     def _uplink(self, call: Call, batches: list[list[tuple[Call, np.ndarray, int]]]) -> None:
-        ring = call.slot.uplink
-        n = ring.available() // UP_FRAME * UP_FRAME
-        if n:
-            data = ring.read(n)
-            if data is None:
-                return
-            self.stats.frames_in += n // UP_FRAME
+        data, _ = call.slot.uplink.read_frames(UP_FRAME)  # every whole frame queued, one cursor round
+        if data:
+            self.stats.frames_in += len(data) // UP_FRAME
             call.window.push(data)
             call.preroll.push(data, call.window.position)
             if call.sending:

@@ -372,19 +372,20 @@ class MediaSession:
     # ---- downlink: one packet per tick ----------------------------------------------------------
     def tick_downlink(self, tick: int) -> None:
         ring = self.slot.downlink
+        left = 0
         if self._held():
             frame = None
             if self.speaking or self.tail:
                 self._cut()
         else:
-            frame = ring.read(DOWN_FRAME) if ring.available() >= DOWN_FRAME else None
+            data, left = ring.read_frames(DOWN_FRAME, 1)  # one cursor round for the frame and the fill
+            frame = data or None
             flushes = ring.flushes
             if flushes != self.flushes_seen:
                 self.flushes_seen = flushes
                 if frame is None and (self.speaking or self.tail):
                     self._cut()  # a barge-in flush emptied the ring: no encoder tail of old audio
         if frame is None and self.hold_seq is None:
-            left = ring.available()
             if left:
                 self.partial_ticks += 1
                 if self.partial_ticks >= PARTIAL_FRAME_TICKS:  # the end of an utterance: pad it
@@ -544,7 +545,7 @@ class MediaWorker:
         for slot in self.seg.slots():
             if slot.index in self.sessions:
                 sess = self.sessions[slot.index]
-                ip, port = slot.remote_rtp_ip, slot.remote_rtp_port
+                ip, port = slot.remote()
                 if sess.remote != ((ip, port) if ip and port else None):
                     sess.set_remote(ip, port)
                 continue
