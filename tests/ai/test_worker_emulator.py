@@ -8,13 +8,11 @@ media worker does) and reads the downlink ring; echo content is checked by corre
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +22,10 @@ import soxr
 from appliance.config import load_config, replace
 from appliance.procs import pid_gone
 from tests.ai.audio import frames, silence, white_noise
+from tests.ai.live_worker import running, until
 from tests.harness.audio import best_correlation
 from tests.harness.emulator import start_emulator
 from tests.harness.shm import activate_slot, shard_segment
-from workers.ai.greeting import PromptCache
-from workers.ai.worker import AiWorker
 
 pytestmark = pytest.mark.timeout(240)  # worst case of the generous waits below; ~25 s loaded
 
@@ -51,28 +48,6 @@ def cfg(emu, tmp_path):
 def seg():
     with shard_segment(slots=2, uplink_bytes=64000, downlink_bytes=384000) as s:
         yield s
-
-
-@contextlib.asynccontextmanager
-async def running(cfg, seg, emu, tmp_path) -> AsyncIterator[AiWorker]:
-    w = AiWorker(cfg, seg, ssl_context=emu.ssl_context(), prompts=PromptCache(tmp_path),
-                 journal_dir=tmp_path)
-    await w.prepare()
-    stop = asyncio.Event()
-    task = asyncio.create_task(w.run(stop))
-    try:
-        yield w
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-
-
-async def until(pred, limit: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + limit
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def speak(slot, pcm: np.ndarray, speed: float = 2.0) -> None:

@@ -10,10 +10,8 @@ assert what the model got, not only that something was sent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +20,12 @@ import pytest
 
 from appliance.config import load_config, replace
 from shm.segment import EventCode
+from tests.ai.live_worker import running, until
 from tests.harness.audio import dominant_frequency
 from tests.harness.emulator import start_emulator
 from tests.harness.shm import activate_slot, shard_segment
 from tests.harness.toolserver import tool_server
 from workers.ai.dtmf import DIGITS, dtmf_text
-from workers.ai.greeting import PromptCache
 from workers.ai.worker import AiWorker
 
 pytestmark = pytest.mark.timeout(180)
@@ -66,28 +64,6 @@ def tools_cfg(emu, tmp_path: Path, url: str, **model: Any):
     path = tmp_path / "tools.json"
     path.write_text(json.dumps(TOOLS))
     return make_cfg(emu, tmp_path, tools_file=str(path), tools_url=url, **model)
-
-
-@contextlib.asynccontextmanager
-async def running(cfg, seg, emu, tmp_path) -> AsyncIterator[AiWorker]:
-    w = AiWorker(cfg, seg, ssl_context=emu.ssl_context(), prompts=PromptCache(tmp_path),
-                 journal_dir=tmp_path)
-    await w.prepare()
-    stop = asyncio.Event()
-    task = asyncio.create_task(w.run(stop))
-    try:
-        yield w
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-
-
-async def until(pred, limit: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + limit
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def press(slot, keys: str, gap: float = 0.15) -> None:

@@ -1,0 +1,35 @@
+"""Running the real AI worker loop in a test (against the emulator) and waiting on its state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from workers.ai.greeting import PromptCache
+from workers.ai.worker import AiWorker
+
+
+@contextlib.asynccontextmanager
+async def running(cfg, seg, emu, tmp_path) -> AsyncIterator[AiWorker]:
+    """An ``AiWorker`` on ``seg`` ticking in this loop (TLS to ``emu``, journal in ``tmp_path``)."""
+    w = AiWorker(cfg, seg, ssl_context=emu.ssl_context(), prompts=PromptCache(tmp_path),
+                 journal_dir=tmp_path)
+    await w.prepare()
+    stop = asyncio.Event()
+    task = asyncio.create_task(w.run(stop))
+    try:
+        yield w
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def until(pred, limit: float = 30.0, what: str = "condition") -> None:
+    """Poll ``pred`` every 10 ms until true; AssertionError naming ``what`` after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
