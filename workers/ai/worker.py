@@ -536,35 +536,43 @@ class AiWorker:
 
     # ---- what goes to the model (journaled, so a replacement worker can replay it) ----------------
     # While the model is degraded nothing is journaled: the caller was asked to hold.
+    def _to_model(self, call: Call, kind: str, data: bytes | str = b"") -> bool:
+        """Journal one item of the caller's side (``start``/``audio``/``end``/``text``) and send it to the
+        Live session; before the session exists only journal it. True if it went to the model."""
+        live_ok = not call.awaiting_live and self._live_ok(call)
+        j = call.journal if call.awaiting_live or live_ok else None
+        live = call.live if live_ok else None
+        if kind == "audio":
+            if j is not None:
+                j.audio(data)
+            if live is not None:
+                live.send_audio(data)
+        elif kind == "text":
+            if j is not None:
+                j.text(data)
+            if live is not None:
+                live.send_text(data)
+        elif kind == "start":
+            if j is not None:
+                j.start()
+            if live is not None:
+                live.activity_start()
+        else:
+            if j is not None:
+                j.end()
+            if live is not None:
+                live.activity_end()
+        return live_ok
+
     def _send_start(self, call: Call) -> None:
-        if call.awaiting_live:
-            if call.journal is not None:
-                call.journal.start()
-        elif self._live_ok(call):
-            if call.journal is not None:
-                call.journal.start()
-            call.live.activity_start()
+        self._to_model(call, "start")
 
     def _send_audio(self, call: Call, pcm: bytes) -> None:
-        if not pcm:
-            return
-        if call.awaiting_live:
-            if call.journal is not None:
-                call.journal.audio(pcm)
-        elif self._live_ok(call):
-            if call.journal is not None:
-                call.journal.audio(pcm)
-            call.live.send_audio(pcm)
+        if pcm and self._to_model(call, "audio", pcm):
             call.slot.counters.add("audio_sent_ms", len(pcm) // 32)
 
     def _send_end(self, call: Call) -> None:
-        if call.awaiting_live:
-            if call.journal is not None:
-                call.journal.end()
-        elif self._live_ok(call):
-            if call.journal is not None:
-                call.journal.end()
-            call.live.activity_end()
+        self._to_model(call, "end")
 
     def _open_journal(self, call: Call) -> list[tuple[bytes, bytes]]:
         if self._journal_dir is None:
@@ -653,13 +661,7 @@ class AiWorker:
         log.info("keypad entry sent to the model", extra={"session": call.session_id, "digits": len(digits)})
 
     def _send_text(self, call: Call, text: str) -> None:
-        if call.awaiting_live:
-            if call.journal is not None:
-                call.journal.text(text)
-        elif self._live_ok(call):
-            if call.journal is not None:
-                call.journal.text(text)
-            call.live.send_text(text)
+        self._to_model(call, "text", text)
 
     def _live_ok(self, call: Call) -> bool:
         return (call.live is not None and not call.start_failed
