@@ -31,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from appliance.models import silero_vad_onnx_path
+from workers.levels import FULL_SCALE_MEAN_SQUARE, mean_square_of_dbfs
 
 SAMPLE_RATE = 16000
 WINDOW = 512  # new samples per chunk (32 ms at 16 kHz)
@@ -47,7 +48,7 @@ def rms_dbfs(samples: np.ndarray) -> float:
     ms = float(np.dot(x, x)) / samples.size
     if ms <= 0.0:
         return -math.inf
-    return 10.0 * math.log10(ms / (32768.0 * 32768.0))
+    return 10.0 * math.log10(ms / FULL_SCALE_MEAN_SQUARE)
 
 
 @dataclass
@@ -95,9 +96,7 @@ class BatchedVad:
             raise RuntimeError(f"cannot load Silero VAD model {path}: {exc}") from exc
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
         # Energy gate threshold on the mean square of int16 samples (avoids a log per chunk).
-        self._gate_ms = (
-            0.0 if energy_gate_dbfs == -math.inf else (10.0 ** (energy_gate_dbfs / 10.0)) * 32768.0 * 32768.0
-        )
+        self._gate_ms = mean_square_of_dbfs(energy_gate_dbfs)
         self._streams: dict[Hashable, _Stream] = {}
         self.stats = VadStats()
 

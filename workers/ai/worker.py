@@ -65,6 +65,7 @@ from workers.ai.journal import AUDIO, END, START, TEXT, TurnJournal, journal_pat
 from workers.ai.tools import ToolRunner
 from workers.ai.turns import Decision, PreRoll, TurnDetector, TurnEvent, TurnParams
 from workers.ai.vad import SAMPLE_RATE, BatchedVad, WindowBuffer
+from workers.levels import mean_square_of_dbfs
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class AiWorker:
         self.params = TurnParams(threshold=v.threshold, hangover_ms=v.hangover_ms,
                                  min_speech_ms=v.min_speech_ms, barge_in_ms=v.barge_in_ms,
                                  preroll_ms=v.preroll_ms)
-        self._gate_ms = (10.0 ** (v.energy_gate_dbfs / 10.0)) * 32768.0 * 32768.0
+        self._gate_ms = mean_square_of_dbfs(v.energy_gate_dbfs)
         self._confirm_s = v.pause_confirm_ms / 1000.0
         self._preroll_keep_ms = v.preroll_ms + cfg.shards.uplink_ring_ms + 200
         self.calls: dict[int, Call] = {}

@@ -66,7 +66,9 @@ from typing import Protocol
 import numpy as np
 
 from appliance.config import MediaConfig
+from shm.layout import U64
 from shm.segment import EventCode, ShardSegment, Slot, SlotInfo, SlotState
+from workers.levels import mean_square_of_dbfs
 from workers.media import g711, opus
 from workers.media.jitter import JitterBuffer, Kind
 from workers.media.pacing import PERIOD_NS, Pacer
@@ -101,7 +103,6 @@ SCAN_EVERY_TICKS = 5
 HOLD_MAX_NS = 2_000_000_000  # a hold the AI worker never answers ends here (vad.pause_confirm_ms <= 1 s)
 FADE_IN_SAMPLES = 120  # 5 ms at 24 kHz: playback resuming mid-word after a false-alarm pause
 _HALF = 1 << 63
-_U64 = (1 << 64) - 1
 
 
 @dataclass
@@ -174,7 +175,7 @@ class MediaSession:
         self._next_timeout_ns = self.rtp_timeout_ns
         # playback hold: mean-square threshold of a 10 ms block of a 16 kHz frame (0: off)
         db = cfg.pause_on_speech_dbfs
-        self.pause_ms = 10.0 ** (db / 10.0) * 32768.0 * 32768.0 if db < 0 else 0.0
+        self.pause_ms = mean_square_of_dbfs(db) if db < 0 else 0.0
         self.hold_seq: int | None = None  # the hold this session published and still obeys
         self.hold_since_ns = 0
         self.pause_armed = True  # False after a hold until a caller frame below the threshold
@@ -336,7 +337,7 @@ class MediaSession:
             return
         if not loud:
             return
-        greeting_left = (self.slot.protect_until - self.slot.downlink.read_cursor) & _U64
+        greeting_left = (self.slot.protect_until - self.slot.downlink.read_cursor) & U64
         if 0 < greeting_left < _HALF:
             return  # the greeting (AI disclosure) is still playing: never interruptible
         self.hold_seq = self.slot.request_hold()
