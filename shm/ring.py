@@ -106,7 +106,7 @@ class Ring:
         n = len(data)
         hq = self._hq
         w = hq[_W]  # own word: plain load is fine
-        r = hq[_R] if atomic.PLAIN_ORDERED else self._pa.load_acquire(self._a_read)
+        r = self._peer_read()
         fill = (w - r) & _U64
         if n > self._cap - fill:
             if fill > self._cap:
@@ -134,9 +134,11 @@ class Ring:
     def free_space(self) -> int:
         """Bytes the producer can write now (conservative: ignores a flush not yet obeyed)."""
         self._check()
-        hq = self._hq
-        r = hq[_R] if atomic.PLAIN_ORDERED else self._pa.load_acquire(self._a_read)
-        return self._cap - ((hq[_W] - r) & _U64)
+        return self._cap - ((self._hq[_W] - self._peer_read()) & _U64)
+
+    def _peer_read(self) -> int:
+        """Producer: acquire-load the consumer's read cursor (a plain load is an acquire on TSO)."""
+        return self._hq[_R] if atomic.PLAIN_ORDERED else self._pa.load_acquire(self._a_read)
 
     def request_flush(self) -> None:
         """Producer: ask the consumer to discard everything written so far (barge-in)."""
