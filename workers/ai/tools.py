@@ -124,10 +124,9 @@ class ToolRunner:
                 response = {"error": str(exc)}
                 log.warning("tool call failed", extra={"session": session_id, "tool": name,
                                                        "call_id": call_id, "error": str(exc)})
-            except Exception as exc:  # a bug here must still answer the model
+            except Exception:  # a bug here must still answer the model
                 response = {"error": "tool call failed"}
                 log.exception("tool call crashed", extra={"session": session_id, "tool": name})
-                del exc
         except asyncio.CancelledError:
             log.info("tool call cancelled", extra={"session": session_id, "tool": name, "call_id": call_id})
             raise
