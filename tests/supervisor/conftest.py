@@ -169,3 +169,23 @@ async def demo_page_call(page_url: str, talk_ms: int, wav: Path, log_tail) -> di
     heard = events["heard"]
     assert heard["transcript"] and heard["maxRms"] > 0.02, events
     return events
+
+
+async def open_call(http, auth: dict[str, str], pc, sup, *, mode: str | None = None,
+                    active: bool = True, what: str = "call up and model live") -> str:
+    """POST the caller's offer, apply the answer, wait until the model is live (and, with ``active``,
+    the session is ``active``: Janus reported webrtcup). Returns the session id."""
+    from aiortc import RTCSessionDescription
+
+    body = {"type": "offer", "sdp": pc.localDescription.sdp, **({"mode": mode} if mode else {})}
+    r = await http.post("/v1/sessions", headers=auth, json=body)
+    assert r.status_code == 201, (r.text, sup.log_tail())
+    sid = r.json()["session_id"]
+    await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
+
+    async def model_live() -> bool:
+        info = (await http.get(f"/v1/sessions/{sid}", headers=auth)).json()
+        return (not active or info["state"] == "active") and info["details"].get("model_state") == "live"
+
+    await wait_until(model_live, limit=30, what=what)
+    return sid

@@ -40,7 +40,13 @@ from tests.harness.audio import speech, write_wav
 from tests.harness.coturn import CoturnServer, coturn_server
 from tests.harness.emulator import start_emulator
 from tests.harness.janus import JanusInstance
-from tests.supervisor.conftest import NODE_MODULES, demo_page_call, start_supervisor, stop_supervisor
+from tests.supervisor.conftest import (
+    NODE_MODULES,
+    demo_page_call,
+    open_call,
+    start_supervisor,
+    stop_supervisor,
+)
 from tests.supervisor.rtc import RATE, PcmTrack, Recorder
 from tests.supervisor.test_voice_loop import say_and_hear, wait_quiet, wait_until
 
@@ -130,17 +136,7 @@ async def test_relay_only_call_hears_its_echo_through_coturn(sup, janus, turn, s
             # relay-only: just the TURN allocation on coturn's relay address, nothing else
             assert cands and all(c[7] == "relay" for c in cands), pc.localDescription.sdp
             assert all(in_relay_range(turn, f"{c[4]}:{c[5]}") for c in cands), cands
-            r = await http.post("/v1/sessions", headers=auth,
-                                json={"type": "offer", "sdp": pc.localDescription.sdp})
-            assert r.status_code == 201, (r.text, sup.log_tail())
-            sid = r.json()["session_id"]
-            await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
-
-            async def model_live() -> bool:
-                info = (await http.get(f"/v1/sessions/{sid}", headers=auth)).json()
-                return info["state"] == "active" and info["details"].get("model_state") == "live"
-
-            await wait_until(model_live, limit=30, what="relay call up and model live")
+            sid = await open_call(http, auth, pc, sup, what="relay call up and model live")
             assert pc.connectionState == "connected"
 
             # Janus's side of the selected pair is the caller's relay candidate on coturn

@@ -15,7 +15,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-from aiortc import RTCSessionDescription
 
 from shm.segment import ShardSegment, segment_name
 from tests.harness.audio import speech
@@ -23,6 +22,7 @@ from tests.harness.emulator import start_emulator
 from tests.supervisor.conftest import (
     NODE_MODULES,
     demo_page_call,
+    open_call,
     start_supervisor,
     stop_supervisor,
     wait_until,
@@ -120,17 +120,7 @@ async def test_echo_through_the_appliance_and_worker_crashes(sup, emulator, sub,
     pc, track, rec = await caller()
     try:
         async with httpx.AsyncClient(base_url=sup.api, timeout=30) as http:
-            r = await http.post("/v1/sessions", headers=auth,
-                                json={"type": "offer", "sdp": pc.localDescription.sdp})
-            assert r.status_code == 201, (r.text, sup.log_tail())
-            sid = r.json()["session_id"]
-            await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
-
-            async def model_live() -> bool:
-                info = (await http.get(f"/v1/sessions/{sid}", headers=auth)).json()
-                return info["state"] == "active" and info["details"].get("model_state") == "live"
-
-            await wait_until(model_live, limit=30, what="call up and model live")
+            sid = await open_call(http, auth, pc, sup)
             await wait_quiet(rec)  # the greeting is not interruptible: let it finish
             corr, m2e = await say_and_hear(track, rec, utterance)
             print(f"echo correlation {corr:.2f}, mouth-to-ear {m2e * 1000:.0f} ms")
@@ -204,17 +194,7 @@ async def test_room_mode_echo_through_audiobridge(sup, sub):
     pc, track, rec = await caller()
     try:
         async with httpx.AsyncClient(base_url=sup.api, timeout=30) as http:
-            r = await http.post("/v1/sessions", headers=auth,
-                                json={"type": "offer", "sdp": pc.localDescription.sdp, "mode": "room"})
-            assert r.status_code == 201, (r.text, sup.log_tail())
-            sid = r.json()["session_id"]
-            await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
-
-            async def model_live() -> bool:
-                info = (await http.get(f"/v1/sessions/{sid}", headers=auth)).json()
-                return info["details"].get("model_state") == "live"
-
-            await wait_until(model_live, limit=30, what="model live")
+            sid = await open_call(http, auth, pc, sup, mode="room", active=False, what="model live")
             await wait_quiet(rec)
             corr, m2e = await say_and_hear(track, rec, utterance)
             print(f"room mode: echo correlation {corr:.2f}, mouth-to-ear {m2e * 1000:.0f} ms")
