@@ -58,8 +58,10 @@ class Database:
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
+            # autocommit: every write is an explicit ``conn.transaction()`` (a real BEGIN/COMMIT; in
+            # psycopg's default mode it would be a savepoint inside an implicit, uncommitted transaction)
             kwargs: dict[str, Any] = {"connect_timeout": max(1, int(self.connect_timeout)),
-                                      "application_name": "voice-appliance"}
+                                      "application_name": "voice-appliance", "autocommit": True}
             if self.password:
                 kwargs["password"] = self.password
             self._conn = await psycopg.AsyncConnection.connect(self.dsn, **kwargs)
@@ -75,9 +77,6 @@ class Database:
             except BaseException:
                 await self.discard()
                 raise
-            else:
-                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    await conn.rollback()
 
     async def discard(self) -> None:
         conn, self._conn = self._conn, None

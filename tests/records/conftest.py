@@ -83,7 +83,7 @@ def pg_db(pg_server: Pg) -> Iterator[Db]:
 
 @pytest.fixture
 async def aconn(pg_db: Db) -> AsyncIterator[psycopg.AsyncConnection]:
-    conn = await psycopg.AsyncConnection.connect(pg_db.dsn, password=pg_db.password)
+    conn = await psycopg.AsyncConnection.connect(pg_db.dsn, password=pg_db.password, autocommit=True)
     try:
         yield conn
     finally:
