@@ -145,7 +145,7 @@ class Server:
     def start(self, timeout: float = 30.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(self.cluster.server_command(), stdout=log, stderr=log, cwd="/",
                                          start_new_session=True)

@@ -283,7 +283,7 @@ class SpoolReader:
             # A sealed segment is finished when everything valid in it has been read: its end, or a torn
             # tail / corrupt record (no producer will ever complete it). A live one is never finished.
             torn = stop == "corrupt" or (stop == "partial" and read_to_eof)
-            done = sealed and (stop == "end" and read_to_eof or torn)
+            done = sealed and ((stop == "end" and read_to_eof) or torn)
             if sealed and torn:
                 self.corrupt_records += 1
                 log.warning("spool segment has a torn or corrupt record; rest skipped",

@@ -324,7 +324,7 @@ async def delete_call(conn: psycopg.AsyncConnection[Any], call_id: str) -> bool:
         n = 0
         for table, col in (("transcript_lines", "call_id"), ("call_events", "call_id"),
                            ("usage_reports", "call_id"), ("webhook_outbox", "call_id"), ("calls", "id")):
-            cur = await conn.execute(f"DELETE FROM {table} WHERE {col} = %s", (call_id,))  # noqa: S608
+            cur = await conn.execute(f"DELETE FROM {table} WHERE {col} = %s", (call_id,))
             n += cur.rowcount
     return n > 0
 

@@ -72,7 +72,7 @@ async def _amain(args: argparse.Namespace, cfg: Any) -> int:
     try:
         cache_dir = Path(cfg.paths.state_dir) / "prompts"
         worker = AiWorker(cfg, seg, ssl_context=_ssl_context(cfg), prompts=PromptCache(cache_dir),
-                          journal_dir=args.journal_dir)
+                          journal_dir=args.journal_dir, shard=args.shard)
         await worker.prepare()
         seg.heartbeat("ai")
         log.info("AI worker running", extra={"shard": args.shard, "segment": args.segment,

@@ -62,6 +62,7 @@ from shm.segment import EventCode, ShardSegment, ShmError, Slot
 from workers.ai.dtmf import DtmfBuffer, digit_for, dtmf_text
 from workers.ai.greeting import PromptCache
 from workers.ai.journal import AUDIO, END, START, TEXT, TurnJournal, journal_path, remove_stale
+from workers.ai.records import CallRecorder
 from workers.ai.tools import ToolRunner
 from workers.ai.turns import Decision, PreRoll, TurnDetector, TurnEvent, TurnParams
 from workers.ai.vad import SAMPLE_RATE, BatchedVad, WindowBuffer
@@ -173,6 +174,7 @@ class AiWorker:
         prompts: PromptCache | None = None,
         vad: BatchedVad | None = None,
         journal_dir: Path | None = None,
+        shard: int = 0,
     ) -> None:
         self.cfg = cfg
         self.seg = segment
@@ -199,6 +201,8 @@ class AiWorker:
         self._hold = b""
         m = cfg.model
         self.tools = ToolRunner(m.tools_url, m.tools_timeout_seconds)
+        self.records = CallRecorder(cfg, shard)  # the call record's items (workers/ai/records.py)
+        self.records.wire_tools(self.tools, self.calls)
         self._tool_decls: list[dict[str, Any]] | None = None
         if m.tools_file:
             from appliance.config import load_tool_declarations
@@ -302,6 +306,7 @@ class AiWorker:
         if self._closing:
             await asyncio.wait(self._closing, timeout=5.0)
         await self.tools.aclose()
+        self.records.close()
 
     # ---- the tick --------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -396,6 +401,7 @@ class AiWorker:
         handle = slot.resume_handle or str(options.get("resume_handle") or "")
         fresh = not handle and not slot.model_state  # never attached by any AI worker before
         replay = self._open_journal(call)
+        self.records.attached(call, fresh=fresh)
         log.info("call attached", extra={"session": session_id, "slot": slot.index, "resume": bool(handle),
                                          "replay_records": len(replay), "live_ready": self._live_ready})
         if fresh:
@@ -487,6 +493,7 @@ class AiWorker:
                 call.journal.remove()
             call.journal = None
         self.stats.sessions_closed += 1
+        self.records.closed(call)
         log.info("call detached", extra={"session": call.session_id, "slot": idx, "reason": reason})
         self._stop_live(call)
 
@@ -658,6 +665,7 @@ class AiWorker:
             self._send_text(call, text)
             self._send_end(call)
         call.slot.counters.add("dtmf_sent", len(digits))
+        self.records.keypad(call, len(digits))
         call.last_event["dtmf_sent"] = time.monotonic()
         log.info("keypad entry sent to the model", extra={"session": call.session_id, "digits": len(digits)})
 
@@ -685,6 +693,7 @@ class AiWorker:
             call.slot.counters.add("turns")
             self._send_start(call)
             call.last_event["activity_start"] = now
+            self.records.turn_start(call, ev.sample - ev.onset)
             self._send_audio(call, call.preroll.since(ev.onset - self.params.samples(self.params.preroll_ms)))
         else:
             call.sending = False
@@ -692,6 +701,7 @@ class AiWorker:
             self._send_end(call)
             call.last_event["activity_end"] = time.monotonic()
             call.slot.counters.add("speech_ms", (ev.sample - ev.onset) * 1000 // SAMPLE_RATE)
+            self.records.turn_end(call, (ev.sample - ev.onset) * 1000 // SAMPLE_RATE)
 
     def _barge_in(self, call: Call) -> None:
         ring = call.slot.downlink
@@ -706,6 +716,7 @@ class AiWorker:
         self.stats.barge_ins += 1
         call.last_event["barge_in"] = time.monotonic()
         call.slot.counters.add("interruptions")
+        self.records.barge_in(call)
         self._end_hold(call, confirmed=True)
 
     # ---- playback holds (the media worker's provisional barge-in) ---------------------------------
@@ -736,6 +747,7 @@ class AiWorker:
             return
         call.slot.release_hold(hold)
         call.hold_seq = None
+        self.records.hold(call, "confirmed" if confirmed else "released" if released else "ended")
         if confirmed:
             self.stats.pauses_confirmed += 1
             call.slot.counters.add("pauses_confirmed")
@@ -788,6 +800,7 @@ class AiWorker:
         if not call.model_turn:
             call.model_turn = True
             call.last_event["first_audio"] = time.monotonic()
+            self.records.model_audio(call)
         if len(pcm) % 2:
             pcm = pcm[:-1]
         call.pending += pcm
@@ -795,6 +808,7 @@ class AiWorker:
 
     def _ev_interrupted(self, call: Call, _ev: Any) -> None:
         call.answered += 1
+        self.records.model_turn_done(call, interrupted=True)
         ring = call.slot.downlink
         if call.current() and ring.read_cursor >= call.protect_until:
             if call.pending or ring.free_space() < ring.capacity:
@@ -807,6 +821,7 @@ class AiWorker:
 
     def _ev_turn_complete(self, call: Call, _ev: Any) -> None:
         call.answered += 1
+        self.records.model_turn_done(call, interrupted=False)
         if call.model_turn and not call.suppress:
             self._pad_tail(call)
             self._drain(call)
@@ -817,11 +832,13 @@ class AiWorker:
     def _ev_transcript(self, call: Call, ev: Any) -> None:
         if getattr(ev, "final", True) and call.current():
             call.slot.transcript = f"{ev.role}: {ev.text}"
+            self.records.transcript(call, ev.role, ev.text)
 
     def _ev_usage(self, call: Call, ev: Any) -> None:
         c = call.slot.counters
         c.add("input_tokens", int(getattr(ev, "prompt_tokens", 0) or 0))
         c.add("output_tokens", int(getattr(ev, "response_tokens", 0) or 0))
+        self.records.usage(call, ev)
 
     def _ev_handle(self, call: Call, ev: Any) -> None:
         if ev.handle and call.current():
@@ -836,6 +853,7 @@ class AiWorker:
 
     def _ev_state(self, call: Call, ev: Any) -> None:
         self._set_model_state(call, ev.state)
+        self.records.model_state(call, ev.state, getattr(ev, "reason", ""))
         if ev.state == "degraded":
             self._degraded(call, getattr(ev, "reason", ""))
         elif ev.state == "live":
