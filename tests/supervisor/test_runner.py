@@ -145,7 +145,8 @@ def test_run_starts_stack_and_stops_cleanly_on_sigint(tmp_path):
     })
     env.pop("VA_CONFIG", None)
     cmd = [sys.executable, "-m", "appliance", "run", "--state-dir", str(state),
-           "--redis-port", str(free_port()), "--turn-port", str(free_port())]
+           "--redis-port", str(free_port()), "--turn-port", str(free_port()),
+           "--no-postgres"]  # tmp_path is 0700: the postgres user cannot reach it (tests/records covers it)
     log = open(tmp_path / "run.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     sock = state / "run" / "supervisor.sock"
