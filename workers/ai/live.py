@@ -76,6 +76,7 @@ from prometheus_client import Counter, Histogram
 from websockets.exceptions import ConnectionClosed
 
 from appliance.config import Config, ModelConfig, secret
+from appliance.records.usage import usage_details
 
 log = logging.getLogger("workers.ai.live")
 
@@ -125,6 +126,7 @@ class Usage:
     prompt_tokens: int
     response_tokens: int
     total_tokens: int
+    details: dict[str, dict[str, int]] | None = None  # {"input"|"output": {modality: tokens}} (records)
 
 
 @dataclass(slots=True)
@@ -803,7 +805,7 @@ class LiveSession:
         um = msg.get("usageMetadata")
         if um:
             p, r = int(um.get("promptTokenCount") or 0), int(um.get("responseTokenCount") or 0)
-            self._emit(Usage(p, r, int(um.get("totalTokenCount") or p + r)))
+            self._emit(Usage(p, r, int(um.get("totalTokenCount") or p + r), usage_details(um)))
         tc = msg.get("toolCall")
         if tc:
             calls = [{"id": c.get("id"), "name": c.get("name"), "args": c.get("args") or {}}
@@ -861,7 +863,7 @@ class LiveSession:
         if msg.usage_metadata:
             um = msg.usage_metadata
             p, r = um.prompt_token_count or 0, um.response_token_count or 0
-            self._emit(Usage(p, r, um.total_token_count or p + r))
+            self._emit(Usage(p, r, um.total_token_count or p + r, usage_details(um)))
         if msg.tool_call:
             calls = [{"id": c.id, "name": c.name, "args": c.args or {}}
                      for c in msg.tool_call.function_calls or ()]
