@@ -162,6 +162,14 @@ class _AdminControl:
         return bool(self.sup.placement.draining)
 
 
+def _read_key(path: str) -> bytes:
+    """The dev private key if it exists (then the console gets a dev-token endpoint), else b""."""
+    try:
+        return Path(path).read_bytes() if path else b""
+    except OSError:
+        return b""
+
+
 def _iso(ts: float) -> str:
     from datetime import UTC, datetime
 
@@ -366,10 +374,9 @@ class Supervisor:
             verifier.required_scope = ""  # each admin endpoint checks its own scope
             dev = None
             key_file = cfg.auth.jwt_private_key_file
-            if key_file and Path(key_file).exists() and cfg.api.admin_host.startswith("127."):
+            pem = _read_key(key_file) if cfg.api.admin_host.startswith("127.") else b""
+            if pem:
                 from appliance.token import mint
-
-                pem = Path(key_file).read_bytes()
 
                 def dev() -> str:
                     return mint(pem, sub="console", audience=cfg.auth.audience, issuer=cfg.auth.issuer,

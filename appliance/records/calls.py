@@ -35,7 +35,8 @@ class SupervisorRecorder:
         except OSError as exc:
             log.warning("record spool write failed", extra={"session": call_id, "error": str(exc)})
 
-    def created(self, live: Any, *, resumed: bool, voice: str, language: str, tenant: str | None = None) -> None:
+    def created(self, live: Any, *, resumed: bool, voice: str, language: str,
+                tenant: str | None = None) -> None:
         m = self.cfg.model
         if resumed:
             self._put("call.resumed", live.session_id, box=self.box)

@@ -105,7 +105,8 @@ class Cluster:
         if user and subprocess.run(["runuser", "-u", user, "--", "test", "-w", str(self.root)],
                                    capture_output=True).returncode != 0:
             raise ClusterError(f"the {user!r} user cannot reach {self.root}: make its parent directories "
-                               "traversable (chmod o+x) or run without the private PostgreSQL (--no-postgres)")
+                               "traversable (chmod o+x) or run without the private PostgreSQL "
+                               "(--no-postgres)")
         pwfile = self.root / ".initdb-pw"
         fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -44,4 +44,5 @@ def summarize_latencies(events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             and isinstance(e["data"].get("response_ms"), int | float)]
     if not vals:
         return {"response_ms": None}
-    return {"response_ms": {"p50": _pct(vals, 0.5), "p90": _pct(vals, 0.9), "max": max(vals), "turns": len(vals)}}
+    return {"response_ms": {"p50": _pct(vals, 0.5), "p90": _pct(vals, 0.9), "max": max(vals),
+                            "turns": len(vals)}}

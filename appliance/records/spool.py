@@ -103,7 +103,8 @@ class Spool:
     def append_item(self, item: dict[str, Any]) -> bool:
         data = encode(item)
         if len(data) > MAX_RECORD_BYTES:
-            log.warning("record item too large; dropped", extra={"kind": item.get("kind"), "bytes": len(data)})
+            log.warning("record item too large; dropped",
+                        extra={"kind": item.get("kind"), "bytes": len(data)})
             self._drop()
             return False
         if self._unreported:
@@ -129,8 +130,8 @@ class Spool:
         self.dropped += 1
         self._unreported += 1
         if self.dropped == 1 or self.dropped % 1000 == 0:
-            log.error("record spool full; items dropped", extra={"spool": str(self.dir), "dropped": self.dropped,
-                                                                 "max_bytes": self.max_bytes})
+            log.error("record spool full; items dropped",
+                      extra={"spool": str(self.dir), "dropped": self.dropped, "max_bytes": self.max_bytes})
 
     def _room(self, n: int) -> bool:
         if self._dir_bytes + n <= self.max_bytes:

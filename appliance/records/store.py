@@ -142,7 +142,8 @@ async def apply_items(conn: psycopg.AsyncConnection[Any], items: Iterable[dict[s
                     (call, it.get("box", ""), it.get("sub", ""), it.get("mode", "direct"),
                      _ts(it.get("created_at")) or at, at, it.get("reason"), Jsonb(it.get("quality") or {}),
                      Jsonb(it.get("counters") or {})))
-                events.append((iid, call, at, it.get("offset_ms"), "ended", Jsonb({"reason": it.get("reason")})))
+                events.append((iid, call, at, it.get("offset_ms"), "ended",
+                               Jsonb({"reason": it.get("reason")})))
                 if webhooks:
                     outbox.append((f"evt_{iid}", call, "call.ended", Jsonb({"call_id": call}),
                                    ended_grace_seconds))
@@ -254,14 +255,16 @@ async def list_calls(conn: psycopg.AsyncConnection[Any], *, state: str | None, s
 
 
 async def get_call(conn: psycopg.AsyncConnection[Any], call_id: str, *, prices: PriceTable,
-                   transcript_limit: int = 1000, transcript_cursor: str | None = None) -> dict[str, Any] | None:
+                   transcript_limit: int = 1000,
+                   transcript_cursor: str | None = None) -> dict[str, Any] | None:
     """The whole record (transcript paged), or None."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(f"SELECT {CALL_COLUMNS}, counters FROM calls WHERE id = %s", (call_id,))
         row = await cur.fetchone()
         if row is None:
             await cur.execute("SELECT 1 FROM call_events WHERE call_id = %s UNION ALL"
-                              " SELECT 1 FROM transcript_lines WHERE call_id = %s LIMIT 1", (call_id, call_id))
+                              " SELECT 1 FROM transcript_lines WHERE call_id = %s LIMIT 1",
+                              (call_id, call_id))
             if await cur.fetchone() is None:
                 return None
             row = {"id": call_id}

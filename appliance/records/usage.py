@@ -51,7 +51,8 @@ def load_prices(path: str) -> PriceTable:
             raise ConfigError(f"{key}.{model}: expected {{\"input\": {{…}}, \"output\": {{…}}}}")
         for direction, rates in entry.items():
             if not isinstance(rates, dict) or not all(
-                    isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in rates.values()):
+                    isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+                    for v in rates.values()):
                 raise ConfigError(f"{key}.{model}.{direction}: expected modality → USD per million tokens")
         table[model] = {d: {m.upper() if m != "default" else m: float(v) for m, v in r.items()}
                         for d, r in entry.items()}

@@ -99,7 +99,8 @@ class WebhookSender:
         data = row["payload"]
         if row["type"] == "call.ended":
             async with self.db.connection() as conn:
-                record = await store.get_call(conn, row["call_id"], prices=self.prices, transcript_limit=100000)
+                record = await store.get_call(conn, row["call_id"], prices=self.prices,
+                                              transcript_limit=100000)
             data = record or data
         body = json.dumps({"id": row["event_id"], "type": row["type"],
                            "created_at": row["created_at"].isoformat().replace("+00:00", "Z"), "data": data},
@@ -148,8 +149,9 @@ class WebhookSender:
                      row["created_at"]))
                 await conn.execute("DELETE FROM webhook_outbox WHERE event_id = %s", (row["event_id"],))
                 DEAD.inc()
-                log.warning("webhook event dead-lettered", extra={"event": row["event_id"], "type": row["type"],
-                                                                  "attempts": attempts, "error": error})
+                log.warning("webhook event dead-lettered",
+                            extra={"event": row["event_id"], "type": row["type"], "attempts": attempts,
+                                   "error": error})
                 return
             await conn.execute("UPDATE webhook_outbox SET attempts = %s, last_error = %s,"
                                " next_attempt_at = now() + make_interval(secs => %s) WHERE event_id = %s",

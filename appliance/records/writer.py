@@ -141,9 +141,9 @@ class RecordWriter:
                     BATCH_SECONDS.observe(time.perf_counter() - t0)
                 reader.ack(batch)
                 total += len(batch.items)
+                self.written += len(batch.items)  # committed (a re-ship after a lost ack counts again)
+                ITEMS_WRITTEN.inc(len(batch.items))
         DB_UP.set(1)
-        ITEMS_WRITTEN.inc(total)
-        self.written += total
         return total
 
     async def run(self) -> None:
@@ -173,9 +173,9 @@ class RecordWriter:
                     await asyncio.wait_for(self.wake.wait(), self.idle_seconds)
                 self.wake.clear()
 
-    async def drain(self, timeout: float) -> bool:
-        """Ship until the spool is empty or ``timeout`` passes (stop, tests). True if empty."""
-        deadline = time.monotonic() + timeout
+    async def drain(self, limit_seconds: float) -> bool:
+        """Ship until the spool is empty or ``limit_seconds`` pass (stop, tests). True if empty."""
+        deadline = time.monotonic() + limit_seconds
         while time.monotonic() < deadline:
             try:
                 n = await self.ship_once()

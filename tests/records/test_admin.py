@@ -29,7 +29,8 @@ AUD = "voice-appliance"
 class Box:
     def __init__(self) -> None:
         self.calls: dict[str, dict[str, Any]] = {
-            "box.live1": {"id": "box.live1", "sub": "alice", "state": "live", "created_at": "2026-12-01T10:00:00Z",
+            "box.live1": {"id": "box.live1", "sub": "alice", "state": "live",
+                          "created_at": "2026-12-01T10:00:00Z",
                           "model_state": "live", "quality": {"loss_ratio": 0.0, "jitter_ms": 1.0},
                           "duration_seconds": 3.0, "webrtc": "up"}}
         self.hung: list[str] = []
@@ -83,8 +84,8 @@ async def env(pg_db: Db, keys: tuple[bytes, bytes]) -> Any:
                    "box": "box", "sub": "x", "quality": {}}]
     async with conn.transaction():
         await store.apply_items(conn, items, webhooks=False)
-        await conn.execute("INSERT INTO webhook_dead_letters (event_id, call_id, type, body, attempts, created_at)"
-                           " VALUES ('evt_x', 'box.c1', 'call.ended', '{}', 12, now())")
+        await conn.execute("INSERT INTO webhook_dead_letters (event_id, call_id, type, body, attempts,"
+                           " created_at) VALUES ('evt_x', 'box.c1', 'call.ended', '{}', 12, now())")
     await conn.close()
     verifier = JwtVerifier(keys[1], audience=AUD, required_scope="")
     db = Database(pg_db.dsn, pg_db.password)
@@ -128,7 +129,8 @@ async def test_list_filters_and_paging(env: Any, keys: tuple[bytes, bytes]) -> N
     assert [c["id"] for c in body["calls"]] == ["box.c4", "box.c3"] and body["next"]
     ids = [c["id"] for c in body["calls"]]
     while body["next"]:
-        body = (await client.get(f"/v1/admin/calls?state=ended&limit=2&cursor={body['next']}", headers=h)).json()
+        nxt = body["next"]
+        body = (await client.get(f"/v1/admin/calls?state=ended&limit=2&cursor={nxt}", headers=h)).json()
         ids += [c["id"] for c in body["calls"]]
     assert ids == ["box.c4", "box.c3", "box.c2", "box.c1", "box.c0"]
     alice = (await client.get("/v1/admin/calls?sub=alice", headers=h)).json()["calls"]
@@ -178,7 +180,8 @@ async def test_hangup_drain_delete_dead_letters(env: Any, keys: tuple[bytes, byt
     assert (await client.get("/v1/admin/calls/box.c0", headers=d)).status_code == 404
     assert (await client.delete("/v1/admin/calls/box.c0", headers=d)).status_code == 404
     dl = (await client.get("/v1/admin/webhooks/dead-letters", headers=tok(keys, "audit:read"))).json()
-    assert [x["event_id"] for x in dl["dead_letters"]] == ["evt_x"] and dl["dead_letters"][0]["attempts"] == 12
+    assert [x["event_id"] for x in dl["dead_letters"]] == ["evt_x"]
+    assert dl["dead_letters"][0]["attempts"] == 12
 
 
 async def test_openapi_and_database_down(env: Any, keys: tuple[bytes, bytes], pg_db: Db) -> None:

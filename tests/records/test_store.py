@@ -38,7 +38,8 @@ async def test_migrate_from_previous_version_keeps_data(aconn: psycopg.AsyncConn
 
 async def test_newer_schema_is_refused(aconn: psycopg.AsyncConnection) -> None:
     await store.migrate(aconn)
-    await aconn.execute("INSERT INTO schema_version (version, name) VALUES (%s, 'future')", (store.LATEST + 1,))
+    await aconn.execute("INSERT INTO schema_version (version, name) VALUES (%s, 'future')",
+                        (store.LATEST + 1,))
     await aconn.commit()
     try:
         await store.migrate(aconn)
@@ -62,8 +63,8 @@ async def test_items_are_idempotent_and_make_a_record(aconn: psycopg.AsyncConnec
         {"id": "i1", "kind": "call.connected", "call": "box.x", "at": t + 0.1},
         {"id": "i2", "kind": "transcript", "call": "box.x", "at": t + 1, "speaker": "user", "offset_ms": 500,
          "text": "hello"},
-        {"id": "i3", "kind": "transcript", "call": "box.x", "at": t + 2, "speaker": "model", "offset_ms": 1800,
-         "text": "hi there"},
+        {"id": "i3", "kind": "transcript", "call": "box.x", "at": t + 2, "speaker": "model",
+         "offset_ms": 1800, "text": "hi there"},
         {"id": "i4", "kind": "event", "call": "box.x", "at": t + 1, "type": "turn", "offset_ms": 500,
          "data": {"speech_ms": 900, "response_ms": 310}},
         {"id": "i5", "kind": "usage", "call": "box.x", "at": t + 2, "prompt_tokens": 1000,

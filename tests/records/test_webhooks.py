@@ -78,16 +78,16 @@ async def _seed(pg_db: Db, n_calls: int = 2) -> None:
                    "offset_ms": 100, "text": "hi"},
                   {"id": f"t{i}b", "kind": "transcript", "call": cid, "at": t, "speaker": "model",
                    "offset_ms": 900, "text": "hello"},
-                  {"id": f"e{i}", "kind": "call.ended", "call": cid, "at": t, "reason": "hangup", "box": "box",
-                   "sub": "s", "quality": {"loss_ratio": 0.0}}]
+                  {"id": f"e{i}", "kind": "call.ended", "call": cid, "at": t, "reason": "hangup",
+                   "box": "box", "sub": "s", "quality": {"loss_ratio": 0.0}}]
     async with conn.transaction():
         await store.apply_items(conn, items, webhooks=True, ended_grace_seconds=0.0)
         await store.apply_items(conn, items, webhooks=True, ended_grace_seconds=0.0)  # a re-ship: no dupes
     await conn.close()
 
 
-async def _wait(pred: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait(pred: Any, limit: float = 15.0) -> None:
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if pred():
             return
@@ -97,8 +97,8 @@ async def _wait(pred: Any, timeout: float = 15.0) -> None:
 
 async def test_signed_events_exactly_once(pg_db: Db, receiver: Receiver) -> None:
     await _seed(pg_db)
-    sender = WebhookSender(Database(pg_db.dsn, pg_db.password), receiver.url("ok"), KEY, prices=BUILTIN_PRICES,
-                           poll_seconds=0.05)
+    sender = WebhookSender(Database(pg_db.dsn, pg_db.password), receiver.url("ok"), KEY,
+                           prices=BUILTIN_PRICES, poll_seconds=0.05)
     task = asyncio.create_task(sender.run())
     try:
         await _wait(lambda: len(receiver.got) >= 8)
@@ -144,8 +144,8 @@ async def test_failing_receiver_retries_then_dead_letters(pg_db: Db, receiver: R
         await sender.db.close()
     cur = await conn.execute("SELECT event_id, attempts, last_error FROM webhook_dead_letters")
     assert await cur.fetchall() == [("evt_c0", 1, "HTTP 500")]
-    cur = await conn.execute("SELECT count(*), min(attempts), min(next_attempt_at - now()) FROM webhook_outbox"
-                             " WHERE delivered_at IS NULL")
+    cur = await conn.execute("SELECT count(*), min(attempts), min(next_attempt_at - now())"
+                             " FROM webhook_outbox WHERE delivered_at IS NULL")
     n, attempts, wait = await cur.fetchone()
     assert n == 3 and attempts == 1 and wait.total_seconds() > 0.5  # backing off, not hammering
     await conn.close()
@@ -159,7 +159,7 @@ async def test_slow_and_garbage_receivers_block_nobody(pg_db: Db, receiver: Rece
     task = asyncio.create_task(slow.run())
     try:
         # all four go out at once (concurrency), each gives up after its 1 s timeout: ~1 s, not 4 x 3 s
-        await _wait(lambda: len(receiver.got) >= 4, timeout=5)
+        await _wait(lambda: len(receiver.got) >= 4, limit=5)
         assert time.monotonic() - t0 < 2.5
         await asyncio.sleep(1.5)
     finally:
