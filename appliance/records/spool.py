@@ -2,8 +2,8 @@
 
 Why a spool and not a database client in the workers: nothing on the 20 ms path may wait for
 PostgreSQL, and a database outage (or a supervisor restart) must delay records, never lose them. An
-append is one ``os.write`` of a framed record to a file in the page cache (~5-10 µs); durability and
-shipping happen elsewhere.
+append is one ``os.write`` of a framed record to a file in the page cache (tens of µs with the JSON
+encoding, docs/benchmarks.md "Records"); durability and shipping happen elsewhere.
 
 Layout: one directory per producer under the spool root (``shard-<k>`` for AI worker k, ``supervisor``
 for the control plane), each a sequence of append-only segment files ``seg-<ns>-<pid>.spool`` (name
