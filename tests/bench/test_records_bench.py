@@ -1,4 +1,4 @@
-"""`voice-appliance bench records --smoke --json` runs against a real PostgreSQL and reports per-call costs."""
+"""`voice-appliance bench records --smoke --json`: a real PostgreSQL, per-call costs reported."""
 
 from __future__ import annotations
 
