@@ -350,8 +350,13 @@ async def test_box_loss_resume_on_another_box(tmp_path, redis_srv, janus, sub):
             r2 = await http.post(box_b.api + "/v1/sessions", headers=auth, json={
                 "type": "offer", "sdp": pc2.localDescription.sdp, "resume_token": resume})
             assert r2.status_code == 201, (r2.text, box_b.log_tail())
-            assert r2.json()["session_id"] == sid
+            # the session continues under an id that names box B; the response links the old one
+            new_sid = r2.json()["session_id"]
+            assert new_sid.startswith(box_b.instance + ".") and r2.json()["resumed_from"] == sid
             await pc2.setRemoteDescription(RTCSessionDescription(r2.json()["sdp"], "answer"))
+            old = await http.get(f"{box_b.api}/v1/sessions/{sid}", headers=auth)
+            assert old.status_code == 404 and old.json()["error"] == "wrong_box", old.text
+            sid = new_sid
             seg_b = ShardSegment.attach(segment_name(box_b.instance, 0))
             try:
                 slot = seg_b.slot(0)
@@ -504,3 +509,72 @@ async def test_demo_page_call_in_chromium(sup, seg):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_drain_cli_force_migrates_calls_to_another_box(tmp_path, redis_srv, janus, sub):
+    """`voice-appliance drain --wait --timeout 1 --migrate` on box A with a call up: after the wait the
+    call is told to move (``migrating`` + a fresh token, shown to its owner only), the caller resumes on
+    box B, A ends its leg on its own (ownership lost), and the CLI returns 0 with A empty."""
+    import subprocess
+    import sys
+
+    from tests.supervisor.conftest import rtp_base
+
+    box_a = start_supervisor(tmp_path / "a", redis_srv.url, janus, rtp_port_min=rtp_base() + 8200)
+    keys = {"jwt_public_key_file": str(tmp_path / "a" / "keys" / "jwt-public.pem"),
+            "jwt_private_key_file": str(tmp_path / "a" / "keys" / "jwt-private.pem")}
+    box_b = start_supervisor(tmp_path / "b", redis_srv.url, janus, rtp_port_min=rtp_base() + 8300,
+                             extra={"auth": keys})
+    auth = {"Authorization": f"Bearer {box_a.token(sub)}"}
+    drain = None
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            pc = await caller()
+            r = await http.post(box_a.api + "/v1/sessions", headers=auth,
+                                json={"type": "offer", "sdp": pc.localDescription.sdp, "voice": "Puck"})
+            assert r.status_code == 201, r.text
+            sid, first_token = r.json()["session_id"], r.json()["resume_token"]
+            await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
+            drain = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "appliance", "drain", "--config", str(box_a.config), "--wait",
+                "--timeout", "1", "--migrate", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            await wait_until(lambda: agent(box_a) == "drain\n", what="box A draining")
+
+            async def migrating():
+                got = await http.get(f"{box_a.api}/v1/sessions/{sid}", headers=auth)
+                return got.json() if got.json().get("state") == "migrating" else None
+
+            info = await wait_until(migrating, what="state migrating")
+            fresh = info["details"]["resume_token"]
+            assert fresh != first_token
+            eve = await http.get(f"{box_a.api}/v1/sessions/{sid}",
+                                 headers={"Authorization": f"Bearer {box_a.token('eve')}"})
+            assert eve.status_code == 404 and fresh not in eve.text  # only the owner sees the token
+            pc2 = await caller()
+            r2 = await http.post(box_b.api + "/v1/sessions", headers=auth, json={
+                "type": "offer", "sdp": pc2.localDescription.sdp, "resume_token": fresh})
+            assert r2.status_code == 201, (r2.text, box_b.log_tail())
+            new_sid = r2.json()["session_id"]
+            assert r2.json()["resumed_from"] == sid and new_sid.startswith(box_b.instance + ".")
+            await pc2.setRemoteDescription(RTCSessionDescription(r2.json()["sdp"], "answer"))
+            out, err = await asyncio.wait_for(drain.communicate(), 60)
+            assert drain.returncode == 0, (out, err, box_a.log_tail())
+            assert '"active": 0' in out.decode()
+            moved = (await http.get(f"{box_a.api}/v1/sessions/{sid}", headers=auth)).json()
+            assert moved["state"] == "moved" and moved["details"]["moved_to"] == new_sid
+            assert "taken over by another box" in box_a.log.read_text()  # A learnt it and ended the leg
+            for spent in (first_token, fresh):  # neither token resumes anything again
+                pc3 = await caller()
+                r3 = await http.post(box_b.api + "/v1/sessions", headers=auth, json={
+                    "type": "offer", "sdp": pc3.localDescription.sdp, "resume_token": spent})
+                assert r3.status_code == 400 and r3.json()["error"] == "invalid_resume", r3.text
+                await pc3.close()
+            assert (await http.delete(f"{box_b.api}/v1/sessions/{new_sid}", headers=auth)).status_code == 204
+            await pc.close()
+            await pc2.close()
+    finally:
+        if drain is not None and drain.returncode is None:
+            drain.kill()
+            await drain.wait()
+        stop_supervisor(box_b)
+        stop_supervisor(box_a)
