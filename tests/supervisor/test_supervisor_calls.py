@@ -578,3 +578,44 @@ async def test_drain_cli_force_migrates_calls_to_another_box(tmp_path, redis_srv
             await drain.wait()
         stop_supervisor(box_b)
         stop_supervisor(box_a)
+
+
+async def test_demo_page_resumes_by_itself_when_told_to_migrate(tmp_path, redis_srv, janus):
+    """The demo page in Chromium sees ``migrating`` (force-migrate over the control socket), re-offers
+    with the fresh token through its own origin, retries while every box refuses (503: this one is
+    draining), and is connected again once a box takes it (here: the same box, undrained)."""
+    import json
+    import subprocess
+
+    from appliance.config import load_config
+    from appliance.control import request, socket_path
+
+    sp = start_supervisor(tmp_path, redis_srv.url, janus, slots=2)
+    ctl = socket_path(load_config(sp.config))
+    env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
+    proc = await asyncio.create_subprocess_exec(
+        "node", str(Path(__file__).with_name("demo_resume.js")), sp.api + "/",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 90)
+        assert line, (await proc.stderr.read()).decode()[-3000:] + sp.log_tail()
+        connected = json.loads(line)
+        assert (await request(ctl, "drain"))["draining"]
+        status = await request(ctl, "migrate")
+        assert status["migrating"] == 1 and status["active"] == 1
+        await asyncio.sleep(2.5)  # the page polls, sees migrating, and is refused (draining) meanwhile
+        assert (await request(ctl, "undrain"))["draining"] is False
+        line = await asyncio.wait_for(proc.stdout.readline(), 90)
+        assert line, (await proc.stderr.read()).decode()[-3000:] + sp.log_tail()
+        resumed = json.loads(line)
+        assert resumed["event"] == "resumed" and resumed["resumes"] == 1
+        assert resumed["session_id"] == connected["session_id"]  # same box: the id stays
+        status = await request(ctl, "status")
+        assert status["migrating"] == 0 and status["active"] == 1
+        assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))["event"] == "hungup"
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        stop_supervisor(sp)
