@@ -619,3 +619,34 @@ async def test_demo_page_resumes_by_itself_when_told_to_migrate(tmp_path, redis_
             proc.kill()
             await proc.wait()
         stop_supervisor(sp)
+
+
+async def test_agent_check_and_metrics_listen_on_the_private_host(tmp_path, redis_srv, janus):
+    """``api.private_host`` is where the load balancer's agent check and /metrics are served (not the
+    API's address); the agent keeps saying free capacity, and ``drain`` while draining."""
+    import socket
+
+    from appliance.config import load_config
+    from appliance.control import request, socket_path
+
+    sp = start_supervisor(tmp_path, redis_srv.url, janus, slots=2,
+                          extra={"api": {"private_host": "127.0.0.3"}})
+    try:
+        def ask(host: str) -> str:
+            with socket.create_connection((host, sp.agent_port), 5) as s:
+                return s.recv(100).decode()
+
+        assert ask("127.0.0.3") == "up 100%\n"
+        with pytest.raises(ConnectionRefusedError):
+            ask("127.0.0.1")
+        async with httpx.AsyncClient(timeout=5) as http:
+            assert "va_sessions_capacity" in (await http.get(f"http://127.0.0.3:{sp.metrics_port}/metrics")).text
+            with pytest.raises(httpx.ConnectError):
+                await http.get(f"http://127.0.0.1:{sp.metrics_port}/metrics")
+        ctl = socket_path(load_config(sp.config))
+        await request(ctl, "drain")
+        assert ask("127.0.0.3") == "drain\n"
+        await request(ctl, "undrain")
+        assert ask("127.0.0.3") == "ready up 100%\n"
+    finally:
+        stop_supervisor(sp)
