@@ -166,6 +166,10 @@ async def test_hangup_keeps_resumable_state_and_resume_continues(sup, seg, sub):
         await pc.close()  # the caller goes away: Janus hangup → teardown, record kept as disconnected
         await wait_until(lambda: state("disconnected"), what="disconnected")
         await wait_until(lambda: seg.slot(0).state == SlotState.FREE, what="slot freed")
+        # a candidate for the gone leg is refused out loud, not dropped
+        ice = await http.post(f"/v1/sessions/{sid}/ice", headers=auth, json={
+            "candidate": "candidate:1 1 udp 2122260223 192.0.2.1 54321 typ host", "sdpMid": "0"})
+        assert ice.status_code == 409 and ice.json()["error"] == "not_connected", ice.text
 
         # a resume refused for capacity does not spend the token
         blocker_pc = await caller()
