@@ -323,6 +323,8 @@ class Supervisor:
             case "undrain":
                 if self.placement.draining:
                     self.set_draining(False)
+                if self.agent is not None:
+                    self.agent.force_ready()
             case "migrate":
                 if self.sessions is not None:
                     await self.sessions.migrate_all()

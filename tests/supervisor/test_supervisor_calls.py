@@ -641,13 +641,17 @@ async def test_agent_check_and_metrics_listen_on_the_private_host(tmp_path, redi
                 return s.recv(100).decode()
 
         assert ask("127.0.0.3") == "up 100%\n"
+        ctl = socket_path(load_config(sp.config))
+        # a fresh process (e.g. after an upgrade) never said drain: an explicit undrain still says ready,
+        # or HAProxy would keep the drain it remembers from the previous process
+        await request(ctl, "undrain")
+        assert ask("127.0.0.3") == "ready up 100%\n"
         with pytest.raises(ConnectionRefusedError):
             ask("127.0.0.1")
         async with httpx.AsyncClient(timeout=5) as http:
             assert "va_sessions_capacity" in (await http.get(f"http://127.0.0.3:{sp.metrics_port}/metrics")).text
             with pytest.raises(httpx.ConnectError):
                 await http.get(f"http://127.0.0.1:{sp.metrics_port}/metrics")
-        ctl = socket_path(load_config(sp.config))
         await request(ctl, "drain")
         assert ask("127.0.0.3") == "drain\n"
         await request(ctl, "undrain")
