@@ -116,7 +116,11 @@ def redis_client(cfg: RedisConfig, timeout: float = 0.5) -> aioredis.Redis:
     if cfg.tls:
         tls = {"ssl": True, "ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": cfg.ca_file or None}
     if not cfg.sentinels:
-        return aioredis.from_url(cfg.url, **kwargs, **tls)
+        url = cfg.url
+        if cfg.tls:  # from_url picks the TLS connection class by scheme, not by an ``ssl`` argument
+            url = "rediss://" + url.removeprefix("redis://").removeprefix("rediss://")
+            tls.pop("ssl")
+        return aioredis.from_url(url, **kwargs, **tls)
     sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                                        "retry": Retry(NoBackoff(), 0), **tls}
     if cfg.sentinel_username:

@@ -114,3 +114,33 @@ async def test_acl_user_is_limited_to_the_appliance_prefix(tmp_path):
         with pytest.raises(redis_sync.exceptions.AuthenticationError):
             await bad.ping()
         await bad.aclose()
+
+
+async def test_tls_to_redis_is_verified_against_the_ca(tmp_path):
+    from appliance.emulator.certs import ensure_certs
+    from tests.harness.redis import RedisServer, free_port
+
+    certs = ensure_certs(tmp_path / "ca", ["127.0.0.1"])
+    other = ensure_certs(tmp_path / "other-ca", ["127.0.0.1"])  # a CA that did not sign the server
+    tls_port = free_port()
+    srv = RedisServer(tmp_path / "redis", extra_args=[
+        "--tls-port", str(tls_port), "--tls-cert-file", str(certs.cert_file),
+        "--tls-key-file", str(certs.key_file), "--tls-ca-cert-file", str(certs.ca_file),
+        "--tls-auth-clients", "no"])
+    srv.start()
+    try:
+        url = f"redis://127.0.0.1:{tls_port}/0"
+        good = redis_client(RedisConfig(url=url, tls=True, ca_file=str(certs.ca_file)), timeout=2.0)
+        store = SessionStore(good)
+        sid = new_session_id("box-1")
+        await store.create(SessionRecord(session_id=sid, sub="s", box="box-1"))
+        assert (await store.get(sid)).sub == "s"
+        await store.close()
+        await good.aclose()
+        for cfg in (RedisConfig(url=url, tls=True, ca_file=str(other.ca_file)), RedisConfig(url=url)):
+            bad = redis_client(cfg, timeout=2.0)
+            with pytest.raises(redis_sync.exceptions.ConnectionError):
+                await bad.ping()
+            await bad.aclose()
+    finally:
+        srv.stop()
