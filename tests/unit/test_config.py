@@ -130,3 +130,13 @@ def test_fleet_defaults(tmp_path):
     assert private_host(cfg, cfg.api.agent_check_host) == "10.1.0.5"
     assert private_host(cfg, cfg.api.metrics_host) == "10.2.0.5"
     assert box_id(cfg) and box_id(replace(cfg, api={"box_id": "lb-box-7"})) == "lb-box-7"
+
+
+def test_ai_disclosure_cannot_be_turned_off_silently() -> None:
+    with pytest.raises(ConfigError, match=r"model\.greeting: empty, but the greeting is the AI disclosure"):
+        load_config(None, env={"VA_MODEL_GREETING": '""'})
+    with pytest.raises(ConfigError, match=r"compliance\.ai_disclosure_off_reason: required"):
+        load_config(None, env={"VA_MODEL_GREETING": '""', "VA_COMPLIANCE_AI_DISCLOSURE": "false"})
+    cfg = load_config(None, env={"VA_MODEL_GREETING": '""', "VA_COMPLIANCE_AI_DISCLOSURE": "false",
+                                 "VA_COMPLIANCE_AI_DISCLOSURE_OFF_REASON": "disclosed by the IVR before"})
+    assert not cfg.compliance.ai_disclosure
