@@ -218,11 +218,14 @@ def _optional_keys(*keys: str) -> tuple[list[str], str]:
 
 # Which of the records KEYS[i] no longer belong to ARGV[1] (box) at epoch ARGV[i+1]: their indexes.
 # A missing record is not lost (Redis lost data, or it expired): the next write re-creates it.
+# The plain-text find is the fast path (records are written with "box" then "epoch", by
+# SessionRecord.to_json); only a record that does not match it is decoded.
 _LOST = """
 local out = {}
 for i, key in ipairs(KEYS) do
   local cur = redis.call('GET', key)
-  if cur then
+  local mine = '"box":' .. cjson.encode(ARGV[1]) .. ',"epoch":' .. ARGV[i + 1] .. ','
+  if cur and not string.find(cur, mine, 1, true) then
     local ok, rec = pcall(cjson.decode, cur)
     if ok and type(rec) == 'table' and
        (rec['box'] ~= ARGV[1] or (tonumber(rec['epoch']) or 0) > tonumber(ARGV[i + 1])) then
