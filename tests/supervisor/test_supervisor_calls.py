@@ -661,3 +661,91 @@ async def test_agent_check_and_metrics_listen_on_the_private_host(tmp_path, redi
         assert ask("127.0.0.3") == "ready up 100%\n"
     finally:
         stop_supervisor(sp)
+
+
+async def test_demo_page_resumes_on_another_box_when_its_box_dies(tmp_path, redis_srv, janus):
+    """Two boxes behind a real HAProxy (http mode, /v1/sessions/<box>.… routed to that box, new calls to
+    the first box up). The demo page calls, its box is SIGKILLed; the page notices (polls fail), re-offers
+    with its resume token through the same origin and is connected again on the other box, under a
+    session id that names it."""
+    import json
+    import shutil
+    import subprocess
+
+    from tests.harness.redis import free_port
+    from tests.supervisor.conftest import rtp_base
+
+    box_a = start_supervisor(tmp_path / "a", redis_srv.url, janus, rtp_port_min=rtp_base() + 8400)
+    keys = {"jwt_public_key_file": str(tmp_path / "a" / "keys" / "jwt-public.pem"),
+            "jwt_private_key_file": str(tmp_path / "a" / "keys" / "jwt-private.pem")}
+    box_b = start_supervisor(tmp_path / "b", redis_srv.url, janus, rtp_port_min=rtp_base() + 8500,
+                             extra={"auth": keys})
+    lb_port = free_port()
+    pa, pb = (int(b.api.rsplit(":", 1)[1]) for b in (box_a, box_b))
+    srv = "check inter 300ms fall 1 rise 2"
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(f"""
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind 127.0.0.1:{lb_port}
+  option forwardfor
+  use_backend be_a if {{ path_beg /v1/sessions/{box_a.instance}. }}
+  use_backend be_b if {{ path_beg /v1/sessions/{box_b.instance}. }}
+  default_backend be_all
+backend be_all
+  balance first
+  option httpchk GET /readyz
+  server a 127.0.0.1:{pa} {srv}
+  server b 127.0.0.1:{pb} {srv}
+backend be_a
+  option httpchk GET /readyz
+  server a 127.0.0.1:{pa} {srv}
+backend be_b
+  option httpchk GET /readyz
+  server b 127.0.0.1:{pb} {srv}
+""")
+    lb = await asyncio.create_subprocess_exec(shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f",
+                                              str(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
+    proc = None
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            async def lb_up() -> bool:
+                try:
+                    return (await http.get(f"http://127.0.0.1:{lb_port}/readyz")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            await wait_until(lb_up, what="HAProxy up")
+        proc = await asyncio.create_subprocess_exec(
+            "node", str(Path(__file__).with_name("demo_resume.js")), f"http://127.0.0.1:{lb_port}/",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        line = await asyncio.wait_for(proc.stdout.readline(), 90)
+        assert line, (await proc.stderr.read()).decode()[-3000:] + box_a.log_tail()
+        connected = json.loads(line)
+        assert connected["session_id"].startswith(box_a.instance + ".")
+        box_a.proc.kill()  # the box dies with the call up: no teardown, no state update
+        box_a.proc.wait(10)
+        line = await asyncio.wait_for(proc.stdout.readline(), 120)
+        assert line, (await proc.stderr.read()).decode()[-3000:] + box_b.log_tail()
+        resumed = json.loads(line)
+        assert resumed["event"] == "resumed" and resumed["resumes"] == 1
+        assert resumed["session_id"].startswith(box_b.instance + ".")
+        assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))["event"] == "hungup"
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        lb.terminate()
+        await asyncio.wait_for(lb.wait(), 10)
+        stop_supervisor(box_b)
+        if box_a.proc.poll() is None:
+            box_a.proc.kill()
+        from shm.segment import cleanup_stale
+
+        cleanup_stale(box_a.instance)
