@@ -83,7 +83,8 @@ class Spool:
         self._dirty = False
         self._dir_bytes = self._scan()
         self._scanned = time.monotonic()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the append/rotate state
+        self._sync_lock = threading.Lock()  # one sync() at a time (the thread's or an explicit one)
         self._sealing: list[int] = []
         self._closed = False
         self._wake = threading.Event()
@@ -170,19 +171,21 @@ class Spool:
             self.sync()
 
     def sync(self) -> None:
-        """fsync the active segment if dirty; fsync, unlock and close sealed ones."""
-        with self._lock:
-            fd = self._fd if self._dirty else -1
-            self._dirty = False
-            sealing, self._sealing = self._sealing, []
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.fsync(fd)
-        for old in sealing:
-            with contextlib.suppress(OSError):
-                os.fsync(old)
-            with contextlib.suppress(OSError):
-                os.close(old)  # releases the flock: the reader may now delete it once shipped
+        """fsync the active segment if dirty; fsync, unlock and close sealed ones (when it returns, every
+        segment sealed before the call is durable and unlocked, even if the sync thread was mid-way)."""
+        with self._sync_lock:
+            with self._lock:
+                fd = self._fd if self._dirty else -1
+                self._dirty = False
+                sealing, self._sealing = self._sealing, []
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.fsync(fd)
+            for old in sealing:
+                with contextlib.suppress(OSError):
+                    os.fsync(old)
+                with contextlib.suppress(OSError):
+                    os.close(old)  # releases the flock: the reader may now delete it once shipped
 
     def close(self) -> None:
         """Seal the active segment (the writer may then remove it once shipped)."""
