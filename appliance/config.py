@@ -541,6 +541,10 @@ def _check_cross_field(cfg: Config) -> None:
     for key, u in (("records.webhook_url", cfg.records.webhook_url),):
         if u and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", u):
             raise ConfigError(f"{key}: expected an http:// or https:// URL, got {u!r}")
+    if cfg.records.prices_file:
+        from appliance.records.usage import load_prices
+
+        load_prices(cfg.records.prices_file)
     if cfg.records.dsn and not re.match(r"^postgres(ql)?://", cfg.records.dsn):
         raise ConfigError(f"records.dsn: expected a postgresql:// URI, got {cfg.records.dsn!r}")
     if cfg.records.dsn and re.match(r"^postgres(ql)?://[^/@]*:[^/@]*@", cfg.records.dsn):
