@@ -195,3 +195,18 @@ async def test_openapi_and_database_down(env: Any, keys: tuple[bytes, bytes], pg
     assert r.status_code == 503 and r.headers["retry-after"]
     live = await client.get("/v1/admin/calls?state=live", headers=tok(keys, "calls:read"))
     assert live.status_code == 200  # live calls never need the database
+
+
+def test_token_cli_mints_admin_scopes(tmp_path: Path, keys: tuple[bytes, bytes]) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "priv.pem").write_bytes(keys[0])
+    (tmp_path / "pub.pem").write_bytes(keys[1])
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[auth]\njwt_public_key_file = "{tmp_path / "pub.pem"}"\n'
+                   f'jwt_private_key_file = "{tmp_path / "priv.pem"}"\n')
+    out = subprocess.run([sys.executable, "-m", "appliance", "token", "--config", str(cfg), "--sub", "ops-1",
+                          "--scope", "calls:read,records:read"], capture_output=True, text=True, check=True)
+    p = JwtVerifier(keys[1], audience=AUD, required_scope="").verify(out.stdout.strip())
+    assert p.sub == "ops-1" and p.scopes == {"calls:read", "records:read"}
