@@ -1,10 +1,11 @@
 // Drives the operator console (/admin/) in headless Chromium: the live call shows up with its model
 // state, clicking it shows the transcript, "Hang up" ends it. Prints one JSON line with what it saw.
-// usage: node console_check.js URL TOKEN CALL_ID
+// Then drain/undrain the box and find the ended call by its sub.
+// usage: node console_check.js URL TOKEN CALL_ID SUB
 const { chromium } = require("playwright-core");
 
 (async () => {
-  const [url, token, callId] = process.argv.slice(2);
+  const [url, token, callId, sub] = process.argv.slice(2);
   const browser = await chromium.launch({
     executablePath: "/usr/bin/chromium",
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
@@ -26,7 +27,21 @@ const { chromium } = require("playwright-core");
     await row.locator("button.hangup").click();
     await page.waitForFunction((id) => !document.querySelector(`#live tr[data-id="${id}"]`), callId,
                                { timeout: 30000 });
-    console.log(JSON.stringify({ transcript_lines: lines, first_speaker: first, hung_up: true }));
+    await page.click("#drain");
+    await page.waitForFunction(() => document.querySelector("#box-state").textContent === "draining");
+    await page.click("#undrain");
+    await page.waitForFunction(() => document.querySelector("#box-state").textContent === "serving");
+    await page.fill("#sub", sub);
+    let found = false;
+    for (let i = 0; i < 30 && !found; i++) {  // the end reaches the database within a second or so
+      await page.click("#search button");
+      await page.waitForTimeout(500);
+      const cells = await page.locator("#ended tbody tr td").allTextContents();
+      found = cells.includes(callId) && cells.includes("admin_hangup");
+    }
+    if (!found) throw new Error("ended call not found by sub");
+    console.log(JSON.stringify({ transcript_lines: lines, first_speaker: first, hung_up: true,
+                                 drained: true, found_ended: found }));
   } finally {
     await browser.close();
   }

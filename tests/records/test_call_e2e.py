@@ -91,12 +91,13 @@ async def test_a_real_call_makes_a_record_webhooks_and_shows_in_the_console(
             env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
             token = admin_token(sp, "calls:read", "calls:write", "records:read")["Authorization"][7:]
             proc = await asyncio.create_subprocess_exec(
-                "node", str(CONSOLE_JS), admin + "/admin/", token, sid, env=env,
+                "node", str(CONSOLE_JS), admin + "/admin/", token, sid, sub, env=env,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             out, err = await asyncio.wait_for(proc.communicate(), 180)
             assert proc.returncode == 0, err.decode()[-3000:] + out.decode()[-2000:]
             seen = json.loads(out.decode().strip().splitlines()[-1])
-            assert seen["transcript_lines"] >= 4 and seen["hung_up"]
+            assert seen["transcript_lines"] >= 4 and seen["hung_up"] and seen["found_ended"]
+            assert seen["first_speaker"] == "caller" and seen["drained"]
 
             async def ended() -> dict | None:
                 r = (await adm.get(f"/v1/admin/calls/{sid}", headers=rd)).json()
