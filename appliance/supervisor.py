@@ -509,8 +509,8 @@ class Supervisor:
         if self.admin_server is not None:
             self.admin_server.should_exit = True
         if self.record_writer is not None:  # ship what the calls just spooled (bounded)
-            with contextlib.suppress(Exception):
-                await self.record_writer.drain(3.0)
+            with contextlib.suppress(Exception):  # the rest waits in the spool for the next start
+                await asyncio.wait_for(self.record_writer.drain(3.0), 4.0)
         for t in self._tasks:
             if t.get_name() not in ("uvicorn", "admin-api"):
                 t.cancel()
