@@ -151,6 +151,11 @@ class MediaConfig:
     # half) triggers, room noise (≤ -70 decoded) is 30 dB below (docs/benchmarks.md "Pipeline").
     # 0 = off (Silero-only barge-in).
     pause_on_speech_dbfs: float = -40.0
+    # Uplink processing before the uplink ring and the playback pause (workers/media/uplink_dsp.py):
+    # "off", "ns" (WebRTC noise suppression, ~1 ms/call-s) or "aec_ns_agc" (echo cancellation against the
+    # downlink we send + NS + AGC, ~8.6 ms/call-s: too costly for every call within the 12 ms budget, so
+    # a per-call choice, slot option "uplink_processing"). docs/benchmarks.md "Audio quality".
+    uplink_processing: str = "ns"
 
 
 @dataclass(frozen=True)
@@ -295,6 +300,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warning", "error", "critical"),
     "model.api_version": ("v1alpha", "v1beta", "v1"),
+    "media.uplink_processing": ("off", "ns", "aec_ns_agc"),
 }
 
 

@@ -25,14 +25,17 @@ reference):
 - ``scores``: per impairment the caller reads the reference sentences with the model silent (the
   ``echo`` condition: the model talks over them, double-talk); the uplink ring's content is aligned to
   the clean reference by cross-correlation and scored with PESQ (ITU-T P.862.2 wideband, MOS-LQO,
-  ``pesq`` package) and STOI-free SNR figures. Playback pauses are off here (the model keeps talking).
-- ``bargein``: ``--turns`` model turns with the caller's echo at ``--echo-db``; every other turn the
-  caller talks over the answer at the *same level as the echo*. This process settles the media
-  worker's playback holds as the AI worker would (a real barge-in: flush after 100 ms and release; no
-  caller speech: release after ``vad.pause_confirm_ms``). ``false_pauses_with_echo`` = holds requested
-  while the caller was not talking; ``bargein_*`` = the caller's first talking-over packet (send time)
-  → the tick whose downlink packet is the first silent one (the hold), i.e. network + jitter buffer +
-  detection; ``bargein_missed`` = barge-ins without a hold within 500 ms.
+  ``pesq`` package) and an SNR figure. Playback pauses are off here (the model keeps talking).
+- ``bargein``: ``--turns`` model turns (-20 dBFS) with the caller's echo at ``--echo-db``; every other
+  turn the caller talks over the answer: at a normal level (-26 dBFS; ``bargein_echo``), at the
+  *same level as the echo* (``bargein_echo_level``), and at the normal level with babble 10 dB below
+  it (``bargein_echo_babble``). This process settles the media worker's playback holds as the AI
+  worker would (a real barge-in: flush after 100 ms and release; no caller speech: release after
+  ``vad.pause_confirm_ms``). ``false_pauses`` = holds requested while the caller was not talking;
+  ``bargein_*_ms`` = the packet carrying the caller's speech onset (the first 10 ms within 15 dB of
+  the utterance's active level) leaving the caller → the tick whose downlink packet is the first
+  silent one (the hold): network + jitter buffer + detection; ``bargein_missed`` = talk-overs
+  without a hold within 500 ms of the onset.
 
 ``ns_snr_gain_db``: model-input SNR on the noise set (speech frames' power minus the noise power
 measured in the reference's silent gaps, over that noise power) with the mode, minus the same with
@@ -137,8 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=100, help="model turns in the barge-in phase")
     parser.add_argument("--echo-db", type=float, default=-20.0, help="echo level relative to the downlink")
     parser.add_argument("--bargein-db", type=float, default=None,
-                        help="caller talk-over level relative to the downlink (default: --echo-db, the same "
-                             "level as the echo)")
+                        help="caller talk-over level relative to the downlink in the main barge-in phase "
+                             "(default: a normal caller, -26 vs -20 dBFS; a second phase always uses the "
+                             "echo's level)")
     parser.add_argument("--snr-db", type=float, default=10.0, help="noise level below the caller's speech")
     parser.add_argument("--conditions", default="", help="comma-separated subset of the impairments")
     parser.add_argument("--seed", type=int, default=1)
@@ -514,7 +518,8 @@ def bargein_script(turns: int, rng: np.random.Generator, echo_db: float, noise_k
         dur = len(m) / 24000
         barge = None
         if i % 2 == 1:
-            c = at_level(espeak(BARGE_TEXTS[i // 2 % len(BARGE_TEXTS)], CALLER_VOICE), MODEL_DBFS + (echo_db if bargein_db is None else bargein_db))
+            level = MODEL_DBFS + (echo_db if bargein_db is None else bargein_db)
+            c = at_level(espeak(BARGE_TEXTS[i // 2 % len(BARGE_TEXTS)], CALLER_VOICE), level)
             start = t + float(rng.uniform(0.5, min(1.2, dur - 0.3)))
             barge = (start, c)
             end = max(start + len(c) / RATE, t + 0.8)
@@ -536,7 +541,7 @@ def bargein_script(turns: int, rng: np.random.Generator, echo_db: float, noise_k
     if noise_kind:
         gen = babble if noise_kind == "babble" else cafe
         nz = gen(len(speech) / RATE, rng)[: len(speech)]
-        ref = 32768 * 10 ** ((MODEL_DBFS + echo_db) / 20)
+        ref = 32768 * 10 ** ((MODEL_DBFS + (echo_db if bargein_db is None else bargein_db)) / 20)
         script.noise = nz * (ref / max(active_rms(nz), 1e-9)) * 10 ** (-snr_db / 20)
     return script
 
@@ -641,9 +646,11 @@ def run_mode(mode: str, conds: list[Condition], args: argparse.Namespace) -> dic
         out["snr_db"][cond.name] = sc["snr_db"]
         out["cpu_s"] += res.cpu_s
         out["sim_s"] += script.seconds
-    for label, noise in (("echo", ""), ("echo_babble", "babble")):
+    normal = CALLER_DBFS - MODEL_DBFS if args.bargein_db is None else args.bargein_db
+    for label, noise, level in (("echo", "", normal), ("echo_level", "", args.echo_db),
+                                ("echo_babble", "babble", normal)):
         script = bargein_script(args.turns, np.random.default_rng(args.seed + 77), args.echo_db, noise,
-                                args.snr_db, args.bargein_db)
+                                args.snr_db, level)
         call = Call(_cfg(base, mode), Condition("bargein"), script, args.seed + 77)
         try:
             res = call.run()
@@ -695,7 +702,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mode = args.mode or default_mode
     if mode not in by_mode:
         raise SystemExit(f"--mode {mode!r} was not measured (--modes {','.join(modes)})")
-    for m, r in by_mode.items():
+    for r in by_mode.values():
         gains = [r["snr_db"][n] - by_mode["off"]["snr_db"][n] for n in NOISE_SET if n in r["snr_db"]]
         r["ns_snr_gain_db"] = round(float(np.mean(gains)), 2) if gains else None
     top = by_mode[mode]
@@ -706,6 +713,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "false_pauses_with_echo": top["bargein_echo"]["false_pauses"],
         "bargein_p99_ms": top["bargein_echo"]["bargein_p99_ms"],
         "bargein_missed": top["bargein_echo"]["bargein_missed"],
+        "bargein_at_echo_level_p99_ms": top.get("bargein_echo_level", {}).get("bargein_p99_ms"),
+        "false_pauses_with_echo_and_babble": top.get("bargein_echo_babble", {}).get("false_pauses"),
         "ns_snr_gain_db": top["ns_snr_gain_db"],
         "media_cpu_ms_per_call_second": top["media_cpu_ms_per_call_second"],
         "turns": args.turns,

@@ -80,6 +80,7 @@ from workers.media.rtp import (
     build_rtp,
     parse_rtp,
 )
+from workers.media.uplink_dsp import UplinkDsp, session_mode
 
 log = logging.getLogger("media.worker")
 
@@ -181,6 +182,9 @@ class MediaSession:
         self.pause_armed = True  # False after a hold until a caller frame below the threshold
         self.fade_in = False
         self.flushes_seen = slot.downlink.flushes
+        # uplink processing (NS / AEC), before the ring and the pause check: workers/media/uplink_dsp.py
+        self.dsp = UplinkDsp(session_mode(info.options, cfg.uplink_processing, info.session_id))
+        self.dsp.set_delay_hint(cfg.jitter_target_ms + 20)
 
     def set_remote(self, ip: str, port: int) -> None:
         self.remote = (ip, port) if ip and port else None
@@ -252,6 +256,7 @@ class MediaSession:
         self.candidate = None
         self.jb = JitterBuffer(target_ms=self.jb.base_target_ms, max_ms=self.jb.max_ms)
         self.decoder.reset()
+        self.dsp.reset()
         return self.src
 
     def _on_dtmf(self, timestamp: int, payload: bytes) -> None:
@@ -310,10 +315,12 @@ class MediaSession:
         if len(self.up_pcm) >= UP_FRAME:
             frame = bytes(self.up_pcm[:UP_FRAME])
             del self.up_pcm[:UP_FRAME]
+            frame = self.dsp.process(frame)
             if self.pause_ms and self.hold_seq is None:
-                self._check_pause(frame)
+                self._check_pause(self.dsp.pause_frame)  # echo removed, noise suppressed, before AGC
         else:
             frame = bytes(UP_FRAME)  # the caller's stream is paused: keep the AI side's clock running
+            self.dsp.skip()
         self.slot.uplink.write(frame)
         c.add("frames_up")
         if self.src is not None:
@@ -332,6 +339,7 @@ class MediaSession:
         x = np.frombuffer(frame, dtype="<i2").astype(np.float32)
         a, b = x[:HALF_UP], x[HALF_UP:]
         loud = max(float(np.dot(a, a)), float(np.dot(b, b))) >= self.pause_ms * HALF_UP
+        loud = loud and not self.dsp.echo_dominated  # AEC said: the model's own voice, not the caller
         if not self.pause_armed:
             self.pause_armed = not loud
             return
@@ -414,6 +422,8 @@ class MediaSession:
             else:
                 payload = self.silence
                 self.speaking = False
+        if self.dsp.wants_far and self.uplink_started:
+            self.dsp.far_frame(frame)  # AEC's reference: exactly what this packet carries (None: silence)
         marker = self.first_tick is None
         if marker:
             self.first_tick = tick
