@@ -40,7 +40,9 @@ reference):
 ``ns_snr_gain_db``: model-input SNR on the noise set (speech frames' power minus the noise power
 measured in the reference's silent gaps, over that noise power) with the mode, minus the same with
 ``off``, on identical input (same seeds). ``media_cpu_ms_per_call_second``: this process's CPU spent
-inside the worker's loop per simulated call-second (the DSP's cost is the difference between modes).
+inside the worker's loop per simulated call-second (includes the socket work; a loaded machine inflates
+it); ``dsp_cpu_ms_per_call_second``: the processing chain alone on 20 s of speech, back to back per
+mode, with the model talking all the time and half the time.
 """
 
 from __future__ import annotations
@@ -663,6 +665,32 @@ def run_mode(mode: str, conds: list[Condition], args: argparse.Namespace) -> dic
         if args.smoke:
             break
     out["media_cpu_ms_per_call_second"] = round(out.pop("cpu_s") * 1000 / max(out.pop("sim_s"), 1e-9), 3)
+    out["dsp_cpu_ms_per_call_second"] = dsp_cost(mode, 4.0 if args.smoke else 20.0)
+    return out
+
+
+def dsp_cost(mode: str, seconds: float = 20.0) -> dict[str, float]:
+    """CPU ms per call-second of :class:`UplinkDsp` alone (process + far reference), paired per mode.
+
+    ``model_talking``: the model speaks the whole time (the canceller always runs); ``realistic``: it
+    speaks half the time in 3 s turns (the canceller idles 1 s after each).
+    """
+    from workers.media.uplink_dsp import UplinkDsp
+
+    caller = at_level(espeak(CALLER_TEXTS[0], CALLER_VOICE, UP), CALLER_DBFS)
+    model = at_level(espeak(MODEL_TEXTS[1], MODEL_VOICE, 24000), MODEL_DBFS)
+    frames = int(seconds * 50)
+    near = np.resize(caller, frames * 320).clip(-32768, 32767).astype(np.int16)
+    far = np.resize(model, frames * 480).clip(-32768, 32767).astype(np.int16)
+    out: dict[str, float] = {}
+    for duty, talking in (("model_talking", lambda k: True), ("realistic", lambda k: (k // 150) % 2 == 0)):
+        dsp = UplinkDsp(mode)
+        t = time.process_time()
+        for k in range(frames):
+            dsp.process(near[k * 320: (k + 1) * 320].tobytes())
+            if dsp.wants_far:
+                dsp.far_frame(far[k * 480: (k + 1) * 480].tobytes() if talking(k) else None)
+        out[duty] = round((time.process_time() - t) * 1000 / seconds, 3)
     return out
 
 
@@ -717,6 +745,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "false_pauses_with_echo_and_babble": top.get("bargein_echo_babble", {}).get("false_pauses"),
         "ns_snr_gain_db": top["ns_snr_gain_db"],
         "media_cpu_ms_per_call_second": top["media_cpu_ms_per_call_second"],
+        "dsp_cpu_ms_per_call_second": top["dsp_cpu_ms_per_call_second"],
         "turns": args.turns,
         "echo_db": args.echo_db,
         "snr_db": args.snr_db,

@@ -6,18 +6,21 @@ worker's own playback pause (:mod:`workers.media.worker`) all see the processed 
 
 Why WebRTC's audio processing module through ``pywebrtc-audio`` (PyPI, Apache-2.0, x86-64 and aarch64
 wheels, the GIL released inside) and not RNNoise (``pyrnnoise``): measured on this 2-core box, CPU per
-call-second at 16 kHz in 20 ms calls — ``NoiseSuppressor`` 0.96 ms, ``AudioProcessor`` AEC3 + NS 8.4 ms,
-+ AGC2 8.6 ms; RNNoise 41 ms (48 kHz only, so two resamplers, and a per-frame Python wrapper): the
-WebRTC NS is ~40x cheaper for a comparable stationary-noise gain, and only WebRTC has an echo canceller
-(AEC3) at all. Hand-written DSP would be neither cheaper nor as well tested (Chrome runs this code).
+call-second at 16 kHz in 20 ms calls — ``NoiseSuppressor`` 0.9-1.0 ms; RNNoise 41 ms (48 kHz only, so
+two resamplers, and a per-frame Python wrapper): the WebRTC NS is ~40x cheaper, and only WebRTC has
+an echo canceller (AEC3) at all. On the quality bench NS is transparent on clean speech (PESQ-WB 4.247
+vs 4.243 off) and gains +6.7 dB model-input SNR on babble/café noise at 10 dB SNR. Hand-written DSP
+would be neither cheaper nor as well tested (Chrome runs this code).
 
 Modes (``media.uplink_processing``, overridable per call by the slot option ``uplink_processing``):
 - ``off``: nothing (the bytes the decoder produced).
 - ``ns``: WebRTC NS at level 1 (12 dB) — the default: ~1 ms per call-second fits the ≤ 12 ms budget
-  with today's ~8.6 ms pipeline.
-- ``aec_ns_agc``: AEC3 + NS + AGC2 (``AudioProcessor``; the high-pass is implied by AEC). ~8.6 ms per
-  call-second: too much for every call within the budget, so a per-call option (speakerphone or
-  kiosk tenants) until the budget moves (docs/benchmarks.md "Audio quality").
+  next to today's ~8.6 ms pipeline.
+- ``aec_ns_agc``: AEC3 → NS → AGC2 (separate stages, so the pause can look between NS and AGC; the
+  high-pass is part of AEC3). 12 ms per call-second while the model talks, ~9 ms in a realistic call
+  (the canceller idles 1 s after the model stops): as much again as the whole pipeline, so a per-call
+  option (speakerphone or kiosk tenants) — it is what removes the echo's false pauses (532 → 0 per
+  100 turns with echo at -20 dB; docs/benchmarks.md "Audio quality").
 
 AEC's far-end reference is the exact downlink audio this worker sent to the caller in each tick
 (:meth:`UplinkDsp.far_frame`: the 24 kHz frame that was encoded — model audio, or zeros for the
