@@ -565,7 +565,10 @@ def align(ref: np.ndarray, deg: np.ndarray) -> np.ndarray:
 
 
 def pesq_wb(ref16: np.ndarray, deg16: np.ndarray) -> float | None:
-    from pesq import NoUtterancesError, PesqError, pesq
+    try:
+        from pesq import NoUtterancesError, PesqError, pesq
+    except ModuleNotFoundError:
+        raise SystemExit("bench quality needs pesq: pip install 'voice-appliance[test]'") from None
 
     try:
         return round(float(pesq(UP, ref16.astype(np.float32), deg16.astype(np.float32), "wb")), 3)

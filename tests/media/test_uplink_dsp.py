@@ -123,3 +123,22 @@ def test_config_key_is_validated(tmp_path) -> None:  # type: ignore[no-untyped-d
     p.write_text('[media]\nuplink_processing = "loud"\n')
     with pytest.raises(ConfigError, match=r"media\.uplink_processing"):
         load_config(p)
+
+
+def test_a_call_chooses_its_mode_through_the_slot_options(segment) -> None:  # type: ignore[no-untyped-def]
+    """The media worker builds each session's chain from its slot option, else media.uplink_processing."""
+    from tests.media.conftest import free_port_pair
+    from workers.media.worker import MediaSession
+
+    modes = {}
+    for index, opts in enumerate(({"uplink_processing": "aec_ns_agc"}, {}, {"uplink_processing": "x"})):
+        segment.slot(index).activate(
+            session_id=f"dsp{index}", local_rtp_port=free_port_pair(), remote_rtp_ip="127.0.0.1",
+            remote_rtp_port=9, payload_type=111, channels=2, dtmf_payload_type=-1, mode="direct",
+            options=opts)
+        info = segment.slot(index).snapshot()
+        assert info is not None
+        sess = MediaSession(segment.slot(index), info, MediaConfig(uplink_processing="off"), "127.0.0.1")
+        modes[index] = (sess.dsp.mode, sess.dsp.wants_far)
+        sess.close()
+    assert modes == {0: ("aec_ns_agc", True), 1: ("off", False), 2: ("off", False)}
