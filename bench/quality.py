@@ -69,6 +69,7 @@ import soxr
 from appliance.config import MediaConfig
 from shm.segment import ShardSegment, ring_bytes
 from workers.media import opus
+from workers.media.red import build_red
 from workers.media.rtp import build_rtp, parse_rtp
 from workers.media.worker import MediaWorker
 
@@ -76,6 +77,7 @@ RATE = 48000  # the caller's (browser's) rate
 UP = 16000
 FRAME48 = 960
 PT = 111
+RED_PT = 63  # what Chromium offers for red/48000/2
 PLAYOUT_MS = 60  # downlink network + the browser's jitter buffer before the caller hears a packet
 ACOUSTIC_MS = 10  # loudspeaker → microphone
 # frame k (audio [20k, 20k+20) ms) leaves at 20k + CALLER_SEND_S: capture done + 7 ms (the browser's
@@ -118,6 +120,7 @@ class Condition:
     noise: str = ""  # "", "babble", "cafe"
     snr_db: float = 10.0
     echo_db: float | None = None  # model echo in the caller's microphone (double-talk)
+    red: bool = False  # the caller sends RFC 2198 RED (each packet repeats the previous frame), as Chromium
 
 
 CONDITIONS = (
@@ -125,6 +128,8 @@ CONDITIONS = (
     Condition("loss_3", loss=0.03),
     Condition("loss_10", loss=0.10),
     Condition("burst_5", burst=(0.0125, 0.25)),  # ~5 % loss in bursts of 4 packets on average
+    Condition("loss_10_red", loss=0.10, red=True),
+    Condition("burst_5_red", burst=(0.0125, 0.25), red=True),
     Condition("jitter_40", jitter_ms=40),
     Condition("jitter_80", jitter_ms=80),
     Condition("babble_10db", noise="babble"),
@@ -132,6 +137,7 @@ CONDITIONS = (
     Condition("echo_20db", echo_db=-20.0),
 )
 NOISE_SET = ("babble_10db", "cafe_10db")
+BASE_NAMES = [c.name for c in CONDITIONS if not c.red]  # a condition's seed: its index here
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -318,9 +324,11 @@ class Call:
         self.peer.setblocking(False)
         self.port = _free_port_pair()
         self.slot = self.seg.slot(0)
+        opts = {**(options or {}), **({"red_payload_type": RED_PT} if cond.red else {})}
         self.slot.activate(session_id=f"bq-{iid}", local_rtp_port=self.port, remote_rtp_ip="127.0.0.1",
                            remote_rtp_port=self.peer.getsockname()[1], payload_type=PT, channels=2,
-                           dtmf_payload_type=101, mode="direct", options=options or {})
+                           dtmf_payload_type=101, mode="direct", options=opts)
+        self.prev_payload = b""
         self.worker = MediaWorker(self.seg, cfg, host="127.0.0.1", clock=lambda: self.now)
         self.worker.scan()
         self.sess = self.worker.sessions[0]
@@ -370,7 +378,12 @@ class Call:
 
     def _send_caller_frame(self, k: int) -> None:
         payload = self.enc.encode(self._mic_frame(k).tobytes())
-        pkt = build_rtp(PT, self.seq, self.ts, self.ssrc, payload)
+        if self.cond.red:  # Chromium's RED: the previous frame again, 20 ms earlier
+            red = [(FRAME48, self.prev_payload)] if self.prev_payload else []
+            self.prev_payload = payload
+            pkt = build_rtp(RED_PT, self.seq, self.ts, self.ssrc, build_red(payload, red, PT))
+        else:
+            pkt = build_rtp(PT, self.seq, self.ts, self.ssrc, payload)
         self.seq = (self.seq + 1) & 0xFFFF
         self.ts = (self.ts + FRAME48) & 0xFFFFFFFF
         delay = self.net.delay_ns()
@@ -639,9 +652,11 @@ def _cfg(base: MediaConfig, mode: str, **kw: Any) -> MediaConfig:
 def run_mode(mode: str, conds: list[Condition], args: argparse.Namespace) -> dict[str, Any]:
     base = MediaConfig()
     out: dict[str, Any] = {"scores": {}, "snr_db": {}, "cpu_s": 0.0, "sim_s": 0.0}
-    for i, cond in enumerate(conds):
-        script = scores_script(cond, np.random.default_rng(args.seed + i), args.snr_db)
-        call = Call(_cfg(base, mode, pause_on_speech_dbfs=0.0), cond, script, args.seed + i)
+    for cond in conds:
+        # the same seed with and without RED: the same noise and the same lost packets, paired
+        seed = args.seed + BASE_NAMES.index(cond.name.removesuffix("_red"))
+        script = scores_script(cond, np.random.default_rng(seed), args.snr_db)
+        call = Call(_cfg(base, mode, pause_on_speech_dbfs=0.0), cond, script, seed)
         try:
             res = call.run()
         finally:

@@ -72,6 +72,7 @@ from workers.levels import mean_square_of_dbfs
 from workers.media import g711, opus
 from workers.media.jitter import JitterBuffer, Kind
 from workers.media.pacing import PERIOD_NS, Pacer
+from workers.media.red import RedError, split_red
 from workers.media.rtp import (
     DTMF_EVENTS,
     DtmfReceiver,
@@ -123,6 +124,8 @@ class MediaSession:
         self.session_id = info.session_id
         self.payload_type = info.payload_type
         self.dtmf_pt = info.dtmf_payload_type
+        red = info.options.get("red_payload_type", -1) if isinstance(info.options, dict) else -1
+        self.red_pt = red if isinstance(red, int) and 0 <= red < 128 and red != self.payload_type else -1
         self.clock = clock
         self.c = slot.counters
         self.remote: tuple[str, int] | None = None
@@ -205,7 +208,14 @@ class MediaSession:
                 self.src.update_seq(pkt.sequence)  # events share the audio's sequence space: not losses
             self._on_dtmf(pkt.timestamp, pkt.payload)
             return
-        if pkt.payload_type != self.payload_type:
+        payload, redundant = pkt.payload, None
+        if pkt.payload_type == self.red_pt:  # RFC 2198 (workers/media/red.py): primary + earlier frames
+            try:
+                payload, redundant = split_red(payload, self.payload_type)
+            except RedError:
+                c.add("rx_invalid")
+                return
+        elif pkt.payload_type != self.payload_type:
             c.add("rx_dropped")
             return
         stats = self._source(pkt.ssrc, pkt.sequence, now_ns)
@@ -213,7 +223,7 @@ class MediaSession:
             c.add("rx_dropped")
             return
         try:
-            samples = self.decoder.samples(pkt.payload)
+            samples = self.decoder.samples(payload)
         except opus.OpusError:
             c.add("rx_invalid")
             return
@@ -231,8 +241,12 @@ class MediaSession:
         c.add("rx_packets")
         c.add("rx_bytes", len(data))
         self.jb.set_frame_ms(samples * 1000 // clock)
-        if self.jb.put(ext, pkt.payload) == "late":
+        if self.jb.put(ext, payload) == "late":
             c.add("late")
+        if redundant:
+            for offset, frame in redundant:  # fill a gap the jitter buffer still waits for
+                if offset % samples == 0:
+                    self.jb.fill(ext - offset // samples, frame)
 
     def _source(self, ssrc: int, seq: int, now_ns: int) -> SourceStats | None:
         """The stats of the accepted SSRC, switching to a new one only when it proves itself."""
