@@ -106,7 +106,8 @@ def plain_rtp_answer(ip: str, port: int, payload_type: int, *, channels: int = 2
                      red_payload_type: int | None = None) -> str:
     """The bare SDP a media worker answers NoSIP's ``generated`` offer with (plain RTP/AVP, Opus; RED
     when ``red_payload_type`` is given — NoSIP carries it into the browser's answer unchanged)."""
-    pts = [str(payload_type)] + ([str(red_payload_type)] if red_payload_type is not None else []) \
+    # RED first: a browser sends with the first codec of the answer (Opus stays negotiated: we send it)
+    pts = ([str(red_payload_type)] if red_payload_type is not None else []) + [str(payload_type)] \
         + ([str(telephone_event_payload_type)] if telephone_event_payload_type else [])
     family = "IP6" if ":" in ip else "IP4"
     lines = [

@@ -73,7 +73,8 @@ def test_sdp_helpers_negotiate_red_only_for_opus() -> None:
     side = parse_plain_sdp(CHROMIUM_OFFER.replace("UDP/TLS/RTP/SAVPF", "RTP/AVP"))
     assert (side.payload_type, side.red_payload_type, side.telephone_event_payload_type) == (111, 63, 110)
     answer = plain_rtp_answer("10.0.0.2", 40000, 111, red_payload_type=63)
-    assert "m=audio 40000 RTP/AVP 111 63\r\n" in answer and "a=fmtp:63 111/111\r\n" in answer
+    assert "m=audio 40000 RTP/AVP 63 111\r\n" in answer  # RED first: what the browser then sends
+    assert "a=fmtp:63 111/111\r\n" in answer
     assert parse_plain_sdp(answer).red_payload_type == 63
     assert "red" not in plain_rtp_answer("10.0.0.2", 40000, 111)  # the default answer stays as it was
     no_red = CHROMIUM_OFFER.replace("a=fmtp:63 111/111", "a=fmtp:63 9/9")  # RED of another codec: not ours
@@ -90,7 +91,7 @@ async def test_nosip_passes_chromiums_red_both_ways(janus: JanusInstance) -> Non
                                   red_payload_type=side.red_payload_type)
         jsep = await handle.nosip_process_answer(answer)
     m_line = next(line for line in jsep.splitlines() if line.startswith("m=audio"))
-    assert m_line.split()[3:] == ["111", "63"], jsep
+    assert m_line.split()[3:] == ["63", "111"], jsep  # the order a browser picks its send codec by
     assert "a=rtpmap:63 red/48000/2" in jsep and "a=fmtp:63 111/111" in jsep
 
 

@@ -595,7 +595,8 @@ class MediaWorker:
             self.sel.register(sess.rtp, selectors.EVENT_READ, (sess, True))
             self.sel.register(sess.rtcp, selectors.EVENT_READ, (sess, False))
             log.info("session open", extra={"session": info.session_id, "slot": info.index,
-                                            "port": info.local_rtp_port})
+                                            "port": info.local_rtp_port, "red_pt": sess.red_pt,
+                                            "uplink_processing": sess.dsp.mode})
 
     def _close(self, idx: int) -> None:
         sess = self.sessions.pop(idx, None)
