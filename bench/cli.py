@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "api": "bench.api_bench",
     "pipeline": "bench.pipeline",
     "records": "bench.records_bench",
+    "quality": "bench.quality",
     "box": "bench.box",
 }
 # Benchmarks that need a running stack (--api …): not part of `smoke`/`all`; their CI smoke is a pytest
