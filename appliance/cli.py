@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "drain": ("appliance.control", "drain this box (and force-migrate its calls) through the supervisor"),
     "media-worker": ("workers.media.main", "run one shard's media worker (started by the supervisor)"),
     "ai-worker": ("workers.ai.main", "run one shard's AI worker (started by the supervisor)"),
+    "keys": ("appliance.compliance.keys_cli", "rotate / re-wrap the data keys of encryption at rest"),
     "bench": ("bench.cli", "run a benchmark and print its results (--json for one JSON object)"),
 }
 

@@ -281,6 +281,10 @@ class ComplianceConfig:
     # reason that is logged at every start, never by an empty `model.greeting`.
     ai_disclosure: bool = True
     ai_disclosure_off_reason: str = ""
+    # Master key(s) for encryption at rest (appliance/compliance/atrest.py): a credential, one
+    # "<id>:<base64 32 bytes>" per line, the last one current. "": <paths.state_dir>/secrets/master-key,
+    # created on first start. Every box of a fleet needs the same file.
+    master_key_file: str = ""
 
 
 @dataclass(frozen=True)

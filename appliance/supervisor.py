@@ -354,14 +354,18 @@ class Supervisor:
         cfg = self.cfg
         prices = load_prices(cfg.records.prices_file)
         db = None
+        keyring = None
         if cfg.records.dsn:
+            from appliance.compliance.atrest import db_keyring, load_master
             from appliance.records.spool import spool_root
             from appliance.records.writer import Database, RecordWriter
 
             root = spool_root(cfg.paths.state_dir, cfg.records.spool_dir)
             wdb = Database.from_config(cfg)
+            master = load_master(cfg)  # encryption at rest (appliance/compliance/atrest.py)
+            keyring = db_keyring(master)
             self.record_writer = RecordWriter(wdb, root, batch_items=cfg.records.batch_items,
-                                              webhooks=bool(cfg.records.webhook_url))
+                                              webhooks=bool(cfg.records.webhook_url), master=master)
             self._tasks.append(asyncio.create_task(self.record_writer.run(), name="record-writer"))
             db = Database.from_config(cfg)
             self._record_dbs += [wdb, db]
@@ -375,7 +379,7 @@ class Supervisor:
                 self.webhooks = WebhookSender(hdb, r.webhook_url, secret("", r.webhook_secret_file).encode(),
                                               prices=prices, timeout=r.webhook_timeout_seconds,
                                               max_age_seconds=r.webhook_max_age_seconds,
-                                              concurrency=r.webhook_concurrency)
+                                              concurrency=r.webhook_concurrency, keyring=db_keyring(master))
                 self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
         if cfg.api.admin_port:
             import uvicorn
@@ -395,7 +399,8 @@ class Supervisor:
                 def dev() -> str:
                     return mint(pem, sub="console", audience=cfg.auth.audience, issuer=cfg.auth.issuer,
                                 scope=" ".join(SCOPES), ttl_seconds=min(600, cfg.auth.max_ttl_seconds))
-            app = create_admin_app(verifier, _AdminControl(self), db, prices=prices, dev_token=dev)
+            app = create_admin_app(verifier, _AdminControl(self), db, prices=prices, dev_token=dev,
+                                   keyring=keyring)
             config = uvicorn.Config(app, host=admin_host, port=cfg.api.admin_port, log_config=None,
                                     access_log=False, lifespan="off", server_header=False,
                                     proxy_headers=False)

@@ -9,7 +9,9 @@ endpoint                          scope               what
 GET  /v1/admin/calls              calls:read          live calls on this box (``state=live``) or the
                                                       records in PostgreSQL (``state=ended``/none),
                                                       newest first, keyset-paged (``cursor``)
-GET  /v1/admin/calls/{id}         records:read        the whole record; transcript paged
+GET  /v1/admin/calls/{id}         records:read        the whole record; transcript paged (sealed lines
+                                                      opened; one that does not open has ``text: null``
+                                                      and an ``error`` naming it, listed in ``errors``)
 POST /v1/admin/calls/{id}/hangup  calls:write         end a live call on this box
 DELETE /v1/admin/calls/{id}       records:delete      delete a call's record
 POST /v1/admin/drain | undrain    calls:write         stop / resume admitting calls on this box
@@ -41,6 +43,8 @@ from starlette.staticfiles import StaticFiles
 
 from appliance import __version__
 from appliance.auth import AuthError, JwtVerifier, Principal
+from appliance.compliance.atrest import pg_store
+from appliance.compliance.envelope import Keyring
 from appliance.records import store
 from appliance.records.usage import PriceTable
 from appliance.records.writer import Database
@@ -105,11 +109,14 @@ class _Admin:
     control: AdminControl
     db: Database | None
     prices: PriceTable
+    keyring: Keyring | None
 
 
 def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database | None, *,
-                     prices: PriceTable, dev_token: Callable[[], str] | None = None) -> Starlette:
-    a = _Admin(verifier, control, db, prices)
+                     prices: PriceTable, dev_token: Callable[[], str] | None = None,
+                     keyring: Keyring | None = None) -> Starlette:
+    """``keyring`` (``atrest.db_keyring``) opens sealed transcript lines on read."""
+    a = _Admin(verifier, control, db, prices, keyring)
 
     def scoped(scope: str, fn: Callable[[Request, Principal], Awaitable[Response]]) -> Callable[..., Any]:
         async def handler(request: Request) -> Response:
@@ -181,8 +188,10 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
         record = None
         if a.db is not None:
             async with a.db.connection() as conn:
+                if a.keyring is not None:
+                    await pg_store(a.keyring).load(conn)
                 record = await store.get_call(conn, cid, prices=a.prices, transcript_limit=tlimit,
-                                              transcript_cursor=tcursor)
+                                              transcript_cursor=tcursor, keyring=a.keyring)
         if record is None and live is None:
             raise AdminError(404, "not_found", "no such call")
         if record is None:

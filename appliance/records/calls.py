@@ -9,7 +9,7 @@ from typing import Any
 
 from appliance.config import Config
 from appliance.records.quality import from_counters
-from appliance.records.spool import Spool, spool_root
+from appliance.records.spool import Spool, spool_keyring_for, spool_root
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ class SupervisorRecorder:
         if r.dsn:
             self.spool = Spool(spool_root(cfg.paths.state_dir, r.spool_dir) / "supervisor",
                                max_bytes=r.spool_max_bytes, segment_bytes=r.spool_segment_bytes,
-                               fsync_seconds=r.spool_fsync_seconds)
+                               fsync_seconds=r.spool_fsync_seconds,
+                               keyring=spool_keyring_for(cfg, "supervisor"))
 
     def _put(self, kind: str, call_id: str, **fields: Any) -> None:
         if self.spool is None:

@@ -22,6 +22,10 @@ segment only when it can take the lock itself (its producer rotated away from it
 record in it is committed. A live segment is read up to its last complete record; the reader keeps its
 offset in memory (a restarted supervisor re-ships from the start: the item ids make that harmless).
 
+Encryption at rest: with a ``keyring`` (``appliance.compliance.atrest.spool_keyring``) the sensitive
+fields of an item (transcript text, …) are sealed before the write and opened by the reader; an item
+that does not open (a tampered or foreign key file) is counted in ``corrupt_records`` and skipped.
+
 Size bound: ``max_bytes`` per directory. An append that would exceed it is dropped and counted; the
 count is written as a ``spool.dropped`` item as soon as space allows (the writer turns it into
 ``va_records_spool_dropped_total``), and the writer exports the spool size (``va_records_spool_bytes``).
@@ -42,7 +46,10 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from appliance.compliance.envelope import Keyring
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +73,10 @@ class Spool:
 
     def __init__(self, directory: str | os.PathLike[str], *, max_bytes: int = 256 << 20,
                  segment_bytes: int = 4 << 20, segment_seconds: float = 60.0,
-                 fsync_seconds: float = 1.0) -> None:
+                 fsync_seconds: float = 1.0, keyring: Keyring | None = None) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.keyring = keyring
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.segment_seconds = segment_seconds
@@ -102,6 +110,10 @@ class Spool:
         return self.append_item(item)
 
     def append_item(self, item: dict[str, Any]) -> bool:
+        if self.keyring is not None:
+            from appliance.compliance.atrest import seal_item
+
+            item = seal_item(self.keyring, item)
         data = encode(item)
         if len(data) > MAX_RECORD_BYTES:
             log.warning("record item too large; dropped",
@@ -216,8 +228,9 @@ class Batch:
 class SpoolReader:
     """Reader side for one spool directory (the supervisor's writer)."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], keyring: Keyring | None = None) -> None:
         self.dir = Path(directory)
+        self.keyring = keyring
         self._segments: dict[Path, _Segment] = {}
         self.corrupt_records = 0
 
@@ -277,6 +290,8 @@ class SpoolReader:
                 except ValueError:
                     item = None
                 pos += HEADER.size + n
+                if isinstance(item, dict) and isinstance(item.get("id"), str) and "sealed" in item:
+                    item = self._open(item)
                 if isinstance(item, dict) and isinstance(item.get("id"), str):
                     batch.items.append(item)
                 else:
@@ -294,6 +309,20 @@ class SpoolReader:
                             extra={"segment": str(path), "offset": end})
             batch.ends[path] = (end, done)
         return batch
+
+    def _open(self, item: dict[str, Any]) -> dict[str, Any] | None:
+        from appliance.compliance.atrest import open_item
+        from appliance.compliance.envelope import DecryptError
+
+        if self.keyring is None:
+            log.warning("sealed spool item but no master key; skipped", extra={"item": item.get("id")})
+            return None
+        try:
+            return open_item(self.keyring, item)
+        except (DecryptError, ValueError) as exc:
+            log.warning("spool item does not open; skipped",
+                        extra={"item": item.get("id"), "error": str(exc)})
+            return None
 
     def ack(self, batch: Batch) -> None:
         """The batch is committed: advance offsets, delete sealed segments that are fully shipped."""
@@ -330,3 +359,14 @@ def _read_all(fd: int, n: int) -> bytes:
 def spool_root(state_dir: str, configured: str = "") -> Path:
     """``records.spool_dir`` or ``<state_dir>/records-spool``."""
     return Path(configured) if configured else Path(state_dir) / "records-spool"
+
+
+def spool_keyring_for(cfg: Any, producer: str) -> Keyring:
+    """The keyring a producer seals with: the master key credential, ``keys.json`` in its directory.
+    Its data keys are re-wrapped under the current master key at start (after a master rotation)."""
+    from appliance.compliance.atrest import load_master, spool_keyring
+
+    root = spool_root(cfg.paths.state_dir, cfg.records.spool_dir)
+    keyring = spool_keyring(load_master(cfg), root / producer)
+    keyring.rewrap()
+    return keyring

@@ -27,6 +27,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from appliance.compliance import pan
+from appliance.compliance.atrest import transcript_ctx
+from appliance.compliance.envelope import DecryptError, Keyring
 from appliance.records.quality import summarize_latencies
 from appliance.records.usage import PriceTable, cost_of
 
@@ -101,8 +104,13 @@ class WriteStats:
 
 
 async def apply_items(conn: psycopg.AsyncConnection[Any], items: Iterable[dict[str, Any]], *,
-                      webhooks: bool, ended_grace_seconds: float = 2.0) -> WriteStats:
-    """Store one batch in the current transaction (the caller commits, then acks the spool)."""
+                      webhooks: bool, ended_grace_seconds: float = 2.0,
+                      keyring: Keyring | None = None) -> WriteStats:
+    """Store one batch in the current transaction (the caller commits, then acks the spool).
+
+    Transcript text is PAN-masked (``compliance.pan``; the counts become a ``pan_masked`` event) and,
+    with a ``keyring``, sealed into ``text_sealed`` (the ``text`` column stays NULL). The caller flushes
+    the keyring's new data keys in the same transaction (``atrest.PgKeyStore.flush``)."""
     stats = WriteStats()
     events: list[tuple[Any, ...]] = []
     lines: list[tuple[Any, ...]] = []
@@ -152,11 +160,21 @@ async def apply_items(conn: psycopg.AsyncConnection[Any], items: Iterable[dict[s
                                Jsonb(it.get("data") or {})))
             case "transcript":
                 speaker = SPEAKERS.get(str(it.get("speaker")), "caller")
-                lines.append((iid, call, at, int(it.get("offset_ms") or 0), speaker, str(it.get("text", ""))))
+                masked = pan.mask(str(it.get("text", "")))
+                if masked.pans or masked.codes:
+                    events.append((f"{iid}.pan", call, at, it.get("offset_ms"), "pan_masked",
+                                   Jsonb({"pans": masked.pans, "security_codes": masked.codes})))
+                text = masked.text
+                if keyring is not None:
+                    sealed = keyring.seal(text.encode(), context=transcript_ctx(iid),
+                                          tenant=str(it.get("tenant") or ""))
+                    lines.append((iid, call, at, int(it.get("offset_ms") or 0), speaker, None, sealed))
+                else:
+                    lines.append((iid, call, at, int(it.get("offset_ms") or 0), speaker, text, None))
                 if webhooks:
                     outbox.append((f"evt_{iid}", call, "call.transcript",
                                    Jsonb({"call_id": call, "offset_ms": int(it.get("offset_ms") or 0),
-                                          "speaker": speaker, "text": str(it.get("text", ""))}), 0.0))
+                                          "speaker": speaker, "text": text}), 0.0))
             case "usage":
                 usage.append((iid, call, at, it.get("model"), int(it.get("prompt_tokens") or 0),
                               int(it.get("response_tokens") or 0), int(it.get("total_tokens") or 0),
@@ -170,8 +188,9 @@ async def apply_items(conn: psycopg.AsyncConnection[Any], items: Iterable[dict[s
             await cur.executemany("INSERT INTO call_events (id, call_id, at, offset_ms, type, data)"
                                   " VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (id) DO NOTHING", events)
         if lines:
-            await cur.executemany("INSERT INTO transcript_lines (id, call_id, at, offset_ms, speaker, text)"
-                                  " VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (id) DO NOTHING", lines)
+            await cur.executemany("INSERT INTO transcript_lines (id, call_id, at, offset_ms, speaker, text,"
+                                  " text_sealed) VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (id) DO NOTHING",
+                                  lines)
         if usage:
             await cur.executemany("INSERT INTO usage_reports (id, call_id, at, model, prompt_tokens,"
                                   " response_tokens, total_tokens, details) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
@@ -255,9 +274,10 @@ async def list_calls(conn: psycopg.AsyncConnection[Any], *, state: str | None, s
 
 
 async def get_call(conn: psycopg.AsyncConnection[Any], call_id: str, *, prices: PriceTable,
-                   transcript_limit: int = 1000,
-                   transcript_cursor: str | None = None) -> dict[str, Any] | None:
-    """The whole record (transcript paged), or None."""
+                   transcript_limit: int = 1000, transcript_cursor: str | None = None,
+                   keyring: Keyring | None = None) -> dict[str, Any] | None:
+    """The whole record (transcript paged), or None. Sealed lines are opened with ``keyring``; a line
+    that does not open carries ``error`` (naming the line and the key, never content) instead of text."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(f"SELECT {CALL_COLUMNS}, counters FROM calls WHERE id = %s", (call_id,))
         row = await cur.fetchone()
@@ -269,7 +289,8 @@ async def get_call(conn: psycopg.AsyncConnection[Any], call_id: str, *, prices: 
                 return None
             row = {"id": call_id}
         targs: list[Any] = [call_id]
-        tsql = "SELECT id, offset_ms, speaker, text, at FROM transcript_lines WHERE call_id = %s"
+        tsql = ("SELECT id, offset_ms, speaker, text, text_sealed, at FROM transcript_lines"
+                " WHERE call_id = %s")
         if transcript_cursor:
             off, at, lid = decode_cursor(transcript_cursor, 3)
             tsql += " AND (offset_ms, at, id) > (%s, %s::timestamptz, %s)"
@@ -287,8 +308,10 @@ async def get_call(conn: psycopg.AsyncConnection[Any], call_id: str, *, prices: 
     more = len(lines) > transcript_limit
     lines = lines[:transcript_limit]
     record = call_summary(row)
-    record["transcript"] = [{"offset_ms": int(r["offset_ms"]), "speaker": r["speaker"], "text": r["text"]}
-                            for r in lines]
+    record["transcript"] = [_line(r, keyring) for r in lines]
+    errors = [ln["error"] for ln in record["transcript"] if "error" in ln]
+    if errors:
+        record["errors"] = errors
     record["transcript_next"] = (encode_cursor(lines[-1]["offset_ms"], lines[-1]["at"].isoformat(),
                                                lines[-1]["id"]) if more and lines else None)
     record["events"] = [{"at": _iso(e["at"]), "offset_ms": e["offset_ms"], "type": e["type"],
@@ -298,6 +321,22 @@ async def get_call(conn: psycopg.AsyncConnection[Any], call_id: str, *, prices: 
     quality.update(summarize_latencies(events))
     record["quality"] = quality
     return record
+
+
+def _line(r: dict[str, Any], keyring: Keyring | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"offset_ms": int(r["offset_ms"]), "speaker": r["speaker"]}
+    sealed = r.get("text_sealed")
+    if sealed is None:
+        out["text"] = r["text"]
+        return out
+    try:
+        if keyring is None:
+            raise DecryptError("no master key configured")
+        out["text"] = keyring.open(bytes(sealed), context=transcript_ctx(r["id"])).decode()
+    except (DecryptError, UnicodeDecodeError) as exc:
+        out["text"] = None
+        out["error"] = {"item": f"transcript_lines/{r['id']}", "error": "undecryptable", "detail": str(exc)}
+    return out
 
 
 def summarize_usage(rows: list[dict[str, Any]], model: str | None, prices: PriceTable) -> dict[str, Any]:

@@ -31,6 +31,8 @@ import psycopg
 from prometheus_client import Counter
 from psycopg.rows import dict_row
 
+from appliance.compliance.atrest import pg_store
+from appliance.compliance.envelope import Keyring
 from appliance.records import signing, store
 from appliance.records.usage import PriceTable
 from appliance.records.writer import Database
@@ -52,8 +54,9 @@ def backoff(attempts: int) -> float:
 class WebhookSender:
     def __init__(self, db: Database, url: str, key: bytes, *, prices: PriceTable, timeout: float = 5.0,
                  max_age_seconds: float = 86400, concurrency: int = 16, poll_seconds: float = 0.5,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, keyring: Keyring | None = None) -> None:
         self.db = db
+        self.keyring = keyring  # opens sealed transcript lines for call.ended (compliance/atrest.py)
         self.url = url
         self.key = key
         self.prices = prices
@@ -99,8 +102,10 @@ class WebhookSender:
         data = row["payload"]
         if row["type"] == "call.ended":
             async with self.db.connection() as conn:
+                if self.keyring is not None:
+                    await pg_store(self.keyring).load(conn)
                 record = await store.get_call(conn, row["call_id"], prices=self.prices,
-                                              transcript_limit=100000)
+                                              transcript_limit=100000, keyring=self.keyring)
             data = record or data
         body = json.dumps({"id": row["event_id"], "type": row["type"],
                            "created_at": row["created_at"].isoformat().replace("+00:00", "Z"), "data": data},

@@ -26,6 +26,8 @@ from typing import Any
 import psycopg
 from prometheus_client import Counter, Gauge, Histogram
 
+from appliance.compliance.atrest import db_keyring, pg_store, spool_keyring
+from appliance.compliance.envelope import MasterKeys
 from appliance.config import Config, secret
 from appliance.records import store
 from appliance.records.spool import SpoolReader
@@ -92,8 +94,12 @@ class RecordWriter:
     """Ships every producer directory under ``root`` (see the module docstring)."""
 
     def __init__(self, db: Database, root: Path, *, batch_items: int = 500, webhooks: bool = False,
-                 idle_seconds: float = 0.25) -> None:
+                 idle_seconds: float = 0.25, master: MasterKeys | None = None) -> None:
         self.db = db
+        # encryption at rest (appliance/compliance/atrest.py): opens the spool's sealed fields, seals
+        # them again under the database's data keys
+        self.master = master
+        self.keyring = db_keyring(master) if master is not None else None
         self.root = root
         self.batch_items = batch_items
         self.webhooks = webhooks
@@ -114,7 +120,8 @@ class RecordWriter:
         for d in dirs:
             r = self._readers.get(d)
             if r is None:
-                r = self._readers[d] = SpoolReader(d)
+                r = self._readers[d] = SpoolReader(
+                    d, spool_keyring(self.master, d) if self.master is not None else None)
             out.append(r)
         return out
 
@@ -135,7 +142,12 @@ class RecordWriter:
                 t0 = time.perf_counter()
                 if batch.items:
                     async with conn.transaction():
-                        stats = await store.apply_items(conn, batch.items, webhooks=self.webhooks)
+                        if self.keyring is not None:
+                            await pg_store(self.keyring).load(conn)
+                        stats = await store.apply_items(conn, batch.items, webhooks=self.webhooks,
+                                                        keyring=self.keyring)
+                        if self.keyring is not None:
+                            await pg_store(self.keyring).flush(conn)
                     if stats.dropped_reported:
                         SPOOL_DROPPED.inc(stats.dropped_reported)
                     BATCH_SECONDS.observe(time.perf_counter() - t0)

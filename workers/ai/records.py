@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.config import Config, secret
-from appliance.records.spool import Spool, spool_root
+from appliance.records.spool import Spool, spool_keyring_for, spool_root
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class CallRecorder:
         if r.dsn:
             self.spool = Spool(spool_root(cfg.paths.state_dir, r.spool_dir) / f"shard-{shard}",
                                max_bytes=r.spool_max_bytes, segment_bytes=r.spool_segment_bytes,
-                               fsync_seconds=r.spool_fsync_seconds)
+                               fsync_seconds=r.spool_fsync_seconds,
+                               keyring=spool_keyring_for(cfg, f"shard-{shard}"))
         self._calls: dict[str, _Rec] = {}
         self._sign_key = secret("", r.webhook_secret_file).encode()
 
