@@ -72,8 +72,8 @@ async def test_a_real_call_makes_a_record_webhooks_and_shows_in_the_console(
             await wait_quiet(rec)
             for text in ("the quick brown fox jumps over the lazy dog",
                          "a red balloon floats over green hills"):
-                corr, _ = await say_and_hear(track, rec, speech(text, RATE))
-                assert corr > 0.5
+                # the echo's fidelity is test_voice_loop's business; here each turn must just be answered
+                await say_and_hear(track, rec, speech(text, RATE), limit=30)
             # live on the admin API (real supervisor), with model state and quality
             live = (await adm.get("/v1/admin/calls?state=live", headers=admin_token(sp, "calls:read"))).json()
             (mine,) = [c for c in live["calls"] if c["id"] == sid]
