@@ -225,6 +225,10 @@ def prepare(
     janus_admin = ensure_secret(sec / "janus-admin-secret")
     ab_key = ensure_secret(sec / "audiobridge-admin-key")
     turn_secret = ensure_secret(sec / "turn-secret", 32)
+    if not base.compliance.master_key_file:  # encryption at rest (appliance/compliance/atrest.py)
+        from appliance.compliance.atrest import ensure_master_key
+
+        ensure_master_key(sec / "master-key")
     records: dict[str, Any] = {}
     if not base.records.webhook_secret_file:  # signs webhooks and tool-call POSTs
         ensure_secret(sec / "webhook-secret", 32)
