@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "media-worker": ("workers.media.main", "run one shard's media worker (started by the supervisor)"),
     "ai-worker": ("workers.ai.main", "run one shard's AI worker (started by the supervisor)"),
     "keys": ("appliance.compliance.keys_cli", "rotate / re-wrap the data keys of encryption at rest"),
+    "audit": ("appliance.compliance.audit_cli", "verify the tamper-evident audit trail"),
     "bench": ("bench.cli", "run a benchmark and print its results (--json for one JSON object)"),
 }
 

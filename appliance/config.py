@@ -285,6 +285,11 @@ class ComplianceConfig:
     # "<id>:<base64 32 bytes>" per line, the last one current. "": <paths.state_dir>/secrets/master-key,
     # created on first start. Every box of a fleet needs the same file.
     master_key_file: str = ""
+    # Audit trail checkpoints (appliance/compliance/trail.py): an Ed25519 key credential (raw 32 bytes,
+    # base64). "": <paths.state_dir>/secrets/audit-signing-key, created on first start.
+    audit_signing_key_file: str = ""
+    audit_checkpoint_entries: int = 1000  # sign a checkpoint at least every this many entries
+    audit_checkpoint_seconds: float = 300.0  # … and at least this often while entries arrive
 
 
 @dataclass(frozen=True)

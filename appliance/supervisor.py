@@ -356,6 +356,7 @@ class Supervisor:
         db = None
         keyring = None
         if cfg.records.dsn:
+            from appliance.compliance import trail
             from appliance.compliance.atrest import db_keyring, load_master
             from appliance.records.spool import spool_root
             from appliance.records.writer import Database, RecordWriter
@@ -364,8 +365,12 @@ class Supervisor:
             wdb = Database.from_config(cfg)
             master = load_master(cfg)  # encryption at rest (appliance/compliance/atrest.py)
             keyring = db_keyring(master)
+            c = cfg.compliance
+            signer = trail.Signer(trail.load_signing_key(cfg), c.audit_checkpoint_entries,
+                                  c.audit_checkpoint_seconds)
             self.record_writer = RecordWriter(wdb, root, batch_items=cfg.records.batch_items,
-                                              webhooks=bool(cfg.records.webhook_url), master=master)
+                                              webhooks=bool(cfg.records.webhook_url), master=master,
+                                              signer=signer)
             self._tasks.append(asyncio.create_task(self.record_writer.run(), name="record-writer"))
             db = Database.from_config(cfg)
             self._record_dbs += [wdb, db]
@@ -400,7 +405,8 @@ class Supervisor:
                     return mint(pem, sub="console", audience=cfg.auth.audience, issuer=cfg.auth.issuer,
                                 scope=" ".join(SCOPES), ttl_seconds=min(600, cfg.auth.max_ttl_seconds))
             app = create_admin_app(verifier, _AdminControl(self), db, prices=prices, dev_token=dev,
-                                   keyring=keyring)
+                                   keyring=keyring,
+                                   audit=self.sessions.records.audit if cfg.records.dsn else None)
             config = uvicorn.Config(app, host=admin_host, port=cfg.api.admin_port, log_config=None,
                                     access_log=False, lifespan="off", server_header=False,
                                     proxy_headers=False)

@@ -16,6 +16,8 @@ POST /v1/admin/calls/{id}/hangup  calls:write         end a live call on this bo
 DELETE /v1/admin/calls/{id}       records:delete      delete a call's record
 POST /v1/admin/drain | undrain    calls:write         stop / resume admitting calls on this box
 GET  /v1/admin/webhooks/dead-letters  audit:read      webhook events given up on
+GET  /v1/admin/audit              audit:read          the audit trail, oldest first (``after`` = the
+                                                      previous page's ``next``, ``subject``, ``limit``)
 ================================  ==================  ==============================================
 
 A caller's token (``voice:session`` only) gets 403 everywhere. Errors are JSON ``{error, detail}``:
@@ -43,6 +45,7 @@ from starlette.staticfiles import StaticFiles
 
 from appliance import __version__
 from appliance.auth import AuthError, JwtVerifier, Principal
+from appliance.compliance import trail
 from appliance.compliance.atrest import pg_store
 from appliance.compliance.envelope import Keyring
 from appliance.records import store
@@ -67,6 +70,9 @@ class AdminControl(Protocol):
     def set_draining(self, on: bool) -> None: ...
     @property
     def draining(self) -> bool: ...
+
+
+AuditHook = Callable[[str, str, str, dict[str, Any]], None]  # (actor, action, subject, details)
 
 
 class AdminError(Exception):
@@ -110,13 +116,16 @@ class _Admin:
     db: Database | None
     prices: PriceTable
     keyring: Keyring | None
+    audit: AuditHook | None
 
 
 def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database | None, *,
                      prices: PriceTable, dev_token: Callable[[], str] | None = None,
-                     keyring: Keyring | None = None) -> Starlette:
-    """``keyring`` (``atrest.db_keyring``) opens sealed transcript lines on read."""
-    a = _Admin(verifier, control, db, prices, keyring)
+                     keyring: Keyring | None = None, audit: AuditHook | None = None) -> Starlette:
+    """``keyring`` (``atrest.db_keyring``) opens sealed transcript lines on read; ``audit`` records every
+    authenticated request (actor ``admin:<sub>``, action ``admin.<operation>``, the call or subject id,
+    the status) — the supervisor spools it for the record writer (``compliance.trail``)."""
+    a = _Admin(verifier, control, db, prices, keyring, audit)
 
     def scoped(scope: str, fn: Callable[[Request, Principal], Awaitable[Response]]) -> Callable[..., Any]:
         async def handler(request: Request) -> Response:
@@ -125,15 +134,26 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
             except AuthError as exc:
                 return _error(401, exc.code, exc.detail, {"WWW-Authenticate": f'Bearer error="{exc.code}"'})
             if scope not in principal.scopes:
-                return _error(403, "insufficient_scope", f"scope {scope!r} required")
-            try:
-                return await fn(request, principal)
-            except AdminError as exc:
-                return _error(exc.status, exc.code, exc.detail)
-            except (psycopg.Error, OSError) as exc:
-                log.warning("admin API: records database unavailable", extra={"error": str(exc)[:200]})
-                return _error(503, "records_unavailable", "the records database is unreachable; retry later",
-                              {"Retry-After": "5"})
+                response: Response = _error(403, "insufficient_scope", f"scope {scope!r} required")
+            else:
+                try:
+                    response = await fn(request, principal)
+                except AdminError as exc:
+                    response = _error(exc.status, exc.code, exc.detail)
+                except (psycopg.Error, OSError) as exc:
+                    log.warning("admin API: records database unavailable",
+                                extra={"error": str(exc)[:200]})
+                    response = _error(503, "records_unavailable",
+                                      "the records database is unreachable; retry later",
+                                      {"Retry-After": "5"})
+            if a.audit is not None:
+                subject = str(request.path_params.get("call_id") or request.path_params.get("sub") or "")
+                try:
+                    a.audit(f"admin:{principal.sub}"[:200], f"admin.{fn.__name__}", subject[:200],
+                            {"method": request.method, "status": response.status_code, "scope": scope})
+                except OSError as exc:  # a full spool must not turn a read into an error
+                    log.warning("admin API: audit entry not spooled", extra={"error": str(exc)})
+            return response
         return handler
 
     def need_db() -> Database:
@@ -241,6 +261,17 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
             rows, nxt = await store.dead_letters(conn, limit=limit, cursor=cursor)
         return JSONResponse({"dead_letters": rows, "next": nxt}, headers={"Cache-Control": "no-store"})
 
+    async def audit_log(request: Request, _p: Principal) -> Response:
+        limit = _int_param(request, "limit", 100, 1, 1000)
+        after = _int_param(request, "after", 0, 0, 2**62)
+        subject = request.query_params.get("subject") or None
+        if subject is not None and len(subject) > 256:
+            raise AdminError(400, "invalid_parameter", "subject: at most 256 characters")
+        async with need_db().connection() as conn:
+            entries = await trail.page(conn, after=after, limit=limit, subject=subject)
+        nxt = str(entries[-1]["seq"]) if len(entries) == limit else None
+        return JSONResponse({"entries": entries, "next": nxt}, headers={"Cache-Control": "no-store"})
+
     openapi = build_admin_openapi()
 
     async def openapi_json(_request: Request) -> Response:
@@ -264,6 +295,7 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
         Route("/v1/admin/drain", scoped("calls:write", drain), methods=["POST"]),
         Route("/v1/admin/undrain", scoped("calls:write", undrain), methods=["POST"]),
         Route("/v1/admin/webhooks/dead-letters", scoped("audit:read", dead_letters), methods=["GET"]),
+        Route("/v1/admin/audit", scoped("audit:read", audit_log), methods=["GET"]),
         Route("/v1/admin/openapi.json", openapi_json, methods=["GET"]),
         Route("/admin", to_console, methods=["GET"]),
         Route("/admin/", console, methods=["GET"]),
@@ -320,6 +352,12 @@ def build_admin_openapi() -> dict[str, Any]:
                                                             parameters=[cid], responses={"404": err})},
             "/v1/admin/drain": {"post": op("drain", "calls:write", "Stop admitting new calls")},
             "/v1/admin/undrain": {"post": op("undrain", "calls:write", "Admit new calls again")},
+            "/v1/admin/audit": {"get": op(
+                "listAudit", "audit:read", "The audit trail (hash-chained entries), oldest first",
+                parameters=[q("after", {"type": "integer", "minimum": 0}, "the previous page's next"),
+                            q("subject", {"type": "string", "maxLength": 256}, "a call or subject id"),
+                            q("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "page size")],
+                responses={"400": err, "503": err})},
             "/v1/admin/webhooks/dead-letters": {"get": op(
                 "listDeadLetters", "audit:read", "Webhook events given up on",
                 parameters=[q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "page size"),

@@ -57,6 +57,11 @@ class SupervisorRecorder:
                   created_at=live.created_at, reason=reason, quality=from_counters(counters),
                   counters={k: v for k, v in counters.items() if v})
 
+    def audit(self, actor: str, action: str, subject: str = "",
+              details: dict[str, Any] | None = None) -> None:
+        """An audit entry (admin API access, …); the record writer chains it (compliance/trail.py)."""
+        self._put("audit", subject, actor=actor, action=action, subject=subject, details=details or {})
+
     def close(self) -> None:
         if self.spool is not None:
             self.spool.close()

@@ -18,7 +18,7 @@ import base64
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,7 @@ def _ts(value: Any) -> datetime | None:
 class WriteStats:
     items: int = 0
     dropped_reported: int = 0  # sum of spool.dropped counts seen in the batch
+    masked: list[tuple[str, float, int, int]] = field(default_factory=list)  # (call, at, pans, codes)
 
 
 async def apply_items(conn: psycopg.AsyncConnection[Any], items: Iterable[dict[str, Any]], *,
@@ -162,6 +163,7 @@ async def apply_items(conn: psycopg.AsyncConnection[Any], items: Iterable[dict[s
                 speaker = SPEAKERS.get(str(it.get("speaker")), "caller")
                 masked = pan.mask(str(it.get("text", "")))
                 if masked.pans or masked.codes:
+                    stats.masked.append((call, float(it.get("at") or 0), masked.pans, masked.codes))
                     events.append((f"{iid}.pan", call, at, it.get("offset_ms"), "pan_masked",
                                    Jsonb({"pans": masked.pans, "security_codes": masked.codes})))
                 text = masked.text

@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 from prometheus_client import Counter, Gauge, Histogram
 
+from appliance.compliance import trail
 from appliance.compliance.atrest import db_keyring, pg_store, spool_keyring
 from appliance.compliance.envelope import MasterKeys
 from appliance.config import Config, secret
@@ -94,8 +95,10 @@ class RecordWriter:
     """Ships every producer directory under ``root`` (see the module docstring)."""
 
     def __init__(self, db: Database, root: Path, *, batch_items: int = 500, webhooks: bool = False,
-                 idle_seconds: float = 0.25, master: MasterKeys | None = None) -> None:
+                 idle_seconds: float = 0.25, master: MasterKeys | None = None,
+                 signer: trail.Signer | None = None) -> None:
         self.db = db
+        self.signer = signer  # audit checkpoints (appliance/compliance/trail.py)
         # encryption at rest (appliance/compliance/atrest.py): opens the spool's sealed fields, seals
         # them again under the database's data keys
         self.master = master
@@ -148,6 +151,12 @@ class RecordWriter:
                                                         keyring=self.keyring)
                         if self.keyring is not None:
                             await pg_store(self.keyring).flush(conn)
+                        # the audit trail: one ordered append per batch, in the same transaction
+                        audit = [trail.from_item(it) for it in batch.items]
+                        audit += [trail.Record(at, "system", "transcript.masked", call,
+                                               {"pans": p, "security_codes": c})
+                                  for call, at, p, c in stats.masked]
+                        await trail.append(conn, audit, signer=self.signer)
                     if stats.dropped_reported:
                         SPOOL_DROPPED.inc(stats.dropped_reported)
                     BATCH_SECONDS.observe(time.perf_counter() - t0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import psycopg
@@ -28,7 +29,8 @@ async def test_migrate_from_empty(aconn: psycopg.AsyncConnection) -> None:
 async def test_migrate_from_previous_version_keeps_data(aconn: psycopg.AsyncConnection) -> None:
     previous = store.migrations()[-2][0]
     assert await store.migrate(aconn, target=previous) == list(range(1, previous + 1))
-    assert "data_keys" not in await _tables(aconn)
+    newest = re.search(r"CREATE TABLE (\w+)", store.migrations()[-1][2]).group(1)  # type: ignore[union-attr]
+    assert newest not in await _tables(aconn)
     async with aconn.transaction():
         await store.apply_items(aconn, [_created("box.a")], webhooks=False)
     assert await store.migrate(aconn) == [store.LATEST]
