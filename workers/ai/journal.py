@@ -29,11 +29,13 @@ import re
 import struct
 from pathlib import Path
 
+from shm.audio import UP_BYTES_PER_SECOND
+
 log = logging.getLogger(__name__)
 
 START, AUDIO, END, TEXT = b"S", b"A", b"E", b"T"
 _HDR = struct.Struct("<cI")
-MAX_BYTES = 16000 * 2 * 300  # 5 minutes of 16 kHz audio
+MAX_BYTES = UP_BYTES_PER_SECOND * 300  # 5 minutes of caller audio
 DEFAULT_DIR = Path("/dev/shm")
 
 

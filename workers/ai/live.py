@@ -76,12 +76,13 @@ from prometheus_client import Counter, Histogram
 from websockets.exceptions import ConnectionClosed
 
 from appliance.config import Config, ModelConfig, secret
+from shm.audio import UP_RATE
 
 log = logging.getLogger("workers.ai.live")
 
 GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
-IN_RATE = 16000
-AUDIO_MIME = "audio/pcm;rate=16000"
+IN_RATE = UP_RATE
+AUDIO_MIME = f"audio/pcm;rate={UP_RATE}"
 WATCHDOG_SECONDS = 1.0  # how often each session checks its connection for a stalled server
 STABLE_SECONDS = 30.0  # a connection that lived this long resets the failure count
 MAX_LOG_SECONDS = 30.0  # unconfirmed caller audio kept for replay (~1 MB); older audio is dropped, counted

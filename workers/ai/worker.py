@@ -58,6 +58,14 @@ import numpy as np
 
 from appliance.config import Config
 from bench import probe
+from shm.audio import (
+    DOWN_BYTES_PER_MS,
+    DOWN_BYTES_PER_SECOND,
+    DOWN_FRAME,
+    TICK_SECONDS,
+    UP_BYTES_PER_MS,
+    UP_FRAME,
+)
 from shm.segment import EventCode, ShardSegment, ShmError, Slot
 from workers.ai.dtmf import DtmfBuffer, digit_for, dtmf_text
 from workers.ai.greeting import PromptCache
@@ -69,16 +77,13 @@ from workers.levels import mean_square_of_dbfs
 
 log = logging.getLogger(__name__)
 
-TICK_SECONDS = 0.020
 # The AI tick runs this long after the media worker's tick ends (its heartbeat): the uplink frames of that
 # tick are all in the rings, so the VAD sees a caller frame within ~2 ms instead of 0-20 ms later (a
 # free-running tick has a random phase per worker start, which shifted turn-end and barge-in by up to a
 # tick between runs). The media beat is the end of its tick, so any per-tick work already happened.
 MEDIA_PHASE_SECONDS = 0.002
 MEDIA_BEAT_FRESH_SECONDS = 0.1  # older beat: the media worker is down or stalled; tick free-running
-UP_FRAME = 640  # 20 ms PCM16 at 16 kHz
-DOWN_FRAME = 960  # 20 ms PCM16 at 24 kHz
-MAX_BACKLOG_BYTES = 60 * 48000  # 60 s of model audio queued locally per call
+MAX_BACKLOG_BYTES = 60 * DOWN_BYTES_PER_SECOND  # 60 s of model audio queued locally per call
 HOLD_REPEAT_SECONDS = 20.0
 LiveFactory = Callable[..., Any]
 
@@ -570,7 +575,7 @@ class AiWorker:
 
     def _send_audio(self, call: Call, pcm: bytes) -> None:
         if pcm and self._to_model(call, "audio", pcm):
-            call.slot.counters.add("audio_sent_ms", len(pcm) // 32)
+            call.slot.counters.add("audio_sent_ms", len(pcm) // UP_BYTES_PER_MS)
 
     def _send_end(self, call: Call) -> None:
         self._to_model(call, "end")
@@ -782,7 +787,7 @@ class AiWorker:
 
     def _ev_audio(self, call: Call, ev: Any) -> None:
         pcm = ev.pcm24k
-        call.slot.counters.add("audio_received_ms", len(pcm) * 1000 // 48000)
+        call.slot.counters.add("audio_received_ms", len(pcm) // DOWN_BYTES_PER_MS)
         if call.suppress:
             return
         if not call.model_turn:
