@@ -213,6 +213,8 @@ async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, e
         # generous limits: a replacement worker's start (imports, VAD model, Live connect) takes ~1 s idle
         # and ~10 s on a loaded 2-core box; the content check below is what matters
         await until(lambda: emu.session(conv)["resumes"] >= 1, 40, "resume")
+        # every handle reaches the slot now (the journal follows it), so wait for the content itself
+        await until(lambda: len(emu.audio(conv)) - before >= speech.size * 2, 40, "turn 2 held by the model")
         await until(lambda: slot.resume_handle != first_handle, 40, "a new handle after turn 2")
         rec = np.frombuffer(emu.audio(conv)[before:], np.int16)
         corr, _ = best_correlation(speech, rec, 16000)

@@ -8,22 +8,16 @@ import numpy as np
 import pytest
 
 from appliance.config import load_config, replace
+from shm.audio import DOWN_FRAME
 from shm.segment import EventCode
 from tests.ai.audio import frames, silence, white_noise
-from tests.ai.doubles import (
-    AudioOut,
-    FakeLive,
-    Interrupted,
-    Options,
-    ResumeHandle,
-    StateChanged,
-    TurnComplete,
-)
+from tests.ai.doubles import FakeLive
 from tests.harness.audio import best_correlation, tone
 from tests.harness.shm import activate_slot, shard_segment
 from workers.ai.dtmf import dtmf_text
 from workers.ai.greeting import PromptCache
-from workers.ai.worker import DOWN_FRAME, AiWorker
+from workers.ai.live.events import AudioOut, Interrupted, ResumeHandle, StateChanged, TurnComplete
+from workers.ai.worker import AiWorker
 
 
 @pytest.fixture
@@ -47,7 +41,7 @@ def _reset_fake():
 
 
 def make_worker(cfg, seg, tmp_path) -> AiWorker:
-    return AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path))
+    return AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path))
 
 
 async def ticks(worker: AiWorker, n: int = 1) -> None:
@@ -206,7 +200,7 @@ async def test_one_failing_call_does_not_affect_others(cfg, seg, tmp_path, speec
 async def test_crash_mid_utterance_replays_journal(cfg, seg, tmp_path, speech) -> None:
     slot = seg.slot(0)
     activate_slot(slot, options={"greeting": ""})
-    w1 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+    w1 = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path),
                   journal_dir=tmp_path)
     await ticks(w1, 2)
     live1 = FakeLive.instances[0]
@@ -221,7 +215,7 @@ async def test_crash_mid_utterance_replays_journal(cfg, seg, tmp_path, speech) -
     # SIGKILL: w1 stops without any cleanup; the media worker keeps writing meanwhile
     for f in fr[half: half + 10]:
         slot.uplink.write(f)
-    w2 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+    w2 = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path),
                   journal_dir=tmp_path)
     await ticks(w2)
     live2 = FakeLive.instances[1]
@@ -237,11 +231,11 @@ async def test_crash_mid_utterance_replays_journal(cfg, seg, tmp_path, speech) -
     assert slot.counters.get("frames_replayed") > 0
     # a handle that arrives before the model answered covers nothing new
     live2.emit(ResumeHandle("h2"))
-    assert len(w2.calls[0].journal.records()) > 2
+    assert len(w2.calls[0].outbox.records()) > 2
     # once the turn is answered, the next handle confirms it: the journal empties
     live2.emit(TurnComplete())
     live2.emit(ResumeHandle("h3"))
-    assert w2.calls[0].journal.records() == []
+    assert w2.calls[0].outbox.records() == []
     slot.begin_close()
     await ticks(w2)
     assert not list(tmp_path.glob("*.journal"))
@@ -347,14 +341,14 @@ async def test_restarted_worker_settles_a_stale_hold(cfg, seg, tmp_path) -> None
     # w1 dies (SIGKILL: nothing released); a replacement attaches the same call
     w2 = make_worker(cfg, seg, tmp_path)
     await ticks(w2)
-    assert w2.calls[3].protect_until == protect > 0  # the greeting stays protected after a restart
+    assert w2.calls[3].playback.protect_until == protect > 0  # the greeting stays protected after a restart
     assert slot.hold_words() == (seq, 0)
     i = await paced(w2, slot, silence(0.6), until=lambda: slot.hold_words()[1] == seq)
     assert 0 < i and slot.counters.get("pauses_released") == 1
 
 
 async def test_session_that_ends_itself_is_reopened_with_the_open_turn(cfg, seg, tmp_path, speech) -> None:
-    w = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+    w = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path),
                  journal_dir=tmp_path)
     slot = seg.slot(0)
     activate_slot(slot)
@@ -401,7 +395,7 @@ async def test_dtmf_events_are_consumed_and_interrupted_flushes(cfg, seg, tmp_pa
     for digit in (1, 2, 11):
         assert slot.push_event(EventCode.DTMF, digit)
     await ticks(w, 5)
-    assert w.calls[0].dtmf == "12#" and slot.pop_events() == []
+    assert w.calls[0].caller.dtmf == "12#" and slot.pop_events() == []
     live = FakeLive.instances[0]
     # "#" ends the entry: one turn of its own carrying the digits as text
     assert live.log == ["start", f"text:{dtmf_text('12#')}", "end"]
@@ -413,7 +407,7 @@ async def test_dtmf_events_are_consumed_and_interrupted_flushes(cfg, seg, tmp_pa
 
 
 async def test_calls_attached_during_warm_up_are_journaled_then_replayed(cfg, seg, tmp_path, speech) -> None:
-    w = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+    w = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path),
                  journal_dir=tmp_path)
     w._live_ready = False  # as while the SDK import still runs in its thread
     slot = seg.slot(0)
@@ -425,7 +419,7 @@ async def test_calls_attached_during_warm_up_are_journaled_then_replayed(cfg, se
         slot.uplink.write(f)
         await ticks(w)
     assert FakeLive.instances == [] and slot.model_state == "connecting"
-    assert w.calls[0].sending  # the caller's turn is open and journaled
+    assert w.calls[0].caller.sending  # the caller's turn is open and journaled
     w._live_ready = True
     for f in fr[half:]:
         slot.uplink.write(f)
@@ -439,7 +433,8 @@ async def test_calls_attached_during_warm_up_are_journaled_then_replayed(cfg, se
 def test_tick_locks_onto_the_media_workers_grid(cfg, seg, tmp_path) -> None:
     """The AI tick is scheduled 2 ms after the media worker's beat (the end of its tick) on a 20 ms grid,
     moving at most half a tick; a stale or missing beat leaves the free-running schedule alone."""
-    from workers.ai.worker import MEDIA_PHASE_SECONDS, TICK_SECONDS
+    from shm.audio import TICK_SECONDS
+    from workers.ai.worker import MEDIA_PHASE_SECONDS
 
     w = make_worker(cfg, seg, tmp_path)
     assert w._phase_locked(123.456, 123.44) == 123.456  # the media worker never beat
@@ -462,7 +457,7 @@ async def test_dtmf_while_the_caller_talks_joins_the_open_turn(cfg, seg, tmp_pat
     live = FakeLive.instances[0]
     half = len(speech) // 2
     await feed(w, slot, np.concatenate([silence(0.3), speech[:half]]))
-    assert w.calls[0].sending and live.log == ["start", "audio"]
+    assert w.calls[0].caller.sending and live.log == ["start", "audio"]
     assert slot.push_event(EventCode.DTMF, 5) and slot.push_event(EventCode.DTMF_END, 120)
     await ticks(w, 5)
     assert live.log == ["start", "audio"]  # no "#": the entry waits for dtmf_flush_ms
@@ -475,7 +470,7 @@ async def test_dtmf_while_the_caller_talks_joins_the_open_turn(cfg, seg, tmp_pat
 
 
 async def test_keypad_entry_is_journaled_and_replayed_by_a_replacement_worker(cfg, seg, tmp_path) -> None:
-    w1 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+    w1 = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path),
                   journal_dir=tmp_path)
     slot = seg.slot(0)
     activate_slot(slot)
@@ -486,7 +481,7 @@ async def test_keypad_entry_is_journaled_and_replayed_by_a_replacement_worker(cf
     entry = f"text:{dtmf_text('42#')}"
     assert FakeLive.instances[0].log == ["start", entry, "end"]
     # w1 is SIGKILLed before the model answered (no handle): its replacement replays the entry
-    w2 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+    w2 = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path),
                   journal_dir=tmp_path)
     await ticks(w2, 2)
     assert FakeLive.instances[1].log == ["start", entry, "end"]

@@ -57,6 +57,12 @@ class Emulator:
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.ca_file)
 
+    def client_settings(self) -> Any:
+        """``workers.ai.live.settings.ClientSettings`` for this emulator."""
+        from workers.ai.live.settings import ClientSettings
+
+        return ClientSettings(self.base_url, self.api_key, self.ssl_context())
+
     def genai_client(self, api_key: str | None = None, api_version: str = "v1beta") -> Any:
         """A google-genai ``Client`` aimed at this emulator (TLS trusting its CA, no compression)."""
         from google import genai
