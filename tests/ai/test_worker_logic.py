@@ -12,6 +12,7 @@ from shm.audio import DOWN_FRAME
 from shm.segment import EventCode
 from tests.ai.audio import frames, silence, white_noise
 from tests.ai.doubles import FakeLive
+from tests.ai.live_worker import NO_DISCLOSURE
 from tests.harness.audio import best_correlation, tone
 from tests.harness.shm import activate_slot, shard_segment
 from workers.ai.dtmf import dtmf_text
@@ -23,7 +24,8 @@ from workers.ai.worker import AiWorker
 @pytest.fixture
 def cfg(tmp_path):
     model = {"greeting": "", "hold_prompt": "Please hold.", "degraded_retry_seconds": 0.5}
-    return replace(load_config(None, env={}), model=model, paths={"state_dir": str(tmp_path)})
+    return replace(load_config(None, env={}), model=model, paths={"state_dir": str(tmp_path)},
+                   compliance=NO_DISCLOSURE)
 
 
 @pytest.fixture
