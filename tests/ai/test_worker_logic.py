@@ -436,18 +436,17 @@ def test_tick_locks_onto_the_media_workers_grid(cfg, seg, tmp_path) -> None:
     """The AI tick is scheduled 2 ms after the media worker's beat (the end of its tick) on a 20 ms grid,
     moving at most half a tick; a stale or missing beat leaves the free-running schedule alone."""
     from shm.audio import TICK_SECONDS
-    from workers.ai.worker import MEDIA_PHASE_SECONDS
+    from workers.ai.clock import MEDIA_PHASE_SECONDS, phase_locked
 
-    w = make_worker(cfg, seg, tmp_path)
-    assert w._phase_locked(123.456, 123.44) == 123.456  # the media worker never beat
+    assert phase_locked(seg, 123.456, 123.44) == 123.456  # the media worker never beat
     seg.heartbeat("media")
     beat = seg.heartbeat_ns("media") / 1e9
     for off in (0.0, 0.004, 0.011, 0.0199, 0.031):
-        got = w._phase_locked(beat + off, beat)
+        got = phase_locked(seg, beat + off, beat)
         phase = (got - beat - MEDIA_PHASE_SECONDS) / TICK_SECONDS
         assert abs(phase - round(phase)) < 1e-6, (off, got - beat)
         assert abs(got - (beat + off)) <= TICK_SECONDS / 2 + 1e-9
-    assert w._phase_locked(beat + 0.5, beat + 0.2) == beat + 0.5  # beat 200 ms old: free-running
+    assert phase_locked(seg, beat + 0.5, beat + 0.2) == beat + 0.5  # beat 200 ms old: free-running
 
 
 async def test_dtmf_while_the_caller_talks_joins_the_open_turn(cfg, seg, tmp_path, speech) -> None:

@@ -54,23 +54,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from appliance.config import Config, ModelConfig
+from appliance.config import Config
 from bench import probe
 from shm.audio import DOWN_BYTES_PER_MS, TICK_SECONDS, UP_BYTES_PER_MS, UP_FRAME
-from shm.segment import EventCode, ShardSegment, ShmError, Slot
+from shm.segment import ShardSegment, ShmError, Slot
+from workers.ai.call import Call, Live, LiveFactory
 from workers.ai.caller import CallerTurn, quiet_tail, silent
-from workers.ai.dtmf import digit_for, dtmf_text
+from workers.ai.clock import phase_locked
 from workers.ai.greeting import PromptCache
 from workers.ai.live.events import (
     AudioOut,
-    FunctionCall,
     Interrupted,
     LiveEvent,
     ResumeHandle,
@@ -91,35 +90,6 @@ from workers.levels import mean_square_of_dbfs
 
 log = logging.getLogger(__name__)
 
-# The AI tick runs this long after the media worker's tick ends (its heartbeat): the uplink frames of that
-# tick are all in the rings, so the VAD sees a caller frame within ~2 ms instead of 0-20 ms later (a
-# free-running tick has a random phase per worker start, which shifted turn-end and barge-in by up to a
-# tick between runs). The media beat is the end of its tick, so any per-tick work already happened.
-MEDIA_PHASE_SECONDS = 0.002
-MEDIA_BEAT_FRESH_SECONDS = 0.1  # older beat: the media worker is down or stalled; tick free-running
-HOLD_REPEAT_SECONDS = 20.0
-
-
-class Live(Protocol):
-    """What the worker uses of a Live session (workers/ai/live/session.py; tests/ai/doubles.py)."""
-
-    state: str
-    resume_handle: str | None
-    server_session_id: str | None
-
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
-    def send_audio(self, pcm16_16k: bytes) -> None: ...
-    def activity_start(self) -> None: ...
-    def activity_end(self) -> None: ...
-    def send_text(self, text: str) -> None: ...
-    def send_tool_response(self, responses: Sequence[Mapping[str, object]]) -> bool: ...
-
-
-class LiveFactory(Protocol):
-    def __call__(self, model_cfg: ModelConfig, session_id: str, options: LiveOptions,
-                 on_event: Callable[[LiveEvent], None], *, settings: ClientSettings,
-                 outbox: Outbox) -> Live: ...
 
 
 @dataclass
@@ -135,40 +105,6 @@ class WorkerStats(PlaybackStats):
     activity_starts: int = 0
     activity_ends: int = 0
     tick_seconds: float = 0.0  # wall time spent inside ticks
-
-
-@dataclass
-class Call:
-    """The worker's local state for one (slot, generation): caller side, playback, outbox, model link."""
-
-    slot: Slot
-    generation: int
-    session_id: str
-    options: dict[str, object]
-    caller: CallerTurn
-    outbox: Outbox
-    last_event: MutableMapping[str, float]  # monotonic times, for tests and benchmarks
-    playback: Playback = field(init=False)
-    live: Live | None = None
-    start_task: asyncio.Task[None] | None = None
-    start_failed: bool = False
-    awaiting_live: bool = False  # attached before the SDK was ready: record now, open the session later
-    handle: str = ""  # resume handle found at attach
-    hold_played: bool = False
-    hold_at: float = 0.0  # when "please hold" last started
-    retry_at: float = 0.0
-    closed: bool = False
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.slot.index, self.generation)
-
-    def current(self) -> bool:
-        return not self.closed and self.slot.is_current(self.generation)
-
-    def opt(self, name: str, default: str) -> str:
-        value = self.options.get(name)
-        return str(value) if value else default
 
 
 def _import_sdk() -> None:
@@ -273,7 +209,7 @@ class AiWorker:
                 if failures & (failures - 1) == 0:
                     log.exception("AI worker tick failed", extra={"failures": failures})
             self.stats.tick_seconds += time.perf_counter() - t0
-            next_t = self._phase_locked(next_t + TICK_SECONDS, loop.time())
+            next_t = phase_locked(self.seg, next_t + TICK_SECONDS, loop.time())
             delay = next_t - loop.time()
             if delay < -5 * TICK_SECONDS:  # fell far behind (suspend, overload): resynchronise
                 if now - warned > 10.0:
@@ -284,22 +220,6 @@ class AiWorker:
                 delay = 0.0
             await asyncio.sleep(max(delay, 0.0))  # cheaper than wait_for(stop.wait()); stop lags ≤ 20 ms
         await self.shutdown()
-
-    def _phase_locked(self, nominal: float, now: float) -> float:
-        """The tick time on the media worker's grid (+ ``MEDIA_PHASE_SECONDS``) nearest ``nominal``.
-
-        Moves the schedule by at most half a tick per tick, so a media worker restart (new phase) or a
-        late media beat only nudges it; without a fresh beat the nominal time stands.
-        """
-        try:
-            beat_ns = self.seg.heartbeat_ns("media")
-        except ShmError:
-            return nominal
-        beat = beat_ns / 1e9
-        if not beat_ns or now - beat > MEDIA_BEAT_FRESH_SECONDS:
-            return nominal
-        base = beat + MEDIA_PHASE_SECONDS
-        return base + round((nominal - base) / TICK_SECONDS) * TICK_SECONDS
 
     async def shutdown(self) -> None:
         """Close every Live session (the worker is stopping; the calls live on in the slot table)."""
@@ -328,7 +248,7 @@ class AiWorker:
                 self._uplink(call, batches)
                 self._maybe_retry(call, now)
                 if events:
-                    self._events(call)
+                    call.keypad_events()
             except Exception as exc:
                 self._call_failed(call, exc)
         for batch in batches:
@@ -410,7 +330,7 @@ class AiWorker:
         if not self._live_ready:
             call.awaiting_live = True
             call.handle = handle
-            self._set_model_state(call, "connecting")
+            call.set_model_state("connecting")
             return
         self._start_live(call, handle or None)
 
@@ -418,8 +338,8 @@ class AiWorker:
         chunk = UP_BYTES_PER_MS * self.cfg.model.chunk_ms
         if self._journal_dir is not None:
             try:
-                path = journal_path(self._journal_dir, self.seg.name, slot.index, generation)
-                return Outbox.open(path, chunk)
+                return Outbox.open(journal_path(self._journal_dir, self.seg.name, slot.index, generation),
+                                   chunk)
             except OSError as exc:
                 log.warning("no turn journal for this call", extra={"session": session_id, "error": str(exc)})
         return Outbox(chunk)
@@ -449,7 +369,7 @@ class AiWorker:
         opts = LiveOptions(voice=call.opt("voice", m.voice), language=call.opt("language", m.language),
                            system_instruction=call.opt("system_instruction", m.system_instruction),
                            resume_handle=handle, tools=self._tool_decls)
-        self._set_model_state(call, "connecting")
+        call.set_model_state("connecting")
         call.start_failed = False
         try:
             call.live = self._live_factory(m, call.session_id, opts,
@@ -531,86 +451,13 @@ class AiWorker:
         self.stats.frames_in += len(data) // UP_FRAME
         windows = call.caller.push(data)
         if call.caller.sending:
-            self._send_audio(call, data)
+            call.send_audio(data)
         for k, (chunk, end) in enumerate(windows):
             if k == len(batches):
                 batches.append([])
             batches[k].append((call, chunk, end))
         if windows:
             call.slot.counters.add("vad_frames", len(windows))
-
-    def _model(self, call: Call) -> Live | Outbox | None:
-        """Where the caller's side goes: the Live session; before it exists (SDK warming up) only the
-        outbox; nowhere while the model is degraded (the caller was asked to hold)."""
-        if call.awaiting_live:
-            return call.outbox
-        if self._live_ok(call):
-            return call.live
-        return None
-
-    def _send_audio(self, call: Call, pcm: bytes) -> None:
-        match self._model(call):
-            case Outbox() as box:
-                box.audio(pcm)
-            case None:
-                return
-            case live:
-                live.send_audio(pcm)
-                call.slot.counters.add("audio_sent_ms", len(pcm) // UP_BYTES_PER_MS)
-
-    def _send_mark(self, call: Call, start: bool, text: str = "") -> None:
-        """``activityStart`` (``start``), ``activityEnd``, or realtime ``text`` when given."""
-        match self._model(call):
-            case Outbox() as box:
-                box.text(text) if text else box.start() if start else box.end()
-            case None:
-                pass
-            case live:
-                live.send_text(text) if text else live.activity_start() if start else live.activity_end()
-
-    def _events(self, call: Call) -> None:
-        """Consume the media worker's events for this call (the queue is ours to drain); keypad digits
-        go to the model in entries (``#``, 32 digits or ``model.dtmf_flush_ms`` of quiet: dtmf.py)."""
-        now = time.monotonic()
-        c = call.caller
-        for code, value in call.slot.pop_events():
-            if code == EventCode.DTMF:
-                digit = digit_for(value)
-                if digit is None:
-                    continue
-                c.dtmf = (c.dtmf + digit)[-32:]
-                log.info("DTMF", extra={"session": call.session_id, "digit": digit})
-                entry = c.keypad.push(digit, now)
-                if entry:
-                    self._send_dtmf(call, entry)
-            elif code == EventCode.RTP_TIMEOUT:
-                log.info("caller RTP silent", extra={"session": call.session_id, "ms": value})
-        entry = c.keypad.due(now)
-        if entry:
-            self._send_dtmf(call, entry)
-
-    def _send_dtmf(self, call: Call, digits: str) -> None:
-        """One keypad entry to the model: inside the caller's open turn, else as a turn of its own
-        (which, like speech, interrupts model audio)."""
-        if self._model(call) is None:
-            log.warning("keypad entry dropped: model unavailable", extra={"session": call.session_id})
-            return
-        text = dtmf_text(digits)
-        if call.caller.sending:
-            self._send_mark(call, False, text)
-        else:
-            if call.playback.playing():
-                call.playback.barge_in()
-            self._send_mark(call, True)
-            self._send_mark(call, False, text)
-            self._send_mark(call, False)
-        call.slot.counters.add("dtmf_sent", len(digits))
-        call.last_event["dtmf_sent"] = time.monotonic()
-        log.info("keypad entry sent to the model", extra={"session": call.session_id, "digits": len(digits)})
-
-    def _live_ok(self, call: Call) -> bool:
-        live = call.live
-        return live is not None and not call.start_failed and live.state not in ("degraded", "closed")
 
     def _on_turn(self, call: Call, ev: TurnEvent) -> None:
         if ev.decision is Decision.ACTIVITY_START:
@@ -619,14 +466,14 @@ class AiWorker:
             call.caller.sending = True
             self.stats.activity_starts += 1
             call.slot.counters.add("turns")
-            self._send_mark(call, True)
+            call.send_mark(True)
             call.last_event["activity_start"] = time.monotonic()
             onset = ev.onset - self.params.samples(self.params.preroll_ms)
-            self._send_audio(call, call.caller.preroll.since(onset))
+            call.send_audio(call.caller.preroll.since(onset))
         else:
             call.caller.sending = False
             self.stats.activity_ends += 1
-            self._send_mark(call, False)
+            call.send_mark(False)
             call.last_event["activity_end"] = time.monotonic()
             call.slot.counters.add("speech_ms", (ev.sample - ev.onset) * 1000 // SAMPLE_RATE)
 
@@ -658,7 +505,7 @@ class AiWorker:
                 case StateChanged(state=state, reason=reason):
                     self._model_state(call, state, reason)
                 case ToolCall(calls=calls):
-                    self._tool_calls(call, calls)
+                    call.tool_calls(self.tools, calls)
                 case ToolCallCancellation(ids=ids):
                     n = self.tools.cancel(call.key, list(ids))
                     log.info("tool calls cancelled by the model", extra={"session": call.session_id,
@@ -667,7 +514,7 @@ class AiWorker:
             self._call_failed(call, exc)
 
     def _model_state(self, call: Call, state: str, reason: str) -> None:
-        self._set_model_state(call, state)
+        call.set_model_state(state)
         if state == "degraded":
             self._degraded(call, reason)
         elif state == "live":
@@ -685,45 +532,12 @@ class AiWorker:
             log.warning("Live session ended; re-opening",
                         extra={"session": call.session_id, "reason": reason})
 
-    def _tool_calls(self, call: Call, calls: tuple[FunctionCall, ...]) -> None:
-        """The model called functions: answer each (workers/ai/tools.py), never blocking the loop."""
-        call.slot.counters.add("tool_calls", len(calls))
-        asked = call.live
-
-        def respond(fr: dict[str, object]) -> bool:
-            if call.closed or asked is None or call.live is not asked:
-                return False  # the call ended or its Live session was replaced: nobody waits for this
-            return asked.send_tool_response([fr])
-
-        def done(ok: bool) -> None:
-            if not ok and call.current():
-                call.slot.counters.add("tool_errors")
-
-        asks: list[dict[str, object]] = [{"id": c.id, "name": c.name, "args": c.args} for c in calls]
-        self.tools.submit(call.key, call.session_id, asks, respond, done)
-
-    def _set_model_state(self, call: Call, state: str) -> None:
-        if call.current():
-            call.slot.model_state = str(state)[:32]
-
     # ---- degradation -----------------------------------------------------------------------------
     def _degraded(self, call: Call, reason: str) -> None:
-        """The model is unreachable: keep the call, ask the caller to hold (again every
-        ``HOLD_REPEAT_SECONDS`` while it lasts), retry later."""
-        self._set_model_state(call, "degraded")
-        now = time.monotonic()
-        if call.retry_at == 0.0 or now >= call.retry_at:
-            call.slot.counters.add("degraded")
-        call.retry_at = now + self.cfg.model.degraded_retry_seconds
-        call.caller.sending = False
-        if self._hold and (not call.hold_played or now - call.hold_at >= HOLD_REPEAT_SECONDS):
-            call.hold_played = True
-            call.hold_at = now
-            call.playback.queue(self._hold)
-        log.warning("model degraded; call kept", extra={"session": call.session_id, "reason": reason})
+        call.degraded(reason, self._hold, self.cfg.model.degraded_retry_seconds)
 
     def _maybe_retry(self, call: Call, now: float) -> None:
-        if call.retry_at and now >= call.retry_at and not self._live_ok(call):
+        if call.retry_at and now >= call.retry_at and not call.live_ok():
             call.retry_at = now + self.cfg.model.degraded_retry_seconds
             handle = call.slot.resume_handle or (call.live.resume_handle if call.live else None)
             log.info("re-opening the Live session", extra={"session": call.session_id})

@@ -78,3 +78,32 @@ LiveEvent = (
     AudioOut | Interrupted | TurnComplete | Transcript | Usage | StateChanged | ResumeHandle | ToolCall
     | ToolCallCancellation
 )
+
+
+class Transcripts:
+    """Assembles transcription fragments into the events above: partials as they come, one final per
+    role when the server says ``finished`` or the turn completes."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: dict[Role, list[str]] = {"user": [], "model": []}
+
+    def part(self, role: Role, text: str, finished: bool) -> list[Transcript]:
+        parts = self._parts[role]
+        if text:
+            parts.append(text)
+        if finished:
+            return self._final(role)
+        return [Transcript(role, text, False)] if text else []
+
+    def flush(self) -> list[Transcript]:
+        return self._final("user") + self._final("model")
+
+    def _final(self, role: Role) -> list[Transcript]:
+        parts = self._parts[role]
+        if not parts:
+            return []
+        out = [Transcript(role, "".join(parts), True)]
+        parts.clear()
+        return out

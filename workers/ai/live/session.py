@@ -2,35 +2,13 @@
 
 Why a layer over the SDK: google-genai does no reconnection (any close raises from ``receive()``), drops
 audio sent after the last resumption handle, and costs ~44 µs to send and ~62 µs to parse each message
-(FACTS). The SDK keeps what it is good at — URL, headers, auth and the ``setup`` message; this layer
-owns the rest (the protocol is explained in docs/architecture.md, "Live sessions"):
-
-- **What was sent** is the call's :class:`~workers.ai.live.outbox.Outbox`: ``send_audio`` etc. append
-  to it (never blocking); one sender task writes its items in order through the :mod:`wire`; a
-  reconnect replays what the newest handle does not cover.
-- **Reconnect policy.** ``goAway`` → proactive replacement: close the old socket first, resume with the
-  latest handle, replay. Unexpected close → bounded retries with exponential backoff and jitter
-  (tenacity), same replay. A resume whose handle the server no longer knows (close 1007) → a fresh
-  session (conversation context is lost; uncovered input is still replayed). Wrong API key (1008) is
-  not retried. Exhausted → state ``degraded`` (the worker tells the caller and re-opens later). Nothing
-  here raises into the worker's loop except ``start()``.
-- **Watchdog.** A socket write blocked ``stall_timeout`` (server not reading) or no server message
-  ``response_timeout`` after an ``activityEnd`` (server not answering) is treated like a dropped
-  connection. While a ``toolCall`` of the current connection is unanswered the model's silence is ours,
-  so the watchdog waits; an answer restarts its clock. ``send_tool_response`` only answers open calls of
-  the current connection.
-
-Interface (what the AI worker calls)::
-
-    live = LiveSession(cfg.model, session_id, LiveOptions(…), on_event, settings=ClientSettings(…),
-                       outbox=Outbox(…))
-    await live.start()                        # live, or raises LiveUnavailable (state degraded)
-    live.send_audio(pcm16_16k); live.activity_start(); live.activity_end(); live.send_text("…")
-    live.send_tool_response([{"id": …, "name": …, "response": {…}}])
-    await live.close()                        # emits nothing
-    live.state, live.resume_handle, live.server_session_id, live.stats
-
-Events: :mod:`workers.ai.live.events`.
+(FACTS). The SDK keeps what it is good at — URL, headers, auth and the ``setup`` message; this layer owns
+the rest: the call's :class:`~workers.ai.live.outbox.Outbox` is what it sends (one sender task, in
+order, through :mod:`~workers.ai.live.wire`), and the reconnect policy (goAway → replace, unexpected
+close → bounded retries with backoff, unknown handle → fresh session, 1008 → no retry, exhausted →
+``degraded``) and the watchdog (server not reading / not answering; a pending tool call is our silence,
+not the server's) are in docs/architecture.md, "Live sessions". Nothing here raises into the worker's
+loop except ``start()``; events: :mod:`workers.ai.live.events`.
 """
 
 from __future__ import annotations
@@ -42,36 +20,39 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import tenacity
-from prometheus_client import Counter, Histogram
-from websockets.asyncio.client import ClientConnection
+from prometheus_client import Counter
 from websockets.exceptions import ConnectionClosed
 
 from appliance.config import ModelConfig
 from shm.audio import UP_BYTES_PER_MS, UP_BYTES_PER_SECOND
-from workers.ai.live.client import live_config, sdk_client
+from workers.ai.live.client import (
+    Conn,
+    Fatal,
+    Retryable,
+    UnknownHandle,
+    close_connection,
+    live_config,
+    open_connection,
+)
 from workers.ai.live.events import (
     AudioOut,
     Interrupted,
     LiveEvent,
     ResumeHandle,
-    Role,
     State,
     StateChanged,
     ToolCall,
     ToolCallCancellation,
     Transcript,
+    Transcripts,
     TurnComplete,
 )
 from workers.ai.live.outbox import MAX_REPLAY_SECONDS, Item, Kind, Outbox
 from workers.ai.live.settings import ClientSettings, LiveOptions, LiveUnavailable
 from workers.ai.live.wire import Inbound, encode_tool_response, wire
-
-if TYPE_CHECKING:
-    from google.genai.live import AsyncSession
 
 log = logging.getLogger("workers.ai.live")
 
@@ -82,9 +63,6 @@ RECONNECTS = Counter("va_live_reconnects", "Live connections re-opened", ["reaso
 DEGRADED = Counter("va_live_degraded", "Live sessions that exhausted their retries")
 REPLAYED = Counter("va_live_replayed_audio_seconds", "Caller audio re-sent after a reconnect")
 BAD_FRAMES = Counter("va_live_bad_server_frames", "Server frames that could not be parsed")
-CONNECT_SECONDS = Histogram("va_live_connect_seconds", "Time to connect and set up a Live session",
-                            buckets=(0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10))
-
 
 @dataclass
 class LiveStats:
@@ -97,29 +75,6 @@ class LiveStats:
     send_delay_max: float = 0.0  # seconds from a chunk being complete to it being written
     send_delay_sum: float = 0.0
     send_delay_count: int = 0
-
-
-class _Retryable(Exception):
-    pass
-
-
-class _Fatal(Exception):
-    pass
-
-
-class _UnknownHandle(Exception):
-    pass
-
-
-@dataclass
-class _Conn:
-    stack: contextlib.AsyncExitStack
-    session: AsyncSession | None
-    ws: ClientConnection
-    recv_task: asyncio.Task[None] | None = None
-    closing: bool = False
-    opened: float = field(default_factory=time.monotonic)
-    last_rx: float = field(default_factory=time.monotonic)
 
 
 class LiveSession:
@@ -159,7 +114,7 @@ class LiveSession:
         self.stats = LiveStats()
         self._write_started = 0.0
         self._sent = 0  # last sequence number written on the current connection
-        self._conn: _Conn | None = None
+        self._conn: Conn | None = None
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -167,7 +122,7 @@ class LiveSession:
         self._replace_reason = ""
         self._closed = False
         self._unstable = 0  # unexpected closes since the model last completed a turn
-        self._transcripts: dict[Role, list[str]] = {"user": [], "model": []}
+        self._transcripts = Transcripts()
         # function calls the model waits on: while any is open its silence is ours, not a stall
         self._tools_open: set[str] = set()
         self._setup = live_config(model_cfg, options, manual=manual_activity)
@@ -242,55 +197,17 @@ class LiveSession:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        await self._close_conn(self._conn)
+        await close_connection(self._conn)
         self._conn = None
 
     # --- connecting ------------------------------------------------------------------------------
-    async def _open(self, handle: str | None) -> _Conn:
-        from google.genai import errors, types
-
-        config = types.LiveConnectConfig(**self._setup,
-                                         session_resumption=types.SessionResumptionConfig(handle=handle))
-        s = self.settings
-        client = sdk_client(s, self.cfg.api_version)
-        stack = contextlib.AsyncExitStack()
-        t0 = time.monotonic()
-        try:
-            session = await stack.enter_async_context(client.aio.live.connect(model=self.cfg.model,
-                                                                              config=config))
-        except errors.APIError as exc:
-            await stack.aclose()
-            code = getattr(exc, "code", None)
-            if code == 1008:
-                raise _Fatal(f"the model rejected the API key (1008): {exc.message or exc}") from None
-            if code == 1007 and handle:
-                raise _UnknownHandle(str(exc)) from None
-            if code == 1007:
-                raise _Fatal(f"the model rejected the setup (1007): {exc.message or exc}") from None
-            raise _Retryable(f"setup failed ({code}): {exc.message or exc}") from None
-        except (OSError, ConnectionClosed, TimeoutError, ValueError) as exc:
-            await stack.aclose()
-            if isinstance(exc, ssl.SSLCertVerificationError):
-                raise _Fatal(f"TLS verification failed for {s.base_url}: {exc}") from None
-            raise _Retryable(f"cannot connect to {s.base_url}: {exc}") from None
-        except Exception as exc:  # the websockets handshake (InvalidStatus 503 …) and the like
-            await stack.aclose()
-            raise _Retryable(f"cannot connect to {s.base_url}: {exc}") from None
-        except asyncio.CancelledError:  # the owner gave up (call ended): do not leak the socket
-            with contextlib.suppress(Exception):
-                await asyncio.shield(stack.aclose())
-            raise
-        CONNECT_SECONDS.observe(time.monotonic() - t0)
-        self.server_session_id = session.session_id or self.server_session_id
-        return _Conn(stack=stack, session=session, ws=session._ws)
-
     async def _connect_with_retries(self) -> None:
         """Open a connection (resuming when we hold a handle), replay, and go live."""
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(max(1, self.cfg.max_retries)),
             wait=tenacity.wait_exponential_jitter(initial=self.cfg.retry_base_seconds,
                                                   max=self.cfg.retry_max_seconds),
-            retry=tenacity.retry_if_exception_type(_Retryable),
+            retry=tenacity.retry_if_exception_type(Retryable),
             reraise=True,
         )
         try:
@@ -299,23 +216,23 @@ class LiveSession:
                     if self._closed:
                         return
                     try:
-                        conn = await self._open(self.resume_handle)
-                    except _UnknownHandle as exc:
+                        conn = await open_connection(self.settings, self.cfg, self._setup, self.resume_handle)
+                    except UnknownHandle as exc:
                         log.warning("resumption handle unknown to the server; starting a fresh session",
                                     extra={"session": self.session_id, "error": str(exc)})
                         self.stats.fresh_after_unknown_handle += 1
                         self.resume_handle = None
-                        conn = await self._open(None)
-        except _Fatal as exc:
+                        conn = await open_connection(self.settings, self.cfg, self._setup, None)
+        except Fatal as exc:
             raise LiveUnavailable(str(exc)) from None
-        except _Retryable as exc:
+        except Retryable as exc:
             raise LiveUnavailable(f"gave up after {self.cfg.max_retries} attempts: {exc}") from None
         if self._closed:
-            await self._close_conn(conn)
+            await close_connection(conn)
             return
         self._go_live(conn)
 
-    def _go_live(self, conn: _Conn) -> None:
+    def _go_live(self, conn: Conn) -> None:
         self._tools_open.clear()  # calls of the old connection are not this one's to answer
         replay = self.outbox.replay()
         self._sent = self.outbox.reconnect(self)  # the sender (re)sends everything uncovered
@@ -323,6 +240,7 @@ class LiveSession:
             self.stats.replayed_items += len(replay)
             REPLAYED.inc(sum(len(it.data) for it in replay if it.kind is Kind.AUDIO) / UP_BYTES_PER_SECOND)
         self._conn = conn
+        self.server_session_id = conn.server_session_id or self.server_session_id
         conn.recv_task = asyncio.create_task(self._recv_loop(conn), name=f"live-recv-{self.session_id}")
         self.stats.connects += 1
         self._set_state("live", "connected")
@@ -349,7 +267,7 @@ class LiveSession:
             if reason != "goAway":
                 self._unstable += 1
             # close the old socket first, then resume; a stalled server gets no close handshake
-            await self._close_conn(old, abort=reason.startswith("server stopped"))
+            await close_connection(old, abort=reason.startswith("server stopped"))
             if self._unstable > max(1, self.cfg.max_retries):
                 self._degrade(f"connection keeps failing: {reason}")
                 return
@@ -374,7 +292,7 @@ class LiveSession:
             log.warning("server stopped answering", extra={"session": self.session_id})
             self._request_replace(conn, "server stopped answering")
 
-    def _request_replace(self, conn: _Conn, reason: str) -> None:
+    def _request_replace(self, conn: Conn, reason: str) -> None:
         if conn is not self._conn or conn.closing or self._closed:
             return
         conn.closing = True
@@ -386,7 +304,7 @@ class LiveSession:
         log.warning("Live session degraded", extra={"session": self.session_id, "reason": reason})
         self._set_state("degraded", reason)
 
-    def _end(self, conn: _Conn, reason: str) -> None:
+    def _end(self, conn: Conn, reason: str) -> None:
         """The session ends on its own (bad server data): no reconnect, tell the owner."""
         if conn is not self._conn or self._closed:
             return
@@ -397,30 +315,18 @@ class LiveSession:
         for task in (self._supervisor, self._sender):
             if task is not None and not task.done():
                 task.cancel()
-        asyncio.get_running_loop().create_task(self._close_conn(conn)).add_done_callback(_ignore_result)
+        asyncio.get_running_loop().create_task(close_connection(conn)).add_done_callback(_ignore_result)
         self._conn = None
-
-    async def _close_conn(self, conn: _Conn | None, *, abort: bool = False) -> None:
-        if conn is None:
-            return
-        conn.closing = True
-        if abort:
-            with contextlib.suppress(Exception):
-                conn.ws.transport.abort()
-        if conn.recv_task is not None and conn.recv_task is not asyncio.current_task():
-            conn.recv_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await conn.recv_task
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.ws.close(), 2.0)
-        with contextlib.suppress(Exception):
-            await conn.stack.aclose()
 
     def _set_state(self, state: State, reason: str) -> None:
         if self.state == state and state != "live":
             return
         self.state = state
         self._emit(StateChanged(state, reason))
+
+    def _emit_all(self, events: list[Transcript]) -> None:
+        for ev in events:
+            self._emit(ev)
 
     def _emit(self, ev: LiveEvent) -> None:
         try:
@@ -429,7 +335,7 @@ class LiveSession:
             log.exception("Live event handler failed", extra={"session": self.session_id})
 
     # --- sending ---------------------------------------------------------------------------------
-    async def _send_raw(self, conn: _Conn, msg: str) -> None:
+    async def _send_raw(self, conn: Conn, msg: str) -> None:
         with contextlib.suppress(ConnectionClosed):
             await conn.ws.send(msg)
 
@@ -472,7 +378,7 @@ class LiveSession:
             st.send_delay_max = delay
 
     # --- receiving -------------------------------------------------------------------------------
-    async def _recv_loop(self, conn: _Conn) -> None:
+    async def _recv_loop(self, conn: Conn) -> None:
         try:
             while True:
                 raw = await conn.ws.recv(decode=False)
@@ -504,23 +410,23 @@ class LiveSession:
         except Exception as exc:
             self._request_replace(conn, f"receive failed: {exc}")
 
-    def _apply(self, conn: _Conn, msg: Inbound) -> None:
+    def _apply(self, conn: Conn, msg: Inbound) -> None:
         """One decoded server message: events for the owner, coverage for the outbox."""
         if self._closed:
             return
         for part in msg.parts:
             self._emit(AudioOut(part) if isinstance(part, bytes) else Transcript("model", part, False))
         if msg.input_transcript is not None:
-            self._transcript("user", *msg.input_transcript)
+            self._emit_all(self._transcripts.part("user", *msg.input_transcript))
         if msg.output_transcript is not None:
-            self._transcript("model", *msg.output_transcript)
+            self._emit_all(self._transcripts.part("model", *msg.output_transcript))
         if msg.interrupted:
             self.outbox.outcome(self, answered=False)
             self._emit(Interrupted())
         if msg.turn_complete:
             self._unstable = 0
             self.outbox.outcome(self, answered=True)
-            self._flush_transcripts()
+            self._emit_all(self._transcripts.flush())
             self._emit(TurnComplete())
         if msg.usage is not None:
             self._emit(msg.usage)
@@ -547,24 +453,6 @@ class LiveSession:
         self.resume_handle = handle
         self._emit(ResumeHandle(handle))
         self.outbox.confirm(self)
-
-    def _transcript(self, role: Role, text: str, finished: bool) -> None:
-        parts = self._transcripts[role]
-        if text:
-            parts.append(text)
-        if finished:
-            if parts:
-                self._emit(Transcript(role, "".join(parts), True))
-                parts.clear()
-        elif text:
-            self._emit(Transcript(role, text, False))
-
-    def _flush_transcripts(self) -> None:
-        for role, parts in self._transcripts.items():
-            if parts:
-                self._emit(Transcript(role, "".join(parts), True))
-                parts.clear()
-
 
 def _ignore_result(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
