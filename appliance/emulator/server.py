@@ -80,6 +80,8 @@ from appliance.emulator.protocol import (
     pcm_rate,
 )
 from appliance.emulator.turns import TurnDetector
+from appliance.emulator.vertex import VERSIONS as VERTEX_VERSIONS
+from appliance.emulator.vertex import TokenIssuer, connection_class, parse_model, vertex_version
 
 log = logging.getLogger("appliance.emulator")
 
@@ -185,6 +187,8 @@ class Connection:
     def __init__(self, server: EmulatorServer, ws: ServerConnection, behaviour: Behaviour, conn_id: int):
         self.server = server
         self.ws = ws
+        self.platform = "developer"
+        self.model: dict[str, str] = {}
         self.b = behaviour
         self.id = conn_id
         self.conv: Conversation | None = None
@@ -268,6 +272,12 @@ class Connection:
     async def _setup(self, setup: dict[str, Any]) -> None:
         if not isinstance(setup.get("model"), str) or not setup["model"]:
             raise ProtocolError("setup.model is required")
+        if self.platform == "vertex":
+            parsed = parse_model(setup["model"])
+            if parsed is None:
+                raise ProtocolError("setup.model: expected "
+                                    "projects/<p>/locations/<l>/publishers/google/models/<m>")
+            self.model = parsed
         rt = setup.get("realtimeInputConfig") or {}
         aad = rt.get("automaticActivityDetection") or {}
         self.detector = TurnDetector(
@@ -540,6 +550,8 @@ class Connection:
         return {
             "connection": self.id,
             "state": self.state,
+            "platform": self.platform,
+            "model": self.model,
             "manual": self.detector.manual,
             "bytes_received": self.bytes_in,
             "messages_received": self.msg_index + 1,
@@ -553,8 +565,11 @@ class EmulatorServer:
 
     def __init__(self, api_key: str, behaviour: Behaviour | None = None, *, max_frame_bytes: int = 4 << 20,
                  control: bool = True, max_record_seconds: float = 60.0,
-                 handle_ttl_s: float = 7200.0) -> None:
+                 handle_ttl_s: float = 7200.0, platforms: tuple[str, ...] = ("developer", "vertex"),
+                 vertex_keys: list[bytes] | None = None) -> None:
         self.api_key = api_key
+        self.platforms = platforms
+        self.issuer = TokenIssuer(list(vertex_keys or ()))
         self.max_record_bytes = int(max_record_seconds * 16000 * 2)
         self.handle_ttl_s = handle_ttl_s
         self._janitor: asyncio.Task[None] | None = None
@@ -608,14 +623,29 @@ class EmulatorServer:
         given = request.headers.get("x-goog-api-key") or (query.get("key") or [""])[0]
         return secrets.compare_digest(given.encode(), self.api_key.encode())
 
+    def _platform(self, request: Request) -> str:
+        path = urllib.parse.urlsplit(request.path).path
+        return "vertex" if vertex_version(path) is not None else "developer"
+
+    def _auth_ok(self, request: Request) -> bool:
+        """Developer API: the API key. Vertex: a Bearer token from ``/token``, or the key (express mode)."""
+        bearer = request.headers.get("Authorization", "")
+        if self._platform(request) == "vertex" and self.issuer.bearer_ok(bearer):
+            return True
+        return self._key_ok(request)
+
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = urllib.parse.urlsplit(request.path).path
         if path.startswith("/emulator/") and self.control:
             return self._control(request, path)
-        if not (path.startswith(PATH_PREFIX) and path.endswith(PATH_SUFFIX)):
+        vertex = vertex_version(path)
+        if vertex is not None and "vertex" in self.platforms:
+            if vertex not in VERTEX_VERSIONS:
+                return conn.respond(http.HTTPStatus.NOT_FOUND, f"{vertex} has no Vertex Live API\n")
+        elif (not (path.startswith(PATH_PREFIX) and path.endswith(PATH_SUFFIX))
+              or "developer" not in self.platforms):
             return conn.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
-        version = path[len(PATH_PREFIX) : -len(PATH_SUFFIX)]
-        if version not in API_VERSIONS:
+        elif (version := path[len(PATH_PREFIX) : -len(PATH_SUFFIX)]) not in API_VERSIONS:
             return conn.respond(http.HTTPStatus.NOT_FOUND, f"API version {version} has no Live API\n")
         b = self.next_behaviour or self.behaviour
         if b.refuse:
@@ -633,7 +663,9 @@ class EmulatorServer:
         name = path[len("/emulator/") :]
         try:
             if name == "health":
-                return _json_response(200, {"ok": True, "live": len(self.live), **self.stats})
+                return _json_response(200, {"ok": True, "live": len(self.live), **self.stats,
+                                            "tokens_issued": self.issuer.issued,
+                                            "tokens_refused": self.issuer.refused})
             if name == "sessions":
                 return _json_response(200, {"sessions": self.sessions_info()})
             if name == "audio":
@@ -709,7 +741,9 @@ class EmulatorServer:
         conn = Connection(self, ws, replace(behaviour), next(self._ids))
         self.connections[conn.id] = conn
         self.stats["connections"] += 1
-        key_ok = self._key_ok(ws.request) if ws.request else False
+        key_ok = self._auth_ok(ws.request) if ws.request else False
+        if ws.request:
+            conn.platform = self._platform(ws.request)
         if not key_ok:
             self.stats["rejected_key"] += 1
         try:
@@ -736,6 +770,7 @@ class EmulatorServer:
             compression=None,
             ping_interval=None,
             server_header="voice-appliance-emulator",
+            create_connection=connection_class(self.issuer),
         )
         self._janitor = asyncio.create_task(self._expire_loop())
         return int(self._server.sockets[0].getsockname()[1])

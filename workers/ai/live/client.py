@@ -30,20 +30,23 @@ _CLIENTS: dict[tuple[str, str, str, int], Client] = {}
 
 def sdk_client(s: ClientSettings, api_version: str) -> Client:
     """One google-genai Client per (endpoint, key, TLS context), shared by all sessions."""
-    k = (s.base_url, s.api_key, api_version, id(s.ssl_context))
+    version = s.api_version(api_version)
+    k = (s.base_url, s.api_key, version, id(s.ssl_context), s.platform, s.project, s.location,
+         id(s.credentials))
     client = _CLIENTS.get(k)
     if client is None:
         from google import genai
         from google.genai import types
 
-        client = genai.Client(
-            api_key=s.api_key,
-            http_options=types.HttpOptions(
-                base_url=s.base_url,
-                api_version=api_version,
-                async_client_args={"ssl": s.ssl_context, "compression": None, "proxy": None},
-            ),
-        )
+        http = types.HttpOptions(base_url=s.base_url, api_version=version,
+                                 async_client_args={"ssl": s.ssl_context, "compression": None, "proxy": None})
+        if s.platform == "vertex" and s.credentials is not None:
+            client = genai.Client(vertexai=True, project=s.project, location=s.location,
+                                  credentials=s.credentials, http_options=http)
+        elif s.platform == "vertex":  # express mode: an API key, no project
+            client = genai.Client(vertexai=True, api_key=s.api_key, http_options=http)
+        else:
+            client = genai.Client(api_key=s.api_key, http_options=http)
         _CLIENTS[k] = client
     return client
 
@@ -110,6 +113,13 @@ async def open_connection(s: ClientSettings, m: ModelConfig, setup: dict[str, ob
     session's retry policy."""
     from google.genai import errors, types
 
+    from workers.ai.live.settings import LiveUnavailable, refresh_token
+
+    if s.credentials is not None and not s.credentials.valid:
+        try:  # the SDK would refresh in a thread too, but with its own TLS trust: ours knows model.ca_file
+            await asyncio.to_thread(refresh_token, s)
+        except LiveUnavailable as exc:
+            raise Retryable(str(exc)) from None
     config = types.LiveConnectConfig(**setup, session_resumption=types.SessionResumptionConfig(handle=handle))
     client = sdk_client(s, m.api_version)
     stack = contextlib.AsyncExitStack()
