@@ -107,6 +107,9 @@ class ModelConfig:
     location: str = ""
     allowed_locations: list[str] = field(default_factory=list)
     credentials_file: str = ""
+    # Vertex only: the server reports which client message a handle covers (lastConsumedClientMessageIndex)
+    # and a reconnect replays exactly from there (the Developer API has no such index; see architecture.md).
+    transparent_resumption: bool = True
 
 
 @dataclass(frozen=True)

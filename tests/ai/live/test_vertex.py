@@ -104,12 +104,12 @@ def test_region_outside_the_allow_list_is_refused(tmp_path: Path) -> None:
                              "allowed_locations": ["europe-west4", "europe-west1"]})
     ok = replace(base, model={**vertex, "location": "europe-west4", "allowed_locations": ["europe-west4"]})
     assert ok.model.location == "europe-west4"
-    with pytest.raises(ConfigError, match="model.credentials_file: Vertex AI needs"):
+    with pytest.raises(ConfigError, match=r"model\.credentials_file: Vertex AI needs"):
         replace(base, model={"platform": "vertex", "project": PROJECT, "location": REGION})
-    with pytest.raises(ConfigError, match="model.project: only used with"):
+    with pytest.raises(ConfigError, match=r"model\.project: only used with"):
         replace(base, model={"project": PROJECT})
     # the Live layer refuses it too (a ModelConfig built without the loader)
-    with pytest.raises(ConfigError, match="outside model.allowed_locations"):
+    with pytest.raises(ConfigError, match=r"outside model\.allowed_locations"):
         ClientSettings.for_model(ModelConfig(platform="vertex", project=PROJECT, location="us-east1",
                                              allowed_locations=["europe-west4"], api_key="k"))
 
@@ -121,3 +121,66 @@ async def test_developer_only_emulator_has_no_vertex_path(tmp_path: Path) -> Non
         with pytest.raises(LiveUnavailable):
             await live.start()
         await live.close()
+
+
+# --- goAway, abrupt close, transparent resumption: the same proofs as on the Developer API ------------
+@pytest.fixture
+async def vsession(vemu: Emulator, sa: ServiceAccount, tmp_path: Path) -> Any:
+    from tests.ai.live.test_session import Recorder
+
+    made: list[LiveSession] = []
+    key = sa.key_file(tmp_path / "sa.json", f"{vemu.base_url}/token")
+
+    async def make(rec: Any = None, *, start: bool = True, model: dict[str, Any] | None = None,
+                   **opts: Any) -> tuple[LiveSession, Any]:
+        rec = rec or Recorder()
+        m = vertex_model(vemu, key, **(model or {}))
+        s = LiveSession(m, f"v-{len(made)}", LiveOptions("Puck", "en-US", "test", **opts), rec)
+        made.append(s)
+        if start:
+            await s.start()
+        return s, rec
+
+    yield make
+    for s in made:
+        await s.close()
+
+
+@pytest.mark.parametrize("fault", ["goaway", "close"])
+@pytest.mark.parametrize("transparent", [True, False], ids=["transparent", "ordered"])
+async def test_resume_mid_utterance_on_vertex_is_byte_exact(vemu: Emulator, vsession: Any, fault: str,
+                                                            transparent: bool) -> None:
+    """The emulator's record of caller audio is continuous only if the replay started exactly after
+    what the handle covers: with transparent resumption that point is the server's
+    lastConsumedClientMessageIndex, not the layer's turn accounting."""
+    from tests.ai.live.test_session import _resume_mid_utterance
+
+    async def make(**kw: Any) -> Any:
+        live, rec = await vsession(model={"transparent_resumption": transparent}, **kw)
+        assert live.transparent is transparent
+        return live, rec
+
+    inject = ((lambda sid: vemu.fault(sid, "goaway", time_left_s=0.5)) if fault == "goaway"
+              else (lambda sid: vemu.fault(sid, "close", code=1011)))
+    await _resume_mid_utterance(vemu, make, inject)
+
+
+async def test_transparent_handle_covers_exactly_the_consumed_messages(vemu: Emulator, vsession: Any) -> None:
+    """A handle's lastConsumedClientMessageIndex, not turn outcomes, decides what is replayed."""
+    from workers.ai.live.wire import Inbound
+
+    live, _ = await vsession()
+    conn = live._conn
+    assert conn is not None
+    live.activity_start()
+    live.send_audio(bytes(1280 * 3))
+    for _ in range(200):  # the sender writes the 4 items (messages 1..4 after the setup)
+        if live._sent == live.outbox.next_after(0).seq + 3:  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.01)
+    first = live.outbox.next_after(0).seq  # type: ignore[union-attr]
+    assert [i for i, _ in conn.item_at][-4:] == [conn.index - 3, conn.index - 2, conn.index - 1, conn.index]
+    base = conn.index - 4
+    live._apply(conn, Inbound(handle="h-index", handle_index=base + 2))  # start + first chunk consumed
+    assert live.resume_handle == "h-index"
+    assert [it.seq for it in live.outbox.replay()] == [first + 2, first + 3]  # the other two chunks

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -105,10 +106,25 @@ class Conn:
     closing: bool = False
     opened: float = field(default_factory=time.monotonic)
     last_rx: float = field(default_factory=time.monotonic)
+    index: int = 0  # client messages written on this connection (the setup is message 0)
+    item_at: deque[tuple[int, int]] = field(default_factory=deque)  # (message index, outbox seq) written
+
+    def wrote(self, seq: int | None) -> None:
+        """One client message written: an outbox item (``seq``) or anything else (a tool response)."""
+        self.index += 1
+        if seq is not None:
+            self.item_at.append((self.index, seq))
+
+    def seq_through(self, index: int) -> int | None:
+        """The last outbox item among the first ``index`` messages (what a transparent handle covers)."""
+        seq = None
+        while self.item_at and self.item_at[0][0] <= index:
+            seq = self.item_at.popleft()[1]
+        return seq
 
 
 async def open_connection(s: ClientSettings, m: ModelConfig, setup: dict[str, object],
-                          handle: str | None) -> Conn:
+                          handle: str | None, *, transparent: bool = False) -> Conn:
     """Connect and set up (resuming ``handle`` when given) through the SDK; errors sorted for the
     session's retry policy."""
     from google.genai import errors, types
@@ -120,7 +136,8 @@ async def open_connection(s: ClientSettings, m: ModelConfig, setup: dict[str, ob
             await asyncio.to_thread(refresh_token, s)
         except LiveUnavailable as exc:
             raise Retryable(str(exc)) from None
-    config = types.LiveConnectConfig(**setup, session_resumption=types.SessionResumptionConfig(handle=handle))
+    resumption = types.SessionResumptionConfig(handle=handle, transparent=True if transparent else None)
+    config = types.LiveConnectConfig(**setup, session_resumption=resumption)
     client = sdk_client(s, m.api_version)
     stack = contextlib.AsyncExitStack()
     t0 = time.monotonic()

@@ -126,6 +126,8 @@ class LiveSession:
         # function calls the model waits on: while any is open its silence is ours, not a stall
         self._tools_open: set[str] = set()
         self._setup = live_config(model_cfg, options, manual=manual_activity)
+        # Vertex reports which client message a handle covers: coverage is then exact, not inferred
+        self.transparent = self.settings.platform == "vertex" and model_cfg.transparent_resumption
 
     @property
     def fast_path(self) -> bool:
@@ -216,13 +218,15 @@ class LiveSession:
                     if self._closed:
                         return
                     try:
-                        conn = await open_connection(self.settings, self.cfg, self._setup, self.resume_handle)
+                        conn = await open_connection(self.settings, self.cfg, self._setup, self.resume_handle,
+                                                    transparent=self.transparent)
                     except UnknownHandle as exc:
                         log.warning("resumption handle unknown to the server; starting a fresh session",
                                     extra={"session": self.session_id, "error": str(exc)})
                         self.stats.fresh_after_unknown_handle += 1
                         self.resume_handle = None
-                        conn = await open_connection(self.settings, self.cfg, self._setup, None)
+                        conn = await open_connection(self.settings, self.cfg, self._setup, None,
+                                                    transparent=self.transparent)
         except Fatal as exc:
             raise LiveUnavailable(str(exc)) from None
         except Retryable as exc:
@@ -336,6 +340,7 @@ class LiveSession:
 
     # --- sending ---------------------------------------------------------------------------------
     async def _send_raw(self, conn: Conn, msg: str) -> None:
+        conn.wrote(None)
         with contextlib.suppress(ConnectionClosed):
             await conn.ws.send(msg)
 
@@ -350,6 +355,7 @@ class LiveSession:
                 if item is None:
                     break
                 self._write_started = time.monotonic()
+                conn.wrote(item.seq)  # numbered as it is handed to the socket (the server's order)
                 try:
                     await self._wire.send(conn.ws, conn.session, item)
                 except ConnectionClosed:
@@ -425,7 +431,7 @@ class LiveSession:
             self._emit(Interrupted())
         if msg.turn_complete:
             self._unstable = 0
-            self.outbox.outcome(self, answered=True)
+            self.outbox.outcome(self, answered=not self.transparent)  # transparent: the index says
             self._emit_all(self._transcripts.flush())
             self._emit(TurnComplete())
         if msg.usage is not None:
@@ -437,6 +443,10 @@ class LiveSession:
             self._tools_open.difference_update(msg.tool_cancellations)
             self._emit(ToolCallCancellation(msg.tool_cancellations))
         if msg.handle is not None:
+            if self.transparent and msg.handle_index is not None:
+                seq = conn.seq_through(msg.handle_index)
+                if seq is not None:
+                    self.outbox.cover_sent(self, seq)
             self._handle(msg.handle)
         if msg.go_away is not None:
             log.info("goAway", extra={"session": self.session_id, "time_left": msg.go_away})
@@ -448,7 +458,7 @@ class LiveSession:
     def _handle(self, handle: str) -> None:
         """A resumable handle: the owner stores it, then the outbox forgets what it covers (in that
         order: a crash in between replays a little twice rather than losing it)."""
-        if not self.manual:
+        if not self.manual and not self.transparent:
             self.outbox.cover_sent(self, self._sent)
         self.resume_handle = handle
         self._emit(ResumeHandle(handle))

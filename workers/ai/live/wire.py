@@ -51,6 +51,7 @@ class Inbound:
     tool_calls: tuple[FunctionCall, ...] | None = None
     tool_cancellations: tuple[str, ...] | None = None
     handle: str | None = None  # a new resumable handle
+    handle_index: int | None = None  # transparent resumption: the last client message the handle covers
     go_away: str | None = None  # timeLeft ("" if not given)
     unknown: tuple[str, ...] = ()
 
@@ -125,6 +126,8 @@ class FastWire:
         sru = msg.get("sessionResumptionUpdate")
         if sru and sru.get("newHandle") and sru.get("resumable"):
             out.handle = str(sru["newHandle"])
+            if sru.get("lastConsumedClientMessageIndex") is not None:
+                out.handle_index = int(sru["lastConsumedClientMessageIndex"])
         if "goAway" in msg:
             out.go_away = str((msg["goAway"] or {}).get("timeLeft") or "")
         if not KNOWN.issuperset(msg):
@@ -184,6 +187,8 @@ class SdkWire:
         u = msg.session_resumption_update
         if u and u.new_handle and u.resumable:
             out.handle = u.new_handle
+            if u.last_consumed_client_message_index is not None:
+                out.handle_index = int(u.last_consumed_client_message_index)
         if msg.go_away is not None:
             out.go_away = str(msg.go_away.time_left or "")
         if not KNOWN.issuperset(resp):
