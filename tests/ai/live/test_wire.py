@@ -14,6 +14,7 @@ from google.genai import types
 from google.genai.live import AsyncSession
 
 from tests.harness.emulator import tone
+from workers.ai.live.events import Usage
 from workers.ai.live.outbox import Item, Kind
 from workers.ai.live.wire import AUDIO_MIME, FastWire, SdkWire, encode, encode_tool_response
 
@@ -84,16 +85,33 @@ SERVER_MESSAGES: list[dict[str, Any]] = [
     {"toolCallCancellation": {"ids": ["c1"]}},
     {"sessionResumptionUpdate": {"newHandle": "h-1", "resumable": True}},
     {"sessionResumptionUpdate": {"newHandle": "h-2", "resumable": False}},
+    {"sessionResumptionUpdate": {"newHandle": "h-3", "resumable": True,
+                                 "lastConsumedClientMessageIndex": "41"}},
+    {"setupComplete": {"sessionId": "s-1"}},
 ]
 
 
+def test_vertex_usage_field_is_decoded_like_the_sdk_does() -> None:
+    """Vertex names the answer's tokens candidatesTokenCount (the SDK maps it to response_token_count)."""
+    raw = json.dumps({"usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 5,
+                                        "totalTokenCount": 12}}).encode()
+    assert FastWire().decode(raw).usage == SdkWire(vertex=True).decode(raw).usage == Usage(7, 5, 12)
+
+
+@pytest.mark.parametrize("vertex", [False, True], ids=["developer", "vertex"])
 @pytest.mark.parametrize("msg", SERVER_MESSAGES, ids=lambda m: "+".join(m) + ":" + ",".join(
     m.get("serverContent", {})))
-def test_fast_decoder_matches_the_sdk_decoder(msg: dict[str, Any]) -> None:
+def test_fast_decoder_matches_the_sdk_decoder(msg: dict[str, Any], vertex: bool) -> None:
+    """Every server message type we use, through the SDK's own converter for each platform (Vertex
+    names the answer's tokens candidatesTokenCount)."""
+    if vertex and "usageMetadata" in msg:
+        um = dict(msg["usageMetadata"])
+        um["candidatesTokenCount"] = um.pop("responseTokenCount")
+        msg = {**msg, "usageMetadata": um}
     raw = json.dumps(msg).encode()
-    fast, sdk = FastWire().decode(raw), SdkWire().decode(raw)
+    fast, sdk = FastWire().decode(raw), SdkWire(vertex).decode(raw)
     assert fast == sdk
-    silent = "generationComplete" in msg.get("serverContent", {}) or msg.get(
+    silent = "generationComplete" in msg.get("serverContent", {}) or "setupComplete" in msg or msg.get(
         "sessionResumptionUpdate", {}).get("resumable") is False
     carries = (fast.parts or fast.input_transcript or fast.output_transcript or fast.interrupted
                or fast.turn_complete or fast.usage or fast.tool_calls or fast.tool_cancellations

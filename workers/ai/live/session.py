@@ -101,10 +101,10 @@ class LiveSession:
         self.options = options
         self.on_event = on_event
         self.manual = manual_activity
-        self.fast_path = fast_path
         self.response_timeout = response_timeout  # no server message this long after an activityEnd
         self.stall_timeout = stall_timeout  # one socket write blocked this long (server not reading)
         self.settings = settings or ClientSettings.for_model(model_cfg, ssl_context)
+        self.fast_path = fast_path
         self.outbox = outbox or Outbox(UP_BYTES_PER_MS * model_cfg.chunk_ms,
                                        max_bytes=int(max_replay_seconds * UP_BYTES_PER_SECOND))
         self.outbox.attach(self)
@@ -136,7 +136,7 @@ class LiveSession:
     @fast_path.setter
     def fast_path(self, fast: bool) -> None:
         self._fast = fast
-        self._wire = wire(fast)
+        self._wire = wire(fast, vertex=self.settings.platform == "vertex")
 
     # --- public API ------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -113,7 +113,9 @@ class FastWire:
             out.turn_complete = bool(sc.get("turnComplete"))
         um = msg.get("usageMetadata")
         if um:
-            p, r = int(um.get("promptTokenCount") or 0), int(um.get("responseTokenCount") or 0)
+            # Developer API: responseTokenCount; Vertex AI: candidatesTokenCount (same meaning)
+            r = int(um.get("responseTokenCount") or um.get("candidatesTokenCount") or 0)
+            p = int(um.get("promptTokenCount") or 0)
             out.usage = Usage(p, r, int(um.get("totalTokenCount") or p + r))
         tc = msg.get("toolCall")
         if tc:
@@ -136,6 +138,9 @@ class FastWire:
 
 
 class SdkWire:
+    def __init__(self, vertex: bool = False) -> None:
+        self.vertex = vertex
+
     async def send(self, ws: WebSocket, session: AsyncSession | None, item: Item) -> None:
         from google.genai import types
 
@@ -156,9 +161,9 @@ class SdkWire:
         resp = json.loads(raw)
         if not isinstance(resp, dict):
             raise ValueError("server frame is not a JSON object")
-        msg = types.LiveServerMessage._from_response(
-            response=_live_converters._LiveServerMessage_from_mldev(resp), kwargs={}
-        )
+        convert = (_live_converters._LiveServerMessage_from_vertex if self.vertex
+                   else _live_converters._LiveServerMessage_from_mldev)
+        msg = types.LiveServerMessage._from_response(response=convert(resp), kwargs={})
         out = Inbound()
         sc = msg.server_content
         if sc is not None:
@@ -196,5 +201,5 @@ class SdkWire:
         return out
 
 
-def wire(fast_path: bool) -> Wire:
-    return FastWire() if fast_path else SdkWire()
+def wire(fast_path: bool, *, vertex: bool = False) -> Wire:
+    return FastWire() if fast_path else SdkWire(vertex)
