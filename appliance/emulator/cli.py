@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="when setup declares functions, each turn first calls the first one")
     p.add_argument("--threshold-dbfs", type=float, default=-45.0,
                    help="energy gate of automatic turn detection")
+    p.add_argument("--session-limit-s", type=float, default=0.0,
+                   help="models named *-3.8-*: hard close (1011) after this many seconds, their handles "
+                        "refused afterwards (default 0: the documented 58 min)")
     p.add_argument("--silence-ms", type=int, default=500,
                    help="end-of-turn silence when setup gives no silenceDurationMs")
     p.add_argument("--max-frame-bytes", type=int, default=4 << 20,
@@ -114,6 +117,7 @@ def main(args: argparse.Namespace) -> int:
         tool_calls=args.tool_calls,
         threshold_dbfs=args.threshold_dbfs,
         silence_ms=args.silence_ms,
+        session_limit_s=args.session_limit_s,
     )
     if not 10 <= behaviour.chunk_ms <= 1000:
         print("--chunk-ms: expected 10 to 1000", file=sys.stderr)

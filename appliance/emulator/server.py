@@ -91,6 +91,16 @@ API_VERSIONS = ("v1alpha", "v1beta")
 OUT_RATE = 24000
 TOKENS_PER_SECOND = 25
 MAX_HISTORY = 200
+PROFILE_38_LIMIT_S = 58 * 60
+
+
+def model_profile(model: str) -> str:
+    """Which documented model behaviour a setup's model name selects (2.5 and unknown: the generic one)."""
+    name = model.rsplit("/", 1)[-1]
+    for gen in ("3.8", "3.1"):
+        if f"-{gen}-" in name or name.endswith(f"-{gen}"):
+            return gen
+    return ""
 
 
 @dataclass
@@ -111,6 +121,7 @@ class Behaviour:
     tool_calls: bool = False
     threshold_dbfs: float = -45.0
     silence_ms: int = 500  # automatic detection default when setup gives none
+    session_limit_s: float = 0.0  # "3.8" models: hard close after this (0: their 58 min), handles dead after
 
 
 def _coerce_behaviour(base: Behaviour, values: dict[str, str]) -> Behaviour:
@@ -187,6 +198,8 @@ class Connection:
     def __init__(self, server: EmulatorServer, ws: ServerConnection, behaviour: Behaviour, conn_id: int):
         self.server = server
         self.ws = ws
+        self.profile = ""  # model generation whose documented quirks apply: "3.1", "3.8" or ""
+        self.turns_done = 0
         self.platform = "developer"
         self.model: dict[str, str] = {}
         self.b = behaviour
@@ -278,6 +291,7 @@ class Connection:
                 raise ProtocolError("setup.model: expected "
                                     "projects/<p>/locations/<l>/publishers/google/models/<m>")
             self.model = parsed
+        self.profile = model_profile(setup["model"])
         rt = setup.get("realtimeInputConfig") or {}
         aad = rt.get("automaticActivityDetection") or {}
         self.detector = TurnDetector(
@@ -331,6 +345,9 @@ class Connection:
             self.timers.append(asyncio.create_task(self._later(b.goaway_after_s, self.go_away)))
         if b.close_after_s > 0:
             self.timers.append(asyncio.create_task(self._later(b.close_after_s, self.abrupt_close)))
+        if self.profile == "3.8":
+            limit = b.session_limit_s or PROFILE_38_LIMIT_S
+            self.timers.append(asyncio.create_task(self._later(limit, self.session_limit)))
         if b.stop_reading_after_s > 0:
             self.timers.append(
                 asyncio.create_task(self._later(b.stop_reading_after_s, self.stop_reading))
@@ -348,6 +365,14 @@ class Connection:
         await self.send({"goAway": {"timeLeft": duration(left)}})
         await asyncio.sleep(left)
         await self.close(1000, "session duration limit reached")
+
+    async def session_limit(self) -> None:
+        """What field reports show for 3.8: a hard 1011 close at the limit, and every handle of the
+        conversation refused (1007) afterwards."""
+        assert self.conv is not None
+        self.server.handles = {h: s for h, s in self.server.handles.items()
+                               if s.conversation_id != self.conv.id}
+        await self.close(1011, "session limit reached")
 
     async def abrupt_close(self, code: int | None = None) -> None:
         await self.close(self.b.close_code if code is None else code, "injected fault")
@@ -417,14 +442,16 @@ class Connection:
                 await self._start_reply(b"", f"text: {text}", text)
 
     async def _client_content(self, body: dict[str, Any]) -> None:
-        texts = [
-            p.get("text", "")
-            for turn in body.get("turns") or []
-            for p in (turn.get("parts") or [])
-            if isinstance(p, dict)
-        ]
+        if self.profile == "3.1" and self.turns_done:
+            raise ProtocolError("client content is accepted only before the first turn")
+        turns = [t for t in body.get("turns") or [] if isinstance(t, dict)]
+        texts = [p.get("text", "") for turn in turns for p in (turn.get("parts") or [])
+                 if isinstance(p, dict)]
         assert self.conv is not None
-        self.conv.history.extend(f"user: {t}" for t in texts if t)
+        for turn in turns:
+            role = "model" if turn.get("role") == "model" else "user"
+            self.conv.history.extend(f"{role}: {p['text']}" for p in turn.get("parts") or []
+                                     if isinstance(p, dict) and p.get("text"))
         if body.get("turnComplete"):
             self.boundary = (self.conv.end, self.msg_index, len(self.conv.texts))
             await self._start_reply(b"", " ".join(texts))
@@ -541,6 +568,7 @@ class Connection:
                 }
             )
             self.conv.history.append(f"model: {said}")
+            self.turns_done += 1
             del self.conv.history[:-MAX_HISTORY]
             await self._handle_update(boundary)
         except ConnectionClosed:

@@ -129,3 +129,14 @@ def test_unknown_server_message_is_reported_not_fatal() -> None:
     assert got.unknown == ("someFutureMessage",) and not got.parts
     with pytest.raises(ValueError):
         FastWire().decode(b"[1, 2]")
+
+
+async def test_seed_client_content_matches_the_sdk() -> None:
+    from workers.ai.live.events import Transcript
+    from workers.ai.live.wire import encode_client_content
+
+    sdk, ws = sdk_session()
+    history = [Transcript("user", "my order is 1234"), Transcript("model", "Found it, it ships today.")]
+    await sdk.send_client_content(turns=[types.Content(role=t.role, parts=[types.Part(text=t.text)])
+                                         for t in history], turn_complete=False)
+    assert json.loads(encode_client_content(history)) == json.loads(ws.sent[0])

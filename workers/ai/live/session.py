@@ -19,6 +19,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -52,12 +53,13 @@ from workers.ai.live.events import (
 )
 from workers.ai.live.outbox import MAX_REPLAY_SECONDS, Item, Kind, Outbox
 from workers.ai.live.settings import ClientSettings, LiveOptions, LiveUnavailable
-from workers.ai.live.wire import Inbound, encode_tool_response, wire
+from workers.ai.live.wire import Inbound, encode_client_content, encode_tool_response, wire
 
 log = logging.getLogger("workers.ai.live")
 
 WATCHDOG_SECONDS = 1.0  # how often each session checks its connection for a stalled server
 STABLE_SECONDS = 30.0  # a connection that lived this long resets the failure count
+MAX_SEED_TURNS = 40  # final transcripts kept to seed a fresh session (~20 exchanges)
 
 RECONNECTS = Counter("va_live_reconnects", "Live connections re-opened", ["reason"])
 DEGRADED = Counter("va_live_degraded", "Live sessions that exhausted their retries")
@@ -123,6 +125,7 @@ class LiveSession:
         self._closed = False
         self._unstable = 0  # unexpected closes since the model last completed a turn
         self._transcripts = Transcripts()
+        self._history: deque[Transcript] = deque(maxlen=MAX_SEED_TURNS)  # final transcripts, for seeding
         # function calls the model waits on: while any is open its silence is ours, not a stall
         self._tools_open: set[str] = set()
         self._setup = live_config(model_cfg, options, manual=manual_activity)
@@ -221,12 +224,15 @@ class LiveSession:
                         conn = await open_connection(self.settings, self.cfg, self._setup, self.resume_handle,
                                                     transparent=self.transparent)
                     except UnknownHandle as exc:
-                        log.warning("resumption handle unknown to the server; starting a fresh session",
-                                    extra={"session": self.session_id, "error": str(exc)})
+                        log.warning("resumption handle unknown to the server; starting a fresh session "
+                                    "seeded with the conversation so far",
+                                    extra={"session": self.session_id, "error": str(exc),
+                                           "seed_turns": len(self._history)})
                         self.stats.fresh_after_unknown_handle += 1
                         self.resume_handle = None
                         conn = await open_connection(self.settings, self.cfg, self._setup, None,
                                                     transparent=self.transparent)
+                        await self._seed(conn)
         except Fatal as exc:
             raise LiveUnavailable(str(exc)) from None
         except Retryable as exc:
@@ -235,6 +241,18 @@ class LiveSession:
             await close_connection(conn)
             return
         self._go_live(conn)
+
+    async def _seed(self, conn: Conn) -> None:
+        """A fresh session after an unknown handle (e.g. a 3.8 session closed at its 58-minute limit)
+        starts with what was said so far, as client content before any replayed input, so the caller
+        hears at most a short gap, not an assistant that forgot the call."""
+        if not self._history:
+            return
+        try:
+            await self._send_raw(conn, encode_client_content(list(self._history)))
+        except Exception as exc:  # the connection will fail on its own; the replay still follows
+            log.warning("seeding the fresh session failed", extra={"session": self.session_id,
+                                                                    "error": str(exc)})
 
     def _go_live(self, conn: Conn) -> None:
         self._tools_open.clear()  # calls of the old connection are not this one's to answer
@@ -330,6 +348,8 @@ class LiveSession:
 
     def _emit_all(self, events: list[Transcript]) -> None:
         for ev in events:
+            if ev.final:
+                self._history.append(ev)
             self._emit(ev)
 
     def _emit(self, ev: LiveEvent) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from shm.audio import UP_RATE
-from workers.ai.live.events import FunctionCall, JsonValue, Usage
+from workers.ai.live.events import FunctionCall, JsonValue, Transcript, Usage
 from workers.ai.live.outbox import Item, Kind
 
 if TYPE_CHECKING:
@@ -77,6 +77,13 @@ def encode(item: Item) -> str:
 def encode_tool_response(responses: Sequence[Mapping[str, object]]) -> str:
     """``tool_response`` for ``[{"id", "name", "response"}]`` (the SDK's ``send_tool_response``)."""
     return json.dumps({"tool_response": {"functionResponses": list(responses)}})
+
+
+def encode_client_content(history: Sequence[Transcript]) -> str:
+    """``client_content`` seeding a fresh session with the conversation so far (no turn complete: the
+    model answers nothing until the caller speaks), as the SDK's ``send_client_content`` writes it."""
+    turns = [{"parts": [{"text": t.text}], "role": t.role} for t in history]
+    return json.dumps({"client_content": {"turns": turns, "turnComplete": False}})
 
 
 def _json_args(args: object) -> dict[str, JsonValue]:
