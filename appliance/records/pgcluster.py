@@ -178,6 +178,7 @@ class Server:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
+        postmaster = self._postmaster_pid()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGINT)  # runuser forwards nothing: signal the whole group
         try:
@@ -186,6 +187,21 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+        # runuser may return before the postmaster has finished its shutdown checkpoint
+        deadline = time.monotonic() + timeout
+        while postmaster and time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                break
+            if state in ("Z", "X"):  # exited; a zombie of PID 1 here (FACTS)
+                break
+            time.sleep(0.05)
+
+    def _postmaster_pid(self) -> int:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int((self.cluster.data_dir / "postmaster.pid").read_text().split()[0])
+        return 0
 
     @property
     def running(self) -> bool:

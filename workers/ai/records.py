@@ -150,6 +150,22 @@ class CallRecorder:
     def keypad(self, call: Any, digits: int) -> None:
         self.event(call, "keypad", digits=int(digits))  # a count: the digits themselves never leave
 
+    def dtmf_counter(self, call: Any) -> int:
+        """The slot's ``dtmf_sent`` counter before keypad events are handled (see ``keypad_sent``)."""
+        if self.spool is None:
+            return 0
+        with contextlib.suppress(Exception):
+            return int(call.slot.counters.get("dtmf_sent"))
+        return 0
+
+    def keypad_sent(self, call: Any, before: int) -> None:
+        """One ``keypad`` event per entry sent to the model, with its digit count (never the digits)."""
+        if self.spool is None:
+            return
+        n = self.dtmf_counter(call) - before
+        if n > 0:
+            self.keypad(call, n)
+
     def tool_done(self, call: Any, name: str, seconds: float, outcome: str) -> None:
         self.event(call, "tool_call", name=str(name)[:64], duration_ms=round(seconds * 1000, 1),
                    outcome=outcome)
