@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ai-worker": ("workers.ai.main", "run one shard's AI worker (started by the supervisor)"),
     "keys": ("appliance.compliance.keys_cli", "rotate / re-wrap the data keys of encryption at rest"),
     "audit": ("appliance.compliance.audit_cli", "verify the tamper-evident audit trail"),
+    "records": ("appliance.compliance.retention", "purge records past their retention"),
     "bench": ("bench.cli", "run a benchmark and print its results (--json for one JSON object)"),
 }
 

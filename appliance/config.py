@@ -303,6 +303,13 @@ class ComplianceConfig:
     audit_signing_key_file: str = ""
     audit_checkpoint_entries: int = 1000  # sign a checkpoint at least every this many entries
     audit_checkpoint_seconds: float = 300.0  # … and at least this often while entries arrive
+    # Retention per data class, whole days (appliance/compliance/retention.py; `voice-appliance records
+    # purge`, daily timer, and the supervisor every purge_interval_seconds; 0 there: the timer only)
+    retention_days_audit: int = 2190  # six years (HIPAA)
+    retention_days_transcripts: int = 90
+    retention_days_call_metadata: int = 400
+    retention_days_recordings: int = 90
+    purge_interval_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)

@@ -372,6 +372,10 @@ class Supervisor:
                                               webhooks=bool(cfg.records.webhook_url), master=master,
                                               signer=signer)
             self._tasks.append(asyncio.create_task(self.record_writer.run(), name="record-writer"))
+            if c.purge_interval_seconds > 0:
+                pdb = Database.from_config(cfg)
+                self._record_dbs.append(pdb)
+                self._tasks.append(asyncio.create_task(self._purge_loop(pdb, signer), name="retention"))
             db = Database.from_config(cfg)
             self._record_dbs += [wdb, db]
             if cfg.records.webhook_url:
@@ -423,6 +427,23 @@ class Supervisor:
         p = self.placement
         state = "draining" if p.draining else "serving"
         return f"{state}: {p.active}/{p.capacity} sessions on {self.plan.shard_count} shard(s)"
+
+    async def _purge_loop(self, db: Any, signer: Any) -> None:
+        """Retention (appliance/compliance/retention.py) every ``compliance.purge_interval_seconds``;
+        this box's live calls are never touched."""
+        from appliance.compliance.retention import Policy, purge
+
+        policy = Policy.from_config(self.cfg)
+        while True:
+            await asyncio.sleep(self.cfg.compliance.purge_interval_seconds)
+            live = list(self.sessions.live) if self.sessions is not None else []
+            try:
+                async with db.connection() as conn:
+                    counts = await purge(conn, policy, live=live, signer=signer)
+                if any(counts.values()):
+                    log.info("retention purge", extra={"deleted": counts})
+            except Exception as exc:  # the next round retries; a purge never takes the box down
+                log.warning("retention purge failed", extra={"error": str(exc)[:200]})
 
     async def _housekeeping(self) -> None:
         """Metrics gauges, sd_notify WATCHDOG/STATUS."""

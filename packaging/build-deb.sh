@@ -35,6 +35,8 @@ main() {
 	cp -r "$here/debian" "$src/debian"
 	cp "$repo/systemd/voice-appliance.service" "$src/debian/voice-appliance.service"
 	cp "$repo/systemd/voice-appliance-emulator.service" "$src/debian/voice-appliance.voice-appliance-emulator.service"
+	cp "$repo/systemd/voice-appliance-purge.service" "$src/debian/voice-appliance.voice-appliance-purge.service"
+	cp "$repo/systemd/voice-appliance-purge.timer" "$src/debian/voice-appliance.voice-appliance-purge.timer"
 
 	(cd "$src" && dpkg-buildpackage -us -uc -b --no-sign >"$work/build.log" 2>&1) || {
 		tail -60 "$work/build.log" >&2
