@@ -88,7 +88,10 @@ async def purge(conn: Any, policy: Policy, *, live: Iterable[str] = (), now: flo
 
 async def _purge_audit(conn: Any, cutoff: float) -> int:
     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (trail.AUDIT_LOCK,))
-    cur = await conn.execute("SELECT seq, hash FROM audit_log WHERE at < %s ORDER BY seq DESC LIMIT 1",
+    # the longest PREFIX of the chain older than the cutoff (an entry's time is its event's, so a late
+    # old entry after a recent one stays until everything before it may go)
+    cur = await conn.execute("SELECT seq, hash FROM audit_log WHERE seq < coalesce((SELECT min(seq) FROM"
+                             " audit_log WHERE at >= %s), 9223372036854775807) ORDER BY seq DESC LIMIT 1",
                              (cutoff,))
     last = await cur.fetchone()
     if last is None:
