@@ -125,6 +125,23 @@ class _AdminControl:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
 
+    async def subject_sessions(self, sub: str) -> list[dict[str, Any]]:
+        """GDPR export/erasure of the Redis session state (appliance/compliance/subjects.py)."""
+        from appliance.compliance.subjects import redis_sessions
+
+        store = self.sup.sessions.store if self.sup.sessions is not None else None
+        if store is None:
+            return []
+        return await redis_sessions(store._redis, store._prefix, sub)  # the store's own client
+
+    async def delete_subject_sessions(self, sub: str) -> int:
+        from appliance.compliance.subjects import delete_redis_sessions
+
+        store = self.sup.sessions.store if self.sup.sessions is not None else None
+        if store is None:
+            return 0
+        return await delete_redis_sessions(store._redis, store._prefix, sub)
+
     def live_call(self, call_id: str) -> dict[str, Any] | None:
         from appliance.records.quality import from_counters
 

@@ -16,6 +16,9 @@ POST /v1/admin/calls/{id}/hangup  calls:write         end a live call on this bo
 DELETE /v1/admin/calls/{id}       records:delete      delete a call's record
 POST /v1/admin/drain | undrain    calls:write         stop / resume admitting calls on this box
 GET  /v1/admin/webhooks/dead-letters  audit:read      webhook events given up on
+DELETE /v1/admin/subjects/{sub}   records:delete      GDPR erasure: the subject's calls, transcripts,
+                                                      events, dead letters, Redis sessions; a receipt
+GET  /v1/admin/subjects/{sub}/export records:read     GDPR access: everything about the subject (JSON)
 GET  /v1/admin/audit              audit:read          the audit trail, oldest first (``after`` = the
                                                       previous page's ``next``, ``subject``, ``limit``)
 ================================  ==================  ==============================================
@@ -45,7 +48,7 @@ from starlette.staticfiles import StaticFiles
 
 from appliance import __version__
 from appliance.auth import AuthError, JwtVerifier, Principal
-from appliance.compliance import trail
+from appliance.compliance import subjects, trail
 from appliance.compliance.atrest import pg_store
 from appliance.compliance.envelope import Keyring
 from appliance.records import store
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).with_name("static")
 SCOPES = ("calls:read", "calls:write", "records:read", "records:delete", "audit:read")
 CALL_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+SUB_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")
 MAX_LIMIT = 200
 MAX_TRANSCRIPT_LIMIT = 5000
 
@@ -147,7 +151,8 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
                                       "the records database is unreachable; retry later",
                                       {"Retry-After": "5"})
             if a.audit is not None:
-                subject = str(request.path_params.get("call_id") or request.path_params.get("sub") or "")
+                # a data subject's id never enters the audit trail (it outlives a deletion)
+                subject = str(request.path_params.get("call_id") or "")
                 try:
                     a.audit(f"admin:{principal.sub}"[:200], f"admin.{fn.__name__}", subject[:200],
                             {"method": request.method, "status": response.status_code, "scope": scope})
@@ -272,6 +277,45 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
         nxt = str(entries[-1]["seq"]) if len(entries) == limit else None
         return JSONResponse({"entries": entries, "next": nxt}, headers={"Cache-Control": "no-store"})
 
+    def subject_id(request: Request) -> str:
+        sub = request.path_params["sub"]
+        if not SUB_RE.match(sub):
+            raise AdminError(400, "invalid_parameter", "sub: 1-256 characters, no control characters")
+        return str(sub)
+
+    async def delete_subject(request: Request, p: Principal) -> Response:
+        sub = subject_id(request)
+        if any(c.get("sub") == sub for c in a.control.live_calls()):
+            raise AdminError(409, "call_live", "the subject has a live call on this box; hang it up first")
+        async with need_db().connection() as conn:
+            counts = await subjects.delete_records(conn, sub)
+        delete_sessions = getattr(a.control, "delete_subject_sessions", None)
+        counts["redis_sessions"] = int(await delete_sessions(sub)) if delete_sessions else 0
+        if not any(counts.values()):
+            raise AdminError(404, "not_found", "nothing is stored about this subject")
+        receipt = subjects.receipt(counts, by=p.sub)
+        if a.audit is not None:  # the tombstone: who, when, what classes, how much — not whom
+            a.audit(f"admin:{p.sub}"[:200], "gdpr.subject_deleted", receipt["receipt_id"],
+                    {"deleted": counts})
+        log.info("admin: data subject deleted", extra={"receipt": receipt["receipt_id"], "by": p.sub})
+        return JSONResponse(receipt, headers={"Cache-Control": "no-store"})
+
+    async def export_subject(request: Request, _p: Principal) -> Response:
+        sub = subject_id(request)
+        async with need_db().connection() as conn:
+            if a.keyring is not None:
+                await pg_store(a.keyring).load(conn)
+            calls = await subjects.export_records(conn, sub, keyring=a.keyring, prices=a.prices)
+        sessions_of = getattr(a.control, "subject_sessions", None)
+        sessions = list(await sessions_of(sub)) if sessions_of else []
+        live = [c for c in a.control.live_calls() if c.get("sub") == sub]
+        if not calls and not sessions and not live:
+            raise AdminError(404, "not_found", "nothing is stored about this subject")
+        return JSONResponse({"sub": sub, "exported_at": datetime.now(UTC).isoformat(), "calls": calls,
+                             "sessions": sessions, "live_calls": live},
+                            headers={"Cache-Control": "no-store",
+                                     "Content-Disposition": 'attachment; filename="subject-export.json"'})
+
     openapi = build_admin_openapi()
 
     async def openapi_json(_request: Request) -> Response:
@@ -296,6 +340,8 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
         Route("/v1/admin/undrain", scoped("calls:write", undrain), methods=["POST"]),
         Route("/v1/admin/webhooks/dead-letters", scoped("audit:read", dead_letters), methods=["GET"]),
         Route("/v1/admin/audit", scoped("audit:read", audit_log), methods=["GET"]),
+        Route("/v1/admin/subjects/{sub}", scoped("records:delete", delete_subject), methods=["DELETE"]),
+        Route("/v1/admin/subjects/{sub}/export", scoped("records:read", export_subject), methods=["GET"]),
         Route("/v1/admin/openapi.json", openapi_json, methods=["GET"]),
         Route("/admin", to_console, methods=["GET"]),
         Route("/admin/", console, methods=["GET"]),
@@ -315,6 +361,8 @@ def build_admin_openapi() -> dict[str, Any]:
     common = {"401": err, "403": err}
     cid = {"name": "call_id", "in": "path", "required": True,
            "schema": {"type": "string", "pattern": CALL_ID_RE.pattern}}
+    sub_param = {"name": "sub", "in": "path", "required": True,
+                 "schema": {"type": "string", "maxLength": 256}}
     obj = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
 
     def q(name: str, schema: dict[str, Any], desc: str) -> dict[str, Any]:
@@ -352,6 +400,12 @@ def build_admin_openapi() -> dict[str, Any]:
                                                             parameters=[cid], responses={"404": err})},
             "/v1/admin/drain": {"post": op("drain", "calls:write", "Stop admitting new calls")},
             "/v1/admin/undrain": {"post": op("undrain", "calls:write", "Admit new calls again")},
+            "/v1/admin/subjects/{sub}": {"delete": op(
+                "deleteSubject", "records:delete", "Delete everything about a data subject (GDPR art. 17)",
+                parameters=[sub_param], responses={"400": err, "404": err, "409": err, "503": err})},
+            "/v1/admin/subjects/{sub}/export": {"get": op(
+                "exportSubject", "records:read", "Everything stored about a data subject (GDPR art. 15)",
+                parameters=[sub_param], responses={"400": err, "404": err, "503": err})},
             "/v1/admin/audit": {"get": op(
                 "listAudit", "audit:read", "The audit trail (hash-chained entries), oldest first",
                 parameters=[q("after", {"type": "integer", "minimum": 0}, "the previous page's next"),
