@@ -290,7 +290,7 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
         async with need_db().connection() as conn:
             counts = await subjects.delete_records(conn, sub)
         delete_sessions = getattr(a.control, "delete_subject_sessions", None)
-        counts["redis_sessions"] = int(await delete_sessions(sub)) if delete_sessions else 0
+        counts["redis_keys"] = int(await delete_sessions(sub)) if delete_sessions else 0
         if not any(counts.values()):
             raise AdminError(404, "not_found", "nothing is stored about this subject")
         receipt = subjects.receipt(counts, by=p.sub)
