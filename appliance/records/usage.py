@@ -59,19 +59,23 @@ def load_prices(path: str) -> PriceTable:
     return table
 
 
-def usage_details(um: Any) -> dict[str, dict[str, int]]:
-    """``{"input": {modality: n}, "output": {...}}`` from a usageMetadata dict (camelCase) or SDK object."""
+def usage_details(um: Any) -> dict[str, dict[str, int]] | None:
+    """``{"input": {modality: n}, "output": {...}}`` from a usageMetadata dict (camelCase) or SDK object;
+    None when the server attributed no tokens to a modality. Vertex names the output side
+    ``candidatesTokensDetails``."""
     out: dict[str, dict[str, int]] = {"input": {}, "output": {}}
-    for direction, camel, snake in (("input", "promptTokensDetails", "prompt_tokens_details"),
-                                    ("output", "responseTokensDetails", "response_tokens_details")):
-        items = um.get(camel) if isinstance(um, dict) else getattr(um, snake, None)
-        for d in items or ():
-            modality = d.get("modality") if isinstance(d, dict) else getattr(d, "modality", None)
-            n = d.get("tokenCount") if isinstance(d, dict) else getattr(d, "token_count", None)
-            modality = str(getattr(modality, "value", modality) or "UNSPECIFIED").upper()
-            if isinstance(n, int) and n > 0:
-                out[direction][modality] = out[direction].get(modality, 0) + n
-    return out
+    for direction, names in (("input", (("promptTokensDetails", "prompt_tokens_details"),)),
+                             ("output", (("responseTokensDetails", "response_tokens_details"),
+                                         ("candidatesTokensDetails", "candidates_tokens_details")))):
+        for camel, snake in names:
+            items = um.get(camel) if isinstance(um, dict) else getattr(um, snake, None)
+            for d in items or ():
+                modality = d.get("modality") if isinstance(d, dict) else getattr(d, "modality", None)
+                n = d.get("tokenCount") if isinstance(d, dict) else getattr(d, "token_count", None)
+                modality = str(getattr(modality, "value", modality) or "UNSPECIFIED").upper()
+                if isinstance(n, int) and n > 0:
+                    out[direction][modality] = out[direction].get(modality, 0) + n
+    return out if out["input"] or out["output"] else None
 
 
 def cost_of(prices: PriceTable, model: str | None, by_modality: dict[str, dict[str, int]]) -> dict[str, Any]:

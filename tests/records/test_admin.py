@@ -35,6 +35,7 @@ class Box:
                           "duration_seconds": 3.0, "webrtc": "up"}}
         self.hung: list[str] = []
         self._draining = False
+        self.t0 = 0.0
 
     def live_calls(self) -> list[dict[str, Any]]:
         return list(self.calls.values())
@@ -90,6 +91,7 @@ async def env(pg_db: Db, keys: tuple[bytes, bytes]) -> Any:
     verifier = JwtVerifier(keys[1], audience=AUD, required_scope="")
     db = Database(pg_db.dsn, pg_db.password)
     box = Box()
+    box.t0 = t  # when the calls were made up (tests filter relative to it)
     app = create_admin_app(verifier, box, db, prices=BUILTIN_PRICES)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://admin") as client:
         yield client, box
@@ -122,7 +124,7 @@ async def test_each_endpoint_checks_its_scope(env: Any, keys: tuple[bytes, bytes
 
 
 async def test_list_filters_and_paging(env: Any, keys: tuple[bytes, bytes]) -> None:
-    client, _ = env
+    client, box = env
     h = tok(keys, "calls:read")
     r = await client.get("/v1/admin/calls?state=ended&limit=2", headers=h)
     body = r.json()
@@ -135,7 +137,7 @@ async def test_list_filters_and_paging(env: Any, keys: tuple[bytes, bytes]) -> N
     assert ids == ["box.c4", "box.c3", "box.c2", "box.c1", "box.c0"]
     alice = (await client.get("/v1/admin/calls?sub=alice", headers=h)).json()["calls"]
     assert {c["id"] for c in alice} == {"box.c1", "box.c3"}
-    since = time.time() - 97.5  # created at t-100+i: only c3, c4
+    since = box.t0 - 97.5  # created at t-100+i: only c3, c4
     recent = (await client.get(f"/v1/admin/calls?since={since}", headers=h)).json()["calls"]
     assert [c["id"] for c in recent] == ["box.c4", "box.c3"]
     live = (await client.get("/v1/admin/calls?state=live", headers=h)).json()["calls"]

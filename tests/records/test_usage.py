@@ -42,4 +42,6 @@ def test_usage_details_from_wire_dicts() -> None:
                                   {"modality": "TEXT", "tokenCount": 10}],
           "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": 40}]}
     assert usage_details(um) == {"input": {"AUDIO": 90, "TEXT": 10}, "output": {"AUDIO": 40}}
-    assert usage_details({}) == {"input": {}, "output": {}}
+    assert usage_details({}) is None  # nothing attributed: the event stays Usage(p, r, t)
+    vertex = {"candidatesTokensDetails": [{"modality": "AUDIO", "tokenCount": 5}]}
+    assert usage_details(vertex) == {"input": {}, "output": {"AUDIO": 5}}
