@@ -125,6 +125,38 @@ def _spool_ctx(item: dict[str, Any]) -> bytes:
     return f"spool:{item.get('id')}:{item.get('kind')}".encode()
 
 
+SEALED_PREFIX = "sealed:"
+
+
+def seal_text(keyring: Keyring | None, text: str, context: bytes, tenant: str = "") -> str:
+    """A text column's sealed form (``sealed:<base64>``); unchanged without a keyring."""
+    if keyring is None:
+        return text
+    return SEALED_PREFIX + base64.b64encode(keyring.seal(text.encode(), context=context,
+                                                          tenant=tenant)).decode()
+
+
+def open_text(keyring: Keyring | None, value: str, context: bytes) -> str:
+    """Inverse of :func:`seal_text` (a plain value passes through). Raises DecryptError."""
+    if not value.startswith(SEALED_PREFIX):
+        return value
+    if keyring is None:
+        raise DecryptError("sealed value but no master key configured")
+    try:
+        blob = base64.b64decode(value[len(SEALED_PREFIX):], validate=True)
+    except ValueError:
+        raise DecryptError("sealed value is not base64") from None
+    return keyring.open(blob, context=context).decode()
+
+
+def webhook_text_ctx(event_id: str) -> bytes:
+    return f"webhook-text:{event_id}".encode()
+
+
+def webhook_body_ctx(event_id: str) -> bytes:
+    return f"webhook-body:{event_id}".encode()
+
+
 def transcript_ctx(line_id: str) -> bytes:
     return f"transcript:{line_id}".encode()
 

@@ -15,7 +15,8 @@ import secrets
 import time
 from typing import Any
 
-from appliance.compliance.envelope import Keyring
+from appliance.compliance.atrest import open_text, webhook_body_ctx
+from appliance.compliance.envelope import DecryptError, Keyring
 
 CLASSES = (("transcript_lines", "transcripts"), ("call_events", "events"), ("usage_reports", "usage"),
            ("webhook_outbox", "webhook_outbox"), ("webhook_dead_letters", "webhook_dead_letters"))
@@ -51,10 +52,17 @@ async def export_records(conn: Any, sub: str, *, keyring: Keyring | None,
         cur = await conn.execute("SELECT event_id, type, body, attempts, last_error, dead_at"
                                  " FROM webhook_dead_letters WHERE call_id = %s", (cid,))
         record["webhook_dead_letters"] = [
-            {"event_id": r[0], "type": r[1], "body": r[2], "attempts": r[3], "last_error": r[4],
-             "dead_at": r[5].isoformat()} for r in await cur.fetchall()]
+            {"event_id": r[0], "type": r[1], "body": _open_body(keyring, r[0], r[2]), "attempts": r[3],
+             "last_error": r[4], "dead_at": r[5].isoformat()} for r in await cur.fetchall()]
         out.append(record)
     return out
+
+
+def _open_body(keyring: Keyring | None, event_id: str, body: str) -> str | None:
+    try:
+        return open_text(keyring, body, webhook_body_ctx(event_id))
+    except DecryptError:
+        return None
 
 
 async def redis_sessions(client: Any, prefix: str, sub: str) -> list[dict[str, Any]]:

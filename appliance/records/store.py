@@ -28,7 +28,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from appliance.compliance import pan
-from appliance.compliance.atrest import transcript_ctx
+from appliance.compliance.atrest import seal_text, transcript_ctx, webhook_text_ctx
 from appliance.compliance.envelope import DecryptError, Keyring
 from appliance.records.quality import summarize_latencies
 from appliance.records.usage import PriceTable, cost_of
@@ -176,7 +176,9 @@ async def apply_items(conn: psycopg.AsyncConnection[Any], items: Iterable[dict[s
                 if webhooks:
                     outbox.append((f"evt_{iid}", call, "call.transcript",
                                    Jsonb({"call_id": call, "offset_ms": int(it.get("offset_ms") or 0),
-                                          "speaker": speaker, "text": text}), 0.0))
+                                          "speaker": speaker,
+                                          "text": seal_text(keyring, text, webhook_text_ctx(f"evt_{iid}"))}),
+                                   0.0))
             case "usage":
                 usage.append((iid, call, at, it.get("model"), int(it.get("prompt_tokens") or 0),
                               int(it.get("response_tokens") or 0), int(it.get("total_tokens") or 0),

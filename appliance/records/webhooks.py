@@ -31,8 +31,8 @@ import psycopg
 from prometheus_client import Counter
 from psycopg.rows import dict_row
 
-from appliance.compliance.atrest import pg_store
-from appliance.compliance.envelope import Keyring
+from appliance.compliance.atrest import open_text, pg_store, seal_text, webhook_body_ctx, webhook_text_ctx
+from appliance.compliance.envelope import DecryptError, Keyring
 from appliance.records import signing, store
 from appliance.records.usage import PriceTable
 from appliance.records.writer import Database
@@ -97,22 +97,33 @@ class WebhookSender:
             return list(await cur.fetchall())
 
     async def _body(self, row: dict[str, Any]) -> bytes:
+        """The event's bytes: fixed at the first attempt and kept sealed (compliance/atrest.py)."""
+        eid = row["event_id"]
         if row["body"]:
-            return str(row["body"]).encode()
-        data = row["payload"]
-        if row["type"] == "call.ended":
             async with self.db.connection() as conn:
                 if self.keyring is not None:
                     await pg_store(self.keyring).load(conn)
+            return open_text(self.keyring, str(row["body"]), webhook_body_ctx(eid)).encode()
+        data = dict(row["payload"])
+        async with self.db.connection() as conn:
+            if self.keyring is not None:
+                await pg_store(self.keyring).load(conn)
+            if row["type"] == "call.ended":
                 record = await store.get_call(conn, row["call_id"], prices=self.prices,
                                               transcript_limit=100000, keyring=self.keyring)
-            data = record or data
-        body = json.dumps({"id": row["event_id"], "type": row["type"],
+                data = record or data
+            elif isinstance(data.get("text"), str):
+                data["text"] = open_text(self.keyring, data["text"], webhook_text_ctx(eid))
+        body = json.dumps({"id": eid, "type": row["type"],
                            "created_at": row["created_at"].isoformat().replace("+00:00", "Z"), "data": data},
                           separators=(",", ":"), default=str)
-        async with self.db.connection() as conn:
+        async with self.db.connection() as conn, conn.transaction():
+            stored = seal_text(self.keyring, body, webhook_body_ctx(eid))
+            if self.keyring is not None:
+                await pg_store(self.keyring).flush(conn)
             await conn.execute("UPDATE webhook_outbox SET body = %s WHERE event_id = %s AND body IS NULL",
-                               (body, row["event_id"]))
+                               (stored, eid))
+        row["body"] = stored
         return body.encode()
 
     async def _deliver(self, row: dict[str, Any]) -> None:
@@ -122,6 +133,12 @@ class WebhookSender:
                 body = await self._body(row)
             except (psycopg.Error, OSError):
                 return  # the lease expires and the row comes back
+            except DecryptError as exc:  # tampered / foreign ciphertext: retried, then dead-lettered
+                log.warning("webhook event does not open",
+                            extra={"event": row["event_id"], "error": str(exc)})
+                with contextlib.suppress(psycopg.Error, OSError):
+                    await self._settle(row, b"", False, "undecryptable")
+                return
             try:
                 async with asyncio.timeout(self.timeout):
                     resp = await self._client.post(self.url, content=body, headers=signing.headers(
@@ -150,8 +167,8 @@ class WebhookSender:
                 await conn.execute(
                     "INSERT INTO webhook_dead_letters (event_id, call_id, type, body, attempts, last_error,"
                     " created_at) VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (event_id) DO NOTHING",
-                    (row["event_id"], row["call_id"], row["type"], body.decode(), attempts, error,
-                     row["created_at"]))
+                    (row["event_id"], row["call_id"], row["type"], str(row.get("body") or ""), attempts,
+                     error, row["created_at"]))
                 await conn.execute("DELETE FROM webhook_outbox WHERE event_id = %s", (row["event_id"],))
                 DEAD.inc()
                 log.warning("webhook event dead-lettered",

@@ -5,6 +5,7 @@ plaintext (and no PAN); the admin API opens sealed lines, names a tampered one w
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +210,42 @@ def test_supervisor_run_creates_the_master_key(tmp_path: Path) -> None:
     m = load_master(cfg)
     assert (tmp_path / "secrets" / "master-key").exists()
     assert load_master(cfg).current_id == m.current_id
+
+
+async def test_webhook_outbox_and_dead_letters_stay_sealed(pg_db: Db, tmp_path: Path) -> None:
+    """The outbox holds the transcript events until delivered and their fixed bodies for retries, the
+    dead letters for good: all sealed; the receiver still gets the (masked) plain text."""
+    from appliance.records.webhooks import WebhookSender
+    from tests.records.test_webhooks import Receiver
+
+    _, master = _master(tmp_path)
+    root = tmp_path / "spool"
+    _write_call(root, master, "box.w1", f"{SECRET}, card {PAN}")
+    assert await RecordWriter(Database(pg_db.dsn, pg_db.password), root, master=master,
+                              webhooks=True).drain(20)
+    receiver = Receiver()
+    ok = WebhookSender(Database(pg_db.dsn, pg_db.password), receiver.url("fail"), b"k", prices=BUILTIN_PRICES,
+                       poll_seconds=0.05, max_age_seconds=0, keyring=db_keyring(master))
+    task = asyncio.create_task(ok.run())
+    try:
+        for _ in range(200):
+            async with await psycopg.AsyncConnection.connect(pg_db.dsn, password=pg_db.password) as conn:
+                cur = await conn.execute("SELECT count(*) FROM webhook_outbox")
+                if (await cur.fetchone()) == (0,):
+                    break
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await ok.aclose()
+        await ok.db.close()
+        receiver.close()
+    bodies = [json.loads(b) for _, _, b in receiver.got]
+    lines = [b["data"]["text"] for b in bodies if b["type"] == "call.transcript"]
+    assert f"{SECRET}, card [card number]" in lines
+    ended = [b for b in bodies if b["type"] == "call.ended"]
+    assert ended and ended[0]["data"]["transcript"][0]["text"].startswith(SECRET)
+    dump = await _all_text(pg_db)
+    assert "evt_" in dump  # the dead letters are there…
+    for plain in ("Zanzibarova", "4111", "noted"):
+        assert plain not in dump, plain  # …and sealed
