@@ -224,6 +224,8 @@ class CreateSessionResponse(BaseModel):
     expires_at: str = Field(description="RFC 3339 UTC time")
     resumed_from: str | None = Field(None, description="Set when a resume moved the session to this box: "
                                                        "its previous id (the new session_id names this box)")
+    ai_generated_audio: bool = Field(True, description="The audio this session sends the caller is "
+                                                       "AI-generated (EU AI Act art. 50(2) marking)")
 
 
 class IceServersResponse(BaseModel):
@@ -263,6 +265,7 @@ class SessionResponse(BaseModel):
     created_at: str
     expires_at: str
     details: dict[str, Any] = Field(default_factory=dict)
+    ai_generated_audio: bool = Field(True, description="The audio this session sends is AI-generated")
 
 
 class ErrorResponse(BaseModel):

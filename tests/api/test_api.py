@@ -76,6 +76,7 @@ async def test_session_lifecycle(api, service, private_pem):
     assert r.headers["location"] == f"/v1/sessions/{sid}" and r.headers["cache-control"] == "no-store"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", body["expires_at"])
     assert len(body["resume_token"]) >= 32
+    assert body["ai_generated_audio"] is True  # EU AI Act art. 50(2) marking (docs/compliance.md)
     # TURN credentials are coturn REST credentials for this session, valid ≤ 1 h
     (turn,) = body["ice_servers"]
     assert turn["urls"][0] == "turn:turn.example.test:3478?transport=udp"
@@ -101,7 +102,7 @@ async def test_session_lifecycle(api, service, private_pem):
 
     r = await api.get(f"/v1/sessions/{sid}", headers=h)
     assert r.status_code == 200 and r.json()["state"] == "connecting"
-    assert r.json()["details"]["voice"] == "Kore"
+    assert r.json()["details"]["voice"] == "Kore" and r.json()["ai_generated_audio"] is True
     assert (await api.delete(f"/v1/sessions/{sid}", headers=h)).status_code == 204
     r = await api.get(f"/v1/sessions/{sid}", headers=h)
     assert r.status_code == 404 and r.json() == {
