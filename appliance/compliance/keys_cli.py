@@ -13,7 +13,9 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 
+from appliance.compliance import trail
 from appliance.compliance.atrest import db_keyring, describe, load_master, pg_store
 from appliance.compliance.envelope import DecryptError, KeyConfigError, MasterKeys
 from appliance.config import ConfigError, load_config
@@ -48,6 +50,10 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
                     out["rewrapped"] = keyring.rewrap()
                     out["master_key"] = keyring.master.current_id
                 await pg_store(keyring).flush(conn)
+                if args.action in ("rotate", "rewrap"):  # key management is audited (compliance.trail)
+                    details = {k: v for k, v in out.items() if k != "keys"}
+                    await trail.append(conn, [trail.Record(time.time(), "cli:keys", f"keys.{args.action}",
+                                                           "", details)])
                 out["keys"] = describe(keyring)
                 return out
     finally:

@@ -191,6 +191,11 @@ async def test_keys_rotate_and_rewrap_without_downtime(pg_db: Db, tmp_path: Path
     async with await psycopg.AsyncConnection.connect(pg_db.dsn, password=pg_db.password) as conn:
         cur = await conn.execute("SELECT DISTINCT kek_id FROM data_keys")
         assert [r[0] for r in await cur.fetchall()] == ["m2"]
+        cur = await conn.execute("SELECT action, details FROM audit_log WHERE actor = 'cli:keys'"
+                                 " ORDER BY seq")
+        rows = await cur.fetchall()
+        assert [r[0] for r in rows] == ["keys.rotate", "keys.rewrap"]
+        assert '"rewrapped":2' in rows[1][1]
 
 
 def test_keys_cli_reports_a_missing_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
