@@ -57,12 +57,12 @@ from typing import Any
 import numpy as np
 
 from appliance.config import Config
-from bench import probe
 from shm.segment import EventCode, ShardSegment, ShmError, Slot
 from workers.ai.dtmf import DtmfBuffer, digit_for, dtmf_text
 from workers.ai.greeting import PromptCache
 from workers.ai.journal import AUDIO, END, START, TEXT, TurnJournal, journal_path, remove_stale
 from workers.ai.tools import ToolRunner
+from workers.ai.turn_metrics import TurnClock, mark_speech
 from workers.ai.turns import Decision, PreRoll, TurnDetector, TurnEvent, TurnParams
 from workers.ai.vad import SAMPLE_RATE, BatchedVad, WindowBuffer
 from workers.levels import mean_square_of_dbfs
@@ -389,7 +389,8 @@ class AiWorker:
     def _open_call(self, slot: Slot, generation: int, session_id: str, options: dict[str, Any]) -> None:
         call = Call(slot=slot, generation=generation, session_id=session_id, options=dict(options),
                     window=WindowBuffer(), preroll=PreRoll(self._preroll_keep_ms),
-                    detector=TurnDetector(self.params), last_event=probe.event_times(session_id))
+                    detector=TurnDetector(self.params),
+                    last_event=TurnClock(slot, generation, self.seg.histograms("ai")))
         self.calls[slot.index] = call
         self.stats.sessions_opened += 1
         self.vad.reset(call.key)
@@ -677,6 +678,7 @@ class AiWorker:
 
     def _on_turn(self, call: Call, ev: TurnEvent) -> None:
         now = time.monotonic()
+        mark_speech(call.last_event, ev, call.window.position, now)
         if ev.decision is Decision.ACTIVITY_START:
             if ev.barge_in or self._playing(call):
                 self._barge_in(call)
