@@ -181,6 +181,11 @@ class JanusConfig:
     audiobridge_admin_key: str = ""
     audiobridge_admin_key_file: str = ""  # systemd credential (packaging); read with config.secret()
     keepalive_seconds: float = 25.0
+    # Janus's sample event handler POSTs its RTCP media statistics here (appliance/quality.py); the
+    # supervisor listens on events_host:events_port (loopback). 0: off (no caller-leg quality).
+    events_host: str = "127.0.0.1"
+    events_port: int = 7089
+    stats_period_seconds: int = 5  # Janus events.stats_period: one media statistics event per handle
 
 
 @dataclass(frozen=True)
@@ -255,6 +260,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "api.max_body_bytes": (1024, 16 * 1024 * 1024),
     "api.metrics_port": (0, 65535),
     "api.agent_check_port": (0, 65535),
+    "janus.events_port": (0, 65535),
+    "janus.stats_period_seconds": (1, 60),
     "api.drain_timeout_seconds": (0, 86400),
     "api.create_timeout_seconds": (1, 120),
     "auth.max_ttl_seconds": (60, 900),

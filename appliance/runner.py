@@ -298,6 +298,9 @@ def prepare(
             audiobridge_admin_key=ab_key,
             public_ip=public_host or primary_ip(),
             plain_rtp_ip=cfg.media.rtp_host,
+            events_backend=(f"http://{cfg.janus.events_host}:{cfg.janus.events_port}/janus-events"
+                            if cfg.janus.events_port else ""),
+            stats_period=cfg.janus.stats_period_seconds,
         )
         janus_conf.write(settings, state / "janus")
         programs.append(Program("janus", [*pin, *janus_conf.command(state / "janus")], 30, startsecs=0))

@@ -354,6 +354,8 @@ class Sessions:
                 if slot.is_current(live.generation):
                     details["model_state"] = slot.model_state or "connecting"
                     details["transcript"] = slot.transcript
+            if "quality" in live.extra:
+                details["quality"] = live.extra["quality"]  # latest 5 s window (appliance/quality.py)
             state = "active" if live.webrtc_up else "connecting"
             return SessionInfo(session_id, live.sub, state, live.mode, live.created_at, live.expires_at,
                                details)
@@ -451,6 +453,24 @@ class Sessions:
             return slot.resume_handle, slot.model_state, slot.transcript
         except Exception:
             return None
+
+    def quality_refs(self) -> list[Any]:
+        """The live calls as the call-quality sampler sees them (appliance/quality.py)."""
+        from appliance.quality import CallRef
+
+        refs = []
+        for sid, live in list(self.live.items()):
+            if live.closing or live.handle is None:
+                continue
+            refs.append(CallRef(sid, live.placed.shard, live.handle.id, self._counters_of(live),
+                                lambda q, live=live: live.extra.__setitem__("quality", q.public())))
+        return refs
+
+    def _counters_of(self, live: LiveSession) -> Any:
+        def read() -> dict[str, int] | None:
+            slot = self.segments[live.placed.shard].slot(live.placed.slot)
+            return slot.counters.snapshot() if slot.is_current(live.generation) else None
+        return read
 
     # -- mirror to Redis ------------------------------------------------------------------------
     async def mirror_once(self) -> int:

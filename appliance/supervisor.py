@@ -136,6 +136,8 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._graceful = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self.janus_events: Any = None  # appliance.quality.JanusEventReceiver when janus.events_port
+        self._quality: Any = None
 
     # -- start ----------------------------------------------------------------------------------
     def _create_segments(self) -> None:
@@ -202,6 +204,14 @@ class Supervisor:
                         self.harvest_counters(shard, slot)
         return self._counters.totals
 
+    def _shard_histograms(self) -> dict[int, dict[str, tuple[list[int], float]]]:
+        """Both workers' latency histogram blocks of every shard (scrape time; shm/histograms.py)."""
+        out: dict[int, dict[str, tuple[list[int], float]]] = {}
+        for shard, seg in list(self.segments.items()):
+            with contextlib.suppress(Exception):  # a segment closing during shutdown
+                out[shard] = {**seg.histograms("media").snapshot_all(), **seg.histograms("ai").snapshot_all()}
+        return out
+
     async def start(self) -> None:
         from appliance.agentcheck import AgentCheckServer
         from appliance.api import create_app
@@ -229,8 +239,16 @@ class Supervisor:
         self.metrics.sessions_capacity.set_function(lambda: p.capacity)
         self.metrics.draining.set_function(lambda: 1 if p.draining else 0)
         self.metrics.add_shard_counters(self._shard_counters)
+        self.metrics.add_shard_histograms(self._shard_histograms)
         if cfg.api.metrics_port:
             self.metrics.serve(cfg.api.metrics_host, cfg.api.metrics_port)
+        if cfg.janus.events_port:
+            from appliance.quality import JanusEventReceiver, QualitySampler
+
+            self.janus_events = JanusEventReceiver()
+            self.janus_events.serve(cfg.janus.events_host, cfg.janus.events_port)
+            sampler = QualitySampler(self.janus_events, self.metrics.observe_quality)
+            self._quality = sampler
         if self.with_workers:
             from shm.segment import segment_name
 
@@ -259,6 +277,9 @@ class Supervisor:
             await asyncio.sleep(0.02)
         self.sessions.accepting = True
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if self._quality is not None:
+            quality = self._quality.run(self.sessions.quality_refs, float(cfg.janus.stats_period_seconds))
+            self._tasks.append(asyncio.create_task(quality, name="quality"))
         self.notifier.ready(self._status())
         log.info("supervisor ready", extra={"host": cfg.api.host, "port": cfg.api.port,
                                              "shards": self.plan.shard_count, "slots": cfg.shards.slots})
@@ -353,6 +374,8 @@ class Supervisor:
         if self.arbiter is not None:
             await self.arbiter.stop()
         self.metrics.stop()
+        if self.janus_events is not None:
+            self.janus_events.stop()
         for seg in self.segments.values():
             seg.close()
             seg.unlink()
