@@ -192,6 +192,13 @@ class Metrics:
             registry=r)
         self._http: Any = None
 
+    @staticmethod
+    def worker_overloaded_init(role: str) -> None:
+        """Create ``va_worker_overloaded_total{role}`` at 0 (the arbiter's counter, default registry)."""
+        from appliance.arbiter import OVERLOADED
+
+        OVERLOADED.labels(role=role)
+
     def observe_quality(self, shard: int, q: Any) -> None:
         """One call's ``appliance.quality.QualitySample`` into the per-shard histograms."""
         sh = str(shard)
@@ -214,6 +221,15 @@ class Metrics:
     def add_shard_histograms(self, source: HistSource) -> None:
         """Export the workers' latency histograms, read at scrape time from ``source()``."""
         self.registry.register(_HistCollector(source))
+
+    def add_worker_registry(self, directory: str) -> None:
+        """Export what worker processes record with prometheus_client in multiprocess mode
+        (``PROMETHEUS_MULTIPROC_DIR=directory`` in their environment: the AI worker's Live-layer counters
+        and connect histogram). Event-rate metrics only, never per frame: an ``inc`` there is an mmap'd
+        store under a lock (~1-2 µs). Files of dead workers stay and keep their counts (monotonic)."""
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        MultiProcessCollector(self.registry, path=directory)
 
     def serve(self, host: str, port: int) -> int:
         """Start /metrics on host:port (a daemon thread); returns the bound port."""

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -204,6 +205,20 @@ class Supervisor:
                         self.harvest_counters(shard, slot)
         return self._counters.totals
 
+    def _worker_env(self) -> dict[str, str]:
+        """Workers' environment: prometheus_client multiprocess mode into a fresh per-instance directory
+        that /metrics reads (appliance.metrics.Metrics.add_worker_registry)."""
+        d = Path(self.cfg.paths.run_dir) / f"prometheus-{self.instance}"
+        with contextlib.suppress(OSError):
+            shutil.rmtree(d)
+        try:
+            d.mkdir(parents=True, mode=0o700)
+        except OSError as exc:
+            log.warning("no worker metrics directory", extra={"dir": str(d), "error": str(exc)})
+            return dict(os.environ)
+        self.metrics.add_worker_registry(str(d))
+        return {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(d)}
+
     def _shard_histograms(self) -> dict[int, dict[str, tuple[list[int], float]]]:
         """Both workers' latency histogram blocks of every shard (scrape time; shm/histograms.py)."""
         out: dict[int, dict[str, tuple[list[int], float]]] = {}
@@ -240,6 +255,10 @@ class Supervisor:
         self.metrics.draining.set_function(lambda: 1 if p.draining else 0)
         self.metrics.add_shard_counters(self._shard_counters)
         self.metrics.add_shard_histograms(self._shard_histograms)
+        for role in ("media", "ai"):  # series exist from 0, so increase() sees the first restart
+            for reason in ("signal", "exit", "heartbeat", "heartbeat_hard", "reload"):
+                self.metrics.worker_restarts.labels(role=role, reason=reason)
+            self.metrics.worker_overloaded_init(role)
         if cfg.api.metrics_port:
             self.metrics.serve(cfg.api.metrics_host, cfg.api.metrics_port)
         if cfg.janus.events_port:
@@ -253,7 +272,7 @@ class Supervisor:
             from shm.segment import segment_name
 
             specs = specs_for_plan(self.plan, lambda k: segment_name(self.instance, k), self.config_path)
-            self.arbiter = Arbiter(specs, heartbeat=self._heartbeat,
+            self.arbiter = Arbiter(specs, heartbeat=self._heartbeat, env=self._worker_env(),
                                    heartbeat_timeout=cfg.shards.heartbeat_timeout_seconds,
                                    on_event=self._on_worker_event)
             for s in self.plan.shards:  # a shard takes calls once its media worker beats
