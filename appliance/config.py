@@ -229,6 +229,7 @@ class PathsConfig:
 class LogConfig:
     level: str = "info"
     format: str = "json"  # json | text
+    frame_sample_ratio: float = 0.1  # share of per-frame debug lines written (appliance/logs.py FrameSampler)
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,15 @@ class ComplianceConfig:
     # reason that is logged at every start, never by an empty `model.greeting`.
     ai_disclosure: bool = True
     ai_disclosure_off_reason: str = ""
+
+
+@dataclass(frozen=True)
+class OtelConfig:
+    """OpenTelemetry traces (appliance/tracing.py): off unless an OTLP/HTTP endpoint is set."""
+
+    endpoint: str = ""  # collector base URL, e.g. http://127.0.0.1:4318 (/v1/traces is appended)
+    service_name: str = "voice-appliance"
+    timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -258,6 +268,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    otel: OtelConfig = field(default_factory=OtelConfig)
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
 
     @property
@@ -272,6 +283,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "api.metrics_port": (0, 65535),
     "api.agent_check_port": (0, 65535),
     "janus.events_port": (0, 65535),
+    "log.frame_sample_ratio": (0, 1),
+    "otel.timeout_seconds": (0.1, 60),
     "janus.stats_period_seconds": (1, 60),
     "api.drain_timeout_seconds": (0, 86400),
     "api.create_timeout_seconds": (1, 120),

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance import tracing
 from appliance.api import (
     CapacityError,
     ClientInfo,
@@ -262,6 +263,9 @@ class Sessions:
             raise UpstreamError("session state unavailable") from exc
         self.metrics.admissions.labels(result="resumed" if resumed else "accepted").inc()
         self.metrics.session_setup_seconds.observe(time.perf_counter() - started)
+        # one trace per call (appliance/tracing.py); a resumed call's new leg is a child of its call span
+        live.extra["span"] = (tracing.start_child(sid, "call_resumed", box=self.box) if resumed else
+                              tracing.start_call(sid, box=self.box, shard=placed.shard, mode=options.mode))
         log.info("session created", extra={
             "session": sid, "shard": placed.shard, "slot": placed.slot, "port": placed.rtp_port,
             "mode": options.mode, "resumed": resumed is not None})
@@ -398,6 +402,7 @@ class Sessions:
         for hid in handle_ids:
             self._by_handle.pop(hid, None)
         self.metrics.sessions_ended.labels(reason=reason).inc()
+        tracing.end(live.extra.pop("span", None), reason=reason)
         log.info("session ended", extra={"session": session_id, "reason": reason})
         try:
             if forget:

@@ -241,6 +241,10 @@ class Supervisor:
             pin(0, self.plan.janus_cpus)
         log.info("cpu plan", extra={"plan": self.plan.describe(), "instance": self.instance})
         self._create_segments()
+        from appliance import tracing
+
+        tracing.configure(cfg.otel.endpoint, cfg.otel.service_name, role="supervisor",
+                          timeout=cfg.otel.timeout_seconds)
         store = SessionStore.from_config(cfg.redis)
         await store.start()
         self.sessions = Sessions(cfg, self.placement, self.segments, store, self.metrics, box=self.instance,
@@ -396,6 +400,9 @@ class Supervisor:
         if self.arbiter is not None:
             await self.arbiter.stop()
         self.metrics.stop()
+        from appliance import tracing
+
+        tracing.shutdown()
         if self.janus_events is not None:
             self.janus_events.stop()
         for seg in self.segments.values():

@@ -75,6 +75,7 @@ import tenacity
 from prometheus_client import Counter, Histogram
 from websockets.exceptions import ConnectionClosed
 
+from appliance import tracing
 from appliance.config import Config, ModelConfig, secret
 
 log = logging.getLogger("workers.ai.live")
@@ -580,7 +581,8 @@ class LiveSession:
                 self._degrade(f"connection keeps failing: {reason}")
                 return
             try:
-                await self._connect_with_retries(first=False)
+                with tracing.child(self.session_id, "resume", reason=reason):
+                    await self._connect_with_retries(first=False)
             except LiveUnavailable as exc:
                 self._degrade(str(exc))
                 return

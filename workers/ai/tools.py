@@ -33,6 +33,8 @@ from typing import Any
 
 import httpx
 
+from appliance import tracing
+
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 8  # tool calls of one session at once; more are answered with an error at once
@@ -118,7 +120,8 @@ class ToolRunner:
         ok = False
         try:
             try:
-                response = await self.invoke(session_id, name, args, call_id)
+                with tracing.child(session_id, "tool_call", tool=name, call_id=call_id):
+                    response = await self.invoke(session_id, name, args, call_id)
                 ok = True
             except ToolError as exc:
                 response = {"error": str(exc)}

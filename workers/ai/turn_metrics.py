@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from appliance import tracing
 from shm.histograms import ShardHistograms
 from shm.segment import Slot
 from workers.ai.turns import Decision
@@ -29,6 +30,9 @@ from workers.ai.turns import Decision
 SAMPLE_RATE = 16_000
 MAX_STAGE_S = 30.0  # a stage longer than this pairs readings of different turns: not observed
 BARGE_IN_MAX_S = 3.0
+# the energy-gated pause may come before Silero places the onset (a quiet start of the word): the same
+# talk-over if within this much
+PAUSE_BEFORE_ONSET_S = 0.5
 
 
 def mark_speech(times: dict[str, float], ev: Any, position: int, now: float) -> None:
@@ -44,17 +48,22 @@ def mark_speech(times: dict[str, float], ev: Any, position: int, now: float) -> 
 class TurnClock(dict[str, float]):
     """``call.last_event``: a ``name → time.monotonic()`` dict that records stage latencies."""
 
-    __slots__ = ("_answered", "_barged", "_gen", "_hist", "_slot")
+    __slots__ = ("_answered", "_barged", "_gen", "_hist", "_prev", "_sid", "_slot", "_span", "_span_answered")
 
-    def __init__(self, slot: Slot, generation: int, hist: ShardHistograms) -> None:
+    def __init__(self, slot: Slot, generation: int, hist: ShardHistograms, session_id: str = "") -> None:
         super().__init__()
-        self._slot, self._gen, self._hist = slot, generation, hist
+        self._slot, self._gen, self._hist, self._sid = slot, generation, hist, session_id
+        self._span: Any = None  # the open turn's trace span (appliance/tracing.py; None when off)
+        self._prev: Any = None  # the previous turn, while the caller talks over its answer
+        self._span_answered = False
         self._answered = True  # no caller turn awaits an answer (the greeting is not one)
         self._barged = 0.0  # onset whose barge-in was timed
 
     def __setitem__(self, name: str, value: float) -> None:
         super().__setitem__(name, value)
         try:
+            if self._sid and tracing.enabled():
+                self._trace(name, value)
             match name:
                 case "activity_end":
                     end = self.get("speech_end")
@@ -67,6 +76,36 @@ class TurnClock(dict[str, float]):
                     self._barge_in(value)
         except Exception:  # metrics never break a call (a closed segment during shutdown, ...)
             pass
+
+    def _trace(self, name: str, t: float) -> None:
+        """One span per caller turn: speech onset → the end of its answer (turnComplete / interrupted).
+        A caller who talks over the answer opens the next turn at once; the barge-in and ``interrupted``
+        then belong to the turn whose answer they cut (``_prev``)."""
+        match name:
+            case "speech_start":
+                if self._span is not None and self._span_answered:
+                    tracing.end(self._prev, t)
+                    self._prev = self._span  # its answer is still playing
+                else:
+                    tracing.end(self._span, t)
+                self._span = tracing.start_child(self._sid, "turn", at=t)
+                self._span_answered = False
+            case "activity_end" | "dtmf_sent":
+                tracing.event(self._span, name, at=t)
+            case "first_audio":
+                tracing.event(self._span, "model_first_audio", at=t)
+                self._span_answered = self._span is not None
+            case "barge_in":
+                tracing.event(self._prev or self._span, name, at=t)
+            case "interrupted" | "turn_complete":
+                if self._prev is not None:
+                    tracing.event(self._prev, name, at=t)
+                    tracing.end(self._prev, t)
+                    self._prev = None
+                elif self._span is not None and self._span_answered:
+                    tracing.event(self._span, name, at=t)
+                    tracing.end(self._span, t)
+                    self._span = None
 
     def _first_audio(self, t: float) -> None:
         if self._answered:
@@ -86,6 +125,6 @@ class TurnClock(dict[str, float]):
         self._barged = onset
         silent = t
         pause = self.get("pause")
-        if pause is not None and onset - 0.1 <= pause <= t:
+        if pause is not None and onset - PAUSE_BEFORE_ONSET_S <= pause <= t:
             silent = pause  # the media worker had paused playback already
         self._hist.observe("barge_in", max(0.0, silent - onset))

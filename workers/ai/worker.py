@@ -390,7 +390,7 @@ class AiWorker:
         call = Call(slot=slot, generation=generation, session_id=session_id, options=dict(options),
                     window=WindowBuffer(), preroll=PreRoll(self._preroll_keep_ms),
                     detector=TurnDetector(self.params),
-                    last_event=TurnClock(slot, generation, self.seg.histograms("ai")))
+                    last_event=TurnClock(slot, generation, self.seg.histograms("ai"), session_id))
         self.calls[slot.index] = call
         self.stats.sessions_opened += 1
         self.vad.reset(call.key)

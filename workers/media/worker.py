@@ -66,6 +66,7 @@ from typing import Protocol
 import numpy as np
 
 from appliance.config import MediaConfig
+from appliance.logs import FrameSampler
 from shm.histograms import ShardHistograms
 from shm.layout import U64
 from shm.segment import EventCode, ShardSegment, Slot, SlotInfo, SlotState
@@ -544,8 +545,9 @@ class MediaWorker:
     """Runs all sessions of one shard segment on one thread."""
 
     def __init__(self, segment: ShardSegment, cfg: MediaConfig, *, host: str | None = None,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns, frame_log_ratio: float = 0.1) -> None:
         self.seg = segment
+        self.frame_log = FrameSampler(log, frame_log_ratio)  # per-frame debug lines, sampled
         self.cfg = cfg
         self.host = host or cfg.rtp_host
         self.clock = clock
@@ -660,6 +662,11 @@ class MediaWorker:
             try:
                 sess.tick_uplink()
                 sess.tick_downlink(tick)
+                if self.frame_log.due():
+                    c = sess.c
+                    log.debug("frame", extra={"session": sess.session_id, "tick": tick,
+                                              "jitter_us": c.get("jitter_us"), "lost": c.get("lost"),
+                                              "speaking": sess.speaking, "held": sess.hold_seq is not None})
             except Exception:
                 # a bug or bad state in one session must not stop the others: end that session locally
                 log.exception("session failed", extra={"session": sess.session_id})
