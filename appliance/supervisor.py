@@ -269,7 +269,11 @@ class Supervisor:
             from appliance.quality import JanusEventReceiver, QualitySampler
 
             self.janus_events = JanusEventReceiver()
-            self.janus_events.serve(cfg.janus.events_host, cfg.janus.events_port)
+            try:
+                self.janus_events.serve(cfg.janus.events_host, cfg.janus.events_port)
+            except OSError as exc:  # quality then comes from the media workers' counters alone
+                log.error("cannot listen for Janus events", extra={
+                    "host": cfg.janus.events_host, "port": cfg.janus.events_port, "error": str(exc)})
             sampler = QualitySampler(self.janus_events, self.metrics.observe_quality)
             self._quality = sampler
         if self.with_workers:
