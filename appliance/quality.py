@@ -115,6 +115,37 @@ class QualitySample:
         return {k: round(v, 4) for k, v in asdict(self).items()}
 
 
+@dataclass
+class QualitySummary:
+    """A whole call's quality, from its samples (for the call record: ``summary_of(session)``)."""
+
+    samples: int = 0
+    mos_sum: float = 0.0
+    mos_min: float = 5.0
+    loss_up_max: float = 0.0
+    loss_down_max: float = 0.0
+    jitter_max_seconds: float = 0.0
+    rtt_max_seconds: float = 0.0
+
+    def add(self, q: QualitySample) -> None:
+        self.samples += 1
+        self.mos_sum += q.mos
+        self.mos_min = min(self.mos_min, q.mos)
+        self.loss_up_max = max(self.loss_up_max, q.loss_up_ratio)
+        self.loss_down_max = max(self.loss_down_max, q.loss_down_ratio)
+        self.jitter_max_seconds = max(self.jitter_max_seconds, q.jitter_up_seconds, q.jitter_down_seconds)
+        self.rtt_max_seconds = max(self.rtt_max_seconds, q.rtt_seconds)
+
+    def public(self) -> dict[str, float | int]:
+        if not self.samples:
+            return {"samples": 0}
+        return {"samples": self.samples, "mos_mean": round(self.mos_sum / self.samples, 3),
+                "mos_min": round(self.mos_min, 3), "loss_up_max_ratio": round(self.loss_up_max, 4),
+                "loss_down_max_ratio": round(self.loss_down_max, 4),
+                "jitter_max_seconds": round(self.jitter_max_seconds, 4),
+                "rtt_max_seconds": round(self.rtt_max_seconds, 4)}
+
+
 def _ratio(lost: int, got: int) -> float:
     total = lost + got
     return max(0.0, lost / total) if total > 0 and lost > 0 else 0.0

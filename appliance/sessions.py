@@ -468,8 +468,22 @@ class Sessions:
             if live.closing or live.handle is None:
                 continue
             refs.append(CallRef(sid, live.placed.shard, live.handle.id, self._counters_of(live),
-                                lambda q, live=live: live.extra.__setitem__("quality", q.public())))
+                                lambda q, live=live: self._publish_quality(live, q)))
         return refs
+
+    @staticmethod
+    def _publish_quality(live: LiveSession, q: Any) -> None:
+        from appliance.quality import QualitySummary
+
+        live.extra["quality"] = q.public()
+        live.extra.setdefault("quality_summary", QualitySummary()).add(q)
+
+    def quality_summary(self, session_id: str) -> dict[str, Any] | None:
+        """The call's quality so far (samples, MOS mean/min, worst loss/jitter/RTT) for its call record;
+        None for a call not live on this box. Read it before teardown."""
+        live = self.live.get(session_id)
+        summary = live.extra.get("quality_summary") if live is not None else None
+        return summary.public() if summary is not None else None
 
     def _counters_of(self, live: LiveSession) -> Any:
         def read() -> dict[str, int] | None:

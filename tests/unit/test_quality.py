@@ -76,3 +76,16 @@ def test_receiver_rejects_bad_bodies_and_keeps_latest() -> None:
         assert rx.latest(3) is None
     finally:
         rx.stop()
+
+
+def test_summary_of_a_call() -> None:
+    from appliance.quality import QualitySample, QualitySummary
+
+    s = QualitySummary()
+    assert s.public() == {"samples": 0}
+    s.add(QualitySample(4.4, 92.0, 0.0, 0.01, 0.002, 0.004, 0.02, 0.0))
+    s.add(QualitySample(3.6, 70.0, 0.05, 0.0, 0.03, 0.001, 0.05, 5.0))
+    p = s.public()
+    assert p["samples"] == 2 and p["mos_mean"] == pytest.approx(4.0) and p["mos_min"] == 3.6
+    assert p["loss_up_max_ratio"] == 0.05 and p["loss_down_max_ratio"] == 0.01
+    assert p["jitter_max_seconds"] == 0.03 and p["rtt_max_seconds"] == 0.05
