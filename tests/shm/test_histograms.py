@@ -66,12 +66,14 @@ def test_answer_words_reset_on_activate(seg: ShardSegment) -> None:
 
 
 def test_observe_cost(seg: ShardSegment) -> None:
-    """Per-observation cost (a few per turn, never per frame). Measured ~0.7 µs here; bound 5 µs."""
+    """Per-observation cost (a few per turn, never per frame). Measured 0.37-0.66 µs on an idle-ish
+    2-vCPU VM; bound 5 µs on the best of 7 rounds (a shared machine's load inflates single rounds)."""
     h = seg.histograms("ai")
-    n = 50_000
-    t0 = time.perf_counter()
-    for _ in range(n):
-        h.observe("turn_end", 0.033)
-    per = (time.perf_counter() - t0) / n
-    print(f"observe: {per * 1e6:.2f} µs")
-    assert per < 5e-6
+    n, best = 10_000, float("inf")
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            h.observe("turn_end", 0.033)
+        best = min(best, (time.perf_counter() - t0) / n)
+    print(f"observe: {best * 1e6:.2f} µs")
+    assert best < 5e-6

@@ -183,8 +183,10 @@ def test_frame_sampler_writes_one_in_ten_only_at_debug() -> None:
     assert sum(s.due() for _ in range(1000)) == 100
     assert sum(FrameSampler(log, 0.0).due() for _ in range(100)) == 0
     assert sum(FrameSampler(log, 1.0).due() for _ in range(100)) == 100
-    t0 = time.perf_counter()
-    for _ in range(100_000):
-        s.due()
-    per = (time.perf_counter() - t0) / 100_000
-    assert per < 2e-6, per  # ~0.1-0.2 µs: cheap enough for the tick
+    best = float("inf")
+    for _ in range(7):  # best of 7: a shared machine's load inflates single rounds
+        t0 = time.perf_counter()
+        for _ in range(10_000):
+            s.due()
+        best = min(best, (time.perf_counter() - t0) / 10_000)
+    assert best < 2e-6, best  # ~0.1-0.2 µs: cheap enough for the tick
