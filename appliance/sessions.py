@@ -285,9 +285,12 @@ class Sessions:
             raise UpstreamError("session state unavailable") from exc
         self.metrics.admissions.labels(result="resumed" if resumed else "accepted").inc()
         self.metrics.session_setup_seconds.observe(time.perf_counter() - started)
-        # one trace per call (appliance/tracing.py); a resumed call's new leg is a child of its call span
-        live.extra["span"] = (tracing.start_child(sid, "call_resumed", box=self.box) if resumed else
-                              tracing.start_call(sid, box=self.box, shard=placed.shard, mode=options.mode))
+        # one trace per call id (appliance/tracing.py): a call resumed here under its id continues its
+        # trace (a child of its call span); one that moved boxes got a new id and starts a new trace
+        live.extra["span"] = (tracing.start_child(sid, "call_resumed", box=self.box)
+                              if resumed is not None and not moving else
+                              tracing.start_call(sid, box=self.box, shard=placed.shard, mode=options.mode,
+                                                 resumed_from=resumed.session_id if resumed else ""))
         log.info("session created", extra={
             "session": sid, "shard": placed.shard, "slot": placed.slot, "port": placed.rtp_port,
             "mode": options.mode, "resumed": resumed is not None})
