@@ -69,6 +69,7 @@ from appliance.janus import (
 )
 from appliance.metrics import Metrics
 from appliance.placement import AdmissionRefused, Placed, Placement
+from appliance.records.calls import SupervisorRecorder
 from appliance.state import (
     ACTIVE,
     MOVED,
@@ -132,6 +133,7 @@ class Sessions:
         self.janus = janus or JanusClient.from_config(cfg.janus)
         self.ab_admin_key = secret(cfg.janus.audiobridge_admin_key, cfg.janus.audiobridge_admin_key_file)
         self.on_slot_freed = on_slot_freed  # (shard, slot) -> None: harvest counters before reuse
+        self.records = SupervisorRecorder(cfg, box)  # call rows for the record (appliance/records/calls.py)
         self.accepting = False
         self.live: dict[str, LiveSession] = {}
         self._by_handle: dict[int, str] = {}
@@ -157,6 +159,7 @@ class Sessions:
             await self.janus.aclose()
         with contextlib.suppress(Exception):
             await self.store.close()
+        self.records.close()
 
     def ready(self) -> bool:
         """Accepting (started, not stopping), not draining, and at least one shard's media worker up."""
@@ -192,6 +195,7 @@ class Sessions:
         live = self.live[sid]
         if event.kind == "webrtcup":
             live.webrtc_up = True
+            self.records.connected(live)
             log.info("caller connected", extra={"session": sid})
         elif event.kind in ("hangup", "detached"):
             log.info("caller gone", extra={"session": sid, "janus_event": event.kind, "reason": event.reason})
@@ -284,6 +288,7 @@ class Sessions:
             await self._teardown(sid, "error", forget=True)
             raise UpstreamError("session state unavailable") from exc
         self.metrics.admissions.labels(result="resumed" if resumed else "accepted").inc()
+        self.records.created(live, resumed=resumed is not None, voice=voice, language=language)
         self.metrics.session_setup_seconds.observe(time.perf_counter() - started)
         # one trace per call id (appliance/tracing.py): a call resumed here under its id continues its
         # trace (a child of its call span); one that moved boxes got a new id and starts a new trace
@@ -415,6 +420,10 @@ class Sessions:
         return SessionInfo(record.session_id, record.sub, record.state, record.mode, record.created_at,
                            expires, details)
 
+    async def hangup(self, session_id: str) -> None:
+        """An operator ended the call (admin API): torn down, kept resumable like a caller hangup."""
+        await self._teardown(session_id, "admin_hangup", forget=False)
+
     async def delete(self, session_id: str) -> bool:
         if session_id in self.live:
             await self._teardown(session_id, "deleted", forget=True)
@@ -462,6 +471,7 @@ class Sessions:
         live.closing = True
         handle_ids = [h.id for h in (live.handle, live.room_handle) if h is not None]
         mirror = self._read_slot(live)
+        self.records.ended(live, reason, self._slot_of(live))
         await self._release(live)
         for hid in handle_ids:
             self._by_handle.pop(hid, None)
@@ -515,6 +525,11 @@ class Sessions:
                 if slot.generation == live.generation:
                     slot.free()
             self.placement.release(live.placed.shard, live.placed.slot)
+
+    def _slot_of(self, live: LiveSession) -> Any:
+        with contextlib.suppress(Exception):
+            return self.segments[live.placed.shard].slot(live.placed.slot)
+        return None
 
     def _read_slot(self, live: LiveSession) -> tuple[str, str, str] | None:
         try:

@@ -19,8 +19,7 @@ RULES = MON / "voice-appliance.rules.yml"
 DASHBOARD = MON / "voice-appliance-dashboard.json"
 # metrics a rule or panel may name that another component owns and exports
 EXTERNAL = {"up"}  # Prometheus's own scrape health
-# exported by the call-record spool (issue 12, helper `records`): not on this branch yet
-PENDING = {"va_records_spool_bytes", "va_records_spool_limit_bytes"}
+PENDING: set[str] = set()  # names another branch is about to export (none now)
 METRIC = re.compile(r"\b(va_[a-z0-9_]+|up)\b(?!\s*\()")
 
 
@@ -38,11 +37,13 @@ def exported_names() -> set[str]:
     from appliance.metrics import SHM_COUNTERS, Metrics
 
     for mod in ("appliance.api", "appliance.state", "appliance.janus", "appliance.arbiter",
-                "appliance.ratelimit", "appliance.breaker", "workers.ai.live"):
+                "appliance.ratelimit", "appliance.breaker", "appliance.records.writer", "workers.ai.live",
+                "workers.ai.live.session"):
         try:
             importlib.import_module(mod)
-        except ModuleNotFoundError:
-            continue
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:  # a missing dependency is an error, not a missing module
+                raise
     m = Metrics()
     m.add_shard_counters(lambda: {0: dict.fromkeys(SHM_COUNTERS, 1.0)})
     m.add_shard_histograms(lambda: {0: {}})
