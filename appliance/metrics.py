@@ -170,7 +170,6 @@ class Metrics:
         )
         self.draining = Gauge("va_draining", "1 while the box refuses new sessions to drain", registry=r)
         self.redis_errors = Counter("va_redis_errors", "Failed Redis operations (retried later)", registry=r)
-        self.janus_errors = Counter("va_janus_errors", "Failed Janus requests", registry=r)
         # caller-leg quality, one observation per call every 5 s (appliance/quality.py)
         self.call_mos = Histogram(
             "va_call_mos", "E-model MOS estimate (1-4.5) of a call over the last 5 s window", ["shard"],

@@ -252,7 +252,6 @@ class Sessions:
         except JanusError as exc:
             await self._abort(live)
             self.metrics.admissions.labels(result="error").inc()
-            self.metrics.janus_errors.inc()
             log.warning("session setup failed in Janus", extra={"session": sid, "error": str(exc)})
             raise UpstreamError(f"media gateway refused the call: {exc.reason or exc}") from exc
         except Exception:
