@@ -190,7 +190,7 @@ class TurnConfig:
     secret: str = ""
     secret_file: str = ""
     uris: list[str] = field(default_factory=list)
-    ttl_seconds: int = 3600
+    ttl_seconds: int = 600  # at most 600 (refused above): how long a leaked credential works
     stun_uris: list[str] = field(default_factory=list)
 
 
@@ -286,7 +286,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.degraded_retry_seconds": (0.5, 3600),
     "model.dtmf_flush_ms": (100, 10000),
     "model.tools_timeout_seconds": (0.1, 300),
-    "turn.ttl_seconds": (60, 3600),
+    "turn.ttl_seconds": (60, 600),
     "limits.session_creates_per_minute": (1, 100000),
     "limits.signalling_per_minute": (1, 100000),
 }
