@@ -41,6 +41,7 @@ class ApiConfig:
     port: int = 8443
     tls_cert_file: str = ""  # empty: plain HTTP (behind a TLS-terminating load balancer or for tests)
     tls_key_file: str = ""
+    tls_reload_seconds: float = 10.0  # how often the certificate files are checked for a renewal
     public_host: str = ""  # host name/IP callers reach; used in ICE server URLs
     max_body_bytes: int = 65536
     demo_page: bool = True
@@ -287,6 +288,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.dtmf_flush_ms": (100, 10000),
     "model.tools_timeout_seconds": (0.1, 300),
     "turn.ttl_seconds": (60, 600),
+    "api.tls_reload_seconds": (0.1, 3600),
     "limits.session_creates_per_minute": (1, 100000),
     "limits.signalling_per_minute": (1, 100000),
 }
