@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.tls import AEAD_CIPHERS
 from appliance.turn import credential, peer_policy_lines, turn_user
 from tests.harness.coturn import coturn_server
 from tests.harness.janus import netns_pair, run_in_netns
@@ -43,6 +44,8 @@ def test_role_and_dev_runner_share_one_policy():
     assert "max-bps=64000" in conf and "no-tcp-relay" in conf
     with pytest.raises(ValueError):
         peer_policy_lines(["10.0.0.0/8"])  # one address each, never a range
+    # turns:5349 has the session API's TLS policy
+    assert f'cipher-list="{AEAD_CIPHERS}"' in conf and "no-tlsv1_1" in conf
 
 
 def test_turn_user_is_a_stable_keyed_hash_of_sub():

@@ -26,6 +26,7 @@ def _env() -> jinja2.Environment:
     env = jinja2.Environment(trim_blocks=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.tests["search"] = lambda value, pattern: re.search(pattern, str(value)) is not None
     env.tests["match"] = lambda value, pattern: re.match(pattern, str(value)) is not None
+    env.filters["regex_escape"] = re.escape
     return env
 
 
