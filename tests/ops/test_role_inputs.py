@@ -57,6 +57,8 @@ def run_role(tmp_path: Path, role: str, variables: dict) -> subprocess.Completed
      "appliance_credentials.janus_api_secret: empty or still"),
     ("appliance", {**APPLIANCE, "appliance_tls_cert_pem": ""}, "appliance_tls_mode=box serves public HTTPS"),
     ("appliance", {**APPLIANCE, "appliance_tls_mode": "none"}, "appliance_tls_mode must be one of"),
+    ("appliance", {**APPLIANCE, "appliance_tls_key_pem": "-----BEGIN PRIVATE KEY-----\n  ...\n-----END"},
+     "appliance_tls_mode=box serves public HTTPS"),  # the vault example's placeholder PEM
 ])
 def test_bad_input_is_refused(tmp_path, role, variables, refusal):
     res = run_role(tmp_path, role, variables)
