@@ -40,6 +40,7 @@ EXTRA_PACKAGES = [
     "unattended-upgrades",
     "apt-listchanges",
     "needrestart",
+    "kmod",
     "sudo",
     "certbot",
     "pebble",
