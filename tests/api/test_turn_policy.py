@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.emulator.certs import ensure_certs
 from appliance.tls import AEAD_CIPHERS
 from appliance.turn import credential, peer_policy_lines, turn_user
 from tests.harness.coturn import coturn_server
@@ -210,3 +213,48 @@ def test_user_quota_binds_per_caller(tmp_path):
         finally:
             for c in (*clients, other):
                 c.close()
+
+
+def test_certificate_reload_keeps_relays(tmp_path):
+    """coturn reloads its TLS certificate on SIGUSR2 (our unit's ExecReload): 5349 serves the new one, and an
+    allocation made before keeps relaying (a renewal drops no relayed call)."""
+    first = ensure_certs(tmp_path / "ca1", ["127.0.0.1"])
+    second = ensure_certs(tmp_path / "ca2", ["127.0.0.1"])
+    live = tmp_path / "live"
+    live.mkdir()
+    shutil.copy(first.cert_file, live / "cert.pem")
+    shutil.copy(first.key_file, live / "key.pem")
+
+    def served(port: int) -> str:
+        out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}"], input="",
+                             capture_output=True, text=True, timeout=10).stdout
+        return out[out.index("-----BEGIN CERTIFICATE-----"):out.index("-----END CERTIFICATE-----")]
+
+    tls = (str(live / "cert.pem"), str(live / "key.pem"))
+    with coturn_server(tmp_path / "turn", SECRET, tls=tls) as turn:
+        peer = _Listener(None, "127.0.0.1", 0)
+        peer_port = peer.sock.getsockname()[1]
+        cred = credential(SECRET, turn_user(SECRET, "frank"), 600)
+        c = TurnClient(("127.0.0.1", turn.port), cred.username, cred.password)
+        try:
+            c.allocate()
+            c.create_permission("127.0.0.1")
+            assert served(turn.tls_port) in first.cert_file.read_text()
+            shutil.copy(second.key_file, live / "key.pem")
+            shutil.copy(second.cert_file, live / "cert.pem")
+            assert turn.proc is not None
+            turn.proc.send_signal(signal.SIGUSR2)
+            deadline = time.monotonic() + 5
+            while served(turn.tls_port) not in second.cert_file.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert served(turn.tls_port) in second.cert_file.read_text()
+            assert turn.proc.poll() is None
+            c.send("127.0.0.1", peer_port, b"after-reload")  # the old allocation still relays
+            deadline = time.monotonic() + 3
+            got: list[bytes] = []
+            while not got and time.monotonic() < deadline:
+                got = peer.drain()
+                time.sleep(0.02)
+            assert got == [b"after-reload"]
+        finally:
+            c.close()

@@ -94,6 +94,8 @@ class CoturnServer:
     extra_args: list[str] = field(default_factory=list)
     relay_ips: list[str] = field(default_factory=list)
     run_as: str | None = None
+    tls: tuple[str, str] | None = None  # (cert, key): TLS on tls_port instead of --no-tls
+    tls_port: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -112,6 +114,13 @@ class CoturnServer:
             return []
         return ["setpriv", f"--reuid={self.run_as}", f"--regid={self.run_as}", "--clear-groups"]
 
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return ["--no-tls"]
+        if not self.tls_port:
+            self.tls_port = _free_udp_tcp_port(self.listen_ip)
+        return [f"--tls-listening-port={self.tls_port}", f"--cert={self.tls[0]}", f"--pkey={self.tls[1]}"]
+
     def start(self, timeout: float = 5.0) -> None:
         if self.run_as:  # pytest's tmp dirs are root-only: the user gets a directory of its own
             self.workdir = Path(tempfile.mkdtemp(prefix="va-turn-"))
@@ -124,8 +133,8 @@ class CoturnServer:
             base = 45000 + (os.getpid() * 37 + self.port) % 14000
             self.relay_min_port, self.relay_max_port = base, base + 200
         cmd = [
-            *self._prefix(), *self._user_prefix(), TURNSERVER, "-n", "--no-cli", "--no-tls", "--no-dtls",
-            "--fingerprint",
+            *self._prefix(), *self._user_prefix(), TURNSERVER, "-n", "--no-cli", *self._tls_args(),
+            "--no-dtls", "--fingerprint",
             "--use-auth-secret", f"--static-auth-secret={self.secret}", f"--realm={self.realm}",
             f"--listening-ip={self.listen_ip}", f"--relay-ip={self.listen_ip}",
             f"--listening-port={self.port}", f"--min-port={self.relay_min_port}",
@@ -185,13 +194,14 @@ def coturn_server(
     workdir: Path, secret: str, listen_ip: str = "127.0.0.1", netns: str | None = None,
     allow_loopback_peers: bool = True, verbose: bool = False, port: int = 0,
     relay_ports: tuple[int, int] = (0, 0), extra_args: list[str] | None = None,
-    relay_ips: list[str] | None = None, run_as: str | None = None,
+    relay_ips: list[str] | None = None, run_as: str | None = None, tls: tuple[str, str] | None = None,
 ) -> Iterator[CoturnServer]:
     """Start turnserver with ``use-auth-secret``; always stopped (by PID) on exit."""
     srv = CoturnServer(Path(workdir), secret, listen_ip=listen_ip, netns=netns,
                        allow_loopback_peers=allow_loopback_peers, verbose=verbose, port=port,
                        relay_min_port=relay_ports[0], relay_max_port=relay_ports[1],
-                       extra_args=list(extra_args or []), relay_ips=list(relay_ips or []), run_as=run_as)
+                       extra_args=list(extra_args or []), relay_ips=list(relay_ips or []), run_as=run_as,
+                       tls=tls)
     srv.start()
     try:
         yield srv
