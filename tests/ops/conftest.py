@@ -264,6 +264,8 @@ def provisioned(
         host = ProvisionedHost(ct, deb, workdir)
         first = host.playbook()
         if first.rc != 0:
-            pytest.fail(f"first converge failed (rc={first.rc}):\n{first.output[-6000:]}")
+            units = ct.sh("systemctl --failed --no-legend --plain; journalctl -u voice-appliance -n 40 "
+                          "--no-pager", check=False).stdout
+            pytest.fail(f"first converge failed (rc={first.rc}):\n{first.output[-6000:]}\n{units[-4000:]}")
         host.playbook()
         yield host
