@@ -88,9 +88,13 @@ deb: deps-test
 
 # The .deb installs exactly packaging/requirements.lock (hash-checked). Re-lock after changing
 # pyproject.toml's dependencies; audit the lock against the PyPI/OSV advisories (needs their APIs).
-lock: venv
-	.venv/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url \
-		--no-emit-find-links --output-file packaging/requirements.lock pyproject.toml
+# Locked with Debian's own /usr/bin/python3 (3.11.2), the .deb's interpreter: markers such as redis's
+# async-timeout (python_full_version < 3.11.3) resolve as on the box.
+lock:
+	/usr/bin/python3 -m venv $(STAMPS)/lock-venv
+	$(STAMPS)/lock-venv/bin/pip install -q 'pip-tools>=7.6,<8'
+	$(STAMPS)/lock-venv/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links --output-file packaging/requirements.lock pyproject.toml
 
 audit: venv
 	.venv/bin/pip-audit -r packaging/requirements.lock --require-hashes --no-deps --disable-pip \
