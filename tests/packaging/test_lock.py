@@ -44,7 +44,7 @@ def test_every_runtime_dependency_is_locked_and_hashed():
     text = (ROOT / "packaging" / "requirements.lock").read_text()
     assert not re.search(r"^(--index-url|--extra-index-url|--find-links|-e )", text, re.M)
     # locked for Debian's Python 3.11.2 (make lock uses /usr/bin/python3), not a newer 3.11: redis needs
-    # async-timeout below 3.11.3 and --no-deps would leave it out (seen: the .deb's supervisor failed to start)
+    # async-timeout below 3.11.3 and --no-deps would leave it out (the .deb's supervisor failed to start)
     assert "async-timeout" in locked
     # the JWT library is past the issuer bypass (CVE-2024-53861) and the ignored crit (CVE-2026-32597)
     assert locked["pyjwt"][0] >= Version("2.12")
