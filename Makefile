@@ -16,7 +16,7 @@ APT_TEST := $(APT_RUN) janus-doc redis-sentinel chromium iproute2 nftables hapro
 	debootstrap systemd-container dh-virtualenv debhelper lintian devscripts python3-dev build-essential \
 	dbus procps prometheus prometheus-alertmanager
 
-.PHONY: all run test test-unit test-ops lint bench bench-smoke deb clean deps-run deps-test venv
+.PHONY: all run test test-unit test-ops lint bench bench-smoke deb clean deps-run deps-test venv lock audit
 
 all: venv
 
@@ -85,6 +85,20 @@ bench-smoke: venv
 
 deb: deps-test
 	cd packaging && ./build-deb.sh
+
+# The .deb installs exactly packaging/requirements.lock (hash-checked). Re-lock after changing
+# pyproject.toml's dependencies; audit the lock against the PyPI/OSV advisories (needs their APIs).
+# Locked with Debian's own /usr/bin/python3 (3.11.2), the .deb's interpreter: markers such as redis's
+# async-timeout (python_full_version < 3.11.3) resolve as on the box.
+lock:
+	/usr/bin/python3 -m venv $(STAMPS)/lock-venv
+	$(STAMPS)/lock-venv/bin/pip install -q 'pip-tools>=7.6,<8'
+	$(STAMPS)/lock-venv/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links --output-file packaging/requirements.lock pyproject.toml
+
+audit: venv
+	.venv/bin/pip-audit -r packaging/requirements.lock --require-hashes --no-deps --disable-pip \
+		--progress-spinner off
 
 clean:
 	rm -rf $(VENV) $(STAMPS) build dist *.egg-info

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -346,9 +345,9 @@ def create_app(
     None disables rate limiting (tests; the supervisor passes
     ``RateLimiter(redis_client(cfg.redis), cfg.limits)``). ``create_timeout`` defaults to
     ``api.create_timeout_seconds``. ``extra_routes`` (demo page, static files,
-    metrics) are appended after the API routes. ``ice_servers_fn(user)`` (user = the session id, or a
-    random ``c_…`` id for ``GET /v1/ice-servers``) overrides the ICE server list (default: coturn HMAC
-    credentials from ``cfg.turn`` for ``cfg.api.public_host``).
+    metrics) are appended after the API routes. ``ice_servers_fn(sub)`` (the caller's JWT ``sub``)
+    overrides the ICE server list (default: coturn HMAC credentials from ``cfg.turn`` for
+    ``cfg.api.public_host``).
     """
     deps = _Deps(
         cfg=cfg,
@@ -356,7 +355,7 @@ def create_app(
         verifier=verifier or JwtVerifier.from_config(cfg.auth),
         limiter=limiter,
         create_timeout=create_timeout or cfg.api.create_timeout_seconds,
-        ice_servers=ice_servers_fn or (lambda sid: ice_servers(cfg.turn, sid, cfg.api.public_host)),
+        ice_servers=ice_servers_fn or (lambda sub: ice_servers(cfg.turn, sub, cfg.api.public_host)),
         box=box_id(cfg),
         trusted=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.api.trusted_proxies),
     )
@@ -417,7 +416,7 @@ def create_app(
         out = CreateSessionResponse(
             session_id=created.session_id,
             sdp=created.answer_sdp,
-            ice_servers=[IceServer(**s) for s in d.ice_servers(created.session_id)],
+            ice_servers=[IceServer(**s) for s in d.ice_servers(principal.sub)],
             resume_token=created.resume_token,
             expires_at=rfc3339(created.expires_at),
             resumed_from=created.resumed_from or None,
@@ -429,9 +428,10 @@ def create_app(
     @route("ice_servers", SIGNAL)
     async def get_ice_servers(request: Request, d: _Deps) -> Response:
         # before the offer: a relay-only caller needs TURN credentials to gather relay candidates at all.
-        # The TURN user is a random id, not the token's sub (coturn logs usernames; subs may be PII).
-        d.verifier.verify_authorization(request.headers.get("authorization"))
-        servers = d.ice_servers("c_" + secrets.token_urlsafe(12))
+        # The TURN user is a keyed hash of the token's sub (appliance.turn.turn_user): per-caller quotas
+        # bind, and coturn's logs hold no personal data.
+        principal = d.verifier.verify_authorization(request.headers.get("authorization"))
+        servers = d.ice_servers(principal.sub)
         ttl = max(1, min(int(d.cfg.turn.ttl_seconds), MAX_TTL_SECONDS))
         out = IceServersResponse(ice_servers=[IceServer(**s) for s in servers], ttl=ttl)
         return JSONResponse(out.model_dump(exclude_none=True), headers={"Cache-Control": "no-store"})

@@ -43,6 +43,7 @@ class ApiConfig:
     port: int = 8443
     tls_cert_file: str = ""  # empty: plain HTTP (behind a TLS-terminating load balancer or for tests)
     tls_key_file: str = ""
+    tls_reload_seconds: float = 10.0  # how often the certificate files are checked for a renewal
     public_host: str = ""  # host name/IP callers reach; used in ICE server URLs
     max_body_bytes: int = 65536
     demo_page: bool = True
@@ -227,7 +228,7 @@ class TurnConfig:
     secret: str = ""
     secret_file: str = ""
     uris: list[str] = field(default_factory=list)
-    ttl_seconds: int = 3600
+    ttl_seconds: int = 600  # at most 600 (refused above): how long a leaked credential works
     stun_uris: list[str] = field(default_factory=list)
 
 
@@ -387,7 +388,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.degraded_retry_seconds": (0.5, 3600),
     "model.dtmf_flush_ms": (100, 10000),
     "model.tools_timeout_seconds": (0.1, 300),
-    "turn.ttl_seconds": (60, 3600),
+    "turn.ttl_seconds": (60, 600),
+    "api.tls_reload_seconds": (0.1, 3600),
     "limits.session_creates_per_minute": (1, 100000),
     "limits.signalling_per_minute": (1, 100000),
 }

@@ -104,20 +104,29 @@ class _Server:
             def capture_signals(self) -> Iterator[None]:
                 yield
 
-        return Server(config)
+        server = Server(config)
+        server.tls = None  # make() sets the API server's CertReloader
+        return server
 
     @staticmethod
     def make(app: Any, cfg: Config) -> Any:
         import uvicorn
 
         kwargs: dict[str, Any] = {}
-        if cfg.api.tls_cert_file:
-            kwargs = {"ssl_certfile": cfg.api.tls_cert_file, "ssl_keyfile": cfg.api.tls_key_file}
+        tls = None
+        if cfg.api.tls_cert_file:  # our TLS policy and in-place certificate reloads (appliance/tls.py)
+            from appliance.tls import CertReloader, HstsMiddleware
+
+            tls = CertReloader(cfg.api.tls_cert_file, cfg.api.tls_key_file)
+            kwargs = {"ssl_certfile": cfg.api.tls_cert_file, "ssl_context_factory": lambda *_: tls.context}
+            app = HstsMiddleware(app)
         # proxy_headers off: appliance.api.client_ip alone decides whom to believe (api.trusted_proxies)
         config = uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_config=None,
                                 access_log=False, lifespan="off", server_header=False,
                                 proxy_headers=False, **kwargs)
-        return _Server.wrap(config)
+        server = _Server.wrap(config)
+        server.tls = tls
+        return server
 
 
 class _AdminControl:
@@ -382,6 +391,9 @@ class Supervisor:
                 self._tasks[0].result()  # raises the bind error
                 raise RuntimeError("API server exited during start-up")
             await asyncio.sleep(0.02)
+        if self.server.tls is not None:
+            self._tasks.append(asyncio.create_task(self.server.tls.run(cfg.api.tls_reload_seconds),
+                                                   name="tls-reload"))
         self.sessions.accepting = True
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         if self._quality is not None:

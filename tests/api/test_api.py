@@ -20,6 +20,7 @@ from appliance.api import UpstreamError, create_app
 from appliance.config import LimitsConfig, load_config, replace
 from appliance.ratelimit import RateLimiter
 from appliance.token import mint
+from appliance.turn import turn_user
 from tests.api.sdp_fixtures import CHROME_OFFER
 from tests.api.service_double import InMemoryService
 from tests.api.test_auth import ISS, attack_tokens
@@ -32,7 +33,7 @@ def cfg(tmp_path, keypair):
     return replace(
         load_config(None, env={"VA_CONFIG": str(_empty(tmp_path))}),
         auth={"jwt_public_key_file": str(keypair[1]), "issuer": ISS},
-        turn={"secret": TURN_SECRET, "ttl_seconds": 1800},
+        turn={"secret": TURN_SECRET, "ttl_seconds": 500},
         api={"public_host": "turn.example.test", "max_body_bytes": 4096},
     )
 
@@ -76,11 +77,11 @@ async def test_session_lifecycle(api, service, private_pem):
     assert r.headers["location"] == f"/v1/sessions/{sid}" and r.headers["cache-control"] == "no-store"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", body["expires_at"])
     assert len(body["resume_token"]) >= 32
-    # TURN credentials are coturn REST credentials for this session, valid ≤ 1 h
+    # TURN credentials are coturn REST credentials for this caller (a keyed hash of sub), valid ≤ 10 min
     (turn,) = body["ice_servers"]
     assert turn["urls"][0] == "turn:turn.example.test:3478?transport=udp"
     expiry, user = turn["username"].split(":")
-    assert user == sid and 0 < int(expiry) - time.time() <= 1800
+    assert user == turn_user(TURN_SECRET, "alice") and 0 < int(expiry) - time.time() <= 500
     mac = hmac.new(TURN_SECRET.encode(), turn["username"].encode(), hashlib.sha1).digest()
     assert turn["credential"] == base64.b64encode(mac).decode()
     # the control plane got the validated offer and the caller identity
@@ -259,18 +260,20 @@ async def test_ice_servers_before_the_offer(api, service, private_pem):
     assert r.status_code == 200, r.text
     assert r.headers["cache-control"] == "no-store"
     body = r.json()
-    assert body["ttl"] == 1800
+    assert body["ttl"] == 500
     (turn,) = body["ice_servers"]
     host = "turn.example.test"
     assert turn["urls"] == [f"turn:{host}:3478?transport=udp", f"turn:{host}:3478?transport=tcp",
                             f"turns:{host}:5349?transport=tcp"]
     expiry, user = turn["username"].split(":")
-    assert 1800 - 5 <= int(expiry) - time.time() <= 1800
-    assert re.fullmatch(r"c_[A-Za-z0-9_-]{16}", user)  # random, not the token's sub (coturn logs it)
+    assert 500 - 5 <= int(expiry) - time.time() <= 500
+    assert user == turn_user(TURN_SECRET, "alice") and "alice" not in user  # keyed hash (coturn logs it)
     mac = hmac.new(TURN_SECRET.encode(), turn["username"].encode(), hashlib.sha1).digest()
     assert turn["credential"] == base64.b64encode(mac).decode()
     again = (await api.get("/v1/ice-servers", headers=auth(private_pem))).json()["ice_servers"][0]
-    assert again["username"].split(":")[1] != user  # every request gets its own TURN user
+    assert again["username"].split(":")[1] == user  # stable per caller: coturn's user-quota binds
+    other = (await api.get("/v1/ice-servers", headers=auth(private_pem, sub="bob"))).json()["ice_servers"][0]
+    assert other["username"].split(":")[1] != user
     assert service.sessions == {}  # no session was created
 
 
@@ -285,19 +288,19 @@ async def test_ice_servers_need_a_valid_token(api, private_pem, public_pem):
     assert (await api.post("/v1/ice-servers", headers=auth(private_pem))).status_code == 405
 
 
-async def test_ice_servers_ttl_capped_at_one_hour_and_stun_first(tmp_path, keypair, service, private_pem):
+async def test_ice_servers_ttl_capped_at_ten_minutes_and_stun_first(tmp_path, keypair, service, private_pem):
     cfg = replace(load_config(None, env={"VA_CONFIG": str(_empty(tmp_path))}),
                   auth={"jwt_public_key_file": str(keypair[1]), "issuer": ISS},
-                  turn={"secret": TURN_SECRET, "ttl_seconds": 3600, "uris": ["turn:192.0.2.7:3478"],
+                  turn={"secret": TURN_SECRET, "ttl_seconds": 600, "uris": ["turn:192.0.2.7:3478"],
                         "stun_uris": ["stun:192.0.2.7:3478"]})
     async with client_for(create_app(cfg, service)) as api:
         body = (await api.get("/v1/ice-servers", headers=auth(private_pem))).json()
-    assert body["ttl"] == 3600
+    assert body["ttl"] == 600
     stun, turn = body["ice_servers"]
     assert stun == {"urls": ["stun:192.0.2.7:3478"]} and turn["urls"] == ["turn:192.0.2.7:3478"]
-    assert int(turn["username"].split(":")[0]) - time.time() <= 3600
-    with pytest.raises(ValueError, match=r"turn\.ttl_seconds"):  # config refuses more than an hour
-        replace(cfg, turn={"ttl_seconds": 7200})
+    assert int(turn["username"].split(":")[0]) - time.time() <= 600
+    with pytest.raises(ValueError, match=r"turn\.ttl_seconds"):  # config refuses more than ten minutes
+        replace(cfg, turn={"ttl_seconds": 601})
     no_turn = replace(cfg, turn={"secret": ""})
     async with client_for(create_app(no_turn, service)) as api:
         body = (await api.get("/v1/ice-servers", headers=auth(private_pem))).json()

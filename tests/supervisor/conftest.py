@@ -6,6 +6,7 @@ import asyncio
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -66,7 +67,8 @@ def rtp_base() -> int:
 
 def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: int = 1,
                      extra: dict[str, dict] | None = None, env_extra: dict[str, str] | None = None,
-                     rtp_port_min: int | None = None) -> SupervisorProc:
+                     rtp_port_min: int | None = None, tls_ca: str | None = None) -> SupervisorProc:
+    """``tls_ca``: the API serves TLS (``extra["api"]`` names the certificate) and this CA verifies it."""
     priv, pub = generate_keys(tmp / "keys")
     instance = unique_instance_id("sup")
     api_port, metrics_port, agent_port, admin_port = free_port(), free_port(), free_port(), free_port()
@@ -100,14 +102,16 @@ def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: 
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "appliance", "supervisor", "--config", str(cfg)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
-    sp = SupervisorProc(proc, cfg, f"http://127.0.0.1:{api_port}", metrics_port, agent_port, instance,
+    scheme = "https" if tls_ca else "http"
+    sp = SupervisorProc(proc, cfg, f"{scheme}://127.0.0.1:{api_port}", metrics_port, agent_port, instance,
                         priv.read_bytes(), log, base)
+    ctx = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"supervisor exited {proc.returncode}:\n{sp.log_tail()}")
         try:
-            with urllib.request.urlopen(sp.api + "/readyz", timeout=1) as r:
+            with urllib.request.urlopen(sp.api + "/readyz", timeout=1, context=ctx) as r:
                 if r.status == 200:
                     return sp
         except OSError:
