@@ -1,13 +1,17 @@
 // Demo caller: plain WebRTC against the appliance's session API (no Janus JS needed).
 // Flow: dev token -> GET /v1/ice-servers (TURN credentials before the offer, so relay candidates are
 // gathered) -> getUserMedia -> offer (ICE gathered) -> POST /v1/sessions -> answer ->
-// poll GET /v1/sessions/{id} for state and transcripts -> DELETE on hang-up.
+// poll GET /v1/sessions/{id} for state and transcripts -> DELETE on hang-up. After the create, every
+// request uses the session's own token (it works for this session only), refreshed with
+// POST /v1/sessions/{id}/refresh in its last two minutes, so a call may outlive any token.
 // `?relay=1` in the page URL forces relay-only ICE (iceTransportPolicy "relay": media only via TURN).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const JITTER_TARGET_MS = 50; // receiver jitterBufferTarget: 40-60 ms keeps latency low on good networks
+const REFRESH_BEFORE_MS = 90 * 1000; // the API accepts a refresh in the token's last 120 s
 let pc = null, stream = null, session = null, token = null, poller = null, lastLine = "";
+let sessionToken = null, refresher = null;
 
 function show(id, text) { $(id).textContent = text; }
 function fail(msg) { show("error", msg); console.error(msg); }
@@ -35,11 +39,31 @@ async function iceServers() {
 }
 
 function api(path, opts = {}) {
+  const bearer = sessionToken || token;
   return fetch(path, {
     ...opts,
     cache: "no-store",
-    headers: { "Authorization": "Bearer " + token, "Content-Type": "application/json", ...(opts.headers || {}) },
+    headers: { "Authorization": "Bearer " + bearer, "Content-Type": "application/json", ...(opts.headers || {}) },
   });
+}
+
+function scheduleRefresh(expiresAt) {
+  clearTimeout(refresher);
+  const wait = Math.max(1000, Date.parse(expiresAt) - Date.now() - REFRESH_BEFORE_MS);
+  refresher = setTimeout(refreshToken, wait);
+}
+
+async function refreshToken() {
+  if (!session) return;
+  try {
+    const r = await api("/v1/sessions/" + session.session_id + "/refresh", { method: "POST" });
+    if (r.status === 404) { show("model", "ended"); return hangup(); }
+    if (!r.ok) { refresher = setTimeout(refreshToken, 5000); return; }
+    const data = await r.json();
+    sessionToken = data.session_token;
+    window.demoTokenRefreshes = (window.demoTokenRefreshes || 0) + 1;
+    scheduleRefresh(data.session_token_expires_at);
+  } catch (e) { refresher = setTimeout(refreshToken, 5000); } // transient; try again soon
 }
 
 async function call() {
@@ -48,6 +72,7 @@ async function call() {
   $("transcript").innerHTML = "";
   lastLine = "";
   try {
+    sessionToken = null;
     token = await devToken();
     const servers = await iceServers();
     const relayOnly = new URLSearchParams(location.search).get("relay") === "1";
@@ -83,6 +108,8 @@ async function call() {
       throw new Error((data.detail || r.statusText) + (retry ? " — retry in " + retry + " s" : ""));
     }
     session = data;
+    sessionToken = data.session_token;
+    scheduleRefresh(data.session_token_expires_at);
     window.demoSession = data;
     show("session", data.session_id);
     await pc.setRemoteDescription({ type: "answer", sdp: data.sdp });
@@ -115,10 +142,14 @@ async function poll() {
 
 async function hangup() {
   clearInterval(poller);
+  clearTimeout(refresher);
   poller = null;
   const s = session;
   session = null;
-  if (s && token) { try { await api("/v1/sessions/" + s.session_id, { method: "DELETE" }); } catch (e) {} }
+  if (s && (sessionToken || token)) {
+    try { await api("/v1/sessions/" + s.session_id, { method: "DELETE" }); } catch (e) {}
+  }
+  sessionToken = null;
   if (pc) { pc.close(); pc = null; }
   if (stream) { stream.getTracks().forEach((t) => t.stop()); stream = null; }
   show("conn", "idle");
