@@ -631,8 +631,7 @@ class AiWorker:
                 digit = digit_for(value)
                 if digit is None:
                     continue
-                call.dtmf = (call.dtmf + digit)[-32:]
-                log.info("DTMF", extra={"session": call.session_id, "digit": digit})
+                call.dtmf = (call.dtmf + digit)[-32:]  # never logged: PINs, card numbers (counts only)
                 entry = call.keypad.push(digit, now)
                 if entry:
                     self._send_dtmf(call, entry)
