@@ -32,7 +32,7 @@ async def _serve(cfg, guard: bool = True):
     if not guard:
         server.config.http = "h11"  # uvicorn's stock protocol (the control)
     task = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110  (uvicorn offers a flag, not an event)
         await asyncio.sleep(0.01)
     return server, task
 
@@ -53,8 +53,8 @@ async def _closed_within(reader: asyncio.StreamReader, limit: float) -> float | 
 
 @pytest.fixture
 def served_cfg(cfg):
-    return replace(cfg, api={"host": "127.0.0.1", "port": free_port(), "header_timeout_seconds": HEADER_TIMEOUT,
-                             "body_timeout_seconds": BODY_TIMEOUT, "keepalive_timeout_seconds": 1.0})
+    return replace(cfg, api={"host": "127.0.0.1", "port": free_port(), "keepalive_timeout_seconds": 1.0,
+                             "header_timeout_seconds": HEADER_TIMEOUT, "body_timeout_seconds": BODY_TIMEOUT})
 
 
 async def test_slow_loris_closed_within_deadline_normal_call_still_works(served_cfg, private_pem):
@@ -69,8 +69,8 @@ async def test_slow_loris_closed_within_deadline_normal_call_still_works(served_
                 case 0:  # half a request head, then silence
                     writer.write(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
                 case 1:  # a whole head, then a trickle of body that never ends
-                    writer.write(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: 5000\r\n\r\n{\"sdp\":")
+                    writer.write(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"sdp\":")
                 case _:  # nothing at all
                     pass
             await writer.drain()
