@@ -13,7 +13,7 @@ import json
 import sys
 
 from appliance import __version__
-from appliance.config import ConfigError, load_config, redacted_dict
+from appliance.config import ConfigError, load_config, production_problems, redacted_dict
 from appliance.logs import setup_logging
 
 # name -> (module, one-line help)
@@ -33,6 +33,11 @@ def _config_cmd(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    problems = production_problems(cfg)
+    if args.action == "check" and problems:
+        for problem in problems:
+            print(f"config error: {problem}", file=sys.stderr)
         return 2
     if args.action == "show":
         print(json.dumps(redacted_dict(cfg), indent=2))

@@ -455,6 +455,21 @@ def load_config(
     return cfg
 
 
+def is_development(cfg: Config) -> bool:
+    """A development config holds the JWT *private* key (`voice-appliance run` and tests mint their own
+    tokens); a production box only ever has the public key of the callers' identity provider."""
+    return bool(cfg.auth.jwt_private_key_file)
+
+
+def production_problems(cfg: Config) -> list[str]:
+    """What `config check` refuses in a production config (loading still works: tests and tools)."""
+    problems = []
+    if not is_development(cfg) and not cfg.auth.issuer:
+        problems.append("auth.issuer: required in production — the iss claim your identity provider puts "
+                        "in callers' tokens (without it a token from any issuer sharing the key would pass)")
+    return problems
+
+
 def _check_cross_field(cfg: Config) -> None:
     if cfg.media.rtp_port_min > cfg.media.rtp_port_max:
         raise ConfigError(

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance.config import Config, ConfigError, load_config
+from appliance.config import Config, ConfigError, load_config, production_problems
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +390,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config) if args.config else load_config()
+        for problem in production_problems(cfg):  # `config check` (the package, Ansible) refuses these
+            log.error("config problem", extra={"problem": problem})
         sup = Supervisor(cfg, args.config or os.environ.get("VA_CONFIG"), with_workers=not args.no_workers)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

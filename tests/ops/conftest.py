@@ -197,6 +197,7 @@ class ProvisionedHost:
             "janus_admin_secret": s["vault_janus_admin_secret"],
             "janus_audiobridge_admin_key": s["vault_audiobridge_admin_key"],
             "appliance_public_host": nspawn.HOST_ADDR,
+            "appliance_auth_issuer": "https://idp.ops-test.invalid",
             "appliance_turn_uris": [f"turn:{nspawn.HOST_ADDR}:3478?transport=udp"],
             "appliance_credentials": {
                 "gemini_api_key": "",
