@@ -709,8 +709,9 @@ def _client(request: Request, caller: _Caller) -> ClientInfo:
 
 def build_openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the session API (schemas from the pydantic models)."""
-    models = [CreateSessionRequest, CreateSessionResponse, IceRequest, IceServersResponse, SessionResponse,
-              RefreshResponse, ErrorResponse, HealthResponse]
+    models: list[type[BaseModel]] = [CreateSessionRequest, CreateSessionResponse, IceRequest,
+                                     IceServersResponse, SessionResponse, RefreshResponse, ErrorResponse,
+                                     HealthResponse]
     _, defs = models_json_schema([(m, "validation") for m in models],
                                  ref_template="#/components/schemas/{model}")
     schemas = defs.get("$defs", {})
@@ -728,7 +729,7 @@ def build_openapi() -> dict[str, Any]:
                   "schema": {"type": "string", "pattern": SESSION_ID_RE.pattern}}]
     common = {"401": err("Missing or invalid token"), "403": err("Session token of another session"),
               "404": err("No such session"), "429": err("Rate limited (Retry-After)")}
-    security = [{"bearer": []}]
+    security: list[dict[str, list[str]]] = [{"bearer": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "Voice appliance session API", "version": __version__},

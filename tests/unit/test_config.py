@@ -114,3 +114,13 @@ def test_missing_tools_file_and_bad_url_name_the_key(tmp_path):
         load_config(None, env={}, overrides={"model": {"tools_url": "tools.local/x"}})
     with pytest.raises(ConfigError, match=r"model\.dtmf_flush_ms: expected a value from 100 to 10000"):
         load_config(None, env={}, overrides={"model": {"dtmf_flush_ms": 0}})
+
+
+def test_ai_disclosure_cannot_be_turned_off_silently() -> None:
+    with pytest.raises(ConfigError, match=r"model\.greeting: empty, but the greeting is the AI disclosure"):
+        load_config(None, env={"VA_MODEL_GREETING": '""'})
+    with pytest.raises(ConfigError, match=r"compliance\.ai_disclosure_off_reason: required"):
+        load_config(None, env={"VA_MODEL_GREETING": '""', "VA_COMPLIANCE_AI_DISCLOSURE": "false"})
+    cfg = load_config(None, env={"VA_MODEL_GREETING": '""', "VA_COMPLIANCE_AI_DISCLOSURE": "false",
+                                 "VA_COMPLIANCE_AI_DISCLOSURE_OFF_REASON": "disclosed by the IVR before"})
+    assert not cfg.compliance.ai_disclosure
