@@ -493,7 +493,7 @@ def create_app(
         except BaseException:
             await _drop_lease(d, caller, lease)
             raise
-        if d.cap is not None and lease != created.session_id:
+        if d.cap is not None:  # the session's own lease (full length), replacing the pending one
             await d.cap.confirm(caller.sub, lease, created.session_id)
         token, token_exp = d.tokens.issue(created.session_id, caller.sub)
         out = CreateSessionResponse(
