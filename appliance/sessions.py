@@ -353,6 +353,9 @@ class Sessions:
             if offer_refused(exc):
                 raise OfferRefused(exc) from exc
             raise
+        for pt in (side.payload_type, side.telephone_event_payload_type):
+            if pt is not None and not 0 <= pt <= 127:  # what Janus made of the offer, not our bug
+                raise OfferRefused(JanusError(0, f"the offer led to RTP payload type {pt} (valid: 0-127)"))
         self._activate(live, side.ip, side.port, side.payload_type, side.channels,
                        side.telephone_event_payload_type, opts)
         bare = plain_rtp_answer(self.cfg.media.rtp_host, live.placed.rtp_port, side.payload_type,

@@ -90,6 +90,13 @@ async def test_offer_janus_refuses_is_400_with_its_reason(sup):
             assert "media gateway refused the offer" in body["detail"], body
         assert "Multiple s= lines" in (await http.post("/v1/sessions", json={
             "type": "offer", "sdp": refused["second s= line"]}, headers=h)).json()["detail"]
+        # found by the 10 000-request fuzz: Janus honoured these and the slot refused PT 255/128 (a 500);
+        # now our validator stops them with the reason
+        te = "a=rtpmap:110 telephone-event/48000"
+        for sdp in (CHROME_OFFER.replace(te, te.replace("110", "255")),
+                    CHROME_OFFER.replace("s=-\r\n", "s=-\r\na=rtpmap:128 opus/48000/2\r\n")):
+            r = await http.post("/v1/sessions", json={"type": "offer", "sdp": sdp}, headers=h)
+            assert r.status_code == 400 and r.json()["error"] == "invalid_sdp", r.text
     text = metrics(sup)
     assert 'va_admissions_total{result="invalid"} 3.0' in text
     assert 'va_admissions_total{result="error"}' not in text  # not counted as a gateway failure
