@@ -25,13 +25,22 @@ TURN credentials: ``GET /v1/ice-servers`` hands out the ICE server list (coturn 
 for its offer — a relay-only caller (``iceTransportPolicy: "relay"``) has no candidate at all otherwise.
 The 201 of ``POST /v1/sessions`` still carries a list too (for ICE restarts).
 
-Client IP: ``request.client`` — behind a load balancer run uvicorn with ``proxy_headers`` and
-``forwarded_allow_ips`` set to the balancer's address so that this is the caller's address.
+Client IP (:func:`client_ip`): the TCP peer, unless the peer is in ``api.trusted_proxies``; then the
+rightmost address in ``X-Forwarded-For`` that is not itself a trusted proxy (each proxy appends the
+address it saw, so everything left of the last untrusted hop may be forged by the caller). uvicorn's own
+proxy-header handling is off: this is the one place that decides.
+
+Fleet routing: session ids name their box (``<box_id>.<random>``) and the load balancer sends
+``/v1/sessions/{id}…`` to that box. A request that still reaches the wrong box (stale route, a box
+renamed) gets a 404 ``wrong_box`` saying which box owns the id; an unknown id a 404 ``not_found``; a
+session that resumed on another box a 404 ``moved`` for trickle/DELETE (GET shows ``state: moved`` and
+``details.moved_to``). None of them is dropped silently.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -56,7 +65,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance import __version__
 from appliance.auth import AuthError, JwtVerifier, Principal
-from appliance.config import Config
+from appliance.config import Config, box_id
 from appliance.ratelimit import ANON, AUTH_FAIL, CREATE, SIGNAL, Decision, RateLimiter, SessionCap
 from appliance.sdp import MAX_SDP_BYTES, OfferInfo, SdpError, validate_offer
 from appliance.session_token import (
@@ -78,7 +87,7 @@ LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SESSION_ID_RE = re.compile(r"^(?:[a-z0-9][a-z0-9-]{0,30}\.)?[A-Za-z0-9_-]{1,64}$")  # [box.]random
 DEFAULT_RETRY_AFTER = 5.0
 
 
@@ -116,6 +125,7 @@ class CreatedSession:
     answer_sdp: str
     resume_token: str
     expires_at: float  # unix time after which the session (and its resume token) is gone
+    resumed_from: str = ""  # a resume on another box: the id the session had there
 
 
 @dataclass(frozen=True)
@@ -247,6 +257,8 @@ class CreateSessionResponse(BaseModel):
     ice_servers: list[IceServer]
     resume_token: str
     expires_at: str = Field(description="RFC 3339 UTC time")
+    resumed_from: str | None = Field(None, description="Set when a resume moved the session to this box: "
+                                                       "its previous id (the new session_id names this box)")
     session_token: str = Field(description="Bearer credential for this session's trickle/GET/DELETE/"
                                            "refresh/resume only; refresh it in its last 120 s")
     session_token_expires_at: str = Field(description="RFC 3339 UTC time")
@@ -353,6 +365,8 @@ class _Deps:
     ice_servers: Callable[[str], list[dict[str, Any]]]
     tokens: SessionTokens
     cap: SessionCap | None
+    box: str = ""
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     async def limit(self, bucket: str, who: str) -> None:
         """Count one request; raise 429 (Retry-After, reason) when ``who`` is over ``bucket``."""
@@ -424,6 +438,8 @@ def create_app(
         ice_servers=ice_servers_fn or (lambda sid: ice_servers(cfg.turn, sid, cfg.api.public_host)),
         tokens=tokens or SessionTokens.from_config(cfg.auth),
         cap=cap,
+        box=box_id(cfg),
+        trusted=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.api.trusted_proxies),
     )
 
     def route(name: str, anonymous: bool = False) -> Callable[[DepsHandler], Handler]:
@@ -435,7 +451,7 @@ def create_app(
                 start = time.perf_counter()
                 try:
                     if anonymous:
-                        await deps.limit(ANON, _ip(request))
+                        await deps.limit(ANON, client_ip(request, deps.trusted))
                     response = await fn(request, deps)
                 except ApiError as exc:
                     response = error_response(exc.status, exc.code, exc.detail, exc.headers)
@@ -477,7 +493,7 @@ def create_app(
                            _retry_after(d.service.retry_after()))
         options = SessionOptions(mode=body.mode, voice=body.voice, language=body.language,
                                  resume_token=body.resume_token, offer=offer)
-        client = _client(request, caller)
+        client = _client(request, caller, d.trusted)
         # a session token's own session may already hold its lease (a resume): it is not counted twice
         lease = caller.grant.session_id if caller.grant else "pending:" + secrets.token_urlsafe(9)
         if d.cap is not None:
@@ -504,6 +520,7 @@ def create_app(
             expires_at=rfc3339(created.expires_at),
             session_token=token,
             session_token_expires_at=rfc3339(token_exp),
+            resumed_from=created.resumed_from or None,
         )
         return JSONResponse(out.model_dump(exclude_none=True), status_code=201,
                             headers={"Cache-Control": "no-store",
@@ -522,7 +539,7 @@ def create_app(
 
     @route("trickle")
     async def trickle(request: Request, d: _Deps) -> Response:
-        sid, _ = await _session_access(request, d)
+        sid, _ = await _session_access(request, d, live=True)
         body = await _parse(request, d.cfg.api.max_body_bytes, IceRequest)
         # completed:true, or the empty candidate some browsers send, both mean end of candidates
         candidate = None if body.completed or not body.candidate else IceCandidate(
@@ -541,14 +558,14 @@ def create_app(
 
     @route("delete_session")
     async def delete_session(request: Request, d: _Deps) -> Response:
-        info, _ = await _session_access(request, d)
+        info, _ = await _session_access(request, d, live=True)
         if not await d.service.delete(info.session_id):
-            raise ApiError(404, "not_found", "no such session")
+            raise ApiError(404, "not_found", "no such session on this box (unknown, expired or ended)")
         return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
     @route("refresh_session")
     async def refresh_session(request: Request, d: _Deps) -> Response:
-        info, caller = await _session_access(request, d)
+        info, caller = await _session_access(request, d, live=True)
         if info.state == "ended":
             raise ApiError(404, "not_found", "no such session")
         if caller.grant is not None:  # a JWT re-authorises at any time; a session token only near its end
@@ -653,14 +670,10 @@ async def _drop_lease(d: _Deps, caller: _Caller, lease: str) -> None:
         await d.cap.release(caller.sub, lease)
 
 
-def _ip(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
 async def _auth_failed(request: Request, d: _Deps, exc: AuthError) -> Response:
     """401 for a refused credential — or 429 once this address has had too many refused."""
     if d.limiter is not None:
-        decision = await d.limiter.check(AUTH_FAIL, _ip(request))
+        decision = await d.limiter.check(AUTH_FAIL, client_ip(request, d.trusted))
         if not decision.allowed:
             err = _limited(decision, _LIMIT_REASON[AUTH_FAIL])
             return error_response(err.status, err.code, err.detail, err.headers)
@@ -682,25 +695,65 @@ def _credential(request: Request, d: _Deps) -> _Caller:
     return _Caller(principal.sub, principal.scopes)
 
 
-async def _session_access(request: Request, d: _Deps) -> tuple[SessionInfo, _Caller]:
-    """Authorise a request on ``/v1/sessions/{id}…``: credential, per-sub limit, ownership."""
+async def _session_access(request: Request, d: _Deps, *, live: bool = False) -> tuple[SessionInfo, _Caller]:
+    """Authorise a request on ``/v1/sessions/{id}…``: credential, per-sub limit, ownership; the caller's
+    session named in the path, or a 404 that says why (see the module docstring)."""
     caller = _credential(request, d)
     sid = request.path_params["session_id"]
     if caller.grant is not None and caller.grant.session_id != sid:
         raise ApiError(403, "forbidden", "this session token belongs to another session")
     await d.limit(SIGNAL, caller.sub)
     if not SESSION_ID_RE.match(sid):
-        raise ApiError(404, "not_found", "no such session")
+        raise ApiError(404, "not_found", "no such session (malformed session id)")
+    owner_box, dot, _ = sid.partition(".")
+    if dot and d.box and owner_box != d.box:
+        raise ApiError(404, "wrong_box", f"session {sid} belongs to box {owner_box!r}, this is box "
+                       f"{d.box!r}; send requests for a session through the load balancer, which routes "
+                       f"on the box named in the id")
     info = await d.service.get(sid)
     if info is None or info.owner != caller.sub:
-        raise ApiError(404, "not_found", "no such session")
+        raise ApiError(404, "not_found", "no such session on this box (unknown, expired or ended)")
+    if live and info.state == "moved":
+        raise ApiError(404, "moved", f"session was resumed on another box as "
+                       f"{info.details.get('moved_to', '?')}; use that id")
     return info, caller
 
 
-def _client(request: Request, caller: _Caller) -> ClientInfo:
+def client_ip(request: Request,
+              trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> str:
+    """The caller's address: the TCP peer, or through trusted proxies the rightmost untrusted
+    ``X-Forwarded-For`` hop (module docstring). Garbage in the header ends the walk at the last good hop."""
+    peer = request.client.host if request.client else "unknown"
+    if not trusted or not _in(peer, trusted):
+        return peer
+    hops = [h.strip() for v in request.headers.getlist("x-forwarded-for") for h in v.split(",")]
+    ip = peer
+    for hop in reversed([h for h in hops if h]):
+        try:
+            addr = ipaddress.ip_address(hop.strip("[]"))
+        except ValueError:
+            break
+        ip = str(addr)
+        if not _in(ip, trusted):
+            break
+    return ip
+
+
+def _in(ip: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in n for n in nets)
+
+
+def _client(request: Request, caller: _Caller,
+            trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> ClientInfo:
     return ClientInfo(
         sub=caller.sub,
-        ip=_ip(request),
+        ip=client_ip(request, trusted),
         scopes=caller.scopes,
         user_agent=request.headers.get("user-agent", "")[:256],
         session_id=caller.grant.session_id if caller.grant else None,
@@ -728,7 +781,9 @@ def build_openapi() -> dict[str, Any]:
     sid_param = [{"name": "session_id", "in": "path", "required": True,
                   "schema": {"type": "string", "pattern": SESSION_ID_RE.pattern}}]
     common = {"401": err("Missing or invalid token"), "403": err("Session token of another session"),
-              "404": err("No such session"), "429": err("Rate limited (Retry-After)")}
+              "404": err("No such session: not_found (unknown here), wrong_box (the id names another box), "
+                         "moved (resumed on another box: details name the new id)"),
+              "429": err("Rate limited (Retry-After)")}
     security: list[dict[str, list[str]]] = [{"bearer": []}]
     return {
         "openapi": "3.1.0",
@@ -765,6 +820,7 @@ def build_openapi() -> dict[str, Any]:
                 "requestBody": {"required": True,
                                 "content": {"application/json": {"schema": ref("IceRequest")}}},
                 "responses": {"204": {"description": "Accepted"}, "400": err("Invalid candidate"),
+                              "409": err("The session is not connected on this box (resume it)"),
                               "413": err("Body too large"), "415": err("Not JSON"), **common},
             }},
             "/v1/sessions/{session_id}/refresh": {"post": {

@@ -16,7 +16,7 @@ import typing
 
 from appliance.config import Config, secret_fields
 
-SECRETISH = re.compile(r"secret|password|passwd|api_key|admin_key|private|token|credential|(^|_)key$")
+SECRETISH = re.compile(r"secret|password|passwd|api_key|admin_key|private_key|token|credential|(^|_)key$")
 
 
 def _text_fields() -> list[str]:
