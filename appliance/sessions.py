@@ -378,14 +378,18 @@ class Sessions:
             if offer_refused(exc):
                 raise OfferRefused(exc) from exc
             raise
-        for pt in (side.payload_type, side.telephone_event_payload_type):
+        for pt in (side.payload_type, side.telephone_event_payload_type, side.red_payload_type):
             if pt is not None and not 0 <= pt <= 127:  # what Janus made of the offer, not our bug
                 raise OfferRefused(JanusError(0, f"the offer led to RTP payload type {pt} (valid: 0-127)"))
+        red = side.red_payload_type if self.cfg.media.red else None
+        if red is not None:
+            opts = {**opts, "red_payload_type": red}  # the media worker unpacks it (workers/media/red.py)
         self._activate(live, side.ip, side.port, side.payload_type, side.channels,
                        side.telephone_event_payload_type, opts)
         bare = plain_rtp_answer(self.cfg.media.rtp_host, live.placed.rtp_port, side.payload_type,
                                 channels=side.channels,
-                                telephone_event_payload_type=side.telephone_event_payload_type)
+                                telephone_event_payload_type=side.telephone_event_payload_type,
+                                red_payload_type=red)
         return await live.handle.nosip_process_answer(bare)
 
     async def _setup_room(self, live: LiveSession, offer_sdp: str, opts: dict[str, Any]) -> str:

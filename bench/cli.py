@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "vad": "bench.vad_bench",
     "api": "bench.api_bench",
     "pipeline": "bench.pipeline",
+    "quality": "bench.quality",
     "box": "bench.box",
     "fuzz": "bench.fuzz",
     "loris": "bench.loris",

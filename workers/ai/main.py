@@ -22,9 +22,8 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from appliance.config import ConfigError, load_config
+from appliance.config import Config, ConfigError, load_config
 
 log = logging.getLogger("workers.ai")
 
@@ -48,16 +47,10 @@ def loop_factory() -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]
     return "asyncio", None
 
 
-def _ssl_context(cfg: Any) -> Any:
-    from workers.ai import live
-
-    settings = live.model_client_settings(cfg)
-    return settings[2] if isinstance(settings, tuple) and len(settings) > 2 else None
-
-
-async def _amain(args: argparse.Namespace, cfg: Any) -> int:
+async def _amain(args: argparse.Namespace, cfg: Config) -> int:
     from shm.segment import ShardSegment, ShmError
     from workers.ai.greeting import PromptCache
+    from workers.ai.live.settings import client_settings
     from workers.ai.worker import AiWorker
 
     try:
@@ -71,7 +64,7 @@ async def _amain(args: argparse.Namespace, cfg: Any) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         cache_dir = Path(cfg.paths.state_dir) / "prompts"
-        worker = AiWorker(cfg, seg, ssl_context=_ssl_context(cfg), prompts=PromptCache(cache_dir),
+        worker = AiWorker(cfg, seg, settings=client_settings(cfg), prompts=PromptCache(cache_dir),
                           journal_dir=args.journal_dir)
         await worker.prepare()
         seg.heartbeat("ai")
