@@ -82,6 +82,7 @@ from appliance.janus import (
 from appliance.metrics import Metrics
 from appliance.placement import AdmissionRefused, Placed, Placement
 from appliance.ratelimit import SessionCap
+from appliance.records.calls import SupervisorRecorder
 from appliance.state import (
     ACTIVE,
     MOVED,
@@ -169,6 +170,7 @@ class Sessions:
         self.on_slot_freed = on_slot_freed  # (shard, slot) -> None: harvest counters before reuse
         self.cap: SessionCap | None = None  # the API's per-sub session cap (the supervisor sets it)
         self._last_renew = 0.0
+        self.records = SupervisorRecorder(cfg, box)  # call rows for the record (appliance/records/calls.py)
         self.accepting = False
         self.live: dict[str, LiveSession] = {}
         self._by_handle: dict[int, str] = {}
@@ -194,6 +196,7 @@ class Sessions:
             await self.janus.aclose()
         with contextlib.suppress(Exception):
             await self.store.close()
+        self.records.close()
 
     def ready(self) -> bool:
         """Accepting (started, not stopping), not draining, and at least one shard's media worker up."""
@@ -229,6 +232,7 @@ class Sessions:
         live = self.live[sid]
         if event.kind == "webrtcup":
             live.webrtc_up = True
+            self.records.connected(live)
             log.info("caller connected", extra={"session": sid})
         elif event.kind in ("hangup", "detached"):
             log.info("caller gone", extra={"session": sid, "janus_event": event.kind, "reason": event.reason})
@@ -328,6 +332,7 @@ class Sessions:
             await self._teardown(sid, "error", forget=True)
             raise UpstreamError("session state unavailable") from exc
         self.metrics.admissions.labels(result="resumed" if resumed else "accepted").inc()
+        self.records.created(live, resumed=resumed is not None, voice=voice, language=language)
         self.metrics.session_setup_seconds.observe(time.perf_counter() - started)
         log.info("session created", extra={
             "session": sid, "shard": placed.shard, "slot": placed.slot, "port": placed.rtp_port,
@@ -468,6 +473,10 @@ class Sessions:
         return SessionInfo(record.session_id, record.sub, record.state, record.mode, record.created_at,
                            expires, details)
 
+    async def hangup(self, session_id: str) -> None:
+        """An operator ended the call (admin API): torn down, kept resumable like a caller hangup."""
+        await self._teardown(session_id, "admin_hangup", forget=False)
+
     async def delete(self, session_id: str) -> bool:
         if session_id in self.live:
             await self._teardown(session_id, "deleted", forget=True)
@@ -517,6 +526,7 @@ class Sessions:
             self._spawn(self.cap.release(live.sub, session_id))
         handle_ids = [h.id for h in (live.handle, live.room_handle) if h is not None]
         mirror = self._read_slot(live)
+        self.records.ended(live, reason, self._slot_of(live))
         await self._release(live)
         for hid in handle_ids:
             self._by_handle.pop(hid, None)
@@ -569,6 +579,11 @@ class Sessions:
                 if slot.generation == live.generation:
                     slot.free()
             self.placement.release(live.placed.shard, live.placed.slot)
+
+    def _slot_of(self, live: LiveSession) -> Any:
+        with contextlib.suppress(Exception):
+            return self.segments[live.placed.shard].slot(live.placed.slot)
+        return None
 
     def _read_slot(self, live: LiveSession) -> tuple[str, str, str] | None:
         try:

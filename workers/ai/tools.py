@@ -38,6 +38,8 @@ from typing import Any
 
 import httpx
 
+from appliance.records import signing
+
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 8  # tool calls of one session at once; more are answered with an error at once
@@ -69,6 +71,8 @@ class ToolRunner:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._tasks: dict[Key, dict[str, asyncio.Task[None]]] = {}
+        self.sign_key = b""  # records.webhook_secret_file: POSTs carry X-VA-Signature (records/signing.py)
+        self.on_finished: Callable[[Key, str, float, str], None] | None = None  # key, name, s, outcome
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -130,6 +134,7 @@ class ToolRunner:
     async def _run(self, key: Key, session_id: str, call_id: str, name: str, args: dict[str, Any],
                    respond: Respond, on_done: Callable[[bool], None]) -> None:
         ok = False
+        t0 = asyncio.get_running_loop().time()
         try:
             try:
                 response = await self.invoke(session_id, name, args, call_id)
@@ -157,15 +162,20 @@ class ToolRunner:
         except Exception:
             log.exception("sending the tool response failed", extra={"session": session_id, "tool": name})
         on_done(ok and sent)
+        if self.on_finished is not None:
+            self.on_finished(key, name, asyncio.get_running_loop().time() - t0,
+                             "ok" if ok and sent else ("not_sent" if ok else "error"))
 
     async def invoke(self, session_id: str, name: str, args: dict[str, Any], call_id: str) -> dict[str, Any]:
         """POST one call to the endpoint; the response object for the model, or :class:`ToolError`."""
         if not self.url:
             raise ToolError(f"no tool endpoint is configured for {name!r}")
         payload = {"session_id": session_id, "name": name, "args": args, "call_id": call_id}
+        content = json.dumps(payload, separators=(",", ":")).encode()
+        headers = signing.headers(self.sign_key, content, event_id=call_id, event_type="tool.call")
         try:
             async with asyncio.timeout(self.timeout):
-                async with self._http().stream("POST", self.url, json=payload) as resp:
+                async with self._http().stream("POST", self.url, content=content, headers=headers) as resp:
                     body = bytearray()
                     async for chunk in resp.aiter_bytes():
                         body += chunk
