@@ -291,8 +291,9 @@ class RecordsConfig:
     """Call records in PostgreSQL, the local spool in front of it, and signed webhooks
     (appliance/records/, docs/operations.md "Call records")."""
 
-    # libpq URI without the password, e.g. postgresql://va@db1:5432/voice_appliance; "": off
-    dsn: str = field(default="", metadata=SECRET_IN_URL)
+    # libpq URI without the password (a password in it is refused at load), e.g.
+    # postgresql://va@db1:5432/voice_appliance; "": off
+    dsn: str = ""
     password_file: str = ""  # credential with the database password (relative: $CREDENTIALS_DIRECTORY)
     spool_dir: str = ""  # default: <paths.state_dir>/records-spool
     spool_max_bytes: int = 256 * 1024 * 1024  # per producer directory; beyond it items are dropped + counted
