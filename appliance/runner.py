@@ -53,6 +53,7 @@ from appliance.turn import peer_policy_lines
 DEFAULT_REDIS_PORT = 6390
 DEFAULT_POSTGRES_PORT = 6391
 DEFAULT_TURN_PORT = 3478
+DEV_ISSUER = "voice-appliance-dev"  # `run` mints its own tokens; production configs name their IdP
 
 
 @dataclass
@@ -235,6 +236,7 @@ def prepare(
     janus_admin = ensure_secret(sec / "janus-admin-secret")
     ab_key = ensure_secret(sec / "audiobridge-admin-key")
     turn_secret = ensure_secret(sec / "turn-secret", 32)
+    ensure_secret(sec / "session-token-key", 32)  # HMAC key of the per-session tokens (43 characters)
     records: dict[str, Any] = {}
     if not base.records.webhook_secret_file:  # signs webhooks and tool-call POSTs
         ensure_secret(sec / "webhook-secret", 32)
@@ -269,7 +271,9 @@ def prepare(
     cfg = replace(
         base,
         paths={"state_dir": str(state), "run_dir": str(state / "run")},
-        auth={"jwt_public_key_file": str(pub), "jwt_private_key_file": str(priv)},
+        auth={"jwt_public_key_file": str(pub), "jwt_private_key_file": str(priv),
+              "issuer": base.auth.issuer or DEV_ISSUER,
+              "session_token_key_file": str(sec / "session-token-key")},
         janus={
             "api_secret": "", "api_secret_file": str(sec / "janus-api-secret"),
             "admin_secret": "", "admin_secret_file": str(sec / "janus-admin-secret"),

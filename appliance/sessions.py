@@ -33,7 +33,16 @@ Force-migrate (:meth:`Sessions.migrate_all`, drain timeout): each call gets stat
 fresh resume token shown only to its owner in ``GET /v1/sessions/{id}``; its leg here ends once it has
 resumed elsewhere, or after ``api.migrate_grace_seconds`` (kept resumable).
 
-Janus: one long-lived Janus session per shard (one long-poll each), one handle per call.
+Janus: one long-lived Janus session per shard (one long-poll each), one handle per call. An offer that
+passed our SDP validation but that Janus refuses is the caller's mistake: 400 ``invalid_sdp`` with
+Janus's reason (:func:`offer_refused`); any other Janus failure is a 502 whose detail stays in the log.
+
+Dead sessions: a caller that never connects (no ``webrtcup`` within ``api.connect_timeout_seconds``)
+is torn down like a hangup — slot, Janus handle and Live session freed — instead of holding them for
+``redis.active_ttl_seconds``.
+
+Concurrent-session cap: the API takes the lease (:class:`appliance.ratelimit.SessionCap`); this service
+renews the leases of its live sessions and releases them at teardown.
 """
 
 from __future__ import annotations
@@ -59,16 +68,21 @@ from appliance.api import (
 from appliance.config import Config, secret
 from appliance.janus import (
     AUDIOBRIDGE,
+    ERR_HANDLE_NOT_FOUND,
+    ERR_SESSION_NOT_FOUND,
+    ERR_UNAUTHORIZED,
     NOSIP,
     JanusClient,
     JanusError,
     JanusEvent,
     JanusHandle,
     JanusSession,
+    JanusUnavailable,
     plain_rtp_answer,
 )
 from appliance.metrics import Metrics
 from appliance.placement import AdmissionRefused, Placed, Placement
+from appliance.ratelimit import SessionCap
 from appliance.records.calls import SupervisorRecorder
 from appliance.state import (
     ACTIVE,
@@ -85,6 +99,27 @@ log = logging.getLogger(__name__)
 CLOSE_GRACE_SECONDS = 0.3  # CLOSING → FREE delay: workers scan every tick (≤ 20 ms)
 MIRROR_SECONDS = 1.0
 REFRESH_SECONDS = 300.0
+MAX_REASON_CHARS = 200
+_NOT_THE_CALLERS_FAULT = {0, ERR_UNAUTHORIZED, 405, ERR_SESSION_NOT_FOUND, ERR_HANDLE_NOT_FOUND, 490}
+
+
+class OfferRefused(Exception):
+    """Janus refused the caller's offer itself (raised from the step that hands Janus the offer)."""
+
+    def __init__(self, exc: JanusError) -> None:
+        super().__init__(str(exc))
+        self.janus_error = exc
+
+
+def offer_refused(exc: JanusError) -> bool:
+    """True when Janus's answer to the caller's offer blames the offer (JSEP/SDP or plugin errors), not
+    Janus being down, our secret, a lost session or one of our own parse checks (code 0)."""
+    return not isinstance(exc, JanusUnavailable) and exc.code not in _NOT_THE_CALLERS_FAULT
+
+
+def _public_reason(reason: str) -> str:
+    """Janus's reason, one line, bounded (it quotes the caller's own SDP, never our addresses)."""
+    return " ".join(reason.split())[:MAX_REASON_CHARS] or "refused"
 
 
 @dataclass
@@ -102,6 +137,7 @@ class LiveSession:
     room_handle: JanusHandle | None = None
     room_id: int | None = None
     webrtc_up: bool = False
+    resumed: bool = False
     mirrored: tuple[str, str, str] = ("", "", "")
     closing: bool = False
     migrate_token: str = ""  # set by a force-migrate: the caller resumes elsewhere with it
@@ -133,6 +169,8 @@ class Sessions:
         self.janus = janus or JanusClient.from_config(cfg.janus)
         self.ab_admin_key = secret(cfg.janus.audiobridge_admin_key, cfg.janus.audiobridge_admin_key_file)
         self.on_slot_freed = on_slot_freed  # (shard, slot) -> None: harvest counters before reuse
+        self.cap: SessionCap | None = None  # the API's per-sub session cap (the supervisor sets it)
+        self._last_renew = 0.0
         self.records = SupervisorRecorder(cfg, box)  # call rows for the record (appliance/records/calls.py)
         self.accepting = False
         self.live: dict[str, LiveSession] = {}
@@ -237,7 +275,7 @@ class Sessions:
         voice = options.voice or (resumed.voice if resumed else "") or ""
         language = options.language or (resumed.language if resumed else "") or ""
         live = LiveSession(sid, client.sub, options.mode, placed, 0, now,
-                           now + self.cfg.redis.active_ttl_seconds)
+                           now + self.cfg.redis.active_ttl_seconds, resumed=resumed is not None)
         slot_opts: dict[str, Any] = {"voice": voice, "language": language}
         if resume_handle:
             slot_opts["resume_handle"] = resume_handle
@@ -249,6 +287,13 @@ class Sessions:
         except asyncio.CancelledError:
             await self._abort(live)
             raise
+        except OfferRefused as refused:
+            await self._abort(live)
+            self.metrics.admissions.labels(result="invalid").inc()
+            exc = refused.janus_error
+            log.info("offer refused by Janus", extra={"session": sid, "code": exc.code, "error": exc.reason})
+            raise InvalidRequest(f"the media gateway refused the offer: {_public_reason(exc.reason)}",
+                                 code="invalid_sdp") from exc
         except JanusError as exc:
             await self._abort(live)
             self.metrics.admissions.labels(result="error").inc()
@@ -308,7 +353,8 @@ class Sessions:
         except Exception as exc:
             raise UpstreamError("session state unavailable; cannot resume now", status=503,
                                 retry_after=2) from exc
-        if record is None or record.sub != client.sub:
+        if record is None or record.sub != client.sub or (
+                client.session_id is not None and record.session_id != client.session_id):
             raise InvalidRequest("resume token unknown, expired or already used", code="invalid_resume")
         return record
 
@@ -337,7 +383,15 @@ class Sessions:
         js = await self._janus_session(live.placed.shard)
         live.handle = await js.attach(NOSIP, opaque_id=live.session_id)
         self._by_handle[live.handle.id] = live.session_id
-        side = await live.handle.nosip_generate(offer_sdp, info=live.session_id)
+        try:
+            side = await live.handle.nosip_generate(offer_sdp, info=live.session_id)
+        except JanusError as exc:
+            if offer_refused(exc):
+                raise OfferRefused(exc) from exc
+            raise
+        for pt in (side.payload_type, side.telephone_event_payload_type, side.red_payload_type):
+            if pt is not None and not 0 <= pt <= 127:  # what Janus made of the offer, not our bug
+                raise OfferRefused(JanusError(0, f"the offer led to RTP payload type {pt} (valid: 0-127)"))
         red = side.red_payload_type if self.cfg.media.red else None
         if red is not None:
             opts = {**opts, "red_payload_type": red}  # the media worker unpacks it (workers/media/red.py)
@@ -362,7 +416,12 @@ class Sessions:
         self._activate(live, side.ip, side.port, side.payload_type, 1, None, opts)
         live.handle = await js.attach(AUDIOBRIDGE, opaque_id=live.session_id)
         self._by_handle[live.handle.id] = live.session_id
-        return await live.handle.audiobridge_join_webrtc(live.room_id, offer_sdp, display="caller")
+        try:
+            return await live.handle.audiobridge_join_webrtc(live.room_id, offer_sdp, display="caller")
+        except JanusError as exc:
+            if offer_refused(exc):
+                raise OfferRefused(exc) from exc
+            raise
 
     async def _abort(self, live: LiveSession) -> None:
         """Undo a half-done setup (slot, Janus handles, placement)."""
@@ -384,6 +443,9 @@ class Sessions:
         try:
             await live.handle.trickle(body)
         except JanusError as exc:
+            if offer_refused(exc):
+                raise InvalidRequest(f"the media gateway refused the candidate: {_public_reason(exc.reason)}",
+                                     code="invalid_candidate") from exc
             raise UpstreamError(f"media gateway refused the candidate: {exc.reason or exc}") from exc
 
     async def get(self, session_id: str) -> SessionInfo | None:
@@ -468,6 +530,8 @@ class Sessions:
         if live is None or live.closing:
             return
         live.closing = True
+        if self.cap is not None:
+            self._spawn(self.cap.release(live.sub, session_id))
         handle_ids = [h.id for h in (live.handle, live.room_handle) if h is not None]
         mirror = self._read_slot(live)
         self.records.ended(live, reason, self._slot_of(live))
@@ -576,6 +640,7 @@ class Sessions:
         """Copy changed resume handles / model states / transcripts to Redis; returns the count."""
         n = 0
         now = time.time()
+        connect_limit = self.cfg.api.connect_timeout_seconds
         grace = self.cfg.api.migrate_grace_seconds
         with contextlib.suppress(Exception):  # refused writes find the rest; this is the quiet path
             await self.store.lost_of(list(self.live))
@@ -585,6 +650,13 @@ class Sessions:
                 continue
             if live.migrate_token and time.monotonic() - live.migrating_since > grace:
                 self._spawn(self._teardown(sid, "migrate_timeout", forget=False))
+                continue
+            if not live.webrtc_up and now - live.created_at >= connect_limit:
+                # a dead session (the caller never connected): free slot, Janus handle and Live session.
+                # A fresh one is forgotten (nothing to resume); a resumed one keeps its resume window.
+                log.info("caller never connected; ending the session",
+                         extra={"session": sid, "timeout_seconds": connect_limit})
+                self._spawn(self._teardown(sid, "connect_timeout", forget=not live.resumed))
                 continue
             current = self._read_slot(live)
             if current is None or current == live.mirrored:
@@ -605,6 +677,9 @@ class Sessions:
             await asyncio.sleep(MIRROR_SECONDS)
             try:
                 await self.mirror_once()
+                if self.cap is not None and time.monotonic() - self._last_renew > SessionCap.RENEW_SECONDS:
+                    self._last_renew = time.monotonic()
+                    await self.cap.renew([(s.sub, sid) for sid, s in list(self.live.items())])
                 if time.monotonic() - last_refresh > REFRESH_SECONDS:
                     last_refresh = time.monotonic()
                     await self.store.refresh_active()

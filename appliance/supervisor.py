@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance.config import Config, ConfigError, load_config
+from appliance.config import Config, ConfigError, load_config, production_problems
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,15 @@ def instance_id(cfg: Config) -> str:
     return digest[:12]
 
 
-def demo_routes(cfg: Config) -> list[Any]:
+def demo_routes(cfg: Config, limiter: Any = None) -> list[Any]:
     """The demo page, its static files and the dev-only token endpoint.
 
     ``POST /dev/token`` exists only when ``api.demo_page`` is on AND the dev private key
     (``auth.jwt_private_key_file``) exists: `voice-appliance run` creates it, a production install has
-    no private key, so there the endpoint is simply absent (404).
+    no private key, so there the endpoint is simply absent (404). Every token gets its own random
+    ``sub`` (one demo user cannot read another's session or transcript), and with ``limiter`` (a
+    :class:`appliance.ratelimit.RateLimiter`) the endpoint is limited per client IP
+    (``limits.unauthenticated_per_minute``; `run --public-host` serves it to a whole network).
     """
     from starlette.requests import Request
     from starlette.responses import FileResponse, JSONResponse, Response
@@ -79,10 +82,26 @@ def demo_routes(cfg: Config) -> list[Any]:
 
         pem = Path(key_file).read_bytes()
 
-        async def dev_token(_request: Request) -> Response:
-            token = mint(pem, sub="demo", audience=cfg.auth.audience, issuer=cfg.auth.issuer,
+        import ipaddress
+        import secrets
+
+        from appliance.api import client_ip, error_response
+        from appliance.ratelimit import ANON
+
+        trusted = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.api.trusted_proxies)
+
+        async def dev_token(request: Request) -> Response:
+            if limiter is not None:
+                decision = await limiter.check(ANON, client_ip(request, trusted))
+                if not decision.allowed:
+                    return error_response(429, "rate_limited", "too many development tokens from this "
+                                          f"address; retry in {decision.retry_after_header} s",
+                                          {"Retry-After": decision.retry_after_header})
+            sub = "demo-" + secrets.token_urlsafe(9)
+            token = mint(pem, sub=sub, audience=cfg.auth.audience, issuer=cfg.auth.issuer,
                          scope=cfg.auth.required_scope, ttl_seconds=min(600, cfg.auth.max_ttl_seconds))
-            return JSONResponse({"token": token, "dev": True}, headers={"Cache-Control": "no-store"})
+            return JSONResponse({"token": token, "sub": sub, "dev": True},
+                                headers={"Cache-Control": "no-store"})
 
         routes.append(Route("/dev/token", dev_token, methods=["POST"], name="dev_token"))
         if not cfg.api.host.startswith("127.") and cfg.api.host not in ("localhost", "::1"):
@@ -112,13 +131,15 @@ class _Server:
     def make(app: Any, cfg: Config) -> Any:
         import uvicorn
 
-        kwargs: dict[str, Any] = {}
+        from appliance.httpguard import uvicorn_kwargs
+
+        kwargs: dict[str, Any] = uvicorn_kwargs(cfg.api)
         tls = None
         if cfg.api.tls_cert_file:  # our TLS policy and in-place certificate reloads (appliance/tls.py)
             from appliance.tls import CertReloader, HstsMiddleware
 
             tls = CertReloader(cfg.api.tls_cert_file, cfg.api.tls_key_file)
-            kwargs = {"ssl_certfile": cfg.api.tls_cert_file, "ssl_context_factory": lambda *_: tls.context}
+            kwargs.update(ssl_certfile=cfg.api.tls_cert_file, ssl_context_factory=lambda *_: tls.context)
             app = HstsMiddleware(app)
         # proxy_headers off: appliance.api.client_ip alone decides whom to believe (api.trusted_proxies)
         config = uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_config=None,
@@ -317,7 +338,7 @@ class Supervisor:
         from appliance.config import box_id, private_host
         from appliance.control import ControlServer, socket_path
         from appliance.cpuplan import pin
-        from appliance.ratelimit import RateLimiter
+        from appliance.ratelimit import RateLimiter, SessionCap
         from appliance.sessions import Sessions
         from appliance.state import SessionStore, redis_client
 
@@ -335,8 +356,12 @@ class Supervisor:
         self.sessions = Sessions(cfg, self.placement, self.segments, store, self.metrics, box=box_id(cfg),
                                  on_slot_freed=self.harvest_counters)
         await self.sessions.start()
-        limiter = RateLimiter(redis_client(cfg.redis), cfg.limits)
-        app = create_app(cfg, self.sessions, limiter=limiter, extra_routes=demo_routes(cfg))
+        limits_redis = redis_client(cfg.redis)
+        limiter = RateLimiter(limits_redis, cfg.limits)
+        cap = SessionCap(limits_redis, cfg.limits)
+        self.sessions.cap = cap
+        app = create_app(cfg, self.sessions, limiter=limiter, cap=cap,
+                         extra_routes=demo_routes(cfg, limiter))
         self.metrics.include_default_registry()
         p = self.placement
         self.metrics.sessions_active.set_function(lambda: p.active)  # read at scrape time
@@ -606,6 +631,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config) if args.config else load_config()
+        for problem in production_problems(cfg):  # `config check` (the package, Ansible) refuses these
+            log.error("config problem", extra={"problem": problem})
         sup = Supervisor(cfg, args.config or os.environ.get("VA_CONFIG"), with_workers=not args.no_workers)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

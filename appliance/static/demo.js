@@ -10,6 +10,9 @@
 // resume_token), on ICE/connection failure, or when the box stops answering (box loss), the page
 // re-offers with its resume token through the same origin (the load balancer picks a live box). The
 // session may come back under a new id (`resumed_from`): every later request uses the new one.
+// Session credentials (docs/security.md): requests about the session (poll, DELETE, refresh) carry its
+// own session token, refreshed with POST /v1/sessions/{id}/refresh in its last two minutes, so a call
+// may outlive any token; creating or resuming a session uses the JWT.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -20,6 +23,8 @@ const BOX_LOSS_POLLS = 2; // consecutive failed polls (network error / 5xx) that
 let pc = null, stream = null, session = null, token = null, poller = null, lastLine = "";
 let resuming = false, failedPolls = 0;
 let meter = null, turn = { speaking: 0, lastLoud: 0, waiting: 0 };
+const REFRESH_BEFORE_MS = 90 * 1000; // the API accepts a refresh in the token's last 120 s
+let sessionToken = null, refresher = null;
 
 function show(id, text) { $(id).textContent = text; }
 function fail(msg) { show("error", msg); console.error(msg); }
@@ -47,11 +52,32 @@ async function iceServers() {
 }
 
 function api(path, opts = {}) {
+  // the session's own token for /v1/sessions/{id}…; the JWT for creating/resuming and ICE servers
+  const bearer = path.startsWith("/v1/sessions/") && sessionToken ? sessionToken : token;
   return fetch(path, {
     ...opts,
     cache: "no-store",
-    headers: { "Authorization": "Bearer " + token, "Content-Type": "application/json", ...(opts.headers || {}) },
+    headers: { "Authorization": "Bearer " + bearer, "Content-Type": "application/json", ...(opts.headers || {}) },
   });
+}
+
+function scheduleRefresh(expiresAt) {
+  clearTimeout(refresher);
+  const wait = Math.max(1000, Date.parse(expiresAt) - Date.now() - REFRESH_BEFORE_MS);
+  refresher = setTimeout(refreshToken, wait);
+}
+
+async function refreshToken() {
+  if (!session) return;
+  if (resuming) { refresher = setTimeout(refreshToken, 1000); return; }
+  try {
+    const r = await api("/v1/sessions/" + session.session_id + "/refresh", { method: "POST" });
+    if (!r.ok) { refresher = setTimeout(refreshToken, 5000); return; } // poll() notices an ended call
+    const data = await r.json();
+    sessionToken = data.session_token;
+    window.demoTokenRefreshes = (window.demoTokenRefreshes || 0) + 1;
+    scheduleRefresh(data.session_token_expires_at);
+  } catch (e) { refresher = setTimeout(refreshToken, 5000); } // transient; try again soon
 }
 
 // One peer connection + POST /v1/sessions (a new call, or a resume when resumeToken is set).
@@ -95,6 +121,8 @@ async function connect(resumeToken) {
   pc = conn;
   window.demoPc = conn; // for tests and curious people
   session = data;
+  sessionToken = data.session_token; // a resumed session (maybe a new id) gets its own
+  scheduleRefresh(data.session_token_expires_at);
   window.demoSession = data;
   show("session", data.session_id + (data.resumed_from ? " (resumed from " + data.resumed_from + ")" : ""));
   if (old) old.close(); // the old box ends its leg itself once it sees the session moved
@@ -138,6 +166,7 @@ async function call() {
   show("quality", "–");
   lastLine = "";
   try {
+    sessionToken = null;
     token = await devToken();
     show("conn", "microphone…");
     stream = await navigator.mediaDevices.getUserMedia({
@@ -229,12 +258,14 @@ async function measureTurns() {
 async function hangup() {
   clearInterval(poller);
   clearInterval(meter);
+  clearTimeout(refresher);
   poller = null;
   meter = null;
   turn = { speaking: 0, lastLoud: 0, waiting: 0 };
   const s = session;
   session = null;
   if (s && token) { try { await api("/v1/sessions/" + s.session_id, { method: "DELETE" }); } catch (e) {} }
+  sessionToken = null;
   if (pc) { pc.close(); pc = null; }
   if (stream) { stream.getTracks().forEach((t) => t.stop()); stream = null; }
   show("conn", "idle");

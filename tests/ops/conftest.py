@@ -203,6 +203,7 @@ class ProvisionedHost:
             "appliance_public_host": nspawn.HOST_ADDR,
             "appliance_tls_cert_pem": self.tls.cert_file.read_text(),
             "appliance_tls_key_pem": self.tls.key_file.read_text(),
+            "appliance_auth_issuer": "https://idp.ops-test.invalid",
             "appliance_turn_uris": [f"turn:{nspawn.HOST_ADDR}:3478?transport=udp"],
             "appliance_credentials": {
                 "gemini_api_key": "",

@@ -70,10 +70,12 @@ const { chromium } = require("playwright-core");
     }));
     console.log(JSON.stringify({ event: "heard", ...heard }));
     const model = await page.textContent("#model");
+    const deleted = page.waitForResponse((r) => r.request().method() === "DELETE", { timeout: 30000 });
     await page.click("#hangup");
     await page.waitForFunction(() => document.getElementById("conn").textContent === "idle", null,
                                { timeout: 30000 });
-    console.log(JSON.stringify({ event: "hungup", model }));
+    const refreshes = await page.evaluate(() => window.demoTokenRefreshes || 0);
+    console.log(JSON.stringify({ event: "hungup", model, refreshes, deleted: (await deleted).status() }));
   } finally {
     await browser.close();
   }
