@@ -57,7 +57,8 @@ def fake_hcloud() -> Iterator[FakeHcloud]:
             body = json.loads(self.rfile.read(length)) if length else None
             state.requests.append((method, self.path, body, self.headers.get("Authorization", "")))
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
-                return self._reply(401, {"error": {"code": "unauthorized", "message": "unable to authenticate"}})
+                return self._reply(401, {"error": {"code": "unauthorized",
+                                                   "message": "unable to authenticate"}})
             if state.fail_next:
                 return self._reply(state.fail_next.pop(0), {"error": {"code": "unavailable", "message": "x"}})
             if method == "GET" and self.path == "/v1/floating_ips/42":

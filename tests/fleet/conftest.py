@@ -112,7 +112,8 @@ class Call:
 
 
 @contextlib.asynccontextmanager
-async def calls(fleet: Fleet, http: httpx.AsyncClient, n: int, prefix: str = "u") -> AsyncIterator[list[Call]]:
+async def calls(fleet: Fleet, http: httpx.AsyncClient, n: int,
+                prefix: str = "u") -> AsyncIterator[list[Call]]:
     out = [Call(fleet, http, f"{prefix}{i}") for i in range(n)]
     try:
         yield out

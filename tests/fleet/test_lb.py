@@ -48,7 +48,7 @@ def test_tls_policy_and_http2(fleet: Fleet) -> None:
     assert _handshake(fleet, ciphers="ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256").startswith(
         "TLSv1.2")
     with pytest.raises(ssl.SSLError):
-        _handshake(fleet, max_version=getattr(ssl.TLSVersion, "TLSv1_1"))
+        _handshake(fleet, max_version=ssl.TLSVersion.TLSv1_1)
     for cbc in ("ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256", "AES128-SHA:AES256-SHA256"):
         with pytest.raises(ssl.SSLError):
             _handshake(fleet, ciphers=cbc)
@@ -60,7 +60,8 @@ def test_tls_policy_and_http2(fleet: Fleet) -> None:
 
 
 async def test_new_calls_balanced_by_free_capacity(fleet: Fleet) -> None:
-    """6 calls on 3 boxes × 2 slots: every box takes 2 (weights follow free capacity), the 7th gets 503."""
+    """6 calls on 3 boxes with 2 slots each: every box takes 2 (weights follow free capacity); the 7th
+    gets 503."""
     async with lb_client(fleet) as http, calls(fleet, http, 7, "bal") as cs:
         for c in cs[:6]:
             await c.open()
@@ -109,7 +110,7 @@ async def test_rate_limits_see_the_callers_real_ip(fleet: Fleet) -> None:
     """Two callers behind the LB (two source addresses) get separate rate-limit buckets."""
     a, b = f"{fleet.subnet}201", f"{fleet.subnet}202"
     for ip in (a, b):
-        subprocess.run(["ip", "addr", "add", f"{ip}/32", "dev", fleet.bridge], check=True)
+        fleet.add_client_address(ip)
     try:
         async with lb_client(fleet, local_address=a) as ha, lb_client(fleet, local_address=b) as hb:
             statuses = [(await ha.post("/v1/sessions", json={})).status_code for _ in range(21)]
@@ -118,7 +119,7 @@ async def test_rate_limits_see_the_callers_real_ip(fleet: Fleet) -> None:
             assert r.status_code == 401, f"caller B shares caller A's bucket: {r.status_code} {r.text}"
     finally:
         for ip in (a, b):
-            subprocess.run(["ip", "addr", "del", f"{ip}/32", "dev", fleet.bridge], check=False)
+            fleet.del_client_address(ip)
 
 
 async def test_active_haproxy_killed_vip_moves_live_calls_unaffected(fleet: Fleet) -> None:

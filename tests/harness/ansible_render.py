@@ -22,7 +22,8 @@ def role_vars(role: str, overrides: dict[str, Any] | None = None,
               host: str = "test-host") -> dict[str, Any]:
     """The role's defaults with ``overrides`` applied and ``{{ … }}`` defaults resolved."""
     defaults = yaml.safe_load((ROLES_DIR / role / "defaults" / "main.yml").read_text()) or {}
-    values: dict[str, Any] = {"inventory_hostname": host, "ansible_managed": "Managed by Ansible (test render)",
+    values: dict[str, Any] = {"inventory_hostname": host,
+                              "ansible_managed": "Managed by Ansible (test render)",
                               **defaults, **(overrides or {})}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
     for _ in range(5):  # a few rounds settle chains of references

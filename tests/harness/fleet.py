@@ -8,7 +8,7 @@ on the bridge::
 
     10.214.K.1    root namespace: the test (aiortc callers, httpx) and the Live emulator
     10.214.K.2-3  lb1, lb2: HAProxy + keepalived (unicast VRRP); the virtual IP is 10.214.K.100
-    10.214.K.5-6  data1 (Redis primary + Sentinel), data2 (Redis replica + Sentinel); the 3rd Sentinel is on lb1
+    10.214.K.5-6  data1 (Redis primary + Sentinel), data2 (Redis replica + Sentinel); Sentinel 3 on lb1
     10.214.K.11+  box1…boxN: Janus (ICE on the box address), coturn, `voice-appliance supervisor`
 
 On the test machine public and private network are the same bridge: callers reach the virtual IP for the
@@ -305,8 +305,15 @@ class Fleet:
         import redis
 
         if host is None:
-            host, port = self.redis_primary()
+            host, _ = self.redis_primary()
         return redis.Redis(host=host, port=REDIS_PORT, password=self.redis_password, socket_timeout=2)
+
+    def add_client_address(self, ip: str) -> None:
+        """A second caller address in the root namespace (two callers behind one LB)."""
+        _run(["ip", "addr", "add", f"{ip}/32", "dev", self.bridge])
+
+    def del_client_address(self, ip: str) -> None:
+        _run(["ip", "addr", "del", f"{ip}/32", "dev", self.bridge], check=False)
 
     def logs(self) -> str:
         """Tails of every box's, LB's and keepalived's log (for assertion messages)."""
@@ -348,7 +355,8 @@ class _Net:
                 self.subnet = f"{SUBNET_PREFIX}{k}."
                 _run(["ip", "link", "add", self.bridge, "type", "bridge"])
                 # Bridged frames between our namespaces must not meet the machine's iptables.
-                _run(["ip", "link", "set", self.bridge, "type", "bridge", "nf_call_iptables", "0"], check=False)
+                _run(["ip", "link", "set", self.bridge, "type", "bridge", "nf_call_iptables", "0"],
+                     check=False)
                 _run(["ip", "addr", "add", f"{self.subnet}1/24", "dev", self.bridge])
                 _run(["ip", "link", "set", self.bridge, "up"])
             finally:
@@ -496,7 +504,7 @@ def lb_vars(fleet_boxes: list[tuple[str, str]], host: Host, peer: Host, vip: str
         "loadbalancer_internal_ca_path": str(tmp / "internal-ca.pem"),
         "loadbalancer_stats_socket": str(tmp / "admin.sock"),
         "loadbalancer_log_target": "stdout format raw local0",
-        "loadbalancer_maxconn": 4000,  # this machine's hard file limit (20000) caps it; a real host allows more
+        "loadbalancer_maxconn": 4000,  # this machine's hard file limit (20000) caps it
         "loadbalancer_vip": vip,
         "loadbalancer_vip_prefix": 24,
         "loadbalancer_vip_interface": host.ns_if,
@@ -606,8 +614,8 @@ def running_fleet(tmp: Path, *, boxes: int = 3, slots: int = 2, drain_timeout: i
             lbs = [start_lb(tmp / lb.name, lb, lb_vars(backends, lb, peer, vip, prio, tmp / lb.name,
                                                         vrrp_password), site_pem, internal.path)
                    for lb, peer, prio in ((lb_hosts[0], lb_hosts[1], 150), (lb_hosts[1], lb_hosts[0], 100))]
-            fleet = Fleet(tmp, net.subnet, net.bridge, vip, emu, box_list, lbs, data, site.path, internal.path,
-                          priv.read_bytes(), password)
+            fleet = Fleet(tmp, net.subnet, net.bridge, vip, emu, box_list, lbs, data, site.path,
+                          internal.path, priv.read_bytes(), password)
             _wait(lambda: fleet.active_lb() is not None, 30, "virtual IP", fleet.logs)
             _wait(lambda: all(r["status"] == "UP" for lb in lbs for r in lb.stat()), 30,
                   "all boxes UP in both HAProxies", fleet.logs)
