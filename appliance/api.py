@@ -18,13 +18,22 @@ TURN credentials: ``GET /v1/ice-servers`` hands out the ICE server list (coturn 
 for its offer — a relay-only caller (``iceTransportPolicy: "relay"``) has no candidate at all otherwise.
 The 201 of ``POST /v1/sessions`` still carries a list too (for ICE restarts).
 
-Client IP: ``request.client`` — behind a load balancer run uvicorn with ``proxy_headers`` and
-``forwarded_allow_ips`` set to the balancer's address so that this is the caller's address.
+Client IP (:func:`client_ip`): the TCP peer, unless the peer is in ``api.trusted_proxies``; then the
+rightmost address in ``X-Forwarded-For`` that is not itself a trusted proxy (each proxy appends the
+address it saw, so everything left of the last untrusted hop may be forged by the caller). uvicorn's own
+proxy-header handling is off: this is the one place that decides.
+
+Fleet routing: session ids name their box (``<box_id>.<random>``) and the load balancer sends
+``/v1/sessions/{id}…`` to that box. A request that still reaches the wrong box (stale route, a box
+renamed) gets a 404 ``wrong_box`` saying which box owns the id; an unknown id a 404 ``not_found``; a
+session that resumed on another box a 404 ``moved`` for trickle/DELETE (GET shows ``state: moved`` and
+``details.moved_to``). None of them is dropped silently.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -49,7 +58,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance import __version__
 from appliance.auth import AuthError, JwtVerifier, Principal
-from appliance.config import Config
+from appliance.config import Config, box_id
 from appliance.ratelimit import CREATE, SIGNAL, RateLimiter
 from appliance.sdp import MAX_SDP_BYTES, OfferInfo, SdpError, validate_offer
 from appliance.turn import MAX_TTL_SECONDS, ice_servers
@@ -64,7 +73,7 @@ LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SESSION_ID_RE = re.compile(r"^(?:[a-z0-9][a-z0-9-]{0,30}\.)?[A-Za-z0-9_-]{1,64}$")  # [box.]random
 DEFAULT_RETRY_AFTER = 5.0
 
 
@@ -98,6 +107,7 @@ class CreatedSession:
     answer_sdp: str
     resume_token: str
     expires_at: float  # unix time after which the session (and its resume token) is gone
+    resumed_from: str = ""  # a resume on another box: the id the session had there
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,8 @@ class CreateSessionResponse(BaseModel):
     ice_servers: list[IceServer]
     resume_token: str
     expires_at: str = Field(description="RFC 3339 UTC time")
+    resumed_from: str | None = Field(None, description="Set when a resume moved the session to this box: "
+                                                       "its previous id (the new session_id names this box)")
 
 
 class IceServersResponse(BaseModel):
@@ -308,6 +320,8 @@ class _Deps:
     limiter: RateLimiter | None
     create_timeout: float
     ice_servers: Callable[[str], list[dict[str, Any]]]
+    box: str = ""
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 DepsHandler = Callable[[Request, _Deps], Awaitable[Response]]
@@ -343,6 +357,8 @@ def create_app(
         limiter=limiter,
         create_timeout=create_timeout or cfg.api.create_timeout_seconds,
         ice_servers=ice_servers_fn or (lambda sid: ice_servers(cfg.turn, sid, cfg.api.public_host)),
+        box=box_id(cfg),
+        trusted=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.api.trusted_proxies),
     )
 
     def route(name: str, bucket: str | None) -> Callable[[DepsHandler], Handler]:
@@ -353,7 +369,7 @@ def create_app(
                 start = time.perf_counter()
                 try:
                     if bucket and deps.limiter is not None:
-                        ip = request.client.host if request.client else "unknown"
+                        ip = client_ip(request, deps.trusted)
                         decision = await deps.limiter.check(bucket, ip)
                         if not decision.allowed:
                             raise ApiError(429, "rate_limited", f"too many requests; retry in "
@@ -392,7 +408,7 @@ def create_app(
                            _retry_after(d.service.retry_after()))
         options = SessionOptions(mode=body.mode, voice=body.voice, language=body.language,
                                  resume_token=body.resume_token, offer=offer)
-        client = _client(request, principal)
+        client = _client(request, principal, d.trusted)
         try:
             async with asyncio.timeout(d.create_timeout):
                 created = await d.service.create(body.sdp, options, client)
@@ -404,6 +420,7 @@ def create_app(
             ice_servers=[IceServer(**s) for s in d.ice_servers(created.session_id)],
             resume_token=created.resume_token,
             expires_at=rfc3339(created.expires_at),
+            resumed_from=created.resumed_from or None,
         )
         return JSONResponse(out.model_dump(exclude_none=True), status_code=201,
                             headers={"Cache-Control": "no-store",
@@ -422,7 +439,7 @@ def create_app(
     @route("trickle", SIGNAL)
     async def trickle(request: Request, d: _Deps) -> Response:
         principal = d.verifier.verify_authorization(request.headers.get("authorization"))
-        sid = await _owned(request, d, principal)
+        sid = await _owned(request, d, principal, live=True)
         body = await _parse(request, d.cfg.api.max_body_bytes, IceRequest)
         # completed:true, or the empty candidate some browsers send, both mean end of candidates
         candidate = None if body.completed or not body.candidate else IceCandidate(
@@ -443,9 +460,9 @@ def create_app(
     @route("delete_session", SIGNAL)
     async def delete_session(request: Request, d: _Deps) -> Response:
         principal = d.verifier.verify_authorization(request.headers.get("authorization"))
-        info = await _owned(request, d, principal)
+        info = await _owned(request, d, principal, live=True)
         if not await d.service.delete(info.session_id):
-            raise ApiError(404, "not_found", "no such session")
+            raise ApiError(404, "not_found", "no such session on this box (unknown, expired or ended)")
         return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
     @route("healthz", None)
@@ -531,20 +548,60 @@ async def _parse(request: Request, limit: int, model: type[M]) -> M:
         raise ApiError(400, "invalid_request", _validation_detail(exc)) from exc
 
 
-async def _owned(request: Request, d: _Deps, principal: Principal) -> SessionInfo:
+async def _owned(request: Request, d: _Deps, principal: Principal, *, live: bool = False) -> SessionInfo:
+    """The caller's session named in the path, or a 404 that says why (see the module docstring)."""
     sid = request.path_params["session_id"]
     if not SESSION_ID_RE.match(sid):
-        raise ApiError(404, "not_found", "no such session")
+        raise ApiError(404, "not_found", "no such session (malformed session id)")
+    owner_box, dot, _ = sid.partition(".")
+    if dot and d.box and owner_box != d.box:
+        raise ApiError(404, "wrong_box", f"session {sid} belongs to box {owner_box!r}, this is box "
+                       f"{d.box!r}; send requests for a session through the load balancer, which routes "
+                       f"on the box named in the id")
     info = await d.service.get(sid)
     if info is None or info.owner != principal.sub:
-        raise ApiError(404, "not_found", "no such session")
+        raise ApiError(404, "not_found", "no such session on this box (unknown, expired or ended)")
+    if live and info.state == "moved":
+        raise ApiError(404, "moved", f"session was resumed on another box as "
+                       f"{info.details.get('moved_to', '?')}; use that id")
     return info
 
 
-def _client(request: Request, principal: Principal) -> ClientInfo:
+def client_ip(request: Request,
+              trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> str:
+    """The caller's address: the TCP peer, or through trusted proxies the rightmost untrusted
+    ``X-Forwarded-For`` hop (module docstring). Garbage in the header ends the walk at the last good hop."""
+    peer = request.client.host if request.client else "unknown"
+    if not trusted or not _in(peer, trusted):
+        return peer
+    hops = [h.strip() for v in request.headers.getlist("x-forwarded-for") for h in v.split(",")]
+    ip = peer
+    for hop in reversed([h for h in hops if h]):
+        try:
+            addr = ipaddress.ip_address(hop.strip("[]"))
+        except ValueError:
+            break
+        ip = str(addr)
+        if not _in(ip, trusted):
+            break
+    return ip
+
+
+def _in(ip: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in n for n in nets)
+
+
+def _client(request: Request, principal: Principal,
+            trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> ClientInfo:
     return ClientInfo(
         sub=principal.sub,
-        ip=request.client.host if request.client else "unknown",
+        ip=client_ip(request, trusted),
         scopes=principal.scopes,
         user_agent=request.headers.get("user-agent", "")[:256],
     )

@@ -15,9 +15,11 @@ Secrets may also be given as ``*_file`` keys that name a file (systemd ``LoadCre
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -45,11 +47,15 @@ class ApiConfig:
     max_body_bytes: int = 65536
     demo_page: bool = True
     cors_origins: list[str] = field(default_factory=list)
-    metrics_host: str = "127.0.0.1"  # /metrics: loopback (or a management network) only
+    box_id: str = ""  # names this box in session ids ("<box_id>.<random>"); empty: from the hostname
+    trusted_proxies: list[str] = field(default_factory=list)  # CIDRs allowed to set X-Forwarded-For
+    private_host: str = "127.0.0.1"  # management address: agent check, /metrics (private network)
+    metrics_host: str = ""  # /metrics; empty: private_host
     metrics_port: int = 9641  # 0: off
-    agent_check_host: str = "127.0.0.1"  # HAProxy agent-check responder ("up N%", "drain")
+    agent_check_host: str = ""  # HAProxy agent-check responder ("up N%", "drain"); empty: private_host
     agent_check_port: int = 9642  # 0: off
-    drain_timeout_seconds: int = 600  # SIGTERM: wait this long for live calls to end
+    drain_timeout_seconds: int = 300  # drain: wait this long for live calls to end (then migrate/stop)
+    migrate_grace_seconds: int = 30  # force-migrate: end a caller's old leg after this if it never resumes
     create_timeout_seconds: float = 15.0  # POST /v1/sessions: control-plane setup limit (then 504)
 
 
@@ -198,7 +204,15 @@ class TurnConfig:
 class RedisConfig:
     """Session state, rate limits and breakers."""
 
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = "redis://127.0.0.1:6379/0"  # used when no sentinels are configured
+    sentinels: list[str] = field(default_factory=list)  # "host:port" of the Sentinels (fleet)
+    sentinel_master: str = "va"  # the master name the Sentinels monitor
+    sentinel_username: str = ""  # Sentinels' own ACL user, if they require AUTH
+    sentinel_password_file: str = ""
+    username: str = ""  # ACL user (limited to the "va:*" keys)
+    password_file: str = ""  # credential file (systemd LoadCredential) with the ACL user's password
+    tls: bool = False  # TLS to Redis and the Sentinels
+    ca_file: str = ""  # CA that signed the Redis/Sentinel certificates (empty: system store)
     active_ttl_seconds: int = 3600
     disconnected_ttl_seconds: int = 300
 
@@ -256,6 +270,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "api.metrics_port": (0, 65535),
     "api.agent_check_port": (0, 65535),
     "api.drain_timeout_seconds": (0, 86400),
+    "api.migrate_grace_seconds": (1, 3600),
     "api.create_timeout_seconds": (1, 120),
     "auth.max_ttl_seconds": (60, 900),
     "auth.leeway_seconds": (0, 300),
@@ -296,6 +311,31 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log.level": ("debug", "info", "warning", "error", "critical"),
     "model.api_version": ("v1alpha", "v1beta", "v1"),
 }
+
+
+BOX_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
+
+
+def box_id(cfg: Config) -> str:
+    """This box's name in session ids: ``api.box_id``, else the hostname made to fit :data:`BOX_ID_RE`.
+
+    The load balancer routes ``/v1/sessions/<box_id>.<random>…`` to the server named ``<box_id>``, so
+    every box of a fleet needs a distinct one (hostnames are, on Hetzner and in the inventory).
+    """
+    if cfg.api.box_id:
+        return cfg.api.box_id
+    return derive_box_id(socket.gethostname())
+
+
+def derive_box_id(hostname: str) -> str:
+    """``box-1.example.com`` → ``box-1``; anything outside ``[a-z0-9-]`` becomes ``-``."""
+    name = re.sub(r"[^a-z0-9-]", "-", hostname.split(".")[0].lower()).strip("-")[:31].rstrip("-")
+    return name or "box"
+
+
+def private_host(cfg: Config, explicit: str) -> str:
+    """``explicit`` (``api.metrics_host`` / ``api.agent_check_host``), else ``api.private_host``."""
+    return explicit or cfg.api.private_host
 
 
 def secret(value: str, file_name: str) -> str:
@@ -426,6 +466,20 @@ def _check_cross_field(cfg: Config) -> None:
             f"media.rtp_port_min: expected ≤ media.rtp_port_max ({cfg.media.rtp_port_max}), "
             f"got {cfg.media.rtp_port_min}"
         )
+    if cfg.api.box_id and not BOX_ID_RE.match(cfg.api.box_id):
+        raise ConfigError(f"api.box_id: expected {BOX_ID_RE.pattern} (lowercase letters, digits, '-'; "
+                          f"at most 31), got {cfg.api.box_id!r}")
+    for i, net in enumerate(cfg.api.trusted_proxies):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"api.trusted_proxies[{i}]: expected an address or CIDR, got {net!r}") from exc
+    for i, addr in enumerate(cfg.redis.sentinels):
+        host, _, port = addr.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"redis.sentinels[{i}]: expected \"host:port\", got {addr!r}")
+    if cfg.redis.sentinels and not cfg.redis.sentinel_master:
+        raise ConfigError("redis.sentinel_master: required when redis.sentinels is set")
     if bool(cfg.api.tls_cert_file) != bool(cfg.api.tls_key_file):
         raise ConfigError("api.tls_cert_file: expected both tls_cert_file and tls_key_file, or neither")
     url = cfg.model.tools_url

@@ -22,8 +22,16 @@ via the load balancer, on another one.
 
 Every second the service mirrors what the AI worker writes into the slot (latest resumable Live
 handle, model state, last transcript line) into Redis, so another box can resume the conversation. A
-resumed session keeps its id, gets a fresh resume token (the old one is spent atomically) and starts its
-Live session from the stored handle.
+resumed session gets a fresh resume token (the old one is spent atomically) and starts its Live session
+from the stored handle. Session ids name their box (``<box_id>.<random>``): a resume on the same box
+keeps the id; a resume on another box continues under a new id that names the new box (the 201 says
+``resumed_from``) and the old record becomes a ``moved`` tombstone — see docs/architecture.md "Fleet".
+The same tick asks Redis whether another box has taken over any of this box's calls (one Lua round
+trip) and ends those legs without writing anything.
+
+Force-migrate (:meth:`Sessions.migrate_all`, drain timeout): each call gets state ``migrating`` and a
+fresh resume token shown only to its owner in ``GET /v1/sessions/{id}``; its leg here ends once it has
+resumed elsewhere, or after ``api.migrate_grace_seconds`` (kept resumable).
 
 Janus: one long-lived Janus session per shard (one long-poll each), one handle per call.
 """
@@ -60,7 +68,15 @@ from appliance.janus import (
 )
 from appliance.metrics import Metrics
 from appliance.placement import AdmissionRefused, Placed, Placement
-from appliance.state import ACTIVE, SessionRecord, SessionStore, new_session_id
+from appliance.state import (
+    ACTIVE,
+    MOVED,
+    SessionRecord,
+    SessionStore,
+    StateUnavailable,
+    box_of,
+    new_session_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +102,8 @@ class LiveSession:
     webrtc_up: bool = False
     mirrored: tuple[str, str, str] = ("", "", "")
     closing: bool = False
+    migrate_token: str = ""  # set by a force-migrate: the caller resumes elsewhere with it
+    migrating_since: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -120,6 +138,7 @@ class Sessions:
         self._jlocks: dict[int, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._bg: set[asyncio.Task[Any]] = set()
+        store.on_lost = self._on_lost
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -200,7 +219,9 @@ class Sessions:
             old = self.live.get(resumed.session_id)
             if old is not None:  # the caller came back before we noticed it had gone
                 await self._teardown(old.session_id, "replaced", forget=False)
-        sid = resumed.session_id if resumed else new_session_id()
+        # a resume on another box continues under an id that names this box (the LB routes on it)
+        moving = resumed is not None and box_of(resumed.session_id) != self.box
+        sid = resumed.session_id if resumed is not None and not moving else new_session_id(self.box)
         try:
             placed = self.placement.admit(sid)
         except AdmissionRefused as exc:
@@ -235,14 +256,15 @@ class Sessions:
             raise
         if resumed is not None:
             try:
-                resumed, new_token = await self._claim(options.resume_token or "", client)
+                resumed, new_token = await self._claim(options.resume_token or "", client,
+                                                       sid if moving else None)
             except Exception:
                 await self._abort(live)
                 raise
             resume_handle = resumed.resume_handle or resume_handle
         self.live[sid] = live
         record_fields = {
-            "sub": client.sub, "state": ACTIVE, "mode": options.mode, "box": self.box,
+            "sub": client.sub, "state": ACTIVE, "mode": options.mode,
             "shard": placed.shard, "slot": placed.slot, "generation": live.generation,
             "janus_session_id": live.handle.session.id if live.handle else None,
             "janus_handle_id": live.handle.id if live.handle else None,
@@ -254,7 +276,7 @@ class Sessions:
                 await self.store.update(sid, **record_fields)
                 token = new_token
             else:
-                record = SessionRecord(session_id=sid, created_at=now, **record_fields)
+                record = SessionRecord(session_id=sid, box=self.box, created_at=now, **record_fields)
                 token = await self.store.create(record)
         except Exception as exc:  # the store queues writes itself; this is a real bug or a full outage
             log.exception("session state write failed", extra={"session": sid})
@@ -265,7 +287,8 @@ class Sessions:
         log.info("session created", extra={
             "session": sid, "shard": placed.shard, "slot": placed.slot, "port": placed.rtp_port,
             "mode": options.mode, "resumed": resumed is not None})
-        return CreatedSession(sid, answer, token, live.expires_at)
+        return CreatedSession(sid, answer, token, live.expires_at,
+                              resumed_from=resumed.resumed_from if resumed is not None and moving else "")
 
     async def _lookup(self, token: str, client: ClientInfo) -> SessionRecord:
         """The session a resume token belongs to, if ``client`` owns it (nothing is spent)."""
@@ -278,10 +301,12 @@ class Sessions:
             raise InvalidRequest("resume token unknown, expired or already used", code="invalid_resume")
         return record
 
-    async def _claim(self, token: str, client: ClientInfo) -> tuple[SessionRecord, str]:
+    async def _claim(self, token: str, client: ClientInfo, new_id: str | None) -> tuple[SessionRecord, str]:
         """Atomically take over the session of ``token`` for this box (a token works exactly once)."""
         try:
-            claimed = await self.store.claim(token, self.box)
+            claimed = await self.store.claim(token, self.box, new_id)
+        except StateUnavailable as exc:
+            raise UpstreamError(str(exc), status=503, retry_after=2) from exc
         except Exception as exc:
             raise UpstreamError("session state unavailable; cannot resume now", status=503,
                                 retry_after=2) from exc
@@ -335,7 +360,9 @@ class Sessions:
     async def trickle(self, session_id: str, candidate: IceCandidate | None) -> None:
         live = self.live.get(session_id)
         if live is None or live.handle is None:
-            return  # a disconnected (resumable) session has nothing to trickle to
+            # a disconnected (resumable) session has nothing to trickle to: say so, never drop silently
+            raise InvalidRequest("session is not connected on this box; resume it with its resume token",
+                                 status=409, code="not_connected")
         body = None if candidate is None else {
             "candidate": candidate.candidate, "sdpMid": candidate.sdp_mid,
             "sdpMLineIndex": candidate.sdp_mline_index}
@@ -355,6 +382,9 @@ class Sessions:
                     details["model_state"] = slot.model_state or "connecting"
                     details["transcript"] = slot.transcript
             state = "active" if live.webrtc_up else "connecting"
+            if live.migrate_token:  # only the owner sees it (the API checks the token's sub first)
+                state = "migrating"
+                details["resume_token"] = live.migrate_token
             return SessionInfo(session_id, live.sub, state, live.mode, live.created_at, live.expires_at,
                                details)
         try:
@@ -366,8 +396,11 @@ class Sessions:
         expires = record.created_at + self.cfg.redis.active_ttl_seconds
         if record.disconnected_at:
             expires = min(expires, record.disconnected_at + self.cfg.redis.disconnected_ttl_seconds)
+        details = {"transcript": record.last_transcript, "box": record.box}
+        if record.state == MOVED:
+            details = {"moved_to": record.moved_to, "box": record.box}
         return SessionInfo(record.session_id, record.sub, record.state, record.mode, record.created_at,
-                           expires, {"transcript": record.last_transcript, "box": record.box})
+                           expires, details)
 
     async def delete(self, session_id: str) -> bool:
         if session_id in self.live:
@@ -377,7 +410,7 @@ class Sessions:
             record = await self.store.get(session_id)
         except Exception:
             record = None
-        if record is None:
+        if record is None or record.state == MOVED:
             return False
         if record.box and record.box != self.box and record.state == ACTIVE:
             return False  # live on another box: that box owns it
@@ -385,7 +418,31 @@ class Sessions:
         return True
 
     # -- teardown -------------------------------------------------------------------------------
-    async def _teardown(self, session_id: str, reason: str, *, forget: bool) -> None:
+    def _on_lost(self, session_id: str, owner: str) -> None:
+        """The store found another box owns this call now: end the leg here, write nothing."""
+        if session_id in self.live:
+            self._spawn(self._teardown(session_id, "moved", forget=False, write=False))
+
+    async def migrate_all(self) -> int:
+        """Tell every call on this box to move (drain timeout): state ``migrating``, fresh resume token."""
+        n = 0
+        for sid, live in list(self.live.items()):
+            if live.closing or live.migrate_token:
+                continue
+            try:
+                live.migrate_token = await self.store.begin_migration(sid)
+            except KeyError:
+                continue
+            live.migrating_since = time.monotonic()
+            n += 1
+        log.info("force-migrate: callers told to move", extra={"sessions": n})
+        return n
+
+    @property
+    def migrating(self) -> int:
+        return sum(1 for live in self.live.values() if live.migrate_token)
+
+    async def _teardown(self, session_id: str, reason: str, *, forget: bool, write: bool = True) -> None:
         live = self.live.pop(session_id, None)
         if live is None or live.closing:
             return
@@ -397,6 +454,8 @@ class Sessions:
             self._by_handle.pop(hid, None)
         self.metrics.sessions_ended.labels(reason=reason).inc()
         log.info("session ended", extra={"session": session_id, "reason": reason})
+        if not write:
+            return
         try:
             if forget:
                 await self.store.delete(session_id)
@@ -457,9 +516,15 @@ class Sessions:
         """Copy changed resume handles / model states / transcripts to Redis; returns the count."""
         n = 0
         now = time.time()
+        grace = self.cfg.api.migrate_grace_seconds
+        with contextlib.suppress(Exception):  # refused writes find the rest; this is the quiet path
+            await self.store.lost_of(list(self.live))
         for sid, live in list(self.live.items()):
             if now >= live.expires_at:
                 self._spawn(self._teardown(sid, "max_age", forget=False))
+                continue
+            if live.migrate_token and time.monotonic() - live.migrating_since > grace:
+                self._spawn(self._teardown(sid, "migrate_timeout", forget=False))
                 continue
             current = self._read_slot(live)
             if current is None or current == live.mirrored:

@@ -1,8 +1,8 @@
 """Session state in Redis (redis-py asyncio), built so a Redis outage never drops a call.
 
 One JSON value per session (``va:session:<id>``) plus a resume index (``va:resume:<sha256(token)>`` →
-id). A whole-record value, not a hash, because the owning supervisor is the only writer and a record
-is small (< 1 KB): every write is an idempotent full snapshot, which is what makes queued catch-up
+id). A whole-record value, not a hash, because only the owning box writes a record and a record is
+small (< 1 KB): every write is an idempotent full snapshot, which is what makes queued catch-up
 simple and correct.
 
 - TTL: ``redis.active_ttl_seconds`` (1 h) while a call is up, ``redis.disconnected_ttl_seconds``
@@ -10,12 +10,22 @@ simple and correct.
 - Resume tokens are 256-bit random strings given to the caller once; only their SHA-256 is stored
   (a Redis dump or replica must not let anyone take over calls). A slow salted hash buys nothing for
   tokens with 256 bits of entropy. :meth:`SessionStore.claim` swaps the token atomically (WATCH/MULTI), so
-  a token resumes a call exactly once.
+  a token resumes a call exactly once; a spent token leaves a marker (``va:spent:<hash>``, 1 h).
+- Ownership (docs/architecture.md "Fleet: session ids and ownership"): a record names its owner box
+  and an ownership epoch. Every write is a compare-and-set in one Lua script: it lands only while the
+  record in Redis still names this box with an epoch no newer than ours (or is absent and its token is
+  not spent). A box that finds it lost a session (a write refused, or :meth:`SessionStore.lost_of`)
+  drops everything it had queued for it — its writes are never replayed — and tells its owner
+  (``on_lost``), which ends the call's leg here.
 - Redis briefly unreachable: the store keeps a write-through cache of this box's sessions; a failed
   write marks the session dirty and a background task retries with backoff, then writes the latest
   snapshot of every dirty session (coalesced, so a long outage costs one write per session). While it
   is degraded new writes go straight to the queue, so API requests do not each wait for a timeout.
-  Reads fall back to the cache. ``va_state_pending_writes`` and ``va_state_redis_errors_total`` show it.
+  Reads fall back to the cache. When Redis answers again every cached session is re-written, so writes
+  a failed primary acknowledged but never replicated (Sentinel failover) are not lost either.
+  ``va_state_pending_writes`` and ``va_state_redis_errors_total`` show it.
+- Redis is found directly (``redis.url``) or through Sentinel (``redis.sentinels``): one factory,
+  :func:`redis_client`, for every Redis user of the appliance (the rate limiter too).
 """
 
 from __future__ import annotations
@@ -28,29 +38,48 @@ import hmac
 import json
 import logging
 import secrets
+import ssl
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
 
-from appliance.config import RedisConfig
+from appliance.config import BOX_ID_RE, RedisConfig, secret
 
 log = logging.getLogger(__name__)
 
 PENDING = Gauge("va_state_pending_writes", "Session-state writes queued while Redis is unreachable")
 REDIS_ERRORS = Counter("va_state_redis_errors_total", "Session-state Redis operations that failed")
+LOST = Counter("va_state_ownership_lost_total",
+               "Sessions this box stopped writing because another box took them over")
 
 ACTIVE, DISCONNECTED, ENDED = "active", "disconnected", "ended"
+MIGRATING = "migrating"  # the box asked the caller to resume elsewhere (drain + force-migrate)
+MOVED = "moved"  # resumed on another box under a new id (``moved_to``); kept as a tombstone
+CLAIMABLE = (ACTIVE, DISCONNECTED, MIGRATING)
 
 
-def new_session_id() -> str:
-    """A fresh, unguessable session id (URL-safe)."""
-    return "s_" + secrets.token_urlsafe(16)
+class StateUnavailable(RuntimeError):
+    """Redis cannot be reached and the operation needs it (e.g. taking over another box's session)."""
+
+
+def new_session_id(box: str) -> str:
+    """A fresh, unguessable session id that names its box: ``<box>.<random>`` (``.`` is not in the random
+    part, so the load balancer can split on it)."""
+    return f"{box}.{secrets.token_urlsafe(16)}"
+
+
+def box_of(session_id: str) -> str | None:
+    """The box a session id names, or None (a malformed or pre-fleet ``s_…`` id)."""
+    box, dot, rest = session_id.partition(".")
+    return box if dot and rest and BOX_ID_RE.match(box) else None
 
 
 def new_resume_token() -> str:
@@ -63,15 +92,41 @@ def hash_token(token: str) -> str:
 
 
 def redis_client(cfg: RedisConfig, timeout: float = 0.5) -> aioredis.Redis:
-    """A client with short timeouts and no built-in retries: the callers here decide what a failure means."""
-    return aioredis.from_url(
-        cfg.url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        health_check_interval=10,
-    )
+    """The appliance's Redis client: ``redis.url``, or the master that ``redis.sentinels`` name.
+
+    Short timeouts and no built-in retries: the callers here decide what a failure means (the store
+    queues, the limiter fails open). Through Sentinel the pool asks the Sentinels for the master's
+    address on every new connection, so after a failover the next attempt reaches the new primary.
+    Credentials: ``redis.username`` + ``redis.password_file`` (a systemd credential); TLS with
+    ``redis.tls`` / ``redis.ca_file`` for the data nodes and the Sentinels alike.
+    """
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "retry_on_timeout": False,
+        "health_check_interval": 10,
+    }
+    password = secret("", cfg.password_file)
+    if cfg.username:
+        kwargs["username"] = cfg.username
+    if password:
+        kwargs["password"] = password
+    tls: dict[str, Any] = {}
+    if cfg.tls:
+        tls = {"ssl": True, "ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": cfg.ca_file or None}
+    if not cfg.sentinels:
+        return aioredis.from_url(cfg.url, **kwargs, **tls)
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                                       "retry": Retry(NoBackoff(), 0), **tls}
+    if cfg.sentinel_username:
+        sentinel_kwargs["username"] = cfg.sentinel_username
+    sentinel_password = secret("", cfg.sentinel_password_file)
+    if sentinel_password:
+        sentinel_kwargs["password"] = sentinel_password
+    nodes = [(h, int(p)) for h, _, p in (a.rpartition(":") for a in cfg.sentinels)]
+    sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(cfg.sentinel_master, **kwargs, **tls)
 
 
 @dataclass
@@ -82,7 +137,8 @@ class SessionRecord:
     sub: str
     state: str = ACTIVE
     mode: str = "direct"
-    box: str = ""  # instance id of the owning appliance
+    box: str = ""  # the owning box (api.box_id): the only one that may write this record
+    epoch: int = 1  # ownership epoch: +1 at every claim; a write never lowers it
     shard: int = -1
     slot: int = -1
     generation: int = 0
@@ -94,6 +150,8 @@ class SessionRecord:
     resume_token_hash: str = ""
     resume_handle: str = ""
     last_transcript: str = ""
+    resumed_from: str = ""  # the id this session had on the box it was resumed from
+    moved_to: str = ""  # state "moved": the id it continues under on its new box
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     disconnected_at: float | None = None
@@ -108,7 +166,55 @@ class SessionRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-_FIELDS = {f.name for f in dataclasses.fields(SessionRecord)}
+_FIELDS = {f.name for f in dataclasses.fields(SessionRecord)} - {"session_id", "epoch", "box"}
+
+# The compare-and-set write. KEYS: 1 record, 2 its resume index ('' = none), 3 the spent marker of its
+# token ('' = none), 4 a spent token's index to delete ('' = none), 5 that token's spent marker to set.
+# ARGV: 1 box, 2 epoch, 3 JSON ('' = delete), 4 TTL seconds, 5 session id, 6 spent-marker TTL.
+# Returns {1} when written, {0, owner, epoch} when another box (or a newer epoch) owns the record.
+# A record without an owner (box '', written before ownership existed) belongs to whoever writes it.
+_PUT = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, rec = pcall(cjson.decode, cur)
+  if ok and type(rec) == 'table' then
+    local epoch = tonumber(rec['epoch']) or 0
+    local owner = rec['box']
+    if (owner ~= '' and owner ~= ARGV[1]) or epoch > tonumber(ARGV[2]) then
+      return {0, tostring(rec['box']), tostring(epoch)}
+    end
+  end
+elseif KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then
+  return {0, '', '-1'}
+end
+if KEYS[4] ~= '' then redis.call('DEL', KEYS[4]) end
+if KEYS[5] ~= '' then redis.call('SET', KEYS[5], '1', 'EX', ARGV[6]) end
+if ARGV[3] == '' then
+  redis.call('DEL', KEYS[1])
+  if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
+  return {1}
+end
+redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
+if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4]) end
+return {1}
+"""
+
+# Which of the records KEYS[i] no longer belong to ARGV[1] (box) at epoch ARGV[i+1]: their indexes.
+# A missing record is not lost (Redis lost data, or it expired): the next write re-creates it.
+_LOST = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local cur = redis.call('GET', key)
+  if cur then
+    local ok, rec = pcall(cjson.decode, cur)
+    if ok and type(rec) == 'table' and
+       (rec['box'] ~= ARGV[1] or (tonumber(rec['epoch']) or 0) > tonumber(ARGV[i + 1])) then
+      out[#out + 1] = i
+    end
+  end
+end
+return out
+"""
 
 
 def _text(value: Any) -> str:
@@ -116,7 +222,7 @@ def _text(value: Any) -> str:
 
 
 class SessionStore:
-    """Session records in Redis with a local write-through cache and queued catch-up."""
+    """Session records in Redis with a local write-through cache, queued catch-up and owner CAS."""
 
     def __init__(
         self,
@@ -126,21 +232,26 @@ class SessionStore:
         disconnected_ttl: int = 300,
         prefix: str = "va",
         max_backoff: float = 2.0,
+        wait_replicas: bool = False,
     ) -> None:
         self._redis = client
         self.active_ttl = active_ttl
         self.disconnected_ttl = disconnected_ttl
         self._prefix = prefix
         self._max_backoff = max_backoff
+        self._wait_replicas = wait_replicas
+        self._put = client.register_script(_PUT)
+        self._lost_script = client.register_script(_LOST)
         self._cache: dict[str, SessionRecord] = {}
-        self._tombstones: dict[str, str] = {}  # deleted session id -> resume hash still to remove
-        self._spent: dict[str, str] = {}  # session id -> resume hash claimed offline, index to remove
+        self._tombstones: dict[str, SessionRecord | None] = {}  # deleted id -> the record to remove
+        self._spent: dict[str, str] = {}  # session id -> resume hash replaced offline, index to remove
         self._dirty: dict[str, None] = {}  # ordered set of session ids with unwritten changes
         self._inflight: set[str] = set()
         self._degraded = False
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._last_warning = 0.0
+        self.on_lost: Callable[[str, str], None] | None = None  # (session id, new owner box)
 
     @classmethod
     def from_config(cls, cfg: RedisConfig, client: aioredis.Redis | None = None) -> SessionStore:
@@ -148,6 +259,7 @@ class SessionStore:
             client or redis_client(cfg),
             active_ttl=cfg.active_ttl_seconds,
             disconnected_ttl=cfg.disconnected_ttl_seconds,
+            wait_replicas=bool(cfg.sentinels),
         )
 
     # -- keys -------------------------------------------------------------------------------------
@@ -156,6 +268,9 @@ class SessionStore:
 
     def _k_resume(self, token_hash: str) -> str:
         return f"{self._prefix}:resume:{token_hash}"
+
+    def _k_spent(self, token_hash: str) -> str:
+        return f"{self._prefix}:spent:{token_hash}"
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -205,16 +320,16 @@ class SessionStore:
         return token
 
     async def update(self, session_id: str, **fields: Any) -> SessionRecord:
-        """Change some fields of a session this box owns (ids, Janus ids, resume handle, transcript…)."""
+        """Change some fields of a session this box owns (ids, Janus ids, resume handle, transcript…).
+
+        Raises KeyError for a session this box does not hold (unknown, or lost to another box).
+        """
         unknown = set(fields) - _FIELDS
         if unknown:
             raise TypeError(f"unknown session fields: {', '.join(sorted(unknown))}")
         record = self._cache.get(session_id)
-        if record is None:
-            record = await self._load(session_id)
-            if record is None:
-                raise KeyError(session_id)
-            self._cache[session_id] = record
+        if record is None:  # only a session created or claimed here: never adopt one from Redis
+            raise KeyError(session_id)
         for key, value in fields.items():
             setattr(record, key, value)
         record.updated_at = time.time()
@@ -228,9 +343,25 @@ class SessionStore:
     async def mark_active(self, session_id: str) -> SessionRecord:
         return await self.update(session_id, state=ACTIVE, disconnected_at=None)
 
+    async def begin_migration(self, session_id: str) -> str:
+        """Force-migrate: state ``migrating`` with a fresh resume token (returned; the old one is spent).
+
+        The caller learns the token from ``GET /v1/sessions/{id}`` and resumes on another box.
+        """
+        record = self._cache.get(session_id)
+        if record is None:
+            raise KeyError(session_id)
+        token = new_resume_token()
+        if record.resume_token_hash:
+            self._spent[session_id] = record.resume_token_hash
+        record.resume_token_hash = hash_token(token)
+        record.state, record.updated_at = MIGRATING, time.time()
+        await self._write(session_id)
+        return token
+
     async def refresh_active(self) -> int:
         """Re-write every cached active session (extends the 1 h TTL of long calls); returns the count."""
-        sids = [sid for sid, rec in self._cache.items() if rec.state == ACTIVE]
+        sids = [sid for sid, rec in self._cache.items() if rec.state in (ACTIVE, MIGRATING)]
         for sid in sids:
             await self._write(sid)
         return len(sids)
@@ -241,8 +372,12 @@ class SessionStore:
         if record is None:
             with contextlib.suppress(RedisError, OSError):
                 record = await self._load(session_id)
-        self._tombstones[session_id] = record.resume_token_hash if record else ""
+        self._tombstones[session_id] = record
         await self._write(session_id)
+
+    def owns(self, session_id: str) -> bool:
+        """True while this box holds the session (created or claimed here, not lost since)."""
+        return session_id in self._cache
 
     # -- reads ------------------------------------------------------------------------------------
     async def get(self, session_id: str) -> SessionRecord | None:
@@ -285,41 +420,53 @@ class SessionStore:
         if sid is None:
             return None
         record = await self._load(_text(sid))
-        if record is None or not hmac.compare_digest(record.resume_token_hash, token_hash):
+        if record is None or record.state not in CLAIMABLE or not hmac.compare_digest(
+                record.resume_token_hash, token_hash):
             return None
         return record
 
-    async def claim(self, token: str, box: str) -> tuple[SessionRecord, str] | None:
+    async def claim(self, token: str, box: str,
+                    new_id: str | None = None) -> tuple[SessionRecord, str] | None:
         """Atomically take over the session of ``token`` for ``box``: returns (record, new token) or None.
 
-        The old token stops working at once, so a token resumes a call exactly once even if two boxes
-        race for it. With Redis unreachable, a session of this box can still be resumed here (the
-        swap is queued like any other write); other boxes' sessions cannot.
+        The old token stops working at once (and stays dead: a spent marker refuses any write that
+        would index it again), so a token resumes a call exactly once even if two boxes race for it.
+        ``new_id``: the session moves to a new id that names ``box`` (a resume on another box); the old
+        record becomes a ``moved`` tombstone owned by ``box`` (so the old box's writes are refused)
+        pointing at the new id. Without it the id stays and the ownership epoch goes up.
+
+        With Redis unreachable, a session of this box can still be resumed here under its own id (the
+        swap is queued like any other write); other boxes' sessions cannot (:class:`StateUnavailable`).
         """
         token_hash = hash_token(token)
         if self._degraded:
-            return await self._claim_local(token_hash, box)
+            return await self._claim_offline(token_hash, box, new_id)
         try:
-            return await self._claim_redis(token_hash, box)
+            return await self._claim_redis(token_hash, box, new_id)
         except (RedisError, OSError) as exc:
             self._on_error(exc)
             self._kick()
-            return await self._claim_local(token_hash, box)
+            return await self._claim_offline(token_hash, box, new_id)
 
-    async def _claim_local(self, token_hash: str, box: str) -> tuple[SessionRecord, str] | None:
+    async def _claim_offline(self, token_hash: str, box: str,
+                             new_id: str | None) -> tuple[SessionRecord, str] | None:
         record = self._cached_by_hash(token_hash)
-        if record is None or record.state == ENDED:
+        if new_id is not None:
+            raise StateUnavailable("session state unreachable: cannot take over a session now")
+        if record is None or record.state not in CLAIMABLE:
             return None
         old_hash = record.resume_token_hash
         new_token = new_resume_token()
         record.resume_token_hash = hash_token(new_token)
-        record.box, record.state, record.disconnected_at = box, ACTIVE, None
+        record.box, record.epoch = box, record.epoch + 1
+        record.state, record.disconnected_at = ACTIVE, None
         record.updated_at = time.time()
         self._spent[record.session_id] = old_hash
         await self._write(record.session_id)
         return dataclasses.replace(record), new_token
 
-    async def _claim_redis(self, token_hash: str, box: str) -> tuple[SessionRecord, str] | None:
+    async def _claim_redis(self, token_hash: str, box: str,
+                           new_id: str | None) -> tuple[SessionRecord, str] | None:
         idx = self._k_resume(token_hash)
         async with self._redis.pipeline(transaction=True) as pipe:
             for _ in range(5):
@@ -334,26 +481,66 @@ class SessionStore:
                     if raw is None:
                         return None
                     record = SessionRecord.from_json(raw)
-                    if record.state == ENDED or not hmac.compare_digest(record.resume_token_hash, token_hash):
+                    if record.state not in CLAIMABLE or not hmac.compare_digest(
+                            record.resume_token_hash, token_hash):
                         return None
                     new_token = new_resume_token()
-                    record.resume_token_hash = hash_token(new_token)
-                    record.box, record.state, record.disconnected_at = box, ACTIVE, None
-                    record.updated_at = time.time()
+                    now = time.time()
+                    claimed = dataclasses.replace(
+                        record, box=box, epoch=record.epoch + 1, state=ACTIVE, disconnected_at=None,
+                        resume_token_hash=hash_token(new_token), updated_at=now)
                     pipe.multi()
                     pipe.delete(idx)
-                    pipe.set(self._k_rec(sid), record.to_json(), ex=self.active_ttl)
-                    pipe.set(self._k_resume(record.resume_token_hash), sid, ex=self.active_ttl)
+                    pipe.set(self._k_spent(token_hash), "1", ex=self.active_ttl)
+                    if new_id is not None:
+                        moved = dataclasses.replace(record, box=box, epoch=record.epoch + 1, state=MOVED,
+                                                    moved_to=new_id, resume_token_hash="", updated_at=now)
+                        claimed = dataclasses.replace(claimed, session_id=new_id, epoch=1, resumed_from=sid,
+                                                      moved_to="", created_at=now)
+                        pipe.set(self._k_rec(sid), moved.to_json(), ex=self.active_ttl)
+                    pipe.set(self._k_rec(claimed.session_id), claimed.to_json(), ex=self.active_ttl)
+                    pipe.set(self._k_resume(claimed.resume_token_hash), claimed.session_id,
+                             ex=self.active_ttl)
                     await pipe.execute()
                 except WatchError:
                     continue
-                self._cache[sid] = record
-                return dataclasses.replace(record), new_token
+                if self._wait_replicas:  # a claim a dying primary never replicated would come undone
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._redis.wait(1, 200)
+                self._cache[claimed.session_id] = claimed
+                if new_id is not None:
+                    self._forget_local(sid)
+                return dataclasses.replace(claimed), new_token
         return None
 
     async def _load(self, session_id: str) -> SessionRecord | None:
         raw = await self._redis.get(self._k_rec(session_id))
         return SessionRecord.from_json(raw) if raw is not None else None
+
+    async def lost_of(self, session_ids: Iterable[str]) -> list[str]:
+        """Which of these sessions (held by this box) another box has taken over since; one round trip.
+
+        Each is forgotten here as by a refused write (``on_lost`` is called). Sessions with queued
+        writes are left to the write itself; with Redis unreachable nothing is checked.
+        """
+        held = [(sid, self._cache[sid]) for sid in session_ids
+                if sid in self._cache and sid not in self._dirty and sid not in self._inflight]
+        if not held or self._degraded:
+            return []
+        box = held[0][1].box
+        try:
+            idx = await self._lost_script(keys=[self._k_rec(sid) for sid, _ in held],
+                                          args=[box, *(rec.epoch for _, rec in held)])
+        except (RedisError, OSError) as exc:
+            self._on_error(exc)
+            return []
+        lost = []
+        for i in idx:
+            sid = held[int(i) - 1][0]
+            if self._cache.get(sid) is held[int(i) - 1][1]:
+                lost.append(sid)
+                await self._lose(sid, "?")
+        return lost
 
     # -- write queue ------------------------------------------------------------------------------
     async def _write(self, sid: str) -> None:
@@ -391,9 +578,13 @@ class SessionStore:
 
     async def _apply(self, sid: str) -> None:
         if sid in self._tombstones:
-            token_hash = self._tombstones[sid]
-            keys = [self._k_rec(sid)] + ([self._k_resume(token_hash)] if token_hash else [])
-            await self._redis.delete(*keys)
+            gone = self._tombstones[sid]
+            if gone is None:
+                await self._redis.delete(self._k_rec(sid))
+            else:
+                keys = [self._k_rec(sid), self._k_resume(gone.resume_token_hash) if gone.resume_token_hash
+                        else "", "", "", ""]
+                await self._put(keys=keys, args=[gone.box, gone.epoch, "", 0, sid, self.active_ttl])
             self._tombstones.pop(sid, None)
             return
         record = self._cache.get(sid)
@@ -402,23 +593,42 @@ class SessionStore:
         snapshot = record.to_json()
         ttl = self._ttl(record)
         spent = self._spent.get(sid)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            if spent:
-                pipe.delete(self._k_resume(spent))
-            if ttl <= 0:
-                pipe.delete(self._k_rec(sid), self._k_resume(record.resume_token_hash))
-            else:
-                pipe.set(self._k_rec(sid), snapshot, ex=ttl)
-                if record.resume_token_hash:
-                    pipe.set(self._k_resume(record.resume_token_hash), sid, ex=ttl)
-            await pipe.execute()
+        token_hash = record.resume_token_hash
+        keys = [self._k_rec(sid), self._k_resume(token_hash) if token_hash else "",
+                self._k_spent(token_hash) if token_hash else "",
+                self._k_resume(spent) if spent else "", self._k_spent(spent) if spent else ""]
+        result = await self._put(keys=keys, args=[record.box, record.epoch, snapshot if ttl > 0 else "",
+                                                  max(ttl, 1), sid, self.active_ttl])
+        if not int(result[0]):
+            if self._cache.get(sid) is record:
+                await self._lose(sid, _text(result[1]))
+            return
         if spent and self._spent.get(sid) == spent:
             del self._spent[sid]
         if ttl <= 0 and self._cache.get(sid) is record and sid not in self._dirty:
             self._cache.pop(sid, None)
 
+    def _forget_local(self, sid: str) -> None:
+        self._cache.pop(sid, None)
+        self._dirty.pop(sid, None)
+        self._spent.pop(sid, None)
+        self._tombstones.pop(sid, None)
+        PENDING.set(len(self._dirty))
+
+    async def _lose(self, sid: str, owner: str) -> None:
+        """Another box owns ``sid`` now: drop what this box holds or queued for it, tell the owner."""
+        self._forget_local(sid)
+        LOST.inc()
+        log.info("session taken over by another box: this box stops writing it",
+                 extra={"session": sid, "owner": owner})
+        if self.on_lost is not None:
+            try:
+                self.on_lost(sid, owner)
+            except Exception:
+                log.exception("on_lost callback failed", extra={"session": sid})
+
     def _ttl(self, record: SessionRecord) -> int:
-        if record.state == ACTIVE:
+        if record.state in (ACTIVE, MIGRATING):
             return self.active_ttl
         if record.state == DISCONNECTED:
             since = time.time() - (record.disconnected_at or record.updated_at)
@@ -437,6 +647,7 @@ class SessionStore:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            resynced = False
             while self._dirty:
                 failed = False
                 for sid in list(self._dirty):
@@ -446,6 +657,13 @@ class SessionStore:
                 if failed:
                     await asyncio.sleep(backoff)
                     backoff = min(self._max_backoff, backoff * 2)
+                    continue
+                if self._degraded and not resynced:
+                    # Redis answers again, possibly a promoted replica that missed this box's last
+                    # acknowledged writes (or an emptied restart): write every session once more.
+                    resynced = True
+                    for sid in list(self._cache):
+                        self._dirty.setdefault(sid, None)
                 elif self._dirty:
                     await asyncio.sleep(0.01)  # the rest is being written by in-flight writers
             if self._degraded:

@@ -13,7 +13,8 @@ It owns, in start-up order:
 Signals: SIGTERM = graceful stop (drain: refuse new calls, wait up to ``api.drain_timeout_seconds`` for
 live ones to end, then stop); SIGINT = stop now (live calls are torn down); SIGHUP = rolling restart
 of the workers (calls survive it: workers re-attach from shared memory); SIGUSR1 / SIGUSR2 = start /
-end draining without stopping (the agent check then says ``drain`` / ``up N%``).
+end draining without stopping (the agent check then says ``drain`` / ``up N%``). The control socket
+(``appliance.control``: `voice-appliance drain --wait --migrate`) drains, reports and force-migrates.
 
 One process and one event loop, because the API handlers, the Janus long-poll, Redis and the
 arbiter all just wait on I/O; the heavy work lives in the pinned workers.
@@ -105,8 +106,10 @@ class _Server:
         kwargs: dict[str, Any] = {}
         if cfg.api.tls_cert_file:
             kwargs = {"ssl_certfile": cfg.api.tls_cert_file, "ssl_keyfile": cfg.api.tls_key_file}
+        # proxy_headers off: appliance.api.client_ip alone decides whom to believe (api.trusted_proxies)
         config = uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_config=None,
-                                access_log=False, lifespan="off", server_header=False, **kwargs)
+                                access_log=False, lifespan="off", server_header=False,
+                                proxy_headers=False, **kwargs)
         return Server(config)
 
 
@@ -133,6 +136,7 @@ class Supervisor:
         self.arbiter: Any = None
         self.server: Any = None
         self.agent: Any = None
+        self.control: Any = None
         self._stop = asyncio.Event()
         self._graceful = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -206,6 +210,8 @@ class Supervisor:
         from appliance.agentcheck import AgentCheckServer
         from appliance.api import create_app
         from appliance.arbiter import Arbiter, specs_for_plan
+        from appliance.config import box_id, private_host
+        from appliance.control import ControlServer, socket_path
         from appliance.cpuplan import pin
         from appliance.ratelimit import RateLimiter
         from appliance.sessions import Sessions
@@ -218,7 +224,7 @@ class Supervisor:
         self._create_segments()
         store = SessionStore.from_config(cfg.redis)
         await store.start()
-        self.sessions = Sessions(cfg, self.placement, self.segments, store, self.metrics, box=self.instance,
+        self.sessions = Sessions(cfg, self.placement, self.segments, store, self.metrics, box=box_id(cfg),
                                  on_slot_freed=self.harvest_counters)
         await self.sessions.start()
         limiter = RateLimiter(redis_client(cfg.redis), cfg.limits)
@@ -230,7 +236,7 @@ class Supervisor:
         self.metrics.draining.set_function(lambda: 1 if p.draining else 0)
         self.metrics.add_shard_counters(self._shard_counters)
         if cfg.api.metrics_port:
-            self.metrics.serve(cfg.api.metrics_host, cfg.api.metrics_port)
+            self.metrics.serve(private_host(cfg, cfg.api.metrics_host), cfg.api.metrics_port)
         if self.with_workers:
             from shm.segment import segment_name
 
@@ -248,8 +254,11 @@ class Supervisor:
                 log.error("media workers not up after 30 s; serving the shards that are")
         if cfg.api.agent_check_port:
             self.agent = AgentCheckServer(lambda: (self.placement.free_fraction(), self.placement.draining),
-                                          cfg.api.agent_check_host, cfg.api.agent_check_port)
+                                          private_host(cfg, cfg.api.agent_check_host),
+                                          cfg.api.agent_check_port)
             await self.agent.start()
+        self.control = ControlServer(socket_path(cfg), self._control)
+        await self.control.start()
         self.server = _Server.make(app, cfg)
         self._tasks.append(asyncio.create_task(self.server.serve(), name="uvicorn"))
         while not self.server.started:
@@ -305,6 +314,21 @@ class Supervisor:
         self._graceful = graceful
         self._stop.set()
 
+    async def _control(self, cmd: str) -> dict[str, Any]:
+        """A control-socket request (``appliance.control``): act, then the status."""
+        match cmd:
+            case "drain":
+                if not self.placement.draining:
+                    self.set_draining(True)
+            case "undrain":
+                if self.placement.draining:
+                    self.set_draining(False)
+            case "migrate":
+                if self.sessions is not None:
+                    await self.sessions.migrate_all()
+        return {"draining": self.placement.draining, "active": self.placement.active,
+                "migrating": self.sessions.migrating if self.sessions is not None else 0}
+
     def set_draining(self, on: bool) -> None:
         self.placement.draining = on
         log.warning("draining" if on else "drain ended", extra={"active": self.placement.active})
@@ -350,6 +374,8 @@ class Supervisor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.agent is not None:
             await self.agent.stop()
+        if self.control is not None:
+            await self.control.stop()
         if self.arbiter is not None:
             await self.arbiter.stop()
         self.metrics.stop()

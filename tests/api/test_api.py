@@ -104,7 +104,8 @@ async def test_session_lifecycle(api, service, private_pem):
     assert r.json()["details"]["voice"] == "Kore"
     assert (await api.delete(f"/v1/sessions/{sid}", headers=h)).status_code == 204
     r = await api.get(f"/v1/sessions/{sid}", headers=h)
-    assert r.status_code == 404 and r.json() == {"error": "not_found", "detail": "no such session"}
+    assert r.status_code == 404 and r.json() == {
+        "error": "not_found", "detail": "no such session on this box (unknown, expired or ended)"}
 
 
 async def test_only_owner_touches_session(api, service, private_pem):

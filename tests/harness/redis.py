@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from appliance.procs import pid_gone
 
@@ -124,3 +125,60 @@ def redis_server(workdir: Path, port: int | None = None) -> Iterator[RedisServer
         yield srv
     finally:
         srv.stop()
+
+
+class TcpLink:
+    """An asyncio TCP forwarder in front of a server, to cut ONE client's link (a partition) while the
+    server keeps serving everyone else. ``cut()`` drops every connection and refuses new ones until
+    ``restore()``. Runs in the test's event loop."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = free_port()
+        self._server: Any = None
+        self._writers: set[Any] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        import asyncio
+
+        async def pipe(reader: Any, writer: Any) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+
+        async def handle(reader: Any, writer: Any) -> None:
+            try:
+                up_r, up_w = await asyncio.open_connection(*self.target)
+            except OSError:
+                writer.close()
+                return
+            self._writers.update((writer, up_w))
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+            self._writers.difference_update((writer, up_w))
+
+        self._server = await asyncio.start_server(handle, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    async def restore(self) -> None:
+        if self._server is None:
+            await self.start()
+
+    async def stop(self) -> None:
+        await self.cut()
