@@ -47,6 +47,17 @@ async def wait_until(pred: Any, limit: float = 20.0, step: float = 0.1, what: st
     raise AssertionError(f"{what} not met within {limit} s")
 
 
+async def wait_idle(fleet: Fleet, limit: float = 30) -> None:
+    """Wait until every box is empty and both HAProxies see full weights (a test's calls are gone)."""
+    def idle() -> bool:
+        if any(b.agent() != "up 100%" for b in fleet.boxes):
+            return False
+        return all(r["status"] == "UP" and r["weight"] == "100" for lb in fleet.lbs if lb.haproxy_alive
+                   for r in lb.stat())
+
+    await wait_until(idle, limit=limit, step=0.2, what="fleet idle (all boxes empty, full weight)")
+
+
 class Call:
     """One aiortc caller talking to the fleet through the virtual IP."""
 
