@@ -141,7 +141,7 @@ async def test_active_haproxy_killed_vip_moves_live_calls_unaffected(fleet: Flee
         for c in cs[:2]:
             await c.wait_live()
         t_kill = time.time()
-        active.host.stop("haproxy", sig=9)
+        await asyncio.to_thread(active.host.stop, "haproxy", 9)
         t0 = time.monotonic()
         await wait_until(lambda: standby.has_vip(fleet.vip), limit=15, step=0.05, what="VIP on the standby")
         vip_moved = time.monotonic() - t0
