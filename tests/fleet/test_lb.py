@@ -143,7 +143,8 @@ async def test_active_haproxy_killed_vip_moves_live_calls_unaffected(fleet: Flee
         t_kill = time.time()
         await asyncio.to_thread(active.host.stop, "haproxy", 9)
         t0 = time.monotonic()
-        await wait_until(lambda: standby.has_vip(fleet.vip), limit=15, step=0.05, what="VIP on the standby")
+        await wait_until(lambda: asyncio.to_thread(standby.has_vip, fleet.vip), limit=15, step=0.05,
+                         what="VIP on the standby")
         vip_moved = time.monotonic() - t0
 
         async def api_answers() -> bool:
