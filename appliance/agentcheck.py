@@ -42,6 +42,11 @@ class AgentCheckServer:
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("agent check listening", extra={"host": self.host, "port": self.port})
 
+    def force_ready(self) -> None:
+        """Say ``ready`` from now on: an explicit undrain (`voice-appliance drain --undrain`) must also clear
+        the drain HAProxy remembers from before a restart, when this process never said ``drain``."""
+        self._was_drained = True
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             free, draining = self._state()

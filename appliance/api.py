@@ -609,8 +609,8 @@ def _client(request: Request, principal: Principal,
 
 def build_openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the session API (schemas from the pydantic models)."""
-    models = [CreateSessionRequest, CreateSessionResponse, IceRequest, IceServersResponse, SessionResponse,
-              ErrorResponse, HealthResponse]
+    models: list[type[BaseModel]] = [CreateSessionRequest, CreateSessionResponse, IceRequest,
+                                     IceServersResponse, SessionResponse, ErrorResponse, HealthResponse]
     _, defs = models_json_schema([(m, "validation") for m in models],
                                  ref_template="#/components/schemas/{model}")
     schemas = defs.get("$defs", {})
@@ -626,9 +626,11 @@ def build_openapi() -> dict[str, Any]:
 
     sid_param = [{"name": "session_id", "in": "path", "required": True,
                   "schema": {"type": "string", "pattern": SESSION_ID_RE.pattern}}]
-    common = {"401": err("Missing or invalid token"), "404": err("No such session"),
+    common = {"401": err("Missing or invalid token"),
+              "404": err("No such session: not_found (unknown here), wrong_box (the id names another box), "
+                         "moved (resumed on another box: details name the new id)"),
               "429": err("Rate limited (Retry-After)")}
-    security = [{"bearer": []}]
+    security: list[dict[str, list[str]]] = [{"bearer": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "Voice appliance session API", "version": __version__},
@@ -662,6 +664,7 @@ def build_openapi() -> dict[str, Any]:
                 "requestBody": {"required": True,
                                 "content": {"application/json": {"schema": ref("IceRequest")}}},
                 "responses": {"204": {"description": "Accepted"}, "400": err("Invalid candidate"),
+                              "409": err("The session is not connected on this box (resume it)"),
                               "413": err("Body too large"), "415": err("Not JSON"), **common},
             }},
             "/v1/ice-servers": {"get": {

@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import Counter
 
@@ -62,7 +63,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 _PR_SET_PDEATHSIG = 1
 try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved now, not in the forked child
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl  # resolved now, not in the forked child
 except (OSError, AttributeError):  # pragma: no cover - non-Linux
     _prctl = None
 

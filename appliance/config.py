@@ -241,6 +241,16 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ComplianceConfig:
+    """Controls regulated operators rely on (docs/compliance.md)."""
+
+    # The greeting is the AI disclosure (EU AI Act art. 50): it can only be turned off explicitly, with a
+    # reason that is logged at every start, never by an empty `model.greeting`.
+    ai_disclosure: bool = True
+    ai_disclosure_off_reason: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole appliance configuration."""
 
@@ -257,6 +267,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
 
     @property
     def uses_emulator(self) -> bool:
@@ -482,6 +493,14 @@ def _check_cross_field(cfg: Config) -> None:
         raise ConfigError("redis.sentinel_master: required when redis.sentinels is set")
     if bool(cfg.api.tls_cert_file) != bool(cfg.api.tls_key_file):
         raise ConfigError("api.tls_cert_file: expected both tls_cert_file and tls_key_file, or neither")
+    c = cfg.compliance
+    if c.ai_disclosure and not cfg.model.greeting.strip():
+        raise ConfigError("model.greeting: empty, but the greeting is the AI disclosure every caller hears; "
+                          "give one, or set compliance.ai_disclosure = false with "
+                          "compliance.ai_disclosure_off_reason")
+    if not c.ai_disclosure and not c.ai_disclosure_off_reason.strip():
+        raise ConfigError("compliance.ai_disclosure_off_reason: required when "
+                          "compliance.ai_disclosure = false (it is logged at every start)")
     url = cfg.model.tools_url
     if url and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", url):
         raise ConfigError(f"model.tools_url: expected an http:// or https:// URL, got {url!r}")

@@ -116,7 +116,11 @@ def redis_client(cfg: RedisConfig, timeout: float = 0.5) -> aioredis.Redis:
     if cfg.tls:
         tls = {"ssl": True, "ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": cfg.ca_file or None}
     if not cfg.sentinels:
-        return aioredis.from_url(cfg.url, **kwargs, **tls)
+        url = cfg.url
+        if cfg.tls:  # from_url picks the TLS connection class by scheme, not by an ``ssl`` argument
+            url = "rediss://" + url.removeprefix("redis://").removeprefix("rediss://")
+            tls.pop("ssl")
+        return aioredis.from_url(url, **kwargs, **tls)
     sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                                        "retry": Retry(NoBackoff(), 0), **tls}
     if cfg.sentinel_username:
@@ -168,12 +172,19 @@ class SessionRecord:
 
 _FIELDS = {f.name for f in dataclasses.fields(SessionRecord)} - {"session_id", "epoch", "box"}
 
-# The compare-and-set write. KEYS: 1 record, 2 its resume index ('' = none), 3 the spent marker of its
-# token ('' = none), 4 a spent token's index to delete ('' = none), 5 that token's spent marker to set.
-# ARGV: 1 box, 2 epoch, 3 JSON ('' = delete), 4 TTL seconds, 5 session id, 6 spent-marker TTL.
+# The compare-and-set write. KEYS[1] is the record; then, each only if its ARGV[7] flag is '1' (an ACL
+# limited to the prefix refuses any other key name, even an empty one): its resume index, the spent
+# marker of its token, a replaced token's index to delete, that token's spent marker to set.
+# ARGV: 1 box, 2 epoch, 3 JSON ('' = delete), 4 TTL seconds, 5 session id, 6 spent-marker TTL, 7 flags.
 # Returns {1} when written, {0, owner, epoch} when another box (or a newer epoch) owns the record.
 # A record without an owner (box '', written before ownership existed) belongs to whoever writes it.
 _PUT = """
+local n = 1
+local function opt(i)
+  if string.sub(ARGV[7], i, i) == '1' then n = n + 1; return KEYS[n] end
+  return nil
+end
+local idx, spent, old_idx, old_spent = opt(1), opt(2), opt(3), opt(4)
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, rec = pcall(cjson.decode, cur)
@@ -181,31 +192,40 @@ if cur then
     local epoch = tonumber(rec['epoch']) or 0
     local owner = rec['box']
     if (owner ~= '' and owner ~= ARGV[1]) or epoch > tonumber(ARGV[2]) then
-      return {0, tostring(rec['box']), tostring(epoch)}
+      return {0, tostring(owner), tostring(epoch)}
     end
   end
-elseif KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then
+elseif spent and redis.call('EXISTS', spent) == 1 then
   return {0, '', '-1'}
 end
-if KEYS[4] ~= '' then redis.call('DEL', KEYS[4]) end
-if KEYS[5] ~= '' then redis.call('SET', KEYS[5], '1', 'EX', ARGV[6]) end
+if old_idx then redis.call('DEL', old_idx) end
+if old_spent then redis.call('SET', old_spent, '1', 'EX', ARGV[6]) end
 if ARGV[3] == '' then
   redis.call('DEL', KEYS[1])
-  if KEYS[2] ~= '' then redis.call('DEL', KEYS[2]) end
+  if idx then redis.call('DEL', idx) end
   return {1}
 end
 redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
-if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[4]) end
+if idx then redis.call('SET', idx, ARGV[5], 'EX', ARGV[4]) end
 return {1}
 """
 
+
+def _optional_keys(*keys: str) -> tuple[list[str], str]:
+    """The present keys of ``keys`` and the ARGV flags string saying which they were."""
+    return [k for k in keys if k], "".join("1" if k else "0" for k in keys)
+
+
 # Which of the records KEYS[i] no longer belong to ARGV[1] (box) at epoch ARGV[i+1]: their indexes.
 # A missing record is not lost (Redis lost data, or it expired): the next write re-creates it.
+# The plain-text find is the fast path (records are written with "box" then "epoch", by
+# SessionRecord.to_json); only a record that does not match it is decoded.
 _LOST = """
 local out = {}
 for i, key in ipairs(KEYS) do
   local cur = redis.call('GET', key)
-  if cur then
+  local mine = '"box":' .. cjson.encode(ARGV[1]) .. ',"epoch":' .. ARGV[i + 1] .. ','
+  if cur and not string.find(cur, mine, 1, true) then
     local ok, rec = pcall(cjson.decode, cur)
     if ok and type(rec) == 'table' and
        (rec['box'] ~= ARGV[1] or (tonumber(rec['epoch']) or 0) > tonumber(ARGV[i + 1])) then
@@ -582,9 +602,10 @@ class SessionStore:
             if gone is None:
                 await self._redis.delete(self._k_rec(sid))
             else:
-                keys = [self._k_rec(sid), self._k_resume(gone.resume_token_hash) if gone.resume_token_hash
-                        else "", "", "", ""]
-                await self._put(keys=keys, args=[gone.box, gone.epoch, "", 0, sid, self.active_ttl])
+                opt, flags = _optional_keys(
+                    self._k_resume(gone.resume_token_hash) if gone.resume_token_hash else "", "", "", "")
+                await self._put(keys=[self._k_rec(sid), *opt],
+                                args=[gone.box, gone.epoch, "", 1, sid, self.active_ttl, flags])
             self._tombstones.pop(sid, None)
             return
         record = self._cache.get(sid)
@@ -594,11 +615,12 @@ class SessionStore:
         ttl = self._ttl(record)
         spent = self._spent.get(sid)
         token_hash = record.resume_token_hash
-        keys = [self._k_rec(sid), self._k_resume(token_hash) if token_hash else "",
-                self._k_spent(token_hash) if token_hash else "",
-                self._k_resume(spent) if spent else "", self._k_spent(spent) if spent else ""]
-        result = await self._put(keys=keys, args=[record.box, record.epoch, snapshot if ttl > 0 else "",
-                                                  max(ttl, 1), sid, self.active_ttl])
+        opt, flags = _optional_keys(
+            self._k_resume(token_hash) if token_hash else "", self._k_spent(token_hash) if token_hash else "",
+            self._k_resume(spent) if spent else "", self._k_spent(spent) if spent else "")
+        result = await self._put(keys=[self._k_rec(sid), *opt],
+                                 args=[record.box, record.epoch, snapshot if ttl > 0 else "", max(ttl, 1),
+                                       sid, self.active_ttl, flags])
         if not int(result[0]):
             if self._cache.get(sid) is record:
                 await self._lose(sid, _text(result[1]))

@@ -271,6 +271,9 @@ class Supervisor:
         self.notifier.ready(self._status())
         log.info("supervisor ready", extra={"host": cfg.api.host, "port": cfg.api.port,
                                              "shards": self.plan.shard_count, "slots": cfg.shards.slots})
+        if not cfg.compliance.ai_disclosure:
+            log.warning("AI disclosure is OFF: callers are not told they talk with an AI",
+                        extra={"reason": cfg.compliance.ai_disclosure_off_reason})
 
     def _status(self) -> str:
         p = self.placement
@@ -323,6 +326,8 @@ class Supervisor:
             case "undrain":
                 if self.placement.draining:
                     self.set_draining(False)
+                if self.agent is not None:
+                    self.agent.force_ready()
             case "migrate":
                 if self.sessions is not None:
                     await self.sessions.migrate_all()

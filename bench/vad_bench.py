@@ -107,7 +107,8 @@ async def _worker_ticks(sessions: int, seconds: float, source: np.ndarray) -> di
     seg = ShardSegment.create(segment_name(iid, 0), slots=sessions, uplink_bytes=64000,
                               downlink_bytes=384000, instance_id=iid)
     try:
-        cfg = replace(load_config(None, env={}), model={"greeting": "", "hold_prompt": ""})
+        cfg = replace(load_config(None, env={}), model={"greeting": "", "hold_prompt": ""},
+                      compliance={"ai_disclosure": False, "ai_disclosure_off_reason": "benchmark"})
         w = AiWorker(cfg, seg, live_factory=_NullLive, options_factory=lambda **k: k)
         for i in range(sessions):
             seg.slot(i).activate(session_id=f"b{i}", local_rtp_port=40000 + 2 * i, remote_rtp_ip="127.0.0.1",

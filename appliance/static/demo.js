@@ -3,11 +3,18 @@
 // gathered) -> getUserMedia -> offer (ICE gathered) -> POST /v1/sessions -> answer ->
 // poll GET /v1/sessions/{id} for state and transcripts -> DELETE on hang-up.
 // `?relay=1` in the page URL forces relay-only ICE (iceTransportPolicy "relay": media only via TURN).
+// Resume (docs/architecture.md "Fleet"): on state "migrating" (the box drains; GET carries a fresh
+// resume_token), on ICE/connection failure, or when the box stops answering (box loss), the page
+// re-offers with its resume token through the same origin (the load balancer picks a live box). The
+// session may come back under a new id (`resumed_from`): every later request uses the new one.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const JITTER_TARGET_MS = 50; // receiver jitterBufferTarget: 40-60 ms keeps latency low on good networks
+const RESUME_ATTEMPTS = 6; // ~1+2+4+8+8+8 s of retries (boxes full or draining answer 503)
+const BOX_LOSS_POLLS = 2; // consecutive failed polls (network error / 5xx) that mean the box is gone
 let pc = null, stream = null, session = null, token = null, poller = null, lastLine = "";
+let resuming = false, failedPolls = 0;
 
 function show(id, text) { $(id).textContent = text; }
 function fail(msg) { show("error", msg); console.error(msg); }
@@ -42,6 +49,82 @@ function api(path, opts = {}) {
   });
 }
 
+// One peer connection + POST /v1/sessions (a new call, or a resume when resumeToken is set).
+async function connect(resumeToken) {
+  const servers = await iceServers();
+  const relayOnly = new URLSearchParams(location.search).get("relay") === "1";
+  const conn = new RTCPeerConnection({
+    bundlePolicy: "max-bundle",
+    iceServers: servers,
+    iceTransportPolicy: relayOnly ? "relay" : "all",
+  });
+  stream.getAudioTracks().forEach((t) => conn.addTrack(t, stream));
+  conn.ontrack = (ev) => {
+    try { ev.receiver.jitterBufferTarget = JITTER_TARGET_MS; } catch (e) { /* older browsers */ }
+    $("remote").srcObject = ev.streams[0] || new MediaStream([ev.track]);
+  };
+  conn.onconnectionstatechange = () => {
+    if (conn !== pc) return; // an old leg closing after a resume
+    show("conn", conn.connectionState);
+    if (conn.connectionState === "failed") resume("connection failed");
+  };
+  conn.oniceconnectionstatechange = () => { if (conn === pc) show("ice", conn.iceConnectionState); };
+  show("conn", resumeToken ? "resuming…" : "offering…");
+  await conn.setLocalDescription(await conn.createOffer());
+  await iceGathered(conn, 2000);
+  const body = { type: "offer", sdp: conn.localDescription.sdp };
+  if ($("voice").value.trim()) body.voice = $("voice").value.trim();
+  if (resumeToken) body.resume_token = resumeToken;
+  const r = await api("/v1/sessions", { method: "POST", body: JSON.stringify(body) });
+  const data = await r.json().catch(() => ({}));
+  if (!r.ok) {
+    conn.close();
+    const retry = r.headers.get("Retry-After");
+    const err = new Error((data.detail || r.statusText) + (retry ? " — retry in " + retry + " s" : ""));
+    err.status = r.status;
+    err.retryAfter = Number(retry) || 0;
+    throw err;
+  }
+  await conn.setRemoteDescription({ type: "answer", sdp: data.sdp });
+  const old = pc;
+  pc = conn;
+  window.demoPc = conn; // for tests and curious people
+  session = data;
+  window.demoSession = data;
+  show("session", data.session_id + (data.resumed_from ? " (resumed from " + data.resumed_from + ")" : ""));
+  if (old) old.close(); // the old box ends its leg itself once it sees the session moved
+}
+
+// Move the call: re-offer with the resume token (the newest one: migrating hands out a fresh one).
+async function resume(why, freshToken) {
+  if (!session || resuming) return;
+  if (freshToken) session.resume_token = freshToken;
+  resuming = true;
+  show("error", "");
+  show("model", "resuming (" + why + ")");
+  try {
+    for (let attempt = 0; attempt < RESUME_ATTEMPTS && session; attempt++) {
+      try {
+        await connect(session.resume_token);
+        failedPolls = 0;
+        window.demoResumes = (window.demoResumes || 0) + 1;
+        return;
+      } catch (e) {
+        if (e.status && e.status < 500 && e.status !== 429) throw e; // token spent/expired: give up
+        const wait = Math.min(8, Math.max(e.retryAfter || 0, 2 ** attempt)); // seconds, capped
+        await new Promise((r) => setTimeout(r, 1000 * wait));
+      }
+    }
+    throw new Error("could not resume the call");
+  } catch (e) {
+    fail(String(e.message || e));
+    session = null; // nothing left to DELETE: the token is spent or the call is gone
+    await hangup();
+  } finally {
+    resuming = false;
+  }
+}
+
 async function call() {
   show("error", "");
   $("call").disabled = true;
@@ -49,43 +132,11 @@ async function call() {
   lastLine = "";
   try {
     token = await devToken();
-    const servers = await iceServers();
-    const relayOnly = new URLSearchParams(location.search).get("relay") === "1";
     show("conn", "microphone…");
     stream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
     });
-    pc = new RTCPeerConnection({
-      bundlePolicy: "max-bundle",
-      iceServers: servers,
-      iceTransportPolicy: relayOnly ? "relay" : "all",
-    });
-    window.demoPc = pc; // for tests and curious people
-    stream.getAudioTracks().forEach((t) => pc.addTrack(t, stream));
-    pc.ontrack = (ev) => {
-      try { ev.receiver.jitterBufferTarget = JITTER_TARGET_MS; } catch (e) { /* older browsers */ }
-      $("remote").srcObject = ev.streams[0] || new MediaStream([ev.track]);
-    };
-    pc.onconnectionstatechange = () => {
-      show("conn", pc.connectionState);
-      if (pc.connectionState === "failed") { fail("connection failed"); hangup(); }
-    };
-    pc.oniceconnectionstatechange = () => show("ice", pc.iceConnectionState);
-    show("conn", "offering…");
-    await pc.setLocalDescription(await pc.createOffer());
-    await iceGathered(pc, 2000);
-    const body = { type: "offer", sdp: pc.localDescription.sdp };
-    if ($("voice").value.trim()) body.voice = $("voice").value.trim();
-    const r = await api("/v1/sessions", { method: "POST", body: JSON.stringify(body) });
-    const data = await r.json().catch(() => ({}));
-    if (!r.ok) {
-      const retry = r.headers.get("Retry-After");
-      throw new Error((data.detail || r.statusText) + (retry ? " — retry in " + retry + " s" : ""));
-    }
-    session = data;
-    window.demoSession = data;
-    show("session", data.session_id);
-    await pc.setRemoteDescription({ type: "answer", sdp: data.sdp });
+    await connect(null);
     $("hangup").disabled = false;
     poller = setInterval(poll, 1000);
   } catch (e) {
@@ -95,13 +146,25 @@ async function call() {
 }
 
 async function poll() {
-  if (!session) return;
+  if (!session || resuming) return;
+  let r;
   try {
-    const r = await api("/v1/sessions/" + session.session_id);
+    r = await api("/v1/sessions/" + session.session_id);
+  } catch (e) {
+    r = null; // network error: the box (or the way to it) is gone
+  }
+  if (!session || resuming) return;
+  if (!r || r.status >= 500) {
+    if (++failedPolls >= BOX_LOSS_POLLS) resume("box lost");
+    return;
+  }
+  failedPolls = 0;
+  try {
     if (r.status === 404) { show("model", "ended"); return hangup(); }
     if (!r.ok) return;
     const info = await r.json();
     const d = info.details || {};
+    if (info.state === "migrating" && d.resume_token) return resume("box draining", d.resume_token);
     show("model", (d.model_state || info.state) + (d.shard !== undefined ? " (shard " + d.shard + ")" : ""));
     const line = d.transcript || "";
     if (line && line !== lastLine) {

@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator
 from workers.ai.greeting import PromptCache
 from workers.ai.worker import AiWorker
 
+# Config section for tests whose model.greeting is "" (the AI disclosure then has to be off explicitly).
+NO_DISCLOSURE = {"ai_disclosure": False, "ai_disclosure_off_reason": "test without a greeting"}
+
 
 @contextlib.asynccontextmanager
 async def running(cfg, seg, emu, tmp_path) -> AsyncIterator[AiWorker]:

@@ -22,7 +22,7 @@ import soxr
 from appliance.config import load_config, replace
 from appliance.procs import pid_gone
 from tests.ai.audio import frames, silence, white_noise
-from tests.ai.live_worker import running, until
+from tests.ai.live_worker import NO_DISCLOSURE, running, until
 from tests.harness.audio import best_correlation
 from tests.harness.emulator import start_emulator
 from tests.harness.shm import activate_slot, shard_segment
@@ -41,7 +41,7 @@ def cfg(emu, tmp_path):
     return replace(load_config(None, env={}),
                    model={"api_key": emu.api_key, "base_url": emu.base_url, "ca_file": emu.ca_file,
                           "greeting": "", "hold_prompt": "Please hold."},
-                   paths={"state_dir": str(tmp_path)})
+                   paths={"state_dir": str(tmp_path)}, compliance=NO_DISCLOSURE)
 
 
 @pytest.fixture
@@ -156,6 +156,8 @@ def _write_config(path: Path, emu, state: Path) -> None:
         "[model]\n"
         f'api_key = "{emu.api_key}"\nbase_url = "{emu.base_url}"\nca_file = "{emu.ca_file}"\n'
         'greeting = ""\n'
+        "[compliance]\n"
+        'ai_disclosure = false\nai_disclosure_off_reason = "test: no greeting"\n'
         "[paths]\n"
         f'state_dir = "{state}"\n'
     )

@@ -20,7 +20,7 @@ import pytest
 
 from appliance.config import load_config, replace
 from shm.segment import EventCode
-from tests.ai.live_worker import running, until
+from tests.ai.live_worker import NO_DISCLOSURE, running, until
 from tests.harness.audio import dominant_frequency
 from tests.harness.emulator import start_emulator
 from tests.harness.shm import activate_slot, shard_segment
@@ -57,7 +57,8 @@ def srv():
 def make_cfg(emu, tmp_path: Path, **model: Any):
     base = {"api_key": emu.api_key, "base_url": emu.base_url, "ca_file": emu.ca_file,
             "greeting": "", "hold_prompt": ""}
-    return replace(load_config(None, env={}), model={**base, **model}, paths={"state_dir": str(tmp_path)})
+    return replace(load_config(None, env={}), model={**base, **model}, paths={"state_dir": str(tmp_path)},
+                   compliance=NO_DISCLOSURE)
 
 
 def tools_cfg(emu, tmp_path: Path, url: str, **model: Any):

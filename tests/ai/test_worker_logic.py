@@ -19,6 +19,7 @@ from tests.ai.doubles import (
     StateChanged,
     TurnComplete,
 )
+from tests.ai.live_worker import NO_DISCLOSURE
 from tests.harness.audio import best_correlation, tone
 from tests.harness.shm import activate_slot, shard_segment
 from workers.ai.dtmf import dtmf_text
@@ -29,7 +30,8 @@ from workers.ai.worker import DOWN_FRAME, AiWorker
 @pytest.fixture
 def cfg(tmp_path):
     model = {"greeting": "", "hold_prompt": "Please hold.", "degraded_retry_seconds": 0.5}
-    return replace(load_config(None, env={}), model=model, paths={"state_dir": str(tmp_path)})
+    return replace(load_config(None, env={}), model=model, paths={"state_dir": str(tmp_path)},
+                   compliance=NO_DISCLOSURE)
 
 
 @pytest.fixture

@@ -52,11 +52,13 @@ def _alive(pid: int) -> bool:
 class RedisServer:
     """One redis-server process; ``url`` points at it."""
 
-    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1",
+                 extra_args: list[str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = port or free_port(host)
+        self.extra_args = extra_args or []
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,7 +76,7 @@ class RedisServer:
             [
                 REDIS_SERVER, "--port", str(self.port), "--bind", self.host, "--dir", str(self.workdir),
                 "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no",
-                "--repl-diskless-sync-delay", "0", "--loglevel", "warning",
+                "--repl-diskless-sync-delay", "0", "--loglevel", "warning", *self.extra_args,
             ],
             stdout=log, stderr=subprocess.STDOUT,
         )
@@ -85,7 +87,7 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited: {(self.workdir / 'redis.log').read_text()[-500:]}")
             with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2) as s:
                 s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
+                if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                     return
             time.sleep(0.01)
         self.stop()
@@ -182,3 +184,111 @@ class TcpLink:
 
     async def stop(self) -> None:
         await self.cut()
+
+
+class SentinelSet:
+    """A Redis primary + replica and 3 redis-sentinel processes on loopback, ephemeral ports
+    (``down-after-milliseconds 1000``: a killed primary is replaced in ~2-3 s).
+
+    ``users`` adds ACL users (``["va on >pw ~va:* +@all"]``) on both data nodes; the default user stays
+    open for replication and the Sentinels (what the tests here need; the fleet roles lock it down).
+    """
+
+    MASTER = "va"
+
+    def __init__(self, workdir: Path, users: list[str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        acl: list[str] = []
+        for user in users or []:
+            acl += ["--user", *user.split()]
+        self.primary = RedisServer(self.workdir / "primary", extra_args=acl)
+        self.replica = RedisServer(self.workdir / "replica",
+                                   extra_args=[*acl, "--replicaof", "127.0.0.1", str(self.primary.port)])
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.sentinel_ports]
+
+    def start(self) -> None:
+        self.primary.start()
+        self.replica.start()
+        for i, port in enumerate(self.sentinel_ports):
+            d = self.workdir / f"sentinel{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            conf = d / "sentinel.conf"  # Sentinel rewrites its own config: one writable file each
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndaemonize no\nprotected-mode no\ndir {d}\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
+                f"sentinel failover-timeout {self.MASTER} 5000\n"
+                f"sentinel parallel-syncs {self.MASTER} 1\n")
+            log = open(d / "sentinel.log", "ab")
+            self.sentinels.append(subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"],
+                                                   stdout=log, stderr=subprocess.STDOUT))
+            log.close()
+        self.wait_ready()
+
+    def _sentinel(self, port: int) -> Any:
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+    def master_port(self) -> int | None:
+        """The primary's port as the first Sentinel that answers reports it."""
+        import redis
+
+        for port in self.sentinel_ports:
+            with contextlib.suppress(redis.RedisError, OSError), self._sentinel(port) as r:
+                addr = r.sentinel_get_master_addr_by_name(self.MASTER)
+                if addr:
+                    return int(addr[1])
+        return None
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until every Sentinel knows the replica and the two other Sentinels (else no failover)."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ok = 0
+            for port in self.sentinel_ports:
+                with contextlib.suppress(redis.RedisError, OSError), self._sentinel(port) as r:
+                    info = r.sentinel_master(self.MASTER)
+                    if int(info.get("num-slaves", 0)) >= 1 and int(info.get("num-other-sentinels", 0)) >= 2:
+                        ok += 1
+            if ok == len(self.sentinel_ports):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("Sentinels did not discover the replica and each other")
+
+    def kill_primary(self) -> None:
+        """SIGKILL the primary (no shutdown, no last sync): what a dead data box looks like."""
+        assert self.primary.proc
+        proc, self.primary.proc = self.primary.proc, None
+        proc.kill()
+        proc.wait(5)
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.sentinels.clear()
+        self.replica.stop()
+        self.primary.stop()
+
+
+@contextlib.contextmanager
+def sentinel_set(workdir: Path, users: list[str] | None = None) -> Iterator[SentinelSet]:
+    s = SentinelSet(workdir, users)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()

@@ -91,6 +91,16 @@ def test_jitter_rfc3550() -> None:
     assert s.jitter_seconds() == pytest.approx(0.01, rel=0.01)
 
 
+def test_timestamp_discontinuity_is_not_jitter() -> None:
+    s = SourceStats(ssrc=1, seq=0, probation=0)
+    for i in range(100):
+        s.update_jitter(i * 960, i * 960)
+    s.update_jitter(2**31, 100 * 960)  # same SSRC, timestamp base jumps (re-based sender or forgery)
+    for i in range(101, 200):
+        s.update_jitter(2**31 + (i - 100) * 960, i * 960 + (480 if i % 2 else 0))
+    assert s.jitter_seconds() == pytest.approx(0.01, rel=0.05)  # the jump did not count as hours
+
+
 def test_dtmf_one_event_per_key() -> None:
     rx = DtmfReceiver()
     out = []

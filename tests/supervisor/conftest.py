@@ -73,7 +73,8 @@ def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: 
     base = rtp_port_min or rtp_base()
     sections: dict[str, dict] = {
         "api": {"host": "127.0.0.1", "port": api_port, "metrics_port": metrics_port,
-                "agent_check_port": agent_port, "drain_timeout_seconds": 5},
+                "agent_check_port": agent_port, "drain_timeout_seconds": 5,
+                "box_id": instance},  # boxes of one test share a hostname: name each one
         "auth": {"jwt_public_key_file": str(pub), "jwt_private_key_file": str(priv)},
         "janus": {"url": janus.url, "admin_url": janus.admin_url, "api_secret": janus.api_secret,
                   "admin_secret": janus.admin_secret, "audiobridge_admin_key": janus.audiobridge_admin_key,

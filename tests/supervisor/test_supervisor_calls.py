@@ -166,6 +166,10 @@ async def test_hangup_keeps_resumable_state_and_resume_continues(sup, seg, sub):
         await pc.close()  # the caller goes away: Janus hangup → teardown, record kept as disconnected
         await wait_until(lambda: state("disconnected"), what="disconnected")
         await wait_until(lambda: seg.slot(0).state == SlotState.FREE, what="slot freed")
+        # a candidate for the gone leg is refused out loud, not dropped
+        ice = await http.post(f"/v1/sessions/{sid}/ice", headers=auth, json={
+            "candidate": "candidate:1 1 udp 2122260223 192.0.2.1 54321 typ host", "sdpMid": "0"})
+        assert ice.status_code == 409 and ice.json()["error"] == "not_connected", ice.text
 
         # a resume refused for capacity does not spend the token
         blocker_pc = await caller()
@@ -350,8 +354,13 @@ async def test_box_loss_resume_on_another_box(tmp_path, redis_srv, janus, sub):
             r2 = await http.post(box_b.api + "/v1/sessions", headers=auth, json={
                 "type": "offer", "sdp": pc2.localDescription.sdp, "resume_token": resume})
             assert r2.status_code == 201, (r2.text, box_b.log_tail())
-            assert r2.json()["session_id"] == sid
+            # the session continues under an id that names box B; the response links the old one
+            new_sid = r2.json()["session_id"]
+            assert new_sid.startswith(box_b.instance + ".") and r2.json()["resumed_from"] == sid
             await pc2.setRemoteDescription(RTCSessionDescription(r2.json()["sdp"], "answer"))
+            old = await http.get(f"{box_b.api}/v1/sessions/{sid}", headers=auth)
+            assert old.status_code == 404 and old.json()["error"] == "wrong_box", old.text
+            sid = new_sid
             seg_b = ShardSegment.attach(segment_name(box_b.instance, 0))
             try:
                 slot = seg_b.slot(0)
@@ -504,3 +513,244 @@ async def test_demo_page_call_in_chromium(sup, seg):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_drain_cli_force_migrates_calls_to_another_box(tmp_path, redis_srv, janus, sub):
+    """`voice-appliance drain --wait --timeout 1 --migrate` on box A with a call up: after the wait the
+    call is told to move (``migrating`` + a fresh token, shown to its owner only), the caller resumes on
+    box B, A ends its leg on its own (ownership lost), and the CLI returns 0 with A empty."""
+    import subprocess
+    import sys
+
+    from tests.supervisor.conftest import rtp_base
+
+    box_a = start_supervisor(tmp_path / "a", redis_srv.url, janus, rtp_port_min=rtp_base() + 8200)
+    keys = {"jwt_public_key_file": str(tmp_path / "a" / "keys" / "jwt-public.pem"),
+            "jwt_private_key_file": str(tmp_path / "a" / "keys" / "jwt-private.pem")}
+    box_b = start_supervisor(tmp_path / "b", redis_srv.url, janus, rtp_port_min=rtp_base() + 8300,
+                             extra={"auth": keys})
+    auth = {"Authorization": f"Bearer {box_a.token(sub)}"}
+    drain = None
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            pc = await caller()
+            r = await http.post(box_a.api + "/v1/sessions", headers=auth,
+                                json={"type": "offer", "sdp": pc.localDescription.sdp, "voice": "Puck"})
+            assert r.status_code == 201, r.text
+            sid, first_token = r.json()["session_id"], r.json()["resume_token"]
+            await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
+            drain = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "appliance", "drain", "--config", str(box_a.config), "--wait",
+                "--timeout", "1", "--migrate", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            await wait_until(lambda: agent(box_a) == "drain\n", what="box A draining")
+
+            async def migrating():
+                got = await http.get(f"{box_a.api}/v1/sessions/{sid}", headers=auth)
+                return got.json() if got.json().get("state") == "migrating" else None
+
+            info = await wait_until(migrating, what="state migrating")
+            fresh = info["details"]["resume_token"]
+            assert fresh != first_token
+            eve = await http.get(f"{box_a.api}/v1/sessions/{sid}",
+                                 headers={"Authorization": f"Bearer {box_a.token('eve')}"})
+            assert eve.status_code == 404 and fresh not in eve.text  # only the owner sees the token
+            pc2 = await caller()
+            r2 = await http.post(box_b.api + "/v1/sessions", headers=auth, json={
+                "type": "offer", "sdp": pc2.localDescription.sdp, "resume_token": fresh})
+            assert r2.status_code == 201, (r2.text, box_b.log_tail())
+            new_sid = r2.json()["session_id"]
+            assert r2.json()["resumed_from"] == sid and new_sid.startswith(box_b.instance + ".")
+            await pc2.setRemoteDescription(RTCSessionDescription(r2.json()["sdp"], "answer"))
+            out, err = await asyncio.wait_for(drain.communicate(), 60)
+            assert drain.returncode == 0, (out, err, box_a.log_tail())
+            assert '"active": 0' in out.decode()
+            moved = (await http.get(f"{box_a.api}/v1/sessions/{sid}", headers=auth)).json()
+            assert moved["state"] == "moved" and moved["details"]["moved_to"] == new_sid
+            assert "taken over by another box" in box_a.log.read_text()  # A learnt it and ended the leg
+            for spent in (first_token, fresh):  # neither token resumes anything again
+                pc3 = await caller()
+                r3 = await http.post(box_b.api + "/v1/sessions", headers=auth, json={
+                    "type": "offer", "sdp": pc3.localDescription.sdp, "resume_token": spent})
+                assert r3.status_code == 400 and r3.json()["error"] == "invalid_resume", r3.text
+                await pc3.close()
+            assert (await http.delete(f"{box_b.api}/v1/sessions/{new_sid}", headers=auth)).status_code == 204
+            await pc.close()
+            await pc2.close()
+    finally:
+        if drain is not None and drain.returncode is None:
+            drain.kill()
+            await drain.wait()
+        stop_supervisor(box_b)
+        stop_supervisor(box_a)
+
+
+async def test_demo_page_resumes_by_itself_when_told_to_migrate(tmp_path, redis_srv, janus):
+    """The demo page in Chromium sees ``migrating`` (force-migrate over the control socket), re-offers
+    with the fresh token through its own origin, retries while every box refuses (503: this one is
+    draining), and is connected again once a box takes it (here: the same box, undrained)."""
+    import json
+    import subprocess
+
+    from appliance.config import load_config
+    from appliance.control import request, socket_path
+
+    sp = start_supervisor(tmp_path, redis_srv.url, janus, slots=2)
+    ctl = socket_path(load_config(sp.config))
+    env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
+    proc = await asyncio.create_subprocess_exec(
+        "node", str(Path(__file__).with_name("demo_resume.js")), sp.api + "/",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 90)
+        assert line, (await proc.stderr.read()).decode()[-3000:] + sp.log_tail()
+        connected = json.loads(line)
+        assert (await request(ctl, "drain"))["draining"]
+        status = await request(ctl, "migrate")
+        assert status["migrating"] == 1 and status["active"] == 1
+        await asyncio.sleep(2.5)  # the page polls, sees migrating, and is refused (draining) meanwhile
+        assert (await request(ctl, "undrain"))["draining"] is False
+        line = await asyncio.wait_for(proc.stdout.readline(), 90)
+        assert line, (await proc.stderr.read()).decode()[-3000:] + sp.log_tail()
+        resumed = json.loads(line)
+        assert resumed["event"] == "resumed" and resumed["resumes"] == 1
+        assert resumed["session_id"] == connected["session_id"]  # same box: the id stays
+        async def one_call() -> bool:  # the old leg's slot is freed 0.3 s after its teardown
+            status = await request(ctl, "status")
+            return status["migrating"] == 0 and status["active"] == 1
+
+        await wait_until(one_call, what="old leg gone, one call left")
+        assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))["event"] == "hungup"
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        stop_supervisor(sp)
+
+
+async def test_agent_check_and_metrics_listen_on_the_private_host(tmp_path, redis_srv, janus):
+    """``api.private_host`` is where the load balancer's agent check and /metrics are served (not the
+    API's address); the agent keeps saying free capacity, and ``drain`` while draining."""
+    import socket
+
+    from appliance.config import load_config
+    from appliance.control import request, socket_path
+
+    sp = start_supervisor(tmp_path, redis_srv.url, janus, slots=2,
+                          extra={"api": {"private_host": "127.0.0.3"}})
+    try:
+        def ask(host: str) -> str:
+            with socket.create_connection((host, sp.agent_port), 5) as s:
+                return s.recv(100).decode()
+
+        assert ask("127.0.0.3") == "up 100%\n"
+        ctl = socket_path(load_config(sp.config))
+        # a fresh process (e.g. after an upgrade) never said drain: an explicit undrain still says ready,
+        # or HAProxy would keep the drain it remembers from the previous process
+        await request(ctl, "undrain")
+        assert ask("127.0.0.3") == "ready up 100%\n"
+        with pytest.raises(ConnectionRefusedError):
+            ask("127.0.0.1")
+        async with httpx.AsyncClient(timeout=5) as http:
+            assert "va_sessions_capacity" in (await http.get(f"http://127.0.0.3:{sp.metrics_port}/metrics")).text
+            with pytest.raises(httpx.ConnectError):
+                await http.get(f"http://127.0.0.1:{sp.metrics_port}/metrics")
+        await request(ctl, "drain")
+        assert ask("127.0.0.3") == "drain\n"
+        await request(ctl, "undrain")
+        assert ask("127.0.0.3") == "ready up 100%\n"
+    finally:
+        stop_supervisor(sp)
+
+
+async def test_demo_page_resumes_on_another_box_when_its_box_dies(tmp_path, redis_srv, janus):
+    """Two boxes behind a real HAProxy (http mode, /v1/sessions/<box>.… routed to that box, new calls to
+    the first box up). The demo page calls, its box is SIGKILLed; the page notices (polls fail), re-offers
+    with its resume token through the same origin and is connected again on the other box, under a
+    session id that names it."""
+    import json
+    import shutil
+    import subprocess
+
+    from tests.harness.redis import free_port
+    from tests.supervisor.conftest import rtp_base
+
+    box_a = start_supervisor(tmp_path / "a", redis_srv.url, janus, rtp_port_min=rtp_base() + 8400)
+    keys = {"jwt_public_key_file": str(tmp_path / "a" / "keys" / "jwt-public.pem"),
+            "jwt_private_key_file": str(tmp_path / "a" / "keys" / "jwt-private.pem")}
+    box_b = start_supervisor(tmp_path / "b", redis_srv.url, janus, rtp_port_min=rtp_base() + 8500,
+                             extra={"auth": keys})
+    lb_port = free_port()
+    pa, pb = (int(b.api.rsplit(":", 1)[1]) for b in (box_a, box_b))
+    srv = "check inter 300ms fall 2 rise 2"
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(f"""
+defaults
+  mode http
+  timeout check 1s
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind 127.0.0.1:{lb_port}
+  option forwardfor
+  use_backend be_a if {{ path_beg /v1/sessions/{box_a.instance}. }}
+  use_backend be_b if {{ path_beg /v1/sessions/{box_b.instance}. }}
+  default_backend be_all
+backend be_all
+  balance first
+  option httpchk GET /readyz
+  server a 127.0.0.1:{pa} {srv}
+  server b 127.0.0.1:{pb} {srv}
+backend be_a
+  option httpchk GET /readyz
+  server a 127.0.0.1:{pa} {srv}
+backend be_b
+  option httpchk GET /readyz
+  server b 127.0.0.1:{pb} {srv}
+""")
+    lb = await asyncio.create_subprocess_exec(shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f",
+                                              str(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
+    proc = None
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            async def lb_up() -> bool:
+                try:
+                    return (await http.get(f"http://127.0.0.1:{lb_port}/readyz")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            await wait_until(lb_up, what="HAProxy up")
+        proc = await asyncio.create_subprocess_exec(
+            "node", str(Path(__file__).with_name("demo_resume.js")), f"http://127.0.0.1:{lb_port}/",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        line = await asyncio.wait_for(proc.stdout.readline(), 90)
+        assert line, (await proc.stderr.read()).decode()[-3000:] + box_a.log_tail()
+        connected = json.loads(line)
+        # "first" balancing takes box A unless a slow health check just took it out: either way
+        dead, alive = (box_a, box_b) if connected["session_id"].startswith(box_a.instance + ".") \
+            else (box_b, box_a)
+        assert connected["session_id"].startswith(dead.instance + ".")
+        dead.proc.kill()  # the box dies with the call up: no teardown, no state update
+        dead.proc.wait(10)
+        line = await asyncio.wait_for(proc.stdout.readline(), 120)
+        assert line, (await proc.stderr.read()).decode()[-3000:] + alive.log_tail()
+        resumed = json.loads(line)
+        assert resumed["event"] == "resumed" and resumed["resumes"] == 1
+        assert resumed["session_id"].startswith(alive.instance + ".")
+        assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))["event"] == "hungup"
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        lb.terminate()
+        await asyncio.wait_for(lb.wait(), 10)
+        from shm.segment import cleanup_stale
+
+        for box in (box_a, box_b):
+            if box.proc.poll() is None:
+                stop_supervisor(box)
+            else:
+                cleanup_stale(box.instance)

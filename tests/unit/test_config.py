@@ -40,6 +40,11 @@ def test_file_and_env_override(tmp_path):
         ("", {"VA_SHARDS_COUNT": "many"}, "shards.count: expected an integer"),
         ("[media]\nrtp_port_min = 5000\nrtp_port_max = 4000\n", {}, "media.rtp_port_min"),
         ("this is = = not toml", {}, "not valid TOML"),
+        ("[api]\nbox_id = 'Box_1'\n", {}, "api.box_id: expected"),
+        ("[api]\ntrusted_proxies = ['10.0.0.0/33']\n", {}, "api.trusted_proxies[0]: expected an address"),
+        ("[redis]\nsentinels = ['10.0.0.1']\n", {}, 'redis.sentinels[0]: expected "host:port"'),
+        ("[redis]\nsentinels = ['h:1']\nsentinel_master = ''\n", {}, "redis.sentinel_master: required"),
+        ("[api]\nmigrate_grace_seconds = 0\n", {}, "api.migrate_grace_seconds: expected a value from 1"),
     ],
 )
 def test_errors_name_key(tmp_path, text, env, needle):
@@ -114,3 +119,24 @@ def test_missing_tools_file_and_bad_url_name_the_key(tmp_path):
         load_config(None, env={}, overrides={"model": {"tools_url": "tools.local/x"}})
     with pytest.raises(ConfigError, match=r"model\.dtmf_flush_ms: expected a value from 100 to 10000"):
         load_config(None, env={}, overrides={"model": {"dtmf_flush_ms": 0}})
+
+
+def test_fleet_defaults(tmp_path):
+    from appliance.config import box_id, private_host
+
+    text = "[api]\nprivate_host = '10.1.0.5'\nmetrics_host = '10.2.0.5'\n"
+    cfg = load_config(write(tmp_path, text), env={})
+    assert cfg.api.drain_timeout_seconds == 300 and cfg.api.trusted_proxies == []
+    assert private_host(cfg, cfg.api.agent_check_host) == "10.1.0.5"
+    assert private_host(cfg, cfg.api.metrics_host) == "10.2.0.5"
+    assert box_id(cfg) and box_id(replace(cfg, api={"box_id": "lb-box-7"})) == "lb-box-7"
+
+
+def test_ai_disclosure_cannot_be_turned_off_silently() -> None:
+    with pytest.raises(ConfigError, match=r"model\.greeting: empty, but the greeting is the AI disclosure"):
+        load_config(None, env={"VA_MODEL_GREETING": '""'})
+    with pytest.raises(ConfigError, match=r"compliance\.ai_disclosure_off_reason: required"):
+        load_config(None, env={"VA_MODEL_GREETING": '""', "VA_COMPLIANCE_AI_DISCLOSURE": "false"})
+    cfg = load_config(None, env={"VA_MODEL_GREETING": '""', "VA_COMPLIANCE_AI_DISCLOSURE": "false",
+                                 "VA_COMPLIANCE_AI_DISCLOSURE_OFF_REASON": "disclosed by the IVR before"})
+    assert not cfg.compliance.ai_disclosure

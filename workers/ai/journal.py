@@ -137,7 +137,7 @@ class TurnJournal:
 def remove_stale(directory: Path, segment: str, live: set[tuple[int, int]]) -> list[Path]:
     """Delete journals of ``segment`` whose (slot, generation) is not in ``live``."""
     pat = re.compile(rf"^{re.escape(segment.strip('/'))}-ai(\d+)-g(\d+)\.journal$")
-    removed = []
+    removed: list[Path] = []
     try:
         entries = os.listdir(directory)
     except OSError:

@@ -21,6 +21,7 @@ RTP_SEQ_MOD = 1 << 16
 MAX_DROPOUT = 3000
 MAX_MISORDER = 100
 MIN_SEQUENTIAL = 2
+MAX_TRANSIT_STEP_S = 3  # larger transit steps are timestamp discontinuities, not jitter (update_jitter)
 
 
 class RtpError(ValueError):
@@ -172,7 +173,11 @@ class SourceStats:
                 d -= 1 << 32
             elif d < -0x7FFFFFFF:
                 d += 1 << 32
-            self.jitter += (abs(d) - self.jitter) / 16.0
+            # A step beyond MAX_TRANSIT_STEP_S is a timestamp discontinuity (a sender that re-based its
+            # clock under the same SSRC, or a forged packet), not network jitter: re-anchor instead of
+            # letting one packet push the estimate (and the MOS computed from it) to hours.
+            if abs(d) <= MAX_TRANSIT_STEP_S * self.clock_rate:
+                self.jitter += (abs(d) - self.jitter) / 16.0
         self.transit = transit
 
     @property

@@ -1,0 +1,1 @@
+"""Compliance controls (docs/compliance.md): encryption at rest, the audit chain."""
