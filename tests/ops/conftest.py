@@ -170,7 +170,7 @@ class ProvisionedHost:
                 {
                     "all": {
                         "children": {
-                            "appliances": {
+                            "appliance": {
                                 "hosts": {
                                     ct.name: {
                                         "ansible_connection": "nspawn",

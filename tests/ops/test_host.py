@@ -356,14 +356,24 @@ for r in rows:
 def test_loadbalancer_role_health_and_agent_drain(provisioned) -> None:
     """The loadbalancer role: HAProxy checks /readyz and follows the appliance's agent (drain and back)."""
     ct = provisioned.ct
+    import json
+    import tempfile
+
+    from tests.harness.fleet import issue, make_ca
+
     lb = Path(__file__).with_name("lb-playbook.yml")
-    lb_vars = (
-        '{"loadbalancer_backends": ["127.0.0.1"], "loadbalancer_frontend_port": 8444, '
-        '"loadbalancer_backend_port": 8443, "loadbalancer_backend_tls": false, '
-        '"loadbalancer_agent_interval": "1s", "loadbalancer_apt_update_cache": false, '
+    with tempfile.TemporaryDirectory() as d:
+        ca = make_ca(Path(d) / "ca.pem", "ops test site CA")
+        issue(ca, "lb.test", ["lb.test"], ["127.0.0.1"], Path(d) / "lb.pem", Path(d) / "lb.key")
+        pem = (Path(d) / "lb.pem").read_text() + (Path(d) / "lb.key").read_text()
+    lb_vars = json.dumps({
+        # the box in the container serves plain HTTP on loopback (no internal CA here)
+        "loadbalancer_backends": [{"name": "ops-test", "address": "127.0.0.1"}],
+        "loadbalancer_frontend_port": 8444,
+        "loadbalancer_backend_port": 8443, "loadbalancer_backend_tls": False, "loadbalancer_tls_pem": pem,
+        "loadbalancer_agent_interval": "1s", "loadbalancer_apt_update_cache": False,
         # This machine's hard file limit (20000) caps the container's; a real host allows the default.
-        '"loadbalancer_maxconn": 4000}'
-    )
+        "loadbalancer_maxconn": 4000})
     first = provisioned.playbook("-e", lb_vars, playbook=lb)
     assert first.rc == 0, first.output[-4000:]
     second = provisioned.playbook("-e", lb_vars, playbook=lb)
@@ -374,8 +384,9 @@ def test_loadbalancer_role_health_and_agent_drain(provisioned) -> None:
         return ct.sh("python3 /root/haproxy_stat.py", check=False).stdout.strip()
 
     assert wait_for(lambda: stat().startswith("UP | via agent : up"), timeout=30), stat()
-    url = "http://127.0.0.1:8444/readyz"  # through HAProxy
-    got = ct.sh(f"python3 -c \"import urllib.request as u; print(u.urlopen('{url}', timeout=3).status)\"")
+    url = "https://127.0.0.1:8444/readyz"  # through HAProxy (TLS terminated there)
+    got = ct.sh(f"python3 -c \"import ssl, urllib.request as u; print(u.urlopen('{url}', timeout=3, "
+                f"context=ssl._create_unverified_context()).status)\"")
     assert got.stdout.strip() == "200"
     try:
         ct.sh("systemctl kill -s SIGUSR1 --kill-who=main voice-appliance")
