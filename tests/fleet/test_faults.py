@@ -87,16 +87,11 @@ def drain_box(fleet: Fleet, box_id: str, wait_s: float) -> subprocess.CompletedP
                          "--timeout", str(wait_s), "--migrate"], timeout=120)
 
 
-def lb_ready(fleet: Fleet, box_id: str) -> None:
-    """Clear the agent's DRAIN on both HAProxies (only "ready" does; a fresh supervisor never says it)."""
-    import socket
-
-    for lb in fleet.lbs:
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(str(lb.stats_socket))
-        s.sendall(f"set server appliances/{box_id} state ready\n".encode())
-        s.recv(4096)
-        s.close()
+def undrain(fleet: Fleet, box_id: str) -> subprocess.CompletedProcess[str]:
+    """upgrade.yml's last step: the agent check says "ready" (lifts the drain HAProxy remembers)."""
+    box = fleet.box(box_id)
+    return box.host.run([sys.executable, "-m", "appliance", "drain", "--config", str(box.config),
+                         "--undrain"], timeout=60)
 
 
 class Follower:
@@ -160,9 +155,10 @@ async def test_rolling_upgrade_drops_no_call(fleet: Fleet) -> None:
                 box.host.popen("supervisor", [sys.executable, "-m", "appliance", "supervisor", "--config",
                                               str(box.config)], box.log)
                 await asyncio.to_thread(wait_box_ready, box, fleet.internal_ca)
-                lb_ready(fleet, box.box_id)
-                await wait_until(lambda b=box: all(r["status"] == "UP" for lb in fleet.lbs
-                                                   for r in lb.stat() if r["svname"] == b.box_id),
+                assert (await asyncio.to_thread(undrain, fleet, box.box_id)).returncode == 0
+                await wait_until(lambda b=box: all(r["status"] == "UP" and r["weight"] == "100"
+                                                   for lb in fleet.lbs for r in lb.stat()
+                                                   if r["svname"] == b.box_id),
                                  limit=20, what=f"{box.box_id} back in rotation")
                 print(f"{box.box_id}: drained + migrated in {drained_s:.1f} s, restarted and back in "
                       f"{time.monotonic() - t0:.1f} s")

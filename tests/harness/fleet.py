@@ -467,6 +467,9 @@ def start_box(fleet_tmp: Path, host: Host, box_id: str, *, emulator: Emulator, i
         "limits": {"session_creates_per_minute": creates_per_minute, "signalling_per_minute": 10000},
         "model": {"api_key": emulator.api_key, "base_url": emulator.base_url, "ca_file": emulator.ca_file,
                   "max_retries": 5, "greeting": ""},
+        # no greeting: the tests' echo checks start at once (the disclosure has its own tests)
+        "compliance": {"ai_disclosure": False,
+                       "ai_disclosure_off_reason": "fleet tests: the caller is a test harness"},
     }
     cfg = tmp / "appliance.toml"
     cfg.write_text(dumps_toml(sections))
