@@ -47,8 +47,9 @@ async def wait_until(pred: Any, limit: float = 20.0, step: float = 0.1, what: st
     raise AssertionError(f"{what} not met within {limit} s")
 
 
-async def wait_idle(fleet: Fleet, limit: float = 30) -> None:
-    """Wait until every box is empty and both HAProxies see full weights (a test's calls are gone)."""
+async def wait_idle(fleet: Fleet, limit: float = 60) -> None:
+    """Wait until every box is empty and both HAProxies see full weights (a test's calls are gone; a
+    force-migrated leg may stay up to api.migrate_grace_seconds, 30 s)."""
     def idle() -> bool:
         if any(b.agent() != "up 100%" for b in fleet.boxes):
             return False

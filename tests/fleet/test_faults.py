@@ -169,7 +169,8 @@ async def test_rolling_upgrade_drops_no_call(fleet: Fleet) -> None:
             moves = [m for f in followers for m in f.moves]
             gaps = sorted(g for _, _, g in moves)
             print(f"rolling upgrade: {len(moves)} migrations, audio gap per move "
-                  f"median {gaps[len(gaps) // 2] * 1000:.0f} ms, max {gaps[-1] * 1000:.0f} ms")
+                  f"median {gaps[len(gaps) // 2] * 1000:.0f} ms, max {gaps[-1] * 1000:.0f} ms; "
+                  f"retried re-offers: {errors}")
             assert len(moves) >= 3 and all(old.split(".")[0] != new.split(".")[0] for old, new, _ in moves)
         finally:
             for f in followers:
