@@ -51,12 +51,18 @@ async def wait_idle(fleet: Fleet, limit: float = 60) -> None:
     """Wait until every box is empty and both HAProxies see full weights (a test's calls are gone; a
     force-migrated leg may stay up to api.migrate_grace_seconds, 30 s)."""
     def idle() -> bool:
-        if any(b.agent() != "up 100%" for b in fleet.boxes):
+        if any(not b.agent().endswith("up 100%") for b in fleet.boxes):  # "ready up 100%" after an undrain
             return False
         return all(r["status"] == "UP" and r["weight"] == "100" for lb in fleet.lbs if lb.haproxy_alive
                    for r in lb.stat())
 
-    await wait_until(idle, limit=limit, step=0.2, what="fleet idle (all boxes empty, full weight)")
+    try:
+        await wait_until(idle, limit=limit, step=0.2, what="fleet idle (all boxes empty, full weight)")
+    except AssertionError as exc:
+        state = {b.box_id: b.agent() for b in fleet.boxes}, [
+            (lb.host.name, r["svname"], r["status"], r["weight"]) for lb in fleet.lbs if lb.haproxy_alive
+            for r in lb.stat()]
+        raise AssertionError(f"{exc}: agents and HAProxy servers {state}") from None
 
 
 class Call:

@@ -102,6 +102,7 @@ class Follower:
         self.call = call
         self.moves: list[tuple[str, str, float]] = []
         self.errors: list[str] = []
+        self.stalls: list[float] = []
         self.task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -123,6 +124,7 @@ class Follower:
             token = r.json()["details"]["resume_token"]
             old = c.sid
             last_rx = c.rec.chunks[-1][0] if c.rec.chunks else time.time()
+            self.stalls.append(time.time() - last_rx)  # > 0.1 s: the old leg's audio had stopped before
             await c.open(resume_token=token)
             await c.wait_live()
             c.track.play(np.zeros(RATE // 5, np.int16))
@@ -170,7 +172,8 @@ async def test_rolling_upgrade_drops_no_call(fleet: Fleet) -> None:
             gaps = sorted(g for _, _, g in moves)
             print(f"rolling upgrade: {len(moves)} migrations, audio gap per move "
                   f"median {gaps[len(gaps) // 2] * 1000:.0f} ms, max {gaps[-1] * 1000:.0f} ms; "
-                  f"retried re-offers: {errors}")
+                  f"retried re-offers: {errors}; old leg silent before the re-offer (s): "
+                  f"{[round(x, 2) for f in followers for x in f.stalls]}")
             assert len(moves) >= 3 and all(old.split(".")[0] != new.split(".")[0] for old, new, _ in moves)
         finally:
             for f in followers:
