@@ -3,7 +3,8 @@
 What ships is what is tested: the fleet harness (tests/harness/fleet.py) runs HAProxy and keepalived on
 configs rendered from ``ansible/roles/<role>/templates/*.j2``, with the role's ``defaults/main.yml``
 overlaid by the test's variables, exactly as ``ansible.builtin.template`` would (the role templates use
-only core Jinja2 filters, so plain Jinja2 — the same library Ansible renders with — gives the same text).
+core Jinja2 filters plus Ansible's ``hash``, provided here, so plain Jinja2 — the library Ansible renders
+with — gives the same text).
 Defaults that refer to other variables (``"{{ loadbalancer_vip_interface }}"``) are resolved in order.
 """
 
@@ -37,9 +38,17 @@ def role_vars(role: str, overrides: dict[str, Any] | None = None,
     return values
 
 
+def _hash(value: str, algorithm: str = "sha1") -> str:
+    """Ansible's ``hash`` filter."""
+    import hashlib
+
+    return hashlib.new(algorithm, str(value).encode()).hexdigest()
+
+
 def render(role: str, template: str, overrides: dict[str, Any] | None = None, host: str = "test-host") -> str:
     """The text ``ansible.builtin.template`` writes for ``roles/<role>/templates/<template>``."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(ROLES_DIR / role / "templates"),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True)  # Ansible's template module defaults
+    env.filters["hash"] = _hash
     return env.get_template(template).render(role_vars(role, overrides, host))

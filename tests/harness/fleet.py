@@ -306,7 +306,8 @@ class Fleet:
 
         if host is None:
             host, _ = self.redis_primary()
-        return redis.Redis(host=host, port=REDIS_PORT, password=self.redis_password, socket_timeout=2)
+        return redis.Redis(host=host, port=REDIS_PORT, username="va", password=self.redis_password,
+                           socket_timeout=2)
 
     def add_client_address(self, ip: str) -> None:
         """A second caller address in the root namespace (two callers behind one LB)."""
@@ -402,7 +403,7 @@ def _wait(pred: Any, timeout: float, what: str, log: Any = None) -> None:
 
 def _redis_ping(ip: str, port: int, password: str = "") -> bool:
     with socket.create_connection((ip, port), 0.5) as s:
-        s.sendall((f"AUTH {password}\r\nPING\r\n" if password else "PING\r\n").encode())
+        s.sendall((f"AUTH va {password}\r\nPING\r\n" if password else "PING\r\n").encode())
         time.sleep(0.02)
         return b"+PONG" in s.recv(64)
 
@@ -549,11 +550,18 @@ def start_haproxy(lb: Lb) -> None:
 
 
 def _start_redis(host: Host, tmp: Path, password: str, replica_of: str | None = None) -> None:
+    """Redis with the redis role's ACL file (users.acl.j2): the appliance's user "va" may touch only
+    "va:*" keys, replication and Sentinel have their own users, the default user is off."""
     tmp.mkdir()
+    acl = tmp / "users.acl"
+    acl.write_text(ansible_render.render("redis", "users.acl.j2", {
+        "redis_acl_password": password, "redis_replication_password": password,
+        "redis_sentinel_password": password}))
+    acl.chmod(0o600)
     conf = tmp / "redis.conf"
     lines = [f"bind {host.ip}", f"port {REDIS_PORT}", f"dir {tmp}", 'save ""', "appendonly yes",
              "appendfsync always", "repl-diskless-sync-delay 0", "protected-mode no",
-             f"requirepass {password}", f"masterauth {password}", "loglevel warning"]
+             f"aclfile {acl}", "masteruser replicator", f"masterauth {password}", "loglevel warning"]
     if replica_of:
         lines.append(f"replicaof {replica_of} {REDIS_PORT}")
     conf.write_text("\n".join(lines) + "\n")
@@ -568,6 +576,7 @@ def _start_sentinel(host: Host, tmp: Path, primary_ip: str, password: str) -> No
     conf.write_text("\n".join([
         f"bind {host.ip}", f"port {SENTINEL_PORT}", f"dir {tmp}", "protected-mode no",
         f"sentinel monitor {SENTINEL_MASTER} {primary_ip} {REDIS_PORT} 2",
+        f"sentinel auth-user {SENTINEL_MASTER} sentinel",
         f"sentinel auth-pass {SENTINEL_MASTER} {password}",
         f"sentinel down-after-milliseconds {SENTINEL_MASTER} 1000",
         f"sentinel failover-timeout {SENTINEL_MASTER} 10000",
@@ -602,9 +611,10 @@ def running_fleet(tmp: Path, *, boxes: int = 3, slots: int = 2, drain_timeout: i
                 _start_sentinel(h, tmp / f"sentinel-{h.name}", data[0].ip, password)
             (tmp / "redis-password").write_text(password)
             (tmp / "redis-password").chmod(0o600)
-            redis_cfg = {"url": f"redis://:{password}@{data[0].ip}:{REDIS_PORT}/0",
+            redis_cfg = {"url": f"redis://va:{password}@{data[0].ip}:{REDIS_PORT}/0",
                          "sentinels": [f"{h.ip}:{SENTINEL_PORT}" for h in (data[0], data[1], lb_hosts[0])],
-                         "sentinel_master": SENTINEL_MASTER, "password_file": str(tmp / "redis-password")}
+                         "sentinel_master": SENTINEL_MASTER, "username": "va",
+                         "password_file": str(tmp / "redis-password")}
             lb_ips = [h.ip for h in lb_hosts]
             box_list = [start_box(tmp, h, h.name, emulator=emu, internal=internal, pub_key=pub, priv_key=priv,
                                   redis_cfg=redis_cfg, lb_ips=lb_ips, slots=slots,
