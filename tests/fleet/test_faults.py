@@ -220,7 +220,9 @@ async def test_box_killed_mid_call_callers_resume_elsewhere(fleet: Fleet) -> Non
                  for x in (before, after)]
         print(f"emulator conversation {conv[-1]['session']}: resumes {conv[-1]['resumes']}, "
               f"utterance correlation before/after {heard[0]:.2f}/{heard[1]:.2f}")
-        assert min(heard) > 0.8, heard
+        # the model hears the caller after noise suppression (media.uplink_processing = "ns", the default),
+        # which reshapes the envelope a little at a call's start: 0.76-1.00 seen; another sentence < 0.5
+        assert min(heard) > 0.7, heard
         t_end = time.time()
         for c in others:
             if c.sid.split(".")[0] == dead.box_id:
