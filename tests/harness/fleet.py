@@ -408,16 +408,6 @@ def _redis_ping(ip: str, port: int, password: str = "") -> bool:
         return b"+PONG" in s.recv(64)
 
 
-def _supports(section: str, key: str) -> bool:
-    """Whether this build's config knows ``section.key`` (the fleet keys land with issue 10)."""
-    import dataclasses
-    import typing
-
-    from appliance.config import Config
-
-    return key in {f.name for f in dataclasses.fields(typing.get_type_hints(Config)[section])}
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VA_")}
     env["VA_LOG_LEVEL"] = "info"
@@ -446,13 +436,10 @@ def start_box(fleet_tmp: Path, host: Host, box_id: str, *, emulator: Emulator, i
     instance = unique_instance_id(f"f{box_id}")
     api: dict[str, Any] = {"host": host.ip, "port": API_PORT, "tls_cert_file": str(tmp / "api.pem"),
                            "tls_key_file": str(tmp / "api.key"), "public_host": host.ip,
-                           "metrics_host": host.ip, "metrics_port": METRICS_PORT,
-                           "agent_check_host": host.ip, "agent_check_port": AGENT_PORT,
-                           "drain_timeout_seconds": drain_timeout}
-    for key, value in (("box_id", box_id), ("private_host", host.ip),
-                       ("trusted_proxies", [f"{ip}/32" for ip in lb_ips])):
-        if _supports("api", key):
-            api[key] = value
+                           "metrics_port": METRICS_PORT,
+                           "agent_check_port": AGENT_PORT, "drain_timeout_seconds": drain_timeout,
+                           "box_id": box_id, "private_host": host.ip,
+                           "trusted_proxies": [f"{ip}/32" for ip in lb_ips]}
     sections: dict[str, Any] = {
         "api": api,
         "auth": {"jwt_public_key_file": str(pub_key), "jwt_private_key_file": str(priv_key)},
@@ -461,7 +448,7 @@ def start_box(fleet_tmp: Path, host: Host, box_id: str, *, emulator: Emulator, i
                   "admin_secret": js.admin_secret, "audiobridge_admin_key": js.audiobridge_admin_key,
                   "keepalive_seconds": 5.0},
         "turn": {"secret": turn_secret, "uris": [f"turn:{host.ip}:3478?transport=udp"]},
-        "redis": {k: v for k, v in redis_cfg.items() if k == "url" or _supports("redis", k)},
+        "redis": redis_cfg,
         "media": {"rtp_host": "127.0.0.1", "rtp_port_min": 40000, "rtp_port_max": 40000 + 2 * slots + 9},
         "shards": {"count": 1, "slots": slots, "heartbeat_timeout_seconds": 3.0},
         "paths": {"state_dir": str(tmp / "state"), "run_dir": str(tmp / "run"), "instance_id": instance},
