@@ -504,6 +504,8 @@ def lb_vars(fleet_boxes: list[tuple[str, str]], host: Host, peer: Host, vip: str
         "loadbalancer_vrrp_priority": priority,
         "loadbalancer_vrrp_password": password,
         "loadbalancer_vrrp_router_name": host.name,
+        # the role installs this script as /usr/local/sbin/va-lb-health; here it runs from the repo
+        "loadbalancer_health_command": f"{ansible_render.ROLES_DIR}/loadbalancer/files/va-lb-health 8404",
     }
 
 
