@@ -57,6 +57,9 @@ class ApiConfig:
     drain_timeout_seconds: int = 300  # drain: wait this long for live calls to end (then migrate/stop)
     migrate_grace_seconds: int = 30  # force-migrate: end a caller's old leg after this if it never resumes
     create_timeout_seconds: float = 15.0  # POST /v1/sessions: control-plane setup limit (then 504)
+    # The operator's admin API and console (/v1/admin/…, /admin/): the management address only.
+    admin_host: str = ""  # empty: private_host
+    admin_port: int = 9643  # 0: off
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,19 @@ class ModelConfig:
     tools_file: str = ""
     tools_url: str = ""  # http(s) endpoint; empty: every tool call is answered with an error result
     tools_timeout_seconds: float = 5.0
+    # Where the model runs: the Gemini Developer API (API key) or Vertex AI (docs/operations.md,
+    # "Vertex AI"): project + location (the region that processes the audio; pinned), with a
+    # service-account key (credentials_file, best a systemd credential: relative names resolve in
+    # $CREDENTIALS_DIRECTORY) or an express-mode API key. allowed_locations, when set, is the only
+    # regions a location may name (e.g. EU residency: ["europe-west4", "europe-west1"]).
+    platform: str = "developer"
+    project: str = ""
+    location: str = ""
+    allowed_locations: list[str] = field(default_factory=list)
+    credentials_file: str = ""
+    # Vertex only: the server reports which client message a handle covers (lastConsumedClientMessageIndex)
+    # and a reconnect replays exactly from there (the Developer API has no such index; see architecture.md).
+    transparent_resumption: bool = True
 
 
 @dataclass(frozen=True)
@@ -197,6 +213,11 @@ class JanusConfig:
     audiobridge_admin_key: str = ""
     audiobridge_admin_key_file: str = ""  # systemd credential (packaging); read with config.secret()
     keepalive_seconds: float = 25.0
+    # Janus's sample event handler POSTs its RTCP media statistics here (appliance/quality.py); the
+    # supervisor listens on events_host:events_port (loopback). 0: off (no caller-leg quality).
+    events_host: str = "127.0.0.1"
+    events_port: int = 7089
+    stats_period_seconds: int = 5  # Janus events.stats_period: one media statistics event per handle
 
 
 @dataclass(frozen=True)
@@ -245,9 +266,30 @@ class PathsConfig:
 
 
 @dataclass(frozen=True)
+class RecordsConfig:
+    """Call records in PostgreSQL, the local spool in front of it, and signed webhooks
+    (appliance/records/, docs/operations.md "Call records")."""
+
+    dsn: str = ""  # libpq URI without the password, e.g. postgresql://va@db1:5432/voice_appliance; "": off
+    password_file: str = ""  # credential with the database password (relative: $CREDENTIALS_DIRECTORY)
+    spool_dir: str = ""  # default: <paths.state_dir>/records-spool
+    spool_max_bytes: int = 256 * 1024 * 1024  # per producer directory; beyond it items are dropped + counted
+    spool_segment_bytes: int = 4 * 1024 * 1024
+    spool_fsync_seconds: float = 1.0  # a power loss costs at most this much; a process crash nothing
+    batch_items: int = 500  # items per transaction
+    prices_file: str = ""  # JSON model → {"input": {MODALITY: USD per 1M tokens}, "output": {…}}
+    webhook_url: str = ""  # the customer's endpoint for call.started / call.transcript / call.ended
+    webhook_secret_file: str = ""  # HMAC-SHA256 key (also signs the tool-call POSTs)
+    webhook_timeout_seconds: float = 5.0
+    webhook_max_age_seconds: int = 86400  # retry with backoff this long, then dead-letter
+    webhook_concurrency: int = 16
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "json"  # json | text
+    frame_sample_ratio: float = 0.1  # share of per-frame debug lines written (appliance/logs.py FrameSampler)
 
 
 @dataclass(frozen=True)
@@ -258,6 +300,15 @@ class ComplianceConfig:
     # reason that is logged at every start, never by an empty `model.greeting`.
     ai_disclosure: bool = True
     ai_disclosure_off_reason: str = ""
+
+
+@dataclass(frozen=True)
+class OtelConfig:
+    """OpenTelemetry traces (appliance/tracing.py): off unless an OTLP/HTTP endpoint is set."""
+
+    endpoint: str = ""  # collector base URL, e.g. http://127.0.0.1:4318 (/v1/traces is appended)
+    service_name: str = "voice-appliance"
+    timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -276,7 +327,9 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    otel: OtelConfig = field(default_factory=OtelConfig)
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
 
     @property
@@ -290,6 +343,18 @@ _RANGES: dict[str, tuple[float, float]] = {
     "api.max_body_bytes": (1024, 16 * 1024 * 1024),
     "api.metrics_port": (0, 65535),
     "api.agent_check_port": (0, 65535),
+    "janus.events_port": (0, 65535),
+    "log.frame_sample_ratio": (0, 1),
+    "otel.timeout_seconds": (0.1, 60),
+    "janus.stats_period_seconds": (1, 60),
+    "api.admin_port": (0, 65535),
+    "records.spool_max_bytes": (1 << 16, 1 << 40),
+    "records.spool_segment_bytes": (1 << 12, 1 << 30),
+    "records.spool_fsync_seconds": (0.01, 60),
+    "records.batch_items": (1, 10000),
+    "records.webhook_timeout_seconds": (0.1, 60),
+    "records.webhook_max_age_seconds": (60, 7 * 86400),
+    "records.webhook_concurrency": (1, 256),
     "api.drain_timeout_seconds": (0, 86400),
     "api.migrate_grace_seconds": (1, 3600),
     "api.create_timeout_seconds": (1, 120),
@@ -330,7 +395,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "emulator.reply": ("echo", "tone", "silence"),
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warning", "error", "critical"),
-    "model.api_version": ("v1alpha", "v1beta", "v1"),
+    "model.api_version": ("v1alpha", "v1beta", "v1", "v1beta1"),
+    "model.platform": ("developer", "vertex"),
     "media.uplink_processing": ("off", "ns", "aec_ns_agc"),
 }
 
@@ -517,6 +583,45 @@ def _check_cross_field(cfg: Config) -> None:
         raise ConfigError(f"model.tools_url: expected an http:// or https:// URL, got {url!r}")
     if cfg.model.tools_file:
         load_tool_declarations(cfg.model.tools_file)
+    for key, u in (("records.webhook_url", cfg.records.webhook_url),):
+        if u and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", u):
+            raise ConfigError(f"{key}: expected an http:// or https:// URL, got {u!r}")
+    if cfg.records.prices_file:
+        from appliance.records.usage import load_prices
+
+        load_prices(cfg.records.prices_file)
+    if cfg.records.dsn and not re.match(r"^postgres(ql)?://", cfg.records.dsn):
+        raise ConfigError(f"records.dsn: expected a postgresql:// URI, got {cfg.records.dsn!r}")
+    if cfg.records.dsn and re.match(r"^postgres(ql)?://[^/@]*:[^/@]*@", cfg.records.dsn):
+        raise ConfigError("records.dsn: put the password in records.password_file, not in the URI")
+    check_model_platform(cfg.model)
+
+
+_LOCATION = re.compile(r"^[a-z]+(-[a-z]+)*[0-9]*$|^global$")
+
+
+def check_model_platform(m: ModelConfig) -> None:
+    """Vertex needs a project and a region (inside ``allowed_locations`` when set) and credentials."""
+    if m.platform != "vertex":
+        if m.project or m.location or m.credentials_file:
+            raise ConfigError("model.project: only used with model.platform = \"vertex\"")
+        return
+    if not m.location or not _LOCATION.match(m.location):
+        raise ConfigError("model.location: expected a Vertex AI region such as europe-west4, "
+                          f"got {m.location!r}")
+    if m.allowed_locations and m.location not in m.allowed_locations:
+        raise ConfigError(f"model.location: {m.location!r} is outside model.allowed_locations "
+                          f"({', '.join(m.allowed_locations)}); audio would be processed in a region "
+                          "this box may not use")
+    express = bool(m.api_key or m.api_key_file)
+    if express and m.credentials_file:
+        raise ConfigError("model.credentials_file: give a service-account key or an express-mode API key, "
+                          "not both")
+    if not express and not m.credentials_file:
+        raise ConfigError("model.credentials_file: Vertex AI needs a service-account key file "
+                          "(or model.api_key for express mode)")
+    if not express and not m.project:
+        raise ConfigError("model.project: Vertex AI with a service account needs the project id")
 
 
 _TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")

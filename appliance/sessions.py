@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance import tracing
 from appliance.api import (
     CapacityError,
     ClientInfo,
@@ -68,6 +69,7 @@ from appliance.janus import (
 )
 from appliance.metrics import Metrics
 from appliance.placement import AdmissionRefused, Placed, Placement
+from appliance.records.calls import SupervisorRecorder
 from appliance.state import (
     ACTIVE,
     MOVED,
@@ -131,6 +133,7 @@ class Sessions:
         self.janus = janus or JanusClient.from_config(cfg.janus)
         self.ab_admin_key = secret(cfg.janus.audiobridge_admin_key, cfg.janus.audiobridge_admin_key_file)
         self.on_slot_freed = on_slot_freed  # (shard, slot) -> None: harvest counters before reuse
+        self.records = SupervisorRecorder(cfg, box)  # call rows for the record (appliance/records/calls.py)
         self.accepting = False
         self.live: dict[str, LiveSession] = {}
         self._by_handle: dict[int, str] = {}
@@ -156,6 +159,7 @@ class Sessions:
             await self.janus.aclose()
         with contextlib.suppress(Exception):
             await self.store.close()
+        self.records.close()
 
     def ready(self) -> bool:
         """Accepting (started, not stopping), not draining, and at least one shard's media worker up."""
@@ -191,6 +195,7 @@ class Sessions:
         live = self.live[sid]
         if event.kind == "webrtcup":
             live.webrtc_up = True
+            self.records.connected(live)
             log.info("caller connected", extra={"session": sid})
         elif event.kind in ("hangup", "detached"):
             log.info("caller gone", extra={"session": sid, "janus_event": event.kind, "reason": event.reason})
@@ -283,7 +288,14 @@ class Sessions:
             await self._teardown(sid, "error", forget=True)
             raise UpstreamError("session state unavailable") from exc
         self.metrics.admissions.labels(result="resumed" if resumed else "accepted").inc()
+        self.records.created(live, resumed=resumed is not None, voice=voice, language=language)
         self.metrics.session_setup_seconds.observe(time.perf_counter() - started)
+        # one trace per call id (appliance/tracing.py): a call resumed here under its id continues its
+        # trace (a child of its call span); one that moved boxes got a new id and starts a new trace
+        live.extra["span"] = (tracing.start_child(sid, "call_resumed", box=self.box)
+                              if resumed is not None and not moving else
+                              tracing.start_call(sid, box=self.box, shard=placed.shard, mode=options.mode,
+                                                 resumed_from=resumed.session_id if resumed else ""))
         log.info("session created", extra={
             "session": sid, "shard": placed.shard, "slot": placed.slot, "port": placed.rtp_port,
             "mode": options.mode, "resumed": resumed is not None})
@@ -385,6 +397,8 @@ class Sessions:
                 if slot.is_current(live.generation):
                     details["model_state"] = slot.model_state or "connecting"
                     details["transcript"] = slot.transcript
+            if "quality" in live.extra:
+                details["quality"] = live.extra["quality"]  # latest 5 s window (appliance/quality.py)
             state = "active" if live.webrtc_up else "connecting"
             if live.migrate_token:  # only the owner sees it (the API checks the token's sub first)
                 state = "migrating"
@@ -405,6 +419,10 @@ class Sessions:
             details = {"moved_to": record.moved_to, "box": record.box}
         return SessionInfo(record.session_id, record.sub, record.state, record.mode, record.created_at,
                            expires, details)
+
+    async def hangup(self, session_id: str) -> None:
+        """An operator ended the call (admin API): torn down, kept resumable like a caller hangup."""
+        await self._teardown(session_id, "admin_hangup", forget=False)
 
     async def delete(self, session_id: str) -> bool:
         if session_id in self.live:
@@ -453,10 +471,12 @@ class Sessions:
         live.closing = True
         handle_ids = [h.id for h in (live.handle, live.room_handle) if h is not None]
         mirror = self._read_slot(live)
+        self.records.ended(live, reason, self._slot_of(live))
         await self._release(live)
         for hid in handle_ids:
             self._by_handle.pop(hid, None)
         self.metrics.sessions_ended.labels(reason=reason).inc()
+        tracing.end(live.extra.pop("span", None), reason=reason)
         log.info("session ended", extra={"session": session_id, "reason": reason})
         if not write:
             return
@@ -506,6 +526,11 @@ class Sessions:
                     slot.free()
             self.placement.release(live.placed.shard, live.placed.slot)
 
+    def _slot_of(self, live: LiveSession) -> Any:
+        with contextlib.suppress(Exception):
+            return self.segments[live.placed.shard].slot(live.placed.slot)
+        return None
+
     def _read_slot(self, live: LiveSession) -> tuple[str, str, str] | None:
         try:
             slot = self.segments[live.placed.shard].slot(live.placed.slot)
@@ -514,6 +539,38 @@ class Sessions:
             return slot.resume_handle, slot.model_state, slot.transcript
         except Exception:
             return None
+
+    def quality_refs(self) -> list[Any]:
+        """The live calls as the call-quality sampler sees them (appliance/quality.py)."""
+        from appliance.quality import CallRef
+
+        refs = []
+        for sid, live in list(self.live.items()):
+            if live.closing or live.handle is None:
+                continue
+            refs.append(CallRef(sid, live.placed.shard, live.handle.id, self._counters_of(live),
+                                lambda q, live=live: self._publish_quality(live, q)))
+        return refs
+
+    @staticmethod
+    def _publish_quality(live: LiveSession, q: Any) -> None:
+        from appliance.quality import QualitySummary
+
+        live.extra["quality"] = q.public()
+        live.extra.setdefault("quality_summary", QualitySummary()).add(q)
+
+    def quality_summary(self, session_id: str) -> dict[str, Any] | None:
+        """The call's quality so far (samples, MOS mean/min, worst loss/jitter/RTT) for its call record;
+        None for a call not live on this box. Read it before teardown."""
+        live = self.live.get(session_id)
+        summary = live.extra.get("quality_summary") if live is not None else None
+        return summary.public() if summary is not None else None
+
+    def _counters_of(self, live: LiveSession) -> Any:
+        def read() -> dict[str, int] | None:
+            slot = self.segments[live.placed.shard].slot(live.placed.slot)
+            return slot.counters.snapshot() if slot.is_current(live.generation) else None
+        return read
 
     # -- mirror to Redis ------------------------------------------------------------------------
     async def mirror_once(self) -> int:

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -95,13 +96,19 @@ class _Server:
     """uvicorn.Server without its own signal handling (the supervisor owns the signals)."""
 
     @staticmethod
-    def make(app: Any, cfg: Config) -> Any:
+    def wrap(config: Any) -> Any:
         import uvicorn
 
         class Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self) -> Iterator[None]:
                 yield
+
+        return Server(config)
+
+    @staticmethod
+    def make(app: Any, cfg: Config) -> Any:
+        import uvicorn
 
         kwargs: dict[str, Any] = {}
         if cfg.api.tls_cert_file:
@@ -110,7 +117,67 @@ class _Server:
         config = uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_config=None,
                                 access_log=False, lifespan="off", server_header=False,
                                 proxy_headers=False, **kwargs)
-        return Server(config)
+        return _Server.wrap(config)
+
+
+class _AdminControl:
+    """The admin API's view of this box (appliance/records/admin.py ``AdminControl``)."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def live_call(self, call_id: str) -> dict[str, Any] | None:
+        from appliance.records.quality import from_counters
+
+        live = self.sup.sessions.live.get(call_id) if self.sup.sessions is not None else None
+        if live is None:
+            return None
+        out: dict[str, Any] = {
+            "id": live.session_id, "sub": live.sub, "mode": live.mode, "box": self.sup.sessions.box,
+            "state": "live", "webrtc": "up" if live.webrtc_up else "new",
+            "created_at": _iso(live.created_at), "duration_seconds": round(time.time() - live.created_at, 1),
+            "model_state": None, "quality": None, "last_transcript": None}
+        with contextlib.suppress(Exception):
+            slot = self.sup.segments[live.placed.shard].slot(live.placed.slot)
+            if slot.is_current(live.generation):
+                out["model_state"] = slot.model_state or "connecting"
+                out["last_transcript"] = slot.transcript or None
+                out["quality"] = from_counters(slot.counters.snapshot())
+        return out
+
+    def live_calls(self) -> list[dict[str, Any]]:
+        sessions = self.sup.sessions
+        if sessions is None:
+            return []
+        return [c for c in (self.live_call(sid) for sid in list(sessions.live)) if c is not None]
+
+    async def hangup(self, call_id: str) -> bool:
+        sessions = self.sup.sessions
+        if sessions is None or call_id not in sessions.live:
+            return False
+        await sessions.hangup(call_id)
+        return True
+
+    def set_draining(self, on: bool) -> None:
+        self.sup.set_draining(on)
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.sup.placement.draining)
+
+
+def _read_key(path: str) -> bytes:
+    """The dev private key if it exists (then the console gets a dev-token endpoint), else b""."""
+    try:
+        return Path(path).read_bytes() if path else b""
+    except OSError:
+        return b""
+
+
+def _iso(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 class Supervisor:
@@ -140,6 +207,12 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._graceful = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self.janus_events: Any = None  # appliance.quality.JanusEventReceiver when janus.events_port
+        self._quality: Any = None
+        self.admin_server: Any = None
+        self.record_writer: Any = None
+        self.webhooks: Any = None
+        self._record_dbs: list[Any] = []
 
     # -- start ----------------------------------------------------------------------------------
     def _create_segments(self) -> None:
@@ -206,6 +279,28 @@ class Supervisor:
                         self.harvest_counters(shard, slot)
         return self._counters.totals
 
+    def _worker_env(self) -> dict[str, str]:
+        """Workers' environment: prometheus_client multiprocess mode into a fresh per-instance directory
+        that /metrics reads (appliance.metrics.Metrics.add_worker_registry)."""
+        d = Path(self.cfg.paths.run_dir) / f"prometheus-{self.instance}"
+        with contextlib.suppress(OSError):
+            shutil.rmtree(d)
+        try:
+            d.mkdir(parents=True, mode=0o700)
+        except OSError as exc:
+            log.warning("no worker metrics directory", extra={"dir": str(d), "error": str(exc)})
+            return dict(os.environ)
+        self.metrics.add_worker_registry(str(d))
+        return {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(d)}
+
+    def _shard_histograms(self) -> dict[int, dict[str, tuple[list[int], float]]]:
+        """Both workers' latency histogram blocks of every shard (scrape time; shm/histograms.py)."""
+        out: dict[int, dict[str, tuple[list[int], float]]] = {}
+        for shard, seg in list(self.segments.items()):
+            with contextlib.suppress(Exception):  # a segment closing during shutdown
+                out[shard] = {**seg.histograms("media").snapshot_all(), **seg.histograms("ai").snapshot_all()}
+        return out
+
     async def start(self) -> None:
         from appliance.agentcheck import AgentCheckServer
         from appliance.api import create_app
@@ -222,6 +317,10 @@ class Supervisor:
             pin(0, self.plan.janus_cpus)
         log.info("cpu plan", extra={"plan": self.plan.describe(), "instance": self.instance})
         self._create_segments()
+        from appliance import tracing
+
+        tracing.configure(cfg.otel.endpoint, cfg.otel.service_name, role="supervisor",
+                          timeout=cfg.otel.timeout_seconds)
         store = SessionStore.from_config(cfg.redis)
         await store.start()
         self.sessions = Sessions(cfg, self.placement, self.segments, store, self.metrics, box=box_id(cfg),
@@ -235,13 +334,29 @@ class Supervisor:
         self.metrics.sessions_capacity.set_function(lambda: p.capacity)
         self.metrics.draining.set_function(lambda: 1 if p.draining else 0)
         self.metrics.add_shard_counters(self._shard_counters)
+        self.metrics.add_shard_histograms(self._shard_histograms)
+        for role in ("media", "ai"):  # series exist from 0, so increase() sees the first restart
+            for reason in ("signal", "exit", "heartbeat", "heartbeat_hard", "reload"):
+                self.metrics.worker_restarts.labels(role=role, reason=reason)
+            self.metrics.worker_overloaded_init(role)
         if cfg.api.metrics_port:
             self.metrics.serve(private_host(cfg, cfg.api.metrics_host), cfg.api.metrics_port)
+        if cfg.janus.events_port:
+            from appliance.quality import JanusEventReceiver, QualitySampler
+
+            self.janus_events = JanusEventReceiver()
+            try:
+                self.janus_events.serve(cfg.janus.events_host, cfg.janus.events_port)
+            except OSError as exc:  # quality then comes from the media workers' counters alone
+                log.error("cannot listen for Janus events", extra={
+                    "host": cfg.janus.events_host, "port": cfg.janus.events_port, "error": str(exc)})
+            sampler = QualitySampler(self.janus_events, self.metrics.observe_quality)
+            self._quality = sampler
         if self.with_workers:
             from shm.segment import segment_name
 
             specs = specs_for_plan(self.plan, lambda k: segment_name(self.instance, k), self.config_path)
-            self.arbiter = Arbiter(specs, heartbeat=self._heartbeat,
+            self.arbiter = Arbiter(specs, heartbeat=self._heartbeat, env=self._worker_env(),
                                    heartbeat_timeout=cfg.shards.heartbeat_timeout_seconds,
                                    on_event=self._on_worker_event)
             for s in self.plan.shards:  # a shard takes calls once its media worker beats
@@ -259,6 +374,7 @@ class Supervisor:
             await self.agent.start()
         self.control = ControlServer(socket_path(cfg), self._control)
         await self.control.start()
+        await self._start_records()
         self.server = _Server.make(app, cfg)
         self._tasks.append(asyncio.create_task(self.server.serve(), name="uvicorn"))
         while not self.server.started:
@@ -268,12 +384,77 @@ class Supervisor:
             await asyncio.sleep(0.02)
         self.sessions.accepting = True
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if self._quality is not None:
+            quality = self._quality.run(self.sessions.quality_refs, float(cfg.janus.stats_period_seconds))
+            self._tasks.append(asyncio.create_task(quality, name="quality"))
         self.notifier.ready(self._status())
         log.info("supervisor ready", extra={"host": cfg.api.host, "port": cfg.api.port,
                                              "shards": self.plan.shard_count, "slots": cfg.shards.slots})
         if not cfg.compliance.ai_disclosure:
             log.warning("AI disclosure is OFF: callers are not told they talk with an AI",
                         extra={"reason": cfg.compliance.ai_disclosure_off_reason})
+
+    async def _start_records(self) -> None:
+        """The record writer and webhook sender (``records.dsn``) and the admin API (``api.admin_port``)."""
+        from appliance.config import private_host
+        from appliance.records.usage import load_prices
+
+        cfg = self.cfg
+        prices = load_prices(cfg.records.prices_file)
+        db = None
+        if cfg.records.dsn:
+            from appliance.records.spool import spool_root
+            from appliance.records.writer import Database, RecordWriter
+
+            root = spool_root(cfg.paths.state_dir, cfg.records.spool_dir)
+            wdb = Database.from_config(cfg)
+            self.record_writer = RecordWriter(wdb, root, batch_items=cfg.records.batch_items,
+                                              webhooks=bool(cfg.records.webhook_url))
+            self._tasks.append(asyncio.create_task(self.record_writer.run(), name="record-writer"))
+            db = Database.from_config(cfg)
+            self._record_dbs += [wdb, db]
+            if cfg.records.webhook_url:
+                from appliance.config import secret
+                from appliance.records.webhooks import WebhookSender
+
+                hdb = Database.from_config(cfg)
+                self._record_dbs.append(hdb)
+                r = cfg.records
+                self.webhooks = WebhookSender(hdb, r.webhook_url, secret("", r.webhook_secret_file).encode(),
+                                              prices=prices, timeout=r.webhook_timeout_seconds,
+                                              max_age_seconds=r.webhook_max_age_seconds,
+                                              concurrency=r.webhook_concurrency)
+                self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
+        if cfg.api.admin_port:
+            import uvicorn
+
+            from appliance.auth import JwtVerifier
+            from appliance.records.admin import SCOPES, create_admin_app
+
+            verifier = JwtVerifier.from_config(cfg.auth)
+            verifier.required_scope = ""  # each admin endpoint checks its own scope
+            dev = None
+            key_file = cfg.auth.jwt_private_key_file
+            admin_host = private_host(cfg, cfg.api.admin_host)
+            pem = _read_key(key_file) if admin_host.startswith("127.") else b""
+            if pem:
+                from appliance.token import mint
+
+                def dev() -> str:
+                    return mint(pem, sub="console", audience=cfg.auth.audience, issuer=cfg.auth.issuer,
+                                scope=" ".join(SCOPES), ttl_seconds=min(600, cfg.auth.max_ttl_seconds))
+            app = create_admin_app(verifier, _AdminControl(self), db, prices=prices, dev_token=dev)
+            config = uvicorn.Config(app, host=admin_host, port=cfg.api.admin_port, log_config=None,
+                                    access_log=False, lifespan="off", server_header=False,
+                                    proxy_headers=False)
+            self.admin_server = _Server.wrap(config)
+            task = asyncio.create_task(self.admin_server.serve(), name="admin-api")
+            self._tasks.append(task)
+            while not self.admin_server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("admin API server exited during start-up")
+                await asyncio.sleep(0.02)
 
     def _status(self) -> str:
         p = self.placement
@@ -373,10 +554,19 @@ class Supervisor:
             await self.sessions.close()
         if self.server is not None:
             self.server.should_exit = True
+        if self.admin_server is not None:
+            self.admin_server.should_exit = True
+        if self.record_writer is not None:  # ship what the calls just spooled (bounded)
+            with contextlib.suppress(Exception):  # the rest waits in the spool for the next start
+                await asyncio.wait_for(self.record_writer.drain(3.0), 4.0)
         for t in self._tasks:
-            if t.get_name() != "uvicorn":
+            if t.get_name() not in ("uvicorn", "admin-api"):
                 t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.webhooks is not None:
+            await self.webhooks.aclose()
+        for db in self._record_dbs:
+            await db.close()
         if self.agent is not None:
             await self.agent.stop()
         if self.control is not None:
@@ -384,6 +574,11 @@ class Supervisor:
         if self.arbiter is not None:
             await self.arbiter.stop()
         self.metrics.stop()
+        from appliance import tracing
+
+        tracing.shutdown()
+        if self.janus_events is not None:
+            self.janus_events.stop()
         for seg in self.segments.values():
             seg.close()
             seg.unlink()

@@ -48,6 +48,8 @@ EXTRA_PACKAGES = [
     "python3-venv",
     "libpython3.11",
     "netbase",
+    "prometheus",  # the monitoring role (tests/ops/monitoring-playbook.yml)
+    "prometheus-alertmanager",
 ]
 PEER_ADDR = "192.0.2.1"  # documentation range, only ever inside our own namespaces
 HOST_ADDR = "192.0.2.2"

@@ -25,6 +25,7 @@ class ToolServer:
     def __init__(self, server: ThreadingHTTPServer) -> None:
         self.server = server
         self.requests: list[dict[str, Any]] = []
+        self.raw: list[tuple[dict[str, str], bytes]] = []  # (headers, body bytes) of each request
         self.delay: dict[str, float] = {}  # session_id -> seconds to wait before answering
         self.done: list[tuple[str, float]] = []  # (call_id, monotonic time the answer was written)
         self.stopping = threading.Event()
@@ -60,6 +61,7 @@ def _handler(state: ToolServer) -> type[BaseHTTPRequestHandler]:
                 req = {"raw": raw.decode(errors="replace")}
             with state.lock:
                 state.requests.append(req)
+                state.raw.append((dict(self.headers), raw))
             wait = state.delay.get(str(req.get("session_id")), 0.0)
             if self.path.startswith("/slow/"):
                 wait = max(wait, float(self.path.split("/")[2]))

@@ -427,3 +427,40 @@ def test_turn_hmac_credentials_relay_and_tls(provisioned) -> None:
     for line in ("use-auth-secret", "no-multicast-peers", "no-cli", "denied-peer-ip=10.0.0.0-10.255.255.255",
                  f"allowed-peer-ip={nspawn.HOST_ADDR}", "user-quota=", "total-quota="):  # fmt: skip
         assert line in conf, line
+
+
+PROM_QUERY = r"""
+import json, sys, urllib.parse, urllib.request
+q = urllib.parse.urlencode({"query": sys.argv[1]})
+with urllib.request.urlopen("http://127.0.0.1:9090/api/v1/query?" + q, timeout=5) as r:
+    print(json.dumps(json.loads(r.read())["data"]["result"]))
+"""
+
+
+def test_monitoring_role_scrapes_the_appliance(provisioned) -> None:
+    """The monitoring role: Prometheus + Alertmanager from Debian (loopback only), the shipped rules
+    loaded, the appliance's /metrics scraped (its worker histograms included); converge + idempotence."""
+    ct = provisioned.ct
+    mon = Path(__file__).with_name("monitoring-playbook.yml")
+    mon_vars = '{"monitoring_scrape_interval": "2s", "monitoring_evaluation_interval": "2s", ' \
+               '"monitoring_apt_update_cache": false}'
+    first = provisioned.playbook("-e", mon_vars, playbook=mon)
+    assert first.rc == 0, first.output[-4000:]
+    second = provisioned.playbook("-e", mon_vars, playbook=mon)
+    assert second.rc == 0 and second.recap.get("changed") == 0, second.output[-3000:]
+    for unit in ("prometheus", "prometheus-alertmanager"):
+        assert ct.sh(f"systemctl is-active {unit}", check=False).stdout.strip() == "active", unit
+    ct.sh("cat > /root/prom_query.py", input=PROM_QUERY)
+
+    def query(q: str) -> list:
+        out = ct.sh(f"python3 /root/prom_query.py '{q}'", check=False).stdout.strip()
+        return json.loads(out) if out.startswith("[") else []
+
+    up = wait_for(lambda: query('up{job="voice-appliance"} == 1'), timeout=60)
+    assert up, query("up")
+    assert wait_for(lambda: query("va_turn_e2e_seconds_count"), timeout=30)
+    rules = ct.sh("python3 -c \"import urllib.request as u; print(u.urlopen("
+                  "'http://127.0.0.1:9090/api/v1/rules', timeout=5).read().decode())\"").stdout
+    assert "VaCallMosLow" in rules and "VaWorkerRestarted" in rules
+    assert tcp_probe(provisioned, nspawn.HOST_ADDR, 9090) != "open"  # not reachable from outside
+    assert tcp_probe(provisioned, nspawn.HOST_ADDR, 9093) != "open"

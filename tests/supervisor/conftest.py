@@ -69,14 +69,15 @@ def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: 
                      rtp_port_min: int | None = None) -> SupervisorProc:
     priv, pub = generate_keys(tmp / "keys")
     instance = unique_instance_id("sup")
-    api_port, metrics_port, agent_port = free_port(), free_port(), free_port()
+    api_port, metrics_port, agent_port, admin_port = free_port(), free_port(), free_port(), free_port()
     base = rtp_port_min or rtp_base()
     sections: dict[str, dict] = {
         "api": {"host": "127.0.0.1", "port": api_port, "metrics_port": metrics_port,
-                "agent_check_port": agent_port, "drain_timeout_seconds": 5,
+                "agent_check_port": agent_port, "admin_port": admin_port, "drain_timeout_seconds": 5,
                 "box_id": instance},  # boxes of one test share a hostname: name each one
         "auth": {"jwt_public_key_file": str(pub), "jwt_private_key_file": str(priv)},
-        "janus": {"url": janus.url, "admin_url": janus.admin_url, "api_secret": janus.api_secret,
+        "janus": {"events_port": free_port(),  # never the fixed default 7089: tests run in parallel
+                  "url": janus.url, "admin_url": janus.admin_url, "api_secret": janus.api_secret,
                   "admin_secret": janus.admin_secret, "audiobridge_admin_key": janus.audiobridge_admin_key,
                   "keepalive_seconds": 5.0},
         "redis": {"url": redis_url},
@@ -150,12 +151,16 @@ NODE_MODULES = Path(__file__).resolve().parents[1] / "e2e" / "node_modules"
 DEMO_CALL = Path(__file__).with_name("demo_call.js")
 
 
-async def demo_page_call(page_url: str, talk_ms: int, wav: Path, log_tail) -> dict[str, dict]:
+async def demo_page_call(page_url: str, talk_ms: int, wav: Path, log_tail, *,
+                         wait_quality: bool = False) -> dict[str, dict]:
     """Call from the demo page in Chromium (tests/supervisor/demo_call.js) with ``wav`` as the fake
-    microphone; returns the page's events by name, after checking the page ran and heard the answer."""
+    microphone; returns the page's events by name, after checking the page ran and heard the answer.
+    ``wait_quality``: also wait until the page shows the line quality and a measured round trip."""
     import json
 
     env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
+    if wait_quality:
+        env["DEMO_WAIT_QUALITY"] = "1"
     proc = await asyncio.create_subprocess_exec(
         "node", str(DEMO_CALL), page_url, str(talk_ms), str(wav),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

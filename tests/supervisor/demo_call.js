@@ -57,9 +57,16 @@ const { chromium } = require("playwright-core");
                                  { timeout: 60000 });
     }
     await page.waitForTimeout(Number(holdMs));
+    if (process.env.DEMO_WAIT_QUALITY) {  // the call's line quality and a measured round trip shown
+      await page.waitForFunction(() => document.getElementById("quality").textContent.startsWith("MOS") &&
+                                        document.querySelectorAll("#turns li").length > 0, null,
+                                 { timeout: 30000 });
+    }
     const heard = await page.evaluate(() => ({
       transcript: [...document.querySelectorAll("#transcript li")].map((li) => li.textContent),
       maxRms: window.maxRms || 0,
+      quality: document.getElementById("quality").textContent,
+      turns: [...document.querySelectorAll("#turns li")].map((li) => li.textContent),
     }));
     console.log(JSON.stringify({ event: "heard", ...heard }));
     const model = await page.textContent("#model");

@@ -22,9 +22,9 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from appliance.config import ConfigError, load_config
+from appliance import tracing
+from appliance.config import Config, ConfigError, load_config
 
 log = logging.getLogger("workers.ai")
 
@@ -48,16 +48,10 @@ def loop_factory() -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]
     return "asyncio", None
 
 
-def _ssl_context(cfg: Any) -> Any:
-    from workers.ai import live
-
-    settings = live.model_client_settings(cfg)
-    return settings[2] if isinstance(settings, tuple) and len(settings) > 2 else None
-
-
-async def _amain(args: argparse.Namespace, cfg: Any) -> int:
+async def _amain(args: argparse.Namespace, cfg: Config) -> int:
     from shm.segment import ShardSegment, ShmError
     from workers.ai.greeting import PromptCache
+    from workers.ai.live.settings import client_settings
     from workers.ai.worker import AiWorker
 
     try:
@@ -71,8 +65,8 @@ async def _amain(args: argparse.Namespace, cfg: Any) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         cache_dir = Path(cfg.paths.state_dir) / "prompts"
-        worker = AiWorker(cfg, seg, ssl_context=_ssl_context(cfg), prompts=PromptCache(cache_dir),
-                          journal_dir=args.journal_dir)
+        worker = AiWorker(cfg, seg, settings=client_settings(cfg), prompts=PromptCache(cache_dir),
+                          journal_dir=args.journal_dir, shard=args.shard)
         await worker.prepare()
         seg.heartbeat("ai")
         log.info("AI worker running", extra={"shard": args.shard, "segment": args.segment,
@@ -104,6 +98,7 @@ def main(args: argparse.Namespace) -> int:
             os.nice(cfg.shards.ai_nice)
         except OSError as exc:
             log.warning("cannot lower priority", extra={"error": str(exc)})
+    tracing.configure(cfg.otel.endpoint, cfg.otel.service_name, role="ai", timeout=cfg.otel.timeout_seconds)
     # the turn journal must outlive this process but not the machine: tmpfs
     args.journal_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(cfg.paths.run_dir)
     _, factory = loop_factory()

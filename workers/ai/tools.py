@@ -19,6 +19,11 @@ ready, with its own id). The connection pool is unbounded (the per-session cap b
 slow requests cannot starve another's of connections. ``trust_env=False``: the endpoint is an
 operator's internal service; a ``HTTP(S)_PROXY`` meant for package downloads must not capture it.
 
+Every response carries ``status`` (``"ok"`` or ``"error"``) and, for an error, ``retryable`` (would the
+same call likely work a moment later: timeout, unreachable, HTTP 429/5xx, too many in flight — not a
+missing endpoint, a 4xx or a bad answer): newer Live models run tools asynchronously and, without
+these fields, call a failed tool again and again. An endpoint's own ``status`` is kept.
+
 A response is sent only on the Live session that asked: if the worker replaced the session in the
 meantime (it re-opens failed ones) the answer is dropped, because the new session never made that call.
 """
@@ -33,6 +38,9 @@ from typing import Any
 
 import httpx
 
+from appliance import tracing
+from appliance.records import signing
+
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 8  # tool calls of one session at once; more are answered with an error at once
@@ -43,7 +51,15 @@ Respond = Callable[[dict[str, Any]], bool]  # sends one functionResponse; False 
 
 
 class ToolError(Exception):
-    """A tool call failed; the message is what the model is told."""
+    """A tool call failed; the message is what the model is told, ``retryable`` whether to try again."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def error_result(message: str, *, retryable: bool) -> dict[str, Any]:
+    return {"error": message, "status": "error", "retryable": retryable}
 
 
 class ToolRunner:
@@ -56,6 +72,8 @@ class ToolRunner:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._tasks: dict[Key, dict[str, asyncio.Task[None]]] = {}
+        self.sign_key = b""  # records.webhook_secret_file: POSTs carry X-VA-Signature (records/signing.py)
+        self.on_finished: Callable[[Key, str, float, str], None] | None = None  # key, name, s, outcome
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -83,7 +101,8 @@ class ToolRunner:
             args = fc.get("args") if isinstance(fc.get("args"), dict) else {}
             if len(running) >= MAX_IN_FLIGHT or call_id in running:
                 why = "duplicate call id" if call_id in running else "too many tool calls in flight"
-                respond({"id": call_id, "name": name, "response": {"error": why}})
+                respond({"id": call_id, "name": name,
+                         "response": error_result(why, retryable=call_id not in running)})
                 on_done(False)
                 continue
             task = loop.create_task(self._run(key, session_id, call_id, name, args, respond, on_done),
@@ -116,16 +135,19 @@ class ToolRunner:
     async def _run(self, key: Key, session_id: str, call_id: str, name: str, args: dict[str, Any],
                    respond: Respond, on_done: Callable[[bool], None]) -> None:
         ok = False
+        t0 = asyncio.get_running_loop().time()
         try:
             try:
-                response = await self.invoke(session_id, name, args, call_id)
+                with tracing.child(session_id, "tool_call", tool=name, call_id=call_id):
+                    response = await self.invoke(session_id, name, args, call_id)
+                response.setdefault("status", "error" if "error" in response else "ok")
                 ok = True
             except ToolError as exc:
-                response = {"error": str(exc)}
+                response = error_result(str(exc), retryable=exc.retryable)
                 log.warning("tool call failed", extra={"session": session_id, "tool": name,
                                                        "call_id": call_id, "error": str(exc)})
             except Exception:  # a bug here must still answer the model
-                response = {"error": "tool call failed"}
+                response = error_result("tool call failed", retryable=False)
                 log.exception("tool call crashed", extra={"session": session_id, "tool": name})
         except asyncio.CancelledError:
             log.info("tool call cancelled", extra={"session": session_id, "tool": name, "call_id": call_id})
@@ -142,26 +164,33 @@ class ToolRunner:
         except Exception:
             log.exception("sending the tool response failed", extra={"session": session_id, "tool": name})
         on_done(ok and sent)
+        if self.on_finished is not None:
+            self.on_finished(key, name, asyncio.get_running_loop().time() - t0,
+                             "ok" if ok and sent else ("not_sent" if ok else "error"))
 
     async def invoke(self, session_id: str, name: str, args: dict[str, Any], call_id: str) -> dict[str, Any]:
         """POST one call to the endpoint; the response object for the model, or :class:`ToolError`."""
         if not self.url:
             raise ToolError(f"no tool endpoint is configured for {name!r}")
         payload = {"session_id": session_id, "name": name, "args": args, "call_id": call_id}
+        content = json.dumps(payload, separators=(",", ":")).encode()
+        headers = signing.headers(self.sign_key, content, event_id=call_id, event_type="tool.call")
         try:
             async with asyncio.timeout(self.timeout):
-                async with self._http().stream("POST", self.url, json=payload) as resp:
+                async with self._http().stream("POST", self.url, content=content, headers=headers) as resp:
                     body = bytearray()
                     async for chunk in resp.aiter_bytes():
                         body += chunk
                         if len(body) > MAX_RESPONSE_BYTES:
                             raise ToolError(f"tool answer larger than {MAX_RESPONSE_BYTES} bytes")
         except (TimeoutError, httpx.TimeoutException):
-            raise ToolError(f"tool {name!r} did not answer within {self.timeout:g} s") from None
+            raise ToolError(f"tool {name!r} did not answer within {self.timeout:g} s",
+                            retryable=True) from None
         except httpx.HTTPError as exc:
-            raise ToolError(f"tool endpoint unreachable: {type(exc).__name__}") from None
+            raise ToolError(f"tool endpoint unreachable: {type(exc).__name__}", retryable=True) from None
         if not 200 <= resp.status_code < 300:
-            raise ToolError(f"tool endpoint answered HTTP {resp.status_code}")
+            again = resp.status_code == 429 or resp.status_code >= 500
+            raise ToolError(f"tool endpoint answered HTTP {resp.status_code}", retryable=again)
         try:
             value = json.loads(bytes(body))
         except (UnicodeDecodeError, json.JSONDecodeError):
