@@ -174,7 +174,7 @@ class ProvisionedHost:
                 {
                     "all": {
                         "children": {
-                            "appliances": {
+                            "appliance": {
                                 "hosts": {
                                     ct.name: {
                                         "ansible_connection": "nspawn",

@@ -361,14 +361,26 @@ for r in rows:
 def test_loadbalancer_role_health_and_agent_drain(provisioned) -> None:
     """The loadbalancer role: HAProxy checks /readyz and follows the appliance's agent (drain and back)."""
     ct = provisioned.ct
+    import json
+    import tempfile
+
+    from tests.harness.fleet import issue, make_ca
+
     lb = Path(__file__).with_name("lb-playbook.yml")
-    lb_vars = (
-        '{"loadbalancer_backends": ["127.0.0.1"], "loadbalancer_frontend_port": 8444, '
-        '"loadbalancer_backend_port": 8443, "loadbalancer_backend_tls": true, '
-        '"loadbalancer_agent_interval": "1s", "loadbalancer_apt_update_cache": false, '
+    with tempfile.TemporaryDirectory() as d:
+        ca = make_ca(Path(d) / "ca.pem", "ops test site CA")
+        issue(ca, "lb.test", ["lb.test"], ["127.0.0.1"], Path(d) / "lb.pem", Path(d) / "lb.key")
+        pem = (Path(d) / "lb.pem").read_text() + (Path(d) / "lb.key").read_text()
+    lb_vars = json.dumps({
+        # the box in the container serves HTTPS itself (appliance_tls_mode=box) with a certificate for
+        # localhost from the test CA: HAProxy verifies it like the internal CA's in a fleet
+        "loadbalancer_backends": [{"name": "localhost", "address": "127.0.0.1"}],
+        "loadbalancer_internal_ca": provisioned.tls.ca_file.read_text(),
+        "loadbalancer_frontend_port": 8444,
+        "loadbalancer_backend_port": 8443, "loadbalancer_backend_tls": True, "loadbalancer_tls_pem": pem,
+        "loadbalancer_agent_interval": "1s", "loadbalancer_apt_update_cache": False,
         # This machine's hard file limit (20000) caps the container's; a real host allows the default.
-        '"loadbalancer_maxconn": 4000}'
-    )
+        "loadbalancer_maxconn": 4000})
     first = provisioned.playbook("-e", lb_vars, playbook=lb)
     assert first.rc == 0, first.output[-4000:]
     second = provisioned.playbook("-e", lb_vars, playbook=lb)
@@ -379,9 +391,9 @@ def test_loadbalancer_role_health_and_agent_drain(provisioned) -> None:
         return ct.sh("python3 /root/haproxy_stat.py", check=False).stdout.strip()
 
     assert wait_for(lambda: stat().startswith("UP | via agent : up"), timeout=30), stat()
-    url = "https://127.0.0.1:8444/readyz"  # through HAProxy (TLS passthrough to the box's own TLS)
+    url = "https://127.0.0.1:8444/readyz"  # through HAProxy (TLS terminated there)
     got = ct.sh(f"python3 -c \"import ssl, urllib.request as u; print(u.urlopen('{url}', timeout=3, "
-                "context=ssl._create_unverified_context()).status)\"")
+                f"context=ssl._create_unverified_context()).status)\"")
     assert got.stdout.strip() == "200"
     try:
         ct.sh("systemctl kill -s SIGUSR1 --kill-who=main voice-appliance")
