@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -224,8 +225,8 @@ class Sessions:
             if event.handle_id is None:
                 sids = [s.session_id for s in self.live.values()
                         if s.handle is not None and s.handle.session.id == event.session_id]
-            for sid in sids:
-                self._spawn(self._teardown(sid, "janus_lost", forget=False))
+            for lost in sids:
+                self._spawn(self._teardown(lost, "janus_lost", forget=False))
             return
         sid = self._by_handle.get(event.handle_id or -1)
         if sid is None or sid not in self.live:
@@ -239,7 +240,8 @@ class Sessions:
             log.info("caller gone", extra={"session": sid, "janus_event": event.kind, "reason": event.reason})
             self._spawn(self._teardown(sid, "hangup", forget=False))
         elif event.kind == "event":
-            result = event.data.get("result") if isinstance(event.data.get("result"), dict) else {}
+            raw = event.data.get("result")
+            result: dict[str, Any] = raw if isinstance(raw, dict) else {}
             if event.data.get("nosip") == "event" and result.get("event") in ("hangup", "hangingup"):
                 self._spawn(self._teardown(sid, "hangup", forget=False))
 
@@ -290,10 +292,10 @@ class Sessions:
         except OfferRefused as refused:
             await self._abort(live)
             self.metrics.admissions.labels(result="invalid").inc()
-            exc = refused.janus_error
-            log.info("offer refused by Janus", extra={"session": sid, "code": exc.code, "error": exc.reason})
-            raise InvalidRequest(f"the media gateway refused the offer: {_public_reason(exc.reason)}",
-                                 code="invalid_sdp") from exc
+            why = refused.janus_error
+            log.info("offer refused by Janus", extra={"session": sid, "code": why.code, "error": why.reason})
+            raise InvalidRequest(f"the media gateway refused the offer: {_public_reason(why.reason)}",
+                                 code="invalid_sdp") from why
         except JanusError as exc:
             await self._abort(live)
             self.metrics.admissions.labels(result="error").inc()
@@ -312,7 +314,7 @@ class Sessions:
                 raise
             resume_handle = resumed.resume_handle or resume_handle
         self.live[sid] = live
-        record_fields = {
+        record_fields: dict[str, Any] = {
             "sub": client.sub, "state": ACTIVE, "mode": options.mode,
             "shard": placed.shard, "slot": placed.slot, "generation": live.generation,
             "janus_session_id": live.handle.session.id if live.handle else None,
@@ -612,7 +614,7 @@ class Sessions:
             if live.closing or live.handle is None:
                 continue
             refs.append(CallRef(sid, live.placed.shard, live.handle.id, self._counters_of(live),
-                                lambda q, live=live: self._publish_quality(live, q)))
+                                functools.partial(self._publish_quality, live)))
         return refs
 
     @staticmethod

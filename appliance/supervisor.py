@@ -119,6 +119,8 @@ class _Server:
         import uvicorn
 
         class Server(uvicorn.Server):
+            tls: Any = None  # the API server's CertReloader (make)
+
             @contextlib.contextmanager
             def capture_signals(self) -> Iterator[None]:
                 yield
