@@ -250,6 +250,15 @@ class JanusClient:
         session._start()
         return session
 
+    def resume_session(self, session_id: int, on_event: EventCallback | None = None) -> JanusSession:
+        """Pick up an existing Janus session by id (a restarted supervisor adopting its calls): start its
+        long-poll and keepalives again. Janus kept it alive for its session timeout (60 s) and queued its
+        events meanwhile; if it is gone, the first poll says so and ``session_lost`` follows."""
+        session = JanusSession(self, int(session_id), on_event)
+        self.sessions[session.id] = session
+        session._start()
+        return session
+
 
 def _check(resp: httpx.Response) -> dict[str, Any]:
     try:
@@ -298,6 +307,12 @@ class JanusSession:
             body["opaque_id"] = opaque_id
         data = await self._post("", body)
         handle = JanusHandle(self, int(data["data"]["id"]), plugin, queue_size)
+        self.handles[handle.id] = handle
+        return handle
+
+    def adopt_handle(self, handle_id: int, plugin: str, queue_size: int = 256) -> JanusHandle:
+        """A handle attached by an earlier supervisor (``JanusClient.resume_session``)."""
+        handle = JanusHandle(self, int(handle_id), plugin, queue_size)
         self.handles[handle.id] = handle
         return handle
 
