@@ -395,7 +395,8 @@ class JanusSession:
                 data = _check(resp)
                 backoff, failing_since = 0.05, None
             except JanusError as exc:
-                if exc.code == ERR_SESSION_NOT_FOUND:
+                # a restarted Janus answers the long poll of a session it never knew with HTTP 404
+                if exc.code in (ERR_SESSION_NOT_FOUND, 404):
                     self._close("session not found")
                     return
                 now = time.monotonic()

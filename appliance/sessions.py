@@ -58,6 +58,7 @@ from appliance.api import (
 from appliance.config import Config, secret
 from appliance.janus import (
     AUDIOBRIDGE,
+    ERR_SESSION_NOT_FOUND,
     NOSIP,
     JanusClient,
     JanusError,
@@ -395,9 +396,20 @@ class Sessions:
             remote_rtp_port=port, payload_type=pt, channels=max(1, min(2, channels)),
             dtmf_payload_type=dtmf if dtmf is not None else -1, mode=live.mode, options=opts)
 
+    async def _attach(self, shard: int, plugin: str, opaque_id: str) -> tuple[JanusSession, JanusHandle]:
+        """Attach on the shard's Janus session; once more on a fresh one if Janus no longer knows it (it
+        restarted before the long poll noticed: the caller's resume must not wait for that)."""
+        js = await self._janus_session(shard)
+        try:
+            return js, await js.attach(plugin, opaque_id=opaque_id)
+        except JanusError as exc:
+            if exc.code != ERR_SESSION_NOT_FOUND:
+                raise
+        js = await self._janus_session(shard)
+        return js, await js.attach(plugin, opaque_id=opaque_id)
+
     async def _setup_direct(self, live: LiveSession, offer_sdp: str, opts: dict[str, Any]) -> str:
-        js = await self._janus_session(live.placed.shard)
-        live.handle = await js.attach(NOSIP, opaque_id=live.session_id)
+        _js, live.handle = await self._attach(live.placed.shard, NOSIP, live.session_id)
         self._by_handle[live.handle.id] = live.session_id
         side = await live.handle.nosip_generate(offer_sdp, info=live.session_id)
         self._activate(live, side.ip, side.port, side.payload_type, side.channels,
@@ -408,8 +420,7 @@ class Sessions:
         return await live.handle.nosip_process_answer(bare)
 
     async def _setup_room(self, live: LiveSession, offer_sdp: str, opts: dict[str, Any]) -> str:
-        js = await self._janus_session(live.placed.shard)
-        live.room_handle = await js.attach(AUDIOBRIDGE, opaque_id=live.session_id + "-ai")
+        js, live.room_handle = await self._attach(live.placed.shard, AUDIOBRIDGE, live.session_id + "-ai")
         self._by_handle[live.room_handle.id] = live.session_id
         live.room_id = await live.room_handle.audiobridge_create_room(admin_key=self.ab_admin_key,
                                                                       description=live.session_id)
