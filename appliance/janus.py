@@ -250,12 +250,19 @@ class JanusClient:
         session._start()
         return session
 
-    def resume_session(self, session_id: int, on_event: EventCallback | None = None) -> JanusSession:
-        """Pick up an existing Janus session by id (a restarted supervisor adopting its calls): start its
-        long-poll and keepalives again. Janus kept it alive for its session timeout (60 s) and queued its
-        events meanwhile; if it is gone, the first poll says so and ``session_lost`` follows."""
+    async def resume_session(self, session_id: int, on_event: EventCallback | None = None) -> JanusSession:
+        """Pick up an existing Janus session by id (a restarted supervisor adopting its calls): ``claim``
+        it, so Janus delivers its events to this connection again (after the old transport went away it
+        kept the session for ``reclaim_session_timeout``), and start its long poll and keepalives.
+        If Janus no longer knows it, the session is closed at once (``session_lost`` follows)."""
         session = JanusSession(self, int(session_id), on_event)
         self.sessions[session.id] = session
+        try:
+            await session._post("", {"janus": "claim"})
+        except JanusError as exc:
+            log.warning("janus session not reclaimed", extra={"janus_session": session.id, "error": str(exc)})
+            session._close("not reclaimed")
+            return session
         session._start()
         return session
 
