@@ -185,6 +185,15 @@ class LiveStats:
 
 # --- client settings ---------------------------------------------------------------------------------
 _DEFAULT_SETTINGS: tuple[str, str, ssl.SSLContext] | None = None
+_BREAKER: Any = None  # appliance.breaker.Breaker shared by every call of this worker (install_breaker)
+
+
+def install_breaker(breaker: Any) -> None:
+    """Guard every connect/setup of this process with the model circuit breaker (None: unguarded).
+    Each attempt asks it first (open: the call degrades at once, no connection is made) and reports the
+    outcome; see appliance/breaker.py and docs/architecture.md "Model circuit breaker"."""
+    global _BREAKER
+    _BREAKER = breaker
 
 
 def tls_context(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
@@ -524,14 +533,20 @@ class LiveSession:
                 with attempt:
                     if self._closed:
                         return
+                    probe = await self._breaker_allow()
                     try:
-                        conn = await self._open(self.resume_handle)
-                    except _UnknownHandle as exc:
-                        log.warning("resumption handle unknown to the server; starting a fresh session",
-                                    extra={"session": self.session_id, "error": str(exc)})
-                        self.stats.fresh_after_unknown_handle += 1
-                        self.resume_handle = None
-                        conn = await self._open(None)
+                        try:
+                            conn = await self._open(self.resume_handle)
+                        except _UnknownHandle as exc:
+                            log.warning("resumption handle unknown to the server; starting a fresh session",
+                                        extra={"session": self.session_id, "error": str(exc)})
+                            self.stats.fresh_after_unknown_handle += 1
+                            self.resume_handle = None
+                            conn = await self._open(None)
+                    except _Retryable:
+                        await self._breaker_record(False, probe)
+                        raise
+                    await self._breaker_record(True, probe)
         except _Fatal as exc:
             raise LiveUnavailable(str(exc)) from None
         except _Retryable as exc:
@@ -540,6 +555,25 @@ class LiveSession:
             await self._close_conn(conn)
             return
         self._go_live(conn)
+
+    async def _breaker_allow(self) -> str:
+        """Ask the breaker before a connection attempt; open → :class:`_Fatal` (degrade now, no retry)."""
+        if _BREAKER is None:
+            return ""
+        from appliance.breaker import Decision
+
+        decision, probe_id = await _BREAKER.allow()
+        if decision is Decision.DENY:
+            raise _Fatal("model circuit breaker open: not connecting")
+        return probe_id if decision is Decision.PROBE else ""
+
+    @staticmethod
+    async def _breaker_record(ok: bool, probe_id: str) -> None:
+        if _BREAKER is not None:
+            try:
+                await _BREAKER.record(ok, probe_id)
+            except Exception:  # the breaker must never break a call
+                log.exception("model breaker update failed")
 
     def _go_live(self, conn: _Conn) -> None:
         self._tools_open.clear()  # calls of the old connection are not this one's to answer

@@ -56,7 +56,9 @@ def _ssl_context(cfg: Any) -> Any:
 
 
 async def _amain(args: argparse.Namespace, cfg: Any) -> int:
+    from appliance.breaker import model_breaker
     from shm.segment import ShardSegment, ShmError
+    from workers.ai import live
     from workers.ai.greeting import PromptCache
     from workers.ai.worker import AiWorker
 
@@ -73,6 +75,7 @@ async def _amain(args: argparse.Namespace, cfg: Any) -> int:
         cache_dir = Path(cfg.paths.state_dir) / "prompts"
         worker = AiWorker(cfg, seg, ssl_context=_ssl_context(cfg), prompts=PromptCache(cache_dir),
                           journal_dir=args.journal_dir)
+        live.install_breaker(model_breaker(cfg))  # every Live connect asks it first (issue 15)
         await worker.prepare()
         seg.heartbeat("ai")
         log.info("AI worker running", extra={"shard": args.shard, "segment": args.segment,
