@@ -180,7 +180,8 @@ class Sessions:
                                    webrtc_up=True, room_id=record.room_id)
                 js = self._jsessions.get(shard)
                 if js is None or js.id != record.janus_session_id:
-                    js = await self.janus.resume_session(record.janus_session_id, on_event=self._on_janus_event)
+                    js = await self.janus.resume_session(record.janus_session_id,
+                                                         on_event=self._on_janus_event)
                     self._jsessions.setdefault(shard, js)
                 plugin = AUDIOBRIDGE if record.mode == "room" else NOSIP
                 live.handle = js.adopt_handle(record.janus_handle_id, plugin)

@@ -220,7 +220,7 @@ async def test_adopted_worker_is_watched_and_replaced_when_it_dies(tmp_path):
     when it dies, spawns a replacement like for any worker."""
 
     argv = [sys.executable, CHILD, str(tmp_path / "x.hb")]
-    stray = subprocess.Popen(argv)
+    stray = await asyncio.create_subprocess_exec(*argv)
     arb = Arbiter([WorkerSpec("media", 0, CPUS[0], argv)], min_uptime=0.0)
     arb.adopt("media", 0, stray.pid)
     await arb.start()
@@ -229,9 +229,9 @@ async def test_adopted_worker_is_watched_and_replaced_when_it_dies(tmp_path):
         await asyncio.sleep(0.5)
         assert w.pid == stray.pid and w.starts == 0  # adopted, nothing spawned
         stray.kill()
-        stray.wait(5)
+        await stray.wait()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (w.pid in (None, stray.pid)):
+        while time.monotonic() < deadline and (w.pid in (None, stray.pid)):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         assert w.pid not in (None, stray.pid) and w.starts == 1 and w.restarts == 1
     finally:

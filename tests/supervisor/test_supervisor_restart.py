@@ -31,6 +31,8 @@ from tests.supervisor.conftest import (
 from tests.supervisor.rtc import RATE, caller
 from tests.supervisor.test_voice_loop import say_and_hear, wait_quiet
 
+FOX = "the quick brown fox jumps over the lazy dog"
+
 pytestmark = [pytest.mark.janus, pytest.mark.slow]
 
 
@@ -69,7 +71,7 @@ async def test_kill9_of_the_supervisor_keeps_the_call_and_a_new_one_adopts_it(su
         async with httpx.AsyncClient(base_url=sup.api, timeout=30) as http:
             sid = await open_call(http, auth, pc, sup)
             await wait_quiet(rec)
-            corr, _ = await say_and_hear(track, rec, speech("the quick brown fox jumps over the lazy dog", RATE))
+            corr, _ = await say_and_hear(track, rec, speech(FOX, RATE))
             assert corr > 0.6
             workers = beats(seg)
             sup.proc.kill()
@@ -121,7 +123,7 @@ async def test_restart_in_place_keeps_the_call_and_janus_events_still_arrive(sup
                              limit=60, what="supervisor ready again")
             assert sup.proc.poll() is None and sup.proc.pid == pid  # same PID: systemd sees a reload
             assert beats(seg) == workers
-            corr, _ = await say_and_hear(track, rec, speech("the quick brown fox jumps over the lazy dog", RATE),
+            corr, _ = await say_and_hear(track, rec, speech(FOX, RATE),
                                          limit=20)
             print(f"echo after restart in place: correlation {corr:.2f}")
             assert corr > 0.5
