@@ -183,6 +183,7 @@ def run_load(api: str, tokens: list[str], calls: int, seconds: float, pids: dict
     lost = sum(r["lost"] for r in results)
     return {
         "calls": calls, "connected": up["open"], "errors": [e for e in events if e["event"] == "error"][:5],
+        "setup_retries": sum(1 for e in events if e["event"] == "retry"),
         "audio_seconds": round(audio_seconds, 1),
         "answer_ms_p50": _pct([e["ms"] for e in events if e["event"] == "answer_ms"], 50),
         "mouth_to_ear_ms_p50": _pct(m2e, 50), "mouth_to_ear_ms_p99": _pct(m2e, 99),

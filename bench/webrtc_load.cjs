@@ -44,7 +44,7 @@ function gatherOffer(pc) {
   });
 }
 
-async function startCall(i, cfg, payloads) {
+async function startCall(i, cfg, payloads, attempt = 0) {
   const pc = new nodeDataChannel.PeerConnection(`c${i}`, { iceServers: [], ...(cfg.bind ? { bindAddress: cfg.bind } : {}) });
   const ssrc = 0x1000 + i;
   const audio = new nodeDataChannel.Audio('0', 'SendRecv');
@@ -82,7 +82,18 @@ async function startCall(i, cfg, payloads) {
   }
   call.sid = res.json.session_id;
   call.token = cfg.tokens[i % cfg.tokens.length];
-  pc.setRemoteDescription(res.json.sdp, 'answer');
+  try {
+    pc.setRemoteDescription(res.json.sdp, 'answer');
+  } catch (e) {
+    // Seen once on a loaded 2-core box: libdatachannel's "remote candidate without ICE transport".
+    // The caller hangs up and dials again, as a browser user would; retries are reported.
+    await fetch(`${cfg.api}/v1/sessions/${call.sid}`, { method: 'DELETE', headers: { authorization: `Bearer ${call.token}` } }).catch(() => {});
+    pc.close();
+    fs.closeSync(rx);
+    if (attempt >= 2) throw e;
+    emit({ event: 'retry', call: i, message: String(e.message || e) });
+    return startCall(i, cfg, payloads, attempt + 1);
+  }
   emit({ event: 'answer_ms', call: i, ms: Number(nowNs() - t0) / 1e6 });
   return call;
 }
