@@ -78,3 +78,29 @@ async def test_breaker_opens_new_calls_skip_the_model_one_probe_then_closes(emu,
         L.install_breaker(None)
         emu.configure(refuse=False)
         await client.aclose()
+
+
+async def test_a_1011_close_counts_as_a_failure(emu, redis_url):
+    """A live session closed with 1011 (server error) counts toward opening the breaker: with the model
+    then refusing, the 1011 + 2 refused reconnects open it and the remaining retries are never made."""
+    client = aioredis.Redis.from_url(redis_url)
+    breaker = Breaker("model-1011", BreakerSettings(failure_threshold=3, reset_seconds=60), client)
+    L.install_breaker(breaker)
+    s = session(emu, "c1011")
+    try:
+        await s.start()
+        sid = s.server_session_id
+        assert sid
+        emu.configure(refuse=True)
+        refused0 = emu.health()["refused"]
+        emu.fault(sid, "close", code=1011)
+        deadline = asyncio.get_running_loop().time() + 20
+        while s.state != "degraded" and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert s.state == "degraded" and breaker.state == "open"
+        assert emu.health()["refused"] - refused0 == 2  # not max_retries (5): the breaker stopped them
+    finally:
+        L.install_breaker(None)
+        emu.configure(refuse=False)
+        await s.close()
+        await client.aclose()

@@ -795,6 +795,8 @@ class LiveSession:
                 return
             log.info("Live connection closed", extra={"session": self.session_id, "code": code,
                                                       "reason": reason})
+            if code in (1011, 1013):  # the server failed (internal error / try again later): counts
+                await self._breaker_record(False, "")
             self._request_replace(conn, f"closed {code} {reason}".strip())
         except asyncio.CancelledError:
             raise
