@@ -64,7 +64,7 @@ async def test_breaker_opens_new_calls_skip_the_model_one_probe_then_closes(emu,
         blocked = session(emu, "blocked")
         results = await asyncio.gather(probe.start(), blocked.start(), return_exceptions=True)
         ok = [r for r in results if not isinstance(r, Exception)]
-        assert len(ok) == 1 and isinstance([r for r in results if r is not None][0], L.LiveUnavailable)
+        assert len(ok) == 1 and isinstance(next(r for r in results if r is not None), L.LiveUnavailable)
         assert other.state == "half_open"
         second = session(emu, "probe-2")
         await second.start()  # the second good probe closes it
