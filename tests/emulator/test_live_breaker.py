@@ -95,7 +95,7 @@ async def test_a_1011_close_counts_as_a_failure(emu, redis_url):
         refused0 = emu.health()["refused"]
         emu.fault(sid, "close", code=1011)
         deadline = asyncio.get_running_loop().time() + 20
-        while s.state != "degraded" and asyncio.get_running_loop().time() < deadline:
+        while s.state != "degraded" and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         assert s.state == "degraded" and breaker.state == "open"
         assert emu.health()["refused"] - refused0 == 2  # not max_retries (5): the breaker stopped them
