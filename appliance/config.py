@@ -157,6 +157,16 @@ class MediaConfig:
     # half) triggers, room noise (≤ -70 decoded) is 30 dB below (docs/benchmarks.md "Pipeline").
     # 0 = off (Silero-only barge-in).
     pause_on_speech_dbfs: float = -40.0
+    # Uplink processing before the uplink ring and the playback pause (workers/media/uplink_dsp.py):
+    # "off", "ns" (WebRTC noise suppression, ~1 ms/call-s) or "aec_ns_agc" (echo cancellation against the
+    # downlink we send + NS + AGC, ~8.6 ms/call-s: too costly for every call within the 12 ms budget, so
+    # a per-call choice, slot option "uplink_processing"). docs/benchmarks.md "Audio quality".
+    uplink_processing: str = "ns"
+    # Answer RFC 2198 RED to callers that offer it (Chromium does; NoSIP passes it through both ways):
+    # each packet repeats the previous frame, so an isolated loss is recovered whole (bench quality:
+    # PESQ-WB at 10 % loss ~3.0 → ~4.0) for about twice the caller's upstream bitrate. Verified with
+    # Chromium 156 end to end (tests/supervisor/test_red_call.py).
+    red: bool = True
 
 
 @dataclass(frozen=True)
@@ -338,6 +348,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warning", "error", "critical"),
     "model.api_version": ("v1alpha", "v1beta", "v1"),
+    "media.uplink_processing": ("off", "ns", "aec_ns_agc"),
 }
 
 

@@ -98,12 +98,17 @@ class PlainRtp:
     payload_type: int
     channels: int
     telephone_event_payload_type: int | None
+    red_payload_type: int | None = None  # RFC 2198 red/48000/2 carrying this Opus PT (Chromium offers it)
 
 
 def plain_rtp_answer(ip: str, port: int, payload_type: int, *, channels: int = 2,
-                     telephone_event_payload_type: int | None = None) -> str:
-    """The bare SDP a media worker answers NoSIP's ``generated`` offer with (plain RTP/AVP, Opus)."""
-    pts = [str(payload_type)] + ([str(telephone_event_payload_type)] if telephone_event_payload_type else [])
+                     telephone_event_payload_type: int | None = None,
+                     red_payload_type: int | None = None) -> str:
+    """The bare SDP a media worker answers NoSIP's ``generated`` offer with (plain RTP/AVP, Opus; RED
+    when ``red_payload_type`` is given — NoSIP carries it into the browser's answer unchanged)."""
+    # RED first: a browser sends with the first codec of the answer (Opus stays negotiated: we send it)
+    pts = ([str(red_payload_type)] if red_payload_type is not None else []) + [str(payload_type)] \
+        + ([str(telephone_event_payload_type)] if telephone_event_payload_type else [])
     family = "IP6" if ":" in ip else "IP4"
     lines = [
         "v=0",
@@ -115,6 +120,9 @@ def plain_rtp_answer(ip: str, port: int, payload_type: int, *, channels: int = 2
         f"a=rtpmap:{payload_type} opus/48000/{channels}",
         f"a=fmtp:{payload_type} useinbandfec=1",
     ]
+    if red_payload_type is not None:
+        lines += [f"a=rtpmap:{red_payload_type} red/48000/{channels}",
+                  f"a=fmtp:{red_payload_type} {payload_type}/{payload_type}"]
     if telephone_event_payload_type:
         lines.append(f"a=rtpmap:{telephone_event_payload_type} telephone-event/48000")
     lines.append("a=sendrecv")
@@ -140,7 +148,12 @@ def parse_plain_sdp(sdp: str) -> PlainRtp:
             dtmf = int(pt)
     if opus_pt is None:
         raise JanusError(0, "bare SDP without opus")
-    return PlainRtp(c.group(1), int(m.group(1)), opus_pt, channels, dtmf)
+    red = None
+    for pt, name, _rate, _ch in _RTPMAP.findall(sdp):
+        if name.lower() == "red" and re.search(rf"^a=fmtp:{pt} {opus_pt}(/{opus_pt})*\s*$", sdp, re.M):
+            red = int(pt)
+            break
+    return PlainRtp(c.group(1), int(m.group(1)), opus_pt, channels, dtmf, red)
 
 
 class JanusClient:

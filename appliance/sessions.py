@@ -413,11 +413,15 @@ class Sessions:
         _js, live.handle = await self._attach(live.placed.shard, NOSIP, live.session_id)
         self._by_handle[live.handle.id] = live.session_id
         side = await live.handle.nosip_generate(offer_sdp, info=live.session_id)
+        red = side.red_payload_type if self.cfg.media.red else None
+        if red is not None:
+            opts = {**opts, "red_payload_type": red}  # the media worker unpacks it (workers/media/red.py)
         self._activate(live, side.ip, side.port, side.payload_type, side.channels,
                        side.telephone_event_payload_type, opts)
         bare = plain_rtp_answer(self.cfg.media.rtp_host, live.placed.rtp_port, side.payload_type,
                                 channels=side.channels,
-                                telephone_event_payload_type=side.telephone_event_payload_type)
+                                telephone_event_payload_type=side.telephone_event_payload_type,
+                                red_payload_type=red)
         return await live.handle.nosip_process_answer(bare)
 
     async def _setup_room(self, live: LiveSession, offer_sdp: str, opts: dict[str, Any]) -> str:

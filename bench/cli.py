@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "vad": "bench.vad_bench",
     "api": "bench.api_bench",
     "pipeline": "bench.pipeline",
+    "quality": "bench.quality",
     "box": "bench.box",
 }
 # Benchmarks that need a running stack (--api …): not part of `smoke`/`all`; their CI smoke is a pytest

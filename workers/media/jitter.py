@@ -111,6 +111,17 @@ class JitterBuffer:
         self._buf[ext_seq] = payload
         return "ok"
 
+    def fill(self, ext_seq: int, payload: bytes) -> bool:
+        """A redundant (RED) copy of packet ``ext_seq``: queued only if it is missing and still due."""
+        if ext_seq in self._buf:
+            return False
+        if self.playing and self.next_seq is not None and ext_seq < self.next_seq:
+            return False  # already played, concealed or recovered: too late
+        if self._buf and not self.playing and ext_seq < min(self._buf) - 1:
+            return False  # from before buffering started
+        self._buf[ext_seq] = payload
+        return True
+
     def _reset(self) -> None:
         self._buf.clear()
         self.playing = False

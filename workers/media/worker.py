@@ -72,6 +72,7 @@ from workers.levels import mean_square_of_dbfs
 from workers.media import g711, opus
 from workers.media.jitter import JitterBuffer, Kind
 from workers.media.pacing import PERIOD_NS, Pacer
+from workers.media.red import RedError, split_red
 from workers.media.rtp import (
     DTMF_EVENTS,
     DtmfReceiver,
@@ -80,6 +81,7 @@ from workers.media.rtp import (
     build_rtp,
     parse_rtp,
 )
+from workers.media.uplink_dsp import UplinkDsp, session_mode
 
 log = logging.getLogger("media.worker")
 
@@ -122,6 +124,8 @@ class MediaSession:
         self.session_id = info.session_id
         self.payload_type = info.payload_type
         self.dtmf_pt = info.dtmf_payload_type
+        red = info.options.get("red_payload_type", -1) if isinstance(info.options, dict) else -1
+        self.red_pt = red if isinstance(red, int) and 0 <= red < 128 and red != self.payload_type else -1
         self.clock = clock
         self.c = slot.counters
         self.remote: tuple[str, int] | None = None
@@ -181,6 +185,9 @@ class MediaSession:
         self.pause_armed = True  # False after a hold until a caller frame below the threshold
         self.fade_in = False
         self.flushes_seen = slot.downlink.flushes
+        # uplink processing (NS / AEC), before the ring and the pause check: workers/media/uplink_dsp.py
+        self.dsp = UplinkDsp(session_mode(info.options, cfg.uplink_processing, info.session_id))
+        self.dsp.set_delay_hint(cfg.jitter_target_ms + 20)
 
     def set_remote(self, ip: str, port: int) -> None:
         self.remote = (ip, port) if ip and port else None
@@ -201,7 +208,14 @@ class MediaSession:
                 self.src.update_seq(pkt.sequence)  # events share the audio's sequence space: not losses
             self._on_dtmf(pkt.timestamp, pkt.payload)
             return
-        if pkt.payload_type != self.payload_type:
+        payload, redundant = pkt.payload, None
+        if pkt.payload_type == self.red_pt:  # RFC 2198 (workers/media/red.py): primary + earlier frames
+            try:
+                payload, redundant = split_red(payload, self.payload_type)
+            except RedError:
+                c.add("rx_invalid")
+                return
+        elif pkt.payload_type != self.payload_type:
             c.add("rx_dropped")
             return
         stats = self._source(pkt.ssrc, pkt.sequence, now_ns)
@@ -209,7 +223,7 @@ class MediaSession:
             c.add("rx_dropped")
             return
         try:
-            samples = self.decoder.samples(pkt.payload)
+            samples = self.decoder.samples(payload)
         except opus.OpusError:
             c.add("rx_invalid")
             return
@@ -227,8 +241,12 @@ class MediaSession:
         c.add("rx_packets")
         c.add("rx_bytes", len(data))
         self.jb.set_frame_ms(samples * 1000 // clock)
-        if self.jb.put(ext, pkt.payload) == "late":
+        if self.jb.put(ext, payload) == "late":
             c.add("late")
+        if redundant:
+            for offset, frame in redundant:  # fill a gap the jitter buffer still waits for
+                if offset % samples == 0:
+                    self.jb.fill(ext - offset // samples, frame)
 
     def _source(self, ssrc: int, seq: int, now_ns: int) -> SourceStats | None:
         """The stats of the accepted SSRC, switching to a new one only when it proves itself."""
@@ -252,6 +270,7 @@ class MediaSession:
         self.candidate = None
         self.jb = JitterBuffer(target_ms=self.jb.base_target_ms, max_ms=self.jb.max_ms)
         self.decoder.reset()
+        self.dsp.reset()
         return self.src
 
     def _on_dtmf(self, timestamp: int, payload: bytes) -> None:
@@ -310,10 +329,12 @@ class MediaSession:
         if len(self.up_pcm) >= UP_FRAME:
             frame = bytes(self.up_pcm[:UP_FRAME])
             del self.up_pcm[:UP_FRAME]
+            frame = self.dsp.process(frame)
             if self.pause_ms and self.hold_seq is None:
-                self._check_pause(frame)
+                self._check_pause(self.dsp.pause_frame)  # echo removed, noise suppressed, before AGC
         else:
             frame = bytes(UP_FRAME)  # the caller's stream is paused: keep the AI side's clock running
+            self.dsp.skip()
         self.slot.uplink.write(frame)
         c.add("frames_up")
         if self.src is not None:
@@ -332,6 +353,7 @@ class MediaSession:
         x = np.frombuffer(frame, dtype="<i2").astype(np.float32)
         a, b = x[:HALF_UP], x[HALF_UP:]
         loud = max(float(np.dot(a, a)), float(np.dot(b, b))) >= self.pause_ms * HALF_UP
+        loud = loud and not self.dsp.echo_dominated  # AEC said: the model's own voice, not the caller
         if not self.pause_armed:
             self.pause_armed = not loud
             return
@@ -414,6 +436,8 @@ class MediaSession:
             else:
                 payload = self.silence
                 self.speaking = False
+        if self.dsp.wants_far and self.uplink_started:
+            self.dsp.far_frame(frame)  # AEC's reference: exactly what this packet carries (None: silence)
         marker = self.first_tick is None
         if marker:
             self.first_tick = tick
@@ -571,7 +595,8 @@ class MediaWorker:
             self.sel.register(sess.rtp, selectors.EVENT_READ, (sess, True))
             self.sel.register(sess.rtcp, selectors.EVENT_READ, (sess, False))
             log.info("session open", extra={"session": info.session_id, "slot": info.index,
-                                            "port": info.local_rtp_port})
+                                            "port": info.local_rtp_port, "red_pt": sess.red_pt,
+                                            "uplink_processing": sess.dsp.mode})
 
     def _close(self, idx: int) -> None:
         sess = self.sessions.pop(idx, None)
