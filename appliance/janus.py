@@ -427,7 +427,7 @@ class JanusSession:
                     return
                 log.warning("janus long poll failed", extra={"janus_session": self.id, "error": str(exc)})
                 await asyncio.sleep(backoff)
-                backoff = min(2.0, backoff * 2)
+                backoff = min(1.0, backoff * 2)  # a restarted Janus is noticed within 1 s
                 continue
             for msg in data if isinstance(data, list) else [data]:
                 await self._dispatch(msg)

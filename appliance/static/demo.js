@@ -14,7 +14,7 @@
 
 const $ = (id) => document.getElementById(id);
 const JITTER_TARGET_MS = 50; // receiver jitterBufferTarget: 40-60 ms keeps latency low on good networks
-const RESUME_ATTEMPTS = 9; // ~0.5+1+2+4+8+8+8+8 s of retries (Janus restarting: 502; full/draining: 503)
+const RESUME_ATTEMPTS = 12; // 503 (full/draining): ~0.5+1+2+4+8+8… s; 502 (Janus restarting): every 1 s
 const ICE_DISCONNECTED_MS = 2000; // ICE "disconnected" this long = the media path is gone (Janus died)
 const BOX_LOSS_POLLS = 2; // consecutive failed polls (network error / 5xx) that mean the box is gone
 let pc = null, stream = null, session = null, token = null, poller = null, lastLine = "";
@@ -123,7 +123,9 @@ async function resume(why, freshToken) {
         return;
       } catch (e) {
         if (e.status && e.status < 500 && e.status !== 429) throw e; // token spent/expired: give up
-        const wait = Math.min(8, Math.max(e.retryAfter || 0, 0.5 * 2 ** attempt)); // seconds, capped
+        // 502: this box's Janus is restarting (back within seconds): retry every second, not slower
+        const backoff = e.status === 502 ? 1 : 0.5 * 2 ** attempt;
+        const wait = Math.min(8, Math.max(e.retryAfter || 0, backoff)); // seconds, capped
         await new Promise((r) => setTimeout(r, 1000 * wait));
       }
     }
