@@ -103,6 +103,19 @@ class ModelConfig:
     tools_file: str = ""
     tools_url: str = ""  # http(s) endpoint; empty: every tool call is answered with an error result
     tools_timeout_seconds: float = 5.0
+    # Where the model runs: the Gemini Developer API (API key) or Vertex AI (docs/operations.md,
+    # "Vertex AI"): project + location (the region that processes the audio; pinned), with a
+    # service-account key (credentials_file, best a systemd credential: relative names resolve in
+    # $CREDENTIALS_DIRECTORY) or an express-mode API key. allowed_locations, when set, is the only
+    # regions a location may name (e.g. EU residency: ["europe-west4", "europe-west1"]).
+    platform: str = "developer"
+    project: str = ""
+    location: str = ""
+    allowed_locations: list[str] = field(default_factory=list)
+    credentials_file: str = ""
+    # Vertex only: the server reports which client message a handle covers (lastConsumedClientMessageIndex)
+    # and a reconnect replays exactly from there (the Developer API has no such index; see architecture.md).
+    transparent_resumption: bool = True
 
 
 @dataclass(frozen=True)
@@ -347,7 +360,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "emulator.reply": ("echo", "tone", "silence"),
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warning", "error", "critical"),
-    "model.api_version": ("v1alpha", "v1beta", "v1"),
+    "model.api_version": ("v1alpha", "v1beta", "v1", "v1beta1"),
+    "model.platform": ("developer", "vertex"),
     "media.uplink_processing": ("off", "ns", "aec_ns_agc"),
 }
 
@@ -534,6 +548,34 @@ def _check_cross_field(cfg: Config) -> None:
         raise ConfigError(f"model.tools_url: expected an http:// or https:// URL, got {url!r}")
     if cfg.model.tools_file:
         load_tool_declarations(cfg.model.tools_file)
+    check_model_platform(cfg.model)
+
+
+_LOCATION = re.compile(r"^[a-z]+(-[a-z]+)*[0-9]*$|^global$")
+
+
+def check_model_platform(m: ModelConfig) -> None:
+    """Vertex needs a project and a region (inside ``allowed_locations`` when set) and credentials."""
+    if m.platform != "vertex":
+        if m.project or m.location or m.credentials_file:
+            raise ConfigError("model.project: only used with model.platform = \"vertex\"")
+        return
+    if not m.location or not _LOCATION.match(m.location):
+        raise ConfigError("model.location: expected a Vertex AI region such as europe-west4, "
+                          f"got {m.location!r}")
+    if m.allowed_locations and m.location not in m.allowed_locations:
+        raise ConfigError(f"model.location: {m.location!r} is outside model.allowed_locations "
+                          f"({', '.join(m.allowed_locations)}); audio would be processed in a region "
+                          "this box may not use")
+    express = bool(m.api_key or m.api_key_file)
+    if express and m.credentials_file:
+        raise ConfigError("model.credentials_file: give a service-account key or an express-mode API key, "
+                          "not both")
+    if not express and not m.credentials_file:
+        raise ConfigError("model.credentials_file: Vertex AI needs a service-account key file "
+                          "(or model.api_key for express mode)")
+    if not express and not m.project:
+        raise ConfigError("model.project: Vertex AI with a service account needs the project id")
 
 
 _TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")

@@ -64,20 +64,18 @@ def per_message_costs(n: int = 3000) -> dict[str, float]:
     from google.genai import types
     from google.genai.live import AsyncSession
 
-    from appliance.config import ModelConfig
-    from workers.ai import live as L
+    from workers.ai.live.outbox import Item, Kind
+    from workers.ai.live.wire import AUDIO_MIME, FastWire, SdkWire, encode
 
     loop = asyncio.new_event_loop()
     try:
         client = genai.Client(api_key="k", http_options=types.HttpOptions(api_version="v1beta"))
         sdk = AsyncSession(api_client=client._api_client, websocket=_CaptureWs())  # type: ignore[arg-type]
         chunk = bytes(1280)
-        blob = types.Blob(data=chunk, mime_type=L.AUDIO_MIME)
-        s = L.LiveSession(ModelConfig(api_key="k"), "bench", L.LiveOptions("Puck", "en-US", "x"),
-                          lambda ev: None)
-        conn = L._Conn(stack=None, session=None, ws=_CaptureWs())  # type: ignore[arg-type]
-        s._conn = conn
-        item = L._Item(1, L.AUDIO, chunk, 0.0)
+        blob = types.Blob(data=chunk, mime_type=AUDIO_MIME)
+        ws = _CaptureWs()
+        item = Item(1, Kind.AUDIO, chunk, 0.0)
+        fast, slow = FastWire(), SdkWire()
         reply = json.dumps({"serverContent": {"modelTurn": {"parts": [{"inlineData": {
             "mimeType": "audio/pcm;rate=24000", "data": base64.b64encode(bytes(1920)).decode()}}]}}}).encode()
 
@@ -85,17 +83,17 @@ def per_message_costs(n: int = 3000) -> dict[str, float]:
             loop.run_until_complete(sdk.send_realtime_input(audio=blob))
 
         def fast_send() -> None:
-            loop.run_until_complete(conn.ws.send(s._encode(item)))
+            loop.run_until_complete(ws.send(encode(item)))
 
         def noop() -> None:
-            loop.run_until_complete(conn.ws.send(""))
+            loop.run_until_complete(ws.send(""))
 
         base = _per_call_us(noop, n)
         return {
             "sdk_send_40ms_us": round(_per_call_us(sdk_send, n) - base, 1),
             "fast_send_40ms_us": round(_per_call_us(fast_send, n) - base, 1),
-            "sdk_parse_audio_us": _per_call_us(lambda: s._dispatch_sdk(conn, reply), n),
-            "fast_parse_audio_us": _per_call_us(lambda: s._dispatch(conn, json.loads(reply)), n),
+            "sdk_parse_audio_us": _per_call_us(lambda: slow.decode(reply), n),
+            "fast_parse_audio_us": _per_call_us(lambda: fast.decode(reply), n),
         }
     finally:
         loop.close()
@@ -120,26 +118,28 @@ async def _load(args: argparse.Namespace, base_url: str, ca_file: str, api_key: 
     import ssl
 
     from appliance.config import ModelConfig
-    from workers.ai import live as L
+    from workers.ai.live.events import AudioOut, Interrupted, LiveEvent, StateChanged, TurnComplete
+    from workers.ai.live.session import LiveSession
+    from workers.ai.live.settings import LiveOptions
 
     n, seconds = args.sessions, args.seconds
     ctx = ssl.create_default_context(cafile=ca_file)
     cfg = ModelConfig(api_key=api_key, base_url=base_url, ca_file=ca_file, chunk_ms=40)
     counters = {"audio_bytes": 0, "turns": 0, "interrupted": 0, "degraded": 0, "closed": 0}
 
-    def on_event(ev: Any) -> None:
-        kind = type(ev).__name__
-        if kind == "AudioOut":
-            counters["audio_bytes"] += len(ev.pcm24k)
-        elif kind == "TurnComplete":
-            counters["turns"] += 1
-        elif kind == "Interrupted":
-            counters["interrupted"] += 1
-        elif kind == "StateChanged" and ev.state in ("degraded", "closed"):
-            counters[ev.state] += 1
+    def on_event(ev: LiveEvent) -> None:
+        match ev:
+            case AudioOut(pcm24k=pcm):
+                counters["audio_bytes"] += len(pcm)
+            case TurnComplete():
+                counters["turns"] += 1
+            case Interrupted():
+                counters["interrupted"] += 1
+            case StateChanged(state="degraded" | "closed" as state):
+                counters[state] += 1
 
     sessions = [
-        L.LiveSession(cfg, f"bench-{i}", L.LiveOptions("Puck", "en-US", "bench"), on_event,
+        LiveSession(cfg, f"bench-{i}", LiveOptions("Puck", "en-US", "bench"), on_event,
                       ssl_context=ctx, fast_path=not args.sdk)
         for i in range(n)
     ]

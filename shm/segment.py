@@ -61,6 +61,7 @@ import posix_ipc
 from shm import atomic
 from shm import layout as L
 from shm.atomic import SharedAtomics, buffer_address
+from shm.audio import ring_bytes
 from shm.errors import RingClosedError, RingCorruptError, ShmError
 from shm.ring import Ring
 
@@ -120,11 +121,6 @@ def segment_name(instance_id: str, shard: int) -> str:
     if not isinstance(shard, int) or shard < 0:
         raise ShmError(f"segment for instance {instance_id!r}: shard must be an int >= 0, got {shard!r}")
     return f"/va-{instance_id}-s{shard}"
-
-
-def ring_bytes(uplink_ring_ms: int, downlink_ring_ms: int) -> tuple[int, int]:
-    """Ring sizes for ``shards.uplink_ring_ms`` / ``downlink_ring_ms`` (PCM16 16 kHz / 24 kHz)."""
-    return uplink_ring_ms * 32, downlink_ring_ms * 48
 
 
 def local_rtp_port(rtp_port_min: int, shard: int, slots_per_shard: int, slot: int) -> int:

@@ -21,6 +21,9 @@ from appliance.config import ConfigError, load_config
 log = logging.getLogger("appliance.emulator")
 
 
+PLATFORMS = {"both": ("developer", "vertex")}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Gemini Live API emulator for tests and offline use (the real SDK connects to it)."
     p.add_argument("--config", help="config file (default: $VA_CONFIG or the system one)")
@@ -53,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="when setup declares functions, each turn first calls the first one")
     p.add_argument("--threshold-dbfs", type=float, default=-45.0,
                    help="energy gate of automatic turn detection")
+    p.add_argument("--session-limit-s", type=float, default=0.0,
+                   help="models named *-3.8-*: hard close (1011) after this many seconds, their handles "
+                        "refused afterwards (default 0: the documented 58 min)")
     p.add_argument("--silence-ms", type=int, default=500,
                    help="end-of-turn silence when setup gives no silenceDurationMs")
     p.add_argument("--max-frame-bytes", type=int, default=4 << 20,
@@ -61,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="caller audio kept per conversation for the /emulator/audio record")
     p.add_argument("--handle-ttl-s", type=float, default=7200.0,
                    help="resumption handles and idle conversations are forgotten after this long")
+    p.add_argument("--platform", choices=["developer", "vertex", "both"], default="both",
+                   help="which Live API to serve: the Developer API path, Vertex AI's (with an OAuth "
+                        "/token endpoint), or both (default)")
+    p.add_argument("--vertex-sa-key", action="append", default=[], metavar="PEM",
+                   help="public key (PEM) of a service account whose JWT assertions /token accepts; "
+                        "repeatable")
     p.add_argument("--no-control", action="store_true", help="disable the /emulator/ control channel")
     p.add_argument("--log-level", default=None, help="debug, info, warning, error")
 
@@ -105,6 +117,7 @@ def main(args: argparse.Namespace) -> int:
         tool_calls=args.tool_calls,
         threshold_dbfs=args.threshold_dbfs,
         silence_ms=args.silence_ms,
+        session_limit_s=args.session_limit_s,
     )
     if not 10 <= behaviour.chunk_ms <= 1000:
         print("--chunk-ms: expected 10 to 1000", file=sys.stderr)
@@ -114,9 +127,16 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"cannot write certificates to {state_dir}: {exc}", file=sys.stderr)
         return 1
+    try:
+        keys = [Path(k).read_bytes() for k in args.vertex_sa_key]
+    except OSError as exc:
+        print(f"--vertex-sa-key: {exc}", file=sys.stderr)
+        return 2
     server = EmulatorServer(api_key, behaviour, max_frame_bytes=args.max_frame_bytes,
                             control=not args.no_control, max_record_seconds=args.max_record_seconds,
-                            handle_ttl_s=args.handle_ttl_s)
+                            handle_ttl_s=args.handle_ttl_s,
+                            platforms=PLATFORMS.get(args.platform, (args.platform,)),
+                            vertex_keys=keys)
 
     async def run() -> int:
         try:

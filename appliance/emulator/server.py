@@ -80,6 +80,8 @@ from appliance.emulator.protocol import (
     pcm_rate,
 )
 from appliance.emulator.turns import TurnDetector
+from appliance.emulator.vertex import VERSIONS as VERTEX_VERSIONS
+from appliance.emulator.vertex import TokenIssuer, connection_class, parse_model, vertex_version
 
 log = logging.getLogger("appliance.emulator")
 
@@ -89,6 +91,16 @@ API_VERSIONS = ("v1alpha", "v1beta")
 OUT_RATE = 24000
 TOKENS_PER_SECOND = 25
 MAX_HISTORY = 200
+PROFILE_38_LIMIT_S = 58 * 60
+
+
+def model_profile(model: str) -> str:
+    """Which documented model behaviour a setup's model name selects (2.5 and unknown: the generic one)."""
+    name = model.rsplit("/", 1)[-1]
+    for gen in ("3.8", "3.1"):
+        if f"-{gen}-" in name or name.endswith(f"-{gen}"):
+            return gen
+    return ""
 
 
 @dataclass
@@ -109,6 +121,7 @@ class Behaviour:
     tool_calls: bool = False
     threshold_dbfs: float = -45.0
     silence_ms: int = 500  # automatic detection default when setup gives none
+    session_limit_s: float = 0.0  # "3.8" models: hard close after this (0: their 58 min), handles dead after
 
 
 def _coerce_behaviour(base: Behaviour, values: dict[str, str]) -> Behaviour:
@@ -185,6 +198,10 @@ class Connection:
     def __init__(self, server: EmulatorServer, ws: ServerConnection, behaviour: Behaviour, conn_id: int):
         self.server = server
         self.ws = ws
+        self.profile = ""  # model generation whose documented quirks apply: "3.1", "3.8" or ""
+        self.turns_done = 0
+        self.platform = "developer"
+        self.model: dict[str, str] = {}
         self.b = behaviour
         self.id = conn_id
         self.conv: Conversation | None = None
@@ -268,6 +285,13 @@ class Connection:
     async def _setup(self, setup: dict[str, Any]) -> None:
         if not isinstance(setup.get("model"), str) or not setup["model"]:
             raise ProtocolError("setup.model is required")
+        if self.platform == "vertex":
+            parsed = parse_model(setup["model"])
+            if parsed is None:
+                raise ProtocolError("setup.model: expected "
+                                    "projects/<p>/locations/<l>/publishers/google/models/<m>")
+            self.model = parsed
+        self.profile = model_profile(setup["model"])
         rt = setup.get("realtimeInputConfig") or {}
         aad = rt.get("automaticActivityDetection") or {}
         self.detector = TurnDetector(
@@ -321,6 +345,9 @@ class Connection:
             self.timers.append(asyncio.create_task(self._later(b.goaway_after_s, self.go_away)))
         if b.close_after_s > 0:
             self.timers.append(asyncio.create_task(self._later(b.close_after_s, self.abrupt_close)))
+        if self.profile == "3.8":
+            limit = b.session_limit_s or PROFILE_38_LIMIT_S
+            self.timers.append(asyncio.create_task(self._later(limit, self.session_limit)))
         if b.stop_reading_after_s > 0:
             self.timers.append(
                 asyncio.create_task(self._later(b.stop_reading_after_s, self.stop_reading))
@@ -338,6 +365,14 @@ class Connection:
         await self.send({"goAway": {"timeLeft": duration(left)}})
         await asyncio.sleep(left)
         await self.close(1000, "session duration limit reached")
+
+    async def session_limit(self) -> None:
+        """What field reports show for 3.8: a hard 1011 close at the limit, and every handle of the
+        conversation refused (1007) afterwards."""
+        assert self.conv is not None
+        self.server.handles = {h: s for h, s in self.server.handles.items()
+                               if s.conversation_id != self.conv.id}
+        await self.close(1011, "session limit reached")
 
     async def abrupt_close(self, code: int | None = None) -> None:
         await self.close(self.b.close_code if code is None else code, "injected fault")
@@ -407,14 +442,16 @@ class Connection:
                 await self._start_reply(b"", f"text: {text}", text)
 
     async def _client_content(self, body: dict[str, Any]) -> None:
-        texts = [
-            p.get("text", "")
-            for turn in body.get("turns") or []
-            for p in (turn.get("parts") or [])
-            if isinstance(p, dict)
-        ]
+        if self.profile == "3.1" and self.turns_done:
+            raise ProtocolError("client content is accepted only before the first turn")
+        turns = [t for t in body.get("turns") or [] if isinstance(t, dict)]
+        texts = [p.get("text", "") for turn in turns for p in (turn.get("parts") or [])
+                 if isinstance(p, dict)]
         assert self.conv is not None
-        self.conv.history.extend(f"user: {t}" for t in texts if t)
+        for turn in turns:
+            role = "model" if turn.get("role") == "model" else "user"
+            self.conv.history.extend(f"{role}: {p['text']}" for p in turn.get("parts") or []
+                                     if isinstance(p, dict) and p.get("text"))
         if body.get("turnComplete"):
             self.boundary = (self.conv.end, self.msg_index, len(self.conv.texts))
             await self._start_reply(b"", " ".join(texts))
@@ -531,6 +568,7 @@ class Connection:
                 }
             )
             self.conv.history.append(f"model: {said}")
+            self.turns_done += 1
             del self.conv.history[:-MAX_HISTORY]
             await self._handle_update(boundary)
         except ConnectionClosed:
@@ -540,6 +578,8 @@ class Connection:
         return {
             "connection": self.id,
             "state": self.state,
+            "platform": self.platform,
+            "model": self.model,
             "manual": self.detector.manual,
             "bytes_received": self.bytes_in,
             "messages_received": self.msg_index + 1,
@@ -553,8 +593,11 @@ class EmulatorServer:
 
     def __init__(self, api_key: str, behaviour: Behaviour | None = None, *, max_frame_bytes: int = 4 << 20,
                  control: bool = True, max_record_seconds: float = 60.0,
-                 handle_ttl_s: float = 7200.0) -> None:
+                 handle_ttl_s: float = 7200.0, platforms: tuple[str, ...] = ("developer", "vertex"),
+                 vertex_keys: list[bytes] | None = None) -> None:
         self.api_key = api_key
+        self.platforms = platforms
+        self.issuer = TokenIssuer(list(vertex_keys or ()))
         self.max_record_bytes = int(max_record_seconds * 16000 * 2)
         self.handle_ttl_s = handle_ttl_s
         self._janitor: asyncio.Task[None] | None = None
@@ -608,14 +651,29 @@ class EmulatorServer:
         given = request.headers.get("x-goog-api-key") or (query.get("key") or [""])[0]
         return secrets.compare_digest(given.encode(), self.api_key.encode())
 
+    def _platform(self, request: Request) -> str:
+        path = urllib.parse.urlsplit(request.path).path
+        return "vertex" if vertex_version(path) is not None else "developer"
+
+    def _auth_ok(self, request: Request) -> bool:
+        """Developer API: the API key. Vertex: a Bearer token from ``/token``, or the key (express mode)."""
+        bearer = request.headers.get("Authorization", "")
+        if self._platform(request) == "vertex" and self.issuer.bearer_ok(bearer):
+            return True
+        return self._key_ok(request)
+
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = urllib.parse.urlsplit(request.path).path
         if path.startswith("/emulator/") and self.control:
             return self._control(request, path)
-        if not (path.startswith(PATH_PREFIX) and path.endswith(PATH_SUFFIX)):
+        vertex = vertex_version(path)
+        if vertex is not None and "vertex" in self.platforms:
+            if vertex not in VERTEX_VERSIONS:
+                return conn.respond(http.HTTPStatus.NOT_FOUND, f"{vertex} has no Vertex Live API\n")
+        elif (not (path.startswith(PATH_PREFIX) and path.endswith(PATH_SUFFIX))
+              or "developer" not in self.platforms):
             return conn.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
-        version = path[len(PATH_PREFIX) : -len(PATH_SUFFIX)]
-        if version not in API_VERSIONS:
+        elif (version := path[len(PATH_PREFIX) : -len(PATH_SUFFIX)]) not in API_VERSIONS:
             return conn.respond(http.HTTPStatus.NOT_FOUND, f"API version {version} has no Live API\n")
         b = self.next_behaviour or self.behaviour
         if b.refuse:
@@ -633,7 +691,9 @@ class EmulatorServer:
         name = path[len("/emulator/") :]
         try:
             if name == "health":
-                return _json_response(200, {"ok": True, "live": len(self.live), **self.stats})
+                return _json_response(200, {"ok": True, "live": len(self.live), **self.stats,
+                                            "tokens_issued": self.issuer.issued,
+                                            "tokens_refused": self.issuer.refused})
             if name == "sessions":
                 return _json_response(200, {"sessions": self.sessions_info()})
             if name == "audio":
@@ -709,7 +769,9 @@ class EmulatorServer:
         conn = Connection(self, ws, replace(behaviour), next(self._ids))
         self.connections[conn.id] = conn
         self.stats["connections"] += 1
-        key_ok = self._key_ok(ws.request) if ws.request else False
+        key_ok = self._auth_ok(ws.request) if ws.request else False
+        if ws.request:
+            conn.platform = self._platform(ws.request)
         if not key_ok:
             self.stats["rejected_key"] += 1
         try:
@@ -736,6 +798,7 @@ class EmulatorServer:
             compression=None,
             ping_interval=None,
             server_header="voice-appliance-emulator",
+            create_connection=connection_class(self.issuer),
         )
         self._janitor = asyncio.create_task(self._expire_loop())
         return int(self._server.sockets[0].getsockname()[1])

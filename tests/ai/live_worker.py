@@ -17,7 +17,7 @@ NO_DISCLOSURE = {"ai_disclosure": False, "ai_disclosure_off_reason": "test witho
 @contextlib.asynccontextmanager
 async def running(cfg, seg, emu, tmp_path) -> AsyncIterator[AiWorker]:
     """An ``AiWorker`` on ``seg`` ticking in this loop (TLS to ``emu``, journal in ``tmp_path``)."""
-    w = AiWorker(cfg, seg, ssl_context=emu.ssl_context(), prompts=PromptCache(tmp_path),
+    w = AiWorker(cfg, seg, settings=emu.client_settings(), prompts=PromptCache(tmp_path),
                  journal_dir=tmp_path)
     await w.prepare()
     stop = asyncio.Event()

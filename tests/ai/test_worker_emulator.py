@@ -24,15 +24,22 @@ from appliance.procs import pid_gone
 from tests.ai.audio import frames, silence, white_noise
 from tests.ai.live_worker import NO_DISCLOSURE, running, until
 from tests.harness.audio import best_correlation
-from tests.harness.emulator import start_emulator
+from tests.harness.emulator import service_account, start_emulator
 from tests.harness.shm import activate_slot, shard_segment
 
 pytestmark = pytest.mark.timeout(240)  # worst case of the generous waits below; ~25 s loaded
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    with start_emulator(tmp_path_factory.mktemp("emu"), pacing="burst") as e:
+def sa():
+    return service_account()
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory, sa):
+    d = tmp_path_factory.mktemp("emu")
+    (d / "sa.pub").write_bytes(sa.public_pem)
+    with start_emulator(d, pacing="burst", vertex_sa_key=str(d / "sa.pub")) as e:  # both platforms
         yield e
 
 
@@ -151,10 +158,15 @@ async def test_paused_playback_on_a_knock_resumes_with_the_answer_intact(cfg, se
         assert corr > 0.9, corr
 
 
-def _write_config(path: Path, emu, state: Path) -> None:
+def _write_config(path: Path, emu, state: Path, vertex_key: Path | None = None) -> None:
+    """The worker's config: the Developer API with the emulator's key, or Vertex AI with a
+    service-account key file (``vertex_key``) whose token_uri is the emulator's /token."""
+    auth = (f'platform = "vertex"\nproject = "va-test-project"\nlocation = "europe-west4"\n'
+            f'allowed_locations = ["europe-west4"]\ncredentials_file = "{vertex_key}"\n' if vertex_key
+            else f'api_key = "{emu.api_key}"\n')
     path.write_text(
         "[model]\n"
-        f'api_key = "{emu.api_key}"\nbase_url = "{emu.base_url}"\nca_file = "{emu.ca_file}"\n'
+        f'{auth}base_url = "{emu.base_url}"\nca_file = "{emu.ca_file}"\n'
         'greeting = ""\n'
         "[compliance]\n"
         'ai_disclosure = false\nai_disclosure_off_reason = "test: no greeting"\n'
@@ -173,9 +185,12 @@ def _start_worker(seg, cfg_path: Path, log: Path) -> subprocess.Popen:
 _gone = pid_gone
 
 
-async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, emu, tmp_path, speech) -> None:
+@pytest.mark.parametrize("platform", ["developer", "vertex"])
+async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, emu, sa, tmp_path, speech,
+                                                                         platform) -> None:
     cfg_path = tmp_path / "appliance.toml"
-    _write_config(cfg_path, emu, tmp_path / "state")
+    key = sa.key_file(tmp_path / "sa.json", f"{emu.base_url}/token") if platform == "vertex" else None
+    _write_config(cfg_path, emu, tmp_path / "state", key)
     log = tmp_path / "worker.log"
     slot = seg.slot(0)
     activate_slot(slot, options={"greeting": ""})
@@ -191,6 +206,7 @@ async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, e
         first_handle = slot.resume_handle
         sessions = emu.sessions()
         conv = next(s["session"] for s in sessions if s["live"])
+        assert emu.session(conv)["live"]["platform"] == platform
         before = len(emu.audio(conv))
         # turn 2: SIGKILL halfway through the utterance; the media worker keeps writing meanwhile
         utter = np.concatenate([silence(0.2), speech, silence(0.7)])
@@ -215,6 +231,8 @@ async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, e
         # generous limits: a replacement worker's start (imports, VAD model, Live connect) takes ~1 s idle
         # and ~10 s on a loaded 2-core box; the content check below is what matters
         await until(lambda: emu.session(conv)["resumes"] >= 1, 40, "resume")
+        # every handle reaches the slot now (the journal follows it), so wait for the content itself
+        await until(lambda: len(emu.audio(conv)) - before >= speech.size * 2, 40, "turn 2 held by the model")
         await until(lambda: slot.resume_handle != first_handle, 40, "a new handle after turn 2")
         rec = np.frombuffer(emu.audio(conv)[before:], np.int16)
         corr, _ = best_correlation(speech, rec, 16000)

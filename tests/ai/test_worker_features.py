@@ -122,7 +122,7 @@ async def test_tool_call_is_answered_from_the_endpoint(emu, seg, tmp_path, srv) 
         assert req["session_id"] == slot.session_id and req["name"] == "lookup_order"
         assert req["args"] == {"heard": heard} and req["call_id"]
         (fr,) = emu.session(sid)["tool_responses"]
-        result = {"output": {"name": "lookup_order", "echo": {"heard": heard}}}
+        result = {"output": {"name": "lookup_order", "echo": {"heard": heard}}, "status": "ok"}
         assert fr == {"id": req["call_id"], "name": "lookup_order", "response": result}
         # the turn did not hang: the model went on to speak and complete it
         await until(lambda: slot.transcript.startswith("model: tool lookup_order said"), what="reply")
@@ -146,6 +146,7 @@ async def test_failing_tool_is_answered_with_an_error(emu, seg, tmp_path, srv, p
         await until(lambda: len(emu.session(sid)["tool_responses"]) == 1, what="error result at the model")
         (fr,) = emu.session(sid)["tool_responses"]
         assert fr["name"] == "lookup_order" and needle in fr["response"]["error"]
+        assert fr["response"]["status"] == "error" and isinstance(fr["response"]["retryable"], bool)
         await until(lambda: slot.transcript.startswith("model: tool lookup_order said"), what="reply")
         assert slot.counters.get("tool_calls") == 1 and slot.counters.get("tool_errors") == 1
 

@@ -8,23 +8,17 @@ import numpy as np
 import pytest
 
 from appliance.config import load_config, replace
+from shm.audio import DOWN_FRAME
 from shm.segment import EventCode
 from tests.ai.audio import frames, silence, white_noise
-from tests.ai.doubles import (
-    AudioOut,
-    FakeLive,
-    Interrupted,
-    Options,
-    ResumeHandle,
-    StateChanged,
-    TurnComplete,
-)
+from tests.ai.doubles import FakeLive
 from tests.ai.live_worker import NO_DISCLOSURE
 from tests.harness.audio import best_correlation, tone
 from tests.harness.shm import activate_slot, shard_segment
 from workers.ai.dtmf import dtmf_text
 from workers.ai.greeting import PromptCache
-from workers.ai.worker import DOWN_FRAME, AiWorker
+from workers.ai.live.events import AudioOut, Interrupted, ResumeHandle, StateChanged, TurnComplete
+from workers.ai.worker import AiWorker
 
 
 @pytest.fixture
@@ -49,7 +43,7 @@ def _reset_fake():
 
 
 def make_worker(cfg, seg, tmp_path) -> AiWorker:
-    return AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path))
+    return AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path))
 
 
 async def ticks(worker: AiWorker, n: int = 1) -> None:
@@ -208,7 +202,7 @@ async def test_one_failing_call_does_not_affect_others(cfg, seg, tmp_path, speec
 async def test_crash_mid_utterance_replays_journal(cfg, seg, tmp_path, speech) -> None:
     slot = seg.slot(0)
     activate_slot(slot, options={"greeting": ""})
-    w1 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+    w1 = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path),
                   journal_dir=tmp_path)
     await ticks(w1, 2)
     live1 = FakeLive.instances[0]
@@ -223,7 +217,7 @@ async def test_crash_mid_utterance_replays_journal(cfg, seg, tmp_path, speech) -
     # SIGKILL: w1 stops without any cleanup; the media worker keeps writing meanwhile
     for f in fr[half: half + 10]:
         slot.uplink.write(f)
-    w2 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+    w2 = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path),
                   journal_dir=tmp_path)
     await ticks(w2)
     live2 = FakeLive.instances[1]
@@ -239,11 +233,11 @@ async def test_crash_mid_utterance_replays_journal(cfg, seg, tmp_path, speech) -
     assert slot.counters.get("frames_replayed") > 0
     # a handle that arrives before the model answered covers nothing new
     live2.emit(ResumeHandle("h2"))
-    assert len(w2.calls[0].journal.records()) > 2
+    assert len(w2.calls[0].outbox.records()) > 2
     # once the turn is answered, the next handle confirms it: the journal empties
     live2.emit(TurnComplete())
     live2.emit(ResumeHandle("h3"))
-    assert w2.calls[0].journal.records() == []
+    assert w2.calls[0].outbox.records() == []
     slot.begin_close()
     await ticks(w2)
     assert not list(tmp_path.glob("*.journal"))
@@ -349,14 +343,14 @@ async def test_restarted_worker_settles_a_stale_hold(cfg, seg, tmp_path) -> None
     # w1 dies (SIGKILL: nothing released); a replacement attaches the same call
     w2 = make_worker(cfg, seg, tmp_path)
     await ticks(w2)
-    assert w2.calls[3].protect_until == protect > 0  # the greeting stays protected after a restart
+    assert w2.calls[3].playback.protect_until == protect > 0  # the greeting stays protected after a restart
     assert slot.hold_words() == (seq, 0)
     i = await paced(w2, slot, silence(0.6), until=lambda: slot.hold_words()[1] == seq)
     assert 0 < i and slot.counters.get("pauses_released") == 1
 
 
 async def test_session_that_ends_itself_is_reopened_with_the_open_turn(cfg, seg, tmp_path, speech) -> None:
-    w = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+    w = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path),
                  journal_dir=tmp_path)
     slot = seg.slot(0)
     activate_slot(slot)
@@ -403,7 +397,7 @@ async def test_dtmf_events_are_consumed_and_interrupted_flushes(cfg, seg, tmp_pa
     for digit in (1, 2, 11):
         assert slot.push_event(EventCode.DTMF, digit)
     await ticks(w, 5)
-    assert w.calls[0].dtmf == "12#" and slot.pop_events() == []
+    assert w.calls[0].caller.dtmf == "12#" and slot.pop_events() == []
     live = FakeLive.instances[0]
     # "#" ends the entry: one turn of its own carrying the digits as text
     assert live.log == ["start", f"text:{dtmf_text('12#')}", "end"]
@@ -415,7 +409,7 @@ async def test_dtmf_events_are_consumed_and_interrupted_flushes(cfg, seg, tmp_pa
 
 
 async def test_calls_attached_during_warm_up_are_journaled_then_replayed(cfg, seg, tmp_path, speech) -> None:
-    w = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+    w = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path),
                  journal_dir=tmp_path)
     w._live_ready = False  # as while the SDK import still runs in its thread
     slot = seg.slot(0)
@@ -427,7 +421,7 @@ async def test_calls_attached_during_warm_up_are_journaled_then_replayed(cfg, se
         slot.uplink.write(f)
         await ticks(w)
     assert FakeLive.instances == [] and slot.model_state == "connecting"
-    assert w.calls[0].sending  # the caller's turn is open and journaled
+    assert w.calls[0].caller.sending  # the caller's turn is open and journaled
     w._live_ready = True
     for f in fr[half:]:
         slot.uplink.write(f)
@@ -441,18 +435,18 @@ async def test_calls_attached_during_warm_up_are_journaled_then_replayed(cfg, se
 def test_tick_locks_onto_the_media_workers_grid(cfg, seg, tmp_path) -> None:
     """The AI tick is scheduled 2 ms after the media worker's beat (the end of its tick) on a 20 ms grid,
     moving at most half a tick; a stale or missing beat leaves the free-running schedule alone."""
-    from workers.ai.worker import MEDIA_PHASE_SECONDS, TICK_SECONDS
+    from shm.audio import TICK_SECONDS
+    from workers.ai.clock import MEDIA_PHASE_SECONDS, phase_locked
 
-    w = make_worker(cfg, seg, tmp_path)
-    assert w._phase_locked(123.456, 123.44) == 123.456  # the media worker never beat
+    assert phase_locked(seg, 123.456, 123.44) == 123.456  # the media worker never beat
     seg.heartbeat("media")
     beat = seg.heartbeat_ns("media") / 1e9
     for off in (0.0, 0.004, 0.011, 0.0199, 0.031):
-        got = w._phase_locked(beat + off, beat)
+        got = phase_locked(seg, beat + off, beat)
         phase = (got - beat - MEDIA_PHASE_SECONDS) / TICK_SECONDS
         assert abs(phase - round(phase)) < 1e-6, (off, got - beat)
         assert abs(got - (beat + off)) <= TICK_SECONDS / 2 + 1e-9
-    assert w._phase_locked(beat + 0.5, beat + 0.2) == beat + 0.5  # beat 200 ms old: free-running
+    assert phase_locked(seg, beat + 0.5, beat + 0.2) == beat + 0.5  # beat 200 ms old: free-running
 
 
 async def test_dtmf_while_the_caller_talks_joins_the_open_turn(cfg, seg, tmp_path, speech) -> None:
@@ -464,7 +458,7 @@ async def test_dtmf_while_the_caller_talks_joins_the_open_turn(cfg, seg, tmp_pat
     live = FakeLive.instances[0]
     half = len(speech) // 2
     await feed(w, slot, np.concatenate([silence(0.3), speech[:half]]))
-    assert w.calls[0].sending and live.log == ["start", "audio"]
+    assert w.calls[0].caller.sending and live.log == ["start", "audio"]
     assert slot.push_event(EventCode.DTMF, 5) and slot.push_event(EventCode.DTMF_END, 120)
     await ticks(w, 5)
     assert live.log == ["start", "audio"]  # no "#": the entry waits for dtmf_flush_ms
@@ -477,7 +471,7 @@ async def test_dtmf_while_the_caller_talks_joins_the_open_turn(cfg, seg, tmp_pat
 
 
 async def test_keypad_entry_is_journaled_and_replayed_by_a_replacement_worker(cfg, seg, tmp_path) -> None:
-    w1 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+    w1 = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path),
                   journal_dir=tmp_path)
     slot = seg.slot(0)
     activate_slot(slot)
@@ -488,7 +482,7 @@ async def test_keypad_entry_is_journaled_and_replayed_by_a_replacement_worker(cf
     entry = f"text:{dtmf_text('42#')}"
     assert FakeLive.instances[0].log == ["start", entry, "end"]
     # w1 is SIGKILLed before the model answered (no handle): its replacement replays the entry
-    w2 = AiWorker(cfg, seg, live_factory=FakeLive, options_factory=Options, prompts=PromptCache(tmp_path),
+    w2 = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path),
                   journal_dir=tmp_path)
     await ticks(w2, 2)
     assert FakeLive.instances[1].log == ["start", entry, "end"]

@@ -14,7 +14,9 @@ import pytest
 from google.genai import errors, types
 
 from tests.harness.emulator import start_emulator, tone
-from workers.ai import live as L
+from workers.ai.live import events as L
+from workers.ai.live.session import LiveSession
+from workers.ai.live.settings import LiveOptions
 
 CLI = [str(Path(sys.executable).parent / "voice-appliance"), "emulator"]
 
@@ -61,7 +63,7 @@ async def until(pred: Any, limit: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def _turn(live: L.LiveSession, rec: list[Any]) -> float:
+async def _turn(live: LiveSession, rec: list[Any]) -> float:
     live.activity_start()
     live.send_audio(tone(440, 0.2))
     live.activity_end()
@@ -73,7 +75,7 @@ async def _turn(live: L.LiveSession, rec: list[Any]) -> float:
 async def test_first_byte_delay_flag(tmp_path: Path) -> None:
     with start_emulator(tmp_path, first_byte_delay_ms=400, pacing="burst") as emu:
         rec: list[Any] = []
-        live = L.LiveSession(emu.model_config(), "fbd", L.LiveOptions("Puck", "en-US", "x"), rec.append,
+        live = LiveSession(emu.model_config(), "fbd", LiveOptions("Puck", "en-US", "x"), rec.append,
                              ssl_context=emu.ssl_context())
         await live.start()
         try:
@@ -85,7 +87,7 @@ async def test_first_byte_delay_flag(tmp_path: Path) -> None:
 async def test_goaway_after_flag_makes_the_layer_resume(tmp_path: Path) -> None:
     with start_emulator(tmp_path, goaway_after_s=0.3, goaway_time_left_s=0.5) as emu:
         rec: list[Any] = []
-        live = L.LiveSession(emu.model_config(), "ga", L.LiveOptions("Puck", "en-US", "x"), rec.append,
+        live = LiveSession(emu.model_config(), "ga", LiveOptions("Puck", "en-US", "x"), rec.append,
                              ssl_context=emu.ssl_context())
         await live.start()
         try:

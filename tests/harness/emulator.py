@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import ssl
 import subprocess
 import urllib.error
@@ -56,6 +57,12 @@ class Emulator:
 
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.ca_file)
+
+    def client_settings(self) -> Any:
+        """``workers.ai.live.settings.ClientSettings`` for this emulator."""
+        from workers.ai.live.settings import ClientSettings
+
+        return ClientSettings(self.base_url, self.api_key, self.ssl_context())
 
     def genai_client(self, api_key: str | None = None, api_version: str = "v1beta") -> Any:
         """A google-genai ``Client`` aimed at this emulator (TLS trusting its CA, no compression)."""
@@ -189,3 +196,36 @@ def max_normalized_correlation(a: bytes, b: bytes) -> float:
     size = 1 << (n - 1).bit_length()
     c = np.fft.irfft(np.fft.rfft(x, size) * np.conj(np.fft.rfft(y, size)), size)
     return float(np.max(np.abs(c)) / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-9))
+
+
+# --- Vertex AI: a service account the emulator trusts ----------------------------------------------
+@dataclass
+class ServiceAccount:
+    """A generated service-account key: ``public_pem`` for the emulator, ``key_file(token_uri)`` for
+    google-auth (a key file exactly like the ones the Cloud console hands out)."""
+
+    email: str
+    private_pem: str
+    public_pem: bytes
+    key_id: str
+
+    def key_file(self, path: Path, token_uri: str, project: str = "va-test-project") -> Path:
+        path.write_text(json.dumps({
+            "type": "service_account", "project_id": project, "private_key_id": self.key_id,
+            "private_key": self.private_pem, "client_email": self.email, "client_id": "1",
+            "token_uri": token_uri,
+        }))
+        return path
+
+
+def service_account(name: str = "va-test") -> ServiceAccount:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return ServiceAccount(f"{name}@va-test-project.iam.gserviceaccount.com", private, public,
+                          secrets.token_hex(8))

@@ -32,21 +32,23 @@ async def test_endpoint_gets_the_call_and_its_json_is_the_response(srv) -> None:
     assert out == {"output": {"name": "lookup_order", "echo": {"order": "1234"}}}
 
 
-@pytest.mark.parametrize(("path", "needle"), [
-    ("/status/500", "HTTP 500"),
-    ("/status/404", "HTTP 404"),
-    ("/badjson", "invalid JSON"),
-    ("/big", "larger than"),
-    ("/slow/3", "did not answer within 0.5 s"),
+@pytest.mark.parametrize(("path", "needle", "retryable"), [
+    ("/status/500", "HTTP 500", True),
+    ("/status/404", "HTTP 404", False),
+    ("/badjson", "invalid JSON", False),
+    ("/big", "larger than", False),
+    ("/slow/3", "did not answer within 0.5 s", True),
 ])
-async def test_failures_become_tool_errors(srv, path: str, needle: str) -> None:
+async def test_failures_become_tool_errors(srv, path: str, needle: str, retryable: bool) -> None:
+    """Each failure says whether trying again could help (the model's cue not to repeat the call)."""
     r = ToolRunner(srv.url(path), 0.5)
     t0 = time.monotonic()
     try:
-        with pytest.raises(ToolError, match=needle):
+        with pytest.raises(ToolError, match=needle) as err:
             await r.invoke("s", "f", {}, "c")
     finally:
         await r.aclose()
+    assert err.value.retryable is retryable
     assert time.monotonic() - t0 < 2.5  # the timeout bounds the whole request
 
 
@@ -101,5 +103,6 @@ async def test_too_many_in_flight_are_answered_with_an_error_at_once(srv) -> Non
     r.submit((0, 1), "s", calls, lambda fr: answers.append(fr) or True, done.append)
     assert [a["id"] for a in answers] == [f"c{MAX_IN_FLIGHT}", f"c{MAX_IN_FLIGHT + 1}"]
     assert all("too many" in a["response"]["error"] for a in answers) and done == [False, False]
+    assert all(a["response"]["status"] == "error" and a["response"]["retryable"] for a in answers)
     r.cancel_all((0, 1))
     await r.aclose()

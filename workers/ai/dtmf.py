@@ -26,7 +26,9 @@ would make the model answer after every key (each text would be a turn). So digi
 
 from __future__ import annotations
 
-DIGITS = "0123456789*#ABCD"  # RFC 4733 event codes 0-15
+from shm.audio import DTMF_EVENTS
+
+DIGITS = DTMF_EVENTS  # RFC 4733 event codes 0-15 (shm/audio.py)
 TERMINATOR = "#"
 MAX_DIGITS = 32
 TEXT_PREFIX = "The caller pressed these phone keypad keys: "

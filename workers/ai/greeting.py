@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import soxr
 
+from shm.audio import DOWN_RATE
+
 log = logging.getLogger(__name__)
 
-OUT_RATE = 24000
+OUT_RATE = DOWN_RATE  # shm/audio.py
 DEFAULT_GREETING = "Hello! You are talking with an AI assistant. How can I help?"
 DEFAULT_HOLD = "Please hold on. I am reconnecting."
 

@@ -22,9 +22,8 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from appliance.config import ConfigError, load_config
+from appliance.config import Config, ConfigError, load_config
 
 log = logging.getLogger("workers.ai")
 
@@ -48,18 +47,12 @@ def loop_factory() -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]
     return "asyncio", None
 
 
-def _ssl_context(cfg: Any) -> Any:
-    from workers.ai import live
-
-    settings = live.model_client_settings(cfg)
-    return settings[2] if isinstance(settings, tuple) and len(settings) > 2 else None
-
-
-async def _amain(args: argparse.Namespace, cfg: Any) -> int:
+async def _amain(args: argparse.Namespace, cfg: Config) -> int:
     from appliance.breaker import model_breaker
     from shm.segment import ShardSegment, ShmError
-    from workers.ai import live
     from workers.ai.greeting import PromptCache
+    from workers.ai.live import guard
+    from workers.ai.live.settings import client_settings
     from workers.ai.worker import AiWorker
 
     try:
@@ -73,9 +66,9 @@ async def _amain(args: argparse.Namespace, cfg: Any) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         cache_dir = Path(cfg.paths.state_dir) / "prompts"
-        worker = AiWorker(cfg, seg, ssl_context=_ssl_context(cfg), prompts=PromptCache(cache_dir),
+        worker = AiWorker(cfg, seg, settings=client_settings(cfg), prompts=PromptCache(cache_dir),
                           journal_dir=args.journal_dir)
-        live.install_breaker(model_breaker(cfg))  # every Live connect asks it first (issue 15)
+        guard.install_breaker(model_breaker(cfg))  # every Live connect asks it first (issue 15)
         await worker.prepare()
         seg.heartbeat("ai")
         log.info("AI worker running", extra={"shard": args.shard, "segment": args.segment,

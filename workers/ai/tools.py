@@ -19,6 +19,11 @@ ready, with its own id). The connection pool is unbounded (the per-session cap b
 slow requests cannot starve another's of connections. ``trust_env=False``: the endpoint is an
 operator's internal service; a ``HTTP(S)_PROXY`` meant for package downloads must not capture it.
 
+Every response carries ``status`` (``"ok"`` or ``"error"``) and, for an error, ``retryable`` (would the
+same call likely work a moment later: timeout, unreachable, HTTP 429/5xx, too many in flight — not a
+missing endpoint, a 4xx or a bad answer): newer Live models run tools asynchronously and, without
+these fields, call a failed tool again and again. An endpoint's own ``status`` is kept.
+
 A response is sent only on the Live session that asked: if the worker replaced the session in the
 meantime (it re-opens failed ones) the answer is dropped, because the new session never made that call.
 """
@@ -43,7 +48,15 @@ Respond = Callable[[dict[str, Any]], bool]  # sends one functionResponse; False 
 
 
 class ToolError(Exception):
-    """A tool call failed; the message is what the model is told."""
+    """A tool call failed; the message is what the model is told, ``retryable`` whether to try again."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def error_result(message: str, *, retryable: bool) -> dict[str, Any]:
+    return {"error": message, "status": "error", "retryable": retryable}
 
 
 class ToolRunner:
@@ -83,7 +96,8 @@ class ToolRunner:
             args = fc.get("args") if isinstance(fc.get("args"), dict) else {}
             if len(running) >= MAX_IN_FLIGHT or call_id in running:
                 why = "duplicate call id" if call_id in running else "too many tool calls in flight"
-                respond({"id": call_id, "name": name, "response": {"error": why}})
+                respond({"id": call_id, "name": name,
+                         "response": error_result(why, retryable=call_id not in running)})
                 on_done(False)
                 continue
             task = loop.create_task(self._run(key, session_id, call_id, name, args, respond, on_done),
@@ -119,13 +133,14 @@ class ToolRunner:
         try:
             try:
                 response = await self.invoke(session_id, name, args, call_id)
+                response.setdefault("status", "error" if "error" in response else "ok")
                 ok = True
             except ToolError as exc:
-                response = {"error": str(exc)}
+                response = error_result(str(exc), retryable=exc.retryable)
                 log.warning("tool call failed", extra={"session": session_id, "tool": name,
                                                        "call_id": call_id, "error": str(exc)})
             except Exception:  # a bug here must still answer the model
-                response = {"error": "tool call failed"}
+                response = error_result("tool call failed", retryable=False)
                 log.exception("tool call crashed", extra={"session": session_id, "tool": name})
         except asyncio.CancelledError:
             log.info("tool call cancelled", extra={"session": session_id, "tool": name, "call_id": call_id})
@@ -157,11 +172,13 @@ class ToolRunner:
                         if len(body) > MAX_RESPONSE_BYTES:
                             raise ToolError(f"tool answer larger than {MAX_RESPONSE_BYTES} bytes")
         except (TimeoutError, httpx.TimeoutException):
-            raise ToolError(f"tool {name!r} did not answer within {self.timeout:g} s") from None
+            raise ToolError(f"tool {name!r} did not answer within {self.timeout:g} s",
+                            retryable=True) from None
         except httpx.HTTPError as exc:
-            raise ToolError(f"tool endpoint unreachable: {type(exc).__name__}") from None
+            raise ToolError(f"tool endpoint unreachable: {type(exc).__name__}", retryable=True) from None
         if not 200 <= resp.status_code < 300:
-            raise ToolError(f"tool endpoint answered HTTP {resp.status_code}")
+            again = resp.status_code == 429 or resp.status_code >= 500
+            raise ToolError(f"tool endpoint answered HTTP {resp.status_code}", retryable=again)
         try:
             value = json.loads(bytes(body))
         except (UnicodeDecodeError, json.JSONDecodeError):

@@ -31,9 +31,10 @@ import numpy as np
 import onnxruntime as ort
 
 from appliance.models import silero_vad_onnx_path
+from shm.audio import UP_RATE
 from workers.levels import FULL_SCALE_MEAN_SQUARE, mean_square_of_dbfs
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = UP_RATE  # shm/audio.py
 WINDOW = 512  # new samples per chunk (32 ms at 16 kHz)
 CONTEXT = 64  # samples of the previous chunk prepended to each input row
 WINDOW_BYTES = WINDOW * 2

@@ -13,7 +13,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-PERIOD_NS = 20_000_000
+from shm.audio import TICK_NS
+
+PERIOD_NS = TICK_NS
 
 
 class Pacer:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from shm.audio import DTMF_EVENTS
+
 RTP_VERSION = 2
 MIN_HEADER = 12
 MAX_PACKET = 1500  # anything bigger is not from Janus on loopback: dropped as "giant"
@@ -198,7 +200,6 @@ class SourceStats:
 
 
 # ---- RFC 4733 telephone-event ------------------------------------------------------------------
-DTMF_EVENTS = "0123456789*#ABCD"
 
 
 def parse_telephone_event(payload: bytes) -> tuple[int, bool, int, int]:

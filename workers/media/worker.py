@@ -66,6 +66,7 @@ from typing import Protocol
 import numpy as np
 
 from appliance.config import MediaConfig
+from shm.audio import DOWN_FRAME, DOWN_RATE, UP_FRAME, UP_RATE
 from shm.layout import U64
 from shm.segment import EventCode, ShardSegment, Slot, SlotInfo, SlotState
 from workers.levels import mean_square_of_dbfs
@@ -85,11 +86,7 @@ from workers.media.uplink_dsp import UplinkDsp, session_mode
 
 log = logging.getLogger("media.worker")
 
-UP_RATE = 16000
-DOWN_RATE = 24000
-UP_FRAME = UP_RATE // 50 * 2  # 640 bytes
 HALF_UP = UP_RATE // 100  # samples in 10 ms of uplink audio
-DOWN_FRAME = DOWN_RATE // 50 * 2  # 960 bytes
 OPUS_CLOCK = 48000
 DTMF_CLOCK = 48000  # we answer telephone-event/48000 (appliance.janus.plain_rtp_answer), as browsers prefer
 RECV_BATCH = 64  # packets drained per socket per wakeup before ticks get a chance to run

@@ -1,4 +1,4 @@
-"""The AI session layer (workers.ai.live) on the real google-genai SDK against the emulator subprocess.
+"""The Live session layer (workers/ai/live/session.py) on the real google-genai SDK against the emulator.
 
 These are issue 2's "Done when" checks: echo content, manual activity, barge-in, goAway and abrupt
 closes mid-utterance with the emulator's record proving no caller audio was lost or repeated, unknown
@@ -25,7 +25,10 @@ from tests.harness.emulator import (
     start_emulator,
     tone,
 )
-from workers.ai import live as L
+from workers.ai.live import events as L
+from workers.ai.live.outbox import Kind
+from workers.ai.live.session import LiveSession
+from workers.ai.live.settings import GEMINI_BASE_URL, LiveOptions, LiveUnavailable, client_settings
 
 pytestmark = pytest.mark.timeout(90)
 FRAME = 640  # 20 ms at 16 kHz
@@ -71,7 +74,7 @@ class Recorder:
         await self.wait(self._handle_after_turn, what="a handle after the turn")
 
 
-async def speak(live: L.LiveSession, pcm: bytes, realtime: bool = False) -> None:
+async def speak(live: LiveSession, pcm: bytes, realtime: bool = False) -> None:
     for off in range(0, len(pcm), FRAME):
         live.send_audio(pcm[off : off + FRAME])
         await asyncio.sleep(0.02 if realtime else 0)
@@ -83,19 +86,19 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield e
 
 
-def options(**kw: Any) -> L.LiveOptions:
-    return L.LiveOptions(voice="Puck", language="en-US", system_instruction="test", **kw)
+def options(**kw: Any) -> LiveOptions:
+    return LiveOptions(voice="Puck", language="en-US", system_instruction="test", **kw)
 
 
 @pytest.fixture
 async def session(emu: Emulator) -> AsyncIterator[Callable[..., Any]]:
-    made: list[L.LiveSession] = []
+    made: list[LiveSession] = []
 
     async def make(rec: Recorder | None = None, *, start: bool = True, model: dict[str, Any] | None = None,
-                   **opts: Any) -> tuple[L.LiveSession, Recorder]:
+                   **opts: Any) -> tuple[LiveSession, Recorder]:
         rec = rec or Recorder()
         cfg = emu.model_config(retry_base_seconds=0.05, retry_max_seconds=0.2, **(model or {}))
-        s = L.LiveSession(cfg, f"call-{len(made)}", options(**opts), rec, ssl_context=emu.ssl_context())
+        s = LiveSession(cfg, f"call-{len(made)}", options(**opts), rec, ssl_context=emu.ssl_context())
         made.append(s)
         if start:
             await s.start()
@@ -211,25 +214,27 @@ async def test_server_that_stops_reading_is_replaced_without_loss(emu: Emulator,
     assert emu.audio(sid) == first + second
 
 
-async def test_resume_handle_event_only_when_the_handle_covers_everything_sent(
-    emu: Emulator, session: Any
-) -> None:
+async def test_a_handle_never_covers_an_open_activity(emu: Emulator, session: Any) -> None:
+    """Every resumable handle is reported; the outbox keeps exactly what it does not cover, so the
+    crash journal and the slot's handle always describe the same point."""
     emu.configure_next(pacing="realtime")
     live, rec = await session()
     live.activity_start()
     await speak(live, tone(400, 0.3))
     live.activity_end()
     await rec.wait(lambda: rec.of(L.AudioOut), what="reply started")
-    n_events = len(rec.of(L.ResumeHandle))
     live.activity_start()  # the caller speaks again before the turn's handle arrives...
     await speak(live, tone(400, 0.1))
     await rec.wait(lambda: rec.of(L.Interrupted) or rec.of(L.TurnComplete), what="turn outcome")
+    n_events = len(rec.of(L.ResumeHandle))
     await asyncio.sleep(0.1)
-    # ...so any handle that came meanwhile does not cover the open activity: no event for it
-    assert len(rec.of(L.ResumeHandle)) == n_events
+    # ...so whatever handle came meanwhile, the open activity is still to be replayed
+    assert [it.kind for it in live.outbox.replay()][:1] == [Kind.START]
     live.activity_end()
     await rec.turns(1)
-    await rec.wait(lambda: len(rec.of(L.ResumeHandle)) > n_events, what="handle once all is answered")
+    await rec.wait(lambda: len(rec.of(L.ResumeHandle)) > n_events and live.outbox.empty,
+                   what="a handle covering everything")
+    assert live.resume_handle == rec.of(L.ResumeHandle)[-1].handle
 
 
 async def test_silence_reply_mode(emu: Emulator, session: Any) -> None:
@@ -256,11 +261,11 @@ async def test_close_while_starting_leaves_no_connection(emu: Emulator, session:
 
 
 async def test_replay_log_is_bounded(emu: Emulator, session: Any) -> None:
-    live = L.LiveSession(emu.model_config(), "bounded", options(), Recorder(), ssl_context=emu.ssl_context(),
+    live = LiveSession(emu.model_config(), "bounded", options(), Recorder(), ssl_context=emu.ssl_context(),
                          max_replay_seconds=1.0)
     live.activity_start()  # not started: everything stays in the log
     live.send_audio(tone(440, 3.0))
-    assert live._log_bytes <= 32000 and live.stats.dropped_bytes >= 2 * 32000 - 1280
+    assert live.outbox.uncovered_audio_bytes <= 32000 and live.outbox.dropped_bytes >= 2 * 32000 - 1280
     await live.close()
 
 
@@ -293,7 +298,7 @@ async def test_resume_handle_from_a_previous_session_restores_the_conversation(
 
 async def test_wrong_api_key_is_a_clear_error(emu: Emulator, session: Any) -> None:
     live, rec = await session(start=False, model={"api_key": "wrong-key"})
-    with pytest.raises(L.LiveUnavailable, match=r"rejected the API key \(1008\)"):
+    with pytest.raises(LiveUnavailable, match=r"rejected the API key \(1008\)"):
         await live.start()
     assert live.state == "degraded" and rec.states() == ["degraded"]
 
@@ -316,12 +321,12 @@ async def test_tool_call_round_trip(tmp_path: Any) -> None:
         rec = Recorder()
         tools = [{"name": "lights", "description": "x"}]
         ctx = e.ssl_context()
-        live = L.LiveSession(e.model_config(), "tools", options(tools=tools), rec, ssl_context=ctx)
+        live = LiveSession(e.model_config(), "tools", options(tools=tools), rec, ssl_context=ctx)
 
         def answer(ev: Any) -> None:
             if isinstance(ev, L.ToolCall):
                 c = ev.calls[0]
-                live.send_tool_response([{"id": c["id"], "name": c["name"], "response": {"on": True}}])
+                live.send_tool_response([{"id": c.id, "name": c.name, "response": {"on": True}}])
 
         rec.hook = answer
         await live.start()
@@ -333,7 +338,7 @@ async def test_tool_call_round_trip(tmp_path: Any) -> None:
         finally:
             await live.close()
     call = rec.of(L.ToolCall)[0].calls[0]
-    assert call["name"] == "lights" and call["args"] == {"heard": "heard 0.30 seconds of audio"}
+    assert call.name == "lights" and call.args == {"heard": "heard 0.30 seconds of audio"}
     assert ("model", 'tool lights said {"on": true}') in {(t.role, t.text) for t in rec.of(L.Transcript)}
     assert abs(dominant_frequency(rec.audio(), 24000) - 440) < 5
 
@@ -372,23 +377,24 @@ async def test_bad_server_frames(emu: Emulator, session: Any) -> None:
     assert big.server_session_id == emu.session(big.server_session_id)["session"]
 
 
-def test_model_client_settings_defaults_to_the_emulator(tmp_path: Any) -> None:
+def test_client_settings_default_to_the_emulator(tmp_path: Any) -> None:
     from appliance.config import load_config, replace
 
     cfg = replace(load_config(None, env={}), paths={"state_dir": str(tmp_path)},
                   emulator={"port": 9555, "api_key": "k"})
-    base, key, ctx = L.model_client_settings(cfg)
-    assert (base, key) == ("https://127.0.0.1:9555", "k")
-    assert (tmp_path / "emulator" / "emulator-ca.pem").exists() and ctx.verify_mode.name == "CERT_REQUIRED"
+    s = client_settings(cfg)
+    assert (s.base_url, s.api_key) == ("https://127.0.0.1:9555", "k")
+    assert (tmp_path / "emulator" / "emulator-ca.pem").exists()
+    assert s.ssl_context.verify_mode.name == "CERT_REQUIRED"
     gem = replace(cfg, model={"api_key": "real"})
-    assert L.model_client_settings(gem)[:2] == (L.GEMINI_BASE_URL, "real")
+    assert (client_settings(gem).base_url, client_settings(gem).api_key) == (GEMINI_BASE_URL, "real")
     # an extra CA is added to the system store (a leftover emulator ca_file must not break Gemini)
     with_ca = replace(gem, model={"ca_file": str(tmp_path / "emulator" / "emulator-ca.pem")})
-    ctx = L.model_client_settings(with_ca)[2]
+    ctx = client_settings(with_ca).ssl_context
     names = [dict(x[0] for x in c["subject"]).get("commonName") for c in ctx.get_ca_certs()]
     assert "voice-appliance emulator test CA" in names
-    with pytest.raises(L.LiveUnavailable, match=r"model\.ca_file"):
-        L.model_client_settings(replace(gem, model={"ca_file": str(tmp_path / "missing.pem")}))
+    with pytest.raises(LiveUnavailable, match=r"model\.ca_file"):
+        client_settings(replace(gem, model={"ca_file": str(tmp_path / "missing.pem")}))
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "sdk_path"])
@@ -434,9 +440,9 @@ async def test_a_slow_tool_is_not_mistaken_for_a_stalled_server(emu: Emulator, s
     assert live.stats.reconnects == 0
     c = rec.of(L.ToolCall)[0].calls[0]
     assert not live.send_tool_response([{"id": "not-asked", "name": "lights", "response": {}}])
-    assert live.send_tool_response([{"id": c["id"], "name": c["name"], "response": {"on": True}}])
-    assert not live.send_tool_response([{"id": c["id"], "name": c["name"], "response": {"on": True}}])
+    assert live.send_tool_response([{"id": c.id, "name": c.name, "response": {"on": True}}])
+    assert not live.send_tool_response([{"id": c.id, "name": c.name, "response": {"on": True}}])
     await rec.turns(1)
     assert live.stats.reconnects == 0
     assert emu.session(live.server_session_id)["tool_responses"] == [
-        {"id": c["id"], "name": "lights", "response": {"on": True}}]
+        {"id": c.id, "name": "lights", "response": {"on": True}}]
