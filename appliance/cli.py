@@ -13,7 +13,7 @@ import json
 import sys
 
 from appliance import __version__
-from appliance.config import ConfigError, load_config, to_toml_dict
+from appliance.config import ConfigError, load_config, production_problems, redacted_dict
 from appliance.logs import setup_logging
 
 # name -> (module, one-line help)
@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "emulator": ("appliance.emulator.cli", "run the built-in Gemini Live emulator (TLS WebSocket)"),
     "token": ("appliance.token", "mint a development JWT for the session API"),
     "drain": ("appliance.control", "drain this box (and force-migrate its calls) through the supervisor"),
+    "restart": ("appliance.restart", "restart the supervisor in place, keeping every live call"),
     "media-worker": ("workers.media.main", "run one shard's media worker (started by the supervisor)"),
     "ai-worker": ("workers.ai.main", "run one shard's AI worker (started by the supervisor)"),
     "keys": ("appliance.compliance.keys_cli", "rotate / re-wrap the data keys of encryption at rest"),
@@ -38,13 +39,13 @@ def _config_cmd(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    problems = production_problems(cfg)
+    if args.action == "check" and problems:
+        for problem in problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 2
     if args.action == "show":
-        redacted = to_toml_dict(cfg)
-        for section in redacted.values():
-            for key in section:
-                if ("secret" in key or key == "api_key") and section[key]:
-                    section[key] = "***"
-        print(json.dumps(redacted, indent=2))
+        print(json.dumps(redacted_dict(cfg), indent=2))
     else:
         print("config ok")
     return 0

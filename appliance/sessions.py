@@ -33,18 +33,29 @@ Force-migrate (:meth:`Sessions.migrate_all`, drain timeout): each call gets stat
 fresh resume token shown only to its owner in ``GET /v1/sessions/{id}``; its leg here ends once it has
 resumed elsewhere, or after ``api.migrate_grace_seconds`` (kept resumable).
 
-Janus: one long-lived Janus session per shard (one long-poll each), one handle per call.
+Janus: one long-lived Janus session per shard (one long-poll each), one handle per call. An offer that
+passed our SDP validation but that Janus refuses is the caller's mistake: 400 ``invalid_sdp`` with
+Janus's reason (:func:`offer_refused`); any other Janus failure is a 502 whose detail stays in the log.
+
+Dead sessions: a caller that never connects (no ``webrtcup`` within ``api.connect_timeout_seconds``)
+is torn down like a hangup — slot, Janus handle and Live session freed — instead of holding them for
+``redis.active_ttl_seconds``.
+
+Concurrent-session cap: the API takes the lease (:class:`appliance.ratelimit.SessionCap`); this service
+renews the leases of its live sessions and releases them at teardown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance import tracing
 from appliance.api import (
     CapacityError,
     ClientInfo,
@@ -58,16 +69,21 @@ from appliance.api import (
 from appliance.config import Config, secret
 from appliance.janus import (
     AUDIOBRIDGE,
+    ERR_HANDLE_NOT_FOUND,
+    ERR_SESSION_NOT_FOUND,
+    ERR_UNAUTHORIZED,
     NOSIP,
     JanusClient,
     JanusError,
     JanusEvent,
     JanusHandle,
     JanusSession,
+    JanusUnavailable,
     plain_rtp_answer,
 )
 from appliance.metrics import Metrics
 from appliance.placement import AdmissionRefused, Placed, Placement
+from appliance.ratelimit import SessionCap
 from appliance.records.calls import SupervisorRecorder
 from appliance.state import (
     ACTIVE,
@@ -84,6 +100,27 @@ log = logging.getLogger(__name__)
 CLOSE_GRACE_SECONDS = 0.3  # CLOSING → FREE delay: workers scan every tick (≤ 20 ms)
 MIRROR_SECONDS = 1.0
 REFRESH_SECONDS = 300.0
+MAX_REASON_CHARS = 200
+_NOT_THE_CALLERS_FAULT = {0, ERR_UNAUTHORIZED, 405, ERR_SESSION_NOT_FOUND, ERR_HANDLE_NOT_FOUND, 490}
+
+
+class OfferRefused(Exception):
+    """Janus refused the caller's offer itself (raised from the step that hands Janus the offer)."""
+
+    def __init__(self, exc: JanusError) -> None:
+        super().__init__(str(exc))
+        self.janus_error = exc
+
+
+def offer_refused(exc: JanusError) -> bool:
+    """True when Janus's answer to the caller's offer blames the offer (JSEP/SDP or plugin errors), not
+    Janus being down, our secret, a lost session or one of our own parse checks (code 0)."""
+    return not isinstance(exc, JanusUnavailable) and exc.code not in _NOT_THE_CALLERS_FAULT
+
+
+def _public_reason(reason: str) -> str:
+    """Janus's reason, one line, bounded (it quotes the caller's own SDP, never our addresses)."""
+    return " ".join(reason.split())[:MAX_REASON_CHARS] or "refused"
 
 
 @dataclass
@@ -101,6 +138,7 @@ class LiveSession:
     room_handle: JanusHandle | None = None
     room_id: int | None = None
     webrtc_up: bool = False
+    resumed: bool = False
     mirrored: tuple[str, str, str] = ("", "", "")
     closing: bool = False
     migrate_token: str = ""  # set by a force-migrate: the caller resumes elsewhere with it
@@ -132,6 +170,8 @@ class Sessions:
         self.janus = janus or JanusClient.from_config(cfg.janus)
         self.ab_admin_key = secret(cfg.janus.audiobridge_admin_key, cfg.janus.audiobridge_admin_key_file)
         self.on_slot_freed = on_slot_freed  # (shard, slot) -> None: harvest counters before reuse
+        self.cap: SessionCap | None = None  # the API's per-sub session cap (the supervisor sets it)
+        self._last_renew = 0.0
         self.records = SupervisorRecorder(cfg, box)  # call rows for the record (appliance/records/calls.py)
         self.accepting = False
         self.live: dict[str, LiveSession] = {}
@@ -145,6 +185,79 @@ class Sessions:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._mirror_loop(), name="sessions-mirror"))
+
+    async def adopt(self) -> int:
+        """Take over the calls a previous supervisor of this box left running (its crash or in-place
+        restart): every ACTIVE slot whose Redis record this box still owns becomes a live session again,
+        on the same Janus session and handles (keepalives and the long poll resume at once, well inside
+        Janus's 60 s session timeout). A slot without such a record is closed. Returns the count.
+        Protocol: docs/architecture.md "Supervisor restart and adoption"."""
+        from shm.segment import SlotState
+
+        adopted = 0
+        for shard, seg in self.segments.items():
+            for slot in seg.slots():
+                if slot.state == SlotState.CLOSING:
+                    slot.free()
+                    continue
+                info = slot.snapshot()
+                if info is None:
+                    continue
+                try:
+                    record = await self.store.adopt(info.session_id, self.box)
+                except Exception:
+                    log.exception("cannot read a live call's record; it is not adopted",
+                                  extra={"session": info.session_id})
+                    record = None
+                if record is None or record.janus_session_id is None or record.janus_handle_id is None:
+                    log.warning("slot without a live record on this box: closed",
+                                extra={"session": info.session_id, "shard": shard, "slot": slot.index})
+                    slot.begin_close()
+                    self._spawn(self._free_slot_later(slot, info.generation))
+                    continue
+                placed = self.placement.claim(shard, slot.index, info.session_id)
+                live = LiveSession(info.session_id, record.sub, record.mode, placed, info.generation,
+                                   record.created_at, record.created_at + self.cfg.redis.active_ttl_seconds,
+                                   webrtc_up=True, room_id=record.room_id)
+                js = self._jsessions.get(shard)
+                if js is None or js.id != record.janus_session_id:
+                    js = await self.janus.resume_session(record.janus_session_id,
+                                                         on_event=self._on_janus_event)
+                    self._jsessions.setdefault(shard, js)
+                plugin = AUDIOBRIDGE if record.mode == "room" else NOSIP
+                live.handle = js.adopt_handle(record.janus_handle_id, plugin)
+                self._by_handle[live.handle.id] = live.session_id
+                if record.janus_room_handle_id is not None:
+                    live.room_handle = js.adopt_handle(record.janus_room_handle_id, AUDIOBRIDGE)
+                    self._by_handle[live.room_handle.id] = live.session_id
+                live.mirrored = (slot.resume_handle, slot.model_state, slot.transcript)
+                self.live[live.session_id] = live
+                adopted += 1
+                log.info("call adopted", extra={"session": live.session_id, "shard": shard,
+                                                "slot": slot.index, "janus_session": js.id})
+        return adopted
+
+    async def _free_slot_later(self, slot: Any, generation: int) -> None:
+        await asyncio.sleep(CLOSE_GRACE_SECONDS)
+        with contextlib.suppress(Exception):
+            if slot.generation == generation:
+                slot.free()
+
+    async def release(self) -> None:
+        """Stop this supervisor's part without ending any call (an in-place restart): the Janus long
+        polls and keepalives stop (Janus keeps the sessions for 60 s), queued Redis writes flush."""
+        self.accepting = False
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._bg, return_exceptions=True)
+        for js in list(self._jsessions.values()):
+            with contextlib.suppress(Exception):
+                await js.stop()
+        self._jsessions.clear()
+        with contextlib.suppress(Exception):
+            await self.janus.aclose(destroy_sessions=False)
+        with contextlib.suppress(Exception):
+            await self.store.close()
 
     async def close(self) -> None:
         """Tear down every live session (kept resumable), stop background work, close Janus/Redis."""
@@ -185,8 +298,8 @@ class Sessions:
             if event.handle_id is None:
                 sids = [s.session_id for s in self.live.values()
                         if s.handle is not None and s.handle.session.id == event.session_id]
-            for sid in sids:
-                self._spawn(self._teardown(sid, "janus_lost", forget=False))
+            for lost in sids:
+                self._spawn(self._teardown(lost, "janus_lost", forget=False))
             return
         sid = self._by_handle.get(event.handle_id or -1)
         if sid is None or sid not in self.live:
@@ -200,7 +313,8 @@ class Sessions:
             log.info("caller gone", extra={"session": sid, "janus_event": event.kind, "reason": event.reason})
             self._spawn(self._teardown(sid, "hangup", forget=False))
         elif event.kind == "event":
-            result = event.data.get("result") if isinstance(event.data.get("result"), dict) else {}
+            raw = event.data.get("result")
+            result: dict[str, Any] = raw if isinstance(raw, dict) else {}
             if event.data.get("nosip") == "event" and result.get("event") in ("hangup", "hangingup"):
                 self._spawn(self._teardown(sid, "hangup", forget=False))
 
@@ -236,7 +350,7 @@ class Sessions:
         voice = options.voice or (resumed.voice if resumed else "") or ""
         language = options.language or (resumed.language if resumed else "") or ""
         live = LiveSession(sid, client.sub, options.mode, placed, 0, now,
-                           now + self.cfg.redis.active_ttl_seconds)
+                           now + self.cfg.redis.active_ttl_seconds, resumed=resumed is not None)
         slot_opts: dict[str, Any] = {"voice": voice, "language": language}
         if resume_handle:
             slot_opts["resume_handle"] = resume_handle
@@ -248,10 +362,16 @@ class Sessions:
         except asyncio.CancelledError:
             await self._abort(live)
             raise
+        except OfferRefused as refused:
+            await self._abort(live)
+            self.metrics.admissions.labels(result="invalid").inc()
+            why = refused.janus_error
+            log.info("offer refused by Janus", extra={"session": sid, "code": why.code, "error": why.reason})
+            raise InvalidRequest(f"the media gateway refused the offer: {_public_reason(why.reason)}",
+                                 code="invalid_sdp") from why
         except JanusError as exc:
             await self._abort(live)
             self.metrics.admissions.labels(result="error").inc()
-            self.metrics.janus_errors.inc()
             log.warning("session setup failed in Janus", extra={"session": sid, "error": str(exc)})
             raise UpstreamError(f"media gateway refused the call: {exc.reason or exc}") from exc
         except Exception:
@@ -267,11 +387,12 @@ class Sessions:
                 raise
             resume_handle = resumed.resume_handle or resume_handle
         self.live[sid] = live
-        record_fields = {
+        record_fields: dict[str, Any] = {
             "sub": client.sub, "state": ACTIVE, "mode": options.mode,
             "shard": placed.shard, "slot": placed.slot, "generation": live.generation,
             "janus_session_id": live.handle.session.id if live.handle else None,
             "janus_handle_id": live.handle.id if live.handle else None,
+            "janus_room_handle_id": live.room_handle.id if live.room_handle else None,
             "room_id": live.room_id, "voice": voice, "language": language,
             "resume_handle": resume_handle, "disconnected_at": None,
         }
@@ -289,6 +410,12 @@ class Sessions:
         self.metrics.admissions.labels(result="resumed" if resumed else "accepted").inc()
         self.records.created(live, resumed=resumed is not None, voice=voice, language=language)
         self.metrics.session_setup_seconds.observe(time.perf_counter() - started)
+        # one trace per call id (appliance/tracing.py): a call resumed here under its id continues its
+        # trace (a child of its call span); one that moved boxes got a new id and starts a new trace
+        live.extra["span"] = (tracing.start_child(sid, "call_resumed", box=self.box)
+                              if resumed is not None and not moving else
+                              tracing.start_call(sid, box=self.box, shard=placed.shard, mode=options.mode,
+                                                 resumed_from=resumed.session_id if resumed else ""))
         log.info("session created", extra={
             "session": sid, "shard": placed.shard, "slot": placed.slot, "port": placed.rtp_port,
             "mode": options.mode, "resumed": resumed is not None})
@@ -302,7 +429,8 @@ class Sessions:
         except Exception as exc:
             raise UpstreamError("session state unavailable; cannot resume now", status=503,
                                 retry_after=2) from exc
-        if record is None or record.sub != client.sub:
+        if record is None or record.sub != client.sub or (
+                client.session_id is not None and record.session_id != client.session_id):
             raise InvalidRequest("resume token unknown, expired or already used", code="invalid_resume")
         return record
 
@@ -327,11 +455,30 @@ class Sessions:
             remote_rtp_port=port, payload_type=pt, channels=max(1, min(2, channels)),
             dtmf_payload_type=dtmf if dtmf is not None else -1, mode=live.mode, options=opts)
 
+    async def _attach(self, shard: int, plugin: str, opaque_id: str) -> tuple[JanusSession, JanusHandle]:
+        """Attach on the shard's Janus session; once more on a fresh one if Janus no longer knows it (it
+        restarted before the long poll noticed: the caller's resume must not wait for that)."""
+        js = await self._janus_session(shard)
+        try:
+            return js, await js.attach(plugin, opaque_id=opaque_id)
+        except JanusError as exc:
+            if exc.code != ERR_SESSION_NOT_FOUND:
+                raise
+        js = await self._janus_session(shard)
+        return js, await js.attach(plugin, opaque_id=opaque_id)
+
     async def _setup_direct(self, live: LiveSession, offer_sdp: str, opts: dict[str, Any]) -> str:
-        js = await self._janus_session(live.placed.shard)
-        live.handle = await js.attach(NOSIP, opaque_id=live.session_id)
+        _js, live.handle = await self._attach(live.placed.shard, NOSIP, live.session_id)
         self._by_handle[live.handle.id] = live.session_id
-        side = await live.handle.nosip_generate(offer_sdp, info=live.session_id)
+        try:
+            side = await live.handle.nosip_generate(offer_sdp, info=live.session_id)
+        except JanusError as exc:
+            if offer_refused(exc):
+                raise OfferRefused(exc) from exc
+            raise
+        for pt in (side.payload_type, side.telephone_event_payload_type, side.red_payload_type):
+            if pt is not None and not 0 <= pt <= 127:  # what Janus made of the offer, not our bug
+                raise OfferRefused(JanusError(0, f"the offer led to RTP payload type {pt} (valid: 0-127)"))
         red = side.red_payload_type if self.cfg.media.red else None
         if red is not None:
             opts = {**opts, "red_payload_type": red}  # the media worker unpacks it (workers/media/red.py)
@@ -344,8 +491,7 @@ class Sessions:
         return await live.handle.nosip_process_answer(bare)
 
     async def _setup_room(self, live: LiveSession, offer_sdp: str, opts: dict[str, Any]) -> str:
-        js = await self._janus_session(live.placed.shard)
-        live.room_handle = await js.attach(AUDIOBRIDGE, opaque_id=live.session_id + "-ai")
+        js, live.room_handle = await self._attach(live.placed.shard, AUDIOBRIDGE, live.session_id + "-ai")
         self._by_handle[live.room_handle.id] = live.session_id
         live.room_id = await live.room_handle.audiobridge_create_room(admin_key=self.ab_admin_key,
                                                                       description=live.session_id)
@@ -356,7 +502,12 @@ class Sessions:
         self._activate(live, side.ip, side.port, side.payload_type, 1, None, opts)
         live.handle = await js.attach(AUDIOBRIDGE, opaque_id=live.session_id)
         self._by_handle[live.handle.id] = live.session_id
-        return await live.handle.audiobridge_join_webrtc(live.room_id, offer_sdp, display="caller")
+        try:
+            return await live.handle.audiobridge_join_webrtc(live.room_id, offer_sdp, display="caller")
+        except JanusError as exc:
+            if offer_refused(exc):
+                raise OfferRefused(exc) from exc
+            raise
 
     async def _abort(self, live: LiveSession) -> None:
         """Undo a half-done setup (slot, Janus handles, placement)."""
@@ -378,6 +529,9 @@ class Sessions:
         try:
             await live.handle.trickle(body)
         except JanusError as exc:
+            if offer_refused(exc):
+                raise InvalidRequest(f"the media gateway refused the candidate: {_public_reason(exc.reason)}",
+                                     code="invalid_candidate") from exc
             raise UpstreamError(f"media gateway refused the candidate: {exc.reason or exc}") from exc
 
     async def get(self, session_id: str) -> SessionInfo | None:
@@ -390,6 +544,8 @@ class Sessions:
                 if slot.is_current(live.generation):
                     details["model_state"] = slot.model_state or "connecting"
                     details["transcript"] = slot.transcript
+            if "quality" in live.extra:
+                details["quality"] = live.extra["quality"]  # latest 5 s window (appliance/quality.py)
             state = "active" if live.webrtc_up else "connecting"
             if live.migrate_token:  # only the owner sees it (the API checks the token's sub first)
                 state = "migrating"
@@ -460,6 +616,8 @@ class Sessions:
         if live is None or live.closing:
             return
         live.closing = True
+        if self.cap is not None:
+            self._spawn(self.cap.release(live.sub, session_id))
         handle_ids = [h.id for h in (live.handle, live.room_handle) if h is not None]
         mirror = self._read_slot(live)
         self.records.ended(live, reason, self._slot_of(live))
@@ -467,6 +625,7 @@ class Sessions:
         for hid in handle_ids:
             self._by_handle.pop(hid, None)
         self.metrics.sessions_ended.labels(reason=reason).inc()
+        tracing.end(live.extra.pop("span", None), reason=reason)
         log.info("session ended", extra={"session": session_id, "reason": reason})
         if not write:
             return
@@ -530,11 +689,44 @@ class Sessions:
         except Exception:
             return None
 
+    def quality_refs(self) -> list[Any]:
+        """The live calls as the call-quality sampler sees them (appliance/quality.py)."""
+        from appliance.quality import CallRef
+
+        refs = []
+        for sid, live in list(self.live.items()):
+            if live.closing or live.handle is None:
+                continue
+            refs.append(CallRef(sid, live.placed.shard, live.handle.id, self._counters_of(live),
+                                functools.partial(self._publish_quality, live)))
+        return refs
+
+    @staticmethod
+    def _publish_quality(live: LiveSession, q: Any) -> None:
+        from appliance.quality import QualitySummary
+
+        live.extra["quality"] = q.public()
+        live.extra.setdefault("quality_summary", QualitySummary()).add(q)
+
+    def quality_summary(self, session_id: str) -> dict[str, Any] | None:
+        """The call's quality so far (samples, MOS mean/min, worst loss/jitter/RTT) for its call record;
+        None for a call not live on this box. Read it before teardown."""
+        live = self.live.get(session_id)
+        summary = live.extra.get("quality_summary") if live is not None else None
+        return summary.public() if summary is not None else None
+
+    def _counters_of(self, live: LiveSession) -> Any:
+        def read() -> dict[str, int] | None:
+            slot = self.segments[live.placed.shard].slot(live.placed.slot)
+            return slot.counters.snapshot() if slot.is_current(live.generation) else None
+        return read
+
     # -- mirror to Redis ------------------------------------------------------------------------
     async def mirror_once(self) -> int:
         """Copy changed resume handles / model states / transcripts to Redis; returns the count."""
         n = 0
         now = time.time()
+        connect_limit = self.cfg.api.connect_timeout_seconds
         grace = self.cfg.api.migrate_grace_seconds
         with contextlib.suppress(Exception):  # refused writes find the rest; this is the quiet path
             await self.store.lost_of(list(self.live))
@@ -544,6 +736,13 @@ class Sessions:
                 continue
             if live.migrate_token and time.monotonic() - live.migrating_since > grace:
                 self._spawn(self._teardown(sid, "migrate_timeout", forget=False))
+                continue
+            if not live.webrtc_up and now - live.created_at >= connect_limit:
+                # a dead session (the caller never connected): free slot, Janus handle and Live session.
+                # A fresh one is forgotten (nothing to resume); a resumed one keeps its resume window.
+                log.info("caller never connected; ending the session",
+                         extra={"session": sid, "timeout_seconds": connect_limit})
+                self._spawn(self._teardown(sid, "connect_timeout", forget=not live.resumed))
                 continue
             current = self._read_slot(live)
             if current is None or current == live.mirrored:
@@ -564,6 +763,9 @@ class Sessions:
             await asyncio.sleep(MIRROR_SECONDS)
             try:
                 await self.mirror_once()
+                if self.cap is not None and time.monotonic() - self._last_renew > SessionCap.RENEW_SECONDS:
+                    self._last_renew = time.monotonic()
+                    await self.cap.renew([(s.sub, sid) for sid, s in list(self.live.items())])
                 if time.monotonic() - last_refresh > REFRESH_SECONDS:
                     last_refresh = time.monotonic()
                     await self.store.refresh_active()

@@ -189,6 +189,20 @@ class JanusInstance:
     log_path: Path
     settings: janus_conf.JanusSettings
     _procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+    _argv: list[str] = field(default_factory=list)
+    _proc: subprocess.Popen[Any] | None = None
+
+    def kill(self) -> None:
+        """SIGKILL Janus (a crash: every session and WebRTC leg is gone)."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(10)
+
+    def start(self, ready_timeout: float = 10.0) -> None:
+        """Start Janus again in the same namespace with the same configuration (after ``kill``)."""
+        self._proc = subprocess.Popen(self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = self._proc.pid
+        _wait_ready(self, self._proc, ready_timeout)
 
     def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
         """Run a command inside the namespace and wait for it (``subprocess.run`` keywords)."""
@@ -241,11 +255,14 @@ def janus_in_netns(
     debug_level: int = 4,
     rooms: dict[str, dict[str, Any]] | None = None,
     ready_timeout: float = 10.0,
+    events_port: int | None = None,
     **settings: Any,
 ) -> Iterator[JanusInstance]:
     """Start a real Janus in a fresh namespace; yield a :class:`JanusInstance`; tear it all down.
 
-    Extra keyword arguments override :class:`appliance.janus_conf.JanusSettings` fields.
+    Extra keyword arguments override :class:`appliance.janus_conf.JanusSettings` fields. With
+    ``events_port``, Janus's sample event handler posts media statistics to
+    ``http://<host_ip>:<events_port>/janus-events`` (a supervisor's receiver in the root namespace).
     """
     api_secret = secrets.token_hex(8) if api_secret is None else api_secret
     admin_secret = secrets.token_hex(8) if admin_secret is None else admin_secret
@@ -264,6 +281,8 @@ def janus_in_netns(
                 "audiobridge_admin_key": ab_key,
                 "debug_level": debug_level,
                 "extra_rooms": rooms or {},
+                **({"events_backend": f"http://{pair.host_ip}:{events_port}/janus-events"}
+                   if events_port else {}),
                 **settings,
             }
         )
@@ -286,6 +305,8 @@ def janus_in_netns(
             conf_dir=conf_dir,
             log_path=log_path,
             settings=cfg,
+            _argv=argv,
+            _proc=proc,
         )
         try:
             _wait_ready(inst, proc, ready_timeout)
@@ -293,9 +314,11 @@ def janus_in_netns(
         finally:
             for p in inst._procs:
                 _stop(p)
-            _stop(proc)
-            if _alive(proc.pid):
-                raise RuntimeError(f"janus pid {proc.pid} survived teardown")
+            for p in {id(proc): proc, id(inst._proc): inst._proc}.values():
+                if p is not None:
+                    _stop(p)
+                    if _alive(p.pid):
+                        raise RuntimeError(f"janus pid {p.pid} survived teardown")
             shutil.rmtree(tmp, ignore_errors=True)
 
 

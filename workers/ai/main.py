@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance import tracing
 from appliance.config import Config, ConfigError, load_config
 
 log = logging.getLogger("workers.ai")
@@ -48,8 +49,10 @@ def loop_factory() -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]
 
 
 async def _amain(args: argparse.Namespace, cfg: Config) -> int:
+    from appliance.breaker import model_breaker
     from shm.segment import ShardSegment, ShmError
     from workers.ai.greeting import PromptCache
+    from workers.ai.live import guard
     from workers.ai.live.settings import client_settings
     from workers.ai.worker import AiWorker
 
@@ -66,6 +69,7 @@ async def _amain(args: argparse.Namespace, cfg: Config) -> int:
         cache_dir = Path(cfg.paths.state_dir) / "prompts"
         worker = AiWorker(cfg, seg, settings=client_settings(cfg), prompts=PromptCache(cache_dir),
                           journal_dir=args.journal_dir, shard=args.shard)
+        guard.install_breaker(model_breaker(cfg))  # every Live connect asks it first (issue 15)
         await worker.prepare()
         seg.heartbeat("ai")
         log.info("AI worker running", extra={"shard": args.shard, "segment": args.segment,
@@ -97,6 +101,7 @@ def main(args: argparse.Namespace) -> int:
             os.nice(cfg.shards.ai_nice)
         except OSError as exc:
             log.warning("cannot lower priority", extra={"error": str(exc)})
+    tracing.configure(cfg.otel.endpoint, cfg.otel.service_name, role="ai", timeout=cfg.otel.timeout_seconds)
     # the turn journal must outlive this process but not the machine: tmpfs
     args.journal_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(cfg.paths.run_dir)
     _, factory = loop_factory()

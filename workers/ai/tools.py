@@ -38,6 +38,7 @@ from typing import Any
 
 import httpx
 
+from appliance import tracing
 from appliance.records import signing
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ class ToolRunner:
         for i, fc in enumerate(calls):
             call_id = str(fc.get("id") or f"anon-{i}")
             name = str(fc.get("name") or "")
-            args = fc.get("args") if isinstance(fc.get("args"), dict) else {}
+            raw_args = fc.get("args")
+            args: dict[str, Any] = raw_args if isinstance(raw_args, dict) else {}
             if len(running) >= MAX_IN_FLIGHT or call_id in running:
                 why = "duplicate call id" if call_id in running else "too many tool calls in flight"
                 respond({"id": call_id, "name": name,
@@ -137,7 +139,8 @@ class ToolRunner:
         t0 = asyncio.get_running_loop().time()
         try:
             try:
-                response = await self.invoke(session_id, name, args, call_id)
+                with tracing.child(session_id, "tool_call", tool=name, call_id=call_id):
+                    response = await self.invoke(session_id, name, args, call_id)
                 response.setdefault("status", "error" if "error" in response else "ok")
                 ok = True
             except ToolError as exc:

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -61,7 +62,6 @@ from pathlib import Path
 import numpy as np
 
 from appliance.config import Config
-from bench import probe
 from shm.audio import DOWN_BYTES_PER_MS, TICK_SECONDS, UP_BYTES_PER_MS, UP_FRAME
 from shm.segment import ShardSegment, ShmError, Slot
 from workers.ai.call import Call, Live, LiveFactory
@@ -85,6 +85,7 @@ from workers.ai.live.settings import ClientSettings, LiveOptions, client_setting
 from workers.ai.playback import Playback, PlaybackStats
 from workers.ai.records import CallRecorder
 from workers.ai.tools import ToolRunner
+from workers.ai.turn_metrics import TurnClock, mark_speech
 from workers.ai.turns import Decision, TurnEvent, TurnParams
 from workers.ai.vad import SAMPLE_RATE, BatchedVad
 from workers.levels import mean_square_of_dbfs
@@ -315,7 +316,7 @@ class AiWorker:
         call = Call(slot=slot, generation=generation, session_id=session_id, options=dict(options),
                     caller=CallerTurn.new(self.params, self._preroll_keep_ms, m.dtmf_flush_ms),
                     outbox=self._open_outbox(slot, generation, session_id),
-                    last_event=probe.event_times(session_id))
+                    last_event=TurnClock(slot, generation, self.seg.histograms("ai"), session_id))
         call.playback = Playback(slot, call.current, self.stats, self._confirm_s, call.last_event)
         self.calls[slot.index] = call
         self.stats.sessions_opened += 1
@@ -380,7 +381,7 @@ class AiWorker:
         call.start_failed = False
         try:
             call.live = self._live_factory(m, call.session_id, opts,
-                                           lambda ev, c=call: self._on_live_event(c, ev),
+                                           functools.partial(self._on_live_event, call),
                                            settings=self.settings, outbox=call.outbox)
         except Exception as exc:  # bad options or config: keep the call, retry later
             call.live = None
@@ -468,6 +469,7 @@ class AiWorker:
             call.slot.counters.add("vad_frames", len(windows))
 
     def _on_turn(self, call: Call, ev: TurnEvent) -> None:
+        mark_speech(call.last_event, ev, call.caller.window.position, time.monotonic())
         if ev.decision is Decision.ACTIVITY_START:
             if ev.barge_in or call.playback.playing():
                 call.playback.barge_in()
