@@ -33,6 +33,7 @@ session that resumed on another box a 404 ``moved`` for trickle/DELETE (GET show
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -58,7 +59,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance import __version__
 from appliance.auth import AuthError, JwtVerifier, Principal
-from appliance.config import Config, box_id
+from appliance.config import DEFAULT_TENANT, Config, box_id
 from appliance.ratelimit import CREATE, SIGNAL, RateLimiter
 from appliance.sdp import MAX_SDP_BYTES, OfferInfo, SdpError, validate_offer
 from appliance.turn import MAX_TTL_SECONDS, ice_servers
@@ -99,6 +100,7 @@ class ClientInfo:
     ip: str
     scopes: frozenset[str] = frozenset()
     user_agent: str = ""
+    tenant: str = ""  # the token's `tenant` claim, checked against [tenants.<name>]; "" = the default
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,7 @@ def create_app(
     @route("create_session", CREATE)
     async def create_session(request: Request, d: _Deps) -> Response:
         principal = d.verifier.verify_authorization(request.headers.get("authorization"))
+        tenant_name = _tenant_claim(principal, d.cfg)
         body = await _parse(request, d.cfg.api.max_body_bytes, CreateSessionRequest)
         try:
             offer = validate_offer(body.sdp)
@@ -408,7 +411,7 @@ def create_app(
                            _retry_after(d.service.retry_after()))
         options = SessionOptions(mode=body.mode, voice=body.voice, language=body.language,
                                  resume_token=body.resume_token, offer=offer)
-        client = _client(request, principal, d.trusted)
+        client = dataclasses.replace(_client(request, principal, d.trusted), tenant=tenant_name)
         try:
             async with asyncio.timeout(d.create_timeout):
                 created = await d.service.create(body.sdp, options, client)
@@ -595,6 +598,19 @@ def _in(ip: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) 
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
     return any(addr in n for n in nets)
+
+
+def _tenant_claim(principal: Principal, cfg: Config) -> str:
+    """The token's ``tenant`` claim if this box's config defines it ("" without one: the default
+    tenant); anything else is a 403 saying why (the token is valid, it just names no tenant here)."""
+    name = principal.claims.get("tenant")
+    if name is None or name == "":
+        return ""
+    if not isinstance(name, str):
+        raise ApiError(403, "unknown_tenant", "claim 'tenant' must be a string")
+    if name != DEFAULT_TENANT and name not in cfg.tenants:
+        raise ApiError(403, "unknown_tenant", f"tenant {name[:64]!r} is not configured on this appliance")
+    return "" if name == DEFAULT_TENANT else name
 
 
 def _client(request: Request, principal: Principal,

@@ -37,7 +37,7 @@ def _config_cmd(args: argparse.Namespace) -> int:
         return 2
     if args.action == "show":
         redacted = to_toml_dict(cfg)
-        for section in redacted.values():
+        for section in [*redacted.values(), *redacted["tenants"].values()]:
             for key in section:
                 if ("secret" in key or key == "api_key") and section[key]:
                     section[key] = "***"
