@@ -668,7 +668,8 @@ _TOOL_KEYS = {"name", "description", "parameters", "parametersJsonSchema", "para
 MAX_TOOLS = 128
 
 
-def load_tool_declarations(path: str | os.PathLike[str], key: str = "model.tools_file") -> list[dict[str, Any]]:
+def load_tool_declarations(path: str | os.PathLike[str],
+                           key: str = "model.tools_file") -> list[dict[str, Any]]:
     """Read ``model.tools_file``: a JSON list of function declarations (``{"name", "description",
     "parameters"}`` as in the Gemini API). Checked here, at config load, so a bad file fails the start
     with the key named instead of every call's Live setup failing later."""

@@ -25,7 +25,7 @@ PRIMARY, FALLBACK = "primary", "fallback"
 @dataclass(frozen=True)
 class Route:
     model: str
-    reason: str  # "primary" | "weighted" | "breaker_open" (a bounded metric label)
+    reason: str  # "primary" | "weighted" | "breaker_open" (the supervisor adds "resumed"); a metric label
 
 
 async def choose(m: ModelConfig, rng: random.Random,

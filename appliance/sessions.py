@@ -41,10 +41,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance import routing
 from appliance.api import (
     CapacityError,
     ClientInfo,
@@ -55,7 +57,8 @@ from appliance.api import (
     SessionOptions,
     UpstreamError,
 )
-from appliance.config import Config, secret
+from appliance.breaker import Breaker, BreakerSettings, model_breaker_name, peek
+from appliance.config import Config, secret, tenant
 from appliance.janus import (
     AUDIOBRIDGE,
     NOSIP,
@@ -104,6 +107,8 @@ class LiveSession:
     closing: bool = False
     migrate_token: str = ""  # set by a force-migrate: the caller resumes elsewhere with it
     migrating_since: float = 0.0
+    tenant: str = ""  # "" = the default tenant
+    model: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -121,6 +126,8 @@ class Sessions:
         box: str,
         janus: JanusClient | None = None,
         on_slot_freed: Any = None,
+        redis: Any = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg
         self.placement = placement
@@ -131,6 +138,10 @@ class Sessions:
         self.janus = janus or JanusClient.from_config(cfg.janus)
         self.ab_admin_key = secret(cfg.janus.audiobridge_admin_key, cfg.janus.audiobridge_admin_key_file)
         self.on_slot_freed = on_slot_freed  # (shard, slot) -> None: harvest counters before reuse
+        # model routing: the primary's breaker state lives in Redis (``redis`` None: local only)
+        self.rng = rng or random.Random()
+        self._redis = redis
+        self._breakers: dict[str, Breaker] = {}
         self.accepting = False
         self.live: dict[str, LiveSession] = {}
         self._by_handle: dict[int, str] = {}
@@ -228,12 +239,19 @@ class Sessions:
             result = "draining" if exc.reason == "draining" else "full"
             self.metrics.admissions.labels(result=result).inc()
             raise CapacityError(f"no capacity ({exc.reason})", retry_after=exc.retry_after) from exc
+        try:
+            tenant_cfg, model, route = await self._route(client, resumed)
+        except Exception:
+            self.placement.release(placed.shard, placed.slot)
+            raise
         now = time.time()
         voice = options.voice or (resumed.voice if resumed else "") or ""
         language = options.language or (resumed.language if resumed else "") or ""
         live = LiveSession(sid, client.sub, options.mode, placed, 0, now,
-                           now + self.cfg.redis.active_ttl_seconds)
-        slot_opts: dict[str, Any] = {"voice": voice, "language": language}
+                           now + self.cfg.redis.active_ttl_seconds, tenant=client.tenant, model=model)
+        # the AI worker builds the call's Live setup, tools and greeting from the tenant and this model
+        slot_opts: dict[str, Any] = {"voice": voice, "language": language, "tenant": client.tenant,
+                                     "model": model}
         if resume_handle:
             slot_opts["resume_handle"] = resume_handle
         try:
@@ -269,6 +287,7 @@ class Sessions:
             "janus_session_id": live.handle.session.id if live.handle else None,
             "janus_handle_id": live.handle.id if live.handle else None,
             "room_id": live.room_id, "voice": voice, "language": language,
+            "tenant": client.tenant, "model": model,
             "resume_handle": resume_handle, "disconnected_at": None,
         }
         try:
@@ -283,12 +302,37 @@ class Sessions:
             await self._teardown(sid, "error", forget=True)
             raise UpstreamError("session state unavailable") from exc
         self.metrics.admissions.labels(result="resumed" if resumed else "accepted").inc()
+        self.metrics.tenant_sessions.labels(tenant_cfg.name, model, route).inc()
         self.metrics.session_setup_seconds.observe(time.perf_counter() - started)
         log.info("session created", extra={
             "session": sid, "shard": placed.shard, "slot": placed.slot, "port": placed.rtp_port,
-            "mode": options.mode, "resumed": resumed is not None})
+            "mode": options.mode, "resumed": resumed is not None, "tenant": tenant_cfg.name,
+            "model": model, "route": route})
         return CreatedSession(sid, answer, token, live.expires_at,
                               resumed_from=resumed.resumed_from if resumed is not None and moving else "")
+
+    async def _route(self, client: ClientInfo, resumed: SessionRecord | None) -> tuple[Any, str, str]:
+        """The caller's tenant (its limit checked) and the model of this call. A resume keeps the
+        model it had (its Live handle belongs to that model) and must come with the same tenant."""
+        t = tenant(self.cfg, client.tenant)
+        if resumed is not None and resumed.tenant != client.tenant:
+            raise InvalidRequest("resume token belongs to another tenant", code="invalid_resume")
+        if t.max_sessions:
+            mine = sum(1 for s in self.live.values() if s.tenant == client.tenant and not s.closing)
+            if mine >= t.max_sessions:
+                self.metrics.tenant_refused.labels(t.name).inc()
+                raise InvalidRequest(f"tenant {t.name!r} has its maximum of {t.max_sessions} concurrent "
+                                     "calls on this box", status=429, code="tenant_limit")
+        if resumed is not None and resumed.model:
+            return t, resumed.model, "resumed"
+        chosen = await routing.choose(t.model, self.rng, self._breaker_state)
+        return t, chosen.model, chosen.reason
+
+    async def _breaker_state(self, model: str) -> str:
+        b = self._breakers.get(model)
+        if b is None:
+            b = self._breakers[model] = Breaker(model_breaker_name(model), BreakerSettings(), self._redis)
+        return await peek(b)
 
     async def _lookup(self, token: str, client: ClientInfo) -> SessionRecord:
         """The session a resume token belongs to, if ``client`` owns it (nothing is spent)."""

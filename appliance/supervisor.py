@@ -225,7 +225,7 @@ class Supervisor:
         store = SessionStore.from_config(cfg.redis)
         await store.start()
         self.sessions = Sessions(cfg, self.placement, self.segments, store, self.metrics, box=box_id(cfg),
-                                 on_slot_freed=self.harvest_counters)
+                                 on_slot_freed=self.harvest_counters, redis=redis_client(cfg.redis))
         await self.sessions.start()
         limiter = RateLimiter(redis_client(cfg.redis), cfg.limits)
         app = create_app(cfg, self.sessions, limiter=limiter, extra_routes=demo_routes(cfg))

@@ -24,6 +24,11 @@ same call likely work a moment later: timeout, unreachable, HTTP 429/5xx, too ma
 missing endpoint, a 4xx or a bad answer): newer Live models run tools asynchronously and, without
 these fields, call a failed tool again and again. An endpoint's own ``status`` is kept.
 
+Signed requests: with ``model.tools_secret(_file)`` (per tenant in ``[tenants.<name>]``) each POST carries
+``X-VA-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>`` so the endpoint can tell
+the appliance's calls from anyone else's and refuse replays (old ``t``). One runner per tenant
+(workers/ai/tenants.py), since URL and secret are the tenant's.
+
 A response is sent only on the Live session that asked: if the worker replaced the session in the
 meantime (it re-opens failed ones) the answer is dropped, because the new session never made that call.
 """
@@ -31,8 +36,11 @@ meantime (it re-opens failed ones) the answer is dropped, because the new sessio
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -59,13 +67,24 @@ def error_result(message: str, *, retryable: bool) -> dict[str, Any]:
     return {"error": message, "status": "error", "retryable": retryable}
 
 
+SIGNATURE_HEADER = "X-VA-Signature"
+
+
+def signature(secret: bytes, body: bytes, t: int) -> str:
+    """``t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``: the endpoint recomputes it
+    over the raw body and refuses old ``t`` (replays), as with Stripe-style webhook signatures."""
+    mac = hmac.new(secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
 class ToolRunner:
     """Runs function calls against ``url`` and hands each answer to the call's ``respond``."""
 
-    def __init__(self, url: str, timeout: float, *,
+    def __init__(self, url: str, timeout: float, *, secret: str = "",
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = url
         self.timeout = timeout
+        self.secret = secret.encode()
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._tasks: dict[Key, dict[str, asyncio.Task[None]]] = {}
@@ -163,9 +182,13 @@ class ToolRunner:
         if not self.url:
             raise ToolError(f"no tool endpoint is configured for {name!r}")
         payload = {"session_id": session_id, "name": name, "args": args, "call_id": call_id}
+        body_out = json.dumps(payload, separators=(",", ":")).encode()
+        headers = {"content-type": "application/json"}
+        if self.secret:
+            headers[SIGNATURE_HEADER] = signature(self.secret, body_out, int(time.time()))
         try:
             async with asyncio.timeout(self.timeout):
-                async with self._http().stream("POST", self.url, json=payload) as resp:
+                async with self._http().stream("POST", self.url, content=body_out, headers=headers) as resp:
                     body = bytearray()
                     async for chunk in resp.aiter_bytes():
                         body += chunk
