@@ -17,7 +17,7 @@ import pytest
 from appliance.config import load_config, replace
 from shm.segment import EventCode
 from tests.ai.live_worker import running, until
-from tests.harness.emulator import start_emulator
+from tests.harness.emulator import ServiceAccount, service_account, start_emulator
 from tests.harness.shm import activate_slot, shard_segment
 from tests.harness.toolserver import tool_server
 from workers.ai.dtmf import DIGITS
@@ -29,8 +29,16 @@ FALLBACK = "gemini-3.1-flash-live-preview"
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    with start_emulator(tmp_path_factory.mktemp("emu"), pacing="burst", reply="tone", tool_calls=True) as e:
+def sa() -> ServiceAccount:
+    return service_account()
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory, sa):
+    d = tmp_path_factory.mktemp("emu")
+    (d / "sa.pub").write_bytes(sa.public_pem)
+    with start_emulator(d, pacing="burst", reply="tone", tool_calls=True,
+                        vertex_sa_key=str(d / "sa.pub")) as e:
         yield e
 
 
@@ -122,3 +130,23 @@ async def test_unknown_routed_model_falls_back_to_the_primary(emu, seg, tmp_path
             await until(lambda: slot.model_state == "live", what="live")
             setup = emu.session(w.calls[0].live.server_session_id)["setup"]
             assert setup["model"] == f"models/{PRIMARY}" and setup["voice"] == "Charon"
+
+
+async def test_a_vertex_tenant_in_its_region_next_to_a_developer_default(emu, seg, sa, tmp_path) -> None:
+    key = sa.key_file(tmp_path / "sa.json", f"{emu.base_url}/token")
+    cfg = replace(tenants_cfg(emu, tmp_path, "http://127.0.0.1:9/", "http://127.0.0.1:9/"), tenants={
+        "eu": {"platform": "vertex", "project": "va-tenant-eu", "location": "europe-west4",
+               "allowed_locations": ["europe-west4"], "credentials_file": str(key),
+               "base_url": emu.base_url, "ca_file": emu.ca_file, "voice": "Aoede"}})
+    s_default, s_eu = seg.slot(0), seg.slot(1)
+    async with running(cfg, seg, emu, tmp_path) as w:
+        activate_slot(s_default, options={})
+        activate_slot(s_eu, options={"tenant": "eu"})
+        await until(lambda: s_default.model_state == "live" and s_eu.model_state == "live", what="both live")
+        info = {n: emu.session(w.calls[s.index].live.server_session_id) for n, s in (("default", s_default),
+                                                                                     ("eu", s_eu))}
+    assert info["default"]["live"]["platform"] == "developer"
+    assert info["eu"]["live"]["platform"] == "vertex"
+    assert info["eu"]["live"]["model"] == {"project": "va-tenant-eu", "location": "europe-west4",
+                                           "model": cfg.model.model}
+    assert info["eu"]["setup"]["voice"] == "Aoede" and info["default"]["setup"]["voice"] == cfg.model.voice
