@@ -662,7 +662,10 @@ def build_openapi() -> dict[str, Any]:
                                 "content": {"application/json": {"schema": ref("CreateSessionRequest")}}},
                 "responses": {"201": ok("Session created", "CreateSessionResponse"),
                               "400": err("Invalid body or SDP"), "401": common["401"],
-                              "413": err("Body too large"), "415": err("Not JSON"), "429": common["429"],
+                              "403": err("The token's tenant claim names no tenant of this appliance"),
+                              "413": err("Body too large"), "415": err("Not JSON"),
+                              "429": err("Rate limited, or the tenant's max_sessions reached (Retry-After "
+                                         "only for the rate limit)"),
                               "503": err("Full, draining or not ready (Retry-After)"),
                               "504": err("Setup timed out")},
             }},
