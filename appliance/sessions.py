@@ -423,7 +423,8 @@ class Sessions:
         live = self.live.get(session_id)
         if live is not None:
             details: dict[str, Any] = {"shard": live.placed.shard,
-                                       "webrtc": "up" if live.webrtc_up else "new"}
+                                       "webrtc": "up" if live.webrtc_up else "new",
+                                       "tenant": live.tenant or "default", "model": live.model}
             with contextlib.suppress(Exception):
                 slot = self.segments[live.placed.shard].slot(live.placed.slot)
                 if slot.is_current(live.generation):

@@ -74,6 +74,9 @@ async def test_tenant_and_routed_model_reach_slot_and_record(tmp_path, redis_srv
             for sid, model in want.items():
                 rec = json.loads(await r.get(f"va:session:{sid}"))
                 assert (rec["tenant"], rec["model"]) == ("bank", model)
+                got = await http.get(f"/v1/sessions/{sid}", headers=auth(tenant="bank"))
+                details = got.json()["details"]
+                assert (details["tenant"], details["model"]) == ("bank", model)
             text = (await http.get(f"http://127.0.0.1:{sup.metrics_port}/metrics")).text
             for model, route in ((PRIMARY, "primary"), (FALLBACK, "breaker_open")):
                 line = f'va_tenant_sessions_total{{model="{model}",route="{route}",tenant="bank"}} 1.0'
