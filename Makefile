@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMPS := .stamps
 
 # Debian packages the appliance needs at run time.
-APT_RUN := janus coturn redis-server espeak-ng sox libopus0 ca-certificates python3-venv
+APT_RUN := janus coturn redis-server postgresql-15 espeak-ng sox libopus0 ca-certificates python3-venv
 # ... and what the tests add: a browser, namespaces/firewall tools, packaging and a bootable Debian.
 APT_TEST := $(APT_RUN) janus-doc redis-sentinel chromium iproute2 nftables haproxy \
 	debootstrap systemd-container dh-virtualenv debhelper lintian devscripts python3-dev build-essential \

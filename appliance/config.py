@@ -57,6 +57,9 @@ class ApiConfig:
     drain_timeout_seconds: int = 300  # drain: wait this long for live calls to end (then migrate/stop)
     migrate_grace_seconds: int = 30  # force-migrate: end a caller's old leg after this if it never resumes
     create_timeout_seconds: float = 15.0  # POST /v1/sessions: control-plane setup limit (then 504)
+    # The operator's admin API and console (/v1/admin/…, /admin/): the management address only.
+    admin_host: str = ""  # empty: private_host
+    admin_port: int = 9643  # 0: off
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,26 @@ class PathsConfig:
 
 
 @dataclass(frozen=True)
+class RecordsConfig:
+    """Call records in PostgreSQL, the local spool in front of it, and signed webhooks
+    (appliance/records/, docs/operations.md "Call records")."""
+
+    dsn: str = ""  # libpq URI without the password, e.g. postgresql://va@db1:5432/voice_appliance; "": off
+    password_file: str = ""  # credential with the database password (relative: $CREDENTIALS_DIRECTORY)
+    spool_dir: str = ""  # default: <paths.state_dir>/records-spool
+    spool_max_bytes: int = 256 * 1024 * 1024  # per producer directory; beyond it items are dropped + counted
+    spool_segment_bytes: int = 4 * 1024 * 1024
+    spool_fsync_seconds: float = 1.0  # a power loss costs at most this much; a process crash nothing
+    batch_items: int = 500  # items per transaction
+    prices_file: str = ""  # JSON model → {"input": {MODALITY: USD per 1M tokens}, "output": {…}}
+    webhook_url: str = ""  # the customer's endpoint for call.started / call.transcript / call.ended
+    webhook_secret_file: str = ""  # HMAC-SHA256 key (also signs the tool-call POSTs)
+    webhook_timeout_seconds: float = 5.0
+    webhook_max_age_seconds: int = 86400  # retry with backoff this long, then dead-letter
+    webhook_concurrency: int = 16
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "json"  # json | text
@@ -327,6 +350,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
@@ -342,6 +366,14 @@ _RANGES: dict[str, tuple[float, float]] = {
     "api.max_body_bytes": (1024, 16 * 1024 * 1024),
     "api.metrics_port": (0, 65535),
     "api.agent_check_port": (0, 65535),
+    "api.admin_port": (0, 65535),
+    "records.spool_max_bytes": (1 << 16, 1 << 40),
+    "records.spool_segment_bytes": (1 << 12, 1 << 30),
+    "records.spool_fsync_seconds": (0.01, 60),
+    "records.batch_items": (1, 10000),
+    "records.webhook_timeout_seconds": (0.1, 60),
+    "records.webhook_max_age_seconds": (60, 7 * 86400),
+    "records.webhook_concurrency": (1, 256),
     "api.drain_timeout_seconds": (0, 86400),
     "api.migrate_grace_seconds": (1, 3600),
     "api.create_timeout_seconds": (1, 120),
@@ -614,6 +646,17 @@ def _check_cross_field(cfg: Config) -> None:
         except ConfigError as exc:
             msg = str(exc)
             raise ConfigError(msg if msg.startswith("tenants.") else f"tenants.{t.name}: {msg}") from None
+    for key, u in (("records.webhook_url", cfg.records.webhook_url),):
+        if u and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", u):
+            raise ConfigError(f"{key}: expected an http:// or https:// URL, got {u!r}")
+    if cfg.records.prices_file:
+        from appliance.records.usage import load_prices
+
+        load_prices(cfg.records.prices_file)
+    if cfg.records.dsn and not re.match(r"^postgres(ql)?://", cfg.records.dsn):
+        raise ConfigError(f"records.dsn: expected a postgresql:// URI, got {cfg.records.dsn!r}")
+    if cfg.records.dsn and re.match(r"^postgres(ql)?://[^/@]*:[^/@]*@", cfg.records.dsn):
+        raise ConfigError("records.dsn: put the password in records.password_file, not in the URI")
 
 
 def _check_model(cfg: Config, m: ModelConfig, where: str) -> None:

@@ -49,6 +49,7 @@ from appliance.config import Config, ConfigError, load_config, replace, to_toml_
 from appliance.cpuplan import make_plan
 
 DEFAULT_REDIS_PORT = 6390
+DEFAULT_POSTGRES_PORT = 6391
 DEFAULT_TURN_PORT = 3478
 
 
@@ -214,6 +215,8 @@ def prepare(
     with_janus: bool = True,
     with_coturn: bool = True,
     public_host: str = "",
+    with_postgres: bool = False,
+    postgres_port: int = DEFAULT_POSTGRES_PORT,
 ) -> RunPlan:
     """Create keys, secrets and config files in ``state_dir``; return what supervisord should run."""
     from appliance import janus_conf
@@ -228,6 +231,19 @@ def prepare(
     janus_admin = ensure_secret(sec / "janus-admin-secret")
     ab_key = ensure_secret(sec / "audiobridge-admin-key")
     turn_secret = ensure_secret(sec / "turn-secret", 32)
+    records: dict[str, Any] = {}
+    if not base.records.webhook_secret_file:  # signs webhooks and tool-call POSTs
+        ensure_secret(sec / "webhook-secret", 32)
+        records["webhook_secret_file"] = str(sec / "webhook-secret")
+    pg_cluster = None
+    if with_postgres and not base.records.dsn:
+        # a private cluster for the call records (appliance/records/pgcluster.py): initdb on first run
+        from appliance.records.pgcluster import Cluster
+
+        pg_password = ensure_secret(sec / "postgres-password", 24)
+        pg_cluster = Cluster(state / "postgres", postgres_port)
+        pg_cluster.init(pg_password)
+        records.update(dsn=pg_cluster.dsn(), password_file=str(sec / "postgres-password"))
     host = public_host or base.api.public_host or "127.0.0.1"
 
     api: dict[str, Any] = {"public_host": host}
@@ -261,6 +277,7 @@ def prepare(
                                         f"turn:{host}:{turn_port}?transport=tcp"] if with_coturn else []),
         },
         redis={"url": f"redis://127.0.0.1:{redis_port}/0"},
+        records=records,
         model=model,
         api=api,
     )
@@ -284,6 +301,9 @@ def prepare(
     pin = [taskset, "-c", ",".join(map(str, plan.janus_cpus))] if taskset else []
     programs = [Program("redis", [*pin, shutil.which("redis-server") or "redis-server",
                                   str(state / "redis" / "redis.conf")], 10, startsecs=0)]
+    if pg_cluster is not None:
+        programs.append(Program("postgres", [*pin, *pg_cluster.server_command()], 15, stopsignal="INT",
+                                stopwaitsecs=30, startsecs=0))
     if with_coturn:
         turn_conf = state / "coturn" / "turnserver.conf"
         _write_private(turn_conf, "\n".join([
@@ -340,6 +360,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--public-host", default="", help="address callers use (ICE/TURN); default loopback")
     parser.add_argument("--no-janus", action="store_true", help="do not start Janus (tests)")
     parser.add_argument("--no-coturn", action="store_true", help="do not start coturn")
+    parser.add_argument("--no-postgres", action="store_true",
+                        help="do not start a private PostgreSQL for the call records")
+    parser.add_argument("--postgres-port", type=int, default=DEFAULT_POSTGRES_PORT,
+                        help="the private PostgreSQL's port (loopback)")
     parser.add_argument("--dry-run", action="store_true", help="write the configs, print the plan, exit")
 
 
@@ -353,8 +377,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         plan = prepare(base, state, redis_port=args.redis_port, turn_port=args.turn_port,
                        with_janus=not args.no_janus, with_coturn=not args.no_coturn,
-                       public_host=args.public_host)
-    except (ConfigError, OSError) as exc:
+                       public_host=args.public_host, with_postgres=not args.no_postgres,
+                       postgres_port=args.postgres_port)
+    except (ConfigError, OSError, RuntimeError) as exc:
         print(f"voice-appliance run: {exc}", file=sys.stderr)
         return 2
     model = "Gemini Live (API key configured)" if not plan.cfg.uses_emulator else "the built-in Live emulator"

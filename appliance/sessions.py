@@ -71,6 +71,7 @@ from appliance.janus import (
 )
 from appliance.metrics import Metrics
 from appliance.placement import AdmissionRefused, Placed, Placement
+from appliance.records.calls import SupervisorRecorder
 from appliance.state import (
     ACTIVE,
     MOVED,
@@ -142,6 +143,7 @@ class Sessions:
         self.rng = rng or random.Random()
         self._redis = redis
         self._breakers: dict[str, Breaker] = {}
+        self.records = SupervisorRecorder(cfg, box)  # call rows for the record (appliance/records/calls.py)
         self.accepting = False
         self.live: dict[str, LiveSession] = {}
         self._by_handle: dict[int, str] = {}
@@ -167,6 +169,7 @@ class Sessions:
             await self.janus.aclose()
         with contextlib.suppress(Exception):
             await self.store.close()
+        self.records.close()
 
     def ready(self) -> bool:
         """Accepting (started, not stopping), not draining, and at least one shard's media worker up."""
@@ -202,6 +205,7 @@ class Sessions:
         live = self.live[sid]
         if event.kind == "webrtcup":
             live.webrtc_up = True
+            self.records.connected(live)
             log.info("caller connected", extra={"session": sid})
         elif event.kind in ("hangup", "detached"):
             log.info("caller gone", extra={"session": sid, "janus_event": event.kind, "reason": event.reason})
@@ -303,6 +307,7 @@ class Sessions:
             raise UpstreamError("session state unavailable") from exc
         self.metrics.admissions.labels(result="resumed" if resumed else "accepted").inc()
         self.metrics.tenant_sessions.labels(tenant_cfg.name, model, route).inc()
+        self.records.created(live, resumed=resumed is not None, voice=voice, language=language)
         self.metrics.session_setup_seconds.observe(time.perf_counter() - started)
         log.info("session created", extra={
             "session": sid, "shard": placed.shard, "slot": placed.slot, "port": placed.rtp_port,
@@ -451,6 +456,10 @@ class Sessions:
         return SessionInfo(record.session_id, record.sub, record.state, record.mode, record.created_at,
                            expires, details)
 
+    async def hangup(self, session_id: str) -> None:
+        """An operator ended the call (admin API): torn down, kept resumable like a caller hangup."""
+        await self._teardown(session_id, "admin_hangup", forget=False)
+
     async def delete(self, session_id: str) -> bool:
         if session_id in self.live:
             await self._teardown(session_id, "deleted", forget=True)
@@ -498,6 +507,7 @@ class Sessions:
         live.closing = True
         handle_ids = [h.id for h in (live.handle, live.room_handle) if h is not None]
         mirror = self._read_slot(live)
+        self.records.ended(live, reason, self._slot_of(live))
         await self._release(live)
         for hid in handle_ids:
             self._by_handle.pop(hid, None)
@@ -550,6 +560,11 @@ class Sessions:
                 if slot.generation == live.generation:
                     slot.free()
             self.placement.release(live.placed.shard, live.placed.slot)
+
+    def _slot_of(self, live: LiveSession) -> Any:
+        with contextlib.suppress(Exception):
+            return self.segments[live.placed.shard].slot(live.placed.slot)
+        return None
 
     def _read_slot(self, live: LiveSession) -> tuple[str, str, str] | None:
         try:

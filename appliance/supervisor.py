@@ -95,13 +95,19 @@ class _Server:
     """uvicorn.Server without its own signal handling (the supervisor owns the signals)."""
 
     @staticmethod
-    def make(app: Any, cfg: Config) -> Any:
+    def wrap(config: Any) -> Any:
         import uvicorn
 
         class Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self) -> Iterator[None]:
                 yield
+
+        return Server(config)
+
+    @staticmethod
+    def make(app: Any, cfg: Config) -> Any:
+        import uvicorn
 
         kwargs: dict[str, Any] = {}
         if cfg.api.tls_cert_file:
@@ -110,7 +116,67 @@ class _Server:
         config = uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_config=None,
                                 access_log=False, lifespan="off", server_header=False,
                                 proxy_headers=False, **kwargs)
-        return Server(config)
+        return _Server.wrap(config)
+
+
+class _AdminControl:
+    """The admin API's view of this box (appliance/records/admin.py ``AdminControl``)."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def live_call(self, call_id: str) -> dict[str, Any] | None:
+        from appliance.records.quality import from_counters
+
+        live = self.sup.sessions.live.get(call_id) if self.sup.sessions is not None else None
+        if live is None:
+            return None
+        out: dict[str, Any] = {
+            "id": live.session_id, "sub": live.sub, "mode": live.mode, "box": self.sup.sessions.box,
+            "state": "live", "webrtc": "up" if live.webrtc_up else "new",
+            "created_at": _iso(live.created_at), "duration_seconds": round(time.time() - live.created_at, 1),
+            "model_state": None, "quality": None, "last_transcript": None}
+        with contextlib.suppress(Exception):
+            slot = self.sup.segments[live.placed.shard].slot(live.placed.slot)
+            if slot.is_current(live.generation):
+                out["model_state"] = slot.model_state or "connecting"
+                out["last_transcript"] = slot.transcript or None
+                out["quality"] = from_counters(slot.counters.snapshot())
+        return out
+
+    def live_calls(self) -> list[dict[str, Any]]:
+        sessions = self.sup.sessions
+        if sessions is None:
+            return []
+        return [c for c in (self.live_call(sid) for sid in list(sessions.live)) if c is not None]
+
+    async def hangup(self, call_id: str) -> bool:
+        sessions = self.sup.sessions
+        if sessions is None or call_id not in sessions.live:
+            return False
+        await sessions.hangup(call_id)
+        return True
+
+    def set_draining(self, on: bool) -> None:
+        self.sup.set_draining(on)
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.sup.placement.draining)
+
+
+def _read_key(path: str) -> bytes:
+    """The dev private key if it exists (then the console gets a dev-token endpoint), else b""."""
+    try:
+        return Path(path).read_bytes() if path else b""
+    except OSError:
+        return b""
+
+
+def _iso(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 class Supervisor:
@@ -140,6 +206,10 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._graceful = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self.admin_server: Any = None
+        self.record_writer: Any = None
+        self.webhooks: Any = None
+        self._record_dbs: list[Any] = []
 
     # -- start ----------------------------------------------------------------------------------
     def _create_segments(self) -> None:
@@ -259,6 +329,7 @@ class Supervisor:
             await self.agent.start()
         self.control = ControlServer(socket_path(cfg), self._control)
         await self.control.start()
+        await self._start_records()
         self.server = _Server.make(app, cfg)
         self._tasks.append(asyncio.create_task(self.server.serve(), name="uvicorn"))
         while not self.server.started:
@@ -274,6 +345,68 @@ class Supervisor:
         if not cfg.compliance.ai_disclosure:
             log.warning("AI disclosure is OFF: callers are not told they talk with an AI",
                         extra={"reason": cfg.compliance.ai_disclosure_off_reason})
+
+    async def _start_records(self) -> None:
+        """The record writer and webhook sender (``records.dsn``) and the admin API (``api.admin_port``)."""
+        from appliance.config import private_host
+        from appliance.records.usage import load_prices
+
+        cfg = self.cfg
+        prices = load_prices(cfg.records.prices_file)
+        db = None
+        if cfg.records.dsn:
+            from appliance.records.spool import spool_root
+            from appliance.records.writer import Database, RecordWriter
+
+            root = spool_root(cfg.paths.state_dir, cfg.records.spool_dir)
+            wdb = Database.from_config(cfg)
+            self.record_writer = RecordWriter(wdb, root, batch_items=cfg.records.batch_items,
+                                              webhooks=bool(cfg.records.webhook_url))
+            self._tasks.append(asyncio.create_task(self.record_writer.run(), name="record-writer"))
+            db = Database.from_config(cfg)
+            self._record_dbs += [wdb, db]
+            if cfg.records.webhook_url:
+                from appliance.config import secret
+                from appliance.records.webhooks import WebhookSender
+
+                hdb = Database.from_config(cfg)
+                self._record_dbs.append(hdb)
+                r = cfg.records
+                self.webhooks = WebhookSender(hdb, r.webhook_url, secret("", r.webhook_secret_file).encode(),
+                                              prices=prices, timeout=r.webhook_timeout_seconds,
+                                              max_age_seconds=r.webhook_max_age_seconds,
+                                              concurrency=r.webhook_concurrency)
+                self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
+        if cfg.api.admin_port:
+            import uvicorn
+
+            from appliance.auth import JwtVerifier
+            from appliance.records.admin import SCOPES, create_admin_app
+
+            verifier = JwtVerifier.from_config(cfg.auth)
+            verifier.required_scope = ""  # each admin endpoint checks its own scope
+            dev = None
+            key_file = cfg.auth.jwt_private_key_file
+            admin_host = private_host(cfg, cfg.api.admin_host)
+            pem = _read_key(key_file) if admin_host.startswith("127.") else b""
+            if pem:
+                from appliance.token import mint
+
+                def dev() -> str:
+                    return mint(pem, sub="console", audience=cfg.auth.audience, issuer=cfg.auth.issuer,
+                                scope=" ".join(SCOPES), ttl_seconds=min(600, cfg.auth.max_ttl_seconds))
+            app = create_admin_app(verifier, _AdminControl(self), db, prices=prices, dev_token=dev)
+            config = uvicorn.Config(app, host=admin_host, port=cfg.api.admin_port, log_config=None,
+                                    access_log=False, lifespan="off", server_header=False,
+                                    proxy_headers=False)
+            self.admin_server = _Server.wrap(config)
+            task = asyncio.create_task(self.admin_server.serve(), name="admin-api")
+            self._tasks.append(task)
+            while not self.admin_server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("admin API server exited during start-up")
+                await asyncio.sleep(0.02)
 
     def _status(self) -> str:
         p = self.placement
@@ -373,10 +506,19 @@ class Supervisor:
             await self.sessions.close()
         if self.server is not None:
             self.server.should_exit = True
+        if self.admin_server is not None:
+            self.admin_server.should_exit = True
+        if self.record_writer is not None:  # ship what the calls just spooled (bounded)
+            with contextlib.suppress(Exception):  # the rest waits in the spool for the next start
+                await asyncio.wait_for(self.record_writer.drain(3.0), 4.0)
         for t in self._tasks:
-            if t.get_name() != "uvicorn":
+            if t.get_name() not in ("uvicorn", "admin-api"):
                 t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.webhooks is not None:
+            await self.webhooks.aclose()
+        for db in self._record_dbs:
+            await db.close()
         if self.agent is not None:
             await self.agent.stop()
         if self.control is not None:

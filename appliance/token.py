@@ -86,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", help="private key PEM (default: auth.jwt_private_key_file)")
     parser.add_argument("--sub", default="dev-user", help="subject (the caller's user id)")
     parser.add_argument("--ttl", type=int, default=600, help="lifetime in seconds (≤ auth.max_ttl_seconds)")
-    parser.add_argument("--scope", help="scope (default: auth.required_scope)")
+    parser.add_argument("--scope", help="scope(s), comma- or space-separated (default: auth.required_scope;"
+                                        " admin API: calls:read,calls:write,records:read,records:delete,"
+                                        "audit:read)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -112,6 +114,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"cannot read {key_file}: {exc.strerror}", file=sys.stderr)
         return 2
     scope = args.scope if args.scope is not None else cfg.auth.required_scope
+    scope = " ".join(s for s in scope.replace(",", " ").split())  # --scope calls:read,records:read
     print(mint(pem, sub=args.sub, audience=cfg.auth.audience, issuer=cfg.auth.issuer, scope=scope,
                ttl_seconds=args.ttl))
     return 0

@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "vad": "bench.vad_bench",
     "api": "bench.api_bench",
     "pipeline": "bench.pipeline",
+    "records": "bench.records_bench",
     "quality": "bench.quality",
     "box": "bench.box",
 }

@@ -591,6 +591,8 @@ class Connection:
                         "promptTokenCount": prompt,
                         "responseTokenCount": response,
                         "totalTokenCount": prompt + response,
+                        "promptTokensDetails": [{"modality": "AUDIO", "tokenCount": prompt}],
+                        "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": response}],
                     },
                 }
             )

@@ -112,7 +112,8 @@ async def test_two_tenants_get_their_own_setup_tools_and_greeting(emu, seg, tmp_
             await press(s_diner, "2#")
             await until(lambda: all(len(emu.session(sid[n])["tool_responses"]) == 1 for n in sid),
                         what="tool responses at the model")
-        by_path = {path: (body, sig) for path, body, sig in srv.raw}
+        by_path = {path: (body, h["X-VA-Signature"])
+                   for path, (h, body) in zip(srv.paths, srv.raw, strict=True)}
         assert set(by_path) == {"/bank", "/diner"}
         for t, fn in (("bank", "check_balance"), ("diner", "book_table")):
             body, sig = by_path[f"/{t}"]

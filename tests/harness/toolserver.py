@@ -4,7 +4,6 @@
         srv.url("/ok")                      # answers {"output": {"echo": <args>, "name": <name>}}
         srv.delay["sess-1"] = 3.0           # requests of that session_id wait 3 s first
         srv.requests                        # every JSON body received, in order
-        srv.raw                             # (path, body bytes, X-VA-Signature header) of each request
 
 Paths: ``/ok``; ``/status/<code>`` (that HTTP status, JSON body); ``/badjson`` (200, not JSON);
 ``/list`` (200, a JSON list); ``/big`` (200, 100 KB of JSON); ``/slow/<seconds>`` (sleeps first).
@@ -26,7 +25,8 @@ class ToolServer:
     def __init__(self, server: ThreadingHTTPServer) -> None:
         self.server = server
         self.requests: list[dict[str, Any]] = []
-        self.raw: list[tuple[str, bytes, str]] = []
+        self.raw: list[tuple[dict[str, str], bytes]] = []  # (headers, body bytes) of each request
+        self.paths: list[str] = []  # the request path of each, in the same order
         self.delay: dict[str, float] = {}  # session_id -> seconds to wait before answering
         self.done: list[tuple[str, float]] = []  # (call_id, monotonic time the answer was written)
         self.stopping = threading.Event()
@@ -62,7 +62,8 @@ def _handler(state: ToolServer) -> type[BaseHTTPRequestHandler]:
                 req = {"raw": raw.decode(errors="replace")}
             with state.lock:
                 state.requests.append(req)
-                state.raw.append((self.path, raw, self.headers.get("X-VA-Signature", "")))
+                state.raw.append((dict(self.headers), raw))
+                state.paths.append(self.path)
             wait = state.delay.get(str(req.get("session_id")), 0.0)
             if self.path.startswith("/slow/"):
                 wait = max(wait, float(self.path.split("/")[2]))

@@ -69,11 +69,11 @@ def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: 
                      rtp_port_min: int | None = None) -> SupervisorProc:
     priv, pub = generate_keys(tmp / "keys")
     instance = unique_instance_id("sup")
-    api_port, metrics_port, agent_port = free_port(), free_port(), free_port()
+    api_port, metrics_port, agent_port, admin_port = free_port(), free_port(), free_port(), free_port()
     base = rtp_port_min or rtp_base()
     sections: dict[str, dict] = {
         "api": {"host": "127.0.0.1", "port": api_port, "metrics_port": metrics_port,
-                "agent_check_port": agent_port, "drain_timeout_seconds": 5,
+                "agent_check_port": agent_port, "admin_port": admin_port, "drain_timeout_seconds": 5,
                 "box_id": instance},  # boxes of one test share a hostname: name each one
         "auth": {"jwt_public_key_file": str(pub), "jwt_private_key_file": str(priv)},
         "janus": {"url": janus.url, "admin_url": janus.admin_url, "api_secret": janus.api_secret,

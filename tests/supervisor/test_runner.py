@@ -139,13 +139,15 @@ def test_run_starts_stack_and_stops_cleanly_on_sigint(tmp_path):
     api_port = free_port()
     env.update({
         "VA_API_PORT": str(api_port), "VA_API_METRICS_PORT": "0", "VA_API_AGENT_CHECK_PORT": "0",
+        "VA_API_ADMIN_PORT": "0",
         "VA_EMULATOR_PORT": str(free_port()), "VA_SHARDS_COUNT": "1", "VA_SHARDS_SLOTS": "4",
         "VA_JANUS_URL": f"http://127.0.0.1:{free_port()}/janus",
         "VA_JANUS_ADMIN_URL": f"http://127.0.0.1:{free_port()}/admin",
     })
     env.pop("VA_CONFIG", None)
     cmd = [sys.executable, "-m", "appliance", "run", "--state-dir", str(state),
-           "--redis-port", str(free_port()), "--turn-port", str(free_port())]
+           "--redis-port", str(free_port()), "--turn-port", str(free_port()),
+           "--no-postgres"]  # tmp_path is 0700: the postgres user cannot reach it (tests/records covers it)
     log = open(tmp_path / "run.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     sock = state / "run" / "supervisor.sock"

@@ -106,3 +106,19 @@ async def test_too_many_in_flight_are_answered_with_an_error_at_once(srv) -> Non
     assert all(a["response"]["status"] == "error" and a["response"]["retryable"] for a in answers)
     r.cancel_all((0, 1))
     await r.aclose()
+
+
+async def test_tool_posts_are_signed_like_webhooks(srv) -> None:
+    from appliance.records import signing
+
+    r = ToolRunner(srv.url("/ok"), 5.0)
+    r.sign_key = b"tool-signing-key"
+    try:
+        await r.invoke("sess-s", "lookup_order", {"order": "9"}, "c9")
+    finally:
+        await r.aclose()
+    ((headers, body),) = srv.raw
+    signing.verify(b"tool-signing-key", body, headers["X-VA-Signature"])  # raises if wrong
+    assert headers["X-VA-Event-Id"] == "c9" and headers["X-VA-Event-Type"] == "tool.call"
+    with pytest.raises(signing.SignatureError):
+        signing.verify(b"another-key", body, headers["X-VA-Signature"])

@@ -65,7 +65,7 @@ async def _amain(args: argparse.Namespace, cfg: Config) -> int:
     try:
         cache_dir = Path(cfg.paths.state_dir) / "prompts"
         worker = AiWorker(cfg, seg, settings=client_settings(cfg), prompts=PromptCache(cache_dir),
-                          journal_dir=args.journal_dir)
+                          journal_dir=args.journal_dir, shard=args.shard)
         await worker.prepare()
         seg.heartbeat("ai")
         log.info("AI worker running", extra={"shard": args.shard, "segment": args.segment,

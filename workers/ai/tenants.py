@@ -40,8 +40,14 @@ class TenantProfile:
     tools: ToolRunner
     tool_decls: list[dict[str, object]] | None
     own_endpoint: bool  # sets platform/project/location/keys itself: its own ClientSettings
+    tool_key: bytes = b""  # tools_secret(_file): signs this tenant's tool POSTs (else the webhook key)
     greeting: bytes = b""
     _settings: ClientSettings | None = None
+
+    def own_tool_key(self) -> None:
+        """After the records wiring set the box's webhook key: a tenant's own key wins."""
+        if self.tool_key:
+            self.tools.sign_key = self.tool_key
 
     def model_for(self, chosen: str) -> ModelConfig:
         """The section with the routed model (the primary, or its fallback) in ``model``. Anything
@@ -63,23 +69,21 @@ class TenantProfile:
         return self._settings
 
 
-def _profile(t: TenantConfig, default_tools: ToolRunner | None = None) -> TenantProfile:
+def _profile(t: TenantConfig) -> TenantProfile:
     m = t.model
-    runner = default_tools or ToolRunner(m.tools_url, m.tools_timeout_seconds,
-                                         secret=secret(m.tools_secret, m.tools_secret_file))
     decls = load_tool_declarations(m.tools_file) if m.tools_file else None
     own = bool(ENDPOINT_KEYS & set(t.overrides))
-    return TenantProfile(t.name, m, runner, decls, own)
+    key = secret(m.tools_secret, m.tools_secret_file).encode()
+    profile = TenantProfile(t.name, m, ToolRunner(m.tools_url, m.tools_timeout_seconds), decls, own, key)
+    profile.own_tool_key()
+    return profile
 
 
 class TenantProfiles:
     """Every configured tenant's profile, plus the default (top-level ``[model]``)."""
 
     def __init__(self, cfg: Config) -> None:
-        m = cfg.model
-        default_tools = ToolRunner(m.tools_url, m.tools_timeout_seconds,
-                                   secret=secret(m.tools_secret, m.tools_secret_file))
-        self.default = _profile(tenant(cfg, None), default_tools)
+        self.default = _profile(tenant(cfg, None))
         self.by_name = {n: _profile(t) for n, t in cfg.tenants.items()}
 
     def all(self) -> list[TenantProfile]:

@@ -24,10 +24,9 @@ same call likely work a moment later: timeout, unreachable, HTTP 429/5xx, too ma
 missing endpoint, a 4xx or a bad answer): newer Live models run tools asynchronously and, without
 these fields, call a failed tool again and again. An endpoint's own ``status`` is kept.
 
-Signed requests: with ``model.tools_secret(_file)`` (per tenant in ``[tenants.<name>]``) each POST carries
-``X-VA-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>`` so the endpoint can tell
-the appliance's calls from anyone else's and refuse replays (old ``t``). One runner per tenant
-(workers/ai/tenants.py), since URL and secret are the tenant's.
+Signing key: ``records.webhook_secret_file`` (set by workers/ai/records.py), unless the tenant has its
+own ``tools_secret(_file)`` (``[tenants.<name>]``, workers/ai/tenants.py: one runner per tenant, since
+URL and key are the tenant's). Same header as the webhooks (appliance/records/signing.py).
 
 A response is sent only on the Live session that asked: if the worker replaced the session in the
 meantime (it re-opens failed ones) the answer is dropped, because the new session never made that call.
@@ -36,15 +35,14 @@ meantime (it re-opens failed ones) the answer is dropped, because the new sessio
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+
+from appliance.records import signing
 
 log = logging.getLogger(__name__)
 
@@ -67,27 +65,18 @@ def error_result(message: str, *, retryable: bool) -> dict[str, Any]:
     return {"error": message, "status": "error", "retryable": retryable}
 
 
-SIGNATURE_HEADER = "X-VA-Signature"
-
-
-def signature(secret: bytes, body: bytes, t: int) -> str:
-    """``t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``: the endpoint recomputes it
-    over the raw body and refuses old ``t`` (replays), as with Stripe-style webhook signatures."""
-    mac = hmac.new(secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
-
-
 class ToolRunner:
     """Runs function calls against ``url`` and hands each answer to the call's ``respond``."""
 
-    def __init__(self, url: str, timeout: float, *, secret: str = "",
+    def __init__(self, url: str, timeout: float, *,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = url
         self.timeout = timeout
-        self.secret = secret.encode()
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._tasks: dict[Key, dict[str, asyncio.Task[None]]] = {}
+        self.sign_key = b""  # records.webhook_secret_file: POSTs carry X-VA-Signature (records/signing.py)
+        self.on_finished: Callable[[Key, str, float, str], None] | None = None  # key, name, s, outcome
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -149,6 +138,7 @@ class ToolRunner:
     async def _run(self, key: Key, session_id: str, call_id: str, name: str, args: dict[str, Any],
                    respond: Respond, on_done: Callable[[bool], None]) -> None:
         ok = False
+        t0 = asyncio.get_running_loop().time()
         try:
             try:
                 response = await self.invoke(session_id, name, args, call_id)
@@ -176,19 +166,20 @@ class ToolRunner:
         except Exception:
             log.exception("sending the tool response failed", extra={"session": session_id, "tool": name})
         on_done(ok and sent)
+        if self.on_finished is not None:
+            self.on_finished(key, name, asyncio.get_running_loop().time() - t0,
+                             "ok" if ok and sent else ("not_sent" if ok else "error"))
 
     async def invoke(self, session_id: str, name: str, args: dict[str, Any], call_id: str) -> dict[str, Any]:
         """POST one call to the endpoint; the response object for the model, or :class:`ToolError`."""
         if not self.url:
             raise ToolError(f"no tool endpoint is configured for {name!r}")
         payload = {"session_id": session_id, "name": name, "args": args, "call_id": call_id}
-        body_out = json.dumps(payload, separators=(",", ":")).encode()
-        headers = {"content-type": "application/json"}
-        if self.secret:
-            headers[SIGNATURE_HEADER] = signature(self.secret, body_out, int(time.time()))
+        content = json.dumps(payload, separators=(",", ":")).encode()
+        headers = signing.headers(self.sign_key, content, event_id=call_id, event_type="tool.call")
         try:
             async with asyncio.timeout(self.timeout):
-                async with self._http().stream("POST", self.url, content=body_out, headers=headers) as resp:
+                async with self._http().stream("POST", self.url, content=content, headers=headers) as resp:
                     body = bytearray()
                     async for chunk in resp.aiter_bytes():
                         body += chunk

@@ -83,6 +83,7 @@ from workers.ai.live.events import (
 from workers.ai.live.outbox import Outbox, journal_path, remove_stale
 from workers.ai.live.settings import ClientSettings, LiveOptions, client_settings
 from workers.ai.playback import Playback, PlaybackStats
+from workers.ai.records import CallRecorder
 from workers.ai.tenants import TenantProfiles
 from workers.ai.turns import Decision, TurnEvent, TurnParams
 from workers.ai.vad import SAMPLE_RATE, BatchedVad
@@ -121,7 +122,7 @@ class AiWorker:
 
     def __init__(self, cfg: Config, segment: ShardSegment, *, live_factory: LiveFactory | None = None,
                  settings: ClientSettings | None = None, prompts: PromptCache | None = None,
-                 vad: BatchedVad | None = None, journal_dir: Path | None = None) -> None:
+                 vad: BatchedVad | None = None, journal_dir: Path | None = None, shard: int = 0) -> None:
         self.cfg = cfg
         self.seg = segment
         self._live_factory = live_factory
@@ -146,6 +147,10 @@ class AiWorker:
         self._hold = b""
         self.tenants = TenantProfiles(cfg)  # per tenant: model section, tools, greeting (tenants.py)
         self.tools = self.tenants.default.tools
+        self.records = CallRecorder(cfg, shard)  # the call record's items (workers/ai/records.py)
+        for profile in self.tenants.all():
+            self.records.wire_tools(profile.tools, self.calls)
+            profile.own_tool_key()  # a tenant's tools_secret signs instead of the webhook key
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def prepare(self) -> None:
@@ -223,6 +228,7 @@ class AiWorker:
         if self._closing:
             await asyncio.wait(self._closing, timeout=5.0)
         await self.tenants.aclose()
+        self.records.close()
 
     # ---- the tick --------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -243,7 +249,9 @@ class AiWorker:
                 self._uplink(call, batches)
                 self._maybe_retry(call, now)
                 if events:
+                    sent = self.records.dtmf_counter(call)
                     call.keypad_events()
+                    self.records.keypad_sent(call, sent)
             except Exception as exc:
                 self._call_failed(call, exc)
         for batch in batches:
@@ -311,6 +319,7 @@ class AiWorker:
         self.vad.reset(call.key)
         handle = slot.resume_handle or str(options.get("resume_handle") or "")
         fresh = not handle and not slot.model_state  # never attached by any AI worker before
+        self.records.attached(call, fresh=fresh)
         log.info("call attached", extra={"session": session_id, "slot": slot.index, "resume": bool(handle),
                                          "replay_items": len(call.outbox.replay()),
                                          "live_ready": self._live_ready})
@@ -411,6 +420,7 @@ class AiWorker:
         # the call goes on (worker stopping or re-opening): keep its journal for the next worker
         call.outbox.close(remove=not call.slot.is_current(call.generation))
         self.stats.sessions_closed += 1
+        self.records.closed(call)
         log.info("call detached", extra={"session": call.session_id, "slot": idx, "reason": reason})
         self._stop_live(call)
 
@@ -460,11 +470,13 @@ class AiWorker:
         if ev.decision is Decision.ACTIVITY_START:
             if ev.barge_in or call.playback.playing():
                 call.playback.barge_in()
+                self.records.barge_in(call)
             call.caller.sending = True
             self.stats.activity_starts += 1
             call.slot.counters.add("turns")
             call.send_mark(True)
             call.last_event["activity_start"] = time.monotonic()
+            self.records.turn_start(call, ev.sample - ev.onset)
             onset = ev.onset - self.params.samples(self.params.preroll_ms)
             call.send_audio(call.caller.preroll.since(onset))
         else:
@@ -473,6 +485,7 @@ class AiWorker:
             call.send_mark(False)
             call.last_event["activity_end"] = time.monotonic()
             call.slot.counters.add("speech_ms", (ev.sample - ev.onset) * 1000 // SAMPLE_RATE)
+            self.records.turn_end(call, (ev.sample - ev.onset) * 1000 // SAMPLE_RATE)
 
     # ---- Live events -----------------------------------------------------------------------------
     def _on_live_event(self, call: Call, ev: LiveEvent) -> None:
@@ -484,15 +497,20 @@ class AiWorker:
                 case AudioOut(pcm24k=pcm):
                     call.slot.counters.add("audio_received_ms", len(pcm) // DOWN_BYTES_PER_MS)
                     call.playback.model_audio(pcm)
+                    self.records.model_audio(call)
                 case Interrupted():
                     call.playback.interrupted()
+                    self.records.model_turn_done(call, interrupted=True)
                 case TurnComplete():
                     call.playback.turn_complete()
+                    self.records.model_turn_done(call, interrupted=False)
                 case Transcript(role=role, text=text, final=True) if call.current():
                     call.slot.transcript = f"{role}: {text}"
+                    self.records.transcript(call, role, text)
                 case Usage(prompt_tokens=p, response_tokens=r):
                     call.slot.counters.add("input_tokens", p)
                     call.slot.counters.add("output_tokens", r)
+                    self.records.usage(call, ev)
                 case ResumeHandle(handle=handle) if handle and call.current():
                     try:
                         call.slot.resume_handle = handle
@@ -512,6 +530,7 @@ class AiWorker:
 
     def _model_state(self, call: Call, state: str, reason: str) -> None:
         call.set_model_state(state)
+        self.records.model_state(call, state, reason)
         if state == "degraded":
             self._degraded(call, reason)
         elif state == "live":

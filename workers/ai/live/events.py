@@ -44,6 +44,7 @@ class Usage:
     prompt_tokens: int
     response_tokens: int
     total_tokens: int
+    details: dict[str, dict[str, int]] | None = None  # {"input"|"output": {modality: tokens}} (records)
 
 
 @dataclass(slots=True, frozen=True)

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from appliance.records.usage import usage_details
 from shm.audio import UP_RATE
 from workers.ai.live.events import FunctionCall, JsonValue, Transcript, Usage
 from workers.ai.live.outbox import Item, Kind
@@ -123,7 +124,7 @@ class FastWire:
             # Developer API: responseTokenCount; Vertex AI: candidatesTokenCount (same meaning)
             r = int(um.get("responseTokenCount") or um.get("candidatesTokenCount") or 0)
             p = int(um.get("promptTokenCount") or 0)
-            out.usage = Usage(p, r, int(um.get("totalTokenCount") or p + r))
+            out.usage = Usage(p, r, int(um.get("totalTokenCount") or p + r), usage_details(um))
         tc = msg.get("toolCall")
         if tc:
             out.tool_calls = tuple(FunctionCall(str(c.get("id")), str(c.get("name") or ""),
@@ -190,7 +191,7 @@ class SdkWire:
         if msg.usage_metadata:
             um = msg.usage_metadata
             p, r = um.prompt_token_count or 0, um.response_token_count or 0
-            out.usage = Usage(p, r, um.total_token_count or p + r)
+            out.usage = Usage(p, r, um.total_token_count or p + r, usage_details(um))
         if msg.tool_call:
             out.tool_calls = tuple(FunctionCall(str(c.id), c.name or "", _json_args(c.args))
                                    for c in msg.tool_call.function_calls or ())
