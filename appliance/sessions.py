@@ -307,7 +307,9 @@ class Sessions:
             raise UpstreamError("session state unavailable") from exc
         self.metrics.admissions.labels(result="resumed" if resumed else "accepted").inc()
         self.metrics.tenant_sessions.labels(tenant_cfg.name, model, route).inc()
-        self.records.created(live, resumed=resumed is not None, voice=voice, language=language)
+        self.records.created(live, resumed=resumed is not None, voice=voice or tenant_cfg.model.voice,
+                             language=language or tenant_cfg.model.language, tenant=client.tenant or None,
+                             model=model)
         self.metrics.session_setup_seconds.observe(time.perf_counter() - started)
         log.info("session created", extra={
             "session": sid, "shard": placed.shard, "slot": placed.slot, "port": placed.rtp_port,
