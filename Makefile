@@ -12,11 +12,11 @@ STAMPS := .stamps
 # Debian packages the appliance needs at run time.
 APT_RUN := janus coturn redis-server postgresql-15 espeak-ng sox libopus0 ca-certificates python3-venv
 # ... and what the tests add: a browser, namespaces/firewall tools, packaging and a bootable Debian.
-APT_TEST := $(APT_RUN) janus-doc redis-sentinel chromium iproute2 nftables haproxy \
+APT_TEST := $(APT_RUN) janus-doc redis-sentinel chromium iproute2 nftables haproxy keepalived curl \
 	debootstrap systemd-container dh-virtualenv debhelper lintian devscripts python3-dev build-essential \
-	dbus procps
+	dbus procps prometheus prometheus-alertmanager
 
-.PHONY: all run test test-unit test-ops lint bench bench-smoke deb clean deps-run deps-test venv
+.PHONY: all run test test-unit test-fleet test-ops lint bench bench-smoke deb clean deps-run deps-test venv lock audit
 
 all: venv
 
@@ -63,7 +63,7 @@ run: deps-run venv
 lint: venv
 	$(VENV)/bin/ruff check appliance workers shm bench tests
 
-test: deps-test venv $(STAMPS)/node lint test-unit test-ops bench-smoke
+test: deps-test venv $(STAMPS)/node lint test-unit test-fleet test-ops bench-smoke
 
 # CI must never hang (90-min limit): pytest-timeout bounds each test (pyproject), and `timeout` bounds
 # each run. On expiry SIGINT makes pytest stop, print the running test's traceback and the summary;
@@ -72,7 +72,11 @@ test: deps-test venv $(STAMPS)/node lint test-unit test-ops bench-smoke
 PYTEST_RUN = VA_TESTS_REQUIRE_ALL=1 timeout -s INT -k 60
 
 test-unit: venv
-	$(PYTEST_RUN) 25m $(PY) -m pytest -q -rfEs --durations=15 -m "not ops" tests
+	$(PYTEST_RUN) 25m $(PY) -m pytest -q -rfEs --durations=15 -m "not ops and not fleet" tests
+
+# The fleet on one machine (tests/harness/fleet.py): namespaces, HAProxy + keepalived, Redis + Sentinel.
+test-fleet: venv deps-test
+	$(PYTEST_RUN) 12m $(PY) -m pytest -q -rfEs --durations=15 -m fleet tests/fleet
 
 test-ops: venv deps-test
 	$(PYTEST_RUN) 45m $(PY) -m pytest -q -rfEs --durations=15 -m ops tests
@@ -85,6 +89,20 @@ bench-smoke: venv
 
 deb: deps-test
 	cd packaging && ./build-deb.sh
+
+# The .deb installs exactly packaging/requirements.lock (hash-checked). Re-lock after changing
+# pyproject.toml's dependencies; audit the lock against the PyPI/OSV advisories (needs their APIs).
+# Locked with Debian's own /usr/bin/python3 (3.11.2), the .deb's interpreter: markers such as redis's
+# async-timeout (python_full_version < 3.11.3) resolve as on the box.
+lock:
+	/usr/bin/python3 -m venv $(STAMPS)/lock-venv
+	$(STAMPS)/lock-venv/bin/pip install -q 'pip-tools>=7.6,<8'
+	$(STAMPS)/lock-venv/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links --output-file packaging/requirements.lock pyproject.toml
+
+audit: venv
+	.venv/bin/pip-audit -r packaging/requirements.lock --require-hashes --no-deps --disable-pip \
+		--progress-spinner off
 
 clean:
 	rm -rf $(VENV) $(STAMPS) build dist *.egg-info

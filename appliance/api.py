@@ -1,17 +1,24 @@
 """The public session API: a Starlette ASGI app in front of the control plane.
 
 Why Starlette (and not FastAPI): the surface is a handful of routes whose security checks must run in a fixed,
-visible order — per-IP rate limit (cheap, first), body size, JWT, body schema, SDP validation, then
-the control plane — and FastAPI's dependency injection would hide that order for little gain. Bodies
+visible order — credential (JWT or session token), per-``sub`` rate limit, body size, body schema, SDP
+validation, concurrent-session cap, then the control plane — and FastAPI's dependency injection would
+hide that order for little gain. Per-IP limits apply only where there is no identity: unauthenticated
+paths and refused credentials (docs/security.md "Limits after identity"). Bodies
 are parsed with pydantic (already a dependency of google-genai) so the same models give the OpenAPI
 document at ``/openapi.json``.
 
 The app knows nothing about Janus, shards or workers: it calls a :class:`SessionService` (the
 supervisor implements it). Every error is JSON ``{"error": code, "detail": reason}``:
-400 bad body/SDP, 401 bad token, 404 unknown (or someone else's) session, 413 body too large,
-429 rate limited (Retry-After), 503 full/draining/not ready (Retry-After), 504 control plane timeout.
-Only the token's ``sub`` may see or touch its own sessions; someone else's session is a plain 404 so
-ids cannot be probed.
+400 bad body/SDP, 401 bad token, 403 a session token used for another session, 404 unknown (or someone
+else's) session, 409 refresh too early, 413 body too large, 429 rate limited or too many sessions
+(Retry-After), 503 full/draining/not ready (Retry-After), 504 control plane timeout. Only the token's
+``sub`` may see or touch its own sessions; someone else's session is a plain 404 so ids cannot be probed.
+A 5xx body never carries internal detail (a Janus reason, a URL): that goes to the log only.
+
+Session credentials (appliance/session_token.py): the 201 carries ``session_token``, which authorises
+trickle/GET/DELETE/refresh and a resume of that one session; ``POST /v1/sessions/{id}/refresh`` swaps
+it for a fresh one in its last two minutes. A bearer JWT of the owning ``sub`` works on those routes too.
 
 TURN credentials: ``GET /v1/ice-servers`` hands out the ICE server list (coturn HMAC credentials, TTL
 ≤ 1 h) *before* a session exists, because a caller must know its TURN server when it gathers candidates
@@ -33,7 +40,6 @@ session that resumed on another box a 404 ``moved`` for trickle/DELETE (GET show
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -60,8 +66,15 @@ from starlette.routing import BaseRoute, Route
 from appliance import __version__
 from appliance.auth import AuthError, JwtVerifier, Principal
 from appliance.config import DEFAULT_TENANT, Config, box_id
-from appliance.ratelimit import CREATE, SIGNAL, RateLimiter
+from appliance.ratelimit import ANON, AUTH_FAIL, CREATE, SIGNAL, Decision, RateLimiter, SessionCap
 from appliance.sdp import MAX_SDP_BYTES, OfferInfo, SdpError, validate_offer
+from appliance.session_token import (
+    REFRESH_WINDOW_SECONDS,
+    SessionGrant,
+    SessionTokenError,
+    SessionTokens,
+    is_session_token,
+)
 from appliance.turn import MAX_TTL_SECONDS, ice_servers
 
 log = logging.getLogger(__name__)
@@ -94,13 +107,17 @@ class SessionOptions:
 
 @dataclass(frozen=True)
 class ClientInfo:
-    """Who is calling: the token's subject and the client's address."""
+    """Who is calling: the token's subject and the client's address.
+
+    ``session_id`` is set when the credential is a session token: it may act on (resume) that session
+    only, and the service must refuse a resume token of any other session."""
 
     sub: str
     ip: str
     scopes: frozenset[str] = frozenset()
     user_agent: str = ""
-    tenant: str = ""  # the token's `tenant` claim, checked against [tenants.<name>]; "" = the default
+    session_id: str | None = None
+    tenant: str = ""  # the JWT's `tenant` claim, checked against [tenants.<name>]; "" = none/default
 
 
 @dataclass(frozen=True)
@@ -131,18 +148,33 @@ class IceCandidate:
 
 
 class ServiceError(Exception):
-    """Raised by a :class:`SessionService` to answer with a specific status and JSON error."""
+    """Raised by a :class:`SessionService` to answer with a specific status and JSON error.
+
+    ``detail`` of a 5xx goes to the log only (it may name Janus's reason or an internal URL); the client
+    gets :data:`PUBLIC_5XX` for the status unless the raiser marks its detail ``public`` (our own words,
+    e.g. "no capacity (full)")."""
 
     status = 500
     code = "internal"
+    public_default: bool | None = None  # None: public below 500
 
     def __init__(self, detail: str, *, status: int | None = None, code: str | None = None,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, public: bool | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         self.status = status or type(self).status
         self.code = code or type(self).code
         self.retry_after = retry_after
+        chosen = public if public is not None else type(self).public_default
+        self.public = self.status < 500 if chosen is None else chosen
+
+
+PUBLIC_5XX = {
+    500: "internal error",
+    502: "the media gateway could not set up the call; try again",
+    503: "temporarily unavailable; try again",
+    504: "timed out; try again",
+}
 
 
 class CapacityError(ServiceError):
@@ -150,6 +182,7 @@ class CapacityError(ServiceError):
 
     status = 503
     code = "capacity"
+    public_default = True
 
 
 class SessionNotFound(ServiceError):
@@ -185,7 +218,8 @@ class SessionService(Protocol):
     async def get(self, session_id: str) -> SessionInfo | None: ...
 
     async def delete(self, session_id: str) -> bool:
-        """Tear a session down; False if it did not exist."""
+        """Tear a session down; False if it did not exist. The service releases the session's
+        :class:`SessionCap` lease whenever a session ends (delete, hangup, timeout)."""
         ...
 
     def ready(self) -> bool:
@@ -226,6 +260,14 @@ class CreateSessionResponse(BaseModel):
     expires_at: str = Field(description="RFC 3339 UTC time")
     resumed_from: str | None = Field(None, description="Set when a resume moved the session to this box: "
                                                        "its previous id (the new session_id names this box)")
+    session_token: str = Field(description="Bearer credential for this session's trickle/GET/DELETE/"
+                                           "refresh/resume only; refresh it in its last 120 s")
+    session_token_expires_at: str = Field(description="RFC 3339 UTC time")
+
+
+class RefreshResponse(BaseModel):
+    session_token: str
+    session_token_expires_at: str = Field(description="RFC 3339 UTC time")
 
 
 class IceServersResponse(BaseModel):
@@ -322,8 +364,41 @@ class _Deps:
     limiter: RateLimiter | None
     create_timeout: float
     ice_servers: Callable[[str], list[dict[str, Any]]]
+    tokens: SessionTokens
+    cap: SessionCap | None
     box: str = ""
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    async def limit(self, bucket: str, who: str) -> None:
+        """Count one request; raise 429 (Retry-After, reason) when ``who`` is over ``bucket``."""
+        if self.limiter is None:
+            return
+        decision = await self.limiter.check(bucket, who)
+        if not decision.allowed:
+            raise _limited(decision, _LIMIT_REASON[bucket])
+
+
+_LIMIT_REASON = {
+    CREATE: "too many new sessions for this user",
+    SIGNAL: "too many requests for this user",
+    ANON: "too many requests from this address",
+    AUTH_FAIL: "too many refused credentials from this address",
+}
+
+
+def _limited(decision: Decision, reason: str) -> ApiError:
+    return ApiError(429, "rate_limited", f"{reason}; retry in {decision.retry_after_header} s",
+                    {"Retry-After": decision.retry_after_header})
+
+
+@dataclass(frozen=True)
+class _Caller:
+    """A verified credential: a JWT principal, or a session token's grant (then ``grant`` is set)."""
+
+    sub: str
+    scopes: frozenset[str]
+    grant: SessionGrant | None = None
+    tenant: str = ""  # the JWT's checked `tenant` claim (a session token's resume keeps its record's)
 
 
 DepsHandler = Callable[[Request, _Deps], Awaitable[Response]]
@@ -341,6 +416,8 @@ def create_app(
     create_timeout: float | None = None,
     extra_routes: Sequence[BaseRoute] = (),
     ice_servers_fn: Callable[[str], list[dict[str, Any]]] | None = None,
+    tokens: SessionTokens | None = None,
+    cap: SessionCap | None = None,
 ) -> Starlette:
     """Build the ASGI app.
 
@@ -348,9 +425,10 @@ def create_app(
     None disables rate limiting (tests; the supervisor passes
     ``RateLimiter(redis_client(cfg.redis), cfg.limits)``). ``create_timeout`` defaults to
     ``api.create_timeout_seconds``. ``extra_routes`` (demo page, static files,
-    metrics) are appended after the API routes. ``ice_servers_fn(user)`` (user = the session id, or a
-    random ``c_…`` id for ``GET /v1/ice-servers``) overrides the ICE server list (default: coturn HMAC
-    credentials from ``cfg.turn`` for ``cfg.api.public_host``).
+    metrics) are appended after the API routes. ``ice_servers_fn(sub)`` (the caller's JWT ``sub``)
+    overrides the ICE server list (default: coturn HMAC credentials from ``cfg.turn`` for
+    ``cfg.api.public_host``). ``tokens`` issues/verifies session tokens (default: from ``cfg.auth``);
+    ``cap`` (None: no concurrent-session cap) is the per-sub session cap the service also holds.
     """
     deps = _Deps(
         cfg=cfg,
@@ -358,34 +436,36 @@ def create_app(
         verifier=verifier or JwtVerifier.from_config(cfg.auth),
         limiter=limiter,
         create_timeout=create_timeout or cfg.api.create_timeout_seconds,
-        ice_servers=ice_servers_fn or (lambda sid: ice_servers(cfg.turn, sid, cfg.api.public_host)),
+        ice_servers=ice_servers_fn or (lambda sub: ice_servers(cfg.turn, sub, cfg.api.public_host)),
+        tokens=tokens or SessionTokens.from_config(cfg.auth),
+        cap=cap,
         box=box_id(cfg),
         trusted=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.api.trusted_proxies),
     )
 
-    def route(name: str, bucket: str | None) -> Callable[[DepsHandler], Handler]:
-        """Wrap a handler with the per-IP limit, error mapping and metrics."""
+    def route(name: str, anonymous: bool = False) -> Callable[[DepsHandler], Handler]:
+        """Wrap a handler with error mapping, metrics, and the per-IP limits (``anonymous`` routes;
+        refused credentials everywhere)."""
 
         def wrap(fn: DepsHandler) -> Handler:
             async def endpoint(request: Request) -> Response:
                 start = time.perf_counter()
                 try:
-                    if bucket and deps.limiter is not None:
-                        ip = client_ip(request, deps.trusted)
-                        decision = await deps.limiter.check(bucket, ip)
-                        if not decision.allowed:
-                            raise ApiError(429, "rate_limited", f"too many requests; retry in "
-                                           f"{decision.retry_after_header} s",
-                                           {"Retry-After": decision.retry_after_header})
+                    if anonymous:
+                        await deps.limit(ANON, client_ip(request, deps.trusted))
                     response = await fn(request, deps)
                 except ApiError as exc:
                     response = error_response(exc.status, exc.code, exc.detail, exc.headers)
                 except AuthError as exc:
-                    response = error_response(401, exc.code, exc.detail,
-                                              {"WWW-Authenticate": f'Bearer error="{exc.code}"'})
+                    response = await _auth_failed(request, deps, exc)
                 except ServiceError as exc:
                     headers = _retry_after(exc.retry_after) if exc.status in (429, 503) else {}
-                    response = error_response(exc.status, exc.code, exc.detail, headers)
+                    detail = exc.detail
+                    if not exc.public:
+                        log.warning("session API: service error", extra={
+                            "route": name, "status": exc.status, "error": exc.code, "detail": exc.detail})
+                        detail = PUBLIC_5XX.get(exc.status, PUBLIC_5XX[500])
+                    response = error_response(exc.status, exc.code, detail, headers)
                 except Exception:
                     log.exception("session API: unexpected error", extra={"route": name})
                     response = error_response(500, "internal", "internal error")
@@ -397,11 +477,14 @@ def create_app(
 
         return wrap
 
-    @route("create_session", CREATE)
+    @route("create_session")
     async def create_session(request: Request, d: _Deps) -> Response:
-        principal = d.verifier.verify_authorization(request.headers.get("authorization"))
-        tenant_name = _tenant_claim(principal, d.cfg)
+        caller = _credential(request, d)
+        await d.limit(CREATE, caller.sub)
         body = await _parse(request, d.cfg.api.max_body_bytes, CreateSessionRequest)
+        if caller.grant is not None and not body.resume_token:
+            raise ApiError(403, "forbidden", "a session token can only resume its own session "
+                           "(send resume_token); create a new session with a JWT")
         try:
             offer = validate_offer(body.sdp)
         except SdpError as exc:
@@ -411,38 +494,54 @@ def create_app(
                            _retry_after(d.service.retry_after()))
         options = SessionOptions(mode=body.mode, voice=body.voice, language=body.language,
                                  resume_token=body.resume_token, offer=offer)
-        client = dataclasses.replace(_client(request, principal, d.trusted), tenant=tenant_name)
+        client = _client(request, caller, d.trusted)
+        # a session token's own session may already hold its lease (a resume): it is not counted twice
+        lease = caller.grant.session_id if caller.grant else "pending:" + secrets.token_urlsafe(9)
+        if d.cap is not None:
+            decision = await d.cap.acquire(caller.sub, lease, d.create_timeout + 5)
+            if not decision.allowed:
+                raise _limited(decision, f"this user already has {d.cap.cap} live sessions")
         try:
             async with asyncio.timeout(d.create_timeout):
                 created = await d.service.create(body.sdp, options, client)
         except TimeoutError as exc:
+            await _drop_lease(d, caller, lease)
             raise ApiError(504, "timeout", "session setup timed out") from exc
+        except BaseException:
+            await _drop_lease(d, caller, lease)
+            raise
+        if d.cap is not None:  # the session's own lease (full length), replacing the pending one
+            await d.cap.confirm(caller.sub, lease, created.session_id)
+        token, token_exp = d.tokens.issue(created.session_id, caller.sub)
         out = CreateSessionResponse(
             session_id=created.session_id,
             sdp=created.answer_sdp,
-            ice_servers=[IceServer(**s) for s in d.ice_servers(created.session_id)],
+            ice_servers=[IceServer(**s) for s in d.ice_servers(caller.sub)],
             resume_token=created.resume_token,
             expires_at=rfc3339(created.expires_at),
+            session_token=token,
+            session_token_expires_at=rfc3339(token_exp),
             resumed_from=created.resumed_from or None,
         )
         return JSONResponse(out.model_dump(exclude_none=True), status_code=201,
                             headers={"Cache-Control": "no-store",
                                      "Location": f"/v1/sessions/{created.session_id}"})
 
-    @route("ice_servers", SIGNAL)
+    @route("ice_servers")
     async def get_ice_servers(request: Request, d: _Deps) -> Response:
         # before the offer: a relay-only caller needs TURN credentials to gather relay candidates at all.
-        # The TURN user is a random id, not the token's sub (coturn logs usernames; subs may be PII).
-        d.verifier.verify_authorization(request.headers.get("authorization"))
-        servers = d.ice_servers("c_" + secrets.token_urlsafe(12))
+        # The TURN user is a keyed hash of the token's sub (appliance.turn.turn_user): per-caller quotas
+        # bind, and coturn's logs hold no personal data.
+        caller = _credential(request, d)
+        await d.limit(SIGNAL, caller.sub)
+        servers = d.ice_servers(caller.sub)
         ttl = max(1, min(int(d.cfg.turn.ttl_seconds), MAX_TTL_SECONDS))
         out = IceServersResponse(ice_servers=[IceServer(**s) for s in servers], ttl=ttl)
         return JSONResponse(out.model_dump(exclude_none=True), headers={"Cache-Control": "no-store"})
 
-    @route("trickle", SIGNAL)
+    @route("trickle")
     async def trickle(request: Request, d: _Deps) -> Response:
-        principal = d.verifier.verify_authorization(request.headers.get("authorization"))
-        sid = await _owned(request, d, principal, live=True)
+        sid, _ = await _session_access(request, d, live=True)
         body = await _parse(request, d.cfg.api.max_body_bytes, IceRequest)
         # completed:true, or the empty candidate some browsers send, both mean end of candidates
         candidate = None if body.completed or not body.candidate else IceCandidate(
@@ -451,28 +550,41 @@ def create_app(
         await d.service.trickle(sid.session_id, candidate)
         return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
-    @route("get_session", SIGNAL)
+    @route("get_session")
     async def get_session(request: Request, d: _Deps) -> Response:
-        principal = d.verifier.verify_authorization(request.headers.get("authorization"))
-        info = await _owned(request, d, principal)
+        info, _ = await _session_access(request, d)
         out = SessionResponse(session_id=info.session_id, state=info.state, mode=info.mode,
                               created_at=rfc3339(info.created_at), expires_at=rfc3339(info.expires_at),
                               details=info.details)
         return JSONResponse(out.model_dump(), headers={"Cache-Control": "no-store"})
 
-    @route("delete_session", SIGNAL)
+    @route("delete_session")
     async def delete_session(request: Request, d: _Deps) -> Response:
-        principal = d.verifier.verify_authorization(request.headers.get("authorization"))
-        info = await _owned(request, d, principal, live=True)
+        info, _ = await _session_access(request, d, live=True)
         if not await d.service.delete(info.session_id):
             raise ApiError(404, "not_found", "no such session on this box (unknown, expired or ended)")
         return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
-    @route("healthz", None)
+    @route("refresh_session")
+    async def refresh_session(request: Request, d: _Deps) -> Response:
+        info, caller = await _session_access(request, d, live=True)
+        if info.state == "ended":
+            raise ApiError(404, "not_found", "no such session")
+        if caller.grant is not None:  # a JWT re-authorises at any time; a session token only near its end
+            left = caller.grant.expires_at - time.time()
+            if left > REFRESH_WINDOW_SECONDS:
+                wait = left - REFRESH_WINDOW_SECONDS
+                raise ApiError(409, "too_early", f"session token still valid for {left:.0f} s; refresh in "
+                               f"its last {REFRESH_WINDOW_SECONDS} s", _retry_after(wait))
+        token, exp = d.tokens.issue(info.session_id, caller.sub)
+        out = RefreshResponse(session_token=token, session_token_expires_at=rfc3339(exp))
+        return JSONResponse(out.model_dump(), headers={"Cache-Control": "no-store"})
+
+    @route("healthz")
     async def healthz(request: Request, d: _Deps) -> Response:
         return JSONResponse(HealthResponse(status="ok").model_dump())
 
-    @route("readyz", None)
+    @route("readyz")
     async def readyz(request: Request, d: _Deps) -> Response:
         if d.service.ready():
             return JSONResponse(HealthResponse(status="ready").model_dump())
@@ -481,7 +593,8 @@ def create_app(
 
     openapi = build_openapi()
 
-    async def openapi_json(request: Request) -> Response:
+    @route("openapi", anonymous=True)
+    async def openapi_json(request: Request, d: _Deps) -> Response:
         return JSONResponse(openapi)
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -505,6 +618,7 @@ def create_app(
         Route("/v1/sessions", create_session, methods=["POST"], name="create_session"),
         Route("/v1/sessions/{session_id}", session_resource, methods=["GET", "DELETE"], name="session"),
         Route("/v1/sessions/{session_id}/ice", trickle, methods=["POST"], name="trickle"),
+        Route("/v1/sessions/{session_id}/refresh", refresh_session, methods=["POST"], name="refresh"),
         Route("/v1/ice-servers", get_ice_servers, methods=["GET"], name="ice_servers"),
         Route("/healthz", healthz, methods=["GET"], name="healthz"),
         Route("/readyz", readyz, methods=["GET"], name="readyz"),
@@ -551,9 +665,46 @@ async def _parse(request: Request, limit: int, model: type[M]) -> M:
         raise ApiError(400, "invalid_request", _validation_detail(exc)) from exc
 
 
-async def _owned(request: Request, d: _Deps, principal: Principal, *, live: bool = False) -> SessionInfo:
-    """The caller's session named in the path, or a 404 that says why (see the module docstring)."""
+async def _drop_lease(d: _Deps, caller: _Caller, lease: str) -> None:
+    """Undo a create's lease. A session token's lease is the session's own (maybe still live on another
+    box): it is left to expire (pending leases live create_timeout + 5 s) or to be renewed there."""
+    if d.cap is not None and caller.grant is None:
+        await d.cap.release(caller.sub, lease)
+
+
+async def _auth_failed(request: Request, d: _Deps, exc: AuthError) -> Response:
+    """401 for a refused credential — or 429 once this address has had too many refused."""
+    if d.limiter is not None:
+        decision = await d.limiter.check(AUTH_FAIL, client_ip(request, d.trusted))
+        if not decision.allowed:
+            err = _limited(decision, _LIMIT_REASON[AUTH_FAIL])
+            return error_response(err.status, err.code, err.detail, err.headers)
+    return error_response(401, exc.code, exc.detail, {"WWW-Authenticate": f'Bearer error="{exc.code}"'})
+
+
+def _credential(request: Request, d: _Deps) -> _Caller:
+    """Verify the bearer credential: a session token (``vst1.…``) or a JWT; :class:`AuthError` if bad."""
+    header = request.headers.get("authorization")
+    scheme, _, token = (header or "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer" and is_session_token(token):
+        try:
+            grant = d.tokens.verify(token)
+        except SessionTokenError as exc:
+            raise AuthError(exc.detail) from exc
+        return _Caller(grant.sub, frozenset(), grant)
+    principal: Principal = d.verifier.verify_authorization(header)
+    return _Caller(principal.sub, principal.scopes, tenant=_tenant_claim(principal, d.cfg))
+
+
+async def _session_access(request: Request, d: _Deps, *, live: bool = False) -> tuple[SessionInfo, _Caller]:
+    """Authorise a request on ``/v1/sessions/{id}…``: credential, per-sub limit, ownership; the caller's
+    session named in the path, or a 404 that says why (see the module docstring)."""
+    caller = _credential(request, d)
     sid = request.path_params["session_id"]
+    if caller.grant is not None and caller.grant.session_id != sid:
+        raise ApiError(403, "forbidden", "this session token belongs to another session")
+    await d.limit(SIGNAL, caller.sub)
     if not SESSION_ID_RE.match(sid):
         raise ApiError(404, "not_found", "no such session (malformed session id)")
     owner_box, dot, _ = sid.partition(".")
@@ -562,12 +713,12 @@ async def _owned(request: Request, d: _Deps, principal: Principal, *, live: bool
                        f"{d.box!r}; send requests for a session through the load balancer, which routes "
                        f"on the box named in the id")
     info = await d.service.get(sid)
-    if info is None or info.owner != principal.sub:
+    if info is None or info.owner != caller.sub:
         raise ApiError(404, "not_found", "no such session on this box (unknown, expired or ended)")
     if live and info.state == "moved":
         raise ApiError(404, "moved", f"session was resumed on another box as "
                        f"{info.details.get('moved_to', '?')}; use that id")
-    return info
+    return info, caller
 
 
 def client_ip(request: Request,
@@ -613,20 +764,23 @@ def _tenant_claim(principal: Principal, cfg: Config) -> str:
     return "" if name == DEFAULT_TENANT else name
 
 
-def _client(request: Request, principal: Principal,
+def _client(request: Request, caller: _Caller,
             trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> ClientInfo:
     return ClientInfo(
-        sub=principal.sub,
+        sub=caller.sub,
         ip=client_ip(request, trusted),
-        scopes=principal.scopes,
+        scopes=caller.scopes,
         user_agent=request.headers.get("user-agent", "")[:256],
+        session_id=caller.grant.session_id if caller.grant else None,
+        tenant=caller.tenant,
     )
 
 
 def build_openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the session API (schemas from the pydantic models)."""
     models: list[type[BaseModel]] = [CreateSessionRequest, CreateSessionResponse, IceRequest,
-                                     IceServersResponse, SessionResponse, ErrorResponse, HealthResponse]
+                                     IceServersResponse, SessionResponse, RefreshResponse, ErrorResponse,
+                                     HealthResponse]
     _, defs = models_json_schema([(m, "validation") for m in models],
                                  ref_template="#/components/schemas/{model}")
     schemas = defs.get("$defs", {})
@@ -642,7 +796,7 @@ def build_openapi() -> dict[str, Any]:
 
     sid_param = [{"name": "session_id", "in": "path", "required": True,
                   "schema": {"type": "string", "pattern": SESSION_ID_RE.pattern}}]
-    common = {"401": err("Missing or invalid token"),
+    common = {"401": err("Missing or invalid token"), "403": err("Session token of another session"),
               "404": err("No such session: not_found (unknown here), wrong_box (the id names another box), "
                          "moved (resumed on another box: details name the new id)"),
               "429": err("Rate limited (Retry-After)")}
@@ -652,7 +806,8 @@ def build_openapi() -> dict[str, Any]:
         "info": {"title": "Voice appliance session API", "version": __version__},
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "bearerFormat": "JWT, or a session token (vst1.…)"}},
         },
         "paths": {
             "/v1/sessions": {"post": {
@@ -662,7 +817,8 @@ def build_openapi() -> dict[str, Any]:
                                 "content": {"application/json": {"schema": ref("CreateSessionRequest")}}},
                 "responses": {"201": ok("Session created", "CreateSessionResponse"),
                               "400": err("Invalid body or SDP"), "401": common["401"],
-                              "403": err("The token's tenant claim names no tenant of this appliance"),
+                              "403": err("Session token without a resume of its own session, or the "
+                                         "JWT's tenant claim names no tenant of this appliance"),
                               "413": err("Body too large"), "415": err("Not JSON"),
                               "429": err("Rate limited, or the tenant's max_sessions reached (Retry-After "
                                          "only for the rate limit)"),
@@ -685,6 +841,12 @@ def build_openapi() -> dict[str, Any]:
                 "responses": {"204": {"description": "Accepted"}, "400": err("Invalid candidate"),
                               "409": err("The session is not connected on this box (resume it)"),
                               "413": err("Body too large"), "415": err("Not JSON"), **common},
+            }},
+            "/v1/sessions/{session_id}/refresh": {"post": {
+                "operationId": "refreshSessionToken", "security": security, "parameters": sid_param,
+                "summary": "A fresh session token (with the current one in its last 120 s, or a JWT)",
+                "responses": {"200": ok("Fresh session token", "RefreshResponse"),
+                              "409": err("Too early (Retry-After)"), **common},
             }},
             "/v1/ice-servers": {"get": {
                 "operationId": "getIceServers", "security": security,

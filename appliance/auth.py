@@ -11,7 +11,12 @@ explicitly, because library defaults are where the classic JWT attacks live:
   with a small clock-skew leeway;
 - the token may not live longer than ``auth.max_ttl_seconds`` (15 min): a long-lived token that leaks is a
   long-lived credential, so ``exp - iat`` (or ``exp - now`` without ``iat``) above the limit is refused;
-- the scope (OAuth2 ``scope`` string or ``scp`` list) must contain ``auth.required_scope``.
+- the scope (OAuth2 ``scope`` string or ``scp`` list) must contain ``auth.required_scope``;
+- a ``crit`` header is refused (we implement no JWS extension, RFC 7515 §4.1.11 says reject), and so
+  are key-carrying headers (``jku``, ``jwk``, ``x5u``, ``x5c``: RFC 8725 §3.10 — the key is pinned by
+  configuration, a token never names its own); ``kid`` is ignored, never used to look a key up;
+- PyJWT ≥ 2.12 (2.10.0 compared ``iss`` as a substring, CVE-2024-53861; before 2.12 ``crit`` was
+  ignored, CVE-2026-32597). ``auth.issuer`` is required outside development (`config check`).
 
 Every failure raises :class:`AuthError` with a short reason; the API turns it into 401 JSON.
 """
@@ -31,6 +36,7 @@ from appliance.config import AuthConfig, ConfigError
 
 ALGORITHM = "RS256"
 MAX_TOKEN_BYTES = 8192
+KEY_HEADERS = ("jku", "jwk", "x5u", "x5c")
 MIN_RSA_BITS = 2048
 
 
@@ -139,6 +145,11 @@ class JwtVerifier:
         alg = header.get("alg")
         if alg != ALGORITHM:
             raise AuthError(f"algorithm {alg!r} not allowed (only {ALGORITHM})")
+        if "crit" in header:
+            raise AuthError("critical header extensions are not supported")
+        named = [h for h in KEY_HEADERS if h in header]
+        if named:
+            raise AuthError(f"header {named[0]!r} not allowed (the verification key is configured)")
         now = time.time()
         try:
             decode_kwargs: dict[str, Any] = {

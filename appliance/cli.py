@@ -13,7 +13,7 @@ import json
 import sys
 
 from appliance import __version__
-from appliance.config import ConfigError, load_config, to_toml_dict
+from appliance.config import ConfigError, load_config, production_problems, redacted_dict
 from appliance.logs import setup_logging
 
 # name -> (module, one-line help)
@@ -35,13 +35,13 @@ def _config_cmd(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    problems = production_problems(cfg)
+    if args.action == "check" and problems:
+        for problem in problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 2
     if args.action == "show":
-        redacted = to_toml_dict(cfg)
-        for section in [*redacted.values(), *redacted["tenants"].values()]:
-            for key in section:
-                if ("secret" in key or key == "api_key") and section[key]:
-                    section[key] = "***"
-        print(json.dumps(redacted, indent=2))
+        print(json.dumps(redacted_dict(cfg), indent=2))
     else:
         print("config ok")
     return 0

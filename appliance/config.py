@@ -35,6 +35,12 @@ class ConfigError(ValueError):
     """A configuration value is missing, of the wrong form, or out of range. The message names the key."""
 
 
+# Field metadata of secret-bearing keys: `config show` prints them as "***" (redacted_dict). A key whose
+# name says secret/key/password/token but carries no marker fails tests/unit/test_config_redaction.py.
+SECRET: dict[str, Any] = {"secret": "value"}
+SECRET_IN_URL: dict[str, Any] = {"secret": "url"}  # a URL whose user:password part is a secret
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     """The public HTTPS session API and demo page served by the supervisor."""
@@ -43,6 +49,7 @@ class ApiConfig:
     port: int = 8443
     tls_cert_file: str = ""  # empty: plain HTTP (behind a TLS-terminating load balancer or for tests)
     tls_key_file: str = ""
+    tls_reload_seconds: float = 10.0  # how often the certificate files are checked for a renewal
     public_host: str = ""  # host name/IP callers reach; used in ICE server URLs
     max_body_bytes: int = 65536
     demo_page: bool = True
@@ -57,6 +64,16 @@ class ApiConfig:
     drain_timeout_seconds: int = 300  # drain: wait this long for live calls to end (then migrate/stop)
     migrate_grace_seconds: int = 30  # force-migrate: end a caller's old leg after this if it never resumes
     create_timeout_seconds: float = 15.0  # POST /v1/sessions: control-plane setup limit (then 504)
+    # A session whose caller has not connected (no Janus webrtcup) this long after the 201 is torn down:
+    # it would otherwise hold a slot, a Janus handle and a Live session for redis.active_ttl_seconds.
+    connect_timeout_seconds: float = 20.0
+    # Read deadlines (docs/security.md "Read deadlines"): a connection must deliver its request head
+    # within header_timeout_seconds and its body within body_timeout_seconds, an idle keep-alive
+    # connection is closed after keepalive_timeout_seconds; at most max_connections at once.
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 10.0
+    keepalive_timeout_seconds: float = 5.0
+    max_connections: int = 2048
     # The operator's admin API and console (/v1/admin/…, /admin/): the management address only.
     admin_host: str = ""  # empty: private_host
     admin_port: int = 9643  # 0: off
@@ -73,13 +90,17 @@ class AuthConfig:
     required_scope: str = "voice:session"
     max_ttl_seconds: int = 900
     leeway_seconds: int = 30
+    # HMAC key of the per-session tokens the create response carries (appliance/session_token.py); a
+    # credential shared by the fleet so any box verifies them. Empty: a random key per process (one box).
+    session_token_key_file: str = ""
+    session_token_ttl_seconds: int = 600
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The Gemini Live model, or the built-in emulator when no API key is configured."""
 
-    api_key: str = ""
+    api_key: str = field(default="", metadata=SECRET)
     api_key_file: str = ""
     model: str = "gemini-2.5-flash-native-audio-preview-09-2025"
     voice: str = "Puck"
@@ -108,7 +129,7 @@ class ModelConfig:
     tools_timeout_seconds: float = 5.0
     # HMAC-SHA256 key for tool requests: each POST carries X-VA-Signature "t=<unix>,v1=<hex of
     # HMAC(key, "<t>.<body>")>" so the endpoint knows it came from this appliance (workers/ai/tools.py).
-    tools_secret: str = ""
+    tools_secret: str = field(default="", metadata=SECRET)
     tools_secret_file: str = ""
     # Model routing (docs/architecture.md "Tenants and model routing"): new calls go to fallback_model
     # while the primary's breaker is open, and fallback_weight (0..1) of the others too ("80 % to Flash").
@@ -135,7 +156,7 @@ class EmulatorConfig:
 
     host: str = "127.0.0.1"
     port: int = 9443
-    api_key: str = "emulator-key"
+    api_key: str = field(default="emulator-key", metadata=SECRET)
     reply: str = "echo"  # echo | tone | silence
 
 
@@ -214,23 +235,28 @@ class JanusConfig:
 
     url: str = "http://127.0.0.1:8088/janus"
     admin_url: str = "http://127.0.0.1:7088/admin"
-    api_secret: str = ""
+    api_secret: str = field(default="", metadata=SECRET)
     api_secret_file: str = ""
-    admin_secret: str = ""
+    admin_secret: str = field(default="", metadata=SECRET)
     admin_secret_file: str = ""
-    audiobridge_admin_key: str = ""
+    audiobridge_admin_key: str = field(default="", metadata=SECRET)
     audiobridge_admin_key_file: str = ""  # systemd credential (packaging); read with config.secret()
     keepalive_seconds: float = 25.0
+    # Janus's sample event handler POSTs its RTCP media statistics here (appliance/quality.py); the
+    # supervisor listens on events_host:events_port (loopback). 0: off (no caller-leg quality).
+    events_host: str = "127.0.0.1"
+    events_port: int = 7089
+    stats_period_seconds: int = 5  # Janus events.stats_period: one media statistics event per handle
 
 
 @dataclass(frozen=True)
 class TurnConfig:
     """coturn with time-limited HMAC credentials (use-auth-secret)."""
 
-    secret: str = ""
+    secret: str = field(default="", metadata=SECRET)
     secret_file: str = ""
     uris: list[str] = field(default_factory=list)
-    ttl_seconds: int = 3600
+    ttl_seconds: int = 600  # at most 600 (refused above): how long a leaked credential works
     stun_uris: list[str] = field(default_factory=list)
 
 
@@ -238,7 +264,7 @@ class TurnConfig:
 class RedisConfig:
     """Session state, rate limits and breakers."""
 
-    url: str = "redis://127.0.0.1:6379/0"  # used when no sentinels are configured
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata=SECRET_IN_URL)  # when no sentinels
     sentinels: list[str] = field(default_factory=list)  # "host:port" of the Sentinels (fleet)
     sentinel_master: str = "va"  # the master name the Sentinels monitor
     sentinel_username: str = ""  # Sentinels' own ACL user, if they require AUTH
@@ -253,10 +279,16 @@ class RedisConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Per-client-IP rate limits on the public API."""
+    """Abuse limits on the public API (appliance/ratelimit.py; docs/security.md "Limits after identity").
 
-    session_creates_per_minute: int = 10
-    signalling_per_minute: int = 60
+    Per token ``sub`` after authentication; per client IP only where there is no identity yet
+    (unauthenticated paths) or the identity was refused (failed authentication)."""
+
+    session_creates_per_minute: int = 10  # per sub
+    signalling_per_minute: int = 300  # per sub: trickle, GET (the demo page polls 1/s), DELETE, refresh
+    concurrent_sessions_per_sub: int = 10  # live sessions one sub may hold across the fleet; 0 = no cap
+    unauthenticated_per_minute: int = 30  # per IP: /dev/token, /openapi.json
+    auth_failures_per_minute: int = 30  # per IP: refused tokens; past it, 429 instead of 401
 
 
 @dataclass(frozen=True)
@@ -273,7 +305,9 @@ class RecordsConfig:
     """Call records in PostgreSQL, the local spool in front of it, and signed webhooks
     (appliance/records/, docs/operations.md "Call records")."""
 
-    dsn: str = ""  # libpq URI without the password, e.g. postgresql://va@db1:5432/voice_appliance; "": off
+    # libpq URI without the password (a password in it is refused at load), e.g.
+    # postgresql://va@db1:5432/voice_appliance; "": off
+    dsn: str = ""
     password_file: str = ""  # credential with the database password (relative: $CREDENTIALS_DIRECTORY)
     spool_dir: str = ""  # default: <paths.state_dir>/records-spool
     spool_max_bytes: int = 256 * 1024 * 1024  # per producer directory; beyond it items are dropped + counted
@@ -292,6 +326,7 @@ class RecordsConfig:
 class LogConfig:
     level: str = "info"
     format: str = "json"  # json | text
+    frame_sample_ratio: float = 0.1  # share of per-frame debug lines written (appliance/logs.py FrameSampler)
 
 
 @dataclass(frozen=True)
@@ -335,6 +370,15 @@ ENDPOINT_KEYS = frozenset({"platform", "project", "location", "credentials_file"
 
 
 @dataclass(frozen=True)
+class OtelConfig:
+    """OpenTelemetry traces (appliance/tracing.py): off unless an OTLP/HTTP endpoint is set."""
+
+    endpoint: str = ""  # collector base URL, e.g. http://127.0.0.1:4318 (/v1/traces is appended)
+    service_name: str = "voice-appliance"
+    timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole appliance configuration."""
 
@@ -352,6 +396,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    otel: OtelConfig = field(default_factory=OtelConfig)
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
 
@@ -366,6 +411,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "api.max_body_bytes": (1024, 16 * 1024 * 1024),
     "api.metrics_port": (0, 65535),
     "api.agent_check_port": (0, 65535),
+    "janus.events_port": (0, 65535),
+    "log.frame_sample_ratio": (0, 1),
+    "otel.timeout_seconds": (0.1, 60),
+    "janus.stats_period_seconds": (1, 60),
     "api.admin_port": (0, 65535),
     "records.spool_max_bytes": (1 << 16, 1 << 40),
     "records.spool_segment_bytes": (1 << 12, 1 << 30),
@@ -377,6 +426,12 @@ _RANGES: dict[str, tuple[float, float]] = {
     "api.drain_timeout_seconds": (0, 86400),
     "api.migrate_grace_seconds": (1, 3600),
     "api.create_timeout_seconds": (1, 120),
+    "api.connect_timeout_seconds": (1, 600),
+    "api.header_timeout_seconds": (0.5, 300),
+    "api.body_timeout_seconds": (0.5, 300),
+    "api.keepalive_timeout_seconds": (0.5, 300),
+    "api.max_connections": (16, 1000000),
+    "auth.session_token_ttl_seconds": (60, 900),
     "auth.max_ttl_seconds": (60, 900),
     "auth.leeway_seconds": (0, 300),
     "model.chunk_ms": (20, 50),
@@ -407,10 +462,14 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.dtmf_flush_ms": (100, 10000),
     "model.tools_timeout_seconds": (0.1, 300),
     "model.fallback_weight": (0.0, 1.0),
-    "turn.ttl_seconds": (60, 3600),
     "tenants.max_sessions": (0, 100000),
+    "turn.ttl_seconds": (60, 600),
+    "api.tls_reload_seconds": (0.1, 3600),
     "limits.session_creates_per_minute": (1, 100000),
     "limits.signalling_per_minute": (1, 100000),
+    "limits.concurrent_sessions_per_sub": (0, 100000),
+    "limits.unauthenticated_per_minute": (1, 100000),
+    "limits.auth_failures_per_minute": (1, 100000),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "emulator.reply": ("echo", "tone", "silence"),
@@ -613,6 +672,21 @@ def load_config(
     return cfg
 
 
+def is_development(cfg: Config) -> bool:
+    """A development config holds the JWT *private* key (`voice-appliance run` and tests mint their own
+    tokens); a production box only ever has the public key of the callers' identity provider."""
+    return bool(cfg.auth.jwt_private_key_file)
+
+
+def production_problems(cfg: Config) -> list[str]:
+    """What `config check` refuses in a production config (loading still works: tests and tools)."""
+    problems = []
+    if not is_development(cfg) and not cfg.auth.issuer:
+        problems.append("auth.issuer: required in production — the iss claim your identity provider puts "
+                        "in callers' tokens (without it a token from any issuer sharing the key would pass)")
+    return problems
+
+
 def _check_cross_field(cfg: Config) -> None:
     if cfg.media.rtp_port_min > cfg.media.rtp_port_max:
         raise ConfigError(
@@ -767,7 +841,44 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
 
 
 def to_toml_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    """The config as plain section dicts (for `voice-appliance config show`)."""
-    out = {name: dataclasses.asdict(getattr(cfg, name)) for name in _section_types()}
+    """The config as plain section dicts (secrets included: `run` writes its generated config with it)."""
+    out: dict[str, Any] = {name: dataclasses.asdict(getattr(cfg, name)) for name in _section_types()}
     out["tenants"] = {n: dict(t.overrides) for n, t in cfg.tenants.items()}
+    return out
+
+
+REDACTED = "***"
+_URL_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
+
+
+def secret_fields() -> dict[str, str]:
+    """``section.key`` → kind ("value" or "url") of every secret-bearing key, from the field metadata."""
+    out: dict[str, str] = {}
+    for name, cls in _section_types().items():
+        for f in dataclasses.fields(cls):
+            kind = f.metadata.get("secret")
+            if kind:
+                out[f"{name}.{f.name}"] = kind
+    return out
+
+
+def redacted_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """:func:`to_toml_dict` with every secret replaced by "***" (for `voice-appliance config show`)."""
+    out = to_toml_dict(cfg)
+    for full, kind in secret_fields().items():
+        section, key = full.split(".", 1)
+        value = out[section].get(key)
+        if not value:
+            continue
+        if kind == "url":
+            out[section][key] = _URL_USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", value)
+        else:
+            out[section][key] = REDACTED
+    model_secrets = {k.split(".", 1)[1]: kind for k, kind in secret_fields().items()
+                     if k.startswith("model.")}
+    for table in out["tenants"].values():  # a tenant's keys are [model] keys
+        for key, kind in model_secrets.items():
+            if table.get(key):
+                table[key] = (_URL_USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", table[key])
+                              if kind == "url" else REDACTED)
     return out

@@ -26,6 +26,7 @@ LOGGERS_FOLDER = "/usr/lib/x86_64-linux-gnu/janus/loggers"
 
 WANTED_PLUGINS = ("libjanus_nosip.so", "libjanus_audiobridge.so")
 WANTED_TRANSPORTS = ("libjanus_http.so",)
+WANTED_EVENTS = ("libjanus_sampleevh.so",)  # only when JanusSettings.events_backend is set
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class JanusSettings:
     turn_rest_api: str = ""
     turn_rest_api_key: str = ""
     extra_rooms: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # sampleevh backend (the supervisor's loopback receiver, appliance/quality.py); empty: no event handler
+    events_backend: str = ""
+    stats_period: int = 5
 
 
 def _fmt_value(value: Any) -> str:
@@ -125,7 +129,10 @@ def render(settings: JanusSettings) -> dict[str, str]:
         "plugins": {"disable": _disabled(PLUGINS_FOLDER, WANTED_PLUGINS, ())},
         "transports": {"disable": _disabled(TRANSPORTS_FOLDER, WANTED_TRANSPORTS, ())},
         "loggers": {"disable": _disabled(LOGGERS_FOLDER, (), ())},
-        "events": {"broadcast": False, "disable": _disabled(EVENTS_FOLDER, (), ())},
+        "events": (
+            {"broadcast": True, "stats_period": s.stats_period, "combine_media_stats": False,
+             "disable": _disabled(EVENTS_FOLDER, WANTED_EVENTS, ())}
+            if s.events_backend else {"broadcast": False, "disable": _disabled(EVENTS_FOLDER, (), ())}),
     }
     http = {
         "general": {
@@ -164,12 +171,18 @@ def render(settings: JanusSettings) -> dict[str, str]:
     }
     audiobridge: dict[str, Mapping[str, Any]] = {"general": ab_general}
     audiobridge.update(s.extra_rooms)
-    return {
+    files = {
         "janus.jcfg": dumps_jcfg(janus),
         "janus.transport.http.jcfg": dumps_jcfg(http),
         "janus.plugin.nosip.jcfg": dumps_jcfg(nosip),
         "janus.plugin.audiobridge.jcfg": dumps_jcfg(audiobridge),
     }
+    if s.events_backend:
+        # media statistics only (RTT, loss both ways, jitter), grouped, compact JSON, to loopback
+        files["janus.eventhandler.sampleevh.jcfg"] = dumps_jcfg({"general": {
+            "enabled": True, "events": "media", "grouping": True, "json": "compact",
+            "backend": s.events_backend, "max_retransmissions": 1, "retransmissions_backoff": 100}})
+    return files
 
 
 def write(settings: JanusSettings, conf_dir: str | os.PathLike[str]) -> Path:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,56 @@ class _ShmCollector(Collector):
         return out
 
 
+# Worker histograms in the shard segments (shm/histograms.py): histogram name -> exported stage
+# (None: its own metric, va_turn_e2e_seconds).
+TURN_STAGES: dict[str, str | None] = {
+    "turn_end": "turn_end", "model_first_audio": "model_first_audio", "playout": "playout",
+    "barge_in": "barge_in", "e2e": None,
+}
+HistSource = Callable[[], Mapping[int, Mapping[str, tuple[list[int], float]]]]
+
+
+def _cumulative(buckets: list[int]) -> list[tuple[str, float]]:
+    from shm.histograms import BOUNDS
+
+    out, cum = [], 0
+    for bound, n in zip((*map(str, BOUNDS), "+Inf"), buckets, strict=True):
+        cum += n
+        out.append((bound, float(cum)))
+    return out
+
+
+class _HistCollector(Collector):
+    """The workers' latency histograms, read from the segments at scrape time (labels: shard, stage)."""
+
+    def __init__(self, source: HistSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Any]:
+        try:
+            per_shard = self._source()
+        except Exception:
+            log.exception("reading shard histograms failed")
+            return []
+        turn = HistogramMetricFamily(
+            "va_turn_latency_seconds",
+            "Turn stage latency: turn_end (caller's last speech -> activityEnd sent), model_first_audio "
+            "(activityEnd -> first model audio), playout (first model audio -> first RTP), barge_in "
+            "(caller onset -> model audio stopped)", labels=["shard", "stage"])
+        e2e = HistogramMetricFamily(
+            "va_turn_e2e_seconds", "Caller's last speech -> first answer RTP packet out", labels=["shard"])
+        for shard, hists in sorted(per_shard.items()):
+            for name, stage in TURN_STAGES.items():
+                if name not in hists:
+                    continue
+                buckets, total = hists[name]
+                if stage is None:
+                    e2e.add_metric([str(shard)], _cumulative(buckets), total)
+                else:
+                    turn.add_metric([str(shard), stage], _cumulative(buckets), total)
+        return [turn, e2e]
+
+
 class Metrics:
     """The supervisor's metrics on a private registry (tests create as many as they like)."""
 
@@ -127,8 +177,44 @@ class Metrics:
         )
         self.draining = Gauge("va_draining", "1 while the box refuses new sessions to drain", registry=r)
         self.redis_errors = Counter("va_redis_errors", "Failed Redis operations (retried later)", registry=r)
-        self.janus_errors = Counter("va_janus_errors", "Failed Janus requests", registry=r)
+        # caller-leg quality, one observation per call every 5 s (appliance/quality.py)
+        self.call_mos = Histogram(
+            "va_call_mos", "E-model MOS estimate (1-4.5) of a call over the last 5 s window", ["shard"],
+            buckets=(1.0, 1.5, 2.0, 2.5, 3.0, 3.25, 3.5, 3.75, 4.0, 4.1, 4.2, 4.3, 4.4, 4.5), registry=r)
+        self.rtp_loss = Histogram(
+            "va_rtp_loss_ratio", "RTP packet loss ratio of a call over the last 5 s window "
+            "(uplink: caller -> box; downlink: box -> caller, from the caller's RTCP reports)",
+            ["shard", "direction"],
+            buckets=(0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
+            registry=r)
+        self.rtp_jitter = Histogram(
+            "va_rtp_jitter_seconds", "RTP interarrival jitter (RFC 3550) of a call, sampled every 5 s",
+            ["shard", "direction"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5),
+            registry=r)
+        self.rtt = Histogram(
+            "va_rtt_seconds", "Round-trip time between Janus and the caller (RTCP), sampled every 5 s",
+            ["shard"], buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0),
+            registry=r)
         self._http: Any = None
+
+    @staticmethod
+    def worker_overloaded_init(role: str) -> None:
+        """Create ``va_worker_overloaded_total{role}`` at 0 (the arbiter's counter, default registry)."""
+        from appliance.arbiter import OVERLOADED
+
+        OVERLOADED.labels(role=role)
+
+    def observe_quality(self, shard: int, q: Any) -> None:
+        """One call's ``appliance.quality.QualitySample`` into the per-shard histograms."""
+        sh = str(shard)
+        self.call_mos.labels(shard=sh).observe(q.mos)
+        self.rtp_loss.labels(shard=sh, direction="uplink").observe(q.loss_up_ratio)
+        self.rtp_loss.labels(shard=sh, direction="downlink").observe(q.loss_down_ratio)
+        self.rtp_jitter.labels(shard=sh, direction="uplink").observe(q.jitter_up_seconds)
+        self.rtp_jitter.labels(shard=sh, direction="downlink").observe(q.jitter_down_seconds)
+        if q.rtt_seconds > 0:
+            self.rtt.labels(shard=sh).observe(q.rtt_seconds)
 
     def include_default_registry(self) -> None:
         """Also serve what other modules registered on prometheus_client's default registry."""
@@ -137,6 +223,19 @@ class Metrics:
     def add_shard_counters(self, source: Callable[[], Mapping[int, Mapping[str, float]]]) -> None:
         """Export the workers' shared-memory counters, read at scrape time from ``source()``."""
         self.registry.register(_ShmCollector(source))
+
+    def add_shard_histograms(self, source: HistSource) -> None:
+        """Export the workers' latency histograms, read at scrape time from ``source()``."""
+        self.registry.register(_HistCollector(source))
+
+    def add_worker_registry(self, directory: str) -> None:
+        """Export what worker processes record with prometheus_client in multiprocess mode
+        (``PROMETHEUS_MULTIPROC_DIR=directory`` in their environment: the AI worker's Live-layer counters
+        and connect histogram). Event-rate metrics only, never per frame: an ``inc`` there is an mmap'd
+        store under a lock (~1-2 µs). Files of dead workers stay and keep their counts (monotonic)."""
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        MultiProcessCollector(self.registry, path=directory)
 
     def serve(self, host: str, port: int) -> int:
         """Start /metrics on host:port (a daemon thread); returns the bound port."""

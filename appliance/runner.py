@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
 import secrets
@@ -47,10 +48,12 @@ from typing import Any
 
 from appliance.config import Config, ConfigError, load_config, replace, to_toml_dict
 from appliance.cpuplan import make_plan
+from appliance.turn import peer_policy_lines
 
 DEFAULT_REDIS_PORT = 6390
 DEFAULT_POSTGRES_PORT = 6391
 DEFAULT_TURN_PORT = 3478
+DEV_ISSUER = "voice-appliance-dev"  # `run` mints its own tokens; production configs name their IdP
 
 
 @dataclass
@@ -148,6 +151,14 @@ def primary_ip() -> str:
     return ""
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _url_port(url: str, default: int) -> int:
     return urllib.parse.urlsplit(url).port or default
 
@@ -231,6 +242,7 @@ def prepare(
     janus_admin = ensure_secret(sec / "janus-admin-secret")
     ab_key = ensure_secret(sec / "audiobridge-admin-key")
     turn_secret = ensure_secret(sec / "turn-secret", 32)
+    ensure_secret(sec / "session-token-key", 32)  # HMAC key of the per-session tokens (43 characters)
     records: dict[str, Any] = {}
     if not base.records.webhook_secret_file:  # signs webhooks and tool-call POSTs
         ensure_secret(sec / "webhook-secret", 32)
@@ -265,7 +277,9 @@ def prepare(
     cfg = replace(
         base,
         paths={"state_dir": str(state), "run_dir": str(state / "run")},
-        auth={"jwt_public_key_file": str(pub), "jwt_private_key_file": str(priv)},
+        auth={"jwt_public_key_file": str(pub), "jwt_private_key_file": str(priv),
+              "issuer": base.auth.issuer or DEV_ISSUER,
+              "session_token_key_file": str(sec / "session-token-key")},
         janus={
             "api_secret": "", "api_secret_file": str(sec / "janus-api-secret"),
             "admin_secret": "", "admin_secret_file": str(sec / "janus-admin-secret"),
@@ -304,13 +318,17 @@ def prepare(
     if pg_cluster is not None:
         programs.append(Program("postgres", [*pin, *pg_cluster.server_command()], 15, stopsignal="INT",
                                 stopwaitsecs=30, startsecs=0))
+    janus_ip = public_host if _is_ip(public_host) else primary_ip()
     if with_coturn:
+        # The production peer policy (appliance.turn.peer_policy_lines): relays reach Janus's address and
+        # nothing else, so a demo token on the network is no way into the LAN or this machine.
         turn_conf = state / "coturn" / "turnserver.conf"
         _write_private(turn_conf, "\n".join([
             f"listening-port={turn_port}", "fingerprint", "use-auth-secret",
             f"static-auth-secret={turn_secret}", "realm=voice-appliance", "no-cli", "no-tls", "no-dtls",
             "no-multicast-peers", "no-software-attribute", "simple-log", "log-file=stdout",
             f"pidfile={state / 'run' / 'turnserver.pid'}", f"userdb={state / 'coturn' / 'turndb'}",
+            *peer_policy_lines([janus_ip] if janus_ip else []),
             "",
         ]))
         programs.append(Program("coturn", [*pin, shutil.which("turnserver") or "turnserver", "-c",
@@ -322,8 +340,11 @@ def prepare(
             api_secret=janus_api,
             admin_secret=janus_admin,
             audiobridge_admin_key=ab_key,
-            public_ip=public_host or primary_ip(),
+            public_ip=public_host or janus_ip,
             plain_rtp_ip=cfg.media.rtp_host,
+            events_backend=(f"http://{cfg.janus.events_host}:{cfg.janus.events_port}/janus-events"
+                            if cfg.janus.events_port else ""),
+            stats_period=cfg.janus.stats_period_seconds,
         )
         janus_conf.write(settings, state / "janus")
         programs.append(Program("janus", [*pin, *janus_conf.command(state / "janus")], 30, startsecs=0))

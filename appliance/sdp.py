@@ -106,6 +106,7 @@ def validate_offer(sdp: object, max_bytes: int = MAX_SDP_BYTES) -> OfferInfo:
             session.append((key, value))
     _check_session(session)
     session_attrs = [v for k, v in session if k == "a"]
+    _check_payload_types(session_attrs, media)
     audio = [s for s in media if s.kind == "audio" and s.port != 0]
     if not audio:
         raise SdpError("no active m=audio section")
@@ -157,6 +158,29 @@ def _check_session(session: list[tuple[str, str]]) -> None:
     origin = dict(session)["o"].split()
     if len(origin) != 6 or origin[3] != "IN" or origin[4] not in ("IP4", "IP6"):
         raise SdpError("malformed o= line")
+
+
+_PT_ATTRS = ("rtpmap:", "fmtp:", "rtcp-fb:")
+_MAX_PT = 127  # RTP payload types are 7 bits (RFC 3550)
+
+
+def _check_payload_types(session_attrs: list[str], media: list[MediaSection]) -> None:
+    """Payload-type attributes only inside a media section and only for 0-127: Janus honours a stray
+    session-level ``a=rtpmap:128 opus/48000/2`` or an unlisted ``a=rtpmap:255 telephone-event/…`` and
+    would negotiate a payload type no RTP packet can carry (found by `voice-appliance bench fuzz`)."""
+    for attr in session_attrs:
+        if attr.startswith(_PT_ATTRS):
+            raise SdpError(f"a={attr.split(':', 1)[0]} outside a media section")
+    for sec in media:
+        for attr in sec.attributes:
+            if not attr.startswith(_PT_ATTRS):
+                continue
+            pt = attr.split(":", 1)[1].split(" ", 1)[0]
+            if pt == "*" and attr.startswith("rtcp-fb:"):
+                continue
+            if not pt.isdigit() or int(pt) > _MAX_PT:
+                raise SdpError(f"invalid payload type {pt[:10]!r} in a={attr.split(':', 1)[0]} "
+                               f"(RTP payload types are 0-{_MAX_PT})")
 
 
 def _codecs(sec: MediaSection) -> tuple[int, int, int | None]:

@@ -33,7 +33,16 @@ Force-migrate (:meth:`Sessions.migrate_all`, drain timeout): each call gets stat
 fresh resume token shown only to its owner in ``GET /v1/sessions/{id}``; its leg here ends once it has
 resumed elsewhere, or after ``api.migrate_grace_seconds`` (kept resumable).
 
-Janus: one long-lived Janus session per shard (one long-poll each), one handle per call.
+Janus: one long-lived Janus session per shard (one long-poll each), one handle per call. An offer that
+passed our SDP validation but that Janus refuses is the caller's mistake: 400 ``invalid_sdp`` with
+Janus's reason (:func:`offer_refused`); any other Janus failure is a 502 whose detail stays in the log.
+
+Dead sessions: a caller that never connects (no ``webrtcup`` within ``api.connect_timeout_seconds``)
+is torn down like a hangup — slot, Janus handle and Live session freed — instead of holding them for
+``redis.active_ttl_seconds``.
+
+Concurrent-session cap: the API takes the lease (:class:`appliance.ratelimit.SessionCap`); this service
+renews the leases of its live sessions and releases them at teardown.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance import routing
+from appliance import routing, tracing
 from appliance.api import (
     CapacityError,
     ClientInfo,
@@ -58,19 +67,24 @@ from appliance.api import (
     UpstreamError,
 )
 from appliance.breaker import Breaker, BreakerSettings, model_breaker_name, peek
-from appliance.config import Config, secret, tenant
+from appliance.config import DEFAULT_TENANT, Config, secret, tenant
 from appliance.janus import (
     AUDIOBRIDGE,
+    ERR_HANDLE_NOT_FOUND,
+    ERR_SESSION_NOT_FOUND,
+    ERR_UNAUTHORIZED,
     NOSIP,
     JanusClient,
     JanusError,
     JanusEvent,
     JanusHandle,
     JanusSession,
+    JanusUnavailable,
     plain_rtp_answer,
 )
 from appliance.metrics import Metrics
 from appliance.placement import AdmissionRefused, Placed, Placement
+from appliance.ratelimit import SessionCap
 from appliance.records.calls import SupervisorRecorder
 from appliance.state import (
     ACTIVE,
@@ -87,6 +101,27 @@ log = logging.getLogger(__name__)
 CLOSE_GRACE_SECONDS = 0.3  # CLOSING → FREE delay: workers scan every tick (≤ 20 ms)
 MIRROR_SECONDS = 1.0
 REFRESH_SECONDS = 300.0
+MAX_REASON_CHARS = 200
+_NOT_THE_CALLERS_FAULT = {0, ERR_UNAUTHORIZED, 405, ERR_SESSION_NOT_FOUND, ERR_HANDLE_NOT_FOUND, 490}
+
+
+class OfferRefused(Exception):
+    """Janus refused the caller's offer itself (raised from the step that hands Janus the offer)."""
+
+    def __init__(self, exc: JanusError) -> None:
+        super().__init__(str(exc))
+        self.janus_error = exc
+
+
+def offer_refused(exc: JanusError) -> bool:
+    """True when Janus's answer to the caller's offer blames the offer (JSEP/SDP or plugin errors), not
+    Janus being down, our secret, a lost session or one of our own parse checks (code 0)."""
+    return not isinstance(exc, JanusUnavailable) and exc.code not in _NOT_THE_CALLERS_FAULT
+
+
+def _public_reason(reason: str) -> str:
+    """Janus's reason, one line, bounded (it quotes the caller's own SDP, never our addresses)."""
+    return " ".join(reason.split())[:MAX_REASON_CHARS] or "refused"
 
 
 @dataclass
@@ -104,6 +139,7 @@ class LiveSession:
     room_handle: JanusHandle | None = None
     room_id: int | None = None
     webrtc_up: bool = False
+    resumed: bool = False
     mirrored: tuple[str, str, str] = ("", "", "")
     closing: bool = False
     migrate_token: str = ""  # set by a force-migrate: the caller resumes elsewhere with it
@@ -143,6 +179,8 @@ class Sessions:
         self.rng = rng or random.Random()
         self._redis = redis
         self._breakers: dict[str, Breaker] = {}
+        self.cap: SessionCap | None = None  # the API's per-sub session cap (the supervisor sets it)
+        self._last_renew = 0.0
         self.records = SupervisorRecorder(cfg, box)  # call rows for the record (appliance/records/calls.py)
         self.accepting = False
         self.live: dict[str, LiveSession] = {}
@@ -245,6 +283,7 @@ class Sessions:
             raise CapacityError(f"no capacity ({exc.reason})", retry_after=exc.retry_after) from exc
         try:
             tenant_cfg, model, route = await self._route(client, resumed)
+            tenant_key = "" if tenant_cfg.name == DEFAULT_TENANT else tenant_cfg.name
         except Exception:
             self.placement.release(placed.shard, placed.slot)
             raise
@@ -252,9 +291,10 @@ class Sessions:
         voice = options.voice or (resumed.voice if resumed else "") or ""
         language = options.language or (resumed.language if resumed else "") or ""
         live = LiveSession(sid, client.sub, options.mode, placed, 0, now,
-                           now + self.cfg.redis.active_ttl_seconds, tenant=client.tenant, model=model)
+                           now + self.cfg.redis.active_ttl_seconds, resumed=resumed is not None,
+                           tenant=tenant_key, model=model)
         # the AI worker builds the call's Live setup, tools and greeting from the tenant and this model
-        slot_opts: dict[str, Any] = {"voice": voice, "language": language, "tenant": client.tenant,
+        slot_opts: dict[str, Any] = {"voice": voice, "language": language, "tenant": tenant_key,
                                      "model": model}
         if resume_handle:
             slot_opts["resume_handle"] = resume_handle
@@ -266,10 +306,16 @@ class Sessions:
         except asyncio.CancelledError:
             await self._abort(live)
             raise
+        except OfferRefused as refused:
+            await self._abort(live)
+            self.metrics.admissions.labels(result="invalid").inc()
+            exc = refused.janus_error
+            log.info("offer refused by Janus", extra={"session": sid, "code": exc.code, "error": exc.reason})
+            raise InvalidRequest(f"the media gateway refused the offer: {_public_reason(exc.reason)}",
+                                 code="invalid_sdp") from exc
         except JanusError as exc:
             await self._abort(live)
             self.metrics.admissions.labels(result="error").inc()
-            self.metrics.janus_errors.inc()
             log.warning("session setup failed in Janus", extra={"session": sid, "error": str(exc)})
             raise UpstreamError(f"media gateway refused the call: {exc.reason or exc}") from exc
         except Exception:
@@ -291,7 +337,7 @@ class Sessions:
             "janus_session_id": live.handle.session.id if live.handle else None,
             "janus_handle_id": live.handle.id if live.handle else None,
             "room_id": live.room_id, "voice": voice, "language": language,
-            "tenant": client.tenant, "model": model,
+            "tenant": tenant_key, "model": model,
             "resume_handle": resume_handle, "disconnected_at": None,
         }
         try:
@@ -308,9 +354,15 @@ class Sessions:
         self.metrics.admissions.labels(result="resumed" if resumed else "accepted").inc()
         self.metrics.tenant_sessions.labels(tenant_cfg.name, model, route).inc()
         self.records.created(live, resumed=resumed is not None, voice=voice or tenant_cfg.model.voice,
-                             language=language or tenant_cfg.model.language, tenant=client.tenant or None,
+                             language=language or tenant_cfg.model.language, tenant=tenant_key or None,
                              model=model)
         self.metrics.session_setup_seconds.observe(time.perf_counter() - started)
+        # one trace per call id (appliance/tracing.py): a call resumed here under its id continues its
+        # trace (a child of its call span); one that moved boxes got a new id and starts a new trace
+        live.extra["span"] = (tracing.start_child(sid, "call_resumed", box=self.box)
+                              if resumed is not None and not moving else
+                              tracing.start_call(sid, box=self.box, shard=placed.shard, mode=options.mode,
+                                                 resumed_from=resumed.session_id if resumed else ""))
         log.info("session created", extra={
             "session": sid, "shard": placed.shard, "slot": placed.slot, "port": placed.rtp_port,
             "mode": options.mode, "resumed": resumed is not None, "tenant": tenant_cfg.name,
@@ -321,11 +373,18 @@ class Sessions:
     async def _route(self, client: ClientInfo, resumed: SessionRecord | None) -> tuple[Any, str, str]:
         """The caller's tenant (its limit checked) and the model of this call. A resume keeps the
         model it had (its Live handle belongs to that model) and must come with the same tenant."""
-        t = tenant(self.cfg, client.tenant)
-        if resumed is not None and resumed.tenant != client.tenant:
-            raise InvalidRequest("resume token belongs to another tenant", code="invalid_resume")
+        name = client.tenant
+        if resumed is not None:  # a session token carries no claim: the record's tenant holds
+            if client.tenant and resumed.tenant != client.tenant:
+                raise InvalidRequest("resume token belongs to another tenant", code="invalid_resume")
+            name = resumed.tenant
+        try:
+            t = tenant(self.cfg, name)
+        except KeyError:  # recorded under a tenant this box's config no longer has
+            raise InvalidRequest(f"tenant {name!r} is not configured on this appliance", status=403,
+                                 code="unknown_tenant") from None
         if t.max_sessions:
-            mine = sum(1 for s in self.live.values() if s.tenant == client.tenant and not s.closing)
+            mine = sum(1 for s in self.live.values() if s.tenant == name and not s.closing)
             if mine >= t.max_sessions:
                 self.metrics.tenant_refused.labels(t.name).inc()
                 raise InvalidRequest(f"tenant {t.name!r} has its maximum of {t.max_sessions} concurrent "
@@ -348,7 +407,8 @@ class Sessions:
         except Exception as exc:
             raise UpstreamError("session state unavailable; cannot resume now", status=503,
                                 retry_after=2) from exc
-        if record is None or record.sub != client.sub:
+        if record is None or record.sub != client.sub or (
+                client.session_id is not None and record.session_id != client.session_id):
             raise InvalidRequest("resume token unknown, expired or already used", code="invalid_resume")
         return record
 
@@ -377,7 +437,15 @@ class Sessions:
         js = await self._janus_session(live.placed.shard)
         live.handle = await js.attach(NOSIP, opaque_id=live.session_id)
         self._by_handle[live.handle.id] = live.session_id
-        side = await live.handle.nosip_generate(offer_sdp, info=live.session_id)
+        try:
+            side = await live.handle.nosip_generate(offer_sdp, info=live.session_id)
+        except JanusError as exc:
+            if offer_refused(exc):
+                raise OfferRefused(exc) from exc
+            raise
+        for pt in (side.payload_type, side.telephone_event_payload_type, side.red_payload_type):
+            if pt is not None and not 0 <= pt <= 127:  # what Janus made of the offer, not our bug
+                raise OfferRefused(JanusError(0, f"the offer led to RTP payload type {pt} (valid: 0-127)"))
         red = side.red_payload_type if self.cfg.media.red else None
         if red is not None:
             opts = {**opts, "red_payload_type": red}  # the media worker unpacks it (workers/media/red.py)
@@ -402,7 +470,12 @@ class Sessions:
         self._activate(live, side.ip, side.port, side.payload_type, 1, None, opts)
         live.handle = await js.attach(AUDIOBRIDGE, opaque_id=live.session_id)
         self._by_handle[live.handle.id] = live.session_id
-        return await live.handle.audiobridge_join_webrtc(live.room_id, offer_sdp, display="caller")
+        try:
+            return await live.handle.audiobridge_join_webrtc(live.room_id, offer_sdp, display="caller")
+        except JanusError as exc:
+            if offer_refused(exc):
+                raise OfferRefused(exc) from exc
+            raise
 
     async def _abort(self, live: LiveSession) -> None:
         """Undo a half-done setup (slot, Janus handles, placement)."""
@@ -424,6 +497,9 @@ class Sessions:
         try:
             await live.handle.trickle(body)
         except JanusError as exc:
+            if offer_refused(exc):
+                raise InvalidRequest(f"the media gateway refused the candidate: {_public_reason(exc.reason)}",
+                                     code="invalid_candidate") from exc
             raise UpstreamError(f"media gateway refused the candidate: {exc.reason or exc}") from exc
 
     async def get(self, session_id: str) -> SessionInfo | None:
@@ -437,6 +513,8 @@ class Sessions:
                 if slot.is_current(live.generation):
                     details["model_state"] = slot.model_state or "connecting"
                     details["transcript"] = slot.transcript
+            if "quality" in live.extra:
+                details["quality"] = live.extra["quality"]  # latest 5 s window (appliance/quality.py)
             state = "active" if live.webrtc_up else "connecting"
             if live.migrate_token:  # only the owner sees it (the API checks the token's sub first)
                 state = "migrating"
@@ -507,6 +585,8 @@ class Sessions:
         if live is None or live.closing:
             return
         live.closing = True
+        if self.cap is not None:
+            self._spawn(self.cap.release(live.sub, session_id))
         handle_ids = [h.id for h in (live.handle, live.room_handle) if h is not None]
         mirror = self._read_slot(live)
         self.records.ended(live, reason, self._slot_of(live))
@@ -514,6 +594,7 @@ class Sessions:
         for hid in handle_ids:
             self._by_handle.pop(hid, None)
         self.metrics.sessions_ended.labels(reason=reason).inc()
+        tracing.end(live.extra.pop("span", None), reason=reason)
         log.info("session ended", extra={"session": session_id, "reason": reason})
         if not write:
             return
@@ -577,11 +658,44 @@ class Sessions:
         except Exception:
             return None
 
+    def quality_refs(self) -> list[Any]:
+        """The live calls as the call-quality sampler sees them (appliance/quality.py)."""
+        from appliance.quality import CallRef
+
+        refs = []
+        for sid, live in list(self.live.items()):
+            if live.closing or live.handle is None:
+                continue
+            refs.append(CallRef(sid, live.placed.shard, live.handle.id, self._counters_of(live),
+                                lambda q, live=live: self._publish_quality(live, q)))
+        return refs
+
+    @staticmethod
+    def _publish_quality(live: LiveSession, q: Any) -> None:
+        from appliance.quality import QualitySummary
+
+        live.extra["quality"] = q.public()
+        live.extra.setdefault("quality_summary", QualitySummary()).add(q)
+
+    def quality_summary(self, session_id: str) -> dict[str, Any] | None:
+        """The call's quality so far (samples, MOS mean/min, worst loss/jitter/RTT) for its call record;
+        None for a call not live on this box. Read it before teardown."""
+        live = self.live.get(session_id)
+        summary = live.extra.get("quality_summary") if live is not None else None
+        return summary.public() if summary is not None else None
+
+    def _counters_of(self, live: LiveSession) -> Any:
+        def read() -> dict[str, int] | None:
+            slot = self.segments[live.placed.shard].slot(live.placed.slot)
+            return slot.counters.snapshot() if slot.is_current(live.generation) else None
+        return read
+
     # -- mirror to Redis ------------------------------------------------------------------------
     async def mirror_once(self) -> int:
         """Copy changed resume handles / model states / transcripts to Redis; returns the count."""
         n = 0
         now = time.time()
+        connect_limit = self.cfg.api.connect_timeout_seconds
         grace = self.cfg.api.migrate_grace_seconds
         with contextlib.suppress(Exception):  # refused writes find the rest; this is the quiet path
             await self.store.lost_of(list(self.live))
@@ -591,6 +705,13 @@ class Sessions:
                 continue
             if live.migrate_token and time.monotonic() - live.migrating_since > grace:
                 self._spawn(self._teardown(sid, "migrate_timeout", forget=False))
+                continue
+            if not live.webrtc_up and now - live.created_at >= connect_limit:
+                # a dead session (the caller never connected): free slot, Janus handle and Live session.
+                # A fresh one is forgotten (nothing to resume); a resumed one keeps its resume window.
+                log.info("caller never connected; ending the session",
+                         extra={"session": sid, "timeout_seconds": connect_limit})
+                self._spawn(self._teardown(sid, "connect_timeout", forget=not live.resumed))
                 continue
             current = self._read_slot(live)
             if current is None or current == live.mirrored:
@@ -611,6 +732,9 @@ class Sessions:
             await asyncio.sleep(MIRROR_SECONDS)
             try:
                 await self.mirror_once()
+                if self.cap is not None and time.monotonic() - self._last_renew > SessionCap.RENEW_SECONDS:
+                    self._last_renew = time.monotonic()
+                    await self.cap.renew([(s.sub, sid) for sid, s in list(self.live.items())])
                 if time.monotonic() - last_refresh > REFRESH_SECONDS:
                     last_refresh = time.monotonic()
                     await self.store.refresh_active()

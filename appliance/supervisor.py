@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -35,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance.config import Config, ConfigError, load_config
+from appliance.config import Config, ConfigError, load_config, production_problems
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,15 @@ def instance_id(cfg: Config) -> str:
     return digest[:12]
 
 
-def demo_routes(cfg: Config) -> list[Any]:
+def demo_routes(cfg: Config, limiter: Any = None) -> list[Any]:
     """The demo page, its static files and the dev-only token endpoint.
 
     ``POST /dev/token`` exists only when ``api.demo_page`` is on AND the dev private key
     (``auth.jwt_private_key_file``) exists: `voice-appliance run` creates it, a production install has
-    no private key, so there the endpoint is simply absent (404).
+    no private key, so there the endpoint is simply absent (404). Every token gets its own random
+    ``sub`` (one demo user cannot read another's session or transcript), and with ``limiter`` (a
+    :class:`appliance.ratelimit.RateLimiter`) the endpoint is limited per client IP
+    (``limits.unauthenticated_per_minute``; `run --public-host` serves it to a whole network).
     """
     from starlette.requests import Request
     from starlette.responses import FileResponse, JSONResponse, Response
@@ -78,10 +82,26 @@ def demo_routes(cfg: Config) -> list[Any]:
 
         pem = Path(key_file).read_bytes()
 
-        async def dev_token(_request: Request) -> Response:
-            token = mint(pem, sub="demo", audience=cfg.auth.audience, issuer=cfg.auth.issuer,
+        import ipaddress
+        import secrets
+
+        from appliance.api import client_ip, error_response
+        from appliance.ratelimit import ANON
+
+        trusted = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.api.trusted_proxies)
+
+        async def dev_token(request: Request) -> Response:
+            if limiter is not None:
+                decision = await limiter.check(ANON, client_ip(request, trusted))
+                if not decision.allowed:
+                    return error_response(429, "rate_limited", "too many development tokens from this "
+                                          f"address; retry in {decision.retry_after_header} s",
+                                          {"Retry-After": decision.retry_after_header})
+            sub = "demo-" + secrets.token_urlsafe(9)
+            token = mint(pem, sub=sub, audience=cfg.auth.audience, issuer=cfg.auth.issuer,
                          scope=cfg.auth.required_scope, ttl_seconds=min(600, cfg.auth.max_ttl_seconds))
-            return JSONResponse({"token": token, "dev": True}, headers={"Cache-Control": "no-store"})
+            return JSONResponse({"token": token, "sub": sub, "dev": True},
+                                headers={"Cache-Control": "no-store"})
 
         routes.append(Route("/dev/token", dev_token, methods=["POST"], name="dev_token"))
         if not cfg.api.host.startswith("127.") and cfg.api.host not in ("localhost", "::1"):
@@ -103,20 +123,31 @@ class _Server:
             def capture_signals(self) -> Iterator[None]:
                 yield
 
-        return Server(config)
+        server = Server(config)
+        server.tls = None  # make() sets the API server's CertReloader
+        return server
 
     @staticmethod
     def make(app: Any, cfg: Config) -> Any:
         import uvicorn
 
-        kwargs: dict[str, Any] = {}
-        if cfg.api.tls_cert_file:
-            kwargs = {"ssl_certfile": cfg.api.tls_cert_file, "ssl_keyfile": cfg.api.tls_key_file}
+        from appliance.httpguard import uvicorn_kwargs
+
+        kwargs: dict[str, Any] = uvicorn_kwargs(cfg.api)
+        tls = None
+        if cfg.api.tls_cert_file:  # our TLS policy and in-place certificate reloads (appliance/tls.py)
+            from appliance.tls import CertReloader, HstsMiddleware
+
+            tls = CertReloader(cfg.api.tls_cert_file, cfg.api.tls_key_file)
+            kwargs.update(ssl_certfile=cfg.api.tls_cert_file, ssl_context_factory=lambda *_: tls.context)
+            app = HstsMiddleware(app)
         # proxy_headers off: appliance.api.client_ip alone decides whom to believe (api.trusted_proxies)
         config = uvicorn.Config(app, host=cfg.api.host, port=cfg.api.port, log_config=None,
                                 access_log=False, lifespan="off", server_header=False,
                                 proxy_headers=False, **kwargs)
-        return _Server.wrap(config)
+        server = _Server.wrap(config)
+        server.tls = tls
+        return server
 
 
 class _AdminControl:
@@ -206,6 +237,8 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._graceful = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self.janus_events: Any = None  # appliance.quality.JanusEventReceiver when janus.events_port
+        self._quality: Any = None
         self.admin_server: Any = None
         self.record_writer: Any = None
         self.webhooks: Any = None
@@ -276,6 +309,28 @@ class Supervisor:
                         self.harvest_counters(shard, slot)
         return self._counters.totals
 
+    def _worker_env(self) -> dict[str, str]:
+        """Workers' environment: prometheus_client multiprocess mode into a fresh per-instance directory
+        that /metrics reads (appliance.metrics.Metrics.add_worker_registry)."""
+        d = Path(self.cfg.paths.run_dir) / f"prometheus-{self.instance}"
+        with contextlib.suppress(OSError):
+            shutil.rmtree(d)
+        try:
+            d.mkdir(parents=True, mode=0o700)
+        except OSError as exc:
+            log.warning("no worker metrics directory", extra={"dir": str(d), "error": str(exc)})
+            return dict(os.environ)
+        self.metrics.add_worker_registry(str(d))
+        return {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(d)}
+
+    def _shard_histograms(self) -> dict[int, dict[str, tuple[list[int], float]]]:
+        """Both workers' latency histogram blocks of every shard (scrape time; shm/histograms.py)."""
+        out: dict[int, dict[str, tuple[list[int], float]]] = {}
+        for shard, seg in list(self.segments.items()):
+            with contextlib.suppress(Exception):  # a segment closing during shutdown
+                out[shard] = {**seg.histograms("media").snapshot_all(), **seg.histograms("ai").snapshot_all()}
+        return out
+
     async def start(self) -> None:
         from appliance.agentcheck import AgentCheckServer
         from appliance.api import create_app
@@ -283,7 +338,7 @@ class Supervisor:
         from appliance.config import box_id, private_host
         from appliance.control import ControlServer, socket_path
         from appliance.cpuplan import pin
-        from appliance.ratelimit import RateLimiter
+        from appliance.ratelimit import RateLimiter, SessionCap
         from appliance.sessions import Sessions
         from appliance.state import SessionStore, redis_client
 
@@ -292,26 +347,50 @@ class Supervisor:
             pin(0, self.plan.janus_cpus)
         log.info("cpu plan", extra={"plan": self.plan.describe(), "instance": self.instance})
         self._create_segments()
+        from appliance import tracing
+
+        tracing.configure(cfg.otel.endpoint, cfg.otel.service_name, role="supervisor",
+                          timeout=cfg.otel.timeout_seconds)
         store = SessionStore.from_config(cfg.redis)
         await store.start()
         self.sessions = Sessions(cfg, self.placement, self.segments, store, self.metrics, box=box_id(cfg),
                                  on_slot_freed=self.harvest_counters, redis=redis_client(cfg.redis))
         await self.sessions.start()
-        limiter = RateLimiter(redis_client(cfg.redis), cfg.limits)
-        app = create_app(cfg, self.sessions, limiter=limiter, extra_routes=demo_routes(cfg))
+        limits_redis = redis_client(cfg.redis)
+        limiter = RateLimiter(limits_redis, cfg.limits)
+        cap = SessionCap(limits_redis, cfg.limits)
+        self.sessions.cap = cap
+        app = create_app(cfg, self.sessions, limiter=limiter, cap=cap,
+                         extra_routes=demo_routes(cfg, limiter))
         self.metrics.include_default_registry()
         p = self.placement
         self.metrics.sessions_active.set_function(lambda: p.active)  # read at scrape time
         self.metrics.sessions_capacity.set_function(lambda: p.capacity)
         self.metrics.draining.set_function(lambda: 1 if p.draining else 0)
         self.metrics.add_shard_counters(self._shard_counters)
+        self.metrics.add_shard_histograms(self._shard_histograms)
+        for role in ("media", "ai"):  # series exist from 0, so increase() sees the first restart
+            for reason in ("signal", "exit", "heartbeat", "heartbeat_hard", "reload"):
+                self.metrics.worker_restarts.labels(role=role, reason=reason)
+            self.metrics.worker_overloaded_init(role)
         if cfg.api.metrics_port:
             self.metrics.serve(private_host(cfg, cfg.api.metrics_host), cfg.api.metrics_port)
+        if cfg.janus.events_port:
+            from appliance.quality import JanusEventReceiver, QualitySampler
+
+            self.janus_events = JanusEventReceiver()
+            try:
+                self.janus_events.serve(cfg.janus.events_host, cfg.janus.events_port)
+            except OSError as exc:  # quality then comes from the media workers' counters alone
+                log.error("cannot listen for Janus events", extra={
+                    "host": cfg.janus.events_host, "port": cfg.janus.events_port, "error": str(exc)})
+            sampler = QualitySampler(self.janus_events, self.metrics.observe_quality)
+            self._quality = sampler
         if self.with_workers:
             from shm.segment import segment_name
 
             specs = specs_for_plan(self.plan, lambda k: segment_name(self.instance, k), self.config_path)
-            self.arbiter = Arbiter(specs, heartbeat=self._heartbeat,
+            self.arbiter = Arbiter(specs, heartbeat=self._heartbeat, env=self._worker_env(),
                                    heartbeat_timeout=cfg.shards.heartbeat_timeout_seconds,
                                    on_event=self._on_worker_event)
             for s in self.plan.shards:  # a shard takes calls once its media worker beats
@@ -337,8 +416,14 @@ class Supervisor:
                 self._tasks[0].result()  # raises the bind error
                 raise RuntimeError("API server exited during start-up")
             await asyncio.sleep(0.02)
+        if self.server.tls is not None:
+            self._tasks.append(asyncio.create_task(self.server.tls.run(cfg.api.tls_reload_seconds),
+                                                   name="tls-reload"))
         self.sessions.accepting = True
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if self._quality is not None:
+            quality = self._quality.run(self.sessions.quality_refs, float(cfg.janus.stats_period_seconds))
+            self._tasks.append(asyncio.create_task(quality, name="quality"))
         self.notifier.ready(self._status())
         log.info("supervisor ready", extra={"host": cfg.api.host, "port": cfg.api.port,
                                              "shards": self.plan.shard_count, "slots": cfg.shards.slots})
@@ -526,6 +611,11 @@ class Supervisor:
         if self.arbiter is not None:
             await self.arbiter.stop()
         self.metrics.stop()
+        from appliance import tracing
+
+        tracing.shutdown()
+        if self.janus_events is not None:
+            self.janus_events.stop()
         for seg in self.segments.values():
             seg.close()
             seg.unlink()
@@ -541,6 +631,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config) if args.config else load_config()
+        for problem in production_problems(cfg):  # `config check` (the package, Ansible) refuses these
+            log.error("config problem", extra={"problem": problem})
         sup = Supervisor(cfg, args.config or os.environ.get("VA_CONFIG"), with_workers=not args.no_workers)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

@@ -125,11 +125,13 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def mint_tokens(key: bytes, n: int) -> list[str]:
-    """One caller token per call (own ``sub`` each, as real callers)."""
+    """One caller token per call (own ``sub`` each, as real callers). ``iss`` is `voice-appliance run`'s
+    development issuer (a stack without ``auth.issuer`` ignores it)."""
+    from appliance.runner import DEV_ISSUER
     from appliance.token import mint
 
     return [mint(key, sub=f"box-bench-{i}", audience="voice-appliance", scope="voice:session",
-                 ttl_seconds=900) for i in range(n)]
+                 issuer=DEV_ISSUER, ttl_seconds=900) for i in range(n)]
 
 
 def run_load(api: str, tokens: list[str], calls: int, seconds: float, pids: dict[str, list[int]],

@@ -24,10 +24,13 @@ BENCHMARKS: dict[str, str] = {
     "records": "bench.records_bench",
     "quality": "bench.quality",
     "box": "bench.box",
+    "fuzz": "bench.fuzz",
+    "loris": "bench.loris",
 }
 # Benchmarks that need a running stack (--api …): not part of `smoke`/`all`; their CI smoke is a pytest
-# that builds the stack (tests/bench/test_box.py).
-NEEDS_STACK = {"box"}
+# that builds the stack (tests/bench/test_box.py). `fuzz` builds its own (supervisor + Janus in a netns)
+# and its short form is tests/supervisor/test_security.py::test_short_fuzz_gives_no_5xx.
+NEEDS_STACK = {"box", "fuzz"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

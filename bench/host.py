@@ -9,7 +9,7 @@ does. It skips only Janus and the HTTP API: the load generator plays Janus's pla
 Commands over a ``multiprocessing`` pipe (one reply each): ``ready`` (wait for every worker's
 heartbeat), ``activate`` (list of (shard, slot, remote_port) → generations), ``close`` (list of
 (shard, slot)), ``pids``, ``counters`` (media/AI slot counters and ring counters summed over the slots
-in use), ``stop``.
+in use), ``histograms`` (the shards' latency histogram blocks, summed: shm/histograms.py), ``stop``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ RING_COUNTERS = ("overruns", "dropped", "underruns", "flushes")
 
 
 def session_id(shard: int, slot: int) -> str:
-    """The session id the benchmark gives (shard, slot); the probe events carry it."""
+    """The session id the benchmark gives (shard, slot); the workers log it."""
     return f"bench-{shard}-{slot}"
 
 
@@ -128,6 +128,15 @@ class Host:
                     total[key] = total.get(key, 0) + getattr(ring, k)
         return total
 
+    def histograms(self) -> dict[str, tuple[list[int], float]]:
+        total: dict[str, tuple[list[int], float]] = {}
+        for seg in self.segs.values():
+            for role in ("media", "ai"):
+                for name, (buckets, s) in seg.histograms(role).snapshot_all().items():
+                    b0, s0 = total.get(name, ([0] * len(buckets), 0.0))
+                    total[name] = ([a + b for a, b in zip(b0, buckets, strict=True)], s0 + s)
+        return total
+
     async def stop(self) -> None:
         await self.arbiter.stop()
         for seg in self.segs.values():
@@ -168,6 +177,8 @@ async def _serve(conn: Any, cfg_path: str, env: dict[str, str], roles: tuple[str
                     reply = host.pids()
                 elif cmd == "counters":
                     reply = host.counters()
+                elif cmd == "histograms":
+                    reply = host.histograms()
                 elif cmd == "stop":
                     break
                 else:

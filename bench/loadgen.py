@@ -15,14 +15,15 @@ What a caller does (``duty``):
 - ``worst``: the caller pauses only ``worst_gap_s`` (hangover + a little) between turns, so it speaks
   ~85 % of the time and talks over every answer (``bench.pipeline`` keeps answers playing).
 
-What it measures, all with CLOCK_MONOTONIC (shared with the workers' :mod:`bench.probe` events):
+What it measures at the caller, all with CLOCK_MONOTONIC (the workers' own stage latencies come from the
+shard segments' histograms, read by :mod:`bench.pipeline`):
 - pacing error of every received packet: its arrival minus the arrival its RTP timestamp promises,
   relative to the earliest packet of the stream (re-anchored after a 200 ms gap, marker or SSRC change);
   sequence gaps (lost) and RTP timestamp jumps (frames the sender skipped);
 - first model audio after each turn (received payloads are decoded only while it matters; model audio
   is told from silence by level, since the echo always carries the callers' noise floor);
 - barge-in: the caller's first talking-over packet → the first downlink frame that ends silent (the media
-  worker's pause, or the AI worker's flush when pausing is off), and → the AI worker's confirmed flush;
+  worker's pause, or the AI worker's flush when pausing is off);
 - its own send lateness (a late generator makes results void).
 
 Commands over a ``multiprocessing`` pipe: ``start`` (session, port, session id), ``mark`` (open a
@@ -45,7 +46,6 @@ from typing import Any
 
 import numpy as np
 
-from bench import probe
 from bench.callers import FRAME, CallerAudio, LevelMeter
 
 TICK_NS = 20_000_000
@@ -126,7 +126,6 @@ class Window:
     rx_skipped: int = 0  # 20 ms frames the sender skipped (RTP timestamp jumps)
     no_reply: int = 0
     bargein_missed: int = 0
-    probes: list[tuple[int, int, int]] = field(default_factory=list)  # (event, session, t_ns)
 
 
 class Caller:
@@ -363,14 +362,9 @@ class Generator:
         rng = random.Random(spec.seed)
         self.callers = [Caller(i, spec, rng) for i in range(spec.n_sessions)]
         self.by_fd = {c.sock.fileno(): c for c in self.callers}
-        self.probe_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.probe_sock.bind(("127.0.0.1", 0))
-        self.probe_sock.setblocking(False)
-        self.probe_map: dict[str, int] = {}
         self.ep = select.epoll()
         for fd in self.by_fd:
             self.ep.register(fd, select.EPOLLIN)
-        self.ep.register(self.probe_sock.fileno(), select.EPOLLIN)
         self.ep.register(conn.fileno(), select.EPOLLIN)
         self.win = Window()
         self.running = True
@@ -380,10 +374,9 @@ class Generator:
             cmd, arg = self.conn.recv()
             now = time.monotonic_ns()
             if cmd == "start":  # arg: list of (session, dest_port, session_id)
-                for i, port, session_id in arg:
+                for i, port, _session_id in arg:
                     c = self.callers[i]
                     c.dest = ("127.0.0.1", port)
-                    self.probe_map[session_id] = i
                     c.begin(now)
                 self.conn.send(("ok", None))
             elif cmd == "stop":
@@ -399,25 +392,11 @@ class Generator:
                 self.running = False
                 self.conn.send(("ok", None))
 
-    def _probes(self) -> None:
-        while True:
-            try:
-                data = self.probe_sock.recv(64)
-            except (BlockingIOError, InterruptedError):
-                return
-            parsed = probe.parse(data)
-            if parsed is None:
-                continue
-            event, t_ns, session_id = parsed
-            session = self.probe_map.get(session_id)
-            if session is not None:
-                self.win.probes.append((event, session, t_ns))
-
     def loop(self) -> None:
         groups = [self.callers[g::PHASES] for g in range(PHASES)]
         t0 = time.monotonic_ns()
         due = [t0 + g * TICK_NS // PHASES for g in range(PHASES)]
-        probe_fd, cmd_fd = self.probe_sock.fileno(), self.conn.fileno()
+        cmd_fd = self.conn.fileno()
         while self.running:
             now = time.monotonic_ns()
             for g in range(PHASES):
@@ -432,9 +411,7 @@ class Generator:
             next_due = min(due)
             timeout = max(next_due - time.monotonic_ns(), 0) / 1e9
             for fd, _ in self.ep.poll(timeout):
-                if fd == probe_fd:
-                    self._probes()
-                elif fd == cmd_fd:
+                if fd == cmd_fd:
                     self._command()
                 else:
                     self.by_fd[fd].receive(now, self.win)
@@ -449,41 +426,12 @@ class Generator:
         self.ep.close()
         for c in self.callers:
             c.sock.close()
-        self.probe_sock.close()
 
 
 def summarize(win: Window, now_ns: int) -> dict[str, Any]:
-    """Turn a window's raw records into latency lists (probe events matched to caller events)."""
-    by_session: dict[int, dict[int, list[int]]] = {}
-    for event, session, t_ns in win.probes:
-        by_session.setdefault(session, {}).setdefault(event, []).append(t_ns)
-
-    def first_after(session: int, event: int, t_ns: int, within_ns: int) -> int | None:
-        for t in sorted(by_session.get(session, {}).get(event, [])):
-            if t_ns <= t <= t_ns + within_ns:
-                return t
-        return None
-
-    turn_e2e, activity_end, first_audio = [], [], []
-    for t in win.turns:
-        if not t.first_audio_ns:
-            continue
-        turn_e2e.append((t.first_audio_ns - t.last_speech_ns) / 1e6)
-        t_end = first_after(t.session, probe.ACTIVITY_END, t.last_speech_ns, 3_000_000_000)
-        if t_end is not None:
-            activity_end.append((t_end - t.last_speech_ns) / 1e6)
-            t_model = first_after(t.session, probe.MODEL_AUDIO, t_end, t.first_audio_ns - t_end)
-            if t_model is not None:
-                first_audio.append((t.first_audio_ns - t_model) / 1e6)
-    bargein, bargein_confirm = [], []
-    for b in win.bargeins:
-        if not (b.onset_ns and b.flushed_ns):
-            continue
-        bargein.append((b.flushed_ns - b.onset_ns) / 1e6)
-        # the AI worker's confirmed flush: after the silence when the media worker paused, before it not
-        t_flush = first_after(b.session, probe.FLUSH, b.onset_ns, 2_000_000_000)
-        if t_flush is not None:
-            bargein_confirm.append((t_flush - b.onset_ns) / 1e6)
+    """Turn a window's raw records into the caller-side latency lists."""
+    turn_e2e = [(t.first_audio_ns - t.last_speech_ns) / 1e6 for t in win.turns if t.first_audio_ns]
+    bargein = [(b.flushed_ns - b.onset_ns) / 1e6 for b in win.bargeins if b.onset_ns and b.flushed_ns]
     seconds = (now_ns - win.start_ns) / 1e9
     return {
         "window_seconds": round(seconds, 3),
@@ -499,12 +447,8 @@ def summarize(win: Window, now_ns: int) -> dict[str, Any]:
         "no_reply": win.no_reply,
         "bargeins": len(win.bargeins),
         "bargein_missed": win.bargein_missed,
-        "probe_events": len(win.probes),
-        "activity_end_ms": activity_end,
-        "first_audio_ms": first_audio,
         "turn_e2e_ms": turn_e2e,
         "bargein_ms": bargein,
-        "bargein_confirm_ms": bargein_confirm,
         "pacing_ms": np.asarray(win.pacing_ms, dtype=np.float32),
         "send_late_ms": np.asarray(win.send_late_ms, dtype=np.float32),
     }
@@ -522,7 +466,7 @@ def _main(spec: LoadSpec, conn: Any) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, -10)
     gen = Generator(spec, conn)
     ports = [c.port for c in gen.callers]
-    conn.send(("ready", {"ports": ports, "probe_port": gen.probe_sock.getsockname()[1]}))
+    conn.send(("ready", {"ports": ports}))
     try:
         gen.loop()
     finally:
@@ -542,7 +486,6 @@ class LoadGen:
         if kind != "ready":
             raise RuntimeError(f"load generator failed to start: {info}")
         self.ports: list[int] = info["ports"]
-        self.probe_port: int = info["probe_port"]
 
     def _recv(self, timeout: float = 30.0) -> tuple[str, Any]:
         if not self._conn.poll(timeout):

@@ -9,14 +9,17 @@ emulator are pinned to the cores the CPU plan leaves to Janus and are never coun
 Measured (see docs/benchmarks.md for what each number means and the results):
 - CPU: utime+stime from /proc of the host (supervisor share) and every worker over the window, per
   session-second; memory: PSS (and RSS) of the same processes per session;
-- (a) ``turn_end``: caller's last speech packet → ``activityEnd`` sent by the AI worker, minus
-  ``vad.hangover_ms``; (b) ``first_audio``: first model audio at the AI worker → first RTP packet
-  carrying it at the caller; (c) ``bargein``: caller's first talking-over packet → first silent
-  downlink frame (the media worker's playback pause; the AI worker's flush with pauses off), and
-  ``bargein_confirm``: → the AI worker's confirmed flush; false pauses are ``pauses_released``;
-  (d) ``pacing``: RTP arrival error against the packet's timestamp. (a) to (c) need the workers'
-  :mod:`bench.probe` events;
-  ``turn_e2e`` (last speech packet → first answer packet, everything included) needs none.
+- at the caller (:mod:`bench.loadgen`): ``turn_e2e`` (last speech packet → first answer packet,
+  everything included), ``bargein`` (first talking-over packet → first silent downlink frame: the media
+  worker's playback pause; the AI worker's flush with pauses off; false pauses are
+  ``pauses_released``) and ``pacing`` (RTP arrival error against the packet's timestamp);
+- inside the workers, from the production metrics (the shard segments' histograms behind
+  ``va_turn_latency_seconds`` / ``va_turn_e2e_seconds``, shm/histograms.py), as ``prod_<stage>``
+  p50/p99 interpolated in the buckets like Prometheus' ``histogram_quantile``: ``turn_end`` (minus
+  ``vad.hangover_ms``, as reported before), ``model_first_audio``, ``playout`` (first model audio at the
+  AI worker → first RTP packet sent), ``barge_in`` and ``e2e``. Production stages start when the
+  caller's audio reaches the media worker's tick (turn_metrics.py), so they read 0-20 ms (mean ~10)
+  below the caller-side figures.
 - drops: ring overruns, media-worker drops and late packets, downlink sequence gaps at the caller and
   downlink frames the media worker skipped (RTP timestamp jumps: a missed deadline the caller hears).
 
@@ -28,7 +31,7 @@ Experiments: ``--rt-media`` (media workers on SCHED_RR), ``--media-only`` (no AI
 share alone).
 
 Environment knobs for investigations: ``VA_BENCH_REPLY=tone|silence`` changes the emulator's reply
-(default ``echo``); ``VA_BENCH_RAW=1`` adds ``raw_turn_end_ms`` (every turn's value, hangover included).
+(default ``echo``).
 
 Hand-written orchestration because the point is to run *our* processes exactly as the supervisor does;
 the only borrowed pieces are the arbiter, the CPU plan and the shm segment themselves.
@@ -55,6 +58,7 @@ import numpy as np
 from bench import callers, procstat
 from bench.host import HostHandle, session_id
 from bench.loadgen import LoadGen, LoadSpec
+from shm import histograms
 
 PACING_LIMIT_MS = 5.0
 GEN_LATE_LIMIT_MS = 10.0  # the generator's own p99 send lateness (half a frame) above which results are void
@@ -128,6 +132,17 @@ def _wait_tcp(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
 
 def _pct(values: Any, q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if len(values) else None
+
+
+def _hist_lat(stage: str, hist: dict[str, tuple[list[int], float]], minus_ms: float = 0.0) -> dict[str, Any]:
+    """p50/p99 (ms) and count of a production histogram's growth over the window."""
+    buckets, _ = hist.get(stage, ([], 0.0))
+    out: dict[str, Any] = {}
+    for q in (50, 99):
+        v = histograms.quantile(q / 100, buckets) if buckets else None
+        out[f"prod_{stage}_p{q}_ms"] = round(v * 1000 - minus_ms, 2) if v is not None else None
+    out[f"prod_{stage}_n"] = sum(buckets)
+    return out
 
 
 def _lat(name: str, values: Any, minus: float = 0.0) -> dict[str, Any]:
@@ -246,7 +261,6 @@ class Bench:
         self.worker_cpus = worker_cpus
         self.segs_plan = plan
         env = {**os.environ, "VA_CONFIG": str(cfg_path), "PYTHONUNBUFFERED": "1"}
-        env.pop("VA_BENCH_PROBE", None)
         with open(self.work / "emulator.log", "wb") as log:
             self.emulator = subprocess.Popen(
                 [sys.executable, "-m", "appliance", "emulator", "--config", str(cfg_path),
@@ -265,7 +279,7 @@ class Bench:
             _wait_tcp(emu_port, self.emulator)
         except RuntimeError as exc:  # measure what runs; the result says the model was missing
             self.model_problem = f"{exc} (see {self.work / 'emulator.log'})"
-        worker_env = {**env, "VA_BENCH_PROBE": f"127.0.0.1:{self.gen.probe_port}"}
+        worker_env = env
         log_path = self.work / "workers.log"
         roles = ("media",) if args.media_only else ("media", "ai")
         self.host = HostHandle(str(cfg_path), worker_env, str(log_path), roles=roles)
@@ -303,12 +317,14 @@ class Bench:
         pids = [pids_info["host"], *[p for p in pids_info["workers"].values() if p]]
         self.gen.mark()
         c0 = self.host.call("counters")
+        h0 = self.host.call("histograms")
         s0 = procstat.sample(pids)
         t0 = time.monotonic()
         time.sleep(seconds)
         s1 = procstat.sample(pids)
         window = time.monotonic() - t0
         c1 = self.host.call("counters")
+        hist = histograms.diff(self.host.call("histograms"), h0)
         r = self.gen.collect()
         pss, rss = procstat.memory_total_mb(pids)
         restarts = self.host.call("pids")["restarts"] - pids_info["restarts"]
@@ -345,12 +361,11 @@ class Bench:
             "rss_mb_per_session": round(rss / n, 2) if n else None,
             "pss_mb_per_session": round(pss / n, 2) if n else None,
             "pss_mb_total": round(pss, 1),
-            **({"raw_turn_end_ms": r["activity_end_ms"]} if os.environ.get("VA_BENCH_RAW") else {}),
-            **_lat("turn_end", r["activity_end_ms"], cfg.vad.hangover_ms),
-            **_lat("first_audio", r["first_audio_ms"]),
             **_lat("bargein", r["bargein_ms"]),
-            **_lat("bargein_confirm", r["bargein_confirm_ms"]),
             **_lat("turn_e2e", r["turn_e2e_ms"]),
+            **_hist_lat("turn_end", hist, cfg.vad.hangover_ms),
+            **{k: v for stage in ("model_first_audio", "playout", "barge_in", "e2e")
+               for k, v in _hist_lat(stage, hist).items()},
             **_lat("pacing", r["pacing_ms"]),
             "drops": int(drops),
             "uplink_overruns": delta.get("uplink_overruns", 0),
@@ -374,7 +389,6 @@ class Bench:
             "model_audio_fraction": round(r["rx_model_audio"] / r["rx_packets"], 3) if r["rx_packets"] else 0,
             "rx_packets": r["rx_packets"],
             "tx_packets": r["tx_packets"],
-            "probe_events": r["probe_events"],
             "worker_restarts": restarts,
             "generator_late_p99_ms": gen_late_p99,
         }
@@ -446,8 +460,8 @@ def _fixed(args: argparse.Namespace) -> dict[str, Any]:
         return b.measure(args.seconds)
 
 
-COMPARED = ("cpu_ms_per_session_second", "pss_mb_per_session", "rss_mb_per_session", "turn_end_p99_ms",
-            "first_audio_p99_ms", "bargein_p99_ms", "pacing_p99_ms", "drops", "valid")
+COMPARED = ("cpu_ms_per_session_second", "pss_mb_per_session", "rss_mb_per_session", "prod_turn_end_p99_ms",
+            "prod_playout_p99_ms", "bargein_p99_ms", "pacing_p99_ms", "drops", "valid")
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
@@ -480,7 +494,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             step = b.measure(args.seconds)
             failures = _failures(step)
             steps.append({**{k: step[k] for k in ("sessions", "cpu_ms_per_session_second", "pacing_p99_ms",
-                                                  "drops", "turn_end_p99_ms", "first_audio_p99_ms",
+                                                  "drops", "prod_turn_end_p99_ms", "prod_playout_p99_ms",
                                                   "bargein_p99_ms", "valid", "cpu_cores_used")},
                           "failed": failures})
             if failures:

@@ -15,6 +15,7 @@ Header::
     128 crc32 of bytes [0, 128) u32
     192 media heartbeat: pid u64, CLOCK_MONOTONIC ns u64
     256 ai heartbeat:    pid u64, CLOCK_MONOTONIC ns u64
+    1024 media histograms (1 KiB, media worker)   2048 ai histograms (1 KiB, AI worker): shm/histograms.py
 
 Slot = control block (8 KiB) + uplink ring data + downlink ring data. Control block offsets are
 the ``CB_*`` constants below; ring headers (``RING_*``, relative to the ring header) live inside the
@@ -44,6 +45,10 @@ INSTANCE_MAX = 64
 H_CRC = 128
 H_CRC_COVERS = 128
 H_HEARTBEAT = {"media": 256, "ai": 384}  # pid u64, monotonic ns u64
+# per-shard latency histograms (shm/histograms.py), one writer each; zero in a new segment, so older
+# readers/writers of layout 2 simply never touch them (no version bump needed)
+H_HIST = {"media": 1024, "ai": 2048}
+H_HIST_SIZE = 1024
 
 # ---- control block -------------------------------------------------------------------------
 CTRL_SIZE = 8192
@@ -99,6 +104,9 @@ CB_DOWNLINK_HDR = 6912
 CB_HOLD = 7168  # u64 hold_seq (media worker)
 CB_RELEASE = 7296  # u64 release_seq (AI worker)
 CB_PROTECT = 7304  # u64 downlink cursor up to which audio is the uninterruptible greeting (AI worker)
+# the current answer's clock readings (AI worker writes, media worker reads when the answer's first RTP
+# packet goes out: va_turn_latency_seconds{stage="playout"} and va_turn_e2e_seconds; shm/histograms.py)
+CB_ANSWER = 7424  # u64 caller's speech end (monotonic ns), u64 first model audio of the answer (ns)
 
 # ---- ring header (relative) ----------------------------------------------------------------
 RING_HDR_SIZE = 256
@@ -122,7 +130,8 @@ U64 = (1 << 64) - 1
 assert CB_EV_ENTRIES + EVENTS_CAP * EVENT_SIZE <= CB_COUNTERS_MEDIA
 assert CB_TRANSCRIPT + SEQ_DATA + TRANSCRIPT_MAX <= CB_EV_WRITE
 assert CB_DOWNLINK_HDR + RING_HDR_SIZE <= CB_HOLD and CB_HOLD + CACHE_LINE <= CB_RELEASE
-assert CB_PROTECT + 8 <= CTRL_SIZE
+assert CB_PROTECT + 8 <= CB_ANSWER and CB_ANSWER + 16 <= CTRL_SIZE
+assert H_HEARTBEAT["ai"] + 16 <= H_HIST["media"] and H_HIST["ai"] + H_HIST_SIZE <= HEADER_SIZE
 
 
 def ring_capacity(requested: int) -> int:

@@ -63,6 +63,7 @@ from shm import layout as L
 from shm.atomic import SharedAtomics, buffer_address
 from shm.audio import ring_bytes
 from shm.errors import RingClosedError, RingCorruptError, ShmError
+from shm.histograms import ShardHistograms
 from shm.ring import Ring
 
 __all__ = [
@@ -302,6 +303,7 @@ class Slot:
         self._hold = base + off + L.CB_HOLD
         self._release = base + off + L.CB_RELEASE
         self._protect = base + off + L.CB_PROTECT
+        self._answer = mv[off + L.CB_ANSWER:off + L.CB_ANSWER + 16].cast("Q")
         self._ev_w = base + off + L.CB_EV_WRITE
         self._ev_r = base + off + L.CB_EV_READ
         self._eva_p = SharedAtomics()
@@ -370,7 +372,8 @@ class Slot:
         self.downlink.reset()
         self.counters.reset()
         mv, off = self._mv, self._off
-        for o in (L.CB_EV_WRITE, L.CB_EV_DROPPED, L.CB_EV_READ, L.CB_HOLD, L.CB_RELEASE, L.CB_PROTECT):
+        for o in (L.CB_EV_WRITE, L.CB_EV_DROPPED, L.CB_EV_READ, L.CB_HOLD, L.CB_RELEASE, L.CB_PROTECT,
+                  L.CB_ANSWER, L.CB_ANSWER + 8):
             struct.pack_into("<Q", mv, off + o, 0)
         struct.pack_into("<IIIiIII", mv, off + L.CB_LOCAL_PORT, local_rtp_port, payload_type, channels,
                          dtmf_payload_type, L.MODES.index(mode), len(sid), len(opts))
@@ -550,6 +553,22 @@ class Slot:
         self._seg._check()
         self._a.store_release(self._protect, cursor & L.U64)
 
+    # ---- answer clock (turn latency metrics, shm/histograms.py) ------------------------------------
+    def set_answer(self, speech_end_ns: int, model_audio_ns: int) -> None:
+        """AI worker: the caller's speech end and the answer's first model audio (CLOCK_MONOTONIC ns).
+        The media worker reads them when that answer's first RTP packet goes out; a torn pair (no
+        ordering between the two stores) costs at most one sample, which ``answer`` sanity-checks."""
+        self._seg._check()
+        a = self._answer
+        a[0] = speech_end_ns & L.U64
+        a[1] = model_audio_ns & L.U64
+
+    def answer(self) -> tuple[int, int]:
+        """(speech_end_ns, model_audio_ns) of the latest answer (0, 0 before the first)."""
+        self._seg._check()
+        a = self._answer
+        return a[0], a[1]
+
     # ---- events (SPSC, media worker → AI worker) -----------------------------------------------
     def push_event(self, code: int, value: int) -> bool:
         """Queue an event (e.g. DTMF); False (and counted) if the 64-entry queue is full."""
@@ -619,6 +638,7 @@ class ShardSegment:
             raise
         self._slots = [Slot(self, i, L.HEADER_SIZE + i * self.slot_size) for i in range(self.n_slots)]
         self._hb = {role: self._mv[o:o + 16].cast("Q") for role, o in L.H_HEARTBEAT.items()}
+        self._hist = {role: ShardHistograms(self._mv, role) for role in L.H_HIST}  # type: ignore[arg-type]
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
@@ -752,6 +772,11 @@ class ShardSegment:
         self._check()
         return int(self._hb_words(role)[1])
 
+    def histograms(self, role: Literal["media", "ai"]) -> ShardHistograms:
+        """``role``'s latency histogram block (shm/histograms.py): that worker observes, anyone reads."""
+        self._check()
+        return self._hist[role]
+
     def _hb_words(self, role: str) -> memoryview:
         try:
             return self._hb[role]
@@ -768,8 +793,11 @@ class ShardSegment:
             s.downlink._close()
             s.counters._q.release()
             s._gsq.release()
+            s._answer.release()
         for hb in self._hb.values():
             hb.release()
+        for h in self._hist.values():
+            h.release()
         self._unmap()
 
     def _unmap(self) -> None:

@@ -3,18 +3,28 @@
 // gathered) -> getUserMedia -> offer (ICE gathered) -> POST /v1/sessions -> answer ->
 // poll GET /v1/sessions/{id} for state and transcripts -> DELETE on hang-up.
 // `?relay=1` in the page URL forces relay-only ICE (iceTransportPolicy "relay": media only via TURN).
+// "Line" shows the appliance's view of this call's network leg (details.quality: E-model MOS, loss both
+// ways, jitter, RTT; docs/architecture.md "Observability"); "Round trip per turn" is measured here, from
+// the WebRTC stats' audio levels: end of the caller's speech -> first loud answer audio.
 // Resume (docs/architecture.md "Fleet"): on state "migrating" (the box drains; GET carries a fresh
 // resume_token), on ICE/connection failure, or when the box stops answering (box loss), the page
 // re-offers with its resume token through the same origin (the load balancer picks a live box). The
 // session may come back under a new id (`resumed_from`): every later request uses the new one.
+// Session credentials (docs/security.md): requests about the session (poll, DELETE, refresh) carry its
+// own session token, refreshed with POST /v1/sessions/{id}/refresh in its last two minutes, so a call
+// may outlive any token; creating or resuming a session uses the JWT.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const JITTER_TARGET_MS = 50; // receiver jitterBufferTarget: 40-60 ms keeps latency low on good networks
+const SPEECH_LEVEL = 0.02, MIN_SPEECH_MS = 300, END_SILENCE_MS = 250; // audioLevel is 0..1
 const RESUME_ATTEMPTS = 6; // ~1+2+4+8+8+8 s of retries (boxes full or draining answer 503)
 const BOX_LOSS_POLLS = 2; // consecutive failed polls (network error / 5xx) that mean the box is gone
 let pc = null, stream = null, session = null, token = null, poller = null, lastLine = "";
 let resuming = false, failedPolls = 0;
+let meter = null, turn = { speaking: 0, lastLoud: 0, waiting: 0 };
+const REFRESH_BEFORE_MS = 90 * 1000; // the API accepts a refresh in the token's last 120 s
+let sessionToken = null, refresher = null;
 
 function show(id, text) { $(id).textContent = text; }
 function fail(msg) { show("error", msg); console.error(msg); }
@@ -42,11 +52,32 @@ async function iceServers() {
 }
 
 function api(path, opts = {}) {
+  // the session's own token for /v1/sessions/{id}…; the JWT for creating/resuming and ICE servers
+  const bearer = path.startsWith("/v1/sessions/") && sessionToken ? sessionToken : token;
   return fetch(path, {
     ...opts,
     cache: "no-store",
-    headers: { "Authorization": "Bearer " + token, "Content-Type": "application/json", ...(opts.headers || {}) },
+    headers: { "Authorization": "Bearer " + bearer, "Content-Type": "application/json", ...(opts.headers || {}) },
   });
+}
+
+function scheduleRefresh(expiresAt) {
+  clearTimeout(refresher);
+  const wait = Math.max(1000, Date.parse(expiresAt) - Date.now() - REFRESH_BEFORE_MS);
+  refresher = setTimeout(refreshToken, wait);
+}
+
+async function refreshToken() {
+  if (!session) return;
+  if (resuming) { refresher = setTimeout(refreshToken, 1000); return; }
+  try {
+    const r = await api("/v1/sessions/" + session.session_id + "/refresh", { method: "POST" });
+    if (!r.ok) { refresher = setTimeout(refreshToken, 5000); return; } // poll() notices an ended call
+    const data = await r.json();
+    sessionToken = data.session_token;
+    window.demoTokenRefreshes = (window.demoTokenRefreshes || 0) + 1;
+    scheduleRefresh(data.session_token_expires_at);
+  } catch (e) { refresher = setTimeout(refreshToken, 5000); } // transient; try again soon
 }
 
 // One peer connection + POST /v1/sessions (a new call, or a resume when resumeToken is set).
@@ -90,6 +121,8 @@ async function connect(resumeToken) {
   pc = conn;
   window.demoPc = conn; // for tests and curious people
   session = data;
+  sessionToken = data.session_token; // a resumed session (maybe a new id) gets its own
+  scheduleRefresh(data.session_token_expires_at);
   window.demoSession = data;
   show("session", data.session_id + (data.resumed_from ? " (resumed from " + data.resumed_from + ")" : ""));
   if (old) old.close(); // the old box ends its leg itself once it sees the session moved
@@ -129,8 +162,11 @@ async function call() {
   show("error", "");
   $("call").disabled = true;
   $("transcript").innerHTML = "";
+  $("turns").innerHTML = "";
+  show("quality", "–");
   lastLine = "";
   try {
+    sessionToken = null;
     token = await devToken();
     show("conn", "microphone…");
     stream = await navigator.mediaDevices.getUserMedia({
@@ -139,6 +175,7 @@ async function call() {
     await connect(null);
     $("hangup").disabled = false;
     poller = setInterval(poll, 1000);
+    meter = setInterval(measureTurns, 20);
   } catch (e) {
     fail(String(e.message || e));
     await hangup();
@@ -166,6 +203,7 @@ async function poll() {
     const d = info.details || {};
     if (info.state === "migrating" && d.resume_token) return resume("box draining", d.resume_token);
     show("model", (d.model_state || info.state) + (d.shard !== undefined ? " (shard " + d.shard + ")" : ""));
+    showQuality(d.quality);
     const line = d.transcript || "";
     if (line && line !== lastLine) {
       lastLine = line;
@@ -176,12 +214,58 @@ async function poll() {
   } catch (e) { /* transient; keep polling */ }
 }
 
+function pct(x) { return (100 * x).toFixed(1) + " %"; }
+
+function showQuality(q) {
+  if (!q) return;
+  show("quality", "MOS " + q.mos.toFixed(2) + " · loss " + pct(q.loss_up_ratio) + " up / " +
+       pct(q.loss_down_ratio) + " down · jitter " + Math.round(1000 * Math.max(q.jitter_up_seconds,
+       q.jitter_down_seconds)) + " ms · RTT " + Math.round(1000 * q.rtt_seconds) + " ms");
+}
+
+async function levels() {
+  let mic = 0, remote = 0;
+  (await pc.getStats()).forEach((s) => {
+    if (s.type === "media-source" && s.kind === "audio" && s.audioLevel !== undefined) mic = s.audioLevel;
+    if (s.type === "inbound-rtp" && s.kind === "audio" && s.audioLevel !== undefined) remote = s.audioLevel;
+  });
+  return { mic, remote };
+}
+
+// a turn: >= MIN_SPEECH_MS of loud microphone, then END_SILENCE_MS quiet; its round trip ends at the
+// first loud remote audio after the speech ended
+async function measureTurns() {
+  if (!pc) return;
+  let l;
+  try { l = await levels(); } catch (e) { return; }
+  const now = performance.now();
+  if (l.mic >= SPEECH_LEVEL) {
+    if (!turn.speaking) turn.speaking = now;
+    turn.lastLoud = now;
+    turn.waiting = 0;
+  } else if (turn.speaking && now - turn.lastLoud >= END_SILENCE_MS) {
+    if (turn.lastLoud - turn.speaking >= MIN_SPEECH_MS) turn.waiting = turn.lastLoud;
+    turn.speaking = 0;
+  }
+  if (turn.waiting && l.remote >= SPEECH_LEVEL) {
+    const li = document.createElement("li");
+    li.textContent = Math.round(now - turn.waiting) + " ms";
+    $("turns").appendChild(li);
+    turn.waiting = 0;
+  }
+}
+
 async function hangup() {
   clearInterval(poller);
+  clearInterval(meter);
+  clearTimeout(refresher);
   poller = null;
+  meter = null;
+  turn = { speaking: 0, lastLoud: 0, waiting: 0 };
   const s = session;
   session = null;
   if (s && token) { try { await api("/v1/sessions/" + s.session_id, { method: "DELETE" }); } catch (e) {} }
+  sessionToken = null;
   if (pc) { pc.close(); pc = null; }
   if (stream) { stream.getTracks().forEach((t) => t.stop()); stream = null; }
   show("conn", "idle");

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from appliance.auth import JwtVerifier
-from appliance.config import RedisConfig
+from appliance.config import Config, RedisConfig, load_config, replace
 from appliance.state import redis_client
 from appliance.token import generate_keys
 from tests.harness.redis import RedisServer, redis_server
@@ -57,3 +57,19 @@ def public_pem(keypair: tuple[Path, Path]) -> bytes:
 def verifier(public_pem: bytes) -> JwtVerifier:
     return JwtVerifier(public_pem, audience="voice-appliance", issuer="https://idp.test",
                        required_scope="voice:session", max_ttl_seconds=900, leeway_seconds=30)
+
+
+TURN_SECRET = "turn-test-secret"
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, keypair: tuple[Path, Path]) -> Config:
+    """The API tests' config: the dev key pair, issuer https://idp.test, a TURN secret, 4 KB bodies."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    return replace(
+        load_config(None, env={"VA_CONFIG": str(empty)}),
+        auth={"jwt_public_key_file": str(keypair[1]), "issuer": "https://idp.test"},
+        turn={"secret": TURN_SECRET, "ttl_seconds": 500},
+        api={"public_host": "turn.example.test", "max_body_bytes": 4096},
+    )

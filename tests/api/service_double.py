@@ -16,9 +16,11 @@ from appliance.api import (
     ClientInfo,
     CreatedSession,
     IceCandidate,
+    InvalidRequest,
     SessionInfo,
     SessionOptions,
 )
+from appliance.ratelimit import SessionCap
 
 
 @dataclass
@@ -31,6 +33,8 @@ class InMemoryService:
     sessions: dict[str, SessionInfo] = field(default_factory=dict)
     candidates: dict[str, list[IceCandidate | None]] = field(default_factory=dict)
     created_with: list[tuple[str, SessionOptions, ClientInfo]] = field(default_factory=list)
+    resume_tokens: dict[str, str] = field(default_factory=dict)  # token -> session id
+    cap: SessionCap | None = None  # released when a session ends, as the real service does
 
     async def create(self, offer_sdp: str, options: SessionOptions, client: ClientInfo) -> CreatedSession:
         if self.delay:
@@ -40,13 +44,20 @@ class InMemoryService:
         if len(self.sessions) >= self.capacity:
             raise CapacityError("all shards are full", retry_after=self.retry_after_s)
         sid = "s_" + secrets.token_urlsafe(8)
+        if options.resume_token:  # the real service's ownership rules, without the Janus part
+            sid = self.resume_tokens.pop(options.resume_token, "")
+            old = self.sessions.get(sid)
+            if old is None or old.owner != client.sub or client.session_id not in (None, sid):
+                raise InvalidRequest("resume token unknown, expired or already used", code="invalid_resume")
         now = time.time()
         self.sessions[sid] = SessionInfo(sid, client.sub, "connecting", options.mode, now, now + 3600,
                                          {"voice": options.voice or "Puck"})
         self.candidates[sid] = []
         self.created_with.append((offer_sdp, options, client))
         answer = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
-        return CreatedSession(sid, answer, secrets.token_urlsafe(32), now + 3600)
+        resume = secrets.token_urlsafe(32)
+        self.resume_tokens[resume] = sid
+        return CreatedSession(sid, answer, resume, now + 3600)
 
     async def trickle(self, session_id: str, candidate: IceCandidate | None) -> None:
         self.candidates[session_id].append(candidate)
@@ -56,7 +67,10 @@ class InMemoryService:
 
     async def delete(self, session_id: str) -> bool:
         self.candidates.pop(session_id, None)
-        return self.sessions.pop(session_id, None) is not None
+        info = self.sessions.pop(session_id, None)
+        if info is not None and self.cap is not None:
+            await self.cap.release(info.owner, session_id)
+        return info is not None
 
     def ready(self) -> bool:
         return self.is_ready

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -40,14 +41,20 @@ def test_valid_token(verifier, private_pem):
     assert verifier.verify(tok).scopes == {"voice:session", "other"}
 
 
+@functools.cache
+def _attacker_keys() -> tuple[rsa.RSAPrivateKey, bytes, ec.EllipticCurvePrivateKey]:
+    """Keys the attacker controls (made once: RSA key generation is slow on a loaded box)."""
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    other_pem = other_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+    return other_key, other_pem, ec.generate_private_key(ec.SECP256R1())
+
+
 def attack_tokens(private_pem: bytes, public_pem: bytes) -> dict[str, str]:
     now = int(time.time())
     base = {"sub": "alice", "aud": "voice-appliance", "iss": ISS, "scope": "voice:session",
             "iat": now, "exp": now + 600}
-    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    other_pem = other_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption())
-    ec_key = ec.generate_private_key(ec.SECP256R1())
+    other_key, other_pem, ec_key = _attacker_keys()
     # HS256 "signed" with the public key as the HMAC secret (the classic key-confusion attack);
     # PyJWT refuses to do it for us, so build it by hand.
     signing_input = f"{b64({'alg': 'HS256', 'typ': 'JWT'})}.{b64(base)}"
@@ -59,6 +66,10 @@ def attack_tokens(private_pem: bytes, public_pem: bytes) -> dict[str, str]:
     def without(name: str, claims: dict = base) -> dict:
         return {k: v for k, v in claims.items() if k != name}
 
+    def attacker(headers: dict, key=other_pem) -> str:
+        return jwt.encode(base, key, algorithm="RS256", headers=headers)
+
+    attacker_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(other_key.public_key()))
     valid = rs(base)
     h, p, s = valid.split(".")
     tampered_payload = b64({**base, "sub": "mallory"})
@@ -87,7 +98,47 @@ def attack_tokens(private_pem: bytes, public_pem: bytes) -> dict[str, str]:
         "malformed_header_json": f"{base64.urlsafe_b64encode(b'{nope').decode()}.{p}.{s}",
         "empty": "",
         "huge": "a" * 20000,
+        "oversized_but_signed": rs({**base, "pad": "x" * 9000}),
+        # crit: an extension we do not implement must make the token invalid (RFC 7515 §4.1.11)
+        "crit_header": jwt.encode(base, private_pem, algorithm="RS256",
+                                  headers={"crit": ["exp"], "exp": now + 600}),
+        "crit_unknown_ext": jwt.encode(base, private_pem, algorithm="RS256",
+                                       headers={"crit": ["x-ext"], "x-ext": 1}),
+        # key injection: the token names a key the attacker controls
+        "kid_path_injection": attacker({"kid": "../../../../dev/null"}),
+        "kid_sql_injection": attacker({"kid": "x' UNION SELECT 'secret"}),
+        "jku_injection": attacker({"jku": "https://evil.test/jwks.json", "kid": "evil"}),
+        "jwk_embedded": attacker({"jwk": attacker_jwk}),
+        "x5u_injection": attacker({"x5u": "https://evil.test/cert.pem"}),
+        "jku_even_with_our_key": jwt.encode(base, private_pem, algorithm="RS256",
+                                            headers={"jku": "https://evil.test/jwks.json"}),
     }
+
+
+ATTACKS = (
+    "expired", "alg_none", "alg_none_caps", "hs256_with_public_key", "wrong_audience", "wrong_issuer",
+    "missing_scope", "no_scope_claim", "ttl_too_long", "ttl_too_long_no_iat", "missing_exp", "missing_sub",
+    "not_yet_valid", "other_key", "es256", "ps256_same_key", "tampered_payload", "malformed_garbage",
+    "malformed_two_parts", "malformed_bad_base64", "malformed_header_json", "empty", "huge",
+    "oversized_but_signed", "crit_header", "crit_unknown_ext", "kid_path_injection", "kid_sql_injection",
+    "jku_injection", "jwk_embedded", "x5u_injection", "jku_even_with_our_key",
+)
+
+
+@pytest.fixture(scope="module")
+def attacks(private_pem, public_pem) -> dict[str, str]:
+    return attack_tokens(private_pem, public_pem)
+
+
+def test_attack_list_is_complete(attacks):
+    assert set(ATTACKS) == set(attacks)
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_each_attack_is_refused(verifier, attacks, name):
+    with pytest.raises(AuthError) as err:
+        verifier.verify(attacks[name])
+    assert err.value.detail
 
 
 def test_attack_set_refused(verifier, private_pem, public_pem):
@@ -110,6 +161,17 @@ def test_attack_set_refused(verifier, private_pem, public_pem):
     assert "scope" in reasons["missing_scope"]
     assert "lifetime" in reasons["ttl_too_long"]
     assert "signature" in reasons["other_key"]
+    for name in ("crit_header", "crit_unknown_ext"):
+        with pytest.raises(AuthError, match="critical"):
+            verifier.verify(tokens[name])
+    for name in ("jku_injection", "jwk_embedded", "x5u_injection", "jku_even_with_our_key"):
+        with pytest.raises(AuthError, match="not allowed"):
+            verifier.verify(tokens[name])
+    for name in ("kid_path_injection", "kid_sql_injection"):  # kid is ignored: our key decides
+        with pytest.raises(AuthError, match="signature"):
+            verifier.verify(tokens[name])
+    with pytest.raises(AuthError, match="too large"):
+        verifier.verify(tokens["oversized_but_signed"])
 
 
 def test_leeway_accepts_small_skew(verifier, private_pem):

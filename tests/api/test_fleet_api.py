@@ -99,27 +99,29 @@ async def test_client_ip_from_trusted_proxy(tmp_path, keypair, private_pem, xff,
 
 
 async def test_callers_behind_one_proxy_get_their_own_buckets(tmp_path, keypair, private_pem, aredis, prefix):
+    """Per-IP limits (refused credentials, unauthenticated paths; docs/security.md) use the client IP."""
     service = InMemoryService()
     cfg = make_cfg(tmp_path, keypair, trusted_proxies=["10.0.0.5/32"])
-    limiter = RateLimiter(aredis, LimitsConfig(session_creates_per_minute=1, signalling_per_minute=60),
-                          prefix=prefix)
+    limiter = RateLimiter(aredis, LimitsConfig(auth_failures_per_minute=1), prefix=prefix)
     app = create_app(cfg, service, limiter=limiter)
-    h = auth(private_pem)
+    bad = {"Authorization": "Bearer eyJhbGciOiJub25lIn0.e30."}
 
-    async def create(peer: str, xff: str | None) -> int:
+    async def create(peer: str, xff: str | None, headers: dict[str, str] = bad) -> int:
         async with client_for(app, ip=peer) as api:
             extra = {"X-Forwarded-For": xff} if xff else {}
-            return (await api.post("/v1/sessions", json=offer_body(), headers={**h, **extra})).status_code
+            r = await api.post("/v1/sessions", json=offer_body(), headers={**headers, **extra})
+            return r.status_code
 
     # two callers behind the load balancer: one bucket each
-    assert await create("10.0.0.5", "203.0.113.1") == 201
-    assert await create("10.0.0.5", "203.0.113.2") == 201
+    assert await create("10.0.0.5", "203.0.113.1") == 401
+    assert await create("10.0.0.5", "203.0.113.2") == 401
     assert await create("10.0.0.5", "203.0.113.1") == 429
     assert await create("10.0.0.5", "203.0.113.2") == 429
     # an untrusted peer cannot pick its bucket (or its logged address) with the header
-    assert await create("198.51.100.7", "203.0.113.3") == 201
-    assert service.created_with[-1][2].ip == "198.51.100.7"
+    assert await create("198.51.100.7", "203.0.113.3") == 401
     assert await create("198.51.100.7", "203.0.113.4") == 429
+    assert await create("198.51.100.7", "203.0.113.4", auth(private_pem)) == 201
+    assert service.created_with[-1][2].ip == "198.51.100.7"
 
 
 def test_box_id_from_hostname():

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from appliance.config import LimitsConfig, RedisConfig
-from appliance.ratelimit import CREATE, SIGNAL, RateLimiter, client_key
+from appliance.ratelimit import ANON, CREATE, SIGNAL, RateLimiter, client_key
 from appliance.state import redis_client
 from tests.harness.redis import redis_server
 
@@ -36,11 +36,11 @@ async def test_refusals_do_not_consume_quota(aredis, prefix):
 
 
 async def test_ipv6_limited_per_64(aredis, prefix):
-    rl = RateLimiter(aredis, LimitsConfig(session_creates_per_minute=3, signalling_per_minute=60), prefix)
+    rl = RateLimiter(aredis, LimitsConfig(unauthenticated_per_minute=3), prefix)
     for host in ("2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::9"):
-        assert (await rl.check(CREATE, host)).allowed
-    assert not (await rl.check(CREATE, "2001:db8:1:2::77")).allowed
-    assert (await rl.check(CREATE, "2001:db8:1:3::1")).allowed
+        assert (await rl.check(ANON, host)).allowed
+    assert not (await rl.check(ANON, "2001:db8:1:2::77")).allowed
+    assert (await rl.check(ANON, "2001:db8:1:3::1")).allowed
     assert client_key("::ffff:192.0.2.1") == "192.0.2.1"
 
 

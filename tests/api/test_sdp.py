@@ -50,6 +50,13 @@ def _replace(old: str, new: str) -> str:
         (_replace("m=audio 9 UDP/TLS/RTP/SAVPF 111", "m=audio 9 UDP/TLS/RTP/SAVPF abc"), "payload type"),
         (CHROME_OFFER + "a=" + "x" * 5000 + "\r\n", "longer than"),
         (CHROME_OFFER + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n" * 9, "media sections"),
+        # payload types Janus would honour though no RTP packet can carry them (bench fuzz found these:
+        # they reached the slot as PT 255 / 128 and failed there with a 500)
+        (_replace("a=rtpmap:110 telephone-event/48000", "a=rtpmap:255 telephone-event/48000"),
+         "invalid payload type '255' in a=rtpmap"),
+        (_replace("a=group:BUNDLE 0", "a=group:BUNDLE 0\r\na=rtpmap:128 opus/48000/2"),
+         "a=rtpmap outside a media section"),
+        (_replace("a=fmtp:111 minptime", "a=fmtp:300 minptime"), "invalid payload type '300' in a=fmtp"),
     ],
 )
 def test_bad_offers_get_reasons(sdp, reason):

@@ -13,7 +13,7 @@ import redis as redis_sync
 from redis.exceptions import NoPermissionError
 
 from appliance.config import LimitsConfig, RedisConfig
-from appliance.ratelimit import CREATE, RateLimiter
+from appliance.ratelimit import ANON, CREATE, RateLimiter
 from appliance.state import SessionRecord, SessionStore, new_session_id, redis_client
 from tests.harness.redis import sentinel_set
 
@@ -99,8 +99,8 @@ async def test_acl_user_is_limited_to_the_appliance_prefix(tmp_path):
         sid = new_session_id("box-1")
         await store.create(SessionRecord(session_id=sid, sub="s", box="box-1"))  # Lua + va:* keys work
         assert (await store.get(sid)).box == "box-1"
-        assert (await RateLimiter(client, LimitsConfig()).check(CREATE, "192.0.2.9")).allowed
-        assert await client.exists("va:rl:create:192.0.2.9")  # the limiter really ran in Redis
+        assert (await RateLimiter(client, LimitsConfig()).check(ANON, "192.0.2.9")).allowed
+        assert await client.exists("va:rl:anon:192.0.2.9")  # the limiter really ran in Redis (per-IP bucket)
         assert await client.acl_whoami() in ("va", b"va")
         with pytest.raises(NoPermissionError):
             await client.set("other:key", "x")

@@ -16,7 +16,7 @@ from tests.harness.coturn import coturn_server, uclient_check
 
 def test_credential_format_and_ttl_cap():
     c = credential("s3cret", "s_abc", 99999, now=1_000_000)
-    assert c.username == f"{1_000_000 + MAX_TTL_SECONDS}:s_abc" and c.expires_at == 1_000_000 + 3600
+    assert c.username == f"{1_000_000 + MAX_TTL_SECONDS}:s_abc" and c.expires_at == 1_000_000 + 600
     expected = base64.b64encode(hmac.new(b"s3cret", c.username.encode(), hashlib.sha1).digest()).decode()
     assert c.password == expected
     with pytest.raises(ValueError):

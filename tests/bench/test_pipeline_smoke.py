@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-REQUIRED = ("sessions", "duty", "cpu_ms_per_session_second", "turn_end_p99_ms", "first_audio_p99_ms",
+REQUIRED = ("sessions", "duty", "cpu_ms_per_session_second", "prod_turn_end_p99_ms", "prod_playout_p99_ms",
             "bargein_p99_ms", "pacing_p99_ms", "drops", "rss_mb_per_session")
 
 
@@ -37,3 +37,6 @@ def test_pipeline_smoke_json() -> None:
     # a caller turn went through VAD → the emulator (real SDK over TLS) → echo → RTP and was heard
     assert out["turn_e2e_n"] >= 1, out
     assert out["turn_e2e_p50_ms"] > 0
+    # ... and the workers' production histograms (va_turn_latency_seconds) saw the same turns
+    assert out["prod_turn_end_n"] >= 1 and out["prod_e2e_n"] >= 1, out
+    assert out["prod_e2e_p50_ms"] > 0 and out["prod_playout_p50_ms"] is not None

@@ -8,15 +8,21 @@ the server inside ``ip netns exec NS``. Loopback peers are allowed by default (t
 denies them); ``allow_loopback_peers=False`` keeps coturn's default denial (e.g. relaying to a Janus on a
 veth address needs no loopback peer). ``verbose=True`` makes coturn log each session, including its
 ``usage: … username=<U>, rp=…, rb=…, sp=…, sb=…`` traffic counters (proof that media was relayed).
+``extra_args`` adds command-line options (e.g. the production peer policy from the Ansible template),
+``relay_ips`` extra relay addresses (an IPv6 one for v6 allocations) and ``run_as`` a user to run as
+(Debian's ``turnserver``, so an nftables ``meta skuid`` rule can match it; its files then live in a
+directory that user owns).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -85,6 +91,11 @@ class CoturnServer:
     relay_max_port: int = 0
     allow_loopback_peers: bool = True
     verbose: bool = False
+    extra_args: list[str] = field(default_factory=list)
+    relay_ips: list[str] = field(default_factory=list)
+    run_as: str | None = None
+    tls: tuple[str, str] | None = None  # (cert, key): TLS on tls_port instead of --no-tls
+    tls_port: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -98,7 +109,22 @@ class CoturnServer:
     def _prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.netns] if self.netns else []
 
+    def _user_prefix(self) -> list[str]:
+        if not self.run_as:
+            return []
+        return ["setpriv", f"--reuid={self.run_as}", f"--regid={self.run_as}", "--clear-groups"]
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return ["--no-tls"]
+        if not self.tls_port:
+            self.tls_port = _free_udp_tcp_port(self.listen_ip)
+        return [f"--tls-listening-port={self.tls_port}", f"--cert={self.tls[0]}", f"--pkey={self.tls[1]}"]
+
     def start(self, timeout: float = 5.0) -> None:
+        if self.run_as:  # pytest's tmp dirs are root-only: the user gets a directory of its own
+            self.workdir = Path(tempfile.mkdtemp(prefix="va-turn-"))
+            shutil.chown(self.workdir, self.run_as, self.run_as)
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = _free_udp_tcp_port(self.listen_ip) if not self.netns else 34780
@@ -107,7 +133,8 @@ class CoturnServer:
             base = 45000 + (os.getpid() * 37 + self.port) % 14000
             self.relay_min_port, self.relay_max_port = base, base + 200
         cmd = [
-            *self._prefix(), TURNSERVER, "-n", "--no-cli", "--no-tls", "--no-dtls", "--fingerprint",
+            *self._prefix(), *self._user_prefix(), TURNSERVER, "-n", "--no-cli", *self._tls_args(),
+            "--no-dtls", "--fingerprint",
             "--use-auth-secret", f"--static-auth-secret={self.secret}", f"--realm={self.realm}",
             f"--listening-ip={self.listen_ip}", f"--relay-ip={self.listen_ip}",
             f"--listening-port={self.port}", f"--min-port={self.relay_min_port}",
@@ -117,6 +144,7 @@ class CoturnServer:
             f"--log-file={self.log_path}", "--simple-log", "--no-stdout-log",
             f"--pidfile={self.workdir / 'turnserver.pid'}", f"--db={self.workdir / 'turndb'}",
             "--no-software-attribute",
+            *[f"--relay-ip={ip}" for ip in self.relay_ips], *self.extra_args,
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -157,16 +185,23 @@ class CoturnServer:
             proc.kill()
             proc.wait(timeout)
         assert not _alive(proc.pid), "turnserver still running"
+        if self.run_as:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def coturn_server(
     workdir: Path, secret: str, listen_ip: str = "127.0.0.1", netns: str | None = None,
-    allow_loopback_peers: bool = True, verbose: bool = False,
+    allow_loopback_peers: bool = True, verbose: bool = False, port: int = 0,
+    relay_ports: tuple[int, int] = (0, 0), extra_args: list[str] | None = None,
+    relay_ips: list[str] | None = None, run_as: str | None = None, tls: tuple[str, str] | None = None,
 ) -> Iterator[CoturnServer]:
     """Start turnserver with ``use-auth-secret``; always stopped (by PID) on exit."""
     srv = CoturnServer(Path(workdir), secret, listen_ip=listen_ip, netns=netns,
-                       allow_loopback_peers=allow_loopback_peers, verbose=verbose)
+                       allow_loopback_peers=allow_loopback_peers, verbose=verbose, port=port,
+                       relay_min_port=relay_ports[0], relay_max_port=relay_ports[1],
+                       extra_args=list(extra_args or []), relay_ips=list(relay_ips or []), run_as=run_as,
+                       tls=tls)
     srv.start()
     try:
         yield srv

@@ -241,11 +241,14 @@ def janus_in_netns(
     debug_level: int = 4,
     rooms: dict[str, dict[str, Any]] | None = None,
     ready_timeout: float = 10.0,
+    events_port: int | None = None,
     **settings: Any,
 ) -> Iterator[JanusInstance]:
     """Start a real Janus in a fresh namespace; yield a :class:`JanusInstance`; tear it all down.
 
-    Extra keyword arguments override :class:`appliance.janus_conf.JanusSettings` fields.
+    Extra keyword arguments override :class:`appliance.janus_conf.JanusSettings` fields. With
+    ``events_port``, Janus's sample event handler posts media statistics to
+    ``http://<host_ip>:<events_port>/janus-events`` (a supervisor's receiver in the root namespace).
     """
     api_secret = secrets.token_hex(8) if api_secret is None else api_secret
     admin_secret = secrets.token_hex(8) if admin_secret is None else admin_secret
@@ -264,6 +267,8 @@ def janus_in_netns(
                 "audiobridge_admin_key": ab_key,
                 "debug_level": debug_level,
                 "extra_rooms": rooms or {},
+                **({"events_backend": f"http://{pair.host_ip}:{events_port}/janus-events"}
+                   if events_port else {}),
                 **settings,
             }
         )

@@ -39,6 +39,11 @@ EXTRA_PACKAGES = [
     "auditd",
     "unattended-upgrades",
     "apt-listchanges",
+    "needrestart",
+    "kmod",
+    "sudo",
+    "certbot",
+    "pebble",
     "systemd-timesyncd",
     "openssl",
     "haproxy",
@@ -48,6 +53,8 @@ EXTRA_PACKAGES = [
     "python3-venv",
     "libpython3.11",
     "netbase",
+    "prometheus",  # the monitoring role (tests/ops/monitoring-playbook.yml)
+    "prometheus-alertmanager",
 ]
 PEER_ADDR = "192.0.2.1"  # documentation range, only ever inside our own namespaces
 HOST_ADDR = "192.0.2.2"

@@ -164,13 +164,17 @@ class ProvisionedHost:
         self.deb = deb
         self.workdir = workdir
         self.secrets = make_secrets(workdir)
+        # the operator's certificate for the box's public address (from the vault in production)
+        from appliance.emulator.certs import ensure_certs
+
+        self.tls = ensure_certs(workdir / "tls", [nspawn.HOST_ADDR])
         self.inventory = workdir / "inventory.yml"
         self.inventory.write_text(
             json.dumps(
                 {
                     "all": {
                         "children": {
-                            "appliances": {
+                            "appliance": {
                                 "hosts": {
                                     ct.name: {
                                         "ansible_connection": "nspawn",
@@ -197,6 +201,9 @@ class ProvisionedHost:
             "janus_admin_secret": s["vault_janus_admin_secret"],
             "janus_audiobridge_admin_key": s["vault_audiobridge_admin_key"],
             "appliance_public_host": nspawn.HOST_ADDR,
+            "appliance_tls_cert_pem": self.tls.cert_file.read_text(),
+            "appliance_tls_key_pem": self.tls.key_file.read_text(),
+            "appliance_auth_issuer": "https://idp.ops-test.invalid",
             "appliance_turn_uris": [f"turn:{nspawn.HOST_ADDR}:3478?transport=udp"],
             "appliance_credentials": {
                 "gemini_api_key": "",
@@ -258,6 +265,8 @@ def provisioned(
         host = ProvisionedHost(ct, deb, workdir)
         first = host.playbook()
         if first.rc != 0:
-            pytest.fail(f"first converge failed (rc={first.rc}):\n{first.output[-6000:]}")
+            units = ct.sh("systemctl --failed --no-legend --plain; journalctl -u voice-appliance -n 40 "
+                          "--no-pager", check=False).stdout
+            pytest.fail(f"first converge failed (rc={first.rc}):\n{first.output[-6000:]}\n{units[-4000:]}")
         host.playbook()
         yield host

@@ -7,10 +7,9 @@ the peer namespace on the other end of the container's veth, i.e. from "the Inte
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -45,16 +44,20 @@ def tcp_probe(host, addr: str, port: int, timeout: float = 2.0) -> str:
     return host.ct.peer(["python3", "-c", code], timeout=timeout + 10).stdout.strip()
 
 
-def http_get_from_peer(host, url: str, timeout: float = 5.0) -> tuple[int, str]:
+def http_get_from_peer(host, url: str, timeout: float = 5.0) -> tuple[int, str, str]:
+    """GET from the peer namespace, verifying the box's certificate; (status, HSTS header, body)."""
     code = (
-        "import urllib.request,urllib.error\n"
-        f"try:\n r=urllib.request.urlopen({url!r}, timeout={timeout!r})\n"
-        " print(r.status); print(r.read().decode()[:500])\n"
-        "except urllib.error.HTTPError as e: print(e.code); print(e.read().decode()[:500])\n"
+        "import ssl,urllib.request,urllib.error\n"
+        f"ctx=ssl.create_default_context(cafile={str(host.tls.ca_file)!r})\n"
+        f"try:\n r=urllib.request.urlopen({url!r}, timeout={timeout!r}, context=ctx)\n"
+        " print(r.status); print(r.headers.get('strict-transport-security'))\n"
+        " print(r.read().decode()[:500])\n"
+        "except urllib.error.HTTPError as e:\n"
+        " print(e.code); print(e.headers.get('strict-transport-security')); print(e.read().decode()[:500])\n"
     )
     out = host.ct.peer(["python3", "-c", code], timeout=timeout + 10).stdout
-    status, _, body = out.partition("\n")
-    return int(status), body
+    status, hsts, body = out.split("\n", 2)
+    return int(status), hsts, body
 
 
 def wait_for(pred, timeout: float, interval: float = 0.5):
@@ -117,13 +120,14 @@ def test_installed_unit_exposure(provisioned) -> None:
 
 
 def test_readyz_through_public_443(provisioned) -> None:
-    """The API listens unprivileged on 8443; nftables redirects public 443 to it."""
+    """The API listens unprivileged on 8443 with the operator's certificate; nftables redirects public 443."""
     ct = provisioned.ct
     ok = wait_for(
         lambda: (
             ct.sh(
-                'python3 -c "import urllib.request as u; print(u.urlopen('
-                "'http://127.0.0.1:8443/readyz', timeout=3).status)\"",
+                'python3 -c "import ssl, urllib.request as u; print(u.urlopen('
+                "'https://127.0.0.1:8443/readyz', timeout=3, "
+                'context=ssl._create_unverified_context()).status)"',
                 check=False,
             ).stdout.strip()
             == "200"
@@ -131,8 +135,8 @@ def test_readyz_through_public_443(provisioned) -> None:
         timeout=90,
     )
     assert ok, ct.sh("journalctl -u voice-appliance -n 60 --no-pager", check=False).stdout
-    status, body = http_get_from_peer(provisioned, f"http://{nspawn.HOST_ADDR}:443/readyz")
-    assert status == 200, body
+    status, hsts, body = http_get_from_peer(provisioned, f"https://{nspawn.HOST_ADDR}:443/readyz")
+    assert status == 200 and hsts == "max-age=31536000", (status, hsts, body)
     # The unprivileged port itself is not public: only redirected connections reach it.
     assert tcp_probe(provisioned, nspawn.HOST_ADDR, 8443) == "timeout"
 
@@ -177,7 +181,7 @@ def test_sshd_config_is_valid_and_key_only(provisioned) -> None:
     )
     assert effective["passwordauthentication"] == "no"
     assert effective["kbdinteractiveauthentication"] == "no"
-    assert effective["permitrootlogin"] == "without-password"
+    assert effective["permitrootlogin"] == "no"
     assert effective["x11forwarding"] == "no" and effective["allowtcpforwarding"] == "no"
     assert effective["maxauthtries"] == "3"
 
@@ -188,6 +192,7 @@ def test_secrets_not_world_readable(provisioned) -> None:
         "stat -c '%a %U %G %n' /etc/voice-appliance/credentials /etc/voice-appliance/credentials/* "
         "/etc/voice-appliance/janus /etc/voice-appliance/janus/*.jcfg /etc/voice-appliance/coturn "
         "/etc/voice-appliance/coturn/turnserver.conf /etc/voice-appliance/coturn/turn.key "
+        "/etc/voice-appliance/tls /etc/voice-appliance/tls/privkey.pem "
         "/etc/redis/redis.conf"
     ).stdout.splitlines()
     assert len(listing) >= 12
@@ -356,14 +361,26 @@ for r in rows:
 def test_loadbalancer_role_health_and_agent_drain(provisioned) -> None:
     """The loadbalancer role: HAProxy checks /readyz and follows the appliance's agent (drain and back)."""
     ct = provisioned.ct
+    import json
+    import tempfile
+
+    from tests.harness.fleet import issue, make_ca
+
     lb = Path(__file__).with_name("lb-playbook.yml")
-    lb_vars = (
-        '{"loadbalancer_backends": ["127.0.0.1"], "loadbalancer_frontend_port": 8444, '
-        '"loadbalancer_backend_port": 8443, "loadbalancer_backend_tls": false, '
-        '"loadbalancer_agent_interval": "1s", "loadbalancer_apt_update_cache": false, '
+    with tempfile.TemporaryDirectory() as d:
+        ca = make_ca(Path(d) / "ca.pem", "ops test site CA")
+        issue(ca, "lb.test", ["lb.test"], ["127.0.0.1"], Path(d) / "lb.pem", Path(d) / "lb.key")
+        pem = (Path(d) / "lb.pem").read_text() + (Path(d) / "lb.key").read_text()
+    lb_vars = json.dumps({
+        # the box in the container serves HTTPS itself (appliance_tls_mode=box) with a certificate for
+        # localhost from the test CA: HAProxy verifies it like the internal CA's in a fleet
+        "loadbalancer_backends": [{"name": "localhost", "address": "127.0.0.1"}],
+        "loadbalancer_internal_ca": provisioned.tls.ca_file.read_text(),
+        "loadbalancer_frontend_port": 8444,
+        "loadbalancer_backend_port": 8443, "loadbalancer_backend_tls": True, "loadbalancer_tls_pem": pem,
+        "loadbalancer_agent_interval": "1s", "loadbalancer_apt_update_cache": False,
         # This machine's hard file limit (20000) caps the container's; a real host allows the default.
-        '"loadbalancer_maxconn": 4000}'
-    )
+        "loadbalancer_maxconn": 4000})
     first = provisioned.playbook("-e", lb_vars, playbook=lb)
     assert first.rc == 0, first.output[-4000:]
     second = provisioned.playbook("-e", lb_vars, playbook=lb)
@@ -374,8 +391,9 @@ def test_loadbalancer_role_health_and_agent_drain(provisioned) -> None:
         return ct.sh("python3 /root/haproxy_stat.py", check=False).stdout.strip()
 
     assert wait_for(lambda: stat().startswith("UP | via agent : up"), timeout=30), stat()
-    url = "http://127.0.0.1:8444/readyz"  # through HAProxy
-    got = ct.sh(f"python3 -c \"import urllib.request as u; print(u.urlopen('{url}', timeout=3).status)\"")
+    url = "https://127.0.0.1:8444/readyz"  # through HAProxy (TLS terminated there)
+    got = ct.sh(f"python3 -c \"import ssl, urllib.request as u; print(u.urlopen('{url}', timeout=3, "
+                f"context=ssl._create_unverified_context()).status)\"")
     assert got.stdout.strip() == "200"
     try:
         ct.sh("systemctl kill -s SIGUSR1 --kill-who=main voice-appliance")
@@ -385,34 +403,127 @@ def test_loadbalancer_role_health_and_agent_drain(provisioned) -> None:
     assert wait_for(lambda: stat().startswith("UP"), timeout=30), stat()
 
 
-def turn_credentials(secret: str, ttl: int) -> tuple[str, str]:
-    """use-auth-secret credentials: user "<expiry>:<name>", password base64(HMAC-SHA1(secret, user))."""
-    user = f"{int(time.time()) + ttl}:ops"
-    return user, base64.b64encode(hmac.new(secret.encode(), user.encode(), hashlib.sha1).digest()).decode()
+TURN_PROBE = """
+import json, socket, sys
+from appliance.turn import credential
+from tests.harness.turnclient import TurnClient, TurnError
+secret, box, janus_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out = {}
+def client(ttl=600, key=secret):
+    c = credential(key, "u_ops", 600, now=__import__("time").time() + ttl - 600)
+    return TurnClient((box, 3478), c.username, c.password)
+for name, kw in (("expired", {"ttl": -600}), ("forged", {"key": "forged"})):
+    try:
+        client(**kw).allocate(); out[name] = "allocated"
+    except TurnError as e:
+        out[name] = e.code
+c = client()
+out["relayed"] = c.allocate()[0]
+for peer in ("127.0.0.1", "192.0.2.1", "10.0.0.1", "8.8.8.8"):
+    try:
+        c.create_permission(peer); out[peer] = "permitted"
+    except TurnError as e:
+        out[peer] = e.code
+c.create_permission(box)
+c.send(box, 22, b"ssh-probe")
+c.send(box, janus_port, b"media")
+c.sock.settimeout(3)
+try:
+    peer, data = c.receive(); out["echo"] = [peer[0], peer[1], data.decode()]
+except OSError as e:
+    out["echo"] = str(e)
+print(json.dumps(out))
+"""
+
+UDP_LISTENER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], int(sys.argv[2])))
+log = open(sys.argv[3], "ab", buffering=0)
+while True:
+    data, addr = s.recvfrom(2048)
+    log.write(data + b"\\n")
+    if sys.argv[4] == "echo":
+        s.sendto(b"janus:" + data, addr)
+"""
 
 
-def test_turn_hmac_credentials_relay_and_tls(provisioned) -> None:
-    """coturn relays with fresh HMAC credentials, refuses expired or forged ones, and serves TLS on 5349.
-
-    The relay runs between two allocations on the box's own address, which lies in a denied range
-    (192.0.2.0/24) but is the configured allowed peer: the exception for the co-located Janus works.
+def test_turn_relay_reaches_only_janus_and_serves_the_box_certificate(provisioned) -> None:
+    """coturn as installed: expired or forged credentials get 401; a relay from the Internet (the peer
+    namespace) may not reach 127.0.0.1, private ranges or other hosts (403), and on the box's own address
+    only Janus's ICE ports (nftables egress table for the turnserver user: :22 never sees a datagram);
+    an echo on a Janus ICE port answers through the relay. 5349 serves the operator's certificate with
+    TLS >= 1.2 and AEAD suites only.
     """
     ct = provisioned.ct
     secret = provisioned.secrets["vault_turn_secret"]
-
-    def uclient(user: str, password: str) -> str:
-        target = f"-p 3478 {nspawn.HOST_ADDR}"
-        cmd = f"timeout 30 turnutils_uclient -y -n 3 -c -u '{user}' -w '{password}' {target} 2>&1"
-        return ct.sh(cmd, check=False, timeout=60).stdout
-
-    good = uclient(*turn_credentials(secret, 600))
-    assert "Total lost packets 0" in good and "tot_recv_msgs=6" in good, good[-1500:]
-    for user, password in (turn_credentials(secret, -600), turn_credentials("forged", 600)):
-        bad = uclient(user, password)
-        assert "Cannot complete Allocation" in bad and "tot_recv_msgs" not in bad, bad[-1500:]
-    tls = ct.sh(f"timeout 10 openssl s_client -connect {nspawn.HOST_ADDR}:5349 </dev/null 2>&1", check=False)
-    assert "CN = ops-test.invalid" in tls.stdout, tls.stdout[-1500:]
-    conf = ct.sh("cat /etc/voice-appliance/coturn/turnserver.conf").stdout
-    for line in ("use-auth-secret", "no-multicast-peers", "no-cli", "denied-peer-ip=10.0.0.0-10.255.255.255",
-                 f"allowed-peer-ip={nspawn.HOST_ADDR}", "user-quota=", "total-quota="):  # fmt: skip
+    janus_port = 29871  # inside janus_ice_port_range; Janus itself binds ports only for calls
+    ct.sh("cat > /root/udp_listener.py", input=UDP_LISTENER)
+    for unit, port, mode in (("va-ops-janus", janus_port, "echo"), ("va-ops-ssh-udp", 22, "log")):
+        ct.sh(f"systemd-run --unit={unit} --property=User=nobody "
+              "--property=AmbientCapabilities=CAP_NET_BIND_SERVICE "
+              f"python3 /root/udp_listener.py {nspawn.HOST_ADDR} {port} /tmp/{unit}.log {mode}")
+    try:
+        time.sleep(0.5)
+        repo = Path(__file__).resolve().parents[2]
+        res = ct.peer(["env", f"PYTHONPATH={repo}", sys.executable, "-c", TURN_PROBE, secret,
+                       nspawn.HOST_ADDR, str(janus_port)], timeout=60)
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        assert out["expired"] == 401 and out["forged"] == 401, out
+        assert out["relayed"] == nspawn.HOST_ADDR, out
+        assert all(out[p] == 403 for p in ("127.0.0.1", "192.0.2.1", "10.0.0.1", "8.8.8.8")), out
+        assert out["echo"] == [nspawn.HOST_ADDR, janus_port, "janus:media"], out
+        assert ct.sh("cat /tmp/va-ops-ssh-udp.log 2>/dev/null || true").stdout == ""
+        drops = ct.sh("nft list chain inet va_turn_egress turn").stdout
+        assert re.search(r"counter packets [1-9]\d* bytes \d+ drop", drops), drops
+    finally:
+        ct.sh("systemctl stop va-ops-janus va-ops-ssh-udp", check=False)
+    served = ct.sh(f"timeout 10 openssl s_client -connect {nspawn.HOST_ADDR}:5349 </dev/null 2>/dev/null"
+                   " | openssl x509 -outform PEM", check=False).stdout
+    assert served.strip() == provisioned.tls.cert_file.read_text().strip(), served[-800:]
+    for args, alert in (("-tls1_1 -cipher DEFAULT:@SECLEVEL=0", "alert protocol version"),
+                        ("-tls1_2 -cipher AES128-SHA:@SECLEVEL=0", "alert handshake failure"),
+                        ("-tls1_2 -cipher ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0", "alert handshake failure")):
+        refused = ct.sh(f"timeout 10 openssl s_client {args} -connect {nspawn.HOST_ADDR}:5349 "
+                        "</dev/null 2>&1", check=False).stdout
+        assert "Cipher is (NONE)" in refused and alert in refused, (args, refused[-800:])
+    conf = ct.sh("cat /etc/voice-appliance/coturn/turnserver.conf").stdout.splitlines()
+    for line in ("use-auth-secret", "no-multicast-peers", "no-cli", "no-tcp-relay", "max-bps=64000",
+                 "denied-peer-ip=0.0.0.0-255.255.255.255", f"allowed-peer-ip={nspawn.HOST_ADDR}"):
         assert line in conf, line
+
+
+PROM_QUERY = r"""
+import json, sys, urllib.parse, urllib.request
+q = urllib.parse.urlencode({"query": sys.argv[1]})
+with urllib.request.urlopen("http://127.0.0.1:9090/api/v1/query?" + q, timeout=5) as r:
+    print(json.dumps(json.loads(r.read())["data"]["result"]))
+"""
+
+
+def test_monitoring_role_scrapes_the_appliance(provisioned) -> None:
+    """The monitoring role: Prometheus + Alertmanager from Debian (loopback only), the shipped rules
+    loaded, the appliance's /metrics scraped (its worker histograms included); converge + idempotence."""
+    ct = provisioned.ct
+    mon = Path(__file__).with_name("monitoring-playbook.yml")
+    mon_vars = '{"monitoring_scrape_interval": "2s", "monitoring_evaluation_interval": "2s", ' \
+               '"monitoring_apt_update_cache": false}'
+    first = provisioned.playbook("-e", mon_vars, playbook=mon)
+    assert first.rc == 0, first.output[-4000:]
+    second = provisioned.playbook("-e", mon_vars, playbook=mon)
+    assert second.rc == 0 and second.recap.get("changed") == 0, second.output[-3000:]
+    for unit in ("prometheus", "prometheus-alertmanager"):
+        assert ct.sh(f"systemctl is-active {unit}", check=False).stdout.strip() == "active", unit
+    ct.sh("cat > /root/prom_query.py", input=PROM_QUERY)
+
+    def query(q: str) -> list:
+        out = ct.sh(f"python3 /root/prom_query.py '{q}'", check=False).stdout.strip()
+        return json.loads(out) if out.startswith("[") else []
+
+    up = wait_for(lambda: query('up{job="voice-appliance"} == 1'), timeout=60)
+    assert up, query("up")
+    assert wait_for(lambda: query("va_turn_e2e_seconds_count"), timeout=30)
+    rules = ct.sh("python3 -c \"import urllib.request as u; print(u.urlopen("
+                  "'http://127.0.0.1:9090/api/v1/rules', timeout=5).read().decode())\"").stdout
+    assert "VaCallMosLow" in rules and "VaWorkerRestarted" in rules
+    assert tcp_probe(provisioned, nspawn.HOST_ADDR, 9090) != "open"  # not reachable from outside
+    assert tcp_probe(provisioned, nspawn.HOST_ADDR, 9093) != "open"

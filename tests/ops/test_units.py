@@ -105,9 +105,21 @@ def test_playbook_lists_every_role_for_the_example_inventory() -> None:
         "janus : Run Janus",
         "appliance : Install the package",
         "loadbalancer : HAProxy configuration",
+        "loadbalancer : Keepalived configuration",
+        "loadbalancer : Floating IP hook script",
+        "redis : ACL users (appliance user limited to its key prefix, replication, Sentinel; default off)",
+        "redis : Sentinel configuration (written once; Sentinel rewrites it)",
+        "appliance : API TLS certificate and key",
+        "CA key and certificate",
     ):
         assert task in proc.stdout, task
-    assert "va-fsn1-1" in proc.stdout and "lb-fsn1-1" in proc.stdout
+    for host in ("va-fsn1-1", "va-fsn1-3", "lb-fsn1-1", "lb-fsn1-2", "data-fsn1-1", "data-fsn1-2"):
+        assert host in proc.stdout, host
+    upgrade = subprocess.run(
+        [str(VENV_BIN / "ansible-playbook"), "--list-tasks", "upgrade.yml"], cwd=ANSIBLE_DIR, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert upgrade.returncode == 0, upgrade.stdout[-3000:] + upgrade.stderr[-3000:]
+    assert "Drain, wait for calls to end, force-migrate the rest" in upgrade.stdout
 
 
 def test_deb_contents_and_lintian(deb) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -66,7 +67,8 @@ def rtp_base() -> int:
 
 def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: int = 1,
                      extra: dict[str, dict] | None = None, env_extra: dict[str, str] | None = None,
-                     rtp_port_min: int | None = None) -> SupervisorProc:
+                     rtp_port_min: int | None = None, tls_ca: str | None = None) -> SupervisorProc:
+    """``tls_ca``: the API serves TLS (``extra["api"]`` names the certificate) and this CA verifies it."""
     priv, pub = generate_keys(tmp / "keys")
     instance = unique_instance_id("sup")
     api_port, metrics_port, agent_port, admin_port = free_port(), free_port(), free_port(), free_port()
@@ -76,7 +78,8 @@ def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: 
                 "agent_check_port": agent_port, "admin_port": admin_port, "drain_timeout_seconds": 5,
                 "box_id": instance},  # boxes of one test share a hostname: name each one
         "auth": {"jwt_public_key_file": str(pub), "jwt_private_key_file": str(priv)},
-        "janus": {"url": janus.url, "admin_url": janus.admin_url, "api_secret": janus.api_secret,
+        "janus": {"events_port": free_port(),  # never the fixed default 7089: tests run in parallel
+                  "url": janus.url, "admin_url": janus.admin_url, "api_secret": janus.api_secret,
                   "admin_secret": janus.admin_secret, "audiobridge_admin_key": janus.audiobridge_admin_key,
                   "keepalive_seconds": 5.0},
         "redis": {"url": redis_url},
@@ -99,14 +102,16 @@ def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: 
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "appliance", "supervisor", "--config", str(cfg)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
-    sp = SupervisorProc(proc, cfg, f"http://127.0.0.1:{api_port}", metrics_port, agent_port, instance,
+    scheme = "https" if tls_ca else "http"
+    sp = SupervisorProc(proc, cfg, f"{scheme}://127.0.0.1:{api_port}", metrics_port, agent_port, instance,
                         priv.read_bytes(), log, base)
+    ctx = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"supervisor exited {proc.returncode}:\n{sp.log_tail()}")
         try:
-            with urllib.request.urlopen(sp.api + "/readyz", timeout=1) as r:
+            with urllib.request.urlopen(sp.api + "/readyz", timeout=1, context=ctx) as r:
                 if r.status == 200:
                     return sp
         except OSError:
@@ -150,12 +155,16 @@ NODE_MODULES = Path(__file__).resolve().parents[1] / "e2e" / "node_modules"
 DEMO_CALL = Path(__file__).with_name("demo_call.js")
 
 
-async def demo_page_call(page_url: str, talk_ms: int, wav: Path, log_tail) -> dict[str, dict]:
+async def demo_page_call(page_url: str, talk_ms: int, wav: Path, log_tail, *,
+                         wait_quality: bool = False) -> dict[str, dict]:
     """Call from the demo page in Chromium (tests/supervisor/demo_call.js) with ``wav`` as the fake
-    microphone; returns the page's events by name, after checking the page ran and heard the answer."""
+    microphone; returns the page's events by name, after checking the page ran and heard the answer.
+    ``wait_quality``: also wait until the page shows the line quality and a measured round trip."""
     import json
 
     env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
+    if wait_quality:
+        env["DEMO_WAIT_QUALITY"] = "1"
     proc = await asyncio.create_subprocess_exec(
         "node", str(DEMO_CALL), page_url, str(talk_ms), str(wav),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

@@ -57,16 +57,25 @@ const { chromium } = require("playwright-core");
                                  { timeout: 60000 });
     }
     await page.waitForTimeout(Number(holdMs));
+    if (process.env.DEMO_WAIT_QUALITY) {  // the call's line quality and a measured round trip shown
+      await page.waitForFunction(() => document.getElementById("quality").textContent.startsWith("MOS") &&
+                                        document.querySelectorAll("#turns li").length > 0, null,
+                                 { timeout: 30000 });
+    }
     const heard = await page.evaluate(() => ({
       transcript: [...document.querySelectorAll("#transcript li")].map((li) => li.textContent),
       maxRms: window.maxRms || 0,
+      quality: document.getElementById("quality").textContent,
+      turns: [...document.querySelectorAll("#turns li")].map((li) => li.textContent),
     }));
     console.log(JSON.stringify({ event: "heard", ...heard }));
     const model = await page.textContent("#model");
+    const deleted = page.waitForResponse((r) => r.request().method() === "DELETE", { timeout: 30000 });
     await page.click("#hangup");
     await page.waitForFunction(() => document.getElementById("conn").textContent === "idle", null,
                                { timeout: 30000 });
-    console.log(JSON.stringify({ event: "hungup", model }));
+    const refreshes = await page.evaluate(() => window.demoTokenRefreshes || 0);
+    console.log(JSON.stringify({ event: "hungup", model, refreshes, deleted: (await deleted).status() }));
   } finally {
     await browser.close();
   }

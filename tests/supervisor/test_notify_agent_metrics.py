@@ -265,3 +265,35 @@ def test_ai_worker_tool_and_keypad_counters_reach_prometheus():
     assert 'va_model_tool_calls_total{shard="0"} 5.0' in body
     assert 'va_model_tool_errors_total{shard="0"} 1.0' in body
     assert 'va_dtmf_digits_sent_total{shard="0"} 5.0' in body
+
+
+def test_metrics_served_with_worker_histograms_and_call_quality():
+    """Histograms the workers wrote into a real segment and a call-quality sample reach /metrics as
+    per-shard histograms (cumulative buckets, sums; no session label)."""
+    from appliance.quality import QualitySample
+    from tests.harness.shm import shard_segment
+
+    with shard_segment(slots=1) as seg:
+        seg.histograms("ai").observe("turn_end", 0.045)
+        seg.histograms("ai").observe("turn_end", 0.3)
+        seg.histograms("media").observe("e2e", 0.47)
+        m = Metrics()
+        m.add_shard_histograms(lambda: {0: {**seg.histograms("media").snapshot_all(),
+                                            **seg.histograms("ai").snapshot_all()}})
+        m.observe_quality(0, QualitySample(4.1, 85.0, 0.02, 0.0, 0.01, 0.002, 0.04, 0.0))
+        port = m.serve("127.0.0.1", 0)
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        finally:
+            m.stop()
+    assert 'va_turn_latency_seconds_bucket{le="0.04",shard="0",stage="turn_end"} 0.0' in body
+    assert 'va_turn_latency_seconds_bucket{le="0.05",shard="0",stage="turn_end"} 1.0' in body
+    assert 'va_turn_latency_seconds_bucket{le="+Inf",shard="0",stage="turn_end"} 2.0' in body
+    assert 'va_turn_latency_seconds_count{shard="0",stage="turn_end"} 2.0' in body
+    assert 'va_turn_latency_seconds_sum{shard="0",stage="turn_end"} 0.345' in body
+    assert 'va_turn_latency_seconds_count{shard="0",stage="playout"} 0.0' in body
+    assert 'va_turn_e2e_seconds_bucket{le="0.48",shard="0"} 1.0' in body
+    assert 'va_call_mos_bucket{le="4.2",shard="0"} 1.0' in body
+    assert 'va_rtp_loss_ratio_sum{direction="uplink",shard="0"} 0.02' in body
+    assert 'va_rtt_seconds_count{shard="0"} 1.0' in body
+    assert "session=" not in body and "session_id=" not in body  # no per-session label anywhere

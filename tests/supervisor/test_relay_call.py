@@ -35,7 +35,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 
-from appliance.turn import credential
+from appliance.turn import credential, peer_policy_lines
 from tests.harness.audio import speech, write_wav
 from tests.harness.coturn import CoturnServer, coturn_server
 from tests.harness.emulator import start_emulator
@@ -57,8 +57,10 @@ TURN_SECRET = "relay-test-" + secrets.token_hex(8)
 
 @pytest.fixture(scope="module")
 def turn(tmp_path_factory, janus: JanusInstance):
+    # the production peer policy: the relay reaches Janus's address and nothing else
     with coturn_server(tmp_path_factory.mktemp("coturn"), TURN_SECRET, listen_ip=janus.host_ip,
-                       allow_loopback_peers=False, verbose=True) as srv:
+                       allow_loopback_peers=False, verbose=True,
+                       extra_args=[f"--{ln}" for ln in peer_policy_lines([janus.ns_ip])]) as srv:
         yield srv
 
 
@@ -215,14 +217,14 @@ async def test_demo_page_relay_only_in_chromium(sup, turn, tmp_path):
               RATE)
     before = turn.log_path.read_text(errors="replace")
     await demo_page_call(sup.api + "/?relay=1", 1500, wav, sup.log_tail)
-    # the page's TURN user (c_…, minted by GET /v1/ice-servers) allocated and relayed the call
+    # the page's TURN user (u_…: the keyed hash of the dev token's sub, from GET /v1/ice-servers) relayed it
     new = turn.log_path.read_text(errors="replace")[len(before):]
-    users = set(re.findall(r"username=<(\d+:c_[A-Za-z0-9_-]+)>", new))
+    users = set(re.findall(r"username=<(\d+:u_[A-Za-z0-9_-]+)>", new))
     assert users, new[-2000:]
 
     def relayed() -> int:
         text = turn.log_path.read_text(errors="replace")
-        pattern = r"usage: .*?username=<\d+:c_[^>]+>.*?rp=(\d+)"
+        pattern = r"usage: .*?username=<\d+:u_[^>]+>.*?rp=(\d+)"
         return max((int(m.group(1)) for m in re.finditer(pattern, text)), default=0)
 
     got = await wait_until(lambda: relayed() > 100, limit=15, what="coturn usage line for the demo call")

@@ -17,7 +17,8 @@ import pytest
 from appliance.config import load_config
 from appliance.cpuplan import make_plan
 from appliance.procs import pid_gone
-from appliance.runner import dumps_toml, ensure_secret, prepare, supervisord_conf
+from appliance.runner import dumps_toml, ensure_secret, prepare, primary_ip, supervisord_conf
+from appliance.turn import peer_policy_lines
 from tests.harness.redis import free_port
 
 
@@ -43,7 +44,11 @@ def test_prepare_writes_a_loadable_config_and_programs(tmp_path):
     assert cfg.model.ca_file and Path(cfg.model.ca_file).exists()
     assert plan.config_path.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in plan.programs] == ["redis", "coturn", "janus", "emulator", "supervisor"]
-    assert "static-auth-secret=" in (plan.state_dir / "coturn" / "turnserver.conf").read_text()
+    turn_conf = (plan.state_dir / "coturn" / "turnserver.conf").read_text().splitlines()
+    assert any(ln.startswith("static-auth-secret=") for ln in turn_conf)
+    janus_ip = primary_ip()  # what Janus advertises: the only peer the dev relay may reach
+    assert set(peer_policy_lines([janus_ip] if janus_ip else [])) <= set(turn_conf)
+    assert "no-tcp-relay" in turn_conf and "denied-peer-ip=0.0.0.0-255.255.255.255" in turn_conf
     assert (plan.state_dir / "janus" / "janus.jcfg").exists()
     janus = next(p for p in plan.programs if p.name == "janus")
     assert janus.command[:3] == [shutil.which("taskset"), "-c", ",".join(map(str, make_plan().janus_cpus))]
@@ -176,7 +181,7 @@ def test_run_starts_stack_and_stops_cleanly_on_sigint(tmp_path):
         cfg = load_config(state / "appliance.toml", env={})
         from appliance.auth import JwtVerifier
 
-        assert JwtVerifier.from_config(cfg.auth).verify(token).sub == "demo"
+        assert JwtVerifier.from_config(cfg.auth).verify(token).sub.startswith("demo-")  # one sub per token
         # the emulator answers TLS with the CA the generated config tells the AI worker to trust
         import socket
         import ssl

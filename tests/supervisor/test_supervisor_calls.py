@@ -62,7 +62,9 @@ def metrics(sp: SupervisorProc) -> str:
 
 @pytest.fixture(scope="module")
 def sup(tmp_path_factory, redis_srv, janus):
-    sp = start_supervisor(tmp_path_factory.mktemp("sup"), redis_srv.url, janus, slots=1)
+    # session tokens of the shortest lifetime: the demo page refreshes its token during the call
+    sp = start_supervisor(tmp_path_factory.mktemp("sup"), redis_srv.url, janus, slots=1,
+                          extra={"auth": {"session_token_ttl_seconds": 60}})
     yield sp
     stop_supervisor(sp)
 
@@ -479,7 +481,7 @@ def test_demo_page_and_dev_token(sup):
     with urllib.request.urlopen(req, timeout=5) as r:
         token = __import__("json").loads(r.read())["token"]
     principal = JwtVerifier.from_config(load_config(sup.config, env={}).auth).verify(token)
-    assert principal.sub == "demo"
+    assert principal.sub.startswith("demo-")  # each dev token its own sub
 
 
 
@@ -507,6 +509,8 @@ async def test_demo_page_call_in_chromium(sup, seg):
         assert heard["event"] == "heard"
         hung = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
         assert hung["event"] == "hungup"
+        # the page swapped its session token (60 s, refreshable at once) and hung up with the new one
+        assert hung["refreshes"] >= 1 and hung["deleted"] == 204, hung
         assert await asyncio.wait_for(proc.wait(), 30) == 0
         await wait_until(lambda: slot.state == SlotState.FREE, what="slot freed after hang-up")
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 
@@ -215,5 +216,11 @@ async def test_demo_page_talks_in_chromium(sup, tmp_path):
 
     wav = tmp_path / "speech.wav"
     write_wav(wav, np.concatenate([speech("hello appliance, can you hear me", RATE), silence(2.0)]), RATE)
-    heard = (await demo_page_call(sup.api + "/", 3000, wav, sup.log_tail))["heard"]
-    print(f"demo page heard: max RMS {heard['maxRms']:.3f}, transcript {heard['transcript']}")
+    heard = (await demo_page_call(sup.api + "/", 3000, wav, sup.log_tail, wait_quality=True))["heard"]
+    print(f"demo page heard: max RMS {heard['maxRms']:.3f}, transcript {heard['transcript']}, "
+          f"line {heard['quality']!r}, round trips {heard['turns']}")
+    # the line quality from GET /v1/sessions/{id} (loopback: no loss) and the browser's own round trip
+    assert re.match(r"MOS 4\.\d\d · loss 0\.0 % up / 0\.0 % down · jitter \d+ ms · RTT \d+ ms$",
+                    heard["quality"]), heard["quality"]
+    trips = [int(t.split()[0]) for t in heard["turns"]]
+    assert trips and all(100 < t < 10000 for t in trips), trips

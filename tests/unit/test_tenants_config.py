@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from appliance.config import ConfigError, load_config, replace, tenant, to_toml_dict
+from appliance.config import ConfigError, load_config, redacted_dict, replace, tenant, to_toml_dict
 from appliance.runner import dumps_toml
 
 TOML = """
@@ -58,6 +58,9 @@ def test_tenants_inherit_and_override(tmp_path) -> None:
     q.write_text(dumps_toml(shown))
     assert load_config(q, env={}).tenants == cfg.tenants
     json.dumps(shown)  # `config show` prints it as JSON
+    # config show redacts a tenant's secrets like [model]'s
+    shown = redacted_dict(replace(cfg, tenants={"bank": {"tools_secret": "hush", "api_key": "k"}}))
+    assert shown["tenants"]["bank"] == {"tools_secret": "***", "api_key": "***"}
 
 
 @pytest.mark.parametrize(("table", "message"), [

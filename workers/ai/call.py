@@ -132,8 +132,7 @@ class Call:
                 digit = digit_for(value)
                 if digit is None:
                     continue
-                c.dtmf = (c.dtmf + digit)[-32:]
-                log.info("DTMF", extra={"session": self.session_id, "digit": digit})
+                c.dtmf = (c.dtmf + digit)[-32:]  # never logged: PINs, card numbers (counts only)
                 entry = c.keypad.push(digit, now)
                 if entry:
                     self.send_dtmf(entry)

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance import tracing
 from appliance.config import Config, ConfigError, load_config
 
 log = logging.getLogger("workers.ai")
@@ -97,6 +98,7 @@ def main(args: argparse.Namespace) -> int:
             os.nice(cfg.shards.ai_nice)
         except OSError as exc:
             log.warning("cannot lower priority", extra={"error": str(exc)})
+    tracing.configure(cfg.otel.endpoint, cfg.otel.service_name, role="ai", timeout=cfg.otel.timeout_seconds)
     # the turn journal must outlive this process but not the machine: tmpfs
     args.journal_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(cfg.paths.run_dir)
     _, factory = loop_factory()

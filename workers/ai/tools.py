@@ -42,6 +42,7 @@ from typing import Any
 
 import httpx
 
+from appliance import tracing
 from appliance.records import signing
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ class ToolRunner:
         t0 = asyncio.get_running_loop().time()
         try:
             try:
-                response = await self.invoke(session_id, name, args, call_id)
+                with tracing.child(session_id, "tool_call", tool=name, call_id=call_id):
+                    response = await self.invoke(session_id, name, args, call_id)
                 response.setdefault("status", "error" if "error" in response else "ok")
                 ok = True
             except ToolError as exc:

@@ -40,6 +40,7 @@ class TurnEvent:
     sample: int
     onset: int = 0
     barge_in: bool = False
+    speech_end: int = 0  # ACTIVITY_END after the hangover: where the caller's speech ended (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,8 @@ class TurnDetector:
     def _check_end(self, now: int) -> TurnEvent | None:
         if self._silence_start is not None and now - self._silence_start >= self._hangover:
             self.speaking = False
-            self._silence_start = None
-            return TurnEvent(Decision.ACTIVITY_END, now, self.speech_start)
+            end, self._silence_start = self._silence_start, None
+            return TurnEvent(Decision.ACTIVITY_END, now, self.speech_start, speech_end=end)
         return None
 
     def resume_speaking(self, onset: int) -> None:

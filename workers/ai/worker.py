@@ -61,7 +61,6 @@ from pathlib import Path
 import numpy as np
 
 from appliance.config import Config
-from bench import probe
 from shm.audio import DOWN_BYTES_PER_MS, TICK_SECONDS, UP_BYTES_PER_MS, UP_FRAME
 from shm.segment import ShardSegment, ShmError, Slot
 from workers.ai.call import Call, Live, LiveFactory
@@ -85,6 +84,7 @@ from workers.ai.live.settings import ClientSettings, LiveOptions, client_setting
 from workers.ai.playback import Playback, PlaybackStats
 from workers.ai.records import CallRecorder
 from workers.ai.tenants import TenantProfiles
+from workers.ai.turn_metrics import TurnClock, mark_speech
 from workers.ai.turns import Decision, TurnEvent, TurnParams
 from workers.ai.vad import SAMPLE_RATE, BatchedVad
 from workers.levels import mean_square_of_dbfs
@@ -312,7 +312,7 @@ class AiWorker:
         call = Call(slot=slot, generation=generation, session_id=session_id, options=dict(options),
                     caller=CallerTurn.new(self.params, self._preroll_keep_ms, m.dtmf_flush_ms),
                     outbox=self._open_outbox(slot, generation, session_id),
-                    last_event=probe.event_times(session_id))
+                    last_event=TurnClock(slot, generation, self.seg.histograms("ai"), session_id))
         call.playback = Playback(slot, call.current, self.stats, self._confirm_s, call.last_event)
         self.calls[slot.index] = call
         self.stats.sessions_opened += 1
@@ -467,6 +467,7 @@ class AiWorker:
             call.slot.counters.add("vad_frames", len(windows))
 
     def _on_turn(self, call: Call, ev: TurnEvent) -> None:
+        mark_speech(call.last_event, ev, call.caller.window.position, time.monotonic())
         if ev.decision is Decision.ACTIVITY_START:
             if ev.barge_in or call.playback.playing():
                 call.playback.barge_in()

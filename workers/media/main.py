@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    worker = MediaWorker(seg, cfg.media, host=args.host)
+    worker = MediaWorker(seg, cfg.media, host=args.host, frame_log_ratio=cfg.log.frame_sample_ratio)
     # Everything allocated so far lives for the process lifetime: keep it out of the cyclic GC's scans
     # so a full collection never stalls a tick (the hot path allocates almost no containers).
     gc.collect()

@@ -66,7 +66,9 @@ from typing import Protocol
 import numpy as np
 
 from appliance.config import MediaConfig
+from appliance.logs import FrameSampler
 from shm.audio import DOWN_FRAME, DOWN_RATE, UP_FRAME, UP_RATE
+from shm.histograms import ShardHistograms
 from shm.layout import U64
 from shm.segment import EventCode, ShardSegment, Slot, SlotInfo, SlotState
 from workers.levels import mean_square_of_dbfs
@@ -99,6 +101,7 @@ SSRC_SWITCH_SILENCE_NS = 100_000_000
 ENCODER_TAIL_FRAMES = 3
 PARTIAL_FRAME_TICKS = 2
 SCAN_EVERY_TICKS = 5
+ANSWER_MAX_S = 10.0  # first model audio → first RTP longer than this: not the same answer (stale words)
 HOLD_MAX_NS = 2_000_000_000  # a hold the AI worker never answers ends here (vad.pause_confirm_ms <= 1 s)
 FADE_IN_SAMPLES = 120  # 5 ms at 24 kHz: playback resuming mid-word after a false-alarm pause
 _HALF = 1 << 63
@@ -114,8 +117,10 @@ class MediaSession:
     """One call's RTP/Opus state: sockets, jitter buffer, codecs, counters (in the slot)."""
 
     def __init__(self, slot: Slot, info: SlotInfo, cfg: MediaConfig, host: str,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns, hist: ShardHistograms | None = None) -> None:
         self.slot = slot
+        self.hist = hist
+        self.answer_seen = slot.answer()[1]  # an answer already played (worker restart) is not timed again
         self.index = info.index
         self.generation = info.generation
         self.session_id = info.session_id
@@ -416,6 +421,8 @@ class MediaSession:
         if self.remote is None:
             return  # Janus's side not known yet: model audio is discarded in real time
         if frame is not None:
+            if not self.speaking and self.hist is not None:
+                self._answer_out()
             if self.fade_in:
                 self.fade_in = False
                 if not self.speaking:
@@ -451,6 +458,22 @@ class MediaSession:
             return
         self.c.add("tx_packets")
         self.c.add("tx_bytes", len(pkt))
+
+    def _answer_out(self) -> None:
+        """An utterance's first packet is going out: if it starts a new answer, time the answer
+        (``playout``: first model audio at the AI worker → here; ``e2e``: caller's speech end → here)."""
+        speech_end, model_audio = self.slot.answer()
+        if model_audio == self.answer_seen:
+            return  # the greeting, a resumed hold, or an answer already timed
+        self.answer_seen = model_audio
+        now = self.clock()
+        playout = (now - model_audio) / 1e9
+        if not 0.0 <= playout < ANSWER_MAX_S:
+            return  # a stale or torn pair (see Slot.set_answer)
+        self.hist.observe("playout", playout)  # type: ignore[union-attr]
+        e2e = (now - speech_end) / 1e9
+        if speech_end and playout <= e2e < 6 * ANSWER_MAX_S:
+            self.hist.observe("e2e", e2e)  # type: ignore[union-attr]
 
     def close(self) -> None:
         if not self.closed:
@@ -543,8 +566,9 @@ class MediaWorker:
     """Runs all sessions of one shard segment on one thread."""
 
     def __init__(self, segment: ShardSegment, cfg: MediaConfig, *, host: str | None = None,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns, frame_log_ratio: float = 0.1) -> None:
         self.seg = segment
+        self.frame_log = FrameSampler(log, frame_log_ratio)  # per-frame debug lines, sampled
         self.cfg = cfg
         self.host = host or cfg.rtp_host
         self.clock = clock
@@ -581,7 +605,7 @@ class MediaWorker:
             if last is not None and self.ticks - last < 50:
                 continue  # retry a failed bind once a second
             try:
-                sess = MediaSession(slot, info, self.cfg, self.host, self.clock)
+                sess = MediaSession(slot, info, self.cfg, self.host, self.clock, self.seg.histograms("media"))
             except OSError as exc:
                 self._bind_failed[key] = self.ticks
                 log.error("cannot bind rtp port", extra={"session": info.session_id,
@@ -660,6 +684,11 @@ class MediaWorker:
             try:
                 sess.tick_uplink()
                 sess.tick_downlink(tick)
+                if self.frame_log.due():
+                    c = sess.c
+                    log.debug("frame", extra={"session": sess.session_id, "tick": tick,
+                                              "jitter_us": c.get("jitter_us"), "lost": c.get("lost"),
+                                              "speaking": sess.speaking, "held": sess.hold_seq is not None})
             except Exception:
                 # a bug or bad state in one session must not stop the others: end that session locally
                 log.exception("session failed", extra={"session": sess.session_id})

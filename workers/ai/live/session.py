@@ -27,6 +27,7 @@ import tenacity
 from prometheus_client import Counter
 from websockets.exceptions import ConnectionClosed
 
+from appliance import tracing
 from appliance.config import ModelConfig
 from shm.audio import UP_BYTES_PER_MS, UP_BYTES_PER_SECOND
 from workers.ai.live.client import (
@@ -294,7 +295,8 @@ class LiveSession:
                 self._degrade(f"connection keeps failing: {reason}")
                 return
             try:
-                await self._connect_with_retries()
+                with tracing.child(self.session_id, "resume", reason=reason):
+                    await self._connect_with_retries()
             except LiveUnavailable as exc:
                 self._degrade(str(exc))
                 return
