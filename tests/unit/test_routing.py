@@ -106,6 +106,8 @@ async def test_resume_keeps_its_model_and_tenant_limits_hold(redis) -> None:
     assert (await s._route(who("safe"), rec))[1:] == (FLASH, "resumed")
     with pytest.raises(InvalidRequest, match="another tenant"):
         await s._route(who("split"), rec)
+    t, model, _ = await s._route(who(""), rec)  # a session token (no claim): the record's tenant holds
+    assert (t.name, model) == ("safe", FLASH)
     placed = Placed(shard=0, slot=0, rtp_port=40000)
     for i in range(2):
         s.live[f"b1.{i}"] = LiveSession(f"b1.{i}", "alice", "direct", placed, 1, 0.0, 0.0, tenant="safe")
