@@ -62,6 +62,7 @@ run: deps-run venv
 
 lint: venv
 	$(VENV)/bin/ruff check appliance workers shm bench tests
+	$(VENV)/bin/mypy
 
 test: deps-test venv $(STAMPS)/node lint test-unit test-fleet test-ops bench-smoke
 

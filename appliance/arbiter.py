@@ -23,8 +23,11 @@ Read it top to bottom like gunicorn's arbiter:
    restarted worker re-attaches its slots from shared memory.
 
 Workers run in their own session (``start_new_session``) so a Ctrl-C in a terminal reaches only the
-supervisor, which then stops them in order; ``PR_SET_PDEATHSIG`` = SIGTERM makes them exit if the
-supervisor itself dies abruptly (so a new supervisor can bind their ports again).
+supervisor, which then stops them in order. They deliberately outlive the supervisor (no
+``PR_SET_PDEATHSIG``): a supervisor that crashes or restarts in place leaves its calls running, and the
+next one *adopts* each worker whose PID it finds beating in the shard's segment header (``adopt``; its
+keeper then waits on a pidfd, since an adopted worker need not be its child) — docs/architecture.md
+"Supervisor restart and adoption".
 
 Hand-written rather than supervisord/circus inside the supervisor: restarts must keep the CPU plan and
 the shard's segment, feed heartbeats from shared memory into the decision, and tell placement when a
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -43,7 +45,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client import Counter
 
@@ -61,17 +62,41 @@ OVERLOADED = Counter(
     ["role"])
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl  # resolved now, not in the forked child
-except (OSError, AttributeError):  # pragma: no cover - non-Linux
-    _prctl = None
+def worker_cmdline_matches(pid: int, role: str, segment: str) -> bool:
+    """True if ``pid`` runs ``<role>-worker --segment <segment>`` (a recycled PID is not adopted)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return f"{role}-worker" in argv and segment in argv
 
 
-def _child_setup() -> None:
-    """Runs in the child between fork and exec: die with the supervisor."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+async def wait_pid(pid: int, poll: float = 0.2) -> None:
+    """Return once ``pid`` has exited (a pidfd when the kernel has one; polling /proc otherwise)."""
+    from appliance.procs import pid_gone
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        while not pid_gone(pid):  # noqa: ASYNC110 - no pidfd: nothing to wait on but /proc
+            await asyncio.sleep(poll)
+        return
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks; reap it if it was our child (after an in-place restart)
 
 
 @dataclass
@@ -90,6 +115,7 @@ class Worker:
 
     spec: WorkerSpec
     proc: asyncio.subprocess.Process | None = None
+    adopted_pid: int | None = None  # a running worker found at start (not spawned by this process)
     started_at: float = 0.0  # time.monotonic()
     starts: int = 0
     restarts: int = 0
@@ -104,6 +130,8 @@ class Worker:
 
     @property
     def pid(self) -> int | None:
+        if self.adopted_pid is not None:
+            return self.adopted_pid
         return self.proc.pid if self.proc and self.proc.returncode is None else None
 
     @property
@@ -191,6 +219,14 @@ class Arbiter:
         return next(w for w in self.workers if w.spec.role == role and w.spec.shard == shard)
 
     # -- 1. start -------------------------------------------------------------------------------
+    def adopt(self, role: str, shard: int, pid: int) -> None:
+        """Take over a worker already running (found beating in the segment) instead of spawning one."""
+        w = self.worker(role, shard)
+        w.adopted_pid = pid
+        w.started_at = time.monotonic()
+        w.spawned_event.set()
+        log.info("worker adopted", extra={"worker": w.name, "worker_pid": pid})
+
     async def start(self) -> None:
         """Spawn every worker and start watching them."""
         self._stopping = False
@@ -203,7 +239,7 @@ class Arbiter:
         w.kill_reason = ""
         w.overloaded, w.stale_cpu = False, None
         w.proc = await asyncio.create_subprocess_exec(
-            *w.spec.argv, env=self.env, start_new_session=True, preexec_fn=_child_setup,
+            *w.spec.argv, env=self.env, start_new_session=True,
             stdin=asyncio.subprocess.DEVNULL,
         )
         pin_all_threads(w.proc.pid, w.spec.cpu)
@@ -223,6 +259,17 @@ class Arbiter:
                 await asyncio.sleep(backoff)
                 if self._stopping:
                     break
+            if w.adopted_pid is not None:
+                self.on_event("started", w)
+                await wait_pid(w.adopted_pid)
+                w.adopted_pid, w.last_exit = None, None
+                if self._stopping:
+                    break
+                w.restarts += 1
+                reason = w.kill_reason or "exit"
+                log.error("adopted worker exited, restarting", extra={"worker": w.name, "reason": reason})
+                self.on_event(f"exited:{reason}", w)
+                continue
             try:
                 await self._spawn(w)
             except OSError as exc:
@@ -317,41 +364,62 @@ class Arbiter:
         self._stopping = True
         if self._watcher:
             self._watcher.cancel()
-        procs = [w.proc for w in self.workers if w.proc and w.proc.returncode is None]
-        for p in procs:
+        pids = [w.pid for w in self.workers if w.pid is not None]
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
-        if procs:
-            _done, pending = await asyncio.wait(
-                [asyncio.ensure_future(p.wait()) for p in procs], timeout=self.stop_timeout
-            )
+                os.kill(pid, signal.SIGTERM)
+        if pids:
+            waits = [asyncio.ensure_future(self._wait_worker(w)) for w in self.workers if w.pid is not None]
+            _done, pending = await asyncio.wait(waits, timeout=self.stop_timeout)
             if pending:
-                for p in procs:
-                    if p.returncode is None:
-                        log.warning("worker ignored SIGTERM, killing", extra={"worker_pid": p.pid})
+                for w in self.workers:
+                    if w.pid is not None:
+                        log.warning("worker ignored SIGTERM, killing", extra={"worker_pid": w.pid})
                         with contextlib.suppress(ProcessLookupError):
-                            p.kill()
+                            os.kill(w.pid, signal.SIGKILL)
                 await asyncio.wait(pending)
+        await self._stop_keepers()
+        log.info("all workers stopped")
+
+    async def release(self) -> None:
+        """Stop watching and keeping the workers but leave them running (an in-place supervisor restart:
+        the next supervisor adopts them)."""
+        self._stopping = True
+        await self._stop_keepers()
+        log.info("workers left running for the next supervisor")
+
+    async def _stop_keepers(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
         for t in self._keepers:
             t.cancel()
         await asyncio.gather(*self._keepers, return_exceptions=True)
         if self._watcher:
             await asyncio.gather(self._watcher, return_exceptions=True)
-        log.info("all workers stopped")
+
+    @staticmethod
+    async def _wait_worker(w: Worker) -> None:
+        if w.adopted_pid is not None:
+            await wait_pid(w.adopted_pid)
+            w.adopted_pid = None
+        elif w.proc is not None:
+            await w.proc.wait()
 
     async def rolling_restart(self, ready_timeout: float = 30.0) -> None:
         """Replace workers one by one (SIGTERM; the keeper respawns), waiting for each to beat again."""
         for w in self.workers:
-            if self._stopping or w.proc is None or w.proc.returncode is not None:
+            pid = w.pid
+            if self._stopping or pid is None:
                 continue
-            old = w.proc
             w.kill_reason = "reload"
             w.spawned_event.clear()
-            old.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(old.wait(), self.stop_timeout)
+                await asyncio.wait_for(asyncio.shield(self._wait_worker(w)), self.stop_timeout)
             except TimeoutError:
-                old.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             wanted = w.ready_event if self.heartbeat is not None else w.spawned_event
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(w.spawned_event.wait(), ready_timeout)

@@ -27,6 +27,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
@@ -215,6 +216,22 @@ class Breaker:
     async def record(self, ok: bool, probe_id: str = "") -> None:
         """Report a connect/setup outcome (``probe_id`` from :meth:`allow` when it was a probe)."""
         await self._apply("ok" if ok else "fail", probe_id)
+
+
+def model_breaker(cfg: Any) -> Breaker | None:
+    """The box's model breaker from ``[breaker]`` (None when disabled), its state in the session Redis."""
+    b = cfg.breaker
+    if not b.enabled:
+        return None
+    from appliance.state import redis_client
+
+    try:
+        client: aioredis.Redis | None = redis_client(cfg.redis)
+    except Exception as exc:  # a bad Redis config must not stop calls: the local breaker still works
+        log.warning("model breaker without Redis (local only)", extra={"error": str(exc)})
+        client = None
+    return Breaker("model", BreakerSettings(b.failure_threshold, b.reset_seconds, b.success_threshold,
+                                            b.probe_timeout_seconds), client)
 
 
 def model_breaker_name(model: str) -> str:

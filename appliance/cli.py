@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "emulator": ("appliance.emulator.cli", "run the built-in Gemini Live emulator (TLS WebSocket)"),
     "token": ("appliance.token", "mint a development JWT for the session API"),
     "drain": ("appliance.control", "drain this box (and force-migrate its calls) through the supervisor"),
+    "restart": ("appliance.restart", "restart the supervisor in place, keeping every live call"),
     "media-worker": ("workers.media.main", "run one shard's media worker (started by the supervisor)"),
     "ai-worker": ("workers.ai.main", "run one shard's AI worker (started by the supervisor)"),
     "bench": ("bench.cli", "run a benchmark and print its results (--json for one JSON object)"),

@@ -379,6 +379,18 @@ class OtelConfig:
 
 
 @dataclass(frozen=True)
+class BreakerConfig:
+    """The model circuit breaker (appliance/breaker.py): shared by every AI worker of the box and, through
+    Redis, of the fleet. ``enabled = false`` lets every call retry on its own (the old behaviour)."""
+
+    enabled: bool = True
+    failure_threshold: int = 3  # consecutive connect/setup failures that open it
+    reset_seconds: float = 30.0  # open this long, then one half-open probe
+    success_threshold: int = 2  # good probes that close it
+    probe_timeout_seconds: float = 15.0  # a probe that never reports back frees the lease after this
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole appliance configuration."""
 
@@ -398,6 +410,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     otel: OtelConfig = field(default_factory=OtelConfig)
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
 
     @property
@@ -436,6 +449,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "auth.leeway_seconds": (0, 300),
     "model.chunk_ms": (20, 50),
     "model.max_retries": (0, 100),
+    "breaker.failure_threshold": (1, 1000),
+    "breaker.reset_seconds": (0.1, 3600),
+    "breaker.success_threshold": (1, 100),
+    "breaker.probe_timeout_seconds": (0.1, 600),
     "emulator.port": (1, 65535),
     "shards.count": (0, 256),
     "shards.slots": (1, 4096),

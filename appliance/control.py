@@ -5,7 +5,8 @@ migration finish), and a signal carries none. The socket is ``<paths.run_dir>/co
 (only root and the service user can drain the box); nothing listens on the network.
 
 Protocol: one JSON object per line each way. Requests ``{"cmd": "status" | "drain" | "undrain" |
-"migrate"}``; every reply is the status ``{"ok": true, "draining": bool, "active": int,
+"migrate" | "restart"}`` (``restart``: re-exec the supervisor in place, calls kept — `voice-appliance
+restart`, ``appliance.restart``); every reply is the status ``{"ok": true, "draining": bool, "active": int,
 "migrating": int}`` (or ``{"ok": false, "error": "..."}``).
 
 ``voice-appliance drain --wait --timeout N --migrate`` = drain (the agent check says ``drain``, new calls
@@ -65,7 +66,7 @@ class ControlServer:
                 try:
                     req = json.loads(line)
                     cmd = req.get("cmd") if isinstance(req, dict) else None
-                    if cmd not in ("status", "drain", "undrain", "migrate"):
+                    if cmd not in ("status", "drain", "undrain", "migrate", "restart"):
                         reply: dict[str, Any] = {"ok": False, "error": f"unknown command {cmd!r}"}
                     else:
                         reply = {"ok": True, **await self._handler(cmd)}

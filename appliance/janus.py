@@ -263,6 +263,22 @@ class JanusClient:
         session._start()
         return session
 
+    async def resume_session(self, session_id: int, on_event: EventCallback | None = None) -> JanusSession:
+        """Pick up an existing Janus session by id (a restarted supervisor adopting its calls): ``claim``
+        it, so Janus delivers its events to this connection again (after the old transport went away it
+        kept the session for ``reclaim_session_timeout``), and start its long poll and keepalives.
+        If Janus no longer knows it, the session is closed at once (``session_lost`` follows)."""
+        session = JanusSession(self, int(session_id), on_event)
+        self.sessions[session.id] = session
+        try:
+            await session._post("", {"janus": "claim"})
+        except JanusError as exc:
+            log.warning("janus session not reclaimed", extra={"janus_session": session.id, "error": str(exc)})
+            session._close("not reclaimed")
+            return session
+        session._start()
+        return session
+
 
 def _check(resp: httpx.Response) -> dict[str, Any]:
     try:
@@ -311,6 +327,12 @@ class JanusSession:
             body["opaque_id"] = opaque_id
         data = await self._post("", body)
         handle = JanusHandle(self, int(data["data"]["id"]), plugin, queue_size)
+        self.handles[handle.id] = handle
+        return handle
+
+    def adopt_handle(self, handle_id: int, plugin: str, queue_size: int = 256) -> JanusHandle:
+        """A handle attached by an earlier supervisor (``JanusClient.resume_session``)."""
+        handle = JanusHandle(self, int(handle_id), plugin, queue_size)
         self.handles[handle.id] = handle
         return handle
 
@@ -393,7 +415,8 @@ class JanusSession:
                 data = _check(resp)
                 backoff, failing_since = 0.05, None
             except JanusError as exc:
-                if exc.code == ERR_SESSION_NOT_FOUND:
+                # a restarted Janus answers the long poll of a session it never knew with HTTP 404
+                if exc.code in (ERR_SESSION_NOT_FOUND, 404):
                     self._close("session not found")
                     return
                 now = time.monotonic()
@@ -404,7 +427,7 @@ class JanusSession:
                     return
                 log.warning("janus long poll failed", extra={"janus_session": self.id, "error": str(exc)})
                 await asyncio.sleep(backoff)
-                backoff = min(2.0, backoff * 2)
+                backoff = min(1.0, backoff * 2)  # a restarted Janus is noticed within 1 s
                 continue
             for msg in data if isinstance(data, list) else [data]:
                 await self._dispatch(msg)

@@ -48,6 +48,9 @@ class JanusSettings:
     audiobridge_rtp_port_range: str = "35000-39999"
     audiobridge_admin_key: str = ""
     session_timeout: int = 60
+    # A session whose transport connection closed (the supervisor died or restarted) waits this long to
+    # be claimed by a new supervisor instead of being destroyed at once (Janus's default 0).
+    reclaim_session_timeout: int = 60
     debug_level: int = 4
     nat_1_1: str = ""
     stun_server: str = ""
@@ -106,6 +109,7 @@ def render(settings: JanusSettings) -> dict[str, str]:
         "admin_secret": s.admin_secret,
         "server_name": "voice-appliance",
         "session_timeout": s.session_timeout,
+        "reclaim_session_timeout": s.reclaim_session_timeout,
         "interface": s.public_ip,
         "protected_folders": ["/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/sbin", "/sys", "/usr"],
     }

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -195,6 +196,79 @@ class Sessions:
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._mirror_loop(), name="sessions-mirror"))
 
+    async def adopt(self) -> int:
+        """Take over the calls a previous supervisor of this box left running (its crash or in-place
+        restart): every ACTIVE slot whose Redis record this box still owns becomes a live session again,
+        on the same Janus session and handles (keepalives and the long poll resume at once, well inside
+        Janus's 60 s session timeout). A slot without such a record is closed. Returns the count.
+        Protocol: docs/architecture.md "Supervisor restart and adoption"."""
+        from shm.segment import SlotState
+
+        adopted = 0
+        for shard, seg in self.segments.items():
+            for slot in seg.slots():
+                if slot.state == SlotState.CLOSING:
+                    slot.free()
+                    continue
+                info = slot.snapshot()
+                if info is None:
+                    continue
+                try:
+                    record = await self.store.adopt(info.session_id, self.box)
+                except Exception:
+                    log.exception("cannot read a live call's record; it is not adopted",
+                                  extra={"session": info.session_id})
+                    record = None
+                if record is None or record.janus_session_id is None or record.janus_handle_id is None:
+                    log.warning("slot without a live record on this box: closed",
+                                extra={"session": info.session_id, "shard": shard, "slot": slot.index})
+                    slot.begin_close()
+                    self._spawn(self._free_slot_later(slot, info.generation))
+                    continue
+                placed = self.placement.claim(shard, slot.index, info.session_id)
+                live = LiveSession(info.session_id, record.sub, record.mode, placed, info.generation,
+                                   record.created_at, record.created_at + self.cfg.redis.active_ttl_seconds,
+                                   webrtc_up=True, room_id=record.room_id)
+                js = self._jsessions.get(shard)
+                if js is None or js.id != record.janus_session_id:
+                    js = await self.janus.resume_session(record.janus_session_id,
+                                                         on_event=self._on_janus_event)
+                    self._jsessions.setdefault(shard, js)
+                plugin = AUDIOBRIDGE if record.mode == "room" else NOSIP
+                live.handle = js.adopt_handle(record.janus_handle_id, plugin)
+                self._by_handle[live.handle.id] = live.session_id
+                if record.janus_room_handle_id is not None:
+                    live.room_handle = js.adopt_handle(record.janus_room_handle_id, AUDIOBRIDGE)
+                    self._by_handle[live.room_handle.id] = live.session_id
+                live.mirrored = (slot.resume_handle, slot.model_state, slot.transcript)
+                self.live[live.session_id] = live
+                adopted += 1
+                log.info("call adopted", extra={"session": live.session_id, "shard": shard,
+                                                "slot": slot.index, "janus_session": js.id})
+        return adopted
+
+    async def _free_slot_later(self, slot: Any, generation: int) -> None:
+        await asyncio.sleep(CLOSE_GRACE_SECONDS)
+        with contextlib.suppress(Exception):
+            if slot.generation == generation:
+                slot.free()
+
+    async def release(self) -> None:
+        """Stop this supervisor's part without ending any call (an in-place restart): the Janus long
+        polls and keepalives stop (Janus keeps the sessions for 60 s), queued Redis writes flush."""
+        self.accepting = False
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._bg, return_exceptions=True)
+        for js in list(self._jsessions.values()):
+            with contextlib.suppress(Exception):
+                await js.stop()
+        self._jsessions.clear()
+        with contextlib.suppress(Exception):
+            await self.janus.aclose(destroy_sessions=False)
+        with contextlib.suppress(Exception):
+            await self.store.close()
+
     async def close(self) -> None:
         """Tear down every live session (kept resumable), stop background work, close Janus/Redis."""
         self.accepting = False
@@ -234,8 +308,8 @@ class Sessions:
             if event.handle_id is None:
                 sids = [s.session_id for s in self.live.values()
                         if s.handle is not None and s.handle.session.id == event.session_id]
-            for sid in sids:
-                self._spawn(self._teardown(sid, "janus_lost", forget=False))
+            for lost in sids:
+                self._spawn(self._teardown(lost, "janus_lost", forget=False))
             return
         sid = self._by_handle.get(event.handle_id or -1)
         if sid is None or sid not in self.live:
@@ -249,7 +323,8 @@ class Sessions:
             log.info("caller gone", extra={"session": sid, "janus_event": event.kind, "reason": event.reason})
             self._spawn(self._teardown(sid, "hangup", forget=False))
         elif event.kind == "event":
-            result = event.data.get("result") if isinstance(event.data.get("result"), dict) else {}
+            raw = event.data.get("result")
+            result: dict[str, Any] = raw if isinstance(raw, dict) else {}
             if event.data.get("nosip") == "event" and result.get("event") in ("hangup", "hangingup"):
                 self._spawn(self._teardown(sid, "hangup", forget=False))
 
@@ -309,10 +384,10 @@ class Sessions:
         except OfferRefused as refused:
             await self._abort(live)
             self.metrics.admissions.labels(result="invalid").inc()
-            exc = refused.janus_error
-            log.info("offer refused by Janus", extra={"session": sid, "code": exc.code, "error": exc.reason})
-            raise InvalidRequest(f"the media gateway refused the offer: {_public_reason(exc.reason)}",
-                                 code="invalid_sdp") from exc
+            why = refused.janus_error
+            log.info("offer refused by Janus", extra={"session": sid, "code": why.code, "error": why.reason})
+            raise InvalidRequest(f"the media gateway refused the offer: {_public_reason(why.reason)}",
+                                 code="invalid_sdp") from why
         except JanusError as exc:
             await self._abort(live)
             self.metrics.admissions.labels(result="error").inc()
@@ -331,11 +406,12 @@ class Sessions:
                 raise
             resume_handle = resumed.resume_handle or resume_handle
         self.live[sid] = live
-        record_fields = {
+        record_fields: dict[str, Any] = {
             "sub": client.sub, "state": ACTIVE, "mode": options.mode,
             "shard": placed.shard, "slot": placed.slot, "generation": live.generation,
             "janus_session_id": live.handle.session.id if live.handle else None,
             "janus_handle_id": live.handle.id if live.handle else None,
+            "janus_room_handle_id": live.room_handle.id if live.room_handle else None,
             "room_id": live.room_id, "voice": voice, "language": language,
             "tenant": tenant_key, "model": model,
             "resume_handle": resume_handle, "disconnected_at": None,
@@ -433,9 +509,20 @@ class Sessions:
             remote_rtp_port=port, payload_type=pt, channels=max(1, min(2, channels)),
             dtmf_payload_type=dtmf if dtmf is not None else -1, mode=live.mode, options=opts)
 
+    async def _attach(self, shard: int, plugin: str, opaque_id: str) -> tuple[JanusSession, JanusHandle]:
+        """Attach on the shard's Janus session; once more on a fresh one if Janus no longer knows it (it
+        restarted before the long poll noticed: the caller's resume must not wait for that)."""
+        js = await self._janus_session(shard)
+        try:
+            return js, await js.attach(plugin, opaque_id=opaque_id)
+        except JanusError as exc:
+            if exc.code != ERR_SESSION_NOT_FOUND:
+                raise
+        js = await self._janus_session(shard)
+        return js, await js.attach(plugin, opaque_id=opaque_id)
+
     async def _setup_direct(self, live: LiveSession, offer_sdp: str, opts: dict[str, Any]) -> str:
-        js = await self._janus_session(live.placed.shard)
-        live.handle = await js.attach(NOSIP, opaque_id=live.session_id)
+        _js, live.handle = await self._attach(live.placed.shard, NOSIP, live.session_id)
         self._by_handle[live.handle.id] = live.session_id
         try:
             side = await live.handle.nosip_generate(offer_sdp, info=live.session_id)
@@ -458,8 +545,7 @@ class Sessions:
         return await live.handle.nosip_process_answer(bare)
 
     async def _setup_room(self, live: LiveSession, offer_sdp: str, opts: dict[str, Any]) -> str:
-        js = await self._janus_session(live.placed.shard)
-        live.room_handle = await js.attach(AUDIOBRIDGE, opaque_id=live.session_id + "-ai")
+        js, live.room_handle = await self._attach(live.placed.shard, AUDIOBRIDGE, live.session_id + "-ai")
         self._by_handle[live.room_handle.id] = live.session_id
         live.room_id = await live.room_handle.audiobridge_create_room(admin_key=self.ab_admin_key,
                                                                       description=live.session_id)
@@ -667,7 +753,7 @@ class Sessions:
             if live.closing or live.handle is None:
                 continue
             refs.append(CallRef(sid, live.placed.shard, live.handle.id, self._counters_of(live),
-                                lambda q, live=live: self._publish_quality(live, q)))
+                                functools.partial(self._publish_quality, live)))
         return refs
 
     @staticmethod

@@ -148,6 +148,7 @@ class SessionRecord:
     generation: int = 0
     janus_session_id: int | None = None
     janus_handle_id: int | None = None
+    janus_room_handle_id: int | None = None  # room mode: the worker's AudioBridge handle
     room_id: int | None = None
     voice: str = ""
     language: str = ""
@@ -357,6 +358,17 @@ class SessionStore:
         record.updated_at = time.time()
         await self._write(session_id)
         return record
+
+    async def adopt(self, session_id: str, box: str) -> SessionRecord | None:
+        """Hold again a record this box owns in Redis (a restarted supervisor adopting a live call).
+
+        Returns None unless the record exists, names ``box`` and is active or migrating: a call that
+        moved, ended or expired while no supervisor ran is not adopted. Redis errors propagate."""
+        record = await self._load(session_id)
+        if record is None or record.box != box or record.state not in (ACTIVE, MIGRATING):
+            return None
+        self._cache[session_id] = record
+        return dataclasses.replace(record)
 
     async def mark_disconnected(self, session_id: str) -> SessionRecord:
         """The caller is gone (ICE failed, hangup): keep the record for the resume window only."""

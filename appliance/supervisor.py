@@ -3,7 +3,10 @@
 It owns, in start-up order:
 
 1. the CPU plan (``appliance.cpuplan``) — the supervisor itself runs on Janus's cores;
-2. one shared-memory segment per shard (stale segments of this instance are removed first);
+2. one shared-memory segment per shard — adopted, with the workers and calls it carries, when a
+   previous supervisor of this instance left them running (its crash, or ``voice-appliance restart``);
+   otherwise stale ones are removed and fresh ones created (docs/architecture.md "Supervisor restart
+   and adoption");
 3. admission/placement (``appliance.placement``) and the session service (``appliance.sessions``:
    Janus, Redis state, slot activation);
 4. the arbiter (``appliance.arbiter``): media + AI worker per shard, pinned, restarted, watched;
@@ -14,7 +17,8 @@ Signals: SIGTERM = graceful stop (drain: refuse new calls, wait up to ``api.drai
 live ones to end, then stop); SIGINT = stop now (live calls are torn down); SIGHUP = rolling restart
 of the workers (calls survive it: workers re-attach from shared memory); SIGUSR1 / SIGUSR2 = start /
 end draining without stopping (the agent check then says ``drain`` / ``up N%``). The control socket
-(``appliance.control``: `voice-appliance drain --wait --migrate`) drains, reports and force-migrates.
+(``appliance.control``: `voice-appliance drain --wait --migrate`) drains, reports and force-migrates;
+its ``restart`` command (`voice-appliance restart`) re-execs the supervisor in place keeping every call.
 
 One process and one event loop, because the API handlers, the Janus long-poll, Redis and the
 arbiter all just wait on I/O; the heavy work lives in the pinned workers.
@@ -119,6 +123,8 @@ class _Server:
         import uvicorn
 
         class Server(uvicorn.Server):
+            tls: Any = None  # the API server's CertReloader (make)
+
             @contextlib.contextmanager
             def capture_signals(self) -> Iterator[None]:
                 yield
@@ -236,6 +242,8 @@ class Supervisor:
         self.control: Any = None
         self._stop = asyncio.Event()
         self._graceful = False
+        self._restart_in_place = False
+        self.adopting = False  # segments of a previous supervisor were found: adopt workers and calls
         self._tasks: list[asyncio.Task[Any]] = []
         self.janus_events: Any = None  # appliance.quality.JanusEventReceiver when janus.events_port
         self._quality: Any = None
@@ -246,17 +254,55 @@ class Supervisor:
 
     # -- start ----------------------------------------------------------------------------------
     def _create_segments(self) -> None:
+        """Adopt this instance's segments if a previous supervisor left them (its crash or in-place
+        restart: their calls are still running), else create them. A segment whose geometry no longer
+        matches the config cannot be adopted; all are then removed and created afresh."""
+        from shm import layout
+        from shm.errors import ShmError
         from shm.segment import ShardSegment, cleanup_stale, ring_bytes, segment_name
 
+        up, down = ring_bytes(self.cfg.shards.uplink_ring_ms, self.cfg.shards.downlink_ring_ms)
+        found: dict[int, Any] = {}
+        for s in self.plan.shards:
+            name = segment_name(self.instance, s.shard)
+            try:
+                seg = ShardSegment.attach(name)
+            except ShmError:
+                continue
+            if (seg.n_slots, seg.uplink_bytes, seg.downlink_bytes) != (
+                    self.cfg.shards.slots, layout.ring_capacity(up), layout.ring_capacity(down)):
+                log.warning("segment left by a previous supervisor does not match the config: not adopted",
+                            extra={"segment": name})
+                seg.close()
+                continue
+            found[s.shard] = seg
+        if len(found) == len(self.plan.shards):
+            self.segments = found
+            self.adopting = True
+            log.warning("adopting the shared-memory segments of a previous supervisor",
+                        extra={"segments": [seg.name for seg in found.values()]})
+            return
+        for seg in found.values():
+            seg.close()
         removed = cleanup_stale(self.instance)
         if removed:
             log.warning("removed stale shared-memory segments", extra={"segments": removed})
-        up, down = ring_bytes(self.cfg.shards.uplink_ring_ms, self.cfg.shards.downlink_ring_ms)
         for s in self.plan.shards:
             name = segment_name(self.instance, s.shard)
             self.segments[s.shard] = ShardSegment.create(
                 name, slots=self.cfg.shards.slots, uplink_bytes=up, downlink_bytes=down,
                 instance_id=self.instance)
+
+    def _adopt_workers(self) -> None:
+        """Hand the arbiter every worker of an adopted segment that still runs (PID from the header)."""
+        from appliance.arbiter import worker_cmdline_matches
+        from appliance.procs import pid_gone
+
+        for w in self.arbiter.workers:
+            seg = self.segments[w.spec.shard]
+            pid, _age = seg.heartbeat_age(w.spec.role)
+            if pid and not pid_gone(pid) and worker_cmdline_matches(pid, w.spec.role, seg.name):
+                self.arbiter.adopt(w.spec.role, w.spec.shard, pid)
 
     def _heartbeat(self, role: str, shard: int) -> tuple[int, float] | None:
         seg = self.segments.get(shard)
@@ -356,6 +402,9 @@ class Supervisor:
         self.sessions = Sessions(cfg, self.placement, self.segments, store, self.metrics, box=box_id(cfg),
                                  on_slot_freed=self.harvest_counters, redis=redis_client(cfg.redis))
         await self.sessions.start()
+        if self.adopting:
+            adopted = await self.sessions.adopt()
+            log.warning("calls adopted from the previous supervisor", extra={"sessions": adopted})
         limits_redis = redis_client(cfg.redis)
         limiter = RateLimiter(limits_redis, cfg.limits)
         cap = SessionCap(limits_redis, cfg.limits)
@@ -395,6 +444,8 @@ class Supervisor:
                                    on_event=self._on_worker_event)
             for s in self.plan.shards:  # a shard takes calls once its media worker beats
                 self.placement.set_up(s.shard, False)
+            if self.adopting:
+                self._adopt_workers()
             await self.arbiter.start()
             media = [w.ready_event.wait() for w in self.arbiter.workers if w.spec.role == "media"]
             try:
@@ -549,8 +600,20 @@ class Supervisor:
             case "migrate":
                 if self.sessions is not None:
                     await self.sessions.migrate_all()
+            case "restart":
+                self.request_restart()
         return {"draining": self.placement.draining, "active": self.placement.active,
                 "migrating": self.sessions.migrating if self.sessions is not None else 0}
+
+    def request_restart(self) -> None:
+        """Restart this supervisor in place, keeping every call (``voice-appliance restart``): stop the
+        API and control plane, leave workers, segments, Janus sessions and Redis records as they are, and
+        exec the same command line; the new image adopts them (same PID, so systemd sees a reload)."""
+        if self._stop.is_set():
+            return
+        log.warning("restart in place requested: calls keep running", extra={"active": self.placement.active})
+        self._restart_in_place = True
+        self._stop.set()
 
     def set_draining(self, on: bool) -> None:
         self.placement.draining = on
@@ -582,6 +645,9 @@ class Supervisor:
             await asyncio.sleep(0.25)
 
     async def stop(self) -> None:
+        if self._restart_in_place:
+            await self._handoff()
+            return
         self.notifier.stopping()
         self.placement.draining = True
         if self.sessions is not None:
@@ -589,6 +655,17 @@ class Supervisor:
             if self._graceful and self.placement.active:
                 await self._drain(self.cfg.api.drain_timeout_seconds)
             await self.sessions.close()
+        await self._stop_services()
+        if self.arbiter is not None:
+            await self.arbiter.stop()
+        self.metrics.stop()
+        for seg in self.segments.values():
+            seg.close()
+            seg.unlink()
+        self.segments.clear()
+        log.info("supervisor stopped")
+
+    async def _stop_services(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
         if self.admin_server is not None:
@@ -608,8 +685,15 @@ class Supervisor:
             await self.agent.stop()
         if self.control is not None:
             await self.control.stop()
+
+    async def _handoff(self) -> None:
+        """The in-place restart (``request_restart``): release everything that keeps calls, then exec."""
+        self.notifier.notify(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
+        if self.sessions is not None:
+            await self.sessions.release()
+        await self._stop_services()
         if self.arbiter is not None:
-            await self.arbiter.stop()
+            await self.arbiter.release()
         self.metrics.stop()
         from appliance import tracing
 
@@ -617,10 +701,11 @@ class Supervisor:
         if self.janus_events is not None:
             self.janus_events.stop()
         for seg in self.segments.values():
-            seg.close()
-            seg.unlink()
+            seg.close()  # unmapped here; the name (and the workers' mappings) stay
         self.segments.clear()
-        log.info("supervisor stopped")
+        logging.shutdown()
+        argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+        os.execv(sys.executable, [sys.executable, *argv[1:]])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

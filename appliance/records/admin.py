@@ -186,6 +186,7 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
         if record is None and live is None:
             raise AdminError(404, "not_found", "no such call")
         if record is None:
+            assert live is not None  # the 404 above
             record = {**live, "transcript": [], "transcript_next": None, "events": [], "usage": None,
                       "quality": live.get("quality")}
         if live is not None:

@@ -222,7 +222,8 @@ async def list_calls(conn: psycopg.AsyncConnection[Any], *, state: str | None, s
                      until: datetime | None, sub: str | None, limit: int,
                      cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
     """Newest first, keyset-paged on (created_at, id)."""
-    where, args = [], []
+    where: list[str] = []
+    args: list[Any] = []
     if state == "ended":
         where.append("ended_at IS NOT NULL")
     elif state == "live":

@@ -13,12 +13,16 @@
 // Session credentials (docs/security.md): requests about the session (poll, DELETE, refresh) carry its
 // own session token, refreshed with POST /v1/sessions/{id}/refresh in its last two minutes, so a call
 // may outlive any token; creating or resuming a session uses the JWT.
+// Janus restart (docs/architecture.md "Client resume protocol"): the media path breaks; the page resumes
+// when ICE stays "disconnected" for ICE_DISCONNECTED_MS, when the session reads "disconnected" (the box
+// saw its Janus leg end), or on "failed"; a 502/503 while Janus is still down is retried quickly.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const JITTER_TARGET_MS = 50; // receiver jitterBufferTarget: 40-60 ms keeps latency low on good networks
 const SPEECH_LEVEL = 0.02, MIN_SPEECH_MS = 300, END_SILENCE_MS = 250; // audioLevel is 0..1
-const RESUME_ATTEMPTS = 6; // ~1+2+4+8+8+8 s of retries (boxes full or draining answer 503)
+const RESUME_ATTEMPTS = 12; // 503 (full/draining): ~0.5+1+2+4+8+8… s; 502 (Janus restarting): every 1 s
+const ICE_DISCONNECTED_MS = 2000; // ICE "disconnected" this long = the media path is gone (Janus died)
 const BOX_LOSS_POLLS = 2; // consecutive failed polls (network error / 5xx) that mean the box is gone
 let pc = null, stream = null, session = null, token = null, poller = null, lastLine = "";
 let resuming = false, failedPolls = 0;
@@ -99,7 +103,15 @@ async function connect(resumeToken) {
     show("conn", conn.connectionState);
     if (conn.connectionState === "failed") resume("connection failed");
   };
-  conn.oniceconnectionstatechange = () => { if (conn === pc) show("ice", conn.iceConnectionState); };
+  conn.oniceconnectionstatechange = () => {
+    if (conn !== pc) return;
+    show("ice", conn.iceConnectionState);
+    if (conn.iceConnectionState === "disconnected") {
+      setTimeout(() => {
+        if (conn === pc && conn.iceConnectionState === "disconnected") resume("media path lost");
+      }, ICE_DISCONNECTED_MS);
+    }
+  };
   show("conn", resumeToken ? "resuming…" : "offering…");
   await conn.setLocalDescription(await conn.createOffer());
   await iceGathered(conn, 2000);
@@ -144,7 +156,9 @@ async function resume(why, freshToken) {
         return;
       } catch (e) {
         if (e.status && e.status < 500 && e.status !== 429) throw e; // token spent/expired: give up
-        const wait = Math.min(8, Math.max(e.retryAfter || 0, 2 ** attempt)); // seconds, capped
+        // 502: this box's Janus is restarting (back within seconds): retry every second, not slower
+        const backoff = e.status === 502 ? 1 : 0.5 * 2 ** attempt;
+        const wait = Math.min(8, Math.max(e.retryAfter || 0, backoff)); // seconds, capped
         await new Promise((r) => setTimeout(r, 1000 * wait));
       }
     }
@@ -202,6 +216,7 @@ async function poll() {
     const info = await r.json();
     const d = info.details || {};
     if (info.state === "migrating" && d.resume_token) return resume("box draining", d.resume_token);
+    if (info.state === "disconnected") return resume("media path lost");
     show("model", (d.model_state || info.state) + (d.shard !== undefined ? " (shard " + d.shard + ")" : ""));
     showQuality(d.quality);
     const line = d.transcript || "";

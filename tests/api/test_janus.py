@@ -32,7 +32,10 @@ SESSION_TIMEOUT = 5
 
 @pytest.fixture(scope="module")
 def janus():
-    with janus_in_netns(session_timeout=SESSION_TIMEOUT) as j:
+    # reclaim 0 (Janus's default): the timeout event of an idle session reaches its long poll at once;
+    # with the appliance's reclaim_session_timeout Janus sends it to the session's first connection,
+    # and the client learns of the expiry only from its next poll (up to 30 s later)
+    with janus_in_netns(session_timeout=SESSION_TIMEOUT, reclaim_session_timeout=0) as j:
         yield j
 
 

@@ -189,6 +189,20 @@ class JanusInstance:
     log_path: Path
     settings: janus_conf.JanusSettings
     _procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+    _argv: list[str] = field(default_factory=list)
+    _proc: subprocess.Popen[Any] | None = None
+
+    def kill(self) -> None:
+        """SIGKILL Janus (a crash: every session and WebRTC leg is gone)."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(10)
+
+    def start(self, ready_timeout: float = 10.0) -> None:
+        """Start Janus again in the same namespace with the same configuration (after ``kill``)."""
+        self._proc = subprocess.Popen(self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = self._proc.pid
+        _wait_ready(self, self._proc, ready_timeout)
 
     def run(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
         """Run a command inside the namespace and wait for it (``subprocess.run`` keywords)."""
@@ -291,6 +305,8 @@ def janus_in_netns(
             conf_dir=conf_dir,
             log_path=log_path,
             settings=cfg,
+            _argv=argv,
+            _proc=proc,
         )
         try:
             _wait_ready(inst, proc, ready_timeout)
@@ -298,9 +314,11 @@ def janus_in_netns(
         finally:
             for p in inst._procs:
                 _stop(p)
-            _stop(proc)
-            if _alive(proc.pid):
-                raise RuntimeError(f"janus pid {proc.pid} survived teardown")
+            for p in {id(proc): proc, id(inst._proc): inst._proc}.values():
+                if p is not None:
+                    _stop(p)
+                    if _alive(p.pid):
+                        raise RuntimeError(f"janus pid {p.pid} survived teardown")
             shutil.rmtree(tmp, ignore_errors=True)
 
 

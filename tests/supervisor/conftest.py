@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -51,6 +52,7 @@ class SupervisorProc:
     private_key: bytes
     log: Path
     rtp_port_min: int
+    tls_ca: str | None = None  # the API serves TLS verified by this CA
 
     def token(self, sub: str = "alice") -> str:
         return mint(self.private_key, sub=sub, audience="voice-appliance", scope="voice:session",
@@ -99,26 +101,64 @@ def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: 
     env = {k: v for k, v in os.environ.items() if not k.startswith("VA_")}
     env["VA_LOG_LEVEL"] = "info"
     env.update(env_extra or {})
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "appliance", "supervisor", "--config", str(cfg)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
     scheme = "https" if tls_ca else "http"
-    sp = SupervisorProc(proc, cfg, f"{scheme}://127.0.0.1:{api_port}", metrics_port, agent_port, instance,
-                        priv.read_bytes(), log, base)
-    ctx = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
-    deadline = time.monotonic() + 60
+    sp = SupervisorProc(None, cfg, f"{scheme}://127.0.0.1:{api_port}", metrics_port,  # type: ignore[arg-type]
+                        agent_port, instance, priv.read_bytes(), log, base, tls_ca)
+    return relaunch_supervisor(sp, env)
+
+
+def relaunch_supervisor(sp: SupervisorProc, env: dict[str, str] | None = None) -> SupervisorProc:
+    """Start (again) a supervisor process with ``sp``'s config (its log is appended to); wait for ready."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VA_")}
+        env["VA_LOG_LEVEL"] = "info"
+    with open(sp.log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "appliance", "supervisor", "--config", str(sp.config)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    sp.proc = proc
+    wait_ready(sp)
+    return sp
+
+
+def wait_ready(sp: SupervisorProc, limit: float = 60) -> None:
+    proc = sp.proc
+    ctx = ssl.create_default_context(cafile=sp.tls_ca) if sp.tls_ca else None
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"supervisor exited {proc.returncode}:\n{sp.log_tail()}")
         try:
             with urllib.request.urlopen(sp.api + "/readyz", timeout=1, context=ctx) as r:
                 if r.status == 200:
-                    return sp
+                    return
         except OSError:
             pass
         time.sleep(0.1)
     stop_supervisor(sp)
     raise RuntimeError(f"supervisor not ready:\n{sp.log_tail()}")
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (a supervisor's workers)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+            except (FileNotFoundError, IndexError, ValueError):
+                continue
+    return out
+
+
+def kill_box(sp: SupervisorProc) -> None:
+    """The whole box dies: SIGKILL the supervisor AND its workers (workers outlive a supervisor alone)."""
+    workers = children(sp.proc.pid)
+    sp.proc.kill()
+    sp.proc.wait(10)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def stop_supervisor(sp: SupervisorProc, sig: int = signal.SIGTERM, wait: float = 30) -> int:

@@ -1,12 +1,14 @@
 // Drive the demo page in headless Chromium through a force-migrate: click Call, wait for "connected",
 // then wait until the page has resumed by itself (window.demoResumes) and is connected again; hang up.
-// Usage: NODE_PATH=tests/e2e/node_modules node demo_resume.js URL
+// Usage: NODE_PATH=tests/e2e/node_modules node demo_resume.js URL [HOLD_MS]
+// (HOLD_MS: stay on the call that long after the resume before hanging up; default 0)
 // Prints one JSON line per step on stdout (connected, resumed, hungup).
 "use strict";
 const { chromium } = require("playwright-core");
 
 (async () => {
-  const [url] = process.argv.slice(2);
+  const [url, holdArg] = process.argv.slice(2);
+  const holdMs = Number(holdArg || 0);
   const browser = await chromium.launch({
     executablePath: "/usr/bin/chromium",
     args: [
@@ -35,6 +37,7 @@ const { chromium } = require("playwright-core");
     if (error2) throw new Error("page error after migrate: " + error2);
     console.log(JSON.stringify({ event: "resumed", ...await page.evaluate(() => ({
       session_id: window.demoSession.session_id, resumes: window.demoResumes })) }));
+    if (holdMs) await page.waitForTimeout(holdMs);
     await page.click("#hangup");
     await page.waitForFunction(() => document.getElementById("conn").textContent === "idle");
     console.log(JSON.stringify({ event: "hungup" }));

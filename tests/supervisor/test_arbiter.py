@@ -1,6 +1,7 @@
 """The arbiter with real child processes: pinning, restart on the same CPU, heartbeats, stop, reload."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -184,7 +185,9 @@ async def test_rolling_restart_replaces_each_worker(tmp_path):
         await arb.stop()
 
 
-def test_workers_die_with_the_supervisor(tmp_path):
+def test_workers_outlive_the_supervisor(tmp_path):
+    """No PR_SET_PDEATHSIG: a supervisor that dies leaves its workers (and their calls) running for the
+    next one to adopt (docs/architecture.md "Supervisor restart and adoption")."""
     script = f"""
 import asyncio, sys
 sys.path.insert(0, {str(Path.cwd())!r})
@@ -201,13 +204,39 @@ asyncio.run(main())
 """
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
-    assert not gone(child)
-    parent.kill()
-    parent.wait(5)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not gone(child):
-        time.sleep(0.02)
-    assert gone(child)
+    try:
+        assert not gone(child)
+        parent.kill()
+        parent.wait(5)
+        time.sleep(1.0)
+        assert not gone(child)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+async def test_adopted_worker_is_watched_and_replaced_when_it_dies(tmp_path):
+    """``adopt``: the arbiter takes over a running process it did not spawn, stops it on ``stop`` — or,
+    when it dies, spawns a replacement like for any worker."""
+
+    argv = [sys.executable, CHILD, str(tmp_path / "x.hb")]
+    stray = await asyncio.create_subprocess_exec(*argv)
+    arb = Arbiter([WorkerSpec("media", 0, CPUS[0], argv)], min_uptime=0.0)
+    arb.adopt("media", 0, stray.pid)
+    await arb.start()
+    try:
+        w = arb.workers[0]
+        await asyncio.sleep(0.5)
+        assert w.pid == stray.pid and w.starts == 0  # adopted, nothing spawned
+        stray.kill()
+        await stray.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (w.pid in (None, stray.pid)):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        assert w.pid not in (None, stray.pid) and w.starts == 1 and w.restarts == 1
+    finally:
+        await arb.stop()
+    assert gone(w.proc.pid)
 
 
 @pytest.mark.parametrize("cpu", CPUS[:2])

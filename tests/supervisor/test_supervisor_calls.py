@@ -23,6 +23,7 @@ from tests.supervisor.conftest import (
     DEMO_CALL,
     NODE_MODULES,
     SupervisorProc,
+    kill_box,
     start_supervisor,
     stop_supervisor,
     wait_until,
@@ -347,9 +348,8 @@ async def test_box_loss_resume_on_another_box(tmp_path, redis_srv, janus, sub):
             sid, resume = r.json()["session_id"], r.json()["resume_token"]
             await pc.setRemoteDescription(RTCSessionDescription(r.json()["sdp"], "answer"))
             a_workers = _children(box_a.proc.pid)
-            box_a.proc.kill()  # the box is gone: no teardown, no state update
-            box_a.proc.wait(10)
-            await wait_until(lambda: all(gone(p) for p in a_workers), what="box A workers exit with it")
+            kill_box(box_a)  # the box is gone: no teardown, no state update
+            await wait_until(lambda: all(gone(p) for p in a_workers), what="box A workers gone")
             await pc.close()
 
             pc2 = await caller()
@@ -736,8 +736,7 @@ backend be_b
         dead, alive = (box_a, box_b) if connected["session_id"].startswith(box_a.instance + ".") \
             else (box_b, box_a)
         assert connected["session_id"].startswith(dead.instance + ".")
-        dead.proc.kill()  # the box dies with the call up: no teardown, no state update
-        dead.proc.wait(10)
+        kill_box(dead)  # the box dies with the call up: no teardown, no state update
         line = await asyncio.wait_for(proc.stdout.readline(), 120)
         assert line, (await proc.stderr.read()).decode()[-3000:] + alive.log_tail()
         resumed = json.loads(line)

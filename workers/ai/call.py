@@ -35,9 +35,11 @@ HOLD_REPEAT_SECONDS = 20.0
 class Live(Protocol):
     """What the worker uses of a Live session (workers/ai/live/session.py; tests/ai/doubles.py)."""
 
-    state: str
     resume_handle: str | None
     server_session_id: str | None
+
+    @property
+    def state(self) -> str: ...  # read-only here: only the session changes it
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -50,8 +52,8 @@ class Live(Protocol):
 
 class LiveFactory(Protocol):
     def __call__(self, model_cfg: ModelConfig, session_id: str, options: LiveOptions,
-                 on_event: Callable[[LiveEvent], None], *, settings: ClientSettings,
-                 outbox: Outbox) -> Live: ...
+                 on_event: Callable[[LiveEvent], None], *, settings: ClientSettings | None = ...,
+                 outbox: Outbox | None = ...) -> Live: ...
 
 
 @dataclass

@@ -102,7 +102,8 @@ class ToolRunner:
         for i, fc in enumerate(calls):
             call_id = str(fc.get("id") or f"anon-{i}")
             name = str(fc.get("name") or "")
-            args = fc.get("args") if isinstance(fc.get("args"), dict) else {}
+            raw_args = fc.get("args")
+            args: dict[str, Any] = raw_args if isinstance(raw_args, dict) else {}
             if len(running) >= MAX_IN_FLIGHT or call_id in running:
                 why = "duplicate call id" if call_id in running else "too many tool calls in flight"
                 respond({"id": call_id, "name": name,

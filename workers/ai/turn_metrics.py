@@ -20,6 +20,7 @@ caller sent it: the media tick's wait (0-20 ms) is not in them (``e2e`` has the 
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 from appliance import tracing
@@ -35,7 +36,7 @@ BARGE_IN_MAX_S = 3.0
 PAUSE_BEFORE_ONSET_S = 0.5
 
 
-def mark_speech(times: dict[str, float], ev: Any, position: int, now: float) -> None:
+def mark_speech(times: MutableMapping[str, float], ev: Any, position: int, now: float) -> None:
     """Store the caller's speech onset (``speech_start``) or end (``speech_end``) of turn event ``ev``."""
     if ev.decision is Decision.ACTIVITY_START:
         times["speech_start"] = now - (position - ev.onset) / SAMPLE_RATE

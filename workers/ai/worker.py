@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -379,7 +380,7 @@ class AiWorker:
         call.start_failed = False
         try:
             call.live = self._live_factory(m, call.session_id, opts,
-                                           lambda ev, c=call: self._on_live_event(c, ev),
+                                           functools.partial(self._on_live_event, call),
                                            settings=profile.settings(self.settings), outbox=call.outbox)
         except Exception as exc:  # bad options or config: keep the call, retry later
             call.live = None

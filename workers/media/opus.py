@@ -130,7 +130,7 @@ def version() -> str:
 
 
 def library_path() -> str:
-    return str(lib()._va_path)  # type: ignore[attr-defined]
+    return str(lib()._va_path)
 
 
 def _strerror(code: int) -> str:

@@ -51,7 +51,7 @@ def is_rtcp(data: bytes) -> bool:
     return len(data) >= 2 and 192 <= data[1] <= 223
 
 
-def parse_rtp(data: bytes) -> RtpPacket:
+def parse_rtp(data: bytes | memoryview) -> RtpPacket:
     """Parse and validate one RTP packet; raise :class:`RtpError` with a reason otherwise."""
     n = len(data)
     if n < MIN_HEADER:

@@ -10,7 +10,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import Histogram
 from websockets.exceptions import ConnectionClosed
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 CONNECT_SECONDS = Histogram("va_live_connect_seconds", "Time to connect and set up a Live session",
                             buckets=(0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10))
 
-_CLIENTS: dict[tuple[str, str, str, int], Client] = {}
+_CLIENTS: dict[tuple[object, ...], Client] = {}
 
 
 def sdk_client(s: ClientSettings, api_version: str) -> Client:
@@ -52,11 +52,11 @@ def sdk_client(s: ClientSettings, api_version: str) -> Client:
     return client
 
 
-def live_config(m: ModelConfig, o: LiveOptions, *, manual: bool) -> dict[str, object]:
+def live_config(m: ModelConfig, o: LiveOptions, *, manual: bool) -> dict[str, Any]:
     """``LiveConnectConfig`` keyword arguments (without ``session_resumption``) for one call."""
     from google.genai import types
 
-    kwargs: dict[str, object] = {
+    kwargs: dict[str, Any] = {
         "response_modalities": ["AUDIO"],
         "speech_config": types.SpeechConfig(
             voice_config=types.VoiceConfig(prebuilt_voice_config=types.PrebuiltVoiceConfig(voice_name=o.voice)),
@@ -76,8 +76,8 @@ def live_config(m: ModelConfig, o: LiveOptions, *, manual: bool) -> dict[str, ob
             sliding_window=types.SlidingWindow()
         )
     if o.tools:
-        kwargs["tools"] = [types.Tool(function_declarations=[types.FunctionDeclaration(**dict(d))
-                                                             for d in o.tools])]
+        decls = [types.FunctionDeclaration(**cast(dict[str, Any], dict(d))) for d in o.tools]
+        kwargs["tools"] = [types.Tool(function_declarations=decls)]
     return kwargs
 
 
@@ -123,7 +123,7 @@ class Conn:
         return seq
 
 
-async def open_connection(s: ClientSettings, m: ModelConfig, setup: dict[str, object],
+async def open_connection(s: ClientSettings, m: ModelConfig, setup: dict[str, Any],
                           handle: str | None, *, transparent: bool = False) -> Conn:
     """Connect and set up (resuming ``handle`` when given) through the SDK; errors sorted for the
     session's retry policy."""

@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from appliance import tracing
 from appliance.config import ModelConfig
 from shm.audio import UP_BYTES_PER_MS, UP_BYTES_PER_SECOND
+from workers.ai.live import guard
 from workers.ai.live.client import (
     Conn,
     Fatal,
@@ -221,19 +222,27 @@ class LiveSession:
                 with attempt:
                     if self._closed:
                         return
+                    allowed, probe = await guard.allow()
+                    if not allowed:  # breaker open: degrade now, no connection, no more retries
+                        raise Fatal("model circuit breaker open: not connecting")
                     try:
-                        conn = await open_connection(self.settings, self.cfg, self._setup, self.resume_handle,
-                                                    transparent=self.transparent)
-                    except UnknownHandle as exc:
-                        log.warning("resumption handle unknown to the server; starting a fresh session "
-                                    "seeded with the conversation so far",
-                                    extra={"session": self.session_id, "error": str(exc),
-                                           "seed_turns": len(self._history)})
-                        self.stats.fresh_after_unknown_handle += 1
-                        self.resume_handle = None
-                        conn = await open_connection(self.settings, self.cfg, self._setup, None,
-                                                    transparent=self.transparent)
-                        await self._seed(conn)
+                        try:
+                            conn = await open_connection(self.settings, self.cfg, self._setup,
+                                                        self.resume_handle, transparent=self.transparent)
+                        except UnknownHandle as exc:
+                            log.warning("resumption handle unknown to the server; starting a fresh session "
+                                        "seeded with the conversation so far",
+                                        extra={"session": self.session_id, "error": str(exc),
+                                               "seed_turns": len(self._history)})
+                            self.stats.fresh_after_unknown_handle += 1
+                            self.resume_handle = None
+                            conn = await open_connection(self.settings, self.cfg, self._setup, None,
+                                                        transparent=self.transparent)
+                            await self._seed(conn)
+                    except Retryable:
+                        await guard.record(False, probe)
+                        raise
+                    await guard.record(True, probe)
         except Fatal as exc:
             raise LiveUnavailable(str(exc)) from None
         except Retryable as exc:
@@ -432,6 +441,8 @@ class LiveSession:
                 return
             log.info("Live connection closed", extra={"session": self.session_id, "code": code,
                                                       "reason": reason})
+            if code in (1011, 1013):  # the server failed (internal error / try again later): counts
+                await guard.record(False)
             self._request_replace(conn, f"closed {code} {reason}".strip())
         except asyncio.CancelledError:
             raise

@@ -18,6 +18,7 @@ from appliance.config import Config, ModelConfig, check_model_platform, secret
 
 if TYPE_CHECKING:
     from google.auth.credentials import Credentials
+    from requests.adapters import HTTPAdapter
 
 GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
 
@@ -105,7 +106,7 @@ def refresh_token(s: ClientSettings) -> None:
         session.close()
 
 
-def _ContextAdapter(ctx: ssl.SSLContext) -> object:
+def _ContextAdapter(ctx: ssl.SSLContext) -> HTTPAdapter:
     from requests.adapters import HTTPAdapter
 
     class Adapter(HTTPAdapter):
