@@ -65,7 +65,7 @@ from starlette.routing import BaseRoute, Route
 
 from appliance import __version__
 from appliance.auth import AuthError, JwtVerifier, Principal
-from appliance.config import Config, box_id
+from appliance.config import DEFAULT_TENANT, Config, box_id
 from appliance.ratelimit import ANON, AUTH_FAIL, CREATE, SIGNAL, Decision, RateLimiter, SessionCap
 from appliance.sdp import MAX_SDP_BYTES, OfferInfo, SdpError, validate_offer
 from appliance.session_token import (
@@ -117,6 +117,7 @@ class ClientInfo:
     scopes: frozenset[str] = frozenset()
     user_agent: str = ""
     session_id: str | None = None
+    tenant: str = ""  # the JWT's `tenant` claim, checked against [tenants.<name>]; "" = none/default
 
 
 @dataclass(frozen=True)
@@ -400,6 +401,7 @@ class _Caller:
     sub: str
     scopes: frozenset[str]
     grant: SessionGrant | None = None
+    tenant: str = ""  # the JWT's checked `tenant` claim (a session token's resume keeps its record's)
 
 
 DepsHandler = Callable[[Request, _Deps], Awaitable[Response]]
@@ -695,7 +697,7 @@ def _credential(request: Request, d: _Deps) -> _Caller:
             raise AuthError(exc.detail) from exc
         return _Caller(grant.sub, frozenset(), grant)
     principal: Principal = d.verifier.verify_authorization(header)
-    return _Caller(principal.sub, principal.scopes)
+    return _Caller(principal.sub, principal.scopes, tenant=_tenant_claim(principal, d.cfg))
 
 
 async def _session_access(request: Request, d: _Deps, *, live: bool = False) -> tuple[SessionInfo, _Caller]:
@@ -752,6 +754,19 @@ def _in(ip: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) 
     return any(addr in n for n in nets)
 
 
+def _tenant_claim(principal: Principal, cfg: Config) -> str:
+    """The token's ``tenant`` claim if this box's config defines it ("" without one: the default
+    tenant); anything else is a 403 saying why (the token is valid, it just names no tenant here)."""
+    name = principal.claims.get("tenant")
+    if name is None or name == "":
+        return ""
+    if not isinstance(name, str):
+        raise ApiError(403, "unknown_tenant", "claim 'tenant' must be a string")
+    if name != DEFAULT_TENANT and name not in cfg.tenants:
+        raise ApiError(403, "unknown_tenant", f"tenant {name[:64]!r} is not configured on this appliance")
+    return "" if name == DEFAULT_TENANT else name
+
+
 def _client(request: Request, caller: _Caller,
             trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> ClientInfo:
     return ClientInfo(
@@ -760,6 +775,7 @@ def _client(request: Request, caller: _Caller,
         scopes=caller.scopes,
         user_agent=request.headers.get("user-agent", "")[:256],
         session_id=caller.grant.session_id if caller.grant else None,
+        tenant=caller.tenant,
     )
 
 
@@ -804,8 +820,11 @@ def build_openapi() -> dict[str, Any]:
                                 "content": {"application/json": {"schema": ref("CreateSessionRequest")}}},
                 "responses": {"201": ok("Session created", "CreateSessionResponse"),
                               "400": err("Invalid body or SDP"), "401": common["401"],
-                              "403": err("Session token without a resume of its own session"),
-                              "413": err("Body too large"), "415": err("Not JSON"), "429": common["429"],
+                              "403": err("Session token without a resume of its own session, or the "
+                                         "JWT's tenant claim names no tenant of this appliance"),
+                              "413": err("Body too large"), "415": err("Not JSON"),
+                              "429": err("Rate limited, or the tenant's max_sessions reached (Retry-After "
+                                         "only for the rate limit)"),
                               "503": err("Full, draining or not ready (Retry-After)"),
                               "504": err("Setup timed out")},
             }},

@@ -232,3 +232,29 @@ def model_breaker(cfg: Any) -> Breaker | None:
         client = None
     return Breaker("model", BreakerSettings(b.failure_threshold, b.reset_seconds, b.success_threshold,
                                             b.probe_timeout_seconds), client)
+
+
+def model_breaker_name(model: str) -> str:
+    """The breaker of one model (routing asks the primary's; docs/architecture.md "Model routing")."""
+    return f"model:{model}"
+
+
+async def peek(breaker: Breaker) -> str:
+    """The breaker's state without taking part (no probe lease, no counters): "closed", "open" (new
+    calls must not go there) or "half_open" (the reset period has passed and no probe holds the lease,
+    so the next call there would be the probe). Redis unreachable: the local state."""
+    now = breaker.clock()
+    st, opened, lease = breaker.local.state, breaker.local.opened, breaker.local.lease
+    if breaker.redis is not None:
+        try:
+            raw = await breaker.redis.hmget(breaker.key, ["state", "opened", "lease"])
+            vals = [x.decode() if isinstance(x, bytes) else x for x in raw]
+            st = vals[0] or "closed"
+            opened, lease = float(vals[1] or 0), float(vals[2] or 0)
+        except (RedisError, OSError, ValueError):
+            pass
+    if st == "open":
+        return "open" if now - opened < breaker.settings.reset_seconds else "half_open"
+    if st == "half_open":
+        return "open" if lease > now else "half_open"
+    return "closed"

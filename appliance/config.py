@@ -127,6 +127,14 @@ class ModelConfig:
     tools_file: str = ""
     tools_url: str = ""  # http(s) endpoint; empty: every tool call is answered with an error result
     tools_timeout_seconds: float = 5.0
+    # HMAC-SHA256 key for tool requests: each POST carries X-VA-Signature "t=<unix>,v1=<hex of
+    # HMAC(key, "<t>.<body>")>" so the endpoint knows it came from this appliance (workers/ai/tools.py).
+    tools_secret: str = field(default="", metadata=SECRET)
+    tools_secret_file: str = ""
+    # Model routing (docs/architecture.md "Tenants and model routing"): new calls go to fallback_model
+    # while the primary's breaker is open, and fallback_weight (0..1) of the others too ("80 % to Flash").
+    fallback_model: str = ""
+    fallback_weight: float = 0.0
     # Where the model runs: the Gemini Developer API (API key) or Vertex AI (docs/operations.md,
     # "Vertex AI"): project + location (the region that processes the audio; pinned), with a
     # service-account key (credentials_file, best a systemd credential: relative names resolve in
@@ -347,6 +355,36 @@ class ComplianceConfig:
     purge_interval_seconds: float = 3600.0
 
 
+TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+DEFAULT_TENANT = "default"
+RECORDING_POLICIES = ("off", "audio", "transcript", "audio_and_transcript")
+CONSENT_POLICIES = ("none", "announce", "opt_in")
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """One ``[tenants.<name>]`` table: any ``[model]`` key (the tenant's own model, Vertex project/region,
+    voice, language, system prompt, tools, greeting, routing), plus limits and policies.
+
+    ``model`` is the top-level ``[model]`` with the tenant's keys applied (what every call of the
+    tenant runs with); ``overrides`` are the keys as written (``replace``/``config show`` keep them).
+    ``recording``/``consent`` are declared and validated only: nothing records or asks for consent yet.
+    """
+
+    name: str
+    model: ModelConfig
+    overrides: dict[str, Any] = field(default_factory=dict)
+    max_sessions: int = 0  # concurrent calls of this tenant on this box; 0 = no limit but the box's
+    recording: str = "off"  # off | audio | transcript | audio_and_transcript (not acted on yet)
+    consent: str = "none"  # none | announce | opt_in (not acted on yet)
+
+
+_TENANT_KEYS = {"max_sessions": int, "recording": str, "consent": str}
+# Keys that say where the model runs: a tenant that sets one gets its own Live client settings.
+ENDPOINT_KEYS = frozenset({"platform", "project", "location", "credentials_file", "api_key", "api_key_file",
+                           "base_url", "ca_file", "api_version"})
+
+
 @dataclass(frozen=True)
 class OtelConfig:
     """OpenTelemetry traces (appliance/tracing.py): off unless an OTLP/HTTP endpoint is set."""
@@ -389,6 +427,7 @@ class Config:
     otel: OtelConfig = field(default_factory=OtelConfig)
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    tenants: dict[str, TenantConfig] = field(default_factory=dict)
 
     @property
     def uses_emulator(self) -> bool:
@@ -455,6 +494,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.degraded_retry_seconds": (0.5, 3600),
     "model.dtmf_flush_ms": (100, 10000),
     "model.tools_timeout_seconds": (0.1, 300),
+    "model.fallback_weight": (0.0, 1.0),
+    "tenants.max_sessions": (0, 100000),
     "turn.ttl_seconds": (60, 600),
     "api.tls_reload_seconds": (0.1, 3600),
     "limits.session_creates_per_minute": (1, 100000),
@@ -470,6 +511,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.api_version": ("v1alpha", "v1beta", "v1", "v1beta1"),
     "model.platform": ("developer", "vertex"),
     "media.uplink_processing": ("off", "ns", "aec_ns_agc"),
+    "tenants.recording": RECORDING_POLICIES,
+    "tenants.consent": CONSENT_POLICIES,
 }
 
 
@@ -554,8 +597,20 @@ def _parse_env_value(raw: str) -> Any:
 
 
 def _section_types() -> dict[str, type]:
+    """The single-table sections (``[tenants.<name>]`` is a table of tables, built by _build_tenants)."""
     hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "tenants"}
+
+
+def _check_value(full: str, rule: str, tp: Any, value: Any) -> Any:
+    value = _coerce(full, tp, value)
+    if rule in _RANGES:
+        lo, hi = _RANGES[rule]
+        if not lo <= value <= hi:
+            raise ConfigError(f"{full}: expected a value from {lo:g} to {hi:g}, got {value!r}")
+    if rule in _CHOICES and value not in _CHOICES[rule]:
+        raise ConfigError(f"{full}: expected one of {', '.join(_CHOICES[rule])}, got {value!r}")
+    return value
 
 
 def _build_section(name: str, cls: type, data: dict[str, Any]) -> Any:
@@ -564,18 +619,47 @@ def _build_section(name: str, cls: type, data: dict[str, Any]) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{name}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    values = {}
-    for key, value in data.items():
-        full = f"{name}.{key}"
-        value = _coerce(full, hints[key], value)
-        if full in _RANGES:
-            lo, hi = _RANGES[full]
-            if not lo <= value <= hi:
-                raise ConfigError(f"{full}: expected a value from {lo:g} to {hi:g}, got {value!r}")
-        if full in _CHOICES and value not in _CHOICES[full]:
-            raise ConfigError(f"{full}: expected one of {', '.join(_CHOICES[full])}, got {value!r}")
-        values[key] = value
+    values = {key: _check_value(f"{name}.{key}", f"{name}.{key}", hints[key], value)
+              for key, value in data.items()}
     return cls(**values)
+
+
+def _build_tenants(data: Any, model: ModelConfig) -> dict[str, TenantConfig]:
+    """``[tenants.<name>]`` tables → TenantConfig, each key checked like its ``[model]`` twin."""
+    if not isinstance(data, dict):
+        raise ConfigError("tenants: expected tables [tenants.<name>]")
+    hints = typing.get_type_hints(ModelConfig)
+    out: dict[str, TenantConfig] = {}
+    for name, table in data.items():
+        where = f"tenants.{name}"
+        if not isinstance(name, str) or not TENANT_NAME_RE.match(name) or name == DEFAULT_TENANT:
+            raise ConfigError(f"{where}: expected a name matching {TENANT_NAME_RE.pattern} other than "
+                              f"{DEFAULT_TENANT!r} (the top-level [model] is the default tenant)")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table [tenants.{name}]")
+        unknown = sorted(set(table) - set(hints) - set(_TENANT_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: the [model] keys and "
+                              f"{', '.join(sorted(_TENANT_KEYS))})")
+        over = {k: _check_value(f"{where}.{k}", f"model.{k}", hints[k], v)
+                for k, v in table.items() if k in hints}
+        extra = {k: _check_value(f"{where}.{k}", f"tenants.{k}", _TENANT_KEYS[k], v)
+                 for k, v in table.items() if k in _TENANT_KEYS}
+        base = dataclasses.asdict(model)
+        if over.get("platform", model.platform) != model.platform:  # nothing of the other platform leaks in
+            for k in ("project", "location", "credentials_file", "api_key", "api_key_file", "base_url"):
+                base[k] = type(base[k])()
+        out[name] = TenantConfig(name=name, model=ModelConfig(**{**base, **over}), overrides=dict(table),
+                                 **extra)
+    return out
+
+
+def tenant(cfg: Config, name: str | None) -> TenantConfig:
+    """The tenant a call runs as: ``name`` from the caller's token, or the default (top-level [model]).
+    KeyError for a name the config does not define (the API answers 403 before this)."""
+    if not name or name == DEFAULT_TENANT:
+        return TenantConfig(name=DEFAULT_TENANT, model=cfg.model)
+    return cfg.tenants[name]
 
 
 def load_config(
@@ -600,9 +684,10 @@ def load_config(
     elif explicit:
         raise ConfigError(f"config file {cfg_path} does not exist")
     sections = _section_types()
+    tenants_data = data.pop("tenants", {})
     for name, value in data.items():
         if name not in sections:
-            raise ConfigError(f"{name}: unknown section (known: {', '.join(sections)})")
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(sections)}, tenants)")
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a table [{name}]")
     for var, raw in env.items():
@@ -615,7 +700,7 @@ def load_config(
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
     built = {name: _build_section(name, cls, data.get(name, {})) for name, cls in sections.items()}
-    cfg = Config(**built)
+    cfg = Config(**built, tenants=_build_tenants(tenants_data, built["model"]))
     _check_cross_field(cfg)
     return cfg
 
@@ -658,18 +743,16 @@ def _check_cross_field(cfg: Config) -> None:
     if bool(cfg.api.tls_cert_file) != bool(cfg.api.tls_key_file):
         raise ConfigError("api.tls_cert_file: expected both tls_cert_file and tls_key_file, or neither")
     c = cfg.compliance
-    if c.ai_disclosure and not cfg.model.greeting.strip():
-        raise ConfigError("model.greeting: empty, but the greeting is the AI disclosure every caller hears; "
-                          "give one, or set compliance.ai_disclosure = false with "
-                          "compliance.ai_disclosure_off_reason")
     if not c.ai_disclosure and not c.ai_disclosure_off_reason.strip():
         raise ConfigError("compliance.ai_disclosure_off_reason: required when "
                           "compliance.ai_disclosure = false (it is logged at every start)")
-    url = cfg.model.tools_url
-    if url and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", url):
-        raise ConfigError(f"model.tools_url: expected an http:// or https:// URL, got {url!r}")
-    if cfg.model.tools_file:
-        load_tool_declarations(cfg.model.tools_file)
+    _check_model(cfg, cfg.model, "model")
+    for t in cfg.tenants.values():
+        try:
+            _check_model(cfg, t.model, f"tenants.{t.name}")
+        except ConfigError as exc:
+            msg = str(exc)
+            raise ConfigError(msg if msg.startswith("tenants.") else f"tenants.{t.name}: {msg}") from None
     for key, u in (("records.webhook_url", cfg.records.webhook_url),):
         if u and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", u):
             raise ConfigError(f"{key}: expected an http:// or https:// URL, got {u!r}")
@@ -681,7 +764,24 @@ def _check_cross_field(cfg: Config) -> None:
         raise ConfigError(f"records.dsn: expected a postgresql:// URI, got {cfg.records.dsn!r}")
     if cfg.records.dsn and re.match(r"^postgres(ql)?://[^/@]*:[^/@]*@", cfg.records.dsn):
         raise ConfigError("records.dsn: put the password in records.password_file, not in the URI")
-    check_model_platform(cfg.model)
+
+
+def _check_model(cfg: Config, m: ModelConfig, where: str) -> None:
+    """What a model section (top-level or a tenant's merged one) must satisfy beyond single keys."""
+    if cfg.compliance.ai_disclosure and not m.greeting.strip():
+        raise ConfigError(f"{where}.greeting: empty, but the greeting is the AI disclosure every caller "
+                          "hears; give one, or set compliance.ai_disclosure = false with "
+                          "compliance.ai_disclosure_off_reason")
+    url = m.tools_url
+    if url and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", url):
+        raise ConfigError(f"{where}.tools_url: expected an http:// or https:// URL, got {url!r}")
+    if m.tools_file:
+        load_tool_declarations(m.tools_file, f"{where}.tools_file")
+    if m.fallback_weight > 0 and not m.fallback_model:
+        raise ConfigError(f"{where}.fallback_weight: needs {where}.fallback_model")
+    if m.fallback_model and m.fallback_model == m.model:
+        raise ConfigError(f"{where}.fallback_model: the same as {where}.model ({m.model!r})")
+    check_model_platform(m)
 
 
 _LOCATION = re.compile(r"^[a-z]+(-[a-z]+)*[0-9]*$|^global$")
@@ -718,11 +818,11 @@ _TOOL_KEYS = {"name", "description", "parameters", "parametersJsonSchema", "para
 MAX_TOOLS = 128
 
 
-def load_tool_declarations(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def load_tool_declarations(path: str | os.PathLike[str],
+                           key: str = "model.tools_file") -> list[dict[str, Any]]:
     """Read ``model.tools_file``: a JSON list of function declarations (``{"name", "description",
     "parameters"}`` as in the Gemini API). Checked here, at config load, so a bad file fails the start
     with the key named instead of every call's Live setup failing later."""
-    key = "model.tools_file"
     try:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
@@ -766,14 +866,18 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
         for name in _section_types()
     }
     built = {name: _build_section(name, cls, merged[name]) for name, cls in _section_types().items()}
-    out = Config(**built)
+    tables = {n: t.overrides for n, t in cfg.tenants.items()}
+    tables.update(sections.get("tenants", {}))  # a tenant given here replaces its whole table
+    out = Config(**built, tenants=_build_tenants(tables, built["model"]))
     _check_cross_field(out)
     return out
 
 
 def to_toml_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """The config as plain section dicts (secrets included: `run` writes its generated config with it)."""
-    return {name: dataclasses.asdict(getattr(cfg, name)) for name in _section_types()}
+    out: dict[str, Any] = {name: dataclasses.asdict(getattr(cfg, name)) for name in _section_types()}
+    out["tenants"] = {n: dict(t.overrides) for n, t in cfg.tenants.items()}
+    return out
 
 
 REDACTED = "***"
@@ -803,4 +907,11 @@ def redacted_dict(cfg: Config) -> dict[str, dict[str, Any]]:
             out[section][key] = _URL_USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", value)
         else:
             out[section][key] = REDACTED
+    model_secrets = {k.split(".", 1)[1]: kind for k, kind in secret_fields().items()
+                     if k.startswith("model.")}
+    for table in out["tenants"].values():  # a tenant's keys are [model] keys
+        for key, kind in model_secrets.items():
+            if table.get(key):
+                table[key] = (_URL_USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", table[key])
+                              if kind == "url" else REDACTED)
     return out

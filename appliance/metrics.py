@@ -152,6 +152,13 @@ class Metrics:
         self.admissions = Counter(
             "va_admissions", "Session admission attempts by result", ["result"], registry=r
         )
+        # tenant: a [tenants.<name>] name or "default"; model: a configured model or fallback_model;
+        # route: primary | weighted | breaker_open (appliance/routing.py) — all bounded by the config
+        self.tenant_sessions = Counter(
+            "va_tenant_sessions", "Sessions created per tenant and the model routing chose",
+            ["tenant", "model", "route"], registry=r)
+        self.tenant_refused = Counter(
+            "va_tenant_refused", "Session creates refused by a tenant's max_sessions", ["tenant"], registry=r)
         self.sessions_ended = Counter("va_sessions_ended", "Sessions ended by reason", ["reason"], registry=r)
         self.session_setup_seconds = Histogram(
             "va_session_setup_seconds",

@@ -119,6 +119,12 @@ def dumps_toml(sections: dict[str, dict[str, Any]]) -> str:
     """A TOML document of flat sections (all our config needs; tomllib cannot write)."""
     out = []
     for name, values in sections.items():
+        if name == "tenants":  # a table of tables: [tenants.<name>]
+            for tname, table in values.items():
+                out.append(f"[tenants.{tname}]")
+                out.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+                out.append("")
+            continue
         out.append(f"[{name}]")
         out.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
         out.append("")

@@ -51,11 +51,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance import tracing
+from appliance import routing, tracing
 from appliance.api import (
     CapacityError,
     ClientInfo,
@@ -66,7 +67,8 @@ from appliance.api import (
     SessionOptions,
     UpstreamError,
 )
-from appliance.config import Config, secret
+from appliance.breaker import Breaker, BreakerSettings, model_breaker_name, peek
+from appliance.config import DEFAULT_TENANT, Config, secret, tenant
 from appliance.janus import (
     AUDIOBRIDGE,
     ERR_HANDLE_NOT_FOUND,
@@ -143,6 +145,8 @@ class LiveSession:
     closing: bool = False
     migrate_token: str = ""  # set by a force-migrate: the caller resumes elsewhere with it
     migrating_since: float = 0.0
+    tenant: str = ""  # "" = the default tenant
+    model: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -160,6 +164,8 @@ class Sessions:
         box: str,
         janus: JanusClient | None = None,
         on_slot_freed: Any = None,
+        redis: Any = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg
         self.placement = placement
@@ -170,6 +176,10 @@ class Sessions:
         self.janus = janus or JanusClient.from_config(cfg.janus)
         self.ab_admin_key = secret(cfg.janus.audiobridge_admin_key, cfg.janus.audiobridge_admin_key_file)
         self.on_slot_freed = on_slot_freed  # (shard, slot) -> None: harvest counters before reuse
+        # model routing: the primary's breaker state lives in Redis (``redis`` None: local only)
+        self.rng = rng or random.Random()
+        self._redis = redis
+        self._breakers: dict[str, Breaker] = {}
         self.cap: SessionCap | None = None  # the API's per-sub session cap (the supervisor sets it)
         self._last_renew = 0.0
         self.records = SupervisorRecorder(cfg, box)  # call rows for the record (appliance/records/calls.py)
@@ -346,12 +356,21 @@ class Sessions:
             result = "draining" if exc.reason == "draining" else "full"
             self.metrics.admissions.labels(result=result).inc()
             raise CapacityError(f"no capacity ({exc.reason})", retry_after=exc.retry_after) from exc
+        try:
+            tenant_cfg, model, route = await self._route(client, resumed)
+            tenant_key = "" if tenant_cfg.name == DEFAULT_TENANT else tenant_cfg.name
+        except Exception:
+            self.placement.release(placed.shard, placed.slot)
+            raise
         now = time.time()
         voice = options.voice or (resumed.voice if resumed else "") or ""
         language = options.language or (resumed.language if resumed else "") or ""
         live = LiveSession(sid, client.sub, options.mode, placed, 0, now,
-                           now + self.cfg.redis.active_ttl_seconds, resumed=resumed is not None)
-        slot_opts: dict[str, Any] = {"voice": voice, "language": language}
+                           now + self.cfg.redis.active_ttl_seconds, resumed=resumed is not None,
+                           tenant=tenant_key, model=model)
+        # the AI worker builds the call's Live setup, tools and greeting from the tenant and this model
+        slot_opts: dict[str, Any] = {"voice": voice, "language": language, "tenant": tenant_key,
+                                     "model": model}
         if resume_handle:
             slot_opts["resume_handle"] = resume_handle
         try:
@@ -394,6 +413,7 @@ class Sessions:
             "janus_handle_id": live.handle.id if live.handle else None,
             "janus_room_handle_id": live.room_handle.id if live.room_handle else None,
             "room_id": live.room_id, "voice": voice, "language": language,
+            "tenant": tenant_key, "model": model,
             "resume_handle": resume_handle, "disconnected_at": None,
         }
         try:
@@ -408,7 +428,10 @@ class Sessions:
             await self._teardown(sid, "error", forget=True)
             raise UpstreamError("session state unavailable") from exc
         self.metrics.admissions.labels(result="resumed" if resumed else "accepted").inc()
-        self.records.created(live, resumed=resumed is not None, voice=voice, language=language)
+        self.metrics.tenant_sessions.labels(tenant_cfg.name, model, route).inc()
+        self.records.created(live, resumed=resumed is not None, voice=voice or tenant_cfg.model.voice,
+                             language=language or tenant_cfg.model.language, tenant=tenant_key or None,
+                             model=model)
         self.metrics.session_setup_seconds.observe(time.perf_counter() - started)
         # one trace per call id (appliance/tracing.py): a call resumed here under its id continues its
         # trace (a child of its call span); one that moved boxes got a new id and starts a new trace
@@ -418,9 +441,40 @@ class Sessions:
                                                  resumed_from=resumed.session_id if resumed else ""))
         log.info("session created", extra={
             "session": sid, "shard": placed.shard, "slot": placed.slot, "port": placed.rtp_port,
-            "mode": options.mode, "resumed": resumed is not None})
+            "mode": options.mode, "resumed": resumed is not None, "tenant": tenant_cfg.name,
+            "model": model, "route": route})
         return CreatedSession(sid, answer, token, live.expires_at,
                               resumed_from=resumed.resumed_from if resumed is not None and moving else "")
+
+    async def _route(self, client: ClientInfo, resumed: SessionRecord | None) -> tuple[Any, str, str]:
+        """The caller's tenant (its limit checked) and the model of this call. A resume keeps the
+        model it had (its Live handle belongs to that model) and must come with the same tenant."""
+        name = client.tenant
+        if resumed is not None:  # a session token carries no claim: the record's tenant holds
+            if client.tenant and resumed.tenant != client.tenant:
+                raise InvalidRequest("resume token belongs to another tenant", code="invalid_resume")
+            name = resumed.tenant
+        try:
+            t = tenant(self.cfg, name)
+        except KeyError:  # recorded under a tenant this box's config no longer has
+            raise InvalidRequest(f"tenant {name!r} is not configured on this appliance", status=403,
+                                 code="unknown_tenant") from None
+        if t.max_sessions:
+            mine = sum(1 for s in self.live.values() if s.tenant == name and not s.closing)
+            if mine >= t.max_sessions:
+                self.metrics.tenant_refused.labels(t.name).inc()
+                raise InvalidRequest(f"tenant {t.name!r} has its maximum of {t.max_sessions} concurrent "
+                                     "calls on this box", status=429, code="tenant_limit")
+        if resumed is not None and resumed.model:
+            return t, resumed.model, "resumed"
+        chosen = await routing.choose(t.model, self.rng, self._breaker_state)
+        return t, chosen.model, chosen.reason
+
+    async def _breaker_state(self, model: str) -> str:
+        b = self._breakers.get(model)
+        if b is None:
+            b = self._breakers[model] = Breaker(model_breaker_name(model), BreakerSettings(), self._redis)
+        return await peek(b)
 
     async def _lookup(self, token: str, client: ClientInfo) -> SessionRecord:
         """The session a resume token belongs to, if ``client`` owns it (nothing is spent)."""
@@ -538,7 +592,8 @@ class Sessions:
         live = self.live.get(session_id)
         if live is not None:
             details: dict[str, Any] = {"shard": live.placed.shard,
-                                       "webrtc": "up" if live.webrtc_up else "new"}
+                                       "webrtc": "up" if live.webrtc_up else "new",
+                                       "tenant": live.tenant or "default", "model": live.model}
             with contextlib.suppress(Exception):
                 slot = self.segments[live.placed.shard].slot(live.placed.slot)
                 if slot.is_current(live.generation):

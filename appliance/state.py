@@ -152,6 +152,8 @@ class SessionRecord:
     room_id: int | None = None
     voice: str = ""
     language: str = ""
+    tenant: str = ""  # [tenants.<name>] the caller's token named; "" = the default tenant
+    model: str = ""  # the model routing chose for this call (kept across resumes)
     resume_token_hash: str = ""
     resume_handle: str = ""
     last_transcript: str = ""

@@ -417,7 +417,7 @@ class Supervisor:
         store = SessionStore.from_config(cfg.redis)
         await store.start()
         self.sessions = Sessions(cfg, self.placement, self.segments, store, self.metrics, box=box_id(cfg),
-                                 on_slot_freed=self.harvest_counters)
+                                 on_slot_freed=self.harvest_counters, redis=redis_client(cfg.redis))
         await self.sessions.start()
         if self.adopting:
             adopted = await self.sessions.adopt()

@@ -147,6 +147,31 @@ def _coerce_behaviour(base: Behaviour, values: dict[str, str]) -> Behaviour:
     return new
 
 
+def setup_summary(setup: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a setup message tests assert on: model, voice, language, system instruction text and
+    declared function names (the SDK sends camelCase; snake_case is accepted too)."""
+    def get(d: Any, *names: str) -> Any:
+        for n in names:
+            if isinstance(d, dict) and n in d:
+                return d[n]
+        return None
+
+    gen = get(setup, "generationConfig", "generation_config") or {}
+    speech = get(gen, "speechConfig", "speech_config") or {}
+    voice = get(get(get(speech, "voiceConfig", "voice_config"), "prebuiltVoiceConfig",
+                    "prebuilt_voice_config"), "voiceName", "voice_name")
+    si = get(setup, "systemInstruction", "system_instruction")
+    parts = get(si, "parts") if isinstance(si, dict) else None
+    text = "".join(str(p.get("text") or "") for p in parts or [] if isinstance(p, dict)) if parts else (
+        si if isinstance(si, str) else "")
+    functions = [fd.get("name") for tool in setup.get("tools") or [] if isinstance(tool, dict)
+                 for fd in get(tool, "functionDeclarations", "function_declarations") or []
+                 if isinstance(fd, dict)]
+    return {"model": setup.get("model"), "voice": voice, "language": get(speech, "languageCode",
+                                                                          "language_code"),
+            "system_instruction": text, "functions": functions}
+
+
 @dataclass
 class Conversation:
     """The model-side state a handle restores: history and the record of caller audio received."""
@@ -159,6 +184,7 @@ class Conversation:
     last_utterance: bytes = b""
     texts: list[str] = field(default_factory=list)  # realtime text received (e.g. keypad digits), in order
     tool_responses: list[dict[str, Any]] = field(default_factory=list)  # functionResponses received
+    setup: dict[str, Any] = field(default_factory=dict)  # what the last setup asked for (setup_summary)
     resumes: int = 0
     touched: float = field(default_factory=time.monotonic)
 
@@ -317,6 +343,7 @@ class Connection:
             self.conv = self.server.restore(snap)
         else:
             self.conv = self.server.new_conversation()
+        self.conv.setup = setup_summary(setup)
         self.server.live[self.conv.id] = self
         self.boundary = (self.conv.end, 0, len(self.conv.texts))
         self.conv.touched = time.monotonic()
@@ -759,6 +786,7 @@ class EmulatorServer:
                 "history": conv.history,
                 "texts": conv.texts,
                 "tool_responses": conv.tool_responses,
+                "setup": conv.setup,
                 "resumes": conv.resumes,
                 "live": live.info() if live and live.state != "closed" else None,
             })

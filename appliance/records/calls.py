@@ -37,12 +37,14 @@ class SupervisorRecorder:
             log.warning("record spool write failed", extra={"session": call_id, "error": str(exc)})
 
     def created(self, live: Any, *, resumed: bool, voice: str, language: str,
-                tenant: str | None = None) -> None:
+                tenant: str | None = None, model: str | None = None) -> None:
+        """``model``: the one routing chose (appliance/routing.py); ``voice``/``language`` already the
+        tenant's defaults when the caller gave none."""
         m = self.cfg.model
         if resumed:
             self._put("call.resumed", live.session_id, box=self.box)
         self._put("call.created", live.session_id, box=self.box, sub=live.sub, tenant=tenant, mode=live.mode,
-                  model=m.model, voice=voice or m.voice, language=language or m.language)
+                  model=model or m.model, voice=voice or m.voice, language=language or m.language)
 
     def connected(self, live: Any) -> None:
         self._put("call.connected", live.session_id)

@@ -26,6 +26,7 @@ class ToolServer:
         self.server = server
         self.requests: list[dict[str, Any]] = []
         self.raw: list[tuple[dict[str, str], bytes]] = []  # (headers, body bytes) of each request
+        self.paths: list[str] = []  # the request path of each, in the same order
         self.delay: dict[str, float] = {}  # session_id -> seconds to wait before answering
         self.done: list[tuple[str, float]] = []  # (call_id, monotonic time the answer was written)
         self.stopping = threading.Event()
@@ -62,6 +63,7 @@ def _handler(state: ToolServer) -> type[BaseHTTPRequestHandler]:
             with state.lock:
                 state.requests.append(req)
                 state.raw.append((dict(self.headers), raw))
+                state.paths.append(self.path)
             wait = state.delay.get(str(req.get("session_id")), 0.0)
             if self.path.startswith("/slow/"):
                 wait = max(wait, float(self.path.split("/")[2]))

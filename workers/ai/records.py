@@ -135,7 +135,8 @@ class CallRecorder:
     def usage(self, call: Any, ev: Any) -> None:
         if self.spool is None:
             return
-        self._put("usage", call, model=self.model, prompt_tokens=int(getattr(ev, "prompt_tokens", 0) or 0),
+        model = str(call.options.get("model") or self.model)  # the routed model (appliance/routing.py)
+        self._put("usage", call, model=model, prompt_tokens=int(getattr(ev, "prompt_tokens", 0) or 0),
                   response_tokens=int(getattr(ev, "response_tokens", 0) or 0),
                   total_tokens=int(getattr(ev, "total_tokens", 0) or 0),
                   details=getattr(ev, "details", None) or {})

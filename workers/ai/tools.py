@@ -24,6 +24,10 @@ same call likely work a moment later: timeout, unreachable, HTTP 429/5xx, too ma
 missing endpoint, a 4xx or a bad answer): newer Live models run tools asynchronously and, without
 these fields, call a failed tool again and again. An endpoint's own ``status`` is kept.
 
+Signing key: ``records.webhook_secret_file`` (set by workers/ai/records.py), unless the tenant has its
+own ``tools_secret(_file)`` (``[tenants.<name>]``, workers/ai/tenants.py: one runner per tenant, since
+URL and key are the tenant's). Same header as the webhooks (appliance/records/signing.py).
+
 A response is sent only on the Live session that asked: if the worker replaced the session in the
 meantime (it re-opens failed ones) the answer is dropped, because the new session never made that call.
 """

@@ -84,7 +84,7 @@ from workers.ai.live.outbox import Outbox, journal_path, remove_stale
 from workers.ai.live.settings import ClientSettings, LiveOptions, client_settings
 from workers.ai.playback import Playback, PlaybackStats
 from workers.ai.records import CallRecorder
-from workers.ai.tools import ToolRunner
+from workers.ai.tenants import TenantProfiles
 from workers.ai.turn_metrics import TurnClock, mark_speech
 from workers.ai.turns import Decision, TurnEvent, TurnParams
 from workers.ai.vad import SAMPLE_RATE, BatchedVad
@@ -146,22 +146,19 @@ class AiWorker:
         self._background: set[asyncio.Task[bytes]] = set()
         self._greeting = b""
         self._hold = b""
-        m = cfg.model
-        self.tools = ToolRunner(m.tools_url, m.tools_timeout_seconds)
+        self.tenants = TenantProfiles(cfg)  # per tenant: model section, tools, greeting (tenants.py)
+        self.tools = self.tenants.default.tools
         self.records = CallRecorder(cfg, shard)  # the call record's items (workers/ai/records.py)
-        self.records.wire_tools(self.tools, self.calls)
-        self._tool_decls: list[dict[str, object]] | None = None
-        if m.tools_file:
-            from appliance.config import load_tool_declarations
-
-            self._tool_decls = load_tool_declarations(m.tools_file)
+        for profile in self.tenants.all():
+            self.records.wire_tools(profile.tools, self.calls)
+            profile.own_tool_key()  # a tenant's tools_secret signs instead of the webhook key
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def prepare(self) -> None:
         """Before taking calls: synthesise (or load from cache) the greeting and hold prompts."""
         m = self.cfg.model
-        if m.greeting:
-            self._greeting = await self.prompts.get_async(m.greeting, m.language)
+        await self.tenants.prepare(self.prompts)
+        self._greeting = self.tenants.default.greeting
         if m.hold_prompt:
             self._hold = await self.prompts.get_async(m.hold_prompt, m.language)
 
@@ -231,7 +228,7 @@ class AiWorker:
             self._close_call(idx, reason="worker stopping")
         if self._closing:
             await asyncio.wait(self._closing, timeout=5.0)
-        await self.tools.aclose()
+        await self.tenants.aclose()
         self.records.close()
 
     # ---- the tick --------------------------------------------------------------------------------
@@ -353,18 +350,19 @@ class AiWorker:
         return Outbox(chunk)
 
     def _greeting_for(self, call: Call) -> bytes:
+        profile = self.tenants.of(call.options)
         text = call.options.get("greeting")
         if text is None:
-            return self._greeting
+            return profile.greeting
         if not text:
             return b""
-        lang = call.opt("language", self.cfg.model.language)
+        lang = call.opt("language", profile.model.language)
         cached = self.prompts.cached(str(text), lang)
-        if cached is None:  # synthesise in the background; the default plays now
+        if cached is None:  # synthesise in the background; the tenant's greeting plays now
             task = asyncio.get_running_loop().create_task(self.prompts.get_async(str(text), lang))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-            return self._greeting
+            return profile.greeting
         return cached
 
     def _start_live(self, call: Call, handle: str | None) -> None:
@@ -373,16 +371,17 @@ class AiWorker:
             from workers.ai.live.session import LiveSession
 
             self._live_factory = LiveSession
-        m = self.cfg.model
+        profile = self.tenants.of(call.options)
+        m = profile.model_for(str(call.options.get("model") or ""))
         opts = LiveOptions(voice=call.opt("voice", m.voice), language=call.opt("language", m.language),
                            system_instruction=call.opt("system_instruction", m.system_instruction),
-                           resume_handle=handle, tools=self._tool_decls)
+                           resume_handle=handle, tools=profile.tool_decls)
         call.set_model_state("connecting")
         call.start_failed = False
         try:
             call.live = self._live_factory(m, call.session_id, opts,
                                            functools.partial(self._on_live_event, call),
-                                           settings=self.settings, outbox=call.outbox)
+                                           settings=profile.settings(self.settings), outbox=call.outbox)
         except Exception as exc:  # bad options or config: keep the call, retry later
             call.live = None
             call.start_failed = True
@@ -428,7 +427,7 @@ class AiWorker:
 
     def _stop_live(self, call: Call) -> None:
         live, call.live = call.live, None
-        self.tools.cancel_all(call.key)  # the session that asked is going away: nobody awaits answers
+        self.tenants.of(call.options).tools.cancel_all(call.key)  # its session is going away
         if call.start_task is not None and not call.start_task.done():
             call.start_task.cancel()
         if live is None:
@@ -523,9 +522,9 @@ class AiWorker:
                 case StateChanged(state=state, reason=reason):
                     self._model_state(call, state, reason)
                 case ToolCall(calls=calls):
-                    call.tool_calls(self.tools, calls)
+                    call.tool_calls(self.tenants.of(call.options).tools, calls)
                 case ToolCallCancellation(ids=ids):
-                    n = self.tools.cancel(call.key, list(ids))
+                    n = self.tenants.of(call.options).tools.cancel(call.key, list(ids))
                     log.info("tool calls cancelled by the model", extra={"session": call.session_id,
                                                                           "running": n})
         except Exception as exc:
@@ -541,7 +540,7 @@ class AiWorker:
             call.retry_at = 0.0
         elif state == "reconnecting":
             call.slot.counters.add("reconnects")
-            self.tools.cancel_all(call.key)  # its open tool calls died with the connection
+            self.tenants.of(call.options).tools.cancel_all(call.key)  # died with the connection
         elif state == "closed" and not call.closed:
             # the session ended on its own (e.g. the server sent garbage): re-open it soon
             call.start_failed = True
