@@ -263,7 +263,7 @@ class CreateSessionResponse(BaseModel):
     session_token: str = Field(description="Bearer credential for this session's trickle/GET/DELETE/"
                                            "refresh/resume only; refresh it in its last 120 s")
     session_token_expires_at: str = Field(description="RFC 3339 UTC time")
-    ai_generated_audio: bool = Field(True, description="The audio this session sends the caller is "
+    ai_generated_audio: bool = Field(default=True, description="The audio this session sends the caller is "
                                                        "AI-generated (EU AI Act art. 50(2) marking)")
 
 
@@ -309,7 +309,7 @@ class SessionResponse(BaseModel):
     created_at: str
     expires_at: str
     details: dict[str, Any] = Field(default_factory=dict)
-    ai_generated_audio: bool = Field(True, description="The audio this session sends is AI-generated")
+    ai_generated_audio: bool = Field(default=True, description="The audio this session sends is AI-generated")
 
 
 class ErrorResponse(BaseModel):

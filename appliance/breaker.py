@@ -218,10 +218,15 @@ class Breaker:
         await self._apply("ok" if ok else "fail", probe_id)
 
 
-def model_breaker(cfg: Any) -> Breaker | None:
-    """The box's model breaker from ``[breaker]`` (None when disabled), its state in the session Redis."""
+def breaker_settings(cfg: Any) -> BreakerSettings:
     b = cfg.breaker
-    if not b.enabled:
+    return BreakerSettings(b.failure_threshold, b.reset_seconds, b.success_threshold, b.probe_timeout_seconds)
+
+
+def model_breakers(cfg: Any) -> Callable[[str], Breaker] | None:
+    """One breaker per model name (``model_breaker_name``; routing reads the primary's), from ``[breaker]``,
+    their state in the session Redis; None when disabled."""
+    if not cfg.breaker.enabled:
         return None
     from appliance.state import redis_client
 
@@ -230,8 +235,15 @@ def model_breaker(cfg: Any) -> Breaker | None:
     except Exception as exc:  # a bad Redis config must not stop calls: the local breaker still works
         log.warning("model breaker without Redis (local only)", extra={"error": str(exc)})
         client = None
-    return Breaker("model", BreakerSettings(b.failure_threshold, b.reset_seconds, b.success_threshold,
-                                            b.probe_timeout_seconds), client)
+    settings = breaker_settings(cfg)
+    made: dict[str, Breaker] = {}
+
+    def for_model(model: str) -> Breaker:
+        if model not in made:
+            made[model] = Breaker(model_breaker_name(model), settings, client)
+        return made[model]
+
+    return for_model
 
 
 def model_breaker_name(model: str) -> str:

@@ -67,7 +67,7 @@ from appliance.api import (
     SessionOptions,
     UpstreamError,
 )
-from appliance.breaker import Breaker, BreakerSettings, model_breaker_name, peek
+from appliance.breaker import Breaker, breaker_settings, model_breaker_name, peek
 from appliance.config import DEFAULT_TENANT, Config, secret, tenant
 from appliance.janus import (
     AUDIOBRIDGE,
@@ -473,7 +473,8 @@ class Sessions:
     async def _breaker_state(self, model: str) -> str:
         b = self._breakers.get(model)
         if b is None:
-            b = self._breakers[model] = Breaker(model_breaker_name(model), BreakerSettings(), self._redis)
+            b = self._breakers[model] = Breaker(model_breaker_name(model), breaker_settings(self.cfg),
+                                                self._redis)
         return await peek(b)
 
     async def _lookup(self, token: str, client: ClientInfo) -> SessionRecord:

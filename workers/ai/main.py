@@ -49,7 +49,7 @@ def loop_factory() -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]
 
 
 async def _amain(args: argparse.Namespace, cfg: Config) -> int:
-    from appliance.breaker import model_breaker
+    from appliance.breaker import model_breakers
     from shm.segment import ShardSegment, ShmError
     from workers.ai.greeting import PromptCache
     from workers.ai.live import guard
@@ -69,7 +69,7 @@ async def _amain(args: argparse.Namespace, cfg: Config) -> int:
         cache_dir = Path(cfg.paths.state_dir) / "prompts"
         worker = AiWorker(cfg, seg, settings=client_settings(cfg), prompts=PromptCache(cache_dir),
                           journal_dir=args.journal_dir, shard=args.shard)
-        guard.install_breaker(model_breaker(cfg))  # every Live connect asks it first (issue 15)
+        guard.install(model_breakers(cfg))  # every Live connect asks its model's breaker (issue 15)
         await worker.prepare()
         seg.heartbeat("ai")
         log.info("AI worker running", extra={"shard": args.shard, "segment": args.segment,

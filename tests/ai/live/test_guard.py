@@ -107,3 +107,31 @@ async def test_a_1011_close_counts_as_a_failure(emu, redis_url):
         emu.configure(refuse=False)
         await s.close()
         await client.aclose()
+
+
+async def test_worker_failures_open_the_breaker_that_routing_reads(emu, redis_url):
+    """The worker's breakers are per model (model_breakers), so routing's peek at the primary's breaker sees
+    what the workers recorded and sends new calls to the fallback."""
+    from appliance.breaker import model_breaker_name, model_breakers, peek
+    from appliance.config import load_config, replace
+
+    cfg = replace(load_config(None, env={}), redis={"url": redis_url},
+                  breaker={"failure_threshold": 2, "reset_seconds": 60})
+    for_model = model_breakers(cfg)
+    assert for_model is not None
+    guard.install(for_model)
+    emu.configure(refuse=True)
+    try:
+        live = session(emu, "routing-feed")
+        with pytest.raises(LiveUnavailable):
+            await live.start()
+        await live.close()
+    finally:
+        emu.configure(refuse=False)
+        guard.install(None)
+    model = emu.model_config().model
+    client = aioredis.Redis.from_url(redis_url)
+    supervisor_view = Breaker(model_breaker_name(model), BreakerSettings(reset_seconds=60), client)
+    assert await peek(supervisor_view) == "open"
+    other = Breaker(model_breaker_name("some-other-model"), BreakerSettings(), client)
+    assert await peek(other) == "closed"  # one model's outage does not close the door to the fallback

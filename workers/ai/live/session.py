@@ -222,7 +222,7 @@ class LiveSession:
                 with attempt:
                     if self._closed:
                         return
-                    allowed, probe = await guard.allow()
+                    allowed, probe = await guard.allow(self.cfg.model)
                     if not allowed:  # breaker open: degrade now, no connection, no more retries
                         raise Fatal("model circuit breaker open: not connecting")
                     try:
@@ -240,9 +240,9 @@ class LiveSession:
                                                         transparent=self.transparent)
                             await self._seed(conn)
                     except Retryable:
-                        await guard.record(False, probe)
+                        await guard.record(self.cfg.model, False, probe)
                         raise
-                    await guard.record(True, probe)
+                    await guard.record(self.cfg.model, True, probe)
         except Fatal as exc:
             raise LiveUnavailable(str(exc)) from None
         except Retryable as exc:
@@ -442,7 +442,7 @@ class LiveSession:
             log.info("Live connection closed", extra={"session": self.session_id, "code": code,
                                                       "reason": reason})
             if code in (1011, 1013):  # the server failed (internal error / try again later): counts
-                await guard.record(False)
+                await guard.record(self.cfg.model, False)
             self._request_replace(conn, f"closed {code} {reason}".strip())
         except asyncio.CancelledError:
             raise
