@@ -541,16 +541,23 @@ def private_host(cfg: Config, explicit: str) -> str:
     return explicit or cfg.api.private_host
 
 
+def credential_path(file_name: str) -> Path:
+    """Where a ``*_file`` key points: a relative name resolves in $CREDENTIALS_DIRECTORY (systemd's
+    ``LoadCredential=``) when it exists there, else as given."""
+    path = Path(file_name)
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not path.is_absolute() and cred_dir and (Path(cred_dir) / path).exists():
+        return Path(cred_dir) / path
+    return path
+
+
 def secret(value: str, file_name: str) -> str:
     """Return a secret given inline or through a file (relative names resolve in $CREDENTIALS_DIRECTORY)."""
     if value:
         return value
     if not file_name:
         return ""
-    path = Path(file_name)
-    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not path.is_absolute() and cred_dir and (Path(cred_dir) / path).exists():
-        path = Path(cred_dir) / path
+    path = credential_path(file_name)
     try:
         return path.read_text().strip()
     except OSError as exc:

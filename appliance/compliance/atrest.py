@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.compliance.envelope import DecryptError, FileKeyStore, Keyring, MasterKeys, WrappedKey
+from appliance.config import credential_path
 
 # item kind → the fields sealed in the spool (they are opened by the writer and sealed again for the
 # database, so the spool's keys never need to leave the box)
@@ -38,11 +39,7 @@ SEALED_FIELDS: dict[str, tuple[str, ...]] = {"transcript": ("text",), "event": (
 def master_key_path(cfg: Any) -> Path:
     configured = cfg.compliance.master_key_file
     if configured:
-        path = Path(configured)
-        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not path.is_absolute() and cred_dir and (Path(cred_dir) / path).exists():
-            path = Path(cred_dir) / path
-        return path
+        return credential_path(configured)
     return Path(cfg.paths.state_dir) / "secrets" / "master-key"
 
 

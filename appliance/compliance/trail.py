@@ -36,6 +36,7 @@ from appliance.compliance.audit import (
     sign_checkpoint,
     verify,
 )
+from appliance.config import credential_path
 
 AUDIT_LOCK = 0x7661_6175_6474  # pg_advisory_xact_lock key ("vaaudt")
 
@@ -102,11 +103,7 @@ def from_item(it: dict[str, Any]) -> Record | None:
 def signing_key_path(cfg: Any) -> Path:
     configured = cfg.compliance.audit_signing_key_file
     if configured:
-        path = Path(configured)
-        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not path.is_absolute() and cred_dir and (Path(cred_dir) / path).exists():
-            path = Path(cred_dir) / path
-        return path
+        return credential_path(configured)
     return Path(cfg.paths.state_dir) / "secrets" / "audit-signing-key"
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.config import Config, ModelConfig, check_model_platform, secret
+from appliance.config import Config, ModelConfig, check_model_platform, credential_path, secret
 
 if TYPE_CHECKING:
     from google.auth.credentials import Credentials
@@ -75,10 +75,7 @@ def service_account_credentials(path: str) -> Credentials:
     first refresh happens in a thread before the first connect (``refresh_token``)."""
     from google.oauth2 import service_account
 
-    full = Path(path)
-    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not full.is_absolute() and cred_dir and (Path(cred_dir) / full).exists():
-        full = Path(cred_dir) / full
+    full = credential_path(path)
     try:
         return service_account.Credentials.from_service_account_file(str(full), scopes=list(SCOPES))
     except (OSError, ValueError) as exc:
