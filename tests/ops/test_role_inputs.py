@@ -27,7 +27,8 @@ CREDS = {"gemini_api_key": "", "jwt_public_key.pem": PUB,
          "turn_secret": GOOD, "janus_api_secret": GOOD, "janus_admin_secret": GOOD,
          "audiobridge_admin_key": GOOD}
 APPLIANCE = {"appliance_deb": "/nonexistent/voice-appliance.deb", "appliance_credentials": CREDS,
-             "appliance_tls_cert_pem": CERT, "appliance_tls_key_pem": KEY}
+             "appliance_tls_cert_pem": CERT, "appliance_tls_key_pem": KEY,
+             "appliance_auth_issuer": "https://idp.example.test"}
 JANUS = {"janus_api_secret": GOOD, "janus_admin_secret": GOOD, "janus_audiobridge_admin_key": GOOD}
 
 
@@ -57,6 +58,8 @@ def run_role(tmp_path: Path, role: str, variables: dict) -> subprocess.Completed
      "appliance_credentials.janus_api_secret: empty or still"),
     ("appliance", {**APPLIANCE, "appliance_tls_cert_pem": ""}, "appliance_tls_mode=box serves public HTTPS"),
     ("appliance", {**APPLIANCE, "appliance_tls_mode": "none"}, "appliance_tls_mode must be one of"),
+    ("appliance", {k: v for k, v in APPLIANCE.items() if k != "appliance_auth_issuer"},
+     "missing required arguments: appliance_auth_issuer"),
     ("appliance", {**APPLIANCE, "appliance_tls_key_pem": "-----BEGIN PRIVATE KEY-----\n  ...\n-----END"},
      "appliance_tls_mode=box serves public HTTPS"),  # the vault example's placeholder PEM
 ])
