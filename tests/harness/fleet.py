@@ -452,7 +452,10 @@ def start_box(fleet_tmp: Path, host: Host, box_id: str, *, emulator: Emulator, i
         "media": {"rtp_host": "127.0.0.1", "rtp_port_min": 40000, "rtp_port_max": 40000 + 2 * slots + 9},
         "shards": {"count": 1, "slots": slots, "heartbeat_timeout_seconds": 3.0},
         "paths": {"state_dir": str(tmp / "state"), "run_dir": str(tmp / "run"), "instance_id": instance},
-        "limits": {"session_creates_per_minute": creates_per_minute, "signalling_per_minute": 10000},
+        # per-IP limits apply to refused credentials (docs/security.md "Limits after identity"): the
+        # rate-limit test sends unauthenticated creates from two addresses behind the LB
+        "limits": {"session_creates_per_minute": creates_per_minute, "signalling_per_minute": 10000,
+                   "auth_failures_per_minute": creates_per_minute},
         "model": {"api_key": emulator.api_key, "base_url": emulator.base_url, "ca_file": emulator.ca_file,
                   "max_retries": 5, "greeting": ""},
         # no greeting: the tests' echo checks start at once (the disclosure has its own tests)
