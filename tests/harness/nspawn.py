@@ -48,6 +48,8 @@ EXTRA_PACKAGES = [
     "openssl",
     "haproxy",
     "libopus0",
+    "postgresql-15",  # the postgres role (the container has no mirror: everything it installs is here)
+    "ssl-cert",
     "espeak-ng",
     "sox",
     "python3-venv",

@@ -102,7 +102,7 @@ SSHD: dict[str, str] = {
     "gatewayports": "no",
     "loglevel": "VERBOSE",
 }
-WEAK_SSH = ("cbc", "arcfour", "3des", "hmac-md5", "hmac-sha1", "diffie-hellman-group1", "group14-sha1",
+WEAK_SSH = ("cbc", "arcfour", "3des", "hmac-md5", "hmac-sha1", "diffie-hellman-group1-", "group14-sha1",
             "ssh-dss")
 
 # linux-baseline os-* file permissions: path -> (max mode, owner, group)
