@@ -62,7 +62,7 @@ async def _async_part(tmp: Path, n: int, with_janus: bool) -> dict[str, Any]:
                                                    signalling_per_minute=100000))
         out["ratelimit_check_wall_us"] = await _wall_us(lambda: limiter.check(CREATE, "192.0.2.1"), n)
         store = SessionStore(client)
-        sid = new_session_id()
+        sid = new_session_id("bench")
         await store.create(SessionRecord(session_id=sid, sub="bench"))
         out["state_update_wall_us"] = await _wall_us(lambda: store.update(sid, last_transcript="hello"), n)
         (tmp / "empty.toml").write_text("")

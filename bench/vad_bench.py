@@ -76,6 +76,7 @@ class _NullLive:
 
     state = "live"
     resume_handle = None
+    server_session_id = None
 
     def __init__(self, *_a: object, **_k: object) -> None:
         pass
@@ -91,6 +92,12 @@ class _NullLive:
 
     def activity_end(self) -> None:
         pass
+
+    def send_text(self, _text: str) -> None:
+        pass
+
+    def send_tool_response(self, _responses: object) -> bool:
+        return True
 
     async def close(self) -> None:
         pass
@@ -109,7 +116,7 @@ async def _worker_ticks(sessions: int, seconds: float, source: np.ndarray) -> di
     try:
         cfg = replace(load_config(None, env={}), model={"greeting": "", "hold_prompt": ""},
                       compliance={"ai_disclosure": False, "ai_disclosure_off_reason": "benchmark"})
-        w = AiWorker(cfg, seg, live_factory=_NullLive, options_factory=lambda **k: k)
+        w = AiWorker(cfg, seg, live_factory=_NullLive)
         for i in range(sessions):
             seg.slot(i).activate(session_id=f"b{i}", local_rtp_port=40000 + 2 * i, remote_rtp_ip="127.0.0.1",
                                  remote_rtp_port=20000, payload_type=111, channels=1, dtmf_payload_type=-1,
