@@ -69,8 +69,9 @@ def _speechlike(seconds: float, rate: int) -> np.ndarray:
     return (np.clip(x, -1, 1) * 32767).astype(np.int16)
 
 
-def _free_port() -> int:
-    for _ in range(100):
+def free_port_pair() -> int:
+    """An even UDP port P on loopback with P and P+1 (RTCP) free."""
+    for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("127.0.0.1", 0))
             p = s.getsockname()[1] & ~1
@@ -91,7 +92,7 @@ def _cpu() -> float:
 
 def _session(seg: ShardSegment, index: int, sink: socket.socket, cfg: MediaConfig) -> MediaSession:
     slot = seg.slot(index)
-    slot.activate(session_id=f"bench{index}", local_rtp_port=_free_port(), remote_rtp_ip="127.0.0.1",
+    slot.activate(session_id=f"bench{index}", local_rtp_port=free_port_pair(), remote_rtp_ip="127.0.0.1",
                   remote_rtp_port=sink.getsockname()[1], payload_type=111, channels=2, dtmf_payload_type=101,
                   mode="direct")
     info = slot.snapshot()
@@ -343,7 +344,7 @@ def _scale(sessions: int, seconds: float) -> dict[str, Any]:
     peers: list[int] = parent.recv()
     ports: list[int] = []
     while len(ports) < sessions:
-        p = _free_port()
+        p = free_port_pair()
         if p not in ports and p + 1 not in peers and p not in peers:
             ports.append(p)
     for i in range(sessions):
@@ -409,7 +410,7 @@ def _latency(trials: int) -> dict[str, Any]:
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
     peer.setblocking(False)
-    port = _free_port()
+    port = free_port_pair()
     slot = seg.slot(0)
     slot.activate(session_id="lat", local_rtp_port=port, remote_rtp_ip="127.0.0.1",
                   remote_rtp_port=peer.getsockname()[1], payload_type=111, channels=1, dtmf_payload_type=-1,

@@ -67,6 +67,7 @@ import numpy as np
 import soxr
 
 from appliance.config import MediaConfig
+from bench.media_bench import free_port_pair
 from shm.segment import ShardSegment, ring_bytes
 from workers.media import opus
 from workers.media.red import build_red
@@ -279,22 +280,6 @@ class Script:
     echo_db: float | None = None
 
 
-def _free_port_pair() -> int:
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1] & ~1
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
-                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
-                a.bind(("127.0.0.1", p))
-                b.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free UDP port pair")
-
-
 @dataclass
 class CallResult:
     received: np.ndarray  # uplink ring content, 16 kHz int16, one frame per tick from the first packet
@@ -322,7 +307,7 @@ class Call:
         self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.peer.bind(("127.0.0.1", 0))
         self.peer.setblocking(False)
-        self.port = _free_port_pair()
+        self.port = free_port_pair()
         self.slot = self.seg.slot(0)
         opts = {**(options or {}), **({"red_payload_type": RED_PT} if cond.red else {})}
         self.slot.activate(session_id=f"bq-{iid}", local_rtp_port=self.port, remote_rtp_ip="127.0.0.1",
