@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="50 connections, 2 s deadline")
 
 
-async def _closed_after(reader: asyncio.StreamReader, limit: float) -> float | None:
+async def closed_within(reader: asyncio.StreamReader, limit: float) -> float | None:
+    """Seconds until the server closed the connection (EOF or reset), or None if still open at ``limit``."""
     start = time.monotonic()
     try:
         async with asyncio.timeout(limit):
@@ -75,7 +76,7 @@ async def _run(n: int, header_timeout: float | None) -> dict[str, Any]:
                 r = await http.post("/v1/sessions", json={"type": "offer", "sdp": CHROME_OFFER},
                                     headers={"Authorization": "Bearer " + mint(priv.read_bytes(), sub="b")})
                 create_ms = (time.monotonic() - t0) * 1000
-            waits = await asyncio.gather(*[_closed_after(rd, cfg.api.header_timeout_seconds + 10)
+            waits = await asyncio.gather(*[closed_within(rd, cfg.api.header_timeout_seconds + 10)
                                            for rd in readers])
             closed = [w for w in waits if w is not None]
             return {"connections": n, "header_timeout_seconds": cfg.api.header_timeout_seconds,

@@ -17,6 +17,7 @@ import pytest
 from appliance.api import create_app
 from appliance.config import replace
 from appliance.supervisor import _Server
+from bench.loris import closed_within
 from tests.api.service_double import InMemoryService
 from tests.api.test_api import auth, offer_body
 from tests.harness.redis import free_port
@@ -35,20 +36,6 @@ async def _serve(cfg, guard: bool = True):
     while not server.started:  # noqa: ASYNC110  (uvicorn offers a flag, not an event)
         await asyncio.sleep(0.01)
     return server, task
-
-
-async def _closed_within(reader: asyncio.StreamReader, limit: float) -> float | None:
-    """Seconds until the server closed the connection (EOF or reset), or None if still open at ``limit``."""
-    start = time.monotonic()
-    try:
-        async with asyncio.timeout(limit):
-            while await reader.read(4096):
-                pass
-    except TimeoutError:
-        return None
-    except ConnectionError:
-        pass
-    return time.monotonic() - start
 
 
 @pytest.fixture
@@ -83,7 +70,7 @@ async def test_slow_loris_closed_within_deadline_normal_call_still_works(served_
             r = await http.post("/v1/sessions", json=offer_body(), headers=auth(private_pem))
             assert r.status_code == 201, r.text
             assert time.monotonic() - t0 < 1.5
-        waits = await asyncio.gather(*[_closed_within(rd, HEADER_TIMEOUT + BODY_TIMEOUT + 3) for rd in conns])
+        waits = await asyncio.gather(*[closed_within(rd, HEADER_TIMEOUT + BODY_TIMEOUT + 3) for rd in conns])
         still_open = sum(w is None for w in waits)
         assert still_open == 0, f"{still_open} of {HALF_OPEN} connections still open"
         latest = time.monotonic() - opened
@@ -107,7 +94,7 @@ async def test_keepalive_then_slow_next_request_is_closed(served_cfg):
         assert b"200 OK" in await reader.readuntil(b"\r\n\r\n")
         writer.write(b"GET /healthz HTTP/1.1\r\nHo")  # the next request starts, then stalls
         await writer.drain()
-        closed = await _closed_within(reader, HEADER_TIMEOUT + 3)
+        closed = await closed_within(reader, HEADER_TIMEOUT + 3)
         assert closed is not None and closed <= HEADER_TIMEOUT + 1.5, closed
         writer.close()
     finally:
@@ -122,7 +109,7 @@ async def test_control_stock_uvicorn_keeps_half_open_connections(served_cfg):
         reader, writer = await asyncio.open_connection("127.0.0.1", served_cfg.api.port)
         writer.write(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         await writer.drain()
-        assert await _closed_within(reader, HEADER_TIMEOUT + 2) is None
+        assert await closed_within(reader, HEADER_TIMEOUT + 2) is None
         writer.close()
     finally:
         server.should_exit = True
