@@ -20,6 +20,7 @@ import pytest
 
 from appliance.runner import dumps_toml
 from appliance.token import generate_keys, mint
+from tests.harness.emulator import Emulator, start_emulator
 from tests.harness.janus import JanusInstance, janus_available, janus_in_netns
 from tests.harness.redis import RedisServer, free_port, redis_server
 from tests.harness.shm import unique_instance_id
@@ -29,6 +30,13 @@ from tests.harness.shm import unique_instance_id
 def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     with redis_server(tmp_path_factory.mktemp("redis")) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    """The Live emulator answering each turn with the caller's own speech (a module may override it)."""
+    with start_emulator(tmp_path_factory.mktemp("emu"), reply="echo") as emu:
+        yield emu
 
 
 @pytest.fixture(scope="module")

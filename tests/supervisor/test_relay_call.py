@@ -38,7 +38,6 @@ from aiortc import (
 from appliance.turn import credential, peer_policy_lines
 from tests.harness.audio import speech, write_wav
 from tests.harness.coturn import CoturnServer, coturn_server
-from tests.harness.emulator import start_emulator
 from tests.harness.janus import JanusInstance
 from tests.supervisor.conftest import (
     NODE_MODULES,
@@ -62,12 +61,6 @@ def turn(tmp_path_factory, janus: JanusInstance):
                        allow_loopback_peers=False, verbose=True,
                        extra_args=[f"--{ln}" for ln in peer_policy_lines([janus.ns_ip])]) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    with start_emulator(tmp_path_factory.mktemp("emu"), reply="echo") as emu:
-        yield emu
 
 
 @pytest.fixture(scope="module")

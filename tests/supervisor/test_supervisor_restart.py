@@ -20,7 +20,6 @@ from appliance.arbiter import worker_cmdline_matches
 from appliance.procs import pid_gone
 from shm.segment import ShardSegment, segment_name
 from tests.harness.audio import speech
-from tests.harness.emulator import start_emulator
 from tests.supervisor.conftest import (
     open_call,
     relaunch_supervisor,
@@ -34,12 +33,6 @@ from tests.supervisor.test_voice_loop import say_and_hear, wait_quiet
 FOX = "the quick brown fox jumps over the lazy dog"
 
 pytestmark = [pytest.mark.janus, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    with start_emulator(tmp_path_factory.mktemp("emu"), reply="echo") as emu:
-        yield emu
 
 
 @pytest.fixture(scope="module")

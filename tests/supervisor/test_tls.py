@@ -25,18 +25,11 @@ import pytest
 from appliance.emulator.certs import ensure_certs
 from appliance.tls import AEAD_CIPHERS
 from tests.harness.audio import speech
-from tests.harness.emulator import start_emulator
 from tests.supervisor.conftest import open_call, start_supervisor, stop_supervisor, wait_until
 from tests.supervisor.rtc import RATE, caller
 from tests.supervisor.test_voice_loop import say_and_hear, wait_quiet
 
 RELOAD_SECONDS = 0.5
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    with start_emulator(tmp_path_factory.mktemp("emu"), reply="echo") as emu:
-        yield emu
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import pytest
 
 from shm.segment import ShardSegment, segment_name
 from tests.harness.audio import speech
-from tests.harness.emulator import start_emulator
 from tests.supervisor.conftest import (
     NODE_MODULES,
     demo_page_call,
@@ -34,12 +33,6 @@ pytestmark = [
     pytest.mark.janus,
     pytest.mark.slow,
 ]
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    with start_emulator(tmp_path_factory.mktemp("emu"), reply="echo") as emu:
-        yield emu
 
 
 @pytest.fixture(scope="module")
