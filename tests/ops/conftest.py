@@ -40,6 +40,16 @@ DEB_INPUTS = [  # what packaging/build-deb.sh stages (keep the two lists in step
 ]
 
 
+# The acme test leaves the shared container serving pebble's certificate (it proves the in-place renewal),
+# so every test that trusts the session's test CA has to run before it: move it to the end, whatever the
+# file order says.
+LAST_MODULES = ("test_acme.py",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name in LAST_MODULES)  # stable: everything else keeps its order
+
+
 def _require_root_tools() -> None:
     if os.geteuid() != 0:
         pytest.skip("ops tests need root (debootstrap, network namespaces, nspawn)")
