@@ -407,6 +407,27 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
+class DegradeConfig:
+    """What a caller hears while the model is unreachable (workers/ai/degrade.py, workers/ai/ivr.py;
+    docs/operations.md "When the model is down"). ``enabled = false``: the old "please hold" loop."""
+
+    enabled: bool = True
+    wait_seconds: float = 20.0  # tier 1: the spoken notice, then wait this long for the model
+    menu_timeout_seconds: float = 8.0  # no key after the menu: repeat (twice), then goodbye
+    digit_timeout_seconds: float = 6.0  # a pause this long ends a callback-number entry
+    max_hold_seconds: float = 300.0  # the whole episode, then goodbye and the call ends
+    # option 3 of the menu: where a person takes over (a number or URL, sent in the transfer event and
+    # webhook); "": no option 3 (the menu does not offer it)
+    transfer_target: str = ""
+    # per-language prompt texts: a TOML file of tables named by language ([de-DE] trouble = "…"); keys
+    # as workers/ai/degrade.py PROMPTS_EN; a missing key falls back to the English text
+    prompts_file: str = ""
+    # operator-recorded prompts: <audio_dir>/<language>/<key>.wav (16-bit mono WAV; digit-0 … digit-9
+    # for the read-back) replace the synthesised ones
+    audio_dir: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole appliance configuration."""
 
@@ -427,6 +448,7 @@ class Config:
     otel: OtelConfig = field(default_factory=OtelConfig)
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
 
     @property
@@ -469,6 +491,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "breaker.reset_seconds": (0.1, 3600),
     "breaker.success_threshold": (1, 100),
     "breaker.probe_timeout_seconds": (0.1, 600),
+    "degrade.wait_seconds": (0.1, 3600),
+    "degrade.menu_timeout_seconds": (1, 120),
+    "degrade.digit_timeout_seconds": (1, 120),
+    "degrade.max_hold_seconds": (1, 86400),
     "emulator.port": (1, 65535),
     "shards.count": (0, 256),
     "shards.slots": (1, 4096),
@@ -760,6 +786,8 @@ def _check_cross_field(cfg: Config) -> None:
         except ConfigError as exc:
             msg = str(exc)
             raise ConfigError(msg if msg.startswith("tenants.") else f"tenants.{t.name}: {msg}") from None
+    if cfg.degrade.prompts_file:
+        load_degrade_prompts(cfg.degrade.prompts_file)
     for key, u in (("records.webhook_url", cfg.records.webhook_url),):
         if u and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", u):
             raise ConfigError(f"{key}: expected an http:// or https:// URL, got {u!r}")
@@ -864,6 +892,34 @@ def load_tool_declarations(path: str | os.PathLike[str],
             if k in d and not isinstance(d[k], dict):
                 raise ConfigError(f"{where}.{k}: expected a JSON object (a schema)")
     return data
+
+
+_LANG_TAG = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+
+
+def load_degrade_prompts(path: str | os.PathLike[str],
+                         key: str = "degrade.prompts_file") -> dict[str, dict[str, str]]:
+    """Read ``degrade.prompts_file``: TOML tables named by language, each prompt key → text (keys of
+    ``workers.ai.degrade.PROMPT_KEYS``). Checked at config load so a typo fails the start, not a caller."""
+    from workers.ai.degrade import PROMPT_KEYS  # the prompt table's owner (a pure module)
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {str(path)!r}: {exc.strerror}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{key}: {str(path)!r} is not valid TOML: {exc}") from None
+    out: dict[str, dict[str, str]] = {}
+    for lang, table in data.items():
+        if not _LANG_TAG.match(lang) or not isinstance(table, dict):
+            raise ConfigError(f"{key}: expected tables named by language ([de-DE]), got {lang!r}")
+        for k, text in table.items():
+            if k not in PROMPT_KEYS:
+                raise ConfigError(f"{key}: [{lang}].{k}: unknown prompt (known: {', '.join(PROMPT_KEYS)})")
+            if not isinstance(text, str) or not text.strip():
+                raise ConfigError(f"{key}: [{lang}].{k}: expected a non-empty string")
+        out[lang] = dict(table)
+    return out
 
 
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:

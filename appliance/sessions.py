@@ -101,6 +101,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_GRACE_SECONDS = 0.3  # CLOSING → FREE delay: workers scan every tick (≤ 20 ms)
 MIRROR_SECONDS = 1.0
+DEGRADE_ENDS = ("callback", "transferred", "max_hold", "no_input")  # workers/ai/ivr.py END_REASONS
 REFRESH_SECONDS = 300.0
 MAX_REASON_CHARS = 200
 _NOT_THE_CALLERS_FAULT = {0, ERR_UNAUTHORIZED, 405, ERR_SESSION_NOT_FOUND, ERR_HANDLE_NOT_FOUND, 490}
@@ -802,6 +803,11 @@ class Sessions:
                 continue
             current = self._read_slot(live)
             if current is None or current == live.mirrored:
+                continue
+            if current[1].startswith("ended:"):  # the degradation menu ended it (workers/ai/ivr.py)
+                end = current[1][len("ended:"):]
+                self._spawn(self._teardown(sid, f"degraded_{end}" if end in DEGRADE_ENDS else "degraded",
+                                           forget=True))
                 continue
             live.mirrored = current
             try:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from appliance.config import ModelConfig
 from shm.audio import UP_BYTES_PER_MS
@@ -26,6 +26,9 @@ from workers.ai.live.outbox import Outbox
 from workers.ai.live.settings import ClientSettings, LiveOptions
 from workers.ai.playback import Playback
 from workers.ai.tools import ToolRunner
+
+if TYPE_CHECKING:
+    from workers.ai.ivr import Episode
 
 log = logging.getLogger("workers.ai.worker")
 
@@ -77,6 +80,7 @@ class Call:
     hold_at: float = 0.0  # when "please hold" last started
     retry_at: float = 0.0
     closed: bool = False
+    ivr: Episode | None = None  # the model is down and the caller is in the degradation menu (ivr.py)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -90,7 +94,7 @@ class Call:
         return str(value) if value else default
 
     def set_model_state(self, state: str) -> None:
-        if self.current():
+        if self.current() and not self.slot.model_state.startswith("ended:"):  # final (workers/ai/ivr.py)
             self.slot.model_state = str(state)[:32]
 
     # ---- to the model ------------------------------------------------------------------------------
@@ -99,6 +103,8 @@ class Call:
         return live is not None and not self.start_failed and live.state not in ("degraded", "closed")
 
     def _target(self) -> Live | Outbox | None:
+        if self.ivr is not None:  # the caller is in the degradation menu, not talking to the model
+            return None
         if self.awaiting_live:
             return self.outbox
         return self.live if self.live_ok() else None
@@ -133,6 +139,9 @@ class Call:
             if code == EventCode.DTMF:
                 digit = digit_for(value)
                 if digit is None:
+                    continue
+                if self.ivr is not None:  # the degradation menu's (a callback number: never logged)
+                    self.ivr.keys.append(digit)
                     continue
                 c.dtmf = (c.dtmf + digit)[-32:]  # never logged: PINs, card numbers (counts only)
                 entry = c.keypad.push(digit, now)

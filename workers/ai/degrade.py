@@ -24,6 +24,8 @@ PROMPTS_EN = {
     "trouble": "I'm having trouble connecting right now. One moment, please.",
     "menu": "I'm still unable to connect. Press 1 to keep waiting, 2 to leave a number for a call back, "
             "or 3 to be transferred to a person.",
+    "menu_no_transfer": "I'm still unable to connect. Press 1 to keep waiting, or 2 to leave a number "
+                        "for a call back.",
     "keep_waiting": "Thank you. Please keep holding.",
     "enter_number": "Please enter your phone number on the keypad, then press the pound key.",
     "confirm": "Press 1 if that is correct, or 2 to enter it again.",
@@ -34,6 +36,8 @@ PROMPTS_EN = {
     "max_hold": "I'm sorry, I can't connect right now. Please try again later. Goodbye.",
     "no_input": "Sorry, I did not get that.",
 }
+DIGIT_KEYS = tuple(f"digit-{d}" for d in "0123456789")  # read-back prompts: the digit, spoken
+PROMPT_KEYS = (*PROMPTS_EN, *DIGIT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class Degradation:
         self.deadline = now + settings.wait_seconds  # of the current phase
         self.menu_repeats = 0
         self._digits = ""
+        self._menu = "menu" if settings.transfer_enabled else "menu_no_transfer"
 
     def begin(self) -> list[Action]:
         return [Play("trouble")]
@@ -123,13 +128,13 @@ class Degradation:
         match self.phase:
             case Phase.WAITING:
                 self._to(Phase.MENU, now, self.s.menu_timeout_seconds)
-                return [Play("menu")]
+                return [Play(self._menu)]
             case Phase.MENU:
                 if self.menu_repeats >= 2:
                     return self._end("no_input", Play("max_hold"))
                 self.menu_repeats += 1
                 self._to(Phase.MENU, now, self.s.menu_timeout_seconds)
-                return [Play("no_input"), Play("menu")]
+                return [Play("no_input"), Play(self._menu)]
             case Phase.COLLECT:
                 return self._finish_number(now)
             case Phase.CONFIRM:
@@ -149,7 +154,7 @@ class Degradation:
                     return [Play("enter_number")]
                 if d == "3" and self.s.transfer_enabled:
                     return self._end("transferred", Play("transferring"), Transfer())
-                return [] if self.phase is Phase.WAITING else [Play("no_input"), Play("menu")]
+                return [] if self.phase is Phase.WAITING else [Play("no_input"), Play(self._menu)]
             case Phase.COLLECT:
                 if d == "#":
                     return self._finish_number(now)

@@ -33,8 +33,9 @@ releases it untouched, and playback resumes exactly where it stopped (``pauses_r
 alarm such as a cough). A hold with nothing left to play, or on a call this worker lets go of, is
 released at once. A restarted worker finds an unsettled hold in the slot and starts its clock anew.
 
-A model that cannot be reached keeps the call up: the "please hold" prompt plays and the
-worker re-opens the Live session every ``model.degraded_retry_seconds``.
+A model that cannot be reached keeps the call up: the degradation tiers play (a spoken notice, a bounded
+wait, the keypad menu: workers/ai/ivr.py; with ``degrade.enabled = false`` the "please hold" prompt) and
+the worker re-opens the Live session every ``model.degraded_retry_seconds``.
 
 Failure isolation: everything per call runs under a guard that logs and closes only that call's Live
 session (the slot stays; the next scan re-opens it); the loop itself never raises.
@@ -68,6 +69,7 @@ from workers.ai.call import Call, Live, LiveFactory
 from workers.ai.caller import CallerTurn, quiet_tail, silent
 from workers.ai.clock import phase_locked
 from workers.ai.greeting import PromptCache
+from workers.ai.ivr import DegradePrompts, Ivr
 from workers.ai.live.events import (
     AudioOut,
     Interrupted,
@@ -149,6 +151,8 @@ class AiWorker:
         self.tenants = TenantProfiles(cfg)  # per tenant: model section, tools, greeting (tenants.py)
         self.tools = self.tenants.default.tools
         self.records = CallRecorder(cfg, shard)  # the call record's items (workers/ai/records.py)
+        self.ivr = Ivr(cfg, DegradePrompts(cfg.degrade, self.prompts, cfg.model.language), self.records,
+                       self.tenants)  # what the caller hears while the model is down (workers/ai/ivr.py)
         for profile in self.tenants.all():
             self.records.wire_tools(profile.tools, self.calls)
             profile.own_tool_key()  # a tenant's tools_secret signs instead of the webhook key
@@ -161,6 +165,7 @@ class AiWorker:
         self._greeting = self.tenants.default.greeting
         if m.hold_prompt:
             self._hold = await self.prompts.get_async(m.hold_prompt, m.language)
+        await self.ivr.prepare()
 
     async def warm_up(self) -> None:
         """Make the Live layer ready without stalling the loop: the SDK import (0.5-2 s) runs in a
@@ -249,6 +254,7 @@ class AiWorker:
                     self._start_live(call, call.handle or None)
                 self._uplink(call, batches)
                 self._maybe_retry(call, now)
+                self.ivr.tick(call, now)
                 if events:
                     sent = self.records.dtmf_counter(call)
                     call.keypad_events()
@@ -552,7 +558,10 @@ class AiWorker:
 
     # ---- degradation -----------------------------------------------------------------------------
     def _degraded(self, call: Call, reason: str) -> None:
-        call.degraded(reason, self._hold, self.cfg.model.degraded_retry_seconds)
+        if call.ivr is not None and call.ivr.ending:  # saying goodbye: no more hold, no more retries
+            return
+        menu = self.ivr.degraded(call, time.monotonic())  # tiers: notice, wait, keypad menu (ivr.py)
+        call.degraded(reason, b"" if menu else self._hold, self.cfg.model.degraded_retry_seconds)
 
     def _maybe_retry(self, call: Call, now: float) -> None:
         if call.retry_at and now >= call.retry_at and not call.live_ok():
