@@ -73,7 +73,7 @@ def test_transfer_is_an_event_and_ends() -> None:
     assert d.digit("3", 21.0) == [Play("transferring"), Transfer(), End("transferred")]
     off = Degradation(DegradeSettings(transfer_enabled=False), 0.0)
     off.tick(20.0, False)
-    assert off.digit("3", 21.0) == [Play("no_input"), Play("menu")]
+    assert off.digit("3", 21.0) == [Play("no_input"), Play("menu_no_transfer")]  # no option 3 offered
 
 
 def test_no_input_repeats_menu_twice_then_goodbye_and_max_hold_bounds_the_wait() -> None:
