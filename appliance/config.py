@@ -413,7 +413,7 @@ class DegradeConfig:
 
     enabled: bool = True
     wait_seconds: float = 20.0  # tier 1: the spoken notice, then wait this long for the model
-    menu_timeout_seconds: float = 8.0  # no key after the menu: repeat (twice), then goodbye
+    menu_timeout_seconds: float = 8.0  # no key after the menu: repeat (twice), then wait again
     digit_timeout_seconds: float = 6.0  # a pause this long ends a callback-number entry
     max_hold_seconds: float = 300.0  # the whole episode, then goodbye and the call ends
     # option 3 of the menu: where a person takes over (a number or URL, sent in the transfer event and

@@ -101,7 +101,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_GRACE_SECONDS = 0.3  # CLOSING → FREE delay: workers scan every tick (≤ 20 ms)
 MIRROR_SECONDS = 1.0
-DEGRADE_ENDS = ("callback", "transferred", "max_hold", "no_input")  # workers/ai/ivr.py END_REASONS
+DEGRADE_ENDS = ("callback", "transferred", "max_hold")  # workers/ai/ivr.py END_REASONS
 REFRESH_SECONDS = 300.0
 MAX_REASON_CHARS = 200
 _NOT_THE_CALLERS_FAULT = {0, ERR_UNAUTHORIZED, 405, ERR_SESSION_NOT_FOUND, ERR_HANDLE_NOT_FOUND, 490}

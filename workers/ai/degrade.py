@@ -10,7 +10,8 @@ and a bounded wait (``wait_seconds``) for the model; (2) a keypad menu — 1 kee
 callback number, 3 be transferred (an event for the operator's backend); (3) hold with callback: the
 number is collected by keypad (never logged: :class:`CallbackRequested` hides it from ``repr``), read back,
 confirmed with 1 (2 re-enters), stored as a callback request, goodbye, end. ``max_hold_seconds`` bounds
-the whole episode. When the model returns during the wait or the menu the call goes back to it and the
+the whole episode. A menu left unanswered (twice repeated) goes back to waiting rather than ending the
+call: a browser caller may have no keypad at all, and the model may come back. When the model returns during the wait or the menu the call goes back to it and the
 caller is told (``back`` prompt); once the caller chose to leave a number, that flow completes first
 (they asked for a call back, and the model has no memory of the menu).
 """
@@ -43,7 +44,7 @@ PROMPT_KEYS = (*PROMPTS_EN, *DIGIT_KEYS)
 @dataclass(frozen=True)
 class DegradeSettings:
     wait_seconds: float = 20.0  # tier 1: how long to wait for the model before the menu
-    menu_timeout_seconds: float = 8.0  # no key after the menu: repeat (twice), then goodbye
+    menu_timeout_seconds: float = 8.0  # no key after the menu: repeat (twice), then wait again
     digit_timeout_seconds: float = 6.0  # while entering a number: a pause this long ends the entry
     max_hold_seconds: float = 300.0
     max_number_digits: int = 15  # E.164
@@ -79,7 +80,7 @@ class BackToModel:
 
 @dataclass(frozen=True)
 class End:
-    reason: str  # "callback" | "transferred" | "max_hold" | "no_input"
+    reason: str  # "callback" | "transferred" | "max_hold"
 
 
 Action = Play | ReadBack | CallbackRequested | Transfer | BackToModel | End
@@ -130,8 +131,10 @@ class Degradation:
                 self._to(Phase.MENU, now, self.s.menu_timeout_seconds)
                 return [Play(self._menu)]
             case Phase.MENU:
-                if self.menu_repeats >= 2:
-                    return self._end("no_input", Play("max_hold"))
+                if self.menu_repeats >= 2:  # no keypad (a browser caller) or no choice: hold on
+                    self.menu_repeats = 0
+                    self._to(Phase.WAITING, now, self.s.wait_seconds)
+                    return [Play("keep_waiting")]
                 self.menu_repeats += 1
                 self._to(Phase.MENU, now, self.s.menu_timeout_seconds)
                 return [Play("no_input"), Play(self._menu)]

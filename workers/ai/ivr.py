@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENDED_PREFIX = "ended:"  # slot model_state of a call the degradation ended (the supervisor tears it down)
-END_REASONS = ("callback", "transferred", "max_hold", "no_input")
+END_REASONS = ("callback", "transferred", "max_hold")
 
 
 def settings_of(cfg: DegradeConfig) -> DegradeSettings:
