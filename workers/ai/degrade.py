@@ -11,9 +11,10 @@ callback number, 3 be transferred (an event for the operator's backend); (3) hol
 number is collected by keypad (never logged: :class:`CallbackRequested` hides it from ``repr``), read back,
 confirmed with 1 (2 re-enters), stored as a callback request, goodbye, end. ``max_hold_seconds`` bounds
 the whole episode. A menu left unanswered (twice repeated) goes back to waiting rather than ending the
-call: a browser caller may have no keypad at all, and the model may come back. When the model returns during the wait or the menu the call goes back to it and the
-caller is told (``back`` prompt); once the caller chose to leave a number, that flow completes first
-(they asked for a call back, and the model has no memory of the menu).
+call: a browser caller may have no keypad at all, and the model may come back. When the model returns
+during the wait or the menu the call goes back to it and the caller is told (``back`` prompt); once
+the caller chose to leave a number, that flow completes first (they asked for a call back, and the
+model has no memory of the menu).
 """
 
 from __future__ import annotations
