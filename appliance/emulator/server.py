@@ -603,8 +603,8 @@ class Connection:
         assert self.conv is not None
         multipart = self.profile == "3.8"
         if not multipart:
-            for msg in head:
-                await self.send(msg)
+            for first in head:
+                await self.send(first)
             head = []
         step = OUT_RATE * self.b.chunk_ms // 1000 * 2
         chunks = [audio[off : off + step] for off in range(0, len(audio), step)]
@@ -631,8 +631,8 @@ class Connection:
                     await asyncio.sleep(delay)
             else:
                 await asyncio.sleep(0)
-        for msg in head:  # no audio at all (multipart): still deliver what rode on it
-            await self.send(msg)
+        for rest in head:  # no audio at all (multipart): still deliver what rode on it
+            await self.send(rest)
         prompt = math.ceil(heard_bytes / 2 / self.conv.rate * TOKENS_PER_SECOND) + 1
         response = math.ceil(len(audio) / 2 / OUT_RATE * TOKENS_PER_SECOND)
         usage = {"usageMetadata": {

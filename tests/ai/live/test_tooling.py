@@ -237,7 +237,8 @@ async def test_38_sends_multipart_messages(emu38: Any) -> None:
     client = emu38.genai_client()
     seen: list[types.LiveServerMessage] = []
     config = types.LiveConnectConfig(
-        response_modalities=[types.Modality.AUDIO], input_audio_transcription=types.AudioTranscriptionConfig(),
+        response_modalities=[types.Modality.AUDIO],
+        input_audio_transcription=types.AudioTranscriptionConfig(),
         output_audio_transcription=types.AudioTranscriptionConfig(),
         realtime_input_config=types.RealtimeInputConfig(
             automatic_activity_detection=types.AutomaticActivityDetection(disabled=True)),
