@@ -107,3 +107,28 @@ async def test_admin_usage_endpoint(pg_db: Db, seeded: tuple[psycopg.AsyncConnec
                 assert r.status_code == 400 and r.json()["detail"].startswith(name), r.text
     finally:
         await db.close()
+
+
+def test_cli_prints_the_report_and_names_bad_arguments(pg_db: Db, tmp_path,
+                                                       seeded: tuple[psycopg.AsyncConnection, float]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "pgpass").write_text(pg_db.password)
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}"\n[records]\ndsn = "{pg_db.dsn}"\n'
+                   f'password_file = "{tmp_path / "pgpass"}"\n')
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "appliance.cli", "usage", "--config", str(cfg), *extra],
+                              capture_output=True, text=True, timeout=60)
+
+    p = run("--tenant", "bank")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)["rows"]
+    assert {(r["tenant"], r["model"]) for r in rows} == {
+        ("bank", FLASH), ("bank", "gemini-3.8-live-preview"), ("bank", "some-unpriced-model")}
+    assert next(r for r in rows if r["model"] == FLASH)["calls"] == 2
+    bad = run("--since", "last week")
+    assert bad.returncode == 2 and bad.stderr.startswith("usage: --since: expected an RFC 3339 time")
