@@ -22,7 +22,13 @@ Wire protocol (google-genai 3.4 against ``wss://HOST/ws/google.ai.generativelang
   ``outputTranscription`` ``<reply> reply to text: T``; otherwise it is a turn of its own, answered at once;
 - tool responses received are recorded per conversation (``tool_responses``), answered or not;
 - tools: with ``tool_calls`` on and functions declared in setup, a turn first sends ``toolCall`` and waits
-  for the matching ``toolResponse`` (barge-in meanwhile sends ``toolCallCancellation``);
+  for the matching ``toolResponse`` (barge-in meanwhile sends ``toolCallCancellation``); a NON_BLOCKING
+  function (declared so, or any without ``behavior`` on a 3.8 model) does not wait: the answer goes on
+  and the response's ``scheduling`` decides (SILENT: history only; WHEN_IDLE: spoken as a turn after
+  the current answer; INTERRUPT: ``interrupted``, then spoken at once);
+- model profiles by name (appliance/model_profiles.py): 3.1 refuses client content after the first turn
+  (1007); 3.8 closes with 1011 at its session limit and forgets the handles, refuses
+  ``proactivity.proactiveAudio: false`` (1007) and sends multipart messages (see ``_answer``);
 - session resumption (when ``sessionResumption`` is in setup): ``sessionResumptionUpdate{newHandle,
   resumable}`` after setup and after each completed turn. A handle snapshots the conversation as of the
   *end of the caller's turn it answered* (the ``activityEnd``, or the detected end of speech): history,
