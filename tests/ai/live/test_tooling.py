@@ -158,11 +158,16 @@ def emu38(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield e
 
 
-async def _tool_turn(emu: Any, scheduling: str) -> tuple[Recorder, LiveSession, str]:
-    """One caller turn of 1 s on a 3.8 session whose tool is answered the moment it is called, while
-    the model's 1 s answer (realtime pacing) is still playing."""
+PLATFORMS = pytest.mark.parametrize("platform", ["developer", "vertex"])
+
+
+async def _tool_turn(emu: Any, scheduling: str, platform: str) -> tuple[Recorder, LiveSession, str]:
+    """One caller turn of 1 s on a 3.8 session (Vertex: express mode) whose tool is answered the moment
+    it is called, while the model's 1 s answer (realtime pacing) is still playing."""
+    from tests.ai.live.test_vertex import vertex_model
+
     rec = Recorder()
-    m = emu.model_config(model=M38)
+    m = emu.model_config(model=M38) if platform == "developer" else vertex_model(emu, None, model=M38)
     live = LiveSession(m, f"t-{scheduling}", LiveOptions("Puck", "en-US", "x", tools=[
         {"name": "lookup", "description": "order status", "scheduling": scheduling}]), rec)
 
@@ -187,8 +192,9 @@ def _model_finals(rec: Recorder) -> list[str]:
 TOOL_SAID = 'tool lookup said {"output": "shipped", "status": "ok"}'
 
 
-async def test_38_silent_result_goes_into_the_context_without_speech(emu38: Any) -> None:
-    rec, live, sid = await _tool_turn(emu38, "SILENT")
+@PLATFORMS
+async def test_38_silent_result_goes_into_the_context_without_speech(emu38: Any, platform: str) -> None:
+    rec, live, sid = await _tool_turn(emu38, "SILENT", platform)
     try:
         await rec.turns(1)
         await rec.handle_after_turn()
@@ -200,12 +206,14 @@ async def test_38_silent_result_goes_into_the_context_without_speech(emu38: Any)
         assert f"tool: {TOOL_SAID}" in info["history"]
         assert info["setup"]["behaviors"] == {"lookup": "NON_BLOCKING"}
         assert info["setup"]["proactive_audio"] is True
+        assert info["live"]["platform"] == platform
     finally:
         await live.close()
 
 
-async def test_38_when_idle_result_is_spoken_after_the_answer(emu38: Any) -> None:
-    rec, live, sid = await _tool_turn(emu38, "WHEN_IDLE")
+@PLATFORMS
+async def test_38_when_idle_result_is_spoken_after_the_answer(emu38: Any, platform: str) -> None:
+    rec, live, sid = await _tool_turn(emu38, "WHEN_IDLE", platform)
     try:
         await rec.turns(2)
         assert not rec.of(L.Interrupted)
@@ -217,8 +225,9 @@ async def test_38_when_idle_result_is_spoken_after_the_answer(emu38: Any) -> Non
         await live.close()
 
 
-async def test_38_interrupt_result_cuts_the_answer(emu38: Any) -> None:
-    rec, live, sid = await _tool_turn(emu38, "INTERRUPT")
+@PLATFORMS
+async def test_38_interrupt_result_cuts_the_answer(emu38: Any, platform: str) -> None:
+    rec, live, sid = await _tool_turn(emu38, "INTERRUPT", platform)
     try:
         await rec.wait(lambda: bool(rec.of(L.Interrupted)), what="the answer cut")
         await rec.turns(1)
