@@ -175,3 +175,66 @@ async def test_model_back_mid_menu_returns_the_call_to_it(emu, seg, tmp_path, sp
                 ear.stop()
     finally:
         emu.configure(refuse=False)
+
+
+async def test_breaker_open_caller_asks_for_a_person(emu, seg, tmp_path) -> None:
+    cfg = _cfg(emu, tmp_path, transfer_target="sip:desk@example.com")
+    breaker = Breaker("ivr-test-3", BreakerSettings(failure_threshold=1, reset_seconds=600), None)
+    await breaker.record(False)
+    guard.install_breaker(breaker)
+    slot = seg.slot(0)
+    try:
+        async with running(cfg, seg, emu, tmp_path) as w:
+            prompt = lambda key: w.ivr.prompts.get("en-US", key)  # noqa: E731
+            activate_slot(slot, options={"greeting": ""})
+            ear = Ear(slot)
+            try:
+                at = await ear.wait_for(prompt("menu"), what="the keypad menu (with option 3)")
+                press(slot, "3")
+                await ear.wait_for(prompt("transferring"), at, what="'transferring you now'")
+                await until(lambda: slot.model_state == "ended:transferred", 10, "the call marked ended")
+            finally:
+                ear.stop()
+            w.records.spool.sync()
+    finally:
+        guard.install(None)
+    root = spool_root(str(tmp_path)) / "shard-0"
+    items = SpoolReader(root, spool_keyring_for(cfg, "shard-0")).read_batch().items
+    tr = [it for it in items if it.get("type") == "transfer_requested"]
+    assert len(tr) == 1 and tr[0]["data"] == {"target": "sip:desk@example.com"}
+
+
+async def test_prompts_per_language_and_operator_recordings(tmp_path) -> None:
+    import io
+    import wave
+
+    from appliance.config import ConfigError, DegradeConfig
+    from workers.ai.greeting import PromptCache, wav_to_pcm24k
+    from workers.ai.ivr import DegradePrompts
+
+    texts = tmp_path / "prompts.toml"
+    texts.write_text('[de-DE]\ntrouble = "Ich habe gerade Verbindungsprobleme. Einen Moment bitte."\n')
+    rec = tmp_path / "audio" / "de-DE"
+    rec.mkdir(parents=True)
+    tone = (np.sin(np.arange(8000) * 2 * np.pi * 440 / 8000) * 8000).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as wf:
+        wf.setnchannels(1)
+        wf.setsampwidth(2)
+        wf.setframerate(8000)
+        wf.writeframes(tone.tobytes())
+    (rec / "back.wav").write_bytes(buf.getvalue())
+    cache = PromptCache(tmp_path / "cache")
+    dcfg = DegradeConfig(prompts_file=str(texts), audio_dir=str(tmp_path / "audio"))
+    p = DegradePrompts(dcfg, cache, "en-US")
+    assert p.text("de-DE", "trouble").startswith("Ich habe")
+    assert p.text("de-DE", "menu") == p.text("en-US", "menu")  # not translated: the English text
+    assert p.text("de-DE", "digit-7") == "7"
+    await p.prepare(["de-DE"])
+    assert p.get("de-DE", "back") == wav_to_pcm24k(buf.getvalue())  # the operator's recording
+    de, en = p.get("de-DE", "trouble"), p.get("en-US", "trouble")
+    assert de != en and de == cache.cached(p.text("de-DE", "trouble"), "de-DE")  # synthesised in German
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[de-DE]\ntroubel = "x"\n')
+    with pytest.raises(ConfigError, match=r"\[de-DE\]\.troubel: unknown prompt"):
+        load_config(None, env={}, overrides={"degrade": {"prompts_file": str(bad)}})
