@@ -20,6 +20,7 @@ import json
 import os
 import re
 import socket
+import sys
 import tomllib
 import types
 import typing
@@ -674,6 +675,16 @@ def tenant(cfg: Config, name: str | None) -> TenantConfig:
     if not name or name == DEFAULT_TENANT:
         return TenantConfig(name=DEFAULT_TENANT, model=cfg.model)
     return cfg.tenants[name]
+
+
+def load_for_cli(path: str | None) -> Config | None:
+    """The config for a command-line tool, or None after printing why it does not load (the tool then
+    exits 2). ``path=None``: as :func:`load_config`."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return None
 
 
 def load_config(
