@@ -25,6 +25,7 @@ from workers.ai.live.events import FunctionCall, LiveEvent
 from workers.ai.live.outbox import Outbox
 from workers.ai.live.settings import ClientSettings, LiveOptions
 from workers.ai.playback import Playback
+from workers.ai.secure_entry import SecureEntry
 from workers.ai.tools import ToolRunner
 
 log = logging.getLogger("workers.ai.worker")
@@ -77,6 +78,12 @@ class Call:
     hold_at: float = 0.0  # when "please hold" last started
     retry_at: float = 0.0
     closed: bool = False
+    secure: SecureEntry | None = None  # PCI keypad entry in progress (workers/ai/secure_entry.py)
+
+    @property
+    def secure_entry_active(self) -> bool:
+        """True while keypad digits go only to the payment endpoint (call recording pauses meanwhile)."""
+        return self.secure is not None and not self.secure.finished
 
     @property
     def key(self) -> tuple[int, int]:
