@@ -131,6 +131,15 @@ class ModelConfig:
     # HMAC(key, "<t>.<body>")>" so the endpoint knows it came from this appliance (workers/ai/tools.py).
     tools_secret: str = field(default="", metadata=SECRET)
     tools_secret_file: str = ""
+    # PCI secure keypad entry (workers/ai/secure_entry.py, docs/compliance.md): with payment_url set the
+    # model gets the built-in tool collect_card_number; while an entry runs the keypad digits go only to
+    # payment_url (a signed POST with the tools key), never to the model, logs, journal or record.
+    payment_url: str = ""
+    payment_timeout_seconds: float = 10.0
+    secure_entry_at_start: bool = False  # every new call starts in secure entry (a payment line)
+    secure_entry_max_digits: int = 19  # the longest PAN; the entry ends there (or at #)
+    secure_entry_digit_timeout_seconds: float = 5.0  # quiet after the last digit ends the entry
+    secure_entry_seconds: float = 60.0  # no digit at all this long: the entry times out
     # Model routing (docs/architecture.md "Tenants and model routing"): new calls go to fallback_model
     # while the primary's breaker is open, and fallback_weight (0..1) of the others too ("80 % to Flash").
     fallback_model: str = ""
@@ -503,6 +512,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "limits.concurrent_sessions_per_sub": (0, 100000),
     "limits.unauthenticated_per_minute": (1, 100000),
     "limits.auth_failures_per_minute": (1, 100000),
+    "model.secure_entry_max_digits": (1, 32),
+    "model.payment_timeout_seconds": (0.1, 120),
+    "model.secure_entry_digit_timeout_seconds": (0.5, 60),
+    "model.secure_entry_seconds": (1, 600),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "emulator.reply": ("echo", "tone", "silence"),
@@ -779,9 +792,11 @@ def _check_model(cfg: Config, m: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where}.greeting: empty, but the greeting is the AI disclosure every caller "
                           "hears; give one, or set compliance.ai_disclosure = false with "
                           "compliance.ai_disclosure_off_reason")
-    url = m.tools_url
-    if url and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", url):
-        raise ConfigError(f"{where}.tools_url: expected an http:// or https:// URL, got {url!r}")
+    for key, url in (("tools_url", m.tools_url), ("payment_url", m.payment_url)):
+        if url and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", url):
+            raise ConfigError(f"{where}.{key}: expected an http:// or https:// URL, got {url!r}")
+    if m.secure_entry_at_start and not m.payment_url:
+        raise ConfigError(f"{where}.secure_entry_at_start: needs {where}.payment_url (where the digits go)")
     if m.tools_file:
         load_tool_declarations(m.tools_file, f"{where}.tools_file")
     if m.fallback_weight > 0 and not m.fallback_model:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from appliance.config import ModelConfig
 from shm.audio import UP_BYTES_PER_MS
@@ -25,8 +25,10 @@ from workers.ai.live.events import FunctionCall, LiveEvent
 from workers.ai.live.outbox import Outbox
 from workers.ai.live.settings import ClientSettings, LiveOptions
 from workers.ai.playback import Playback
-from workers.ai.secure_entry import SecureEntry
 from workers.ai.tools import ToolRunner
+
+if TYPE_CHECKING:
+    from workers.ai.secure_entry import SecureEntry
 
 log = logging.getLogger("workers.ai.worker")
 
@@ -141,12 +143,17 @@ class Call:
                 digit = digit_for(value)
                 if digit is None:
                     continue
+                if self.secure is not None:  # PCI secure entry: only to the payment endpoint
+                    self.secure.push(digit, now)
+                    continue
                 c.dtmf = (c.dtmf + digit)[-32:]  # never logged: PINs, card numbers (counts only)
                 entry = c.keypad.push(digit, now)
                 if entry:
                     self.send_dtmf(entry)
             elif code == EventCode.RTP_TIMEOUT:
                 log.info("caller RTP silent", extra={"session": self.session_id, "ms": value})
+        if self.secure is not None:
+            self.secure.due(now)
         entry = c.keypad.due(now)
         if entry:
             self.send_dtmf(entry)
@@ -154,10 +161,18 @@ class Call:
     def send_dtmf(self, digits: str) -> None:
         """One keypad entry to the model: inside the caller's open turn, else as a turn of its own
         (which, like speech, interrupts model audio)."""
-        if self._target() is None:
+        if not self.send_text_turn(dtmf_text(digits)):
             log.warning("keypad entry dropped: model unavailable", extra={"session": self.session_id})
             return
-        text = dtmf_text(digits)
+        self.slot.counters.add("dtmf_sent", len(digits))
+        self.last_event["dtmf_sent"] = time.monotonic()
+        log.info("keypad entry sent to the model", extra={"session": self.session_id, "digits": len(digits)})
+
+    def send_text_turn(self, text: str) -> bool:
+        """Text from the caller's side to the model (a keypad entry, a secure entry's outcome); False
+        when no model or outbox takes it."""
+        if self._target() is None:
+            return False
         if self.caller.sending:
             self.send_mark(False, text)
         else:
@@ -166,9 +181,7 @@ class Call:
             self.send_mark(True)
             self.send_mark(False, text)
             self.send_mark(False)
-        self.slot.counters.add("dtmf_sent", len(digits))
-        self.last_event["dtmf_sent"] = time.monotonic()
-        log.info("keypad entry sent to the model", extra={"session": self.session_id, "digits": len(digits)})
+        return True
 
     # ---- degradation ------------------------------------------------------------------------------
     def degraded(self, reason: str, hold_prompt: bytes, retry_seconds: float) -> None:

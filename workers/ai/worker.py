@@ -84,6 +84,7 @@ from workers.ai.live.outbox import Outbox, journal_path, remove_stale
 from workers.ai.live.settings import ClientSettings, LiveOptions, client_settings
 from workers.ai.playback import Playback, PlaybackStats
 from workers.ai.records import CallRecorder
+from workers.ai.secure_entry import SecureEntries
 from workers.ai.tenants import TenantProfiles
 from workers.ai.turn_metrics import TurnClock, mark_speech
 from workers.ai.turns import Decision, TurnEvent, TurnParams
@@ -149,6 +150,7 @@ class AiWorker:
         self.tenants = TenantProfiles(cfg)  # per tenant: model section, tools, greeting (tenants.py)
         self.tools = self.tenants.default.tools
         self.records = CallRecorder(cfg, shard)  # the call record's items (workers/ai/records.py)
+        self.secure = SecureEntries(self.records)  # PCI keypad entry (workers/ai/secure_entry.py)
         for profile in self.tenants.all():
             self.records.wire_tools(profile.tools, self.calls)
             profile.own_tool_key()  # a tenant's tools_secret signs instead of the webhook key
@@ -328,6 +330,7 @@ class AiWorker:
             greeting = self._greeting_for(call)
             if greeting:
                 call.playback.protect(greeting)
+            self.secure.at_start(call, self.tenants.of(call.options))
         else:
             call.playback.protect_until = slot.protect_until  # restarted worker: the greeting may still play
         if call.outbox.open_turn:  # a previous worker died mid-utterance: the turn continues
@@ -422,6 +425,7 @@ class AiWorker:
         call.outbox.close(remove=not call.slot.is_current(call.generation))
         self.stats.sessions_closed += 1
         self.records.closed(call)
+        self.secure.closed(call)
         log.info("call detached", extra={"session": call.session_id, "slot": idx, "reason": reason})
         self._stop_live(call)
 
@@ -522,8 +526,11 @@ class AiWorker:
                 case StateChanged(state=state, reason=reason):
                     self._model_state(call, state, reason)
                 case ToolCall(calls=calls):
-                    call.tool_calls(self.tenants.of(call.options).tools, calls)
+                    profile = self.tenants.of(call.options)
+                    if rest := self.secure.intercept(call, profile, calls):
+                        call.tool_calls(profile.tools, rest)
                 case ToolCallCancellation(ids=ids):
+                    self.secure.cancelled(call, ids)
                     n = self.tenants.of(call.options).tools.cancel(call.key, list(ids))
                     log.info("tool calls cancelled by the model", extra={"session": call.session_id,
                                                                           "running": n})
