@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from appliance.config import replace
+from appliance.config import ModelConfig, replace
 from appliance.records import signing
 from appliance.records.spool import SpoolReader, spool_keyring_for, spool_root
 from tests.ai.live_worker import running, until
@@ -28,7 +28,7 @@ from tests.ai.test_worker_features import emu, live_session, make_cfg, press, se
 from tests.harness.shm import activate_slot
 from workers.ai.dtmf import dtmf_text
 from workers.ai.live.outbox import journal_path
-from workers.ai.secure_entry import TOOL_NAME
+from workers.ai.secure_entry import TOOL_NAME, declarations, outcome_text
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -128,3 +128,25 @@ async def test_failed_entry_is_a_retryable_error_and_the_call_goes_on(
         assert slot.model_state == "live" and not w.calls[0].secure_entry_active
         assert slot.counters.get("tool_errors") == 1
         assert emu.session(sid)["texts"] == [dtmf_text("7")]
+
+
+async def test_config_started_entry_tells_the_model_only_the_outcome(emu, seg, tmp_path, srv) -> None:  # noqa: F811
+    cfg = pay_cfg(emu, tmp_path, srv.url("/accept"), secure_entry_at_start=True)
+    slot = seg.slot(0)
+    async with running(cfg, seg, emu, tmp_path) as w:
+        activate_slot(slot, options={"greeting": ""})
+        sid = await live_session(w, slot, emu)
+        assert w.calls[0].secure_entry_active  # from the first moment of the call, no tool call needed
+        await press(slot, PAN + "#", gap=0.03)
+        said = outcome_text({"status": "ok", "result": "card accepted"})
+        await until(lambda: emu.session(sid)["texts"] == [said], what="outcome text at the model")
+        assert [r["digits"] for r in srv.requests] == [PAN]
+        assert PAN[:6] not in json.dumps(emu.session(sid))
+
+
+def test_collect_card_number_is_declared_first_with_the_configured_tools() -> None:
+    other = {"name": "lookup_order", "description": "x"}
+    m = ModelConfig(payment_url="http://127.0.0.1:9/pay")
+    assert [d["name"] for d in declarations([other], m) or []] == [TOOL_NAME, "lookup_order"]
+    assert declarations([other], ModelConfig()) == [other]  # no payment endpoint: not offered
+    assert declarations(None, ModelConfig()) is None
