@@ -18,14 +18,19 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
+from appliance.compliance import trail
+from appliance.compliance.atrest import load_master
 from appliance.config import ModelConfig, replace
 from appliance.records import signing
 from appliance.records.spool import SpoolReader, spool_keyring_for, spool_root
+from appliance.records.writer import Database, RecordWriter
 from tests.ai.live_worker import running, until
 from tests.ai.test_worker_features import emu, live_session, make_cfg, press, seg, srv  # noqa: F401
 from tests.harness.shm import activate_slot
+from tests.records.conftest import Db, pg_db, pg_server  # noqa: F401  (fixtures)
 from workers.ai.dtmf import dtmf_text
 from workers.ai.live.outbox import journal_path
 from workers.ai.secure_entry import TOOL_NAME, declarations, outcome_text
@@ -39,6 +44,18 @@ KEY = "pay-signing-key"
 def pay_cfg(emu, tmp_path: Path, url: str, **model: Any):  # noqa: F811
     cfg = make_cfg(emu, tmp_path, payment_url=url, tools_secret=KEY, **model)
     return replace(cfg, records={"dsn": "postgresql://records@127.0.0.1/records"})
+
+
+async def db_dump(db: Db) -> str:
+    """Every row of every table of the records database, as JSON text."""
+    async with await psycopg.AsyncConnection.connect(db.dsn, password=db.password) as conn:
+        cur = await conn.execute("SELECT table_name FROM information_schema.tables "
+                                 "WHERE table_schema = 'public' AND table_type = 'BASE TABLE'")
+        out = []
+        for (name,) in await cur.fetchall():
+            rows = await conn.execute(f'SELECT row_to_json(t)::text FROM "{name}" t')
+            out += [r[0] for r in await rows.fetchall()]
+    return "\n".join(out)
 
 
 def spool_items(cfg) -> list[dict[str, Any]]:
@@ -60,9 +77,10 @@ async def start_secure_entry(w, slot, emu) -> str:  # noqa: F811
     return sid
 
 
-async def test_card_digits_go_only_to_the_payment_endpoint(emu, seg, tmp_path, srv, caplog) -> None:  # noqa: F811
+async def test_card_digits_go_only_to_the_payment_endpoint(emu, seg, tmp_path, srv, caplog,  # noqa: F811
+                                                           pg_db: Db) -> None:  # noqa: F811
     caplog.set_level(logging.DEBUG)
-    cfg = pay_cfg(emu, tmp_path, srv.url("/accept"))
+    cfg = replace(pay_cfg(emu, tmp_path, srv.url("/accept")), records={"dsn": pg_db.dsn})
     slot = seg.slot(0)
     async with running(cfg, seg, emu, tmp_path) as w:
         sid = await start_secure_entry(w, slot, emu)
@@ -98,6 +116,13 @@ async def test_card_digits_go_only_to_the_payment_endpoint(emu, seg, tmp_path, s
     assert [it["data"]["digits"] for it in items if it.get("type") == "keypad"] == [1]
     for r in caplog.records:
         assert PAN[:6] not in r.getMessage() and PAN[:6] not in repr(r.__dict__)
+    # … and the records database after the real writer shipped that spool: no digits in any table, the
+    # secure entry in the audit trail as that it happened and how it ended
+    writer = RecordWriter(Database(pg_db.dsn, pg_db.password), spool_root(cfg.paths.state_dir, ""),
+                          master=load_master(cfg), signer=trail.Signer(trail.load_signing_key(cfg)))
+    assert await writer.drain(20)
+    dump = await db_dump(pg_db)
+    assert dump.count("keypad.secure_entry") == 2 and PAN[:6] not in dump  # started + finished
 
 
 @pytest.mark.parametrize(("path", "model", "keys", "needle"), [
