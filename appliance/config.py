@@ -362,6 +362,17 @@ class ComplianceConfig:
     retention_days_call_metadata: int = 400
     retention_days_recordings: int = 90
     purge_interval_seconds: float = 3600.0
+    # Consent capture (GDPR art. 6/7; workers/ai/consent.py): the default tenant's policy and every
+    # tenant's without its own `consent`. opt_in: after the greeting the caller hears consent_prompt and
+    # must press 1 before anything of the call reaches the model (any other key or the timeout: the
+    # goodbye plays and the call ends); announce: the prompt plays, consent is recorded as announced.
+    consent: str = "none"  # none | announce | opt_in
+    consent_prompt: str = ("Before we continue: this call is answered by an AI assistant, and what you say "
+                           "is processed to help you. Press 1 if you agree. Press any other key to end "
+                           "the call.")
+    consent_purposes: list[str] = field(default_factory=lambda: ["ai_assistant"])
+    consent_refused_message: str = "Without your agreement we cannot continue. Thank you, goodbye."
+    consent_timeout_seconds: float = 30.0  # from the call's start (greeting and prompt included)
 
 
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -377,7 +388,8 @@ class TenantConfig:
 
     ``model`` is the top-level ``[model]`` with the tenant's keys applied (what every call of the
     tenant runs with); ``overrides`` are the keys as written (``replace``/``config show`` keep them).
-    ``recording``/``consent`` are declared and validated only: nothing records or asks for consent yet.
+    ``recording`` is declared and validated only; ``consent`` (unset: ``compliance.consent``) and
+    ``consent_prompt`` ("": ``compliance.consent_prompt``) are acted on by workers/ai/consent.py.
     """
 
     name: str
@@ -385,10 +397,11 @@ class TenantConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     max_sessions: int = 0  # concurrent calls of this tenant on this box; 0 = no limit but the box's
     recording: str = "off"  # off | audio | transcript | audio_and_transcript (not acted on yet)
-    consent: str = "none"  # none | announce | opt_in (not acted on yet)
+    consent: str = "none"  # none | announce | opt_in (unset in the table: compliance.consent)
+    consent_prompt: str = ""  # in the tenant's language; "": compliance.consent_prompt
 
 
-_TENANT_KEYS = {"max_sessions": int, "recording": str, "consent": str}
+_TENANT_KEYS = {"max_sessions": int, "recording": str, "consent": str, "consent_prompt": str}
 # Keys that say where the model runs: a tenant that sets one gets its own Live client settings.
 ENDPOINT_KEYS = frozenset({"platform", "project", "location", "credentials_file", "api_key", "api_key_file",
                            "base_url", "ca_file", "api_version"})
@@ -516,6 +529,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "model.payment_timeout_seconds": (0.1, 120),
     "model.secure_entry_digit_timeout_seconds": (0.5, 60),
     "model.secure_entry_seconds": (1, 600),
+    "compliance.consent_timeout_seconds": (1, 600),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "emulator.reply": ("echo", "tone", "silence"),
@@ -526,6 +540,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "media.uplink_processing": ("off", "ns", "aec_ns_agc"),
     "tenants.recording": RECORDING_POLICIES,
     "tenants.consent": CONSENT_POLICIES,
+    "compliance.consent": CONSENT_POLICIES,
 }
 
 

@@ -28,6 +28,7 @@ from workers.ai.playback import Playback
 from workers.ai.tools import ToolRunner
 
 if TYPE_CHECKING:
+    from workers.ai.consent import Consent
     from workers.ai.secure_entry import SecureEntry
 
 log = logging.getLogger("workers.ai.worker")
@@ -81,6 +82,8 @@ class Call:
     retry_at: float = 0.0
     closed: bool = False
     secure: SecureEntry | None = None  # PCI keypad entry in progress (workers/ai/secure_entry.py)
+    consent: Consent | None = None  # the opt-in consent step (workers/ai/consent.py)
+    ended: str = ""  # the worker ended the call: this model state stays in the slot
 
     @property
     def secure_entry_active(self) -> bool:
@@ -99,7 +102,7 @@ class Call:
         return str(value) if value else default
 
     def set_model_state(self, state: str) -> None:
-        if self.current():
+        if self.current() and not self.ended:
             self.slot.model_state = str(state)[:32]
 
     # ---- to the model ------------------------------------------------------------------------------
@@ -108,6 +111,8 @@ class Call:
         return live is not None and not self.start_failed and live.state not in ("degraded", "closed")
 
     def _target(self) -> Live | Outbox | None:
+        if self.consent is not None and self.consent.waiting:  # nothing reaches the model before consent
+            return None
         if self.awaiting_live:
             return self.outbox
         return self.live if self.live_ok() else None
@@ -143,6 +148,9 @@ class Call:
                 digit = digit_for(value)
                 if digit is None:
                     continue
+                if self.consent is not None and self.consent.waiting:  # the consent answer
+                    self.consent.press(digit, now)
+                    continue
                 if self.secure is not None:  # PCI secure entry: only to the payment endpoint
                     self.secure.push(digit, now)
                     continue
@@ -152,6 +160,8 @@ class Call:
                     self.send_dtmf(entry)
             elif code == EventCode.RTP_TIMEOUT:
                 log.info("caller RTP silent", extra={"session": self.session_id, "ms": value})
+        if self.consent is not None:
+            self.consent.due(now)
         if self.secure is not None:
             self.secure.due(now)
         entry = c.keypad.due(now)

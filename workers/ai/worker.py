@@ -67,6 +67,7 @@ from shm.segment import ShardSegment, ShmError, Slot
 from workers.ai.call import Call, Live, LiveFactory
 from workers.ai.caller import CallerTurn, quiet_tail, silent
 from workers.ai.clock import phase_locked
+from workers.ai.consent import ConsentGate
 from workers.ai.greeting import PromptCache
 from workers.ai.live.events import (
     AudioOut,
@@ -151,6 +152,7 @@ class AiWorker:
         self.tools = self.tenants.default.tools
         self.records = CallRecorder(cfg, shard)  # the call record's items (workers/ai/records.py)
         self.secure = SecureEntries(self.records)  # PCI keypad entry (workers/ai/secure_entry.py)
+        self.consent = ConsentGate(cfg, self.records)  # opt-in consent step (workers/ai/consent.py)
         for profile in self.tenants.all():
             self.records.wire_tools(profile.tools, self.calls)
             profile.own_tool_key()  # a tenant's tools_secret signs instead of the webhook key
@@ -160,6 +162,7 @@ class AiWorker:
         """Before taking calls: synthesise (or load from cache) the greeting and hold prompts."""
         m = self.cfg.model
         await self.tenants.prepare(self.prompts)
+        await self.consent.prepare(self.prompts)
         self._greeting = self.tenants.default.greeting
         if m.hold_prompt:
             self._hold = await self.prompts.get_async(m.hold_prompt, m.language)
@@ -323,11 +326,12 @@ class AiWorker:
         handle = slot.resume_handle or str(options.get("resume_handle") or "")
         fresh = not handle and not slot.model_state  # never attached by any AI worker before
         self.records.attached(call, fresh=fresh)
+        consent_prompt = self.consent.attach(call, fresh=fresh)  # played after the greeting
         log.info("call attached", extra={"session": session_id, "slot": slot.index, "resume": bool(handle),
                                          "replay_items": len(call.outbox.replay()),
                                          "live_ready": self._live_ready})
         if fresh:
-            greeting = self._greeting_for(call)
+            greeting = self._greeting_for(call) + consent_prompt
             if greeting:
                 call.playback.protect(greeting)
             self.secure.at_start(call, self.tenants.of(call.options))
