@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance.config import Config, TenantConfig, tenant
+from shm.audio import DOWN_FRAME
 from shm.segment import MODEL_STATE_ENDED
 
 if TYPE_CHECKING:
@@ -133,7 +134,9 @@ class ConsentGate:
                 continue
             for text in (p.prompt, p.refused_message):
                 if text and (text, p.language) not in self.audio:
-                    self.audio[(text, p.language)] = await prompts.get_async(text, p.language)
+                    pcm = await prompts.get_async(text, p.language)
+                    # whole downlink frames: a partial last frame would never leave the backlog
+                    self.audio[(text, p.language)] = pcm + bytes(-len(pcm) % DOWN_FRAME)
 
     def attach(self, call: Call, *, fresh: bool) -> bytes:
         """A worker took the call: set up its consent step; the prompt audio to play after the greeting
