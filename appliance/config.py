@@ -372,7 +372,7 @@ class ComplianceConfig:
                            "the call.")
     consent_purposes: list[str] = field(default_factory=lambda: ["ai_assistant"])
     consent_refused_message: str = "Without your agreement we cannot continue. Thank you, goodbye."
-    consent_timeout_seconds: float = 30.0  # from the call's start (greeting and prompt included)
+    consent_timeout_seconds: float = 15.0  # for the answer, counted once the prompt has played
 
 
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")

@@ -12,8 +12,8 @@ Policy per tenant (``[tenants.<name>] consent``, else ``compliance.consent``; ap
   connected: its setup carries only the configuration). Pressing 1 first appends the ``consent`` item —
   time, the text played, the purposes, how it was given — to the call record, *then* opens the gate, so
   the record holds the consent before the model hears anything. Any other key, or no key within
-  ``compliance.consent_timeout_seconds`` of the call's start, is a refusal: the refusal is recorded, the
-  goodbye (``compliance.consent_refused_message``) plays, and once it has played the worker sets the
+  ``compliance.consent_timeout_seconds`` after the prompt has played, is a refusal: it is recorded,
+  the goodbye (``compliance.consent_refused_message``) plays, and once it has played the worker sets the
   slot's model state to ``ended:consent_refused`` (shm/segment.py ``MODEL_STATE_ENDED``), which makes the
   supervisor end the call like a hangup.
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance.config import Config, TenantConfig, tenant
-from shm.audio import DOWN_FRAME
+from shm.audio import DOWN_BYTES_PER_SECOND, DOWN_FRAME
 from shm.segment import MODEL_STATE_ENDED
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ PENDING, GIVEN, REFUSED = 0, 1, 2
 COUNTER = "consent"
 ENDED = MODEL_STATE_ENDED + "consent_refused"
 END_MARGIN_S = 0.3  # after the goodbye left the ring: the media worker's last frame is on the wire
+END_GRACE_S = 2.0  # beyond the goodbye's length: end even if the ring is not drained
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Consent:
         self.deadline = deadline
         self.state = state
         self.end_after = deadline if state == REFUSED else 0.0
+        self.end_by = self.end_after + END_GRACE_S if state == REFUSED else 0.0
 
     @property
     def waiting(self) -> bool:
@@ -91,9 +93,13 @@ class Consent:
             self._decide(key == YES, "keypad", now)
 
     def due(self, now: float) -> None:
-        if self.state == PENDING and now >= self.deadline:
-            self._decide(False, "timeout", now)
-        elif self.state == REFUSED and now >= self.end_after and not self.call.playback.playing():
+        playing = self.call.playback.playing()
+        if self.state == PENDING:
+            if playing:  # the caller has the whole timeout after the prompt finished playing
+                self.deadline = max(self.deadline, now + self.policy.timeout_s)
+            elif now >= self.deadline:
+                self._decide(False, "timeout", now)
+        elif self.state == REFUSED and (now >= self.end_by or (now >= self.end_after and not playing)):
             if self.call.current() and self.call.ended != ENDED:
                 self.call.set_model_state(ENDED)
                 self.call.ended = ENDED
@@ -111,9 +117,13 @@ class Consent:
                 call.send_mark(True)
             return
         goodbye = self.gate.audio.get((self.policy.refused_message, self.policy.language), b"")
+        ring = call.playback.slot.downlink
+        queued = len(call.playback.pending) + ring.capacity - ring.free_space() + len(goodbye)
         if goodbye:
             call.playback.queue(goodbye)
         self.end_after = now + END_MARGIN_S
+        # at the latest once it all should have played (a media worker that stopped reading the ring)
+        self.end_by = now + queued / DOWN_BYTES_PER_SECOND + END_GRACE_S
 
 
 class ConsentGate:
