@@ -92,8 +92,15 @@ class Consent:
         if self.state == PENDING:
             self._decide(key == YES, "keypad", now)
 
+    def _audible(self) -> bool:
+        """Prompt audio still to be heard. Not ``Playback.playing``: a prompt's last partial frame may
+        stay in the backlog until more audio comes, which must not hold the timeout off forever."""
+        pb = self.call.playback
+        ring = pb.slot.downlink
+        return len(pb.pending) >= DOWN_FRAME or ring.free_space() < ring.capacity or pb.model_turn
+
     def due(self, now: float) -> None:
-        playing = self.call.playback.playing()
+        playing = self._audible()
         if self.state == PENDING:
             if playing:  # the caller has the whole timeout after the prompt finished playing
                 self.deadline = max(self.deadline, now + self.policy.timeout_s)
