@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance.config import load_config, replace
+from appliance.config import ConfigError, load_config, replace, tenant
 from appliance.records.spool import SpoolReader, spool_keyring_for, spool_root
 from appliance.sessions import ended_reason
 from tests.ai.audio import silence, speech16k
@@ -26,7 +26,7 @@ from tests.ai.test_worker_emulator import collect, speak
 from tests.ai.test_worker_features import press
 from tests.harness.emulator import start_emulator
 from tests.harness.shm import activate_slot, shard_segment
-from workers.ai.consent import ENDED, GIVEN, REFUSED
+from workers.ai.consent import ENDED, GIVEN, REFUSED, ConsentPolicy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -146,3 +146,15 @@ async def test_no_consent_plays_the_goodbye_and_ends_the_call(emu, seg, tmp_path
 def test_ended_reasons_are_a_bounded_label() -> None:
     assert ended_reason("ended:consent_refused") == "consent_refused"
     assert ended_reason("ended:whatever-a-worker-wrote") == "ai_ended"
+
+
+def test_consent_policy_inherits_compliance_consent() -> None:
+    cfg = replace(load_config(None, env={}), compliance={"consent": "opt_in"},
+                  tenants={"a": {}, "b": {"consent": "none", "consent_prompt": "Drücken Sie 1.",
+                                          "language": "de-DE"}})
+    assert ConsentPolicy.of(cfg, tenant(cfg, None)).mode == "opt_in"
+    assert ConsentPolicy.of(cfg, tenant(cfg, "a")).mode == "opt_in"
+    b = ConsentPolicy.of(cfg, tenant(cfg, "b"))
+    assert (b.mode, b.prompt, b.language) == ("none", "Drücken Sie 1.", "de-DE")
+    with pytest.raises(ConfigError, match=r"compliance\.consent: expected one of none, announce, opt_in"):
+        replace(cfg, compliance={"consent": "yes"})
