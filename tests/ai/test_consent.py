@@ -27,6 +27,7 @@ from tests.ai.test_worker_features import press
 from tests.harness.emulator import start_emulator
 from tests.harness.shm import activate_slot, shard_segment
 from workers.ai.consent import ENDED, GIVEN, REFUSED, ConsentPolicy
+from workers.ai.dtmf import dtmf_text
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -158,3 +159,38 @@ def test_consent_policy_inherits_compliance_consent() -> None:
     assert (b.mode, b.prompt, b.language) == ("none", "Drücken Sie 1.", "de-DE")
     with pytest.raises(ConfigError, match=r"compliance\.consent: expected one of none, announce, opt_in"):
         replace(cfg, compliance={"consent": "yes"})
+
+
+async def test_a_restarted_worker_keeps_the_answer(emu, seg, tmp_path) -> None:
+    """The decision lives in the slot: after a yes, a new AI worker does not ask again (or hold back)."""
+    cfg = consent_cfg(emu, tmp_path)
+    slot = seg.slot(0)
+    async with running(cfg, seg, emu, tmp_path) as w:
+        activate_slot(slot, options={"greeting": ""})
+        await live(w, slot)
+        await press(slot, "1", gap=0)
+        await until(lambda: slot.counters.get("consent") == GIVEN, what="consent given")
+    async with running(cfg, seg, emu, tmp_path) as w2:  # the same call, a new worker process
+        def resumed() -> bool:
+            call = w2.calls.get(0)
+            return call is not None and call.live is not None and bool(call.live.server_session_id)
+
+        await until(resumed, what="the new worker's Live session")
+        sid = w2.calls[0].live.server_session_id
+        assert w2.calls[0].consent is None or not w2.calls[0].consent.waiting
+        await speak(slot, utterance(), speed=2.0)
+        await until(lambda: len(emu.audio(sid)) > 16000, what="caller audio at the model")
+    assert len([it for it in items(cfg) if it.get("type") == "consent"]) == 1  # asked once
+
+
+async def test_announce_records_and_holds_nothing_back(emu, seg, tmp_path) -> None:
+    cfg = consent_cfg(emu, tmp_path, consent="announce")
+    slot = seg.slot(0)
+    async with running(cfg, seg, emu, tmp_path) as w:
+        activate_slot(slot, options={"greeting": ""})
+        sid = await live(w, slot)
+        assert w.calls[0].consent is None
+        (c,) = [it for it in items(cfg) if it.get("type") == "consent"]
+        assert (c["data"]["given"], c["data"]["how"], c["data"]["text"]) == (True, "announced", PROMPT)
+        await press(slot, "5", gap=0)
+        await until(lambda: emu.session(sid)["texts"] == [dtmf_text("5")], what="keypad at the model")
