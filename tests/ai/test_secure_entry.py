@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 
@@ -27,7 +28,9 @@ from appliance.config import ModelConfig, replace
 from appliance.records import signing
 from appliance.records.spool import SpoolReader, spool_keyring_for, spool_root
 from appliance.records.writer import Database, RecordWriter
+from tests.ai.audio import silence, speech16k
 from tests.ai.live_worker import running, until
+from tests.ai.test_worker_emulator import speak
 from tests.ai.test_worker_features import emu, live_session, make_cfg, press, seg, srv  # noqa: F401
 from tests.harness.shm import activate_slot
 from tests.records.conftest import Db, pg_db, pg_server  # noqa: F401  (fixtures)
@@ -175,3 +178,28 @@ def test_collect_card_number_is_declared_first_with_the_configured_tools() -> No
     assert [d["name"] for d in declarations([other], m) or []] == [TOOL_NAME, "lookup_order"]
     assert declarations([other], ModelConfig()) == [other]  # no payment endpoint: not offered
     assert declarations(None, ModelConfig()) is None
+
+
+async def test_caller_speech_during_entry_keeps_the_keypad_secure(emu, seg, tmp_path, srv) -> None:  # noqa: F811
+    """A barge-in withdraws the model's tool call (``toolCallCancellation``): the entry goes on — the
+    keypad must not fall back to the model mid-card — and answers the model's next call."""
+    slot = seg.slot(0)
+    async with running(pay_cfg(emu, tmp_path, srv.url("/accept")), seg, emu, tmp_path) as w:
+        sid = await start_secure_entry(w, slot, emu)
+        first = w.calls[0].secure.call_id
+        await press(slot, PAN[:6], gap=0.03)  # half the number typed, then the caller says something
+        await speak(slot, np.concatenate([speech16k(), silence(1.0)]), speed=2.0)
+
+        def adopted() -> bool:
+            entry = w.calls[0].secure
+            return entry is not None and entry.call_id not in ("", first)
+
+        await until(adopted, what="the model's next collect_card_number call takes the entry over")
+        assert w.calls[0].secure_entry_active
+        await press(slot, PAN[6:] + "#", gap=0.03)
+        await until(lambda: len(emu.session(sid)["tool_responses"]) == 1, what="outcome at the model")
+        (fr,) = emu.session(sid)["tool_responses"]
+        assert fr["response"] == {"status": "ok", "result": "card accepted"} and fr["id"] != first
+        assert [r["digits"] for r in srv.requests] == [PAN]
+        got = emu.session(sid)
+        assert got["texts"] == [dtmf_text("7")] and PAN[:6] not in json.dumps(got)

@@ -19,7 +19,10 @@ It ends on ``#`` (not sent), ``model.secure_entry_max_digits`` digits, ``secure_
 of quiet after the last digit, or — no digit at all — ``secure_entry_seconds`` after it began (timeout,
 nothing is POSTed). ``*`` clears what was typed so far (start again); A-D are ignored. Digits the
 caller typed just before the tool call arrived and that were still buffered (not yet sent to the model)
-belong to the entry, not to the model.
+belong to the entry, not to the model. If the model withdraws its call (``toolCallCancellation``: the
+caller spoke while typing, a barge-in) the entry goes on — the keypad never falls back to the model
+mid-card —, the model's next ``collect_card_number`` call takes it over, and without one the outcome
+reaches the model as text. Only the end of the call drops an entry.
 
 Endpoint protocol: ``POST model.payment_url`` JSON ``{"session_id", "entry_id", "kind": "card_number",
 "digits", "args"}`` signed like the tool calls (``X-VA-Signature``, appliance/records/signing.py, with
@@ -175,7 +178,8 @@ class SecureEntry:
         self.endpoint = endpoint
         self.rules = rules
         self.via = via  # "tool" | "config"
-        self.call_id = call_id  # the function call's id (tool), "" (config)
+        self.call_id = call_id  # the function call waiting for the outcome; "": none (config, withdrawn)
+        self.reply: Finish = lambda result, label: None  # how the outcome reaches the model (SecureEntries)
         self.entry_id = f"se-{secrets.token_hex(8)}"
         raw = json.dumps(args or {})
         self.args: dict[str, Any] = args if args and len(raw) <= MAX_ARGS_BYTES else {}
@@ -238,7 +242,7 @@ class SecureEntry:
         self._finish(result, label)
 
     def cancel(self) -> None:
-        """The call ended or the model withdrew the tool call: drop the digits, tell nobody."""
+        """The call ended: drop the digits, tell nobody."""
         self.finished = True
         self._digits.clear()
         if self._task is not None and not self._task.done():
@@ -261,9 +265,10 @@ class SecureEntries:
                 continue
             call.slot.counters.add("tool_calls")
             asked = call.live
-            if call.secure is not None or not profile.model.payment_url:
-                why = ("a secure entry is already running" if call.secure is not None
-                       else "no payment endpoint is configured")
+            entry = call.secure
+            busy = entry is not None and bool(entry.call_id)  # another call of the model waits on it
+            if busy or not profile.model.payment_url:
+                why = "a secure entry is already running" if busy else "no payment endpoint is configured"
                 if asked is not None:
                     asked.send_tool_response([{"id": fc.id, "name": TOOL_NAME,
                                                "response": _error(why, retryable=False)}])
@@ -275,28 +280,36 @@ class SecureEntries:
                     return  # the session that asked is gone: nobody waits for this answer
                 asked.send_tool_response([{"id": fc.id, "name": TOOL_NAME, "response": result}])
 
+            if entry is not None:  # a running entry nobody waits on (withdrawn, or config): this call's
+                entry.call_id, entry.reply = fc.id, respond
+                continue
             self._start(call, profile, "tool", respond, call_id=fc.id, args=dict(fc.args or {}))
         return rest
 
-    def at_start(self, call: Call, profile: TenantProfile) -> None:
-        """``model.secure_entry_at_start``: a new call begins in secure entry."""
-        if not profile.model.secure_entry_at_start:
-            return
-
+    @staticmethod
+    def _teller(call: Call) -> Finish:
+        """The outcome as a text turn (no function call waits for it)."""
         def tell(result: Outcome, label: str) -> None:
             if call.current():
                 call.send_text_turn(outcome_text(result))
 
-        self._start(call, profile, "config", tell)
+        return tell
+
+    def at_start(self, call: Call, profile: TenantProfile) -> None:
+        """``model.secure_entry_at_start``: a new call begins in secure entry."""
+        if profile.model.secure_entry_at_start:
+            self._start(call, profile, "config", self._teller(call))
 
     def cancelled(self, call: Call, ids: tuple[str, ...] | list[str]) -> None:
-        """``toolCallCancellation``: the model withdrew its ``collect_card_number`` call."""
+        """``toolCallCancellation`` (e.g. the caller spoke while typing: a barge-in): the model withdrew
+        its ``collect_card_number`` call. The entry goes on — the caller may be half-way through the
+        number, and the keypad must not fall back to the model mid-card — and its outcome reaches the
+        model as text, or answers the model's next ``collect_card_number`` call."""
         entry = call.secure
         if entry is not None and entry.call_id and entry.call_id in ids:
-            entry.cancel()
-            call.secure = None
-            self.records.event(call, "secure_entry", via=entry.via, outcome="cancelled",
-                               duration_ms=round((time.monotonic() - entry.started) * 1000))
+            entry.call_id, entry.reply = "", self._teller(call)
+            log.info("secure entry's tool call withdrawn; the entry goes on",
+                     extra={"session": call.session_id})
 
     @staticmethod
     def closed(call: Call) -> None:
@@ -315,10 +328,11 @@ class SecureEntries:
                                duration_ms=round((time.monotonic() - entry.started) * 1000))
             if label != "accepted" and call.current():
                 call.slot.counters.add("tool_errors")
-            reply(result, label)
+            entry.reply(result, label)
 
         entry = SecureEntry(call.session_id, profile.payment, EntryRules.of(profile.model), finish,
                             via=via, call_id=call_id, args=args)
+        entry.reply = reply
         now = time.monotonic()
         for key in call.caller.keypad.take():  # typed before the entry began, not sent yet: the card's
             entry.push(key, now)
