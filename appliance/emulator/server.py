@@ -110,6 +110,7 @@ class Behaviour:
     pacing: str = "realtime"  # realtime | burst
     chunk_ms: int = 40
     first_byte_delay_ms: int = 0
+    setup_delay_ms: int = 0  # a slow model: setupComplete only after this (tests hold a probe in flight)
     goaway_after_s: float = 0.0  # 0: never
     goaway_time_left_s: float = 1.0
     close_after_s: float = 0.0  # 0: never
@@ -366,6 +367,8 @@ class Connection:
             extra={"conn": self.id, "session": self.conv.id, "resumed": bool(handle),
                    "manual": self.detector.manual},
         )
+        if self.b.setup_delay_ms:
+            await asyncio.sleep(self.b.setup_delay_ms / 1000)
         await self.send({"setupComplete": {"sessionId": self.conv.id}})
         await self._handle_update(self.boundary)
         self._arm_timers()
