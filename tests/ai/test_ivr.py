@@ -126,7 +126,7 @@ async def test_breaker_open_caller_leaves_a_callback_number(emu, seg, tmp_path, 
                 at = await ear.wait_for(prompt("confirm"), at, what="'press 1 if correct'")
                 press(slot, "1")
                 await ear.wait_for(prompt("goodbye_callback"), at, what="goodbye")
-                await until(lambda: slot.model_state == "ended:callback", 10, "the call marked ended")
+                await until(lambda: slot.model_state == "ended:degraded_callback", 10, "call marked ended")
             finally:
                 ear.stop()
             assert w.calls[0].ivr is not None and w.calls[0].ivr.ending == "callback"
@@ -192,7 +192,8 @@ async def test_breaker_open_caller_asks_for_a_person(emu, seg, tmp_path) -> None
                 at = await ear.wait_for(prompt("menu"), what="the keypad menu (with option 3)")
                 press(slot, "3")
                 await ear.wait_for(prompt("transferring"), at, what="'transferring you now'")
-                await until(lambda: slot.model_state == "ended:transferred", 10, "the call marked ended")
+                await until(lambda: slot.model_state == "ended:degraded_transferred", 10,
+                            "call marked ended")
             finally:
                 ear.stop()
             w.records.spool.sync()

@@ -35,7 +35,7 @@ async def test_ended_by_the_degradation_menu_tears_the_session_down(tmp_path, re
             sid = r.json()["session_id"]
             slot = seg.slot(0)
             assert slot.snapshot() is not None
-            slot.model_state = "ended:callback"  # what the AI worker writes after the goodbye
+            slot.model_state = "ended:degraded_callback"  # what the AI worker writes after the goodbye
             t0 = time.monotonic()
             await wait_until(lambda: slot.snapshot() is None, 10, what="slot freed")
             assert time.monotonic() - t0 < 5

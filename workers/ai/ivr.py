@@ -20,8 +20,9 @@ while its own renders in the background. The read-back speaks each digit (``digi
 espeak says the digit in the call's language).
 
 Ending the call: after the goodbye has played (the downlink ring is empty) the worker writes
-``model_state = "ended:<reason>"`` into the slot; the supervisor's mirror loop (≤ 1 s) tears the session
-down with that reason — the supervisor stays the only writer of slot state.
+``model_state = "ended:degraded_<reason>"`` into the slot (``shm.segment.MODEL_STATE_ENDED``, as the
+consent step does); the supervisor's mirror loop (≤ 1 s) tears the session down with that reason — the
+supervisor stays the only writer of slot state.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from appliance.config import Config, DegradeConfig, load_degrade_prompts
 from shm.audio import DOWN_FRAME
+from shm.segment import MODEL_STATE_ENDED
 from workers.ai.degrade import (
     DIGIT_KEYS,
     PROMPT_KEYS,
@@ -60,8 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENDED_PREFIX = "ended:"  # slot model_state of a call the degradation ended (the supervisor tears it down)
-END_REASONS = ("callback", "transferred", "max_hold")
+END_REASONS = ("callback", "transferred", "max_hold")  # as degraded_<reason> in sessions.ENDED_REASONS
 
 
 def settings_of(cfg: DegradeConfig) -> DegradeSettings:
@@ -184,8 +185,10 @@ class Ivr:
         if ep is None:
             return
         if ep.ending:
-            if not call.playback.playing():  # the goodbye has played: the supervisor ends the call
-                call.set_model_state(ENDED_PREFIX + ep.ending)
+            if not call.ended and not call.playback.playing():  # the goodbye has played: the supervisor
+                state = f"{MODEL_STATE_ENDED}degraded_{ep.ending}"  # ends the call (appliance/sessions.py)
+                call.set_model_state(state)
+                call.ended = state
             return
         live = call.live
         available = live is not None and call.live_ok() and live.state == "live"
