@@ -353,6 +353,9 @@ class ComplianceConfig:
     retention_days_call_metadata: int = 400
     retention_days_recordings: int = 90
     purge_interval_seconds: float = 3600.0
+    # Call recording of the default tenant (a [tenants.<name>] table sets its own `recording`):
+    # off | audio | transcript | audio_and_transcript; audio is recorded by workers/ai/recording.py
+    recording: str = "off"
 
 
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -368,14 +371,14 @@ class TenantConfig:
 
     ``model`` is the top-level ``[model]`` with the tenant's keys applied (what every call of the
     tenant runs with); ``overrides`` are the keys as written (``replace``/``config show`` keep them).
-    ``recording``/``consent`` are declared and validated only: nothing records or asks for consent yet.
+    ``recording`` (audio: workers/ai/recording.py); ``consent`` is declared and validated only.
     """
 
     name: str
     model: ModelConfig
     overrides: dict[str, Any] = field(default_factory=dict)
     max_sessions: int = 0  # concurrent calls of this tenant on this box; 0 = no limit but the box's
-    recording: str = "off"  # off | audio | transcript | audio_and_transcript (not acted on yet)
+    recording: str = "off"  # off | audio | transcript | audio_and_transcript (audio: recorded)
     consent: str = "none"  # none | announce | opt_in (not acted on yet)
 
 
@@ -512,6 +515,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.platform": ("developer", "vertex"),
     "media.uplink_processing": ("off", "ns", "aec_ns_agc"),
     "tenants.recording": RECORDING_POLICIES,
+    "compliance.recording": RECORDING_POLICIES,
     "tenants.consent": CONSENT_POLICIES,
 }
 
@@ -665,7 +669,7 @@ def tenant(cfg: Config, name: str | None) -> TenantConfig:
     """The tenant a call runs as: ``name`` from the caller's token, or the default (top-level [model]).
     KeyError for a name the config does not define (the API answers 403 before this)."""
     if not name or name == DEFAULT_TENANT:
-        return TenantConfig(name=DEFAULT_TENANT, model=cfg.model)
+        return TenantConfig(name=DEFAULT_TENANT, model=cfg.model, recording=cfg.compliance.recording)
     return cfg.tenants[name]
 
 

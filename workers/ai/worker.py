@@ -83,6 +83,7 @@ from workers.ai.live.events import (
 from workers.ai.live.outbox import Outbox, journal_path, remove_stale
 from workers.ai.live.settings import ClientSettings, LiveOptions, client_settings
 from workers.ai.playback import Playback, PlaybackStats
+from workers.ai.recording import Recordings
 from workers.ai.records import CallRecorder
 from workers.ai.tenants import TenantProfiles
 from workers.ai.turn_metrics import TurnClock, mark_speech
@@ -149,6 +150,7 @@ class AiWorker:
         self.tenants = TenantProfiles(cfg)  # per tenant: model section, tools, greeting (tenants.py)
         self.tools = self.tenants.default.tools
         self.records = CallRecorder(cfg, shard)  # the call record's items (workers/ai/records.py)
+        self.recordings = Recordings(cfg, shard)  # call audio, when the policy says so (recording.py)
         for profile in self.tenants.all():
             self.records.wire_tools(profile.tools, self.calls)
             profile.own_tool_key()  # a tenant's tools_secret signs instead of the webhook key
@@ -230,6 +232,7 @@ class AiWorker:
             await asyncio.wait(self._closing, timeout=5.0)
         await self.tenants.aclose()
         self.records.close()
+        await asyncio.to_thread(self.recordings.close)
 
     # ---- the tick --------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -321,6 +324,7 @@ class AiWorker:
         handle = slot.resume_handle or str(options.get("resume_handle") or "")
         fresh = not handle and not slot.model_state  # never attached by any AI worker before
         self.records.attached(call, fresh=fresh)
+        self.recordings.attached(call)
         log.info("call attached", extra={"session": session_id, "slot": slot.index, "resume": bool(handle),
                                          "replay_items": len(call.outbox.replay()),
                                          "live_ready": self._live_ready})
@@ -422,6 +426,7 @@ class AiWorker:
         call.outbox.close(remove=not call.slot.is_current(call.generation))
         self.stats.sessions_closed += 1
         self.records.closed(call)
+        self.recordings.closed(call)
         log.info("call detached", extra={"session": call.session_id, "slot": idx, "reason": reason})
         self._stop_live(call)
 
@@ -457,6 +462,7 @@ class AiWorker:
         if not data:
             return
         self.stats.frames_in += len(data) // UP_FRAME
+        self.recordings.caller_audio(call, data)
         windows = call.caller.push(data)
         if call.caller.sending:
             call.send_audio(data)
