@@ -49,9 +49,13 @@ EVENT_ACTIONS = {
     "tool_call": "tool.called",
     "keypad": "keypad.entry",
     "worker_restart": "worker.restarted",
+    "recording_started": "recording.started",
+    "recording_paused": "recording.paused",
+    "recording_resumed": "recording.resumed",
 }
 _EVENT_FIELDS = {"turn": ("speech_ms", "response_ms"), "tool_call": ("name", "duration_ms", "outcome"),
-                 "keypad": ("digits",), "model_degraded": ("reason",), "model_reconnecting": ("reason",)}
+                 "keypad": ("digits",), "model_degraded": ("reason",), "model_reconnecting": ("reason",),
+                 "recording_paused": ("reason",), "recording_resumed": ("reason",)}
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,10 +61,10 @@ BITRATE = 48000  # stereo speech
 class _Tap:
     """The worker side of one call's recording (lives on the loop thread)."""
 
-    __slots__ = ("key", "lost", "owner")
+    __slots__ = ("key", "lost", "owner", "secure")
 
     def __init__(self, owner: Recordings, key: tuple[int, int]) -> None:
-        self.owner, self.key, self.lost = owner, key, 0
+        self.owner, self.key, self.lost, self.secure = owner, key, 0, False
 
     def played(self, pcm24k: bytes) -> None:
         self.owner.put(("model", self.key, bytes(pcm24k)), len(pcm24k))
@@ -75,8 +76,11 @@ class _Tap:
 class Recordings:
     """One per AI worker (``shard``): which calls record, and the writer thread."""
 
-    def __init__(self, cfg: Config, shard: int) -> None:
+    def __init__(self, cfg: Config, shard: int, event: Callable[..., None] | None = None) -> None:
+        """``event(call, type, **data)``: a record event (workers/ai/records.py), audited as
+        ``recording.started`` / ``recording.paused`` / ``recording.resumed`` (compliance/trail.py)."""
         self.cfg = cfg
+        self._event = event
         self.dir = recordings_root(cfg) / f"shard-{shard}"
         self.shard = shard
         self._q: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
@@ -108,7 +112,12 @@ class Recordings:
             self._thread = threading.Thread(target=self._run, name=f"recorder-{self.shard}", daemon=True)
             self._thread.start()
         self._q.put(("start", call.key, (call.session_id, str(call.options.get("tenant") or ""))))
+        self._note(call, "recording_started")
         log.info("recording started", extra={"session": call.session_id})
+
+    def _note(self, call: Any, type_: str, **data: Any) -> None:
+        if self._event is not None:
+            self._event(call, type_, **data)
 
     def caller_audio(self, call: Any, pcm16k: bytes) -> None:
         tap = self._taps.get(call.key)
@@ -116,6 +125,9 @@ class Recordings:
             return
         # secure keypad entry (PCI): a read-only property of the call (workers/ai/call.py); absent → off
         secure = bool(getattr(call, "secure_entry_active", False))
+        if secure != tap.secure:
+            tap.secure = secure
+            self._note(call, "recording_paused" if secure else "recording_resumed", reason="secure_entry")
         if self.put(("caller", call.key, (pcm16k, secure, tap.lost)), len(pcm16k)):
             tap.lost = 0
         else:

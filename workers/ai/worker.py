@@ -150,7 +150,7 @@ class AiWorker:
         self.tenants = TenantProfiles(cfg)  # per tenant: model section, tools, greeting (tenants.py)
         self.tools = self.tenants.default.tools
         self.records = CallRecorder(cfg, shard)  # the call record's items (workers/ai/records.py)
-        self.recordings = Recordings(cfg, shard)  # call audio, when the policy says so (recording.py)
+        self.recordings = Recordings(cfg, shard, self.records.event)  # call audio (workers/ai/recording.py)
         for profile in self.tenants.all():
             self.records.wire_tools(profile.tools, self.calls)
             profile.own_tool_key()  # a tenant's tools_secret signs instead of the webhook key
