@@ -55,7 +55,7 @@ MAX_QUEUED_BYTES = 8 * 1024 * 1024  # ~2.5 min of one call's both legs, seconds 
 SEAL_BYTES = 64 * 1024  # a sealed chunk at least this big ...
 SEAL_SECONDS = 5.0  # ... or this old (what a crash can lose)
 PAUSE_POLL_SECONDS = 0.2
-BITRATE = 48000  # stereo speech
+BITRATE = 32000  # stereo, mostly one side talking at a time: ~4 KB per call-second
 
 
 class _Tap:
@@ -277,7 +277,8 @@ class _Writer:
                 os.fdopen(fd, "wb"), directory.parent)
         w.container = av.open(w.sink, mode="w", format="ogg")
         w.stream = w.container.add_stream("libopus", rate=RATE, layout="stereo")
-        w.stream.bit_rate = BITRATE
+        # (the stream's ``bit_rate`` attribute is not passed to libopus; the encoder option is)
+        w.stream.codec_context.options = {"b": str(BITRATE), "application": "voip", "compression_level": "3"}
         # the marking inside the file itself (OpusTags); the segments are in the sidecar
         w.stream.metadata.update({"TITLE": f"call {session}", "CHANNEL_LEFT": "caller",
                                   "CHANNEL_RIGHT": "ai-generated (model speech and prompts)",
