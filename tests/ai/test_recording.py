@@ -175,3 +175,68 @@ async def test_recording_both_legs_encrypted_paused_and_off(emu, tmp_path, speec
     assert rms(after) > 0.03
     assert gaps["operator"]["start_ms"] < gaps["secure_entry"]["start_ms"]
     assert abs(meta["duration_ms"] - pcm.shape[1] // ms) < 100
+
+
+async def test_interrupted_audio_is_cut_overload_is_a_gap_restart_is_a_new_part(tmp_path, monkeypatch) -> None:
+    """The tick with a scripted Live double (no emulator): model audio the caller never heard (cut by
+    ``interrupted``) is not in the recording; audio dropped under overload is a marked gap; a worker
+    that lets go of a live call (restart) finishes its part and the next worker starts part 2."""
+    from tests.ai.doubles import FakeLive
+    from tests.harness.audio import dominant_frequency, tone
+    from workers.ai import recording
+    from workers.ai.greeting import PromptCache
+    from workers.ai.live.events import AudioOut, Interrupted
+    from workers.ai.worker import AiWorker
+
+    FakeLive.instances = []
+    cfg = replace(load_config(None, env={}), model={"greeting": "", "hold_prompt": ""},
+                  paths={"state_dir": str(tmp_path)}, compliance={**NO_DISCLOSURE, "recording": "audio"})
+    quiet = bytes(640)
+    with shard_segment(slots=1, uplink_bytes=64000, downlink_bytes=384000) as seg:
+        slot = seg.slot(0)
+
+        async def run(w: AiWorker, n: int) -> None:
+            for _ in range(n):
+                slot.uplink.write(quiet)
+                w.tick()
+                await asyncio.sleep(0)
+
+        w = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path))
+        activate_slot(slot, options={"greeting": ""}, session_id="box.rec-cut")
+        await run(w, 10)  # 200 ms of call, then 2 s of model audio arrives at once
+        FakeLive.instances[-1].emit(AudioOut(pcm24k=tone(1000, 2.0, 24000).tobytes()))
+        await run(w, 25)  # 500 ms of it is played ...
+        FakeLive.instances[-1].emit(Interrupted())  # ... and the model stops: the rest never plays
+        await run(w, 25)
+        monkeypatch.setattr(recording, "MAX_QUEUED_BYTES", 0)
+        await run(w, 15)  # 300 ms that do not fit the writer's queue
+        monkeypatch.undo()
+        await run(w, 10)
+        await w.shutdown()  # the worker stops; the call goes on
+        assert w.recordings.dropped_bytes == 15 * 640
+        w2 = AiWorker(cfg, seg, live_factory=FakeLive, prompts=PromptCache(tmp_path))
+        await run(w2, 10)
+        slot.free()
+        await run(w2, 2)
+        await w2.shutdown()
+
+    store = RecordingStore(recordings_root(cfg), load_master(cfg))
+    one, two = store.parts("box.rec-cut")
+    m1, m2 = one.meta(), two.meta()
+    assert (one.part, two.part) == (1, 2) and m1["ended_at"] is None and m2["ended_at"] is not None
+    assert m1["complete"] and m2["complete"]
+    (seg_ai,) = m1["ai_generated"]["segments"]
+    assert abs(seg_ai["start_ms"] - 200) <= 20 and abs(seg_ai["end_ms"] - 700) <= 40, seg_ai
+    (gap,) = m1["gaps"]
+    assert gap["reason"] == "overload" and abs(gap["start_ms"] - 1200) <= 40
+    assert abs(gap["end_ms"] - gap["start_ms"] - 300) <= 20
+    assert abs(m1["duration_ms"] - 1700) <= 40 and abs(m2["duration_ms"] - 240) <= 40
+    pcm, rate, _ = decode(b"".join(store.open_part(one)))
+    ms = rate // 1000
+    right = pcm[1]
+    assert abs(dominant_frequency(right[250 * ms: 650 * ms], rate) - 1000) < 10
+    assert rms(right[760 * ms:]) < 1e-3  # the 1.5 s the caller never heard are not there
+    assert rms(right[300 * ms: 600 * ms]) > 0.2
+    # the chained download holds both parts
+    both = b"".join(store.open_session("box.rec-cut"))
+    assert both.count(b"OpusHead") == 2

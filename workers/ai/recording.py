@@ -84,7 +84,8 @@ class Recordings:
         self.dir = recordings_root(cfg) / f"shard-{shard}"
         self.shard = shard
         self._q: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
-        self._queued = 0  # bytes in the queue (approximate across threads; only a bound)
+        self._queued = 0  # audio bytes in the queue (both threads change it: under _lock)
+        self._lock = threading.Lock()
         self._taps: dict[tuple[int, int], _Tap] = {}
         self._thread: threading.Thread | None = None
         self.dropped_bytes = 0
@@ -142,12 +143,17 @@ class Recordings:
         self._q.put(("stop", call.key, ended))
 
     def put(self, item: tuple[str, Any, Any], size: int) -> bool:
-        if self._queued + size > MAX_QUEUED_BYTES:
-            self.dropped_bytes += size
-            return False
-        self._queued += size
+        with self._lock:
+            if self._queued + size > MAX_QUEUED_BYTES:
+                self.dropped_bytes += size
+                return False
+            self._queued += size
         self._q.put(item)
         return True
+
+    def _taken(self, size: int) -> None:
+        with self._lock:
+            self._queued -= size
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish every open recording (the worker is stopping)."""
@@ -178,12 +184,12 @@ class Recordings:
                         session, tenant_name = data
                         writers[key] = _Writer.create(self.dir, keyring, session, tenant_name, self.shard)
                     case "caller":
-                        self._queued -= len(data[0])
+                        self._taken(len(data[0]))
                         w = writers.get(key)
                         if w is not None:
                             w.caller(*data)
                     case "model":
-                        self._queued -= len(data)
+                        self._taken(len(data))
                         w = writers.get(key)
                         if w is not None:
                             w.model(data)
