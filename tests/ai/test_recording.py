@@ -177,7 +177,7 @@ async def test_recording_both_legs_encrypted_paused_and_off(emu, tmp_path, speec
     assert abs(meta["duration_ms"] - pcm.shape[1] // ms) < 100
 
 
-async def test_interrupted_audio_is_cut_overload_is_a_gap_restart_is_a_new_part(tmp_path, monkeypatch) -> None:
+async def test_unheard_audio_cut_overload_gap_restart_new_part(tmp_path, monkeypatch) -> None:
     """The tick with a scripted Live double (no emulator): model audio the caller never heard (cut by
     ``interrupted``) is not in the recording; audio dropped under overload is a marked gap; a worker
     that lets go of a live call (restart) finishes its part and the next worker starts part 2."""
