@@ -69,9 +69,13 @@ def master() -> MasterKeys:
     return MasterKeys.parse(MasterKeys.new_line("m1"))
 
 
-def test_sealed_chunks_refuse_tampering_and_reordering(tmp_path: Path, master: MasterKeys) -> None:
+def test_sealed_chunks_refuse_tampering_and_reordering(tmp_path: Path, master: MasterKeys,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.ai import recording
+
+    monkeypatch.setattr(recording, "SEAL_BYTES", 16 * 1024)  # several chunks
     root = tmp_path / "recordings"
-    part = make(root, master, "box.t1", seconds=12.0)  # > SEAL_SECONDS of audio → several chunks
+    part = make(root, master, "box.t1", seconds=12.0)
     rs = RecordingStore(root, master)
     ogg = b"".join(rs.open_part(part))
     with av.open(io.BytesIO(ogg)) as c:
@@ -80,7 +84,7 @@ def test_sealed_chunks_refuse_tampering_and_reordering(tmp_path: Path, master: M
     assert abs(peak_hz(pcm[1, 4800:96000], 48000) - 1000) < 5  # right: the model's
     assert np.sqrt(np.mean(pcm[1, 7 * 48000: 11 * 48000] ** 2)) < 1e-3  # model silent after 6 s
     meta = part.meta()
-    assert meta["encryption"]["chunks"] >= 2 and meta["ai_generated"]["segments"] == [
+    assert meta["encryption"]["chunks"] >= 3 and meta["ai_generated"]["segments"] == [
         {"start_ms": 0, "end_ms": 6000}]
     raw = part.audio.read_bytes()
     assert b"OggS" not in raw and b"Opus" not in raw
