@@ -26,13 +26,13 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.compliance.atrest import SpoolKeyStore, load_master
-from appliance.compliance.envelope import DecryptError, Keyring, MasterKeys
+from appliance.compliance.envelope import DecryptError, KeyConfigError, Keyring, MasterKeys
 
 SUFFIX = ".ogg.sealed"
 _LEN = struct.Struct(">I")
@@ -82,14 +82,18 @@ class Part:
 class RecordingStore:
     """Read side of the recordings of this box (the admin API, retention, GDPR)."""
 
-    def __init__(self, root: Path, master: MasterKeys | None) -> None:
+    def __init__(self, root: Path, master: MasterKeys | None,
+                 load: Callable[[], MasterKeys] | None = None) -> None:
         self.root = Path(root)
         self.master = master
+        self._load = load
         self._keyrings: dict[Path, Keyring] = {}
 
     @classmethod
     def from_config(cls, cfg: Any) -> RecordingStore:
-        return cls(recordings_root(cfg), load_master(cfg))
+        """The master key is read when a recording is first opened (a box that records nothing, or whose
+        credential is missing, still starts)."""
+        return cls(recordings_root(cfg), None, lambda: load_master(cfg))
 
     # -- finding ---------------------------------------------------------------------------------
     def parts(self, session: str) -> list[Part]:
@@ -119,6 +123,11 @@ class RecordingStore:
 
     # -- reading ---------------------------------------------------------------------------------
     def _keyring(self, directory: Path) -> Keyring:
+        if self.master is None and self._load is not None:
+            try:
+                self.master = self._load()
+            except (OSError, KeyConfigError) as exc:
+                raise DecryptError(f"master key unavailable: {exc}") from None
         if self.master is None:
             raise DecryptError("no master key configured")
         ring = self._keyrings.get(directory)
