@@ -19,9 +19,8 @@ import soxr
 from appliance.compliance.atrest import load_master
 from appliance.compliance.recordings import RecordingStore, recordings_root
 from appliance.config import load_config, replace
-from tests.ai.audio import frames, silence, white_noise
+from tests.ai.audio import best_correlation, frames, silence, white_noise
 from tests.ai.live_worker import NO_DISCLOSURE, running, until
-from tests.harness.audio import best_correlation
 from tests.harness.emulator import start_emulator
 from tests.harness.shm import activate_slot, shard_segment
 
@@ -153,9 +152,9 @@ async def test_recording_both_legs_encrypted_paused_and_off(emu, tmp_path, speec
     echo48 = soxr.resample(np.frombuffer(bytes(echo), np.int16), 24000, rate).astype(np.float32) / 32768
     first_ai = meta["ai_generated"]["segments"][0]
     span = left[: first_ai["start_ms"] * ms]
-    assert best_correlation(speech48, span, rate)[0] > 0.85
+    assert best_correlation(speech48, span) > 0.85  # FFT-based: the span may be seconds long
     ai_span = right[first_ai["start_ms"] * ms: first_ai["end_ms"] * ms + 200 * ms]
-    assert best_correlation(echo48, ai_span, rate)[0] > 0.85
+    assert best_correlation(echo48, ai_span) > 0.85
     # the legs do not leak into each other: the right channel is silent while the caller speaks,
     # the left while the model answers (the caller is quiet then)
     assert rms(right[: first_ai["start_ms"] * ms]) < 1e-3

@@ -230,3 +230,15 @@ def _signing_key() -> Any:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     return Ed25519PrivateKey.generate()
+
+
+def test_recording_events_become_audit_entries() -> None:
+    """The AI worker's recording events (workers/ai/recording.py → the record spool) are audited."""
+    started = trail.from_item({"kind": "event", "call": "box.c", "at": 1.0, "type": "recording_started",
+                               "offset_ms": 0, "data": {}})
+    paused = trail.from_item({"kind": "event", "call": "box.c", "at": 2.0, "type": "recording_paused",
+                              "offset_ms": 500, "data": {"reason": "secure_entry", "digits": "4111"}})
+    assert started is not None and started.action == "recording.started" and started.subject == "box.c"
+    assert paused is not None and paused.action == "recording.paused"
+    assert paused.details is not None and paused.details["reason"] == "secure_entry"
+    assert "digits" not in paused.details  # only the named fields pass
