@@ -72,7 +72,7 @@ def decode(ogg: bytes) -> tuple[np.ndarray, int, dict[str, str]]:
     return np.concatenate(chunks, axis=1), rate, tags
 
 
-async def test_recording_both_legs_encrypted_paused_and_off(emu, tmp_path, speech) -> None:
+async def test_recording_both_legs_encrypted_paused_and_off(emu, tmp_path, speech, monkeypatch) -> None:
     cfg = replace(load_config(None, env={}),
                   model={"api_key": emu.api_key, "base_url": emu.base_url, "ca_file": emu.ca_file,
                          "greeting": "", "hold_prompt": ""},
@@ -113,12 +113,16 @@ async def test_recording_both_legs_encrypted_paused_and_off(emu, tmp_path, speec
                 await asyncio.sleep(0.3)
                 store.set_paused("box.rec-on", False, by="op")
                 await asyncio.sleep(0.5)
-                # secure keypad entry on the call (the PCI helper's property; absent here = off)
+                # secure keypad entry on the call: the recorder polls the call's read-only
+                # ``secure_entry_active`` (PCI keypad entry, workers/ai/call.py); here it is driven directly
+                secure = {"on": False}
                 call = w.calls[0]
-                call.secure_entry_active = True
+                monkeypatch.setattr(type(call), "secure_entry_active",
+                                    property(lambda c: secure["on"] and c is call), raising=False)
+                secure["on"] = True
                 feeder.say(on, noise)
                 await until(lambda: feeder.idle(on), what="noise sent")
-                call.secure_entry_active = False
+                secure["on"] = False
                 feeder.say(on, white_noise(0.6, -20, seed=2))  # recorded: after the gaps
                 await until(lambda: feeder.idle(on), what="noise sent")
                 await asyncio.sleep(0.3)
