@@ -218,8 +218,15 @@ class Recordings:
             now = time.monotonic()
             if now - polled >= PAUSE_POLL_SECONDS:
                 polled = now
-                for w in writers.values():
-                    w.poll_pause()
+                for key, w in list(writers.items()):
+                    try:
+                        w.poll_pause()
+                    except OSError as exc:  # e.g. the sidecar cannot be written (disk full)
+                        self.writer_errors += 1
+                        log.error("recording failed", extra={"session": w.session, "error": str(exc)})
+                        writers.pop(key, None)
+                        with contextlib.suppress(Exception):
+                            w.abort(str(exc))
 
 
 def _keyring(cfg: Config, directory: Path) -> Keyring:
