@@ -20,6 +20,7 @@ import json
 import os
 import re
 import socket
+import sys
 import tomllib
 import types
 import typing
@@ -133,6 +134,15 @@ class ModelConfig:
     # HMAC(key, "<t>.<body>")>" so the endpoint knows it came from this appliance (workers/ai/tools.py).
     tools_secret: str = field(default="", metadata=SECRET)
     tools_secret_file: str = ""
+    # PCI secure keypad entry (workers/ai/secure_entry.py, docs/compliance.md): with payment_url set the
+    # model gets the built-in tool collect_card_number; while an entry runs the keypad digits go only to
+    # payment_url (a signed POST with the tools key), never to the model, logs, journal or record.
+    payment_url: str = ""
+    payment_timeout_seconds: float = 10.0
+    secure_entry_at_start: bool = False  # every new call starts in secure entry (a payment line)
+    secure_entry_max_digits: int = 19  # the longest PAN; the entry ends there (or at #)
+    secure_entry_digit_timeout_seconds: float = 5.0  # quiet after the last digit ends the entry
+    secure_entry_seconds: float = 60.0  # no digit at all this long: the entry times out
     # Model routing (docs/architecture.md "Tenants and model routing"): new calls go to fallback_model
     # while the primary's breaker is open, and fallback_weight (0..1) of the others too ("80 % to Flash").
     fallback_model: str = ""
@@ -361,6 +371,17 @@ class ComplianceConfig:
     # Call recording of the default tenant (a [tenants.<name>] table sets its own `recording`):
     # off | audio | transcript | audio_and_transcript; audio is recorded by workers/ai/recording.py
     recording: str = "off"
+    # Consent capture (GDPR art. 6/7; workers/ai/consent.py): the default tenant's policy and every
+    # tenant's without its own `consent`. opt_in: after the greeting the caller hears consent_prompt and
+    # must press 1 before anything of the call reaches the model (any other key or the timeout: the
+    # goodbye plays and the call ends); announce: the prompt plays, consent is recorded as announced.
+    consent: str = "none"  # none | announce | opt_in
+    consent_prompt: str = ("Before we continue: this call is answered by an AI assistant, and what you say "
+                           "is processed to help you. Press 1 if you agree. Press any other key to end "
+                           "the call.")
+    consent_purposes: list[str] = field(default_factory=lambda: ["ai_assistant"])
+    consent_refused_message: str = "Without your agreement we cannot continue. Thank you, goodbye."
+    consent_timeout_seconds: float = 15.0  # for the answer, counted once the prompt has played
 
 
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -376,7 +397,8 @@ class TenantConfig:
 
     ``model`` is the top-level ``[model]`` with the tenant's keys applied (what every call of the
     tenant runs with); ``overrides`` are the keys as written (``replace``/``config show`` keep them).
-    ``recording`` (audio: workers/ai/recording.py); ``consent`` is declared and validated only.
+    ``recording`` (audio: workers/ai/recording.py); ``consent`` (unset: ``compliance.consent``) and
+    ``consent_prompt`` ("": ``compliance.consent_prompt``) are acted on by workers/ai/consent.py.
     """
 
     name: str
@@ -384,10 +406,11 @@ class TenantConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     max_sessions: int = 0  # concurrent calls of this tenant on this box; 0 = no limit but the box's
     recording: str = "off"  # off | audio | transcript | audio_and_transcript (audio: recorded)
-    consent: str = "none"  # none | announce | opt_in (not acted on yet)
+    consent: str = "none"  # none | announce | opt_in (unset in the table: compliance.consent)
+    consent_prompt: str = ""  # in the tenant's language; "": compliance.consent_prompt
 
 
-_TENANT_KEYS = {"max_sessions": int, "recording": str, "consent": str}
+_TENANT_KEYS = {"max_sessions": int, "recording": str, "consent": str, "consent_prompt": str}
 # Keys that say where the model runs: a tenant that sets one gets its own Live client settings.
 ENDPOINT_KEYS = frozenset({"platform", "project", "location", "credentials_file", "api_key", "api_key_file",
                            "base_url", "ca_file", "api_version"})
@@ -511,6 +534,11 @@ _RANGES: dict[str, tuple[float, float]] = {
     "limits.concurrent_sessions_per_sub": (0, 100000),
     "limits.unauthenticated_per_minute": (1, 100000),
     "limits.auth_failures_per_minute": (1, 100000),
+    "model.secure_entry_max_digits": (1, 32),
+    "model.payment_timeout_seconds": (0.1, 120),
+    "model.secure_entry_digit_timeout_seconds": (0.5, 60),
+    "model.secure_entry_seconds": (1, 600),
+    "compliance.consent_timeout_seconds": (1, 600),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "emulator.reply": ("echo", "tone", "silence"),
@@ -522,6 +550,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "tenants.recording": RECORDING_POLICIES,
     "compliance.recording": RECORDING_POLICIES,
     "tenants.consent": CONSENT_POLICIES,
+    "compliance.consent": CONSENT_POLICIES,
 }
 
 
@@ -680,6 +709,16 @@ def tenant(cfg: Config, name: str | None) -> TenantConfig:
     return cfg.tenants[name]
 
 
+def load_for_cli(path: str | None) -> Config | None:
+    """The config for a command-line tool, or None after printing why it does not load (the tool then
+    exits 2). ``path=None``: as :func:`load_config`."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return None
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     env: typing.Mapping[str, str] | None = None,
@@ -791,9 +830,11 @@ def _check_model(cfg: Config, m: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where}.greeting: empty, but the greeting is the AI disclosure every caller "
                           "hears; give one, or set compliance.ai_disclosure = false with "
                           "compliance.ai_disclosure_off_reason")
-    url = m.tools_url
-    if url and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", url):
-        raise ConfigError(f"{where}.tools_url: expected an http:// or https:// URL, got {url!r}")
+    for key, url in (("tools_url", m.tools_url), ("payment_url", m.payment_url)):
+        if url and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", url):
+            raise ConfigError(f"{where}.{key}: expected an http:// or https:// URL, got {url!r}")
+    if m.secure_entry_at_start and not m.payment_url:
+        raise ConfigError(f"{where}.secure_entry_at_start: needs {where}.payment_url (where the digits go)")
     if m.tools_file:
         load_tool_declarations(m.tools_file, f"{where}.tools_file")
     if m.fallback_weight > 0 and not m.fallback_model:
