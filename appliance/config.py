@@ -368,6 +368,9 @@ class ComplianceConfig:
     retention_days_call_metadata: int = 400
     retention_days_recordings: int = 90
     purge_interval_seconds: float = 3600.0
+    # Call recording of the default tenant (a [tenants.<name>] table sets its own `recording`):
+    # off | audio | transcript | audio_and_transcript; audio is recorded by workers/ai/recording.py
+    recording: str = "off"
     # Consent capture (GDPR art. 6/7; workers/ai/consent.py): the default tenant's policy and every
     # tenant's without its own `consent`. opt_in: after the greeting the caller hears consent_prompt and
     # must press 1 before anything of the call reaches the model (any other key or the timeout: the
@@ -394,7 +397,7 @@ class TenantConfig:
 
     ``model`` is the top-level ``[model]`` with the tenant's keys applied (what every call of the
     tenant runs with); ``overrides`` are the keys as written (``replace``/``config show`` keep them).
-    ``recording`` is declared and validated only; ``consent`` (unset: ``compliance.consent``) and
+    ``recording`` (audio: workers/ai/recording.py); ``consent`` (unset: ``compliance.consent``) and
     ``consent_prompt`` ("": ``compliance.consent_prompt``) are acted on by workers/ai/consent.py.
     """
 
@@ -402,7 +405,7 @@ class TenantConfig:
     model: ModelConfig
     overrides: dict[str, Any] = field(default_factory=dict)
     max_sessions: int = 0  # concurrent calls of this tenant on this box; 0 = no limit but the box's
-    recording: str = "off"  # off | audio | transcript | audio_and_transcript (not acted on yet)
+    recording: str = "off"  # off | audio | transcript | audio_and_transcript (audio: recorded)
     consent: str = "none"  # none | announce | opt_in (unset in the table: compliance.consent)
     consent_prompt: str = ""  # in the tenant's language; "": compliance.consent_prompt
 
@@ -571,6 +574,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.platform": ("developer", "vertex"),
     "media.uplink_processing": ("off", "ns", "aec_ns_agc"),
     "tenants.recording": RECORDING_POLICIES,
+    "compliance.recording": RECORDING_POLICIES,
     "tenants.consent": CONSENT_POLICIES,
     "compliance.consent": CONSENT_POLICIES,
 }
@@ -727,7 +731,7 @@ def tenant(cfg: Config, name: str | None) -> TenantConfig:
     """The tenant a call runs as: ``name`` from the caller's token, or the default (top-level [model]).
     KeyError for a name the config does not define (the API answers 403 before this)."""
     if not name or name == DEFAULT_TENANT:
-        return TenantConfig(name=DEFAULT_TENANT, model=cfg.model)
+        return TenantConfig(name=DEFAULT_TENANT, model=cfg.model, recording=cfg.compliance.recording)
     return cfg.tenants[name]
 
 

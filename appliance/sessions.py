@@ -383,6 +383,8 @@ class Sessions:
                                      "model": model}
         if resume_handle:
             slot_opts["resume_handle"] = resume_handle
+        if options.recording:  # the caller opted this call in (the tenant's policy otherwise)
+            slot_opts["recording"] = options.recording
         try:
             if options.mode == "room":
                 answer = await self._setup_room(live, offer_sdp, slot_opts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from shm.audio import DOWN_BYTES_PER_SECOND, DOWN_FRAME
 from shm.segment import Slot
@@ -31,11 +32,18 @@ class PlaybackStats:
     pauses_released: int = 0
 
 
+class PlaybackTap(Protocol):
+    """Who hears what the caller is played (the call's recording): audio queued, and queued audio dropped."""
+
+    def played(self, pcm24k: bytes) -> None: ...
+    def flushed(self) -> None: ...
+
+
 class Playback:
     """Model audio of one (slot, generation); ``current()`` says whether the slot is still this call's."""
 
     __slots__ = ("_confirm_s", "_stats", "current", "hold_deadline", "hold_seq", "last_event", "model_turn",
-                 "pending", "protect_until", "slot", "suppress")
+                 "pending", "protect_until", "slot", "suppress", "tap")
 
     def __init__(self, slot: Slot, current: Callable[[], bool], stats: PlaybackStats, confirm_s: float,
                  last_event: MutableMapping[str, float]) -> None:
@@ -45,6 +53,7 @@ class Playback:
         self._confirm_s = confirm_s
         self.last_event = last_event
         self.pending = bytearray()  # model audio not yet in the ring
+        self.tap: PlaybackTap | None = None  # the call's recording (workers/ai/recording.py), if any
         self.model_turn = False  # model audio arrived since the last turnComplete/interrupted
         self.suppress = False  # barge-in: drop the rest of the interrupted model turn
         self.protect_until = 0  # downlink write cursor up to which audio is the (uninterruptible) greeting
@@ -61,6 +70,8 @@ class Playback:
     # --- writing ------------------------------------------------------------------------------------
     def queue(self, pcm: bytes) -> None:
         """Prompt audio (greeting, "please hold"): queued behind whatever plays."""
+        if self.tap is not None:
+            self.tap.played(pcm)
         self.pending += pcm
         self.drain()
 
@@ -93,7 +104,10 @@ class Playback:
         if not self.model_turn:
             self.model_turn = True
             self.last_event["first_audio"] = time.monotonic()
-        self.pending += pcm[:-1] if len(pcm) % 2 else pcm
+        pcm = pcm[:-1] if len(pcm) % 2 else pcm
+        if self.tap is not None:
+            self.tap.played(pcm)
+        self.pending += pcm
         self.drain()
 
     def interrupted(self) -> None:
@@ -102,6 +116,8 @@ class Playback:
         if self.current() and ring.read_cursor >= self.protect_until:
             if self.pending or ring.free_space() < ring.capacity:
                 ring.request_flush()
+                if self.tap is not None:
+                    self.tap.flushed()
                 self.last_event["interrupted"] = time.monotonic()
                 self.end_hold(confirmed=True)
             self.pending.clear()
@@ -126,6 +142,8 @@ class Playback:
         if not self.pending and not self.model_turn and ring.free_space() == ring.capacity:
             return
         ring.request_flush()
+        if self.tap is not None:
+            self.tap.flushed()
         self.pending.clear()
         if self.model_turn:
             self.suppress = True

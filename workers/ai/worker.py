@@ -86,6 +86,7 @@ from workers.ai.live.events import (
 from workers.ai.live.outbox import Outbox, journal_path, remove_stale
 from workers.ai.live.settings import ClientSettings, LiveOptions, client_settings
 from workers.ai.playback import Playback, PlaybackStats
+from workers.ai.recording import Recordings
 from workers.ai.records import CallRecorder
 from workers.ai.secure_entry import SecureEntries
 from workers.ai.tenants import TenantProfiles
@@ -155,6 +156,7 @@ class AiWorker:
         self.records = CallRecorder(cfg, shard)  # the call record's items (workers/ai/records.py)
         self.ivr = Ivr(cfg, DegradePrompts(cfg.degrade, self.prompts, cfg.model.language), self.records,
                        self.tenants)  # what the caller hears while the model is down (workers/ai/ivr.py)
+        self.recordings = Recordings(cfg, shard, self.records.event)  # call audio (workers/ai/recording.py)
         self.secure = SecureEntries(self.records)  # PCI keypad entry (workers/ai/secure_entry.py)
         self.consent = ConsentGate(cfg, self.records)  # opt-in consent step (workers/ai/consent.py)
         for profile in self.tenants.all():
@@ -240,6 +242,7 @@ class AiWorker:
             await asyncio.wait(self._closing, timeout=5.0)
         await self.tenants.aclose()
         self.records.close()
+        await asyncio.to_thread(self.recordings.close)
 
     # ---- the tick --------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -332,6 +335,7 @@ class AiWorker:
         handle = slot.resume_handle or str(options.get("resume_handle") or "")
         fresh = not handle and not slot.model_state  # never attached by any AI worker before
         self.records.attached(call, fresh=fresh)
+        self.recordings.attached(call)
         consent_prompt = self.consent.attach(call, fresh=fresh)  # played after the greeting
         log.info("call attached", extra={"session": session_id, "slot": slot.index, "resume": bool(handle),
                                          "replay_items": len(call.outbox.replay()),
@@ -435,6 +439,7 @@ class AiWorker:
         call.outbox.close(remove=not call.slot.is_current(call.generation))
         self.stats.sessions_closed += 1
         self.records.closed(call)
+        self.recordings.closed(call)
         self.secure.closed(call)
         log.info("call detached", extra={"session": call.session_id, "slot": idx, "reason": reason})
         self._stop_live(call)
@@ -471,6 +476,7 @@ class AiWorker:
         if not data:
             return
         self.stats.frames_in += len(data) // UP_FRAME
+        self.recordings.caller_audio(call, data)
         windows = call.caller.push(data)
         if call.caller.sending:
             call.send_audio(data)
