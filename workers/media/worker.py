@@ -43,12 +43,14 @@ a confirmed barge-in).
 
 Pacing: a tick is split in two. ``lead_ns`` before the deadline the worker *prepares* every session —
 uplink frame (so a playback hold still acts on this tick's packet) and the next downlink packet, encoded
-and framed — and at the deadline it *sends* them all back to back (a ``sendto`` each, ~3-5 µs), so every
-call's packet leaves at the deadline whatever the number of calls. Before, each session encoded and sent
-in turn and the k-th packet left ~k x 0.1 ms late, varying with who was speaking: the pacing jitter the
-ramp stopped at. The lead is the slowest prepare of the last second + 0.7 ms (1-12 ms); it is the only
-downlink latency this adds. A barge-in flush requested between prepare and send makes the prepared
-packet stale: it goes out as silence (``send_prepared``), so a flush still cuts audio within a tick.
+and framed — and at the deadline it *sends* them all back to back (a ``sendto`` each, ~15 µs on
+loopback), so every call's packet leaves at the deadline whatever the number of calls. Before, each
+session encoded and sent in turn and the k-th packet left ~k x 0.1 ms late, varying with who was
+speaking: the pacing jitter the ramp stopped at. The lead is the second-slowest prepare of the last
+second + 0.7 ms (1-15 ms); reading the downlink ring that much earlier is the latency this adds
+(measured: docs/benchmarks.md "Pacing"). A barge-in flush requested between prepare and send makes the
+prepared packet stale: it goes out as silence (``send_prepared``), so a flush still cuts audio within a
+tick.
 
 Counters go to the slot (``MEDIA_COUNTERS``); the shard heartbeat is written every tick.
 ``downlink_underruns`` counts transitions from model audio to an empty downlink ring (the end of a model
@@ -115,10 +117,11 @@ ANSWER_MAX_S = 10.0  # first model audio → first RTP longer than this: not the
 HOLD_MAX_NS = 2_000_000_000  # a hold the AI worker never answers ends here (vad.pause_confirm_ms <= 1 s)
 FADE_IN_SAMPLES = 120  # 5 ms at 24 kHz: playback resuming mid-word after a false-alarm pause
 _HALF = 1 << 63
-# Pacing (module docstring): a tick is prepared this long before its deadline — the slowest prepare of the
-# last second plus a margin for scheduling noise, within [min, max] — and sent at the deadline.
+# Pacing (module docstring): a tick is prepared this long before its deadline — the second-slowest prepare
+# of the last second plus a margin for scheduling noise, within [min, max] — and sent at the deadline. The
+# max stays below the AI worker's tick phase (2 ms after the deadline, so 18 ms before the next one).
 LEAD_MIN_NS = 1_000_000
-LEAD_MAX_NS = 12_000_000
+LEAD_MAX_NS = 15_000_000
 LEAD_MARGIN_NS = 700_000
 LEAD_WINDOW_TICKS = 50
 PRECISE_NS = 1_500_000  # the last stretch before a deadline is slept, not polled (epoll has ms granularity)
@@ -831,10 +834,12 @@ class MediaWorker:
         return False
 
     def _note_prepare(self, took_ns: int) -> None:
-        """Adapt the lead to the slowest recent prepare (+ a margin for scheduling noise)."""
+        """Adapt the lead to the second-slowest prepare of the last second (+ a margin for scheduling
+        noise): one preempted prepare must not add its stall to every call's latency for a second."""
         recent = self._prepare_ns
         recent.append(took_ns)
-        self.lead_ns = min(LEAD_MAX_NS, max(LEAD_MIN_NS, max(recent) + LEAD_MARGIN_NS))
+        slow = sorted(recent)[-2] if len(recent) > 1 else took_ns
+        self.lead_ns = min(LEAD_MAX_NS, max(LEAD_MIN_NS, slow + LEAD_MARGIN_NS))
 
     def run_once(self, max_wait: float = 1.0) -> None:
         """Wait for packets until the next thing is due; prepare a tick ``lead_ns`` before its deadline,
