@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.model_profiles import BEHAVIORS, SCHEDULINGS, model_profile, proactive_audio_always_on
+
 DEFAULT_CONFIG_PATH = Path("/etc/voice-appliance/appliance.toml")
 ENV_PREFIX = "VA_"
 
@@ -148,6 +150,9 @@ class ModelConfig:
     # Vertex only: the server reports which client message a handle covers (lastConsumedClientMessageIndex)
     # and a reconnect replays exactly from there (the Developer API has no such index; see architecture.md).
     transparent_resumption: bool = True
+    # Gemini's proactive audio (the model may stay silent when the caller did not address it): opt-in on
+    # 2.5 native audio; always on for 3.8 models — unset means on for them, false is refused there.
+    proactive_audio: bool = False
 
 
 @dataclass(frozen=True)
@@ -653,6 +658,8 @@ def _build_tenants(data: Any, model: ModelConfig) -> dict[str, TenantConfig]:
         extra = {k: _check_value(f"{where}.{k}", f"tenants.{k}", _TENANT_KEYS[k], v)
                  for k, v in table.items() if k in _TENANT_KEYS}
         base = dataclasses.asdict(model)
+        if "model" in over:  # a tenant's own model brings its own model-dependent defaults
+            base["proactive_audio"] = proactive_audio_always_on(model_profile(str(over["model"])))
         if over.get("platform", model.platform) != model.platform:  # nothing of the other platform leaks in
             for k in ("project", "location", "credentials_file", "api_key", "api_key_file", "base_url"):
                 base[k] = type(base[k])()
@@ -706,6 +713,7 @@ def load_config(
             data.setdefault(section, {})[key] = _parse_env_value(raw)
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
+    _model_defaults(data.setdefault("model", {}), ModelConfig.model)
     built = {name: _build_section(name, cls, data.get(name, {})) for name, cls in sections.items()}
     cfg = Config(**built, tenants=_build_tenants(tenants_data, built["model"]))
     _check_cross_field(cfg)
@@ -789,6 +797,16 @@ def _check_model(cfg: Config, m: ModelConfig, where: str) -> None:
     if m.fallback_model and m.fallback_model == m.model:
         raise ConfigError(f"{where}.fallback_model: the same as {where}.model ({m.model!r})")
     check_model_platform(m)
+    if not m.proactive_audio and proactive_audio_always_on(model_profile(m.model)):
+        raise ConfigError(f"{where}.proactive_audio: {m.model!r} always uses proactive audio; remove "
+                          "proactive_audio = false (or choose a model where it is optional)")
+
+
+def _model_defaults(section: dict[str, Any], inherited_model: str) -> None:
+    """Defaults that depend on the model chosen: proactive audio is on for a model that always has it."""
+    if "proactive_audio" not in section:
+        model = section.get("model", inherited_model)
+        section["proactive_audio"] = proactive_audio_always_on(model_profile(str(model)))
 
 
 _LOCATION = re.compile(r"^[a-z]+(-[a-z]+)*[0-9]*$|^global$")
@@ -821,7 +839,8 @@ def check_model_platform(m: ModelConfig) -> None:
 _TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
 # FunctionDeclaration fields of the Live API (either casing), see google.genai.types.FunctionDeclaration.
 _TOOL_KEYS = {"name", "description", "parameters", "parametersJsonSchema", "parameters_json_schema",
-              "response", "responseJsonSchema", "response_json_schema", "behavior"}
+              "response", "responseJsonSchema", "response_json_schema", "behavior",
+              "scheduling"}  # ours, not a declaration field: FunctionResponse.scheduling (live/tooling.py)
 MAX_TOOLS = 128
 
 
@@ -859,6 +878,9 @@ def load_tool_declarations(path: str | os.PathLike[str],
         seen.add(name)
         if not isinstance(d.get("description", ""), str):
             raise ConfigError(f"{where}.description: expected a string")
+        for k, allowed in (("behavior", BEHAVIORS), ("scheduling", SCHEDULINGS)):
+            if k in d and (not isinstance(d[k], str) or d[k].upper() not in allowed):
+                raise ConfigError(f"{where}.{k}: expected one of {', '.join(allowed)}, got {d[k]!r}")
         for k in ("parameters", "parametersJsonSchema", "parameters_json_schema", "response",
                   "responseJsonSchema", "response_json_schema"):
             if k in d and not isinstance(d[k], dict):
@@ -872,6 +894,9 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
         name: {**dataclasses.asdict(getattr(cfg, name)), **sections.get(name, {})}
         for name in _section_types()
     }
+    if "model" in sections.get("model", {}) and "proactive_audio" not in sections["model"]:
+        del merged["model"]["proactive_audio"]  # the new model's default
+        _model_defaults(merged["model"], ModelConfig.model)
     built = {name: _build_section(name, cls, merged[name]) for name, cls in _section_types().items()}
     tables = {n: t.overrides for n, t in cfg.tenants.items()}
     tables.update(sections.get("tenants", {}))  # a tenant given here replaces its whole table
