@@ -17,8 +17,9 @@ loopback), driving it directly (no sleeping), so the numbers are pure CPU:
 * ``scale``: the real ``voice-appliance media-worker`` process carrying ``--sessions`` calls in real time
   (a load-generator process sends each call's Opus RTP every 20 ms and receives the worker's packets;
   this process plays the AI worker: consumes every uplink frame and speaks on the downlink 50 % of the
-  time): worker CPU per call-second from /proc, and packets each call received per second (50 = none
-  missing).
+  time): worker CPU per call-second from /proc, packets each call received per second (50 = none
+  missing) and the downlink's pacing and per-tick send spread at the receiver from kernel receive
+  timestamps (``_pacing``). ``--scale-only`` runs just this part.
 * ``latency``: with the worker running in real time (a thread here), the time from a tone onset's RTP
   packet leaving the peer to the onset appearing in the uplink ring (jitter buffer + tick phase +
   decode), and from a frame written into an idle downlink ring to its RTP packet arriving at the peer
