@@ -25,7 +25,8 @@ def test_pacing_and_tick_spread_of_known_arrivals() -> None:
 
 def test_timestamps_wrap_and_warmup_is_skipped() -> None:
     start = (1 << 32) - 960 * 3  # the RTP timestamp wraps after 3 packets
-    arrivals = [(0, (start + t * 960) % (1 << 32), t * TICK + (50_000_000 if t < 5 else 0)) for t in range(40)]
+    arrivals = [(0, (start + t * 960) % (1 << 32), t * TICK + (50_000_000 if t < 5 else 0))
+                for t in range(40)]
     assert _pacing(arrivals, 1, skip_ns=0)["pacing_max_ms"] == pytest.approx(50.0, abs=1e-3)
     assert _pacing(arrivals, 1, skip_ns=5 * TICK + 1)["pacing_max_ms"] == pytest.approx(0.0, abs=1e-3)
     assert _pacing([], 1, skip_ns=0) == {}
