@@ -41,6 +41,17 @@ next pause needs a quiet frame first, so steady noise above the threshold pauses
 tick. A flush requested by the AI worker gets the same encoder reset (one packet less of old audio after
 a confirmed barge-in).
 
+Pacing: a tick is split in two. ``lead_ns`` before the deadline the worker *prepares* every session —
+uplink frame (so a playback hold still acts on this tick's packet) and the next downlink packet, encoded
+and framed — and at the deadline it *sends* them all back to back (a ``sendto`` each, ~15 µs on
+loopback), so every call's packet leaves at the deadline whatever the number of calls. Before, each
+session encoded and sent in turn and the k-th packet left ~k x 0.1 ms late, varying with who was
+speaking: the pacing jitter the ramp stopped at. The lead is the second-slowest prepare of the last
+second + 0.7 ms (1-15 ms); reading the downlink ring that much earlier is the latency this adds
+(measured: docs/benchmarks.md "Pacing"). A barge-in flush requested between prepare and send makes the
+prepared packet stale: it goes out as silence (``send_prepared``), so a flush still cuts audio within a
+tick.
+
 Counters go to the slot (``MEDIA_COUNTERS``); the shard heartbeat is written every tick.
 ``downlink_underruns`` counts transitions from model audio to an empty downlink ring (the end of a model
 utterance, or the AI worker falling behind mid-utterance); ``concealed`` counts frames synthesised by
@@ -59,6 +70,7 @@ import random
 import selectors
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -105,12 +117,35 @@ ANSWER_MAX_S = 10.0  # first model audio → first RTP longer than this: not the
 HOLD_MAX_NS = 2_000_000_000  # a hold the AI worker never answers ends here (vad.pause_confirm_ms <= 1 s)
 FADE_IN_SAMPLES = 120  # 5 ms at 24 kHz: playback resuming mid-word after a false-alarm pause
 _HALF = 1 << 63
+# Pacing (module docstring): a tick is prepared this long before its deadline — the second-slowest prepare
+# of the last second plus a margin for scheduling noise, within [min, max] — and sent at the deadline. The
+# max stays below the AI worker's tick phase (2 ms after the deadline, so 18 ms before the next one).
+LEAD_MIN_NS = 1_000_000
+LEAD_MAX_NS = 15_000_000
+LEAD_MARGIN_NS = 700_000
+LEAD_WINDOW_TICKS = 50
+PRECISE_NS = 1_500_000  # the last stretch before a deadline is slept, not polled (epoll has ms granularity)
+DRAIN_GUARD_NS = 300_000  # stop draining sockets this close to a deadline (the rest: the next poll)
 
 
 @dataclass
 class _Candidate:
     stats: SourceStats
     good: int = 0
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A downlink packet built ahead of its deadline (``MediaSession.prepare_downlink``)."""
+
+    packet: bytes
+    frame: bytes | None  # the 24 kHz PCM it carries (None: silence or encoder tail)
+    audio: bool  # carries model audio or its encoder tail: stale if a flush comes before the send
+    starts: bool  # the first packet of an utterance (times the answer when sent)
+    flush_epoch: int  # the downlink ring's flush_epoch right after the frame was read
+    seq: int
+    ts: int
+    marker: bool
 
 
 class MediaSession:
@@ -187,6 +222,8 @@ class MediaSession:
         self.pause_armed = True  # False after a hold until a caller frame below the threshold
         self.fade_in = False
         self.flushes_seen = slot.downlink.flushes
+        self.pending: _Prepared | None = None
+        self.stale_dropped = 0  # prepared packets replaced by silence: a flush came before the send
         # uplink processing (NS / AEC), before the ring and the pause check: workers/media/uplink_dsp.py
         self.dsp = UplinkDsp(session_mode(info.options, cfg.uplink_processing, info.session_id))
         self.dsp.set_delay_hint(cfg.jitter_target_ms + 20)
@@ -394,8 +431,19 @@ class MediaSession:
         self.speaking = False
         self.partial_ticks = 0
 
-    # ---- downlink: one packet per tick ----------------------------------------------------------
+    # ---- downlink: one packet per tick, built ahead and sent at the deadline -------------------------
     def tick_downlink(self, tick: int) -> None:
+        """Build this tick's packet and send it at once (tests, benches; the worker splits the two)."""
+        self.prepare_downlink(tick)
+        self.send_prepared()
+
+    def prepare_downlink(self, tick: int) -> None:
+        """Read and encode this tick's frame into a ready RTP packet (:meth:`send_prepared` sends it).
+
+        Runs ``MediaWorker.lead_ns`` before the deadline, so the ring's flush epoch is remembered: a
+        barge-in flush requested between now and the send makes this packet's audio stale.
+        """
+        self.pending = None
         ring = self.slot.downlink
         left = 0
         if self._held():
@@ -420,9 +468,9 @@ class MediaSession:
                 self.partial_ticks = 0
         if self.remote is None:
             return  # Janus's side not known yet: model audio is discarded in real time
+        starts = False
         if frame is not None:
-            if not self.speaking and self.hist is not None:
-                self._answer_out()
+            starts = not self.speaking
             if self.fade_in:
                 self.fade_in = False
                 if not self.speaking:
@@ -430,7 +478,6 @@ class MediaSession:
             payload = self.encoder.encode(frame)
             self.tail = ENCODER_TAIL_FRAMES
             self.speaking = True
-            self.c.add("frames_down")
         else:
             if self.speaking and self.tail == ENCODER_TAIL_FRAMES:
                 self.c.add("downlink_underruns")
@@ -440,14 +487,39 @@ class MediaSession:
             else:
                 payload = self.silence
                 self.speaking = False
-        if self.dsp.wants_far and self.uplink_started:
-            self.dsp.far_frame(frame)  # AEC's reference: exactly what this packet carries (None: silence)
         marker = self.first_tick is None
         if marker:
             self.first_tick = tick
         ts = self.tx_ts0 + (tick - (self.first_tick or 0)) * self.ts_per_tick
         pkt = build_rtp(self.payload_type, self.tx_seq, ts, self.tx_ssrc, payload, marker)
+        self.pending = _Prepared(pkt, frame, payload is not self.silence, starts, ring.flush_epoch,
+                                 self.tx_seq, ts, marker)
         self.tx_seq = (self.tx_seq + 1) & 0xFFFF
+
+    def send_prepared(self) -> None:
+        """Send the packet :meth:`prepare_downlink` built, unless a flush made its audio stale.
+
+        A flush requested after the frame was read (the ring's ``flush_epoch`` moved; ``flushes`` only
+        moves when this side next reads) covers that frame: the packet goes out as the cached silence
+        packet with the same sequence number and timestamp (the stream stays gapless) and the encoder is
+        reset, exactly as if the flush had come before the read.
+        """
+        p = self.pending
+        if p is None or self.remote is None:
+            return
+        self.pending = None
+        pkt, frame = p.packet, p.frame
+        if p.audio and self.slot.downlink.flush_epoch != p.flush_epoch:
+            self._cut()
+            pkt = build_rtp(self.payload_type, p.seq, p.ts, self.tx_ssrc, self.silence, p.marker)
+            frame = None
+            self.stale_dropped += 1
+        elif frame is not None:
+            if p.starts and self.hist is not None:
+                self._answer_out()
+            self.c.add("frames_down")
+        if self.dsp.wants_far and self.uplink_started:
+            self.dsp.far_frame(frame)  # AEC's reference: exactly what this packet carries (None: silence)
         try:
             self.rtp.sendto(pkt, self.remote)
         except OSError as exc:
@@ -580,7 +652,11 @@ class MediaWorker:
         self._view = memoryview(self._buf)
         self.ticks = 0
         self._skipped_logged = 0
-        self.tick_late_ns: list[int] = []  # recent tick lateness samples (metrics/tests)
+        self.tick_late_ns: list[int] = []  # recent send lateness against the deadline (metrics/tests)
+        self.lead_ns = LEAD_MIN_NS  # prepare this long before the deadline (adapted: _note_prepare)
+        self._prepare_ns: deque[int] = deque(maxlen=LEAD_WINDOW_TICKS)
+        self._pending_tick: int | None = None  # prepared, not yet sent
+        self._prepared: list[MediaSession] = []
 
     # ---- slot table ------------------------------------------------------------------------------
     def scan(self) -> None:
@@ -668,10 +744,18 @@ class MediaWorker:
                 return
 
     def tick(self, tick: int) -> None:
-        """Everything due every 20 ms: scan (every 100 ms), uplink frame, downlink packet, heartbeat."""
+        """One whole tick at once: :meth:`prepare` then :meth:`send` (tests; the loop splits them)."""
+        self.prepare(tick)
+        self.send(tick)
+
+    def prepare(self, tick: int) -> None:
+        """Everything due every 20 ms but the sends: scan (every 100 ms), each session's uplink frame and
+        its next downlink packet, built ``lead_ns`` before the deadline (module docstring: Pacing)."""
         if self.ticks % SCAN_EVERY_TICKS == 0:
             self.scan()
         self.ticks += 1
+        prepared = self._prepared
+        prepared.clear()
         for sess in list(self.sessions.values()):
             if not sess.slot.is_current(sess.generation):
                 self._close(sess.index)
@@ -683,7 +767,9 @@ class MediaWorker:
                 sess.muted.clear()
             try:
                 sess.tick_uplink()
-                sess.tick_downlink(tick)
+                sess.prepare_downlink(tick)
+                if sess.pending is not None:
+                    prepared.append(sess)
                 if self.frame_log.due():
                     c = sess.c
                     log.debug("frame", extra={"session": sess.session_id, "tick": tick,
@@ -693,6 +779,18 @@ class MediaWorker:
                 # a bug or bad state in one session must not stop the others: end that session locally
                 log.exception("session failed", extra={"session": sess.session_id})
                 self._close(sess.index)
+
+    def send(self, tick: int) -> None:
+        """The prepared packets, back to back (a few µs each), then the heartbeat."""
+        for sess in self._prepared:
+            if sess.closed:
+                continue
+            try:
+                sess.send_prepared()
+            except Exception:
+                log.exception("session failed", extra={"session": sess.session_id})
+                self._close(sess.index)
+        self._prepared.clear()
         self.seg.heartbeat("media")
         if self.ticks % 500 == 0 and self.pacer.skipped != self._skipped_logged:
             log.warning("media worker fell behind: ticks skipped", extra={
@@ -701,19 +799,79 @@ class MediaWorker:
             self._skipped_logged = self.pacer.skipped
             self.pacer.late_ns_max = 0
 
-    def run_once(self, max_wait: float = 1.0) -> None:
-        """Wait for packets until the next tick is due, handle them, run due ticks."""
-        timeout = min(self.pacer.timeout(), max_wait)
+    # ---- timing ----------------------------------------------------------------------------------
+    def next_event_ns(self) -> int:
+        """When the loop next has work: the wake-up to prepare the next tick, or a prepared tick's send."""
+        if self._pending_tick is not None:
+            return self.pacer.deadline(self._pending_tick)
+        return self.pacer.deadline() - self.lead_ns
+
+    def _poll(self, timeout: float, stop_at: int) -> None:
+        """Receive packets for up to ``timeout`` s; stop draining sockets at ``stop_at`` (the rest stay
+        readable for the next poll: a burst of arrivals must not delay a send)."""
         for key, _ in self.sel.select(timeout):
             sess, is_rtp = key.data
             self._drain(key.fileobj, sess, is_rtp)  # type: ignore[arg-type]
-        now = self.clock()
-        for t in self.pacer.due(now):
-            late = now - self.pacer.deadline(t)
-            self.tick_late_ns.append(late)
-            if len(self.tick_late_ns) > 3000:
-                del self.tick_late_ns[:1000]
-            self.tick(t)
+            if self.clock() >= stop_at:
+                return
+
+    def _wait(self, until: int, max_wait: float) -> bool:
+        """Receive packets until ``until`` (monotonic ns); True once it is reached.
+
+        epoll's timeout has millisecond granularity (rounded up), so the last ``PRECISE_NS`` are slept
+        with ``time.sleep`` (clock_nanosleep: tens of µs of slack) without polling. Never blocks longer
+        than ``max_wait`` (0 with an injected clock: the caller advances it and calls again).
+        """
+        rem = until - self.clock()
+        if rem > PRECISE_NS:
+            self._poll(min((rem - PRECISE_NS) / 1e9, max_wait), until - DRAIN_GUARD_NS)
+            rem = until - self.clock()
+        if rem <= 0:
+            return True
+        if rem <= PRECISE_NS and rem / 1e9 <= max_wait:
+            time.sleep(rem / 1e9)
+            return True
+        return False
+
+    def _note_prepare(self, took_ns: int) -> None:
+        """Adapt the lead to the second-slowest prepare of the last second (+ a margin for scheduling
+        noise): one preempted prepare must not add its stall to every call's latency for a second."""
+        recent = self._prepare_ns
+        recent.append(took_ns)
+        slow = sorted(recent)[-2] if len(recent) > 1 else took_ns
+        self.lead_ns = min(LEAD_MAX_NS, max(LEAD_MIN_NS, slow + LEAD_MARGIN_NS))
+
+    def run_once(self, max_wait: float = 1.0) -> None:
+        """Wait for packets until the next thing is due; prepare a tick ``lead_ns`` before its deadline,
+        send it at the deadline (and go on at once while more is overdue: a stalled process)."""
+        while True:
+            if self._pending_tick is None:
+                if not self._wait(self.pacer.deadline() - self.lead_ns, max_wait):
+                    return
+                now = self.clock()
+                ticks = self.pacer.due(max(now, self.pacer.deadline()))  # consumed now, sent at its deadline
+                for t in ticks[:-1]:  # a backlog (the process stalled): late already, send at once
+                    self.prepare(t)
+                    self._sent(t)
+                t = ticks[-1]
+                t0 = self.clock()
+                self.prepare(t)
+                self._note_prepare(self.clock() - t0)
+                self._pending_tick = t
+            t = self._pending_tick
+            if not self._wait(self.pacer.deadline(t), max_wait):
+                return
+            self._pending_tick = None
+            self._sent(t)
+            if self.clock() < self.next_event_ns():
+                return
+
+    def _sent(self, t: int) -> None:
+        late = self.clock() - self.pacer.deadline(t)
+        self.tick_late_ns.append(late)
+        if len(self.tick_late_ns) > 3000:
+            del self.tick_late_ns[:1000]
+        self.send(t)
 
     def run(self, should_stop: Callable[[], bool]) -> None:
         self.scan()
