@@ -74,6 +74,7 @@ from shm.segment import EventCode, ShardSegment, Slot, SlotInfo, SlotState
 from workers.levels import mean_square_of_dbfs
 from workers.media import g711, opus
 from workers.media.jitter import JitterBuffer, Kind
+from workers.media.loss_policy import LossPolicy, OpusSettings, fraction_lost
 from workers.media.pacing import PERIOD_NS, Pacer
 from workers.media.red import RedError, split_red
 from workers.media.rtp import (
@@ -153,6 +154,9 @@ class MediaSession:
         else:
             self.decoder = OpusUplink(UP_RATE)
             self.encoder = OpusDownlink(cfg)
+        # the caller leg's RTCP loss picks the downlink's FEC/bitrate (Opus only; G.711 has neither)
+        adapt = cfg.downlink_loss_adaptation and isinstance(self.encoder, OpusDownlink)
+        self.loss_policy = LossPolicy(cfg.opus_bitrate, cfg.opus_expected_loss_percent) if adapt else None
         self.rtp_clock = self.decoder.rtp_clock
         self.ts_per_tick = self.encoder.rtp_clock // 50
         self.silence = self.encoder.silence()
@@ -203,7 +207,11 @@ class MediaSession:
         try:
             pkt = parse_rtp(data)
         except RtpError as exc:
-            c.add("rtcp_packets" if exc.reason == "rtcp" else "rx_invalid")  # rtcp-mux is fine
+            if exc.reason == "rtcp":  # rtcp-mux is fine
+                c.add("rtcp_packets")
+                self._loss_report(data)
+            else:
+                c.add("rx_invalid")
             return
         if pkt.payload_type == self.dtmf_pt and self.dtmf_pt >= 0:
             if self.src is not None and pkt.ssrc == self.src.ssrc:
@@ -288,11 +296,27 @@ class MediaSession:
         self.slot.push_event(EventCode.DTMF, DTMF_EVENTS.index(digit))
         self.slot.push_event(EventCode.DTMF_END, duration * 1000 // DTMF_CLOCK)
 
-    def on_rtcp(self, addr: tuple[str, int]) -> None:
+    def on_rtcp(self, addr: tuple[str, int], data: bytes | memoryview = b"") -> None:
         if self.remote is not None and addr[0] == self.remote[0]:
             self.c.add("rtcp_packets")
+            self._loss_report(data)
         else:
             self.c.add("rx_dropped")
+
+    def _loss_report(self, data: bytes | memoryview) -> None:
+        """An SR/RR's fraction lost adapts the downlink encoder (workers/media/loss_policy.py)."""
+        if self.loss_policy is None:
+            return
+        fraction = fraction_lost(data)
+        if fraction is None:
+            return
+        settings = self.loss_policy.report(fraction)
+        if settings is not None and isinstance(self.encoder, OpusDownlink):
+            self.encoder.apply(settings)
+            log.info("downlink opus settings", extra={"session": self.session_id,
+                                                      "loss_ratio": round(self.loss_policy.loss or 0.0, 3),
+                                                      "expected_loss_percent": settings.expected_loss_percent,
+                                                      "bitrate": settings.bitrate})
 
     # ---- uplink: one frame per tick --------------------------------------------------------------
     def tick_uplink(self) -> None:
@@ -356,6 +380,8 @@ class MediaSession:
         a, b = x[:HALF_UP], x[HALF_UP:]
         loud = max(float(np.dot(a, a)), float(np.dot(b, b))) >= self.pause_ms * HALF_UP
         loud = loud and not self.dsp.echo_dominated  # AEC said: the model's own voice, not the caller
+        # AEC3 damps a barge-in's onset: the raw microphone above the predicted echo level says it first
+        loud = loud or self.dsp.near_excess >= self.pause_ms
         if not self.pause_armed:
             self.pause_armed = not loud
             return
@@ -546,6 +572,15 @@ class OpusDownlink(opus.Encoder):
         super().__init__(DOWN_RATE, bitrate=cfg.opus_bitrate, complexity=cfg.opus_complexity, fec=True,
                          expected_loss_percent=cfg.opus_expected_loss_percent)
         self._key = (cfg.opus_bitrate, cfg.opus_complexity, cfg.opus_expected_loss_percent)
+        self.settings = OpusSettings(True, cfg.opus_expected_loss_percent, cfg.opus_bitrate)
+
+    def apply(self, settings: OpusSettings) -> None:
+        """New FEC / expected loss / bitrate / DTX (the loss policy's row); takes effect next frame."""
+        self.ctl(opus.OPUS_SET_INBAND_FEC, int(settings.fec))
+        self.ctl(opus.OPUS_SET_PACKET_LOSS_PERC, settings.expected_loss_percent)
+        self.ctl(opus.OPUS_SET_BITRATE, settings.bitrate)
+        self.ctl(opus.OPUS_SET_DTX, int(settings.dtx))
+        self.settings = settings
 
     def silence(self) -> bytes:
         """A 20 ms packet of digital silence from a separate, identically configured encoder."""
@@ -653,7 +688,7 @@ class MediaWorker:
             if is_rtp:
                 sess.on_rtp(view[:n], addr, self.clock())
             else:
-                sess.on_rtcp(addr)
+                sess.on_rtcp(addr, view[:n])
             sess.rx_this_tick += 1
             if sess.rx_this_tick >= RX_BUDGET_PER_TICK:
                 # flooded: stop polling this session's sockets until the next tick
