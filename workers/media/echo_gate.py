@@ -27,6 +27,7 @@ Cost: a handful of numpy calls on 64-element vectors per 20 ms frame (measured i
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -35,7 +36,8 @@ HALF = 160  # 10 ms at 16 kHz
 MAX_LAG = 64  # halves of far-end history: 640 ms of echo path (network + playout + room + jitter buffer)
 WIN_BEFORE = 1  # the echo window: the delay -1 .. +3 halves (reverberation and codec smear come after)
 WIN_AFTER = 3
-EMA = 0.005  # delay statistics: ~2 s of echo halves
+EMA = 0.01  # delay statistics: ~2 s of echo frames (one sample per 20 ms frame)
+DELAY_EVERY = 5  # frames between delay decisions (the argmax is the costly part)
 DELAY_MIN_RHO = 0.4
 DELAY_SWITCH = 0.05  # a new lag must correlate this much better than the current one
 FLOOR = 32768.0 ** 2 * 1e-7  # -70 dBFS mean square: the log envelopes' floor (digital silence)
@@ -62,6 +64,7 @@ class EchoGate:
         self._maxes: deque[float] = deque(maxlen=ERL_WINDOWS)
         self._win_max = 0.0
         self._win_n = 0
+        self._frames = 0
         self.excess = 0.0  # the last frame's largest half: microphone energy above the echo bound
 
     def reset(self) -> None:
@@ -71,32 +74,39 @@ class EchoGate:
         """Mean-square excess of the louder 10 ms half of ``mic`` over the predicted echo (int16 arrays,
         320 samples each; ``far`` None: silence went out). ``echo_like``: AEC3 reduced this frame
         strongly (the learning label)."""
-        m = mic.astype(np.float64).reshape(2, HALF)
-        em = np.einsum("ij,ij->i", m, m) / HALF
+        m = mic.astype(np.float64)
+        m0, m1 = m[:HALF], m[HALF:]
+        em = (float(np.dot(m0, m0)) / HALF, float(np.dot(m1, m1)) / HALF)
         if far is None:
-            ef = np.zeros(2)
+            ef = (0.0, 0.0)
         else:
-            f = far.astype(np.float64).reshape(2, HALF)
-            ef = np.einsum("ij,ij->i", f, f) / HALF
+            f = far.astype(np.float64)
+            f0, f1 = f[:HALF], f[HALF:]
+            ef = (float(np.dot(f0, f0)) / HALF, float(np.dot(f1, f1)) / HALF)
+        hist, lf = self._far, self._lf
+        hist[2:] = hist[:-2]  # newest first: index 0 = this frame's second half, 1 = its first
+        hist[0], hist[1] = ef[1], ef[0]
+        lf[2:] = lf[:-2]
+        lf[0], lf[1] = math.log(max(ef[1], FLOOR)), math.log(max(ef[0], FLOOR))
+        d = self.delay
         best = 0.0
-        for k in range(2):
-            self._far[1:] = self._far[:-1]
-            self._far[0] = ef[k]
-            self._lf[1:] = self._lf[:-1]
-            self._lf[0] = np.log(max(ef[k], FLOOR))
-            d = self.delay
-            window = self._far if d is None else self._far[max(d - WIN_BEFORE, 0): d + WIN_AFTER + 1]
-            fwin = float(window.max())
-            excess = float(em[k]) - MARGIN * self.erl * fwin
-            if excess > best:
-                best = excess
-            if fwin >= FAR_ACTIVE and echo_like:
-                self._learn(float(em[k]), fwin)
+        for k, lag0 in ((0, 1), (1, 0)):  # half k of the frame sees the history from index lag0 on
+            if d is None:
+                fwin = float(hist[lag0:].max())
+            else:
+                lo = lag0 + max(d - WIN_BEFORE, 0)
+                fwin = float(hist[lo: lag0 + d + WIN_AFTER + 1].max()) if lo < MAX_LAG else 0.0
+            best = max(best, em[k] - MARGIN * self.erl * fwin)
+            if echo_like and fwin >= FAR_ACTIVE and d is not None and em[k] >= MIC_LEARN:
+                self._erl_sample(em[k] / fwin)
+        if echo_like and float(hist[: MAX_LAG // 2].max()) >= FAR_ACTIVE:
+            self._learn_delay(em[1])
         self.excess = best
         return best
 
-    def _learn(self, em: float, fwin: float) -> None:
-        lm = np.log(max(em, FLOOR))
+    def _learn_delay(self, em: float) -> None:
+        """One frame of the delay statistics (its newer half against the far history at each lag)."""
+        lm = math.log(max(em, FLOOR))
         a = EMA
         self._mm += a * (lm - self._mm)
         self._mf += a * (float(self._lf.mean()) - self._mf)
@@ -105,13 +115,18 @@ class EchoGate:
         self._c += a * (cm * cf - self._c)
         self._vf += a * (cf * cf - self._vf)
         self._vm += a * (cm * cm - self._vm)
+        self._frames += 1
+        if self._frames % DELAY_EVERY:
+            return
         rho = self._c / np.sqrt(self._vf * self._vm)
         lag = int(np.argmax(rho))
         if rho[lag] >= DELAY_MIN_RHO and (self.delay is None or rho[lag] > rho[self.delay] + DELAY_SWITCH):
             self.delay = lag
-        if self.delay is None or em < MIC_LEARN:
-            return
-        self._win_max = max(self._win_max, em / fwin)
+
+    def _erl_sample(self, ratio: float) -> None:
+        """Minimum statistics: the ERL is the smallest per-window maximum of microphone / far window."""
+        if ratio > self._win_max:
+            self._win_max = ratio
         self._win_n += 1
         if self._win_n >= ERL_WINDOW:
             self._maxes.append(self._win_max)
