@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import random
 import selectors
@@ -75,6 +76,7 @@ from workers.levels import mean_square_of_dbfs
 from workers.media import g711, opus
 from workers.media.jitter import JitterBuffer, Kind
 from workers.media.loss_policy import LossPolicy, OpusSettings, fraction_lost
+from workers.media.noise_floor import NoiseFloor
 from workers.media.pacing import PERIOD_NS, Pacer
 from workers.media.red import RedError, split_red
 from workers.media.rtp import (
@@ -189,6 +191,7 @@ class MediaSession:
         self.hold_seq: int | None = None  # the hold this session published and still obeys
         self.hold_since_ns = 0
         self.pause_armed = True  # False after a hold until a caller frame below the threshold
+        self.floor = NoiseFloor()  # the room's level: a pause needs a frame standing out of it
         self.fade_in = False
         self.flushes_seen = slot.downlink.flushes
         # uplink processing (NS / AEC), before the ring and the pause check: workers/media/uplink_dsp.py
@@ -355,9 +358,10 @@ class MediaSession:
         if len(self.up_pcm) >= UP_FRAME:
             frame = bytes(self.up_pcm[:UP_FRAME])
             del self.up_pcm[:UP_FRAME]
+            raw_peak = self._room_level(frame) if self.pause_ms else 0.0
             frame = self.dsp.process(frame)
             if self.pause_ms and self.hold_seq is None:
-                self._check_pause(self.dsp.pause_frame)  # echo removed, noise suppressed, before AGC
+                self._check_pause(self.dsp.pause_frame, raw_peak)  # after AEC and NS, before AGC
         else:
             frame = bytes(UP_FRAME)  # the caller's stream is paused: keep the AI side's clock running
             self.dsp.skip()
@@ -370,8 +374,22 @@ class MediaSession:
             jb.set_jitter(js)
 
     # ---- playback hold (provisional barge-in) ------------------------------------------------------
-    def _check_pause(self, frame: bytes) -> None:
-        """Pause model playback if this caller frame is loud while model audio plays (module docstring)."""
+    def _room_level(self, frame: bytes) -> float:
+        """Track the room's floor with this raw frame's two 10 ms halves; their larger mean square."""
+        x = np.frombuffer(frame, dtype="<i2").astype(np.float32)
+        a, b = x[:HALF_UP], x[HALF_UP:]
+        ea, eb = float(np.dot(a, a)) / HALF_UP, float(np.dot(b, b)) / HALF_UP
+        peak = max(ea, eb)
+        stands_out = self.floor.stands_out(peak)  # against the floor before this frame
+        self.floor.update(ea)
+        self.floor.update(eb)
+        return peak if stands_out else 0.0
+
+    def _check_pause(self, frame: bytes, raw_peak: float = math.inf) -> None:
+        """Pause model playback if this caller frame is loud while model audio plays (module docstring).
+
+        ``raw_peak``: the raw frame's louder 10 ms half if it stands out of the room's floor, else 0
+        (workers/media/noise_floor.py: babble is loud but does not stand out)."""
         if self.pause_armed and not self.speaking:
             return  # no model audio going out (a new utterance starts speaking in this tick's downlink)
         # either 10 ms half loud enough: an onset late in the frame counts now, not one frame later
@@ -382,6 +400,7 @@ class MediaSession:
         loud = loud and not self.dsp.echo_dominated  # AEC said: the model's own voice, not the caller
         # AEC3 damps a barge-in's onset: the raw microphone above the predicted echo level says it first
         loud = loud or self.dsp.near_excess >= self.pause_ms
+        loud = loud and raw_peak > 0.0  # out of the room's floor (babble is loud but steady)
         if not self.pause_armed:
             self.pause_armed = not loud
             return
