@@ -66,5 +66,6 @@ def test_gate_learns_the_echo_and_sees_the_caller_onset_before_aec_output_does()
     hit = next(k for k in range(at // F, len(excess)) if excess[k] >= PAUSE)
     assert hit <= onset + 1, (hit - onset)  # in the onset's frame or the next one: 20-40 ms
     # ... while AEC3's output (what the pause looked at alone) is still damped there
-    damped = [10 * np.log10(max(_half_ms(aec_out[k]).max(), 1e-9) / 32768**2) for k in range(at // F, hit + 1)]
+    damped = [10 * np.log10(max(_half_ms(aec_out[k]).max(), 1e-9) / 32768**2)
+              for k in range(at // F, hit + 1)]
     assert max(damped) < -40, damped

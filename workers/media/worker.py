@@ -28,18 +28,21 @@ Per session (one ACTIVE slot of the segment):
 Provisional barge-in (playback hold): while model audio plays, a decoded caller frame with a 10 ms half
 at least ``media.pause_on_speech_dbfs`` loud pauses playback *in the same tick* — no AI-worker round
 trip, no wait for Silero — because what a caller perceives as barge-in latency is when the model stops
-talking. The worker stops reading the downlink ring (its content stays: nothing is lost), resets the
-Opus encoder and sends the cached silence packet: measured on the bench clip, the first paused packet
-then decodes silent after ~2.5 ms (its last 10 ms ≤ -66 dBFS) while the old 3-zero-frame encoder tail
-carries the cut-off audio through two more packets (-28 / -35 dBFS), with no larger sample step (a
-click) either way. It publishes the hold in the slot (``Slot.request_hold``); the AI worker either
-confirms speech (flushes the ring, then releases: the answer is gone) or releases after
+talking. The level is taken after the uplink processing (with AEC: also the raw microphone's excess over
+the echo level predicted from the far end, :mod:`workers.media.echo_gate`, since AEC3 damps a barge-in's
+onset), and the raw level must stand 14 dB out of the room's floor (:mod:`workers.media.noise_floor`:
+babble is loud but steady). The worker stops reading the downlink ring (its content stays: nothing is
+lost), resets the Opus encoder and sends the cached silence packet: measured on the bench clip, the first
+paused packet then decodes silent after ~2.5 ms (its last 10 ms ≤ -66 dBFS) while the old 3-zero-frame
+encoder tail carries the cut-off audio through two more packets (-28 / -35 dBFS), with no larger sample
+step (a click) either way. It publishes the hold in the slot (``Slot.request_hold``); the AI worker
+either confirms speech (flushes the ring, then releases: the answer is gone) or releases after
 ``vad.pause_confirm_ms`` (a cough: playback resumes at the exact ring position, with a 5 ms fade-in). A
 hold the AI side never answers (it died) ends after ``HOLD_MAX_NS`` anyway (``pause_timeouts``). The
-uninterruptible greeting (the slot's ``protect_until`` cursor) is never paused, and after a hold the
-next pause needs a quiet frame first, so steady noise above the threshold pauses once, not every other
-tick. A flush requested by the AI worker gets the same encoder reset (one packet less of old audio after
-a confirmed barge-in).
+uninterruptible greeting (the slot's ``protect_until`` cursor) is never paused, and after a hold the next
+pause needs a quiet frame first, so steady noise above the threshold pauses once, not every other tick. A
+flush requested by the AI worker gets the same encoder reset (one packet less of old audio after a
+confirmed barge-in).
 
 Counters go to the slot (``MEDIA_COUNTERS``); the shard heartbeat is written every tick.
 ``downlink_underruns`` counts transitions from model audio to an empty downlink ring (the end of a model
