@@ -3,7 +3,8 @@
 Asserts what the harness measures, not only that it ran: clean speech through Opus and the jitter
 buffer scores high on PESQ-WB, 10 % loss scores lower, the echo of the model's own voice pauses
 playback without AEC and not with it, real talk-overs still pause it (early, through the echo
-gate), and NS raises the model-input SNR on café noise. ~10 s (the barge-in phase is 10 turns here, 100 in the full run).
+gate), and NS raises the model-input SNR on café noise. ~10 s (the barge-in phase is 10 turns here,
+100 in the full run).
 """
 
 from __future__ import annotations
