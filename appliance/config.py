@@ -20,12 +20,15 @@ import json
 import os
 import re
 import socket
+import sys
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from appliance.model_profiles import BEHAVIORS, SCHEDULINGS, model_profile, proactive_audio_always_on
 
 DEFAULT_CONFIG_PATH = Path("/etc/voice-appliance/appliance.toml")
 ENV_PREFIX = "VA_"
@@ -131,6 +134,15 @@ class ModelConfig:
     # HMAC(key, "<t>.<body>")>" so the endpoint knows it came from this appliance (workers/ai/tools.py).
     tools_secret: str = field(default="", metadata=SECRET)
     tools_secret_file: str = ""
+    # PCI secure keypad entry (workers/ai/secure_entry.py, docs/compliance.md): with payment_url set the
+    # model gets the built-in tool collect_card_number; while an entry runs the keypad digits go only to
+    # payment_url (a signed POST with the tools key), never to the model, logs, journal or record.
+    payment_url: str = ""
+    payment_timeout_seconds: float = 10.0
+    secure_entry_at_start: bool = False  # every new call starts in secure entry (a payment line)
+    secure_entry_max_digits: int = 19  # the longest PAN; the entry ends there (or at #)
+    secure_entry_digit_timeout_seconds: float = 5.0  # quiet after the last digit ends the entry
+    secure_entry_seconds: float = 60.0  # no digit at all this long: the entry times out
     # Model routing (docs/architecture.md "Tenants and model routing"): new calls go to fallback_model
     # while the primary's breaker is open, and fallback_weight (0..1) of the others too ("80 % to Flash").
     fallback_model: str = ""
@@ -148,6 +160,9 @@ class ModelConfig:
     # Vertex only: the server reports which client message a handle covers (lastConsumedClientMessageIndex)
     # and a reconnect replays exactly from there (the Developer API has no such index; see architecture.md).
     transparent_resumption: bool = True
+    # Gemini's proactive audio (the model may stay silent when the caller did not address it): opt-in on
+    # 2.5 native audio; always on for 3.8 models — unset means on for them, false is refused there.
+    proactive_audio: bool = False
 
 
 @dataclass(frozen=True)
@@ -356,6 +371,17 @@ class ComplianceConfig:
     retention_days_call_metadata: int = 400
     retention_days_recordings: int = 90
     purge_interval_seconds: float = 3600.0
+    # Consent capture (GDPR art. 6/7; workers/ai/consent.py): the default tenant's policy and every
+    # tenant's without its own `consent`. opt_in: after the greeting the caller hears consent_prompt and
+    # must press 1 before anything of the call reaches the model (any other key or the timeout: the
+    # goodbye plays and the call ends); announce: the prompt plays, consent is recorded as announced.
+    consent: str = "none"  # none | announce | opt_in
+    consent_prompt: str = ("Before we continue: this call is answered by an AI assistant, and what you say "
+                           "is processed to help you. Press 1 if you agree. Press any other key to end "
+                           "the call.")
+    consent_purposes: list[str] = field(default_factory=lambda: ["ai_assistant"])
+    consent_refused_message: str = "Without your agreement we cannot continue. Thank you, goodbye."
+    consent_timeout_seconds: float = 15.0  # for the answer, counted once the prompt has played
 
 
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -371,7 +397,8 @@ class TenantConfig:
 
     ``model`` is the top-level ``[model]`` with the tenant's keys applied (what every call of the
     tenant runs with); ``overrides`` are the keys as written (``replace``/``config show`` keep them).
-    ``recording``/``consent`` are declared and validated only: nothing records or asks for consent yet.
+    ``recording`` is declared and validated only; ``consent`` (unset: ``compliance.consent``) and
+    ``consent_prompt`` ("": ``compliance.consent_prompt``) are acted on by workers/ai/consent.py.
     """
 
     name: str
@@ -379,10 +406,11 @@ class TenantConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     max_sessions: int = 0  # concurrent calls of this tenant on this box; 0 = no limit but the box's
     recording: str = "off"  # off | audio | transcript | audio_and_transcript (not acted on yet)
-    consent: str = "none"  # none | announce | opt_in (not acted on yet)
+    consent: str = "none"  # none | announce | opt_in (unset in the table: compliance.consent)
+    consent_prompt: str = ""  # in the tenant's language; "": compliance.consent_prompt
 
 
-_TENANT_KEYS = {"max_sessions": int, "recording": str, "consent": str}
+_TENANT_KEYS = {"max_sessions": int, "recording": str, "consent": str, "consent_prompt": str}
 # Keys that say where the model runs: a tenant that sets one gets its own Live client settings.
 ENDPOINT_KEYS = frozenset({"platform", "project", "location", "credentials_file", "api_key", "api_key_file",
                            "base_url", "ca_file", "api_version"})
@@ -410,6 +438,27 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
+class DegradeConfig:
+    """What a caller hears while the model is unreachable (workers/ai/degrade.py, workers/ai/ivr.py;
+    docs/operations.md "When the model is down"). ``enabled = false``: the old "please hold" loop."""
+
+    enabled: bool = True
+    wait_seconds: float = 20.0  # tier 1: the spoken notice, then wait this long for the model
+    menu_timeout_seconds: float = 8.0  # no key after the menu: repeat (twice), then wait again
+    digit_timeout_seconds: float = 6.0  # a pause this long ends a callback-number entry
+    max_hold_seconds: float = 300.0  # the whole episode, then goodbye and the call ends
+    # option 3 of the menu: where a person takes over (a number or URL, sent in the transfer event and
+    # webhook); "": no option 3 (the menu does not offer it)
+    transfer_target: str = ""
+    # per-language prompt texts: a TOML file of tables named by language ([de-DE] trouble = "…"); keys
+    # as workers/ai/degrade.py PROMPTS_EN; a missing key falls back to the English text
+    prompts_file: str = ""
+    # operator-recorded prompts: <audio_dir>/<language>/<key>.wav (16-bit mono WAV; digit-0 … digit-9
+    # for the read-back) replace the synthesised ones
+    audio_dir: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole appliance configuration."""
 
@@ -430,6 +479,7 @@ class Config:
     otel: OtelConfig = field(default_factory=OtelConfig)
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
 
     @property
@@ -472,6 +522,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "breaker.reset_seconds": (0.1, 3600),
     "breaker.success_threshold": (1, 100),
     "breaker.probe_timeout_seconds": (0.1, 600),
+    "degrade.wait_seconds": (0.1, 3600),
+    "degrade.menu_timeout_seconds": (1, 120),
+    "degrade.digit_timeout_seconds": (1, 120),
+    "degrade.max_hold_seconds": (1, 86400),
     "emulator.port": (1, 65535),
     "shards.count": (0, 256),
     "shards.slots": (1, 4096),
@@ -506,6 +560,11 @@ _RANGES: dict[str, tuple[float, float]] = {
     "limits.concurrent_sessions_per_sub": (0, 100000),
     "limits.unauthenticated_per_minute": (1, 100000),
     "limits.auth_failures_per_minute": (1, 100000),
+    "model.secure_entry_max_digits": (1, 32),
+    "model.payment_timeout_seconds": (0.1, 120),
+    "model.secure_entry_digit_timeout_seconds": (0.5, 60),
+    "model.secure_entry_seconds": (1, 600),
+    "compliance.consent_timeout_seconds": (1, 600),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "emulator.reply": ("echo", "tone", "silence"),
@@ -516,6 +575,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "media.uplink_processing": ("off", "ns", "aec_ns_agc"),
     "tenants.recording": RECORDING_POLICIES,
     "tenants.consent": CONSENT_POLICIES,
+    "compliance.consent": CONSENT_POLICIES,
 }
 
 
@@ -656,6 +716,8 @@ def _build_tenants(data: Any, model: ModelConfig) -> dict[str, TenantConfig]:
         extra = {k: _check_value(f"{where}.{k}", f"tenants.{k}", _TENANT_KEYS[k], v)
                  for k, v in table.items() if k in _TENANT_KEYS}
         base = dataclasses.asdict(model)
+        if "model" in over:  # a tenant's own model brings its own model-dependent defaults
+            base["proactive_audio"] = proactive_audio_always_on(model_profile(str(over["model"])))
         if over.get("platform", model.platform) != model.platform:  # nothing of the other platform leaks in
             for k in ("project", "location", "credentials_file", "api_key", "api_key_file", "base_url"):
                 base[k] = type(base[k])()
@@ -670,6 +732,16 @@ def tenant(cfg: Config, name: str | None) -> TenantConfig:
     if not name or name == DEFAULT_TENANT:
         return TenantConfig(name=DEFAULT_TENANT, model=cfg.model)
     return cfg.tenants[name]
+
+
+def load_for_cli(path: str | None) -> Config | None:
+    """The config for a command-line tool, or None after printing why it does not load (the tool then
+    exits 2). ``path=None``: as :func:`load_config`."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return None
 
 
 def load_config(
@@ -709,6 +781,7 @@ def load_config(
             data.setdefault(section, {})[key] = _parse_env_value(raw)
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
+    _model_defaults(data.setdefault("model", {}), ModelConfig.model)
     built = {name: _build_section(name, cls, data.get(name, {})) for name, cls in sections.items()}
     cfg = Config(**built, tenants=_build_tenants(tenants_data, built["model"]))
     _check_cross_field(cfg)
@@ -763,6 +836,8 @@ def _check_cross_field(cfg: Config) -> None:
         except ConfigError as exc:
             msg = str(exc)
             raise ConfigError(msg if msg.startswith("tenants.") else f"tenants.{t.name}: {msg}") from None
+    if cfg.degrade.prompts_file:
+        load_degrade_prompts(cfg.degrade.prompts_file)
     for key, u in (("records.webhook_url", cfg.records.webhook_url),):
         if u and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", u):
             raise ConfigError(f"{key}: expected an http:// or https:// URL, got {u!r}")
@@ -782,9 +857,11 @@ def _check_model(cfg: Config, m: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where}.greeting: empty, but the greeting is the AI disclosure every caller "
                           "hears; give one, or set compliance.ai_disclosure = false with "
                           "compliance.ai_disclosure_off_reason")
-    url = m.tools_url
-    if url and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", url):
-        raise ConfigError(f"{where}.tools_url: expected an http:// or https:// URL, got {url!r}")
+    for key, url in (("tools_url", m.tools_url), ("payment_url", m.payment_url)):
+        if url and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", url):
+            raise ConfigError(f"{where}.{key}: expected an http:// or https:// URL, got {url!r}")
+    if m.secure_entry_at_start and not m.payment_url:
+        raise ConfigError(f"{where}.secure_entry_at_start: needs {where}.payment_url (where the digits go)")
     if m.tools_file:
         load_tool_declarations(m.tools_file, f"{where}.tools_file")
     if m.fallback_weight > 0 and not m.fallback_model:
@@ -792,6 +869,16 @@ def _check_model(cfg: Config, m: ModelConfig, where: str) -> None:
     if m.fallback_model and m.fallback_model == m.model:
         raise ConfigError(f"{where}.fallback_model: the same as {where}.model ({m.model!r})")
     check_model_platform(m)
+    if not m.proactive_audio and proactive_audio_always_on(model_profile(m.model)):
+        raise ConfigError(f"{where}.proactive_audio: {m.model!r} always uses proactive audio; remove "
+                          "proactive_audio = false (or choose a model where it is optional)")
+
+
+def _model_defaults(section: dict[str, Any], inherited_model: str) -> None:
+    """Defaults that depend on the model chosen: proactive audio is on for a model that always has it."""
+    if "proactive_audio" not in section:
+        model = section.get("model", inherited_model)
+        section["proactive_audio"] = proactive_audio_always_on(model_profile(str(model)))
 
 
 _LOCATION = re.compile(r"^[a-z]+(-[a-z]+)*[0-9]*$|^global$")
@@ -824,7 +911,8 @@ def check_model_platform(m: ModelConfig) -> None:
 _TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
 # FunctionDeclaration fields of the Live API (either casing), see google.genai.types.FunctionDeclaration.
 _TOOL_KEYS = {"name", "description", "parameters", "parametersJsonSchema", "parameters_json_schema",
-              "response", "responseJsonSchema", "response_json_schema", "behavior"}
+              "response", "responseJsonSchema", "response_json_schema", "behavior",
+              "scheduling"}  # ours, not a declaration field: FunctionResponse.scheduling (live/tooling.py)
 MAX_TOOLS = 128
 
 
@@ -862,11 +950,42 @@ def load_tool_declarations(path: str | os.PathLike[str],
         seen.add(name)
         if not isinstance(d.get("description", ""), str):
             raise ConfigError(f"{where}.description: expected a string")
+        for k, allowed in (("behavior", BEHAVIORS), ("scheduling", SCHEDULINGS)):
+            if k in d and (not isinstance(d[k], str) or d[k].upper() not in allowed):
+                raise ConfigError(f"{where}.{k}: expected one of {', '.join(allowed)}, got {d[k]!r}")
         for k in ("parameters", "parametersJsonSchema", "parameters_json_schema", "response",
                   "responseJsonSchema", "response_json_schema"):
             if k in d and not isinstance(d[k], dict):
                 raise ConfigError(f"{where}.{k}: expected a JSON object (a schema)")
     return data
+
+
+_LANG_TAG = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+
+
+def load_degrade_prompts(path: str | os.PathLike[str],
+                         key: str = "degrade.prompts_file") -> dict[str, dict[str, str]]:
+    """Read ``degrade.prompts_file``: TOML tables named by language, each prompt key → text (keys of
+    ``workers.ai.degrade.PROMPT_KEYS``). Checked at config load so a typo fails the start, not a caller."""
+    from workers.ai.degrade import PROMPT_KEYS  # the prompt table's owner (a pure module)
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {str(path)!r}: {exc.strerror}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{key}: {str(path)!r} is not valid TOML: {exc}") from None
+    out: dict[str, dict[str, str]] = {}
+    for lang, table in data.items():
+        if not _LANG_TAG.match(lang) or not isinstance(table, dict):
+            raise ConfigError(f"{key}: expected tables named by language ([de-DE]), got {lang!r}")
+        for k, text in table.items():
+            if k not in PROMPT_KEYS:
+                raise ConfigError(f"{key}: [{lang}].{k}: unknown prompt (known: {', '.join(PROMPT_KEYS)})")
+            if not isinstance(text, str) or not text.strip():
+                raise ConfigError(f"{key}: [{lang}].{k}: expected a non-empty string")
+        out[lang] = dict(table)
+    return out
 
 
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
@@ -875,6 +994,9 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
         name: {**dataclasses.asdict(getattr(cfg, name)), **sections.get(name, {})}
         for name in _section_types()
     }
+    if "model" in sections.get("model", {}) and "proactive_audio" not in sections["model"]:
+        del merged["model"]["proactive_audio"]  # the new model's default
+        _model_defaults(merged["model"], ModelConfig.model)
     built = {name: _build_section(name, cls, merged[name]) for name, cls in _section_types().items()}
     tables = {n: t.overrides for n, t in cfg.tenants.items()}
     tables.update(sections.get("tenants", {}))  # a tenant given here replaces its whole table
