@@ -227,6 +227,9 @@ class MediaConfig:
     # PESQ-WB at 10 % loss ~3.0 → ~4.0) for about twice the caller's upstream bitrate. Verified with
     # Chromium 156 end to end (tests/supervisor/test_red_call.py).
     red: bool = True
+    # Adapt the downlink Opus encoder's FEC / expected loss / bitrate to the fraction lost in the caller
+    # side's RTCP receiver reports (table in workers/media/loss_policy.py; docs/operations.md).
+    downlink_loss_adaptation: bool = True
 
 
 @dataclass(frozen=True)

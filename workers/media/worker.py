@@ -28,18 +28,21 @@ Per session (one ACTIVE slot of the segment):
 Provisional barge-in (playback hold): while model audio plays, a decoded caller frame with a 10 ms half
 at least ``media.pause_on_speech_dbfs`` loud pauses playback *in the same tick* — no AI-worker round
 trip, no wait for Silero — because what a caller perceives as barge-in latency is when the model stops
-talking. The worker stops reading the downlink ring (its content stays: nothing is lost), resets the
-Opus encoder and sends the cached silence packet: measured on the bench clip, the first paused packet
-then decodes silent after ~2.5 ms (its last 10 ms ≤ -66 dBFS) while the old 3-zero-frame encoder tail
-carries the cut-off audio through two more packets (-28 / -35 dBFS), with no larger sample step (a
-click) either way. It publishes the hold in the slot (``Slot.request_hold``); the AI worker either
-confirms speech (flushes the ring, then releases: the answer is gone) or releases after
+talking. The level is taken after the uplink processing (with AEC: also the raw microphone's excess over
+the echo level predicted from the far end, :mod:`workers.media.echo_gate`, since AEC3 damps a barge-in's
+onset), and the raw level must stand 14 dB out of the room's floor (:mod:`workers.media.noise_floor`:
+babble is loud but steady). The worker stops reading the downlink ring (its content stays: nothing is
+lost), resets the Opus encoder and sends the cached silence packet: measured on the bench clip, the first
+paused packet then decodes silent after ~2.5 ms (its last 10 ms ≤ -66 dBFS) while the old 3-zero-frame
+encoder tail carries the cut-off audio through two more packets (-28 / -35 dBFS), with no larger sample
+step (a click) either way. It publishes the hold in the slot (``Slot.request_hold``); the AI worker
+either confirms speech (flushes the ring, then releases: the answer is gone) or releases after
 ``vad.pause_confirm_ms`` (a cough: playback resumes at the exact ring position, with a 5 ms fade-in). A
 hold the AI side never answers (it died) ends after ``HOLD_MAX_NS`` anyway (``pause_timeouts``). The
-uninterruptible greeting (the slot's ``protect_until`` cursor) is never paused, and after a hold the
-next pause needs a quiet frame first, so steady noise above the threshold pauses once, not every other
-tick. A flush requested by the AI worker gets the same encoder reset (one packet less of old audio after
-a confirmed barge-in).
+uninterruptible greeting (the slot's ``protect_until`` cursor) is never paused, and after a hold the next
+pause needs a quiet frame first, so steady noise above the threshold pauses once, not every other tick. A
+flush requested by the AI worker gets the same encoder reset (one packet less of old audio after a
+confirmed barge-in).
 
 Pacing: a tick is split in two. ``lead_ns`` before the deadline the worker *prepares* every session —
 uplink frame (so a playback hold still acts on this tick's packet) and the next downlink packet, encoded
@@ -65,6 +68,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import random
 import selectors
@@ -86,6 +90,8 @@ from shm.segment import EventCode, ShardSegment, Slot, SlotInfo, SlotState
 from workers.levels import mean_square_of_dbfs
 from workers.media import g711, opus
 from workers.media.jitter import JitterBuffer, Kind
+from workers.media.loss_policy import LossPolicy, OpusSettings, fraction_lost
+from workers.media.noise_floor import NoiseFloor
 from workers.media.pacing import PERIOD_NS, Pacer
 from workers.media.red import RedError, split_red
 from workers.media.rtp import (
@@ -188,6 +194,9 @@ class MediaSession:
         else:
             self.decoder = OpusUplink(UP_RATE)
             self.encoder = OpusDownlink(cfg)
+        # the caller leg's RTCP loss picks the downlink's FEC/bitrate (Opus only; G.711 has neither)
+        adapt = cfg.downlink_loss_adaptation and isinstance(self.encoder, OpusDownlink)
+        self.loss_policy = LossPolicy(cfg.opus_bitrate, cfg.opus_expected_loss_percent) if adapt else None
         self.rtp_clock = self.decoder.rtp_clock
         self.ts_per_tick = self.encoder.rtp_clock // 50
         self.silence = self.encoder.silence()
@@ -220,6 +229,7 @@ class MediaSession:
         self.hold_seq: int | None = None  # the hold this session published and still obeys
         self.hold_since_ns = 0
         self.pause_armed = True  # False after a hold until a caller frame below the threshold
+        self.floor = NoiseFloor()  # the room's level: a pause needs a frame standing out of it
         self.fade_in = False
         self.flushes_seen = slot.downlink.flushes
         self.pending: _Prepared | None = None
@@ -240,7 +250,11 @@ class MediaSession:
         try:
             pkt = parse_rtp(data)
         except RtpError as exc:
-            c.add("rtcp_packets" if exc.reason == "rtcp" else "rx_invalid")  # rtcp-mux is fine
+            if exc.reason == "rtcp":  # rtcp-mux is fine
+                c.add("rtcp_packets")
+                self._loss_report(data)
+            else:
+                c.add("rx_invalid")
             return
         if pkt.payload_type == self.dtmf_pt and self.dtmf_pt >= 0:
             if self.src is not None and pkt.ssrc == self.src.ssrc:
@@ -325,11 +339,27 @@ class MediaSession:
         self.slot.push_event(EventCode.DTMF, DTMF_EVENTS.index(digit))
         self.slot.push_event(EventCode.DTMF_END, duration * 1000 // DTMF_CLOCK)
 
-    def on_rtcp(self, addr: tuple[str, int]) -> None:
+    def on_rtcp(self, addr: tuple[str, int], data: bytes | memoryview = b"") -> None:
         if self.remote is not None and addr[0] == self.remote[0]:
             self.c.add("rtcp_packets")
+            self._loss_report(data)
         else:
             self.c.add("rx_dropped")
+
+    def _loss_report(self, data: bytes | memoryview) -> None:
+        """An SR/RR's fraction lost adapts the downlink encoder (workers/media/loss_policy.py)."""
+        if self.loss_policy is None:
+            return
+        fraction = fraction_lost(data)
+        if fraction is None:
+            return
+        settings = self.loss_policy.report(fraction)
+        if settings is not None and isinstance(self.encoder, OpusDownlink):
+            self.encoder.apply(settings)
+            log.info("downlink opus settings", extra={"session": self.session_id,
+                                                      "loss_ratio": round(self.loss_policy.loss or 0.0, 3),
+                                                      "expected_loss_percent": settings.expected_loss_percent,
+                                                      "bitrate": settings.bitrate})
 
     # ---- uplink: one frame per tick --------------------------------------------------------------
     def tick_uplink(self) -> None:
@@ -368,9 +398,10 @@ class MediaSession:
         if len(self.up_pcm) >= UP_FRAME:
             frame = bytes(self.up_pcm[:UP_FRAME])
             del self.up_pcm[:UP_FRAME]
+            raw_peak = self._room_level(frame) if self.pause_ms else 0.0
             frame = self.dsp.process(frame)
             if self.pause_ms and self.hold_seq is None:
-                self._check_pause(self.dsp.pause_frame)  # echo removed, noise suppressed, before AGC
+                self._check_pause(self.dsp.pause_frame, raw_peak)  # after AEC and NS, before AGC
         else:
             frame = bytes(UP_FRAME)  # the caller's stream is paused: keep the AI side's clock running
             self.dsp.skip()
@@ -383,8 +414,22 @@ class MediaSession:
             jb.set_jitter(js)
 
     # ---- playback hold (provisional barge-in) ------------------------------------------------------
-    def _check_pause(self, frame: bytes) -> None:
-        """Pause model playback if this caller frame is loud while model audio plays (module docstring)."""
+    def _room_level(self, frame: bytes) -> float:
+        """Track the room's floor with this raw frame's two 10 ms halves; their larger mean square."""
+        x = np.frombuffer(frame, dtype="<i2").astype(np.float32)
+        a, b = x[:HALF_UP], x[HALF_UP:]
+        ea, eb = float(np.dot(a, a)) / HALF_UP, float(np.dot(b, b)) / HALF_UP
+        peak = max(ea, eb)
+        stands_out = self.floor.stands_out(peak)  # against the floor before this frame
+        self.floor.update(ea)
+        self.floor.update(eb)
+        return peak if stands_out else 0.0
+
+    def _check_pause(self, frame: bytes, raw_peak: float = math.inf) -> None:
+        """Pause model playback if this caller frame is loud while model audio plays (module docstring).
+
+        ``raw_peak``: the raw frame's louder 10 ms half if it stands out of the room's floor, else 0
+        (workers/media/noise_floor.py: babble is loud but does not stand out)."""
         if self.pause_armed and not self.speaking:
             return  # no model audio going out (a new utterance starts speaking in this tick's downlink)
         # either 10 ms half loud enough: an onset late in the frame counts now, not one frame later
@@ -393,6 +438,9 @@ class MediaSession:
         a, b = x[:HALF_UP], x[HALF_UP:]
         loud = max(float(np.dot(a, a)), float(np.dot(b, b))) >= self.pause_ms * HALF_UP
         loud = loud and not self.dsp.echo_dominated  # AEC said: the model's own voice, not the caller
+        # AEC3 damps a barge-in's onset: the raw microphone above the predicted echo level says it first
+        loud = loud or self.dsp.near_excess >= self.pause_ms
+        loud = loud and raw_peak > 0.0  # out of the room's floor (babble is loud but steady)
         if not self.pause_armed:
             self.pause_armed = not loud
             return
@@ -618,6 +666,15 @@ class OpusDownlink(opus.Encoder):
         super().__init__(DOWN_RATE, bitrate=cfg.opus_bitrate, complexity=cfg.opus_complexity, fec=True,
                          expected_loss_percent=cfg.opus_expected_loss_percent)
         self._key = (cfg.opus_bitrate, cfg.opus_complexity, cfg.opus_expected_loss_percent)
+        self.settings = OpusSettings(True, cfg.opus_expected_loss_percent, cfg.opus_bitrate)
+
+    def apply(self, settings: OpusSettings) -> None:
+        """New FEC / expected loss / bitrate / DTX (the loss policy's row); takes effect next frame."""
+        self.ctl(opus.OPUS_SET_INBAND_FEC, int(settings.fec))
+        self.ctl(opus.OPUS_SET_PACKET_LOSS_PERC, settings.expected_loss_percent)
+        self.ctl(opus.OPUS_SET_BITRATE, settings.bitrate)
+        self.ctl(opus.OPUS_SET_DTX, int(settings.dtx))
+        self.settings = settings
 
     def silence(self) -> bytes:
         """A 20 ms packet of digital silence from a separate, identically configured encoder."""
@@ -729,7 +786,7 @@ class MediaWorker:
             if is_rtp:
                 sess.on_rtp(view[:n], addr, self.clock())
             else:
-                sess.on_rtcp(addr)
+                sess.on_rtcp(addr, view[:n])
             sess.rx_this_tick += 1
             if sess.rx_this_tick >= RX_BUDGET_PER_TICK:
                 # flooded: stop polling this session's sockets until the next tick
