@@ -34,6 +34,7 @@ EXTRA_PACKAGES = [
     "janus",
     "coturn",
     "redis-server",
+    "redis-sentinel",  # the redis role in its fleet form (tests/ops/test_redis_role.py)
     "nftables",
     "openssh-server",
     "auditd",
