@@ -489,6 +489,10 @@ class Supervisor:
                                                    name="tls-reload"))
         self.sessions.accepting = True
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        from appliance.probes import ComponentProbes  # Janus and coturn health for /metrics
+
+        probes = ComponentProbes(self.sessions.janus.info, cfg.turn.probe_address)
+        self._tasks.append(asyncio.create_task(probes.run(), name="probes"))
         if self._quality is not None:
             quality = self._quality.run(self.sessions.quality_refs, float(cfg.janus.stats_period_seconds))
             self._tasks.append(asyncio.create_task(quality, name="quality"))
