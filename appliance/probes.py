@@ -64,7 +64,8 @@ async def stun_binding(host: str, port: int, timeout: float = TIMEOUT_S) -> floa
     try:
         t0 = time.monotonic()
         transport.sendto(struct.pack("!HHI", STUN_BINDING_REQUEST, 0, STUN_MAGIC) + txn)
-        await asyncio.wait_for(answered, timeout)
+        async with asyncio.timeout(timeout):
+            await answered
         return time.monotonic() - t0
     finally:
         transport.close()
@@ -98,7 +99,8 @@ class ComponentProbes:
     async def _timed_janus(self) -> float:
         assert self._janus_info is not None
         t0 = time.monotonic()
-        await asyncio.wait_for(self._janus_info(), TIMEOUT_S)
+        async with asyncio.timeout(TIMEOUT_S):  # (wait_for in 3.11 can swallow a cancellation)
+            await self._janus_info()
         return time.monotonic() - t0
 
     async def _probe(self, component: str, probe: Awaitable[float]) -> None:
