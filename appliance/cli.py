@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("appliance.compliance.keys_cli", "rotate / re-wrap the data keys of encryption at rest"),
     "audit": ("appliance.compliance.audit_cli", "verify the tamper-evident audit trail"),
     "records": ("appliance.compliance.retention", "purge records past their retention"),
+    "usage": ("appliance.records.usage_cli", "tokens and cost estimate per tenant and model (JSON)"),
     "bench": ("bench.cli", "run a benchmark and print its results (--json for one JSON object)"),
 }
 

@@ -20,12 +20,15 @@ import json
 import os
 import re
 import socket
+import sys
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from appliance.model_profiles import BEHAVIORS, SCHEDULINGS, model_profile, proactive_audio_always_on
 
 DEFAULT_CONFIG_PATH = Path("/etc/voice-appliance/appliance.toml")
 ENV_PREFIX = "VA_"
@@ -131,6 +134,15 @@ class ModelConfig:
     # HMAC(key, "<t>.<body>")>" so the endpoint knows it came from this appliance (workers/ai/tools.py).
     tools_secret: str = field(default="", metadata=SECRET)
     tools_secret_file: str = ""
+    # PCI secure keypad entry (workers/ai/secure_entry.py, docs/compliance.md): with payment_url set the
+    # model gets the built-in tool collect_card_number; while an entry runs the keypad digits go only to
+    # payment_url (a signed POST with the tools key), never to the model, logs, journal or record.
+    payment_url: str = ""
+    payment_timeout_seconds: float = 10.0
+    secure_entry_at_start: bool = False  # every new call starts in secure entry (a payment line)
+    secure_entry_max_digits: int = 19  # the longest PAN; the entry ends there (or at #)
+    secure_entry_digit_timeout_seconds: float = 5.0  # quiet after the last digit ends the entry
+    secure_entry_seconds: float = 60.0  # no digit at all this long: the entry times out
     # Model routing (docs/architecture.md "Tenants and model routing"): new calls go to fallback_model
     # while the primary's breaker is open, and fallback_weight (0..1) of the others too ("80 % to Flash").
     fallback_model: str = ""
@@ -148,6 +160,9 @@ class ModelConfig:
     # Vertex only: the server reports which client message a handle covers (lastConsumedClientMessageIndex)
     # and a reconnect replays exactly from there (the Developer API has no such index; see architecture.md).
     transparent_resumption: bool = True
+    # Gemini's proactive audio (the model may stay silent when the caller did not address it): opt-in on
+    # 2.5 native audio; always on for 3.8 models — unset means on for them, false is refused there.
+    proactive_audio: bool = False
 
 
 @dataclass(frozen=True)
@@ -356,6 +371,17 @@ class ComplianceConfig:
     retention_days_call_metadata: int = 400
     retention_days_recordings: int = 90
     purge_interval_seconds: float = 3600.0
+    # Consent capture (GDPR art. 6/7; workers/ai/consent.py): the default tenant's policy and every
+    # tenant's without its own `consent`. opt_in: after the greeting the caller hears consent_prompt and
+    # must press 1 before anything of the call reaches the model (any other key or the timeout: the
+    # goodbye plays and the call ends); announce: the prompt plays, consent is recorded as announced.
+    consent: str = "none"  # none | announce | opt_in
+    consent_prompt: str = ("Before we continue: this call is answered by an AI assistant, and what you say "
+                           "is processed to help you. Press 1 if you agree. Press any other key to end "
+                           "the call.")
+    consent_purposes: list[str] = field(default_factory=lambda: ["ai_assistant"])
+    consent_refused_message: str = "Without your agreement we cannot continue. Thank you, goodbye."
+    consent_timeout_seconds: float = 15.0  # for the answer, counted once the prompt has played
 
 
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -371,7 +397,8 @@ class TenantConfig:
 
     ``model`` is the top-level ``[model]`` with the tenant's keys applied (what every call of the
     tenant runs with); ``overrides`` are the keys as written (``replace``/``config show`` keep them).
-    ``recording``/``consent`` are declared and validated only: nothing records or asks for consent yet.
+    ``recording`` is declared and validated only; ``consent`` (unset: ``compliance.consent``) and
+    ``consent_prompt`` ("": ``compliance.consent_prompt``) are acted on by workers/ai/consent.py.
     """
 
     name: str
@@ -379,10 +406,11 @@ class TenantConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     max_sessions: int = 0  # concurrent calls of this tenant on this box; 0 = no limit but the box's
     recording: str = "off"  # off | audio | transcript | audio_and_transcript (not acted on yet)
-    consent: str = "none"  # none | announce | opt_in (not acted on yet)
+    consent: str = "none"  # none | announce | opt_in (unset in the table: compliance.consent)
+    consent_prompt: str = ""  # in the tenant's language; "": compliance.consent_prompt
 
 
-_TENANT_KEYS = {"max_sessions": int, "recording": str, "consent": str}
+_TENANT_KEYS = {"max_sessions": int, "recording": str, "consent": str, "consent_prompt": str}
 # Keys that say where the model runs: a tenant that sets one gets its own Live client settings.
 ENDPOINT_KEYS = frozenset({"platform", "project", "location", "credentials_file", "api_key", "api_key_file",
                            "base_url", "ca_file", "api_version"})
@@ -506,6 +534,11 @@ _RANGES: dict[str, tuple[float, float]] = {
     "limits.concurrent_sessions_per_sub": (0, 100000),
     "limits.unauthenticated_per_minute": (1, 100000),
     "limits.auth_failures_per_minute": (1, 100000),
+    "model.secure_entry_max_digits": (1, 32),
+    "model.payment_timeout_seconds": (0.1, 120),
+    "model.secure_entry_digit_timeout_seconds": (0.5, 60),
+    "model.secure_entry_seconds": (1, 600),
+    "compliance.consent_timeout_seconds": (1, 600),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "emulator.reply": ("echo", "tone", "silence"),
@@ -516,6 +549,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "media.uplink_processing": ("off", "ns", "aec_ns_agc"),
     "tenants.recording": RECORDING_POLICIES,
     "tenants.consent": CONSENT_POLICIES,
+    "compliance.consent": CONSENT_POLICIES,
 }
 
 
@@ -656,6 +690,8 @@ def _build_tenants(data: Any, model: ModelConfig) -> dict[str, TenantConfig]:
         extra = {k: _check_value(f"{where}.{k}", f"tenants.{k}", _TENANT_KEYS[k], v)
                  for k, v in table.items() if k in _TENANT_KEYS}
         base = dataclasses.asdict(model)
+        if "model" in over:  # a tenant's own model brings its own model-dependent defaults
+            base["proactive_audio"] = proactive_audio_always_on(model_profile(str(over["model"])))
         if over.get("platform", model.platform) != model.platform:  # nothing of the other platform leaks in
             for k in ("project", "location", "credentials_file", "api_key", "api_key_file", "base_url"):
                 base[k] = type(base[k])()
@@ -670,6 +706,16 @@ def tenant(cfg: Config, name: str | None) -> TenantConfig:
     if not name or name == DEFAULT_TENANT:
         return TenantConfig(name=DEFAULT_TENANT, model=cfg.model)
     return cfg.tenants[name]
+
+
+def load_for_cli(path: str | None) -> Config | None:
+    """The config for a command-line tool, or None after printing why it does not load (the tool then
+    exits 2). ``path=None``: as :func:`load_config`."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return None
 
 
 def load_config(
@@ -709,6 +755,7 @@ def load_config(
             data.setdefault(section, {})[key] = _parse_env_value(raw)
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
+    _model_defaults(data.setdefault("model", {}), ModelConfig.model)
     built = {name: _build_section(name, cls, data.get(name, {})) for name, cls in sections.items()}
     cfg = Config(**built, tenants=_build_tenants(tenants_data, built["model"]))
     _check_cross_field(cfg)
@@ -789,9 +836,11 @@ def _check_model(cfg: Config, m: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where}.greeting: empty, but the greeting is the AI disclosure every caller "
                           "hears; give one, or set compliance.ai_disclosure = false with "
                           "compliance.ai_disclosure_off_reason")
-    url = m.tools_url
-    if url and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", url):
-        raise ConfigError(f"{where}.tools_url: expected an http:// or https:// URL, got {url!r}")
+    for key, url in (("tools_url", m.tools_url), ("payment_url", m.payment_url)):
+        if url and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", url):
+            raise ConfigError(f"{where}.{key}: expected an http:// or https:// URL, got {url!r}")
+    if m.secure_entry_at_start and not m.payment_url:
+        raise ConfigError(f"{where}.secure_entry_at_start: needs {where}.payment_url (where the digits go)")
     if m.tools_file:
         load_tool_declarations(m.tools_file, f"{where}.tools_file")
     if m.fallback_weight > 0 and not m.fallback_model:
@@ -799,6 +848,16 @@ def _check_model(cfg: Config, m: ModelConfig, where: str) -> None:
     if m.fallback_model and m.fallback_model == m.model:
         raise ConfigError(f"{where}.fallback_model: the same as {where}.model ({m.model!r})")
     check_model_platform(m)
+    if not m.proactive_audio and proactive_audio_always_on(model_profile(m.model)):
+        raise ConfigError(f"{where}.proactive_audio: {m.model!r} always uses proactive audio; remove "
+                          "proactive_audio = false (or choose a model where it is optional)")
+
+
+def _model_defaults(section: dict[str, Any], inherited_model: str) -> None:
+    """Defaults that depend on the model chosen: proactive audio is on for a model that always has it."""
+    if "proactive_audio" not in section:
+        model = section.get("model", inherited_model)
+        section["proactive_audio"] = proactive_audio_always_on(model_profile(str(model)))
 
 
 _LOCATION = re.compile(r"^[a-z]+(-[a-z]+)*[0-9]*$|^global$")
@@ -831,7 +890,8 @@ def check_model_platform(m: ModelConfig) -> None:
 _TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
 # FunctionDeclaration fields of the Live API (either casing), see google.genai.types.FunctionDeclaration.
 _TOOL_KEYS = {"name", "description", "parameters", "parametersJsonSchema", "parameters_json_schema",
-              "response", "responseJsonSchema", "response_json_schema", "behavior"}
+              "response", "responseJsonSchema", "response_json_schema", "behavior",
+              "scheduling"}  # ours, not a declaration field: FunctionResponse.scheduling (live/tooling.py)
 MAX_TOOLS = 128
 
 
@@ -869,6 +929,9 @@ def load_tool_declarations(path: str | os.PathLike[str],
         seen.add(name)
         if not isinstance(d.get("description", ""), str):
             raise ConfigError(f"{where}.description: expected a string")
+        for k, allowed in (("behavior", BEHAVIORS), ("scheduling", SCHEDULINGS)):
+            if k in d and (not isinstance(d[k], str) or d[k].upper() not in allowed):
+                raise ConfigError(f"{where}.{k}: expected one of {', '.join(allowed)}, got {d[k]!r}")
         for k in ("parameters", "parametersJsonSchema", "parameters_json_schema", "response",
                   "responseJsonSchema", "response_json_schema"):
             if k in d and not isinstance(d[k], dict):
@@ -882,6 +945,9 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
         name: {**dataclasses.asdict(getattr(cfg, name)), **sections.get(name, {})}
         for name in _section_types()
     }
+    if "model" in sections.get("model", {}) and "proactive_audio" not in sections["model"]:
+        del merged["model"]["proactive_audio"]  # the new model's default
+        _model_defaults(merged["model"], ModelConfig.model)
     built = {name: _build_section(name, cls, merged[name]) for name, cls in _section_types().items()}
     tables = {n: t.overrides for n, t in cfg.tenants.items()}
     tables.update(sections.get("tenants", {}))  # a tenant given here replaces its whole table

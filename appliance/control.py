@@ -27,11 +27,11 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from appliance.config import Config, ConfigError, load_config
+from appliance.config import Config, load_for_cli
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +141,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--undrain", action="store_true", help="end the drain: take new calls again")
 
 
-def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config) if args.config else load_config()
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+def run_cli(config: str | None,
+            command: Callable[[Config], Coroutine[Any, Any, tuple[int, dict[str, Any]]]]) -> int:
+    """The body of `drain` and `restart`: load the config, run ``command`` against the supervisor's
+    control socket, print its status as JSON; 2 when the config does not load or the supervisor does
+    not answer."""
+    cfg = load_for_cli(config)
+    if cfg is None:
         return 2
     try:
-        code, status = asyncio.run(drain(cfg, wait=args.wait, wait_seconds=args.timeout, migrate=args.migrate,
-                                         undrain=args.undrain))
+        code, status = asyncio.run(command(cfg))
     except (OSError, TimeoutError, RuntimeError, ValueError) as exc:
         print(f"cannot reach the supervisor at {socket_path(cfg)}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in status.items() if k != "ok"}))
     return code
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_cli(args.config, lambda cfg: drain(cfg, wait=args.wait, wait_seconds=args.timeout,
+                                                  migrate=args.migrate, undrain=args.undrain))

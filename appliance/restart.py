@@ -10,28 +10,19 @@ For a code upgrade that changes the shared-memory layout or the workers, drain i
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import sys
+from typing import Any
 
-from appliance.config import ConfigError, load_config
-from appliance.control import request, socket_path
+from appliance.config import Config
+from appliance.control import request, run_cli, socket_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="config file (default: $VA_CONFIG or /etc/voice-appliance/...)")
 
 
+async def _restart(cfg: Config) -> tuple[int, dict[str, Any]]:
+    return 0, await request(socket_path(cfg), "restart")
+
+
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config) if args.config else load_config()
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        status = asyncio.run(request(socket_path(cfg), "restart"))
-    except (OSError, TimeoutError, RuntimeError, ValueError) as exc:
-        print(f"cannot reach the supervisor at {socket_path(cfg)}: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in status.items() if k != "ok"}))
-    return 0
+    return run_cli(args.config, _restart)

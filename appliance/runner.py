@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.config import Config, ConfigError, load_config, replace, to_toml_dict
+from appliance.config import Config, ConfigError, load_for_cli, replace, to_toml_dict
 from appliance.cpuplan import make_plan
 from appliance.turn import peer_policy_lines
 
@@ -393,10 +393,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        base = load_config(args.config) if args.config else load_config()
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    base = load_for_cli(args.config)
+    if base is None:
         return 2
     state = Path(args.state_dir) if args.state_dir else default_state_dir()
     try:

@@ -96,14 +96,22 @@ from appliance.state import (
     box_of,
     new_session_id,
 )
+from shm.segment import MODEL_STATE_ENDED
 
 log = logging.getLogger(__name__)
 
 CLOSE_GRACE_SECONDS = 0.3  # CLOSING → FREE delay: workers scan every tick (≤ 20 ms)
 MIRROR_SECONDS = 1.0
+ENDED_REASONS = frozenset({"consent_refused"})  # what an AI worker may end a call for (a metric label)
 REFRESH_SECONDS = 300.0
 MAX_REASON_CHARS = 200
 _NOT_THE_CALLERS_FAULT = {0, ERR_UNAUTHORIZED, 405, ERR_SESSION_NOT_FOUND, ERR_HANDLE_NOT_FOUND, 490}
+
+
+def ended_reason(model_state: str) -> str:
+    """The teardown reason for a slot whose model state is ``ended:<why>`` (shm/segment.py)."""
+    why = model_state[len(MODEL_STATE_ENDED):]
+    return why if why in ENDED_REASONS else "ai_ended"
 
 
 class OfferRefused(Exception):
@@ -801,6 +809,9 @@ class Sessions:
                 self._spawn(self._teardown(sid, "connect_timeout", forget=not live.resumed))
                 continue
             current = self._read_slot(live)
+            if current is not None and current[1].startswith(MODEL_STATE_ENDED):  # the AI worker ended it
+                self._spawn(self._teardown(sid, ended_reason(current[1]), forget=True))
+                continue
             if current is None or current == live.mirrored:
                 continue
             live.mirrored = current

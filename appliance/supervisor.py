@@ -500,9 +500,9 @@ class Supervisor:
         self.notifier.ready(self._status())
         log.info("supervisor ready", extra={"host": cfg.api.host, "port": cfg.api.port,
                                              "shards": self.plan.shard_count, "slots": cfg.shards.slots})
-        if not cfg.compliance.ai_disclosure:
-            log.warning("AI disclosure is OFF: callers are not told they talk with an AI",
-                        extra={"reason": cfg.compliance.ai_disclosure_off_reason})
+        from appliance.compliance import disclosure
+
+        disclosure.announce(cfg, self.sessions.records.audit if cfg.records.dsn else None)  # logged + audited
 
     async def _start_records(self) -> None:
         """The record writer and webhook sender (``records.dsn``) and the admin API (``api.admin_port``)."""

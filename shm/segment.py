@@ -69,6 +69,7 @@ from shm.ring import Ring
 __all__ = [
     "AI_COUNTERS",
     "MEDIA_COUNTERS",
+    "MODEL_STATE_ENDED",
     "Counters",
     "EventCode",
     "RingClosedError",
@@ -96,7 +97,11 @@ AI_COUNTERS: tuple[str, ...] = (
     "chunks_sent", "audio_sent_ms", "audio_received_ms", "turns", "interruptions", "reconnects",
     "resumes", "tool_calls", "errors", "input_tokens", "output_tokens", "vad_frames", "speech_ms",
     "degraded", "frames_replayed", "tool_errors", "dtmf_sent", "pauses_confirmed", "pauses_released",
+    "consent",  # workers/ai/consent.py: 1 given, 2 refused (survives an AI worker restart)
 )
+# ``Slot.model_state`` starting with this: the AI worker ended the call (e.g. "ended:consent_refused");
+# the supervisor tears it down (appliance/sessions.py ``mirror_once``).
+MODEL_STATE_ENDED = "ended:"
 assert len(MEDIA_COUNTERS) <= L.COUNTERS_PER_BLOCK and len(AI_COUNTERS) <= L.COUNTERS_PER_BLOCK
 
 

@@ -48,10 +48,15 @@ EVENT_ACTIONS = {
     "turn": "turn.answered",
     "tool_call": "tool.called",
     "keypad": "keypad.entry",
+    "secure_entry_started": "keypad.secure_entry_started",
+    "secure_entry": "keypad.secure_entry",  # that one happened and its outcome, never the digits
+    "consent": "consent.recorded",
     "worker_restart": "worker.restarted",
 }
 _EVENT_FIELDS = {"turn": ("speech_ms", "response_ms"), "tool_call": ("name", "duration_ms", "outcome"),
-                 "keypad": ("digits",), "model_degraded": ("reason",), "model_reconnecting": ("reason",)}
+                 "keypad": ("digits",), "model_degraded": ("reason",), "model_reconnecting": ("reason",),
+                 "secure_entry_started": ("via",), "secure_entry": ("via", "outcome", "duration_ms"),
+                 "consent": ("given", "how", "policy", "purposes")}
 
 
 @dataclass(frozen=True)

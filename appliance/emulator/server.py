@@ -22,7 +22,13 @@ Wire protocol (google-genai 3.4 against ``wss://HOST/ws/google.ai.generativelang
   ``outputTranscription`` ``<reply> reply to text: T``; otherwise it is a turn of its own, answered at once;
 - tool responses received are recorded per conversation (``tool_responses``), answered or not;
 - tools: with ``tool_calls`` on and functions declared in setup, a turn first sends ``toolCall`` and waits
-  for the matching ``toolResponse`` (barge-in meanwhile sends ``toolCallCancellation``);
+  for the matching ``toolResponse`` (barge-in meanwhile sends ``toolCallCancellation``); a NON_BLOCKING
+  function (declared so, or any without ``behavior`` on a 3.8 model) does not wait: the answer goes on
+  and the response's ``scheduling`` decides (SILENT: history only; WHEN_IDLE: spoken as a turn after
+  the current answer; INTERRUPT: ``interrupted``, then spoken at once);
+- model profiles by name (appliance/model_profiles.py): 3.1 refuses client content after the first turn
+  (1007); 3.8 closes with 1011 at its session limit and forgets the handles, refuses
+  ``proactivity.proactiveAudio: false`` (1007) and sends multipart messages (see ``_answer``);
 - session resumption (when ``sessionResumption`` is in setup): ``sessionResumptionUpdate{newHandle,
   resumable}`` after setup and after each completed turn. A handle snapshots the conversation as of the
   *end of the caller's turn it answered* (the ``activityEnd``, or the detected end of speech): history,
@@ -50,6 +56,7 @@ set&<behaviour fields>).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import http
 import itertools
@@ -72,7 +79,6 @@ from websockets.http11 import Request, Response
 
 from appliance.emulator.protocol import (
     ProtocolError,
-    audio_message,
     decode_b64,
     dumps,
     duration,
@@ -82,6 +88,7 @@ from appliance.emulator.protocol import (
 from appliance.emulator.turns import TurnDetector
 from appliance.emulator.vertex import VERSIONS as VERTEX_VERSIONS
 from appliance.emulator.vertex import TokenIssuer, connection_class, parse_model, vertex_version
+from appliance.model_profiles import model_profile, non_blocking_by_default, proactive_audio_always_on
 
 log = logging.getLogger("appliance.emulator")
 
@@ -94,15 +101,6 @@ MAX_HISTORY = 200
 PROFILE_38_LIMIT_S = 58 * 60
 
 
-def model_profile(model: str) -> str:
-    """Which documented model behaviour a setup's model name selects (2.5 and unknown: the generic one)."""
-    name = model.rsplit("/", 1)[-1]
-    for gen in ("3.8", "3.1"):
-        if f"-{gen}-" in name or name.endswith(f"-{gen}"):
-            return gen
-    return ""
-
-
 @dataclass
 class Behaviour:
     """What a connection does: reply mode and faults. Run-wide defaults; overridable per connection."""
@@ -112,6 +110,7 @@ class Behaviour:
     pacing: str = "realtime"  # realtime | burst
     chunk_ms: int = 40
     first_byte_delay_ms: int = 0
+    setup_delay_ms: int = 0  # a slow model: setupComplete only after this (tests hold a probe in flight)
     goaway_after_s: float = 0.0  # 0: never
     goaway_time_left_s: float = 1.0
     close_after_s: float = 0.0  # 0: never
@@ -167,9 +166,15 @@ def setup_summary(setup: dict[str, Any]) -> dict[str, Any]:
     functions = [fd.get("name") for tool in setup.get("tools") or [] if isinstance(tool, dict)
                  for fd in get(tool, "functionDeclarations", "function_declarations") or []
                  if isinstance(fd, dict)]
+    behaviors = {fd.get("name"): fd.get("behavior") for tool in setup.get("tools") or []
+                 if isinstance(tool, dict)
+                 for fd in get(tool, "functionDeclarations", "function_declarations") or []
+                 if isinstance(fd, dict) and fd.get("behavior")}
+    proactive = get(get(setup, "proactivity"), "proactiveAudio", "proactive_audio")
     return {"model": setup.get("model"), "voice": voice, "language": get(speech, "languageCode",
                                                                           "language_code"),
-            "system_instruction": text, "functions": functions}
+            "system_instruction": text, "functions": functions, "behaviors": behaviors,
+            "proactive_audio": proactive}
 
 
 @dataclass
@@ -238,6 +243,9 @@ class Connection:
         self.transcribe_in = False
         self.transcribe_out = False
         self.functions: list[str] = []
+        self.non_blocking: set[str] = set()  # functions the model does not wait for (3.8 by default)
+        self.async_calls: dict[str, str] = {}  # open NON_BLOCKING call id → function name
+        self.when_idle: list[str] = []  # WHEN_IDLE tool results, spoken after the current answer
         self.reply_task: asyncio.Task[None] | None = None
         self.pending_tool: tuple[str, asyncio.Future[dict[str, Any]]] | None = None
         self.reading = asyncio.Event()
@@ -332,6 +340,12 @@ class Connection:
             for fd in tool.get("functionDeclarations") or []:
                 if isinstance(fd, dict) and fd.get("name"):
                     self.functions.append(fd["name"])
+                    behavior = str(fd.get("behavior") or "").upper()
+                    if behavior == "NON_BLOCKING" or (not behavior and non_blocking_by_default(self.profile)):
+                        self.non_blocking.add(fd["name"])
+        proactivity = setup.get("proactivity") or {}
+        if proactive_audio_always_on(self.profile) and proactivity.get("proactiveAudio") is False:
+            raise ProtocolError("proactive audio is always on for this model; do not set it to false")
         resumption = setup.get("sessionResumption")
         self.resumption = resumption is not None
         handle = (resumption or {}).get("handle")
@@ -353,6 +367,8 @@ class Connection:
             extra={"conn": self.id, "session": self.conv.id, "resumed": bool(handle),
                    "manual": self.detector.manual},
         )
+        if self.b.setup_delay_ms:
+            await asyncio.sleep(self.b.setup_delay_ms / 1000)
         await self.send({"setupComplete": {"sessionId": self.conv.id}})
         await self._handle_update(self.boundary)
         self._arm_timers()
@@ -492,6 +508,9 @@ class Connection:
             if isinstance(r, dict):
                 self.conv.tool_responses.append(r)
                 del self.conv.tool_responses[:-MAX_HISTORY]
+                name = self.async_calls.pop(str(r.get("id")), None)
+                if name is not None:
+                    self._async_result(name, r)
             if self.pending_tool and isinstance(r, dict) and r.get("id") == self.pending_tool[0]:
                 fut = self.pending_tool[1]
                 if not fut.done():
@@ -551,55 +570,127 @@ class Connection:
                      text: str = "") -> None:
         assert self.conv is not None
         try:
+            head: list[dict[str, Any]] = []  # messages before the audio (one multipart message on 3.8)
             if self.transcribe_in:
-                await self.send({"serverContent": {"inputTranscription": {"text": heard, "finished": True}}})
+                head.append({"serverContent": {"inputTranscription": {"text": heard, "finished": True}}})
             said = f"{self.b.reply} reply" + (f" to text: {text}" if text else "")
             if self.b.tool_calls and self.functions:
                 call_id = f"call-{secrets.token_hex(4)}"
-                fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-                self.pending_tool = (call_id, fut)
-                await self.send(
-                    {"toolCall": {"functionCalls": [
-                        {"id": call_id, "name": self.functions[0], "args": {"heard": heard}}
-                    ]}}
-                )
-                result = await fut
-                self.pending_tool = None
-                said = f"tool {result.get('name')} said {json.dumps(result.get('response'))}"
-            if self.b.first_byte_delay_ms:
-                await asyncio.sleep(self.b.first_byte_delay_ms / 1000)
-            audio = self._reply_audio(utterance)
-            step = OUT_RATE * self.b.chunk_ms // 1000 * 2
-            t0 = time.monotonic()
-            for i, off in enumerate(range(0, len(audio), step)):
-                await self.send(audio_message(audio[off : off + step]))
-                if self.b.pacing == "realtime":
-                    delay = t0 + (i + 1) * self.b.chunk_ms / 1000 - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+                name = self.functions[0]
+                fc = {"id": call_id, "name": name, "args": {"heard": heard}}
+                call = {"toolCall": {"functionCalls": [fc]}}
+                if name in self.non_blocking:  # the model goes on talking; the result comes when it comes
+                    self.async_calls[call_id] = name
+                    head.append(call)
                 else:
-                    await asyncio.sleep(0)
-            if self.transcribe_out:
-                await self.send({"serverContent": {"outputTranscription": {"text": said, "finished": True}}})
+                    for msg in head:
+                        await self.send(msg)
+                    head = []
+                    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+                    self.pending_tool = (call_id, fut)
+                    await self.send(call)
+                    result = await fut
+                    self.pending_tool = None
+                    said = f"tool {result.get('name')} said {json.dumps(result.get('response'))}"
+            if self.b.first_byte_delay_ms:
+                for msg in head:
+                    await self.send(msg)
+                head = []
+                await asyncio.sleep(self.b.first_byte_delay_ms / 1000)
+            await self._answer(self._reply_audio(utterance), said, len(utterance), boundary, head)
+            await self._idle()
+        except ConnectionClosed:
+            pass
+
+    async def _answer(self, audio: bytes, said: str, heard_bytes: int, boundary: tuple[int, int, int],
+                      head: list[dict[str, Any]]) -> None:
+        """One model turn: audio paced in chunks, its transcription, turnComplete with usage, a handle.
+        Generic profile: one message per thing, ``head`` first. 3.8 sends several parts per message:
+        ``head`` (input transcription, a NON_BLOCKING tool call) rides on the first audio message, two
+        audio chunks per message, the output transcription on the last audio message, generation and
+        turn complete together with the usage."""
+        assert self.conv is not None
+        multipart = self.profile == "3.8"
+        if not multipart:
+            for first in head:
+                await self.send(first)
+            head = []
+        step = OUT_RATE * self.b.chunk_ms // 1000 * 2
+        chunks = [audio[off : off + step] for off in range(0, len(audio), step)]
+        per_msg = 2 if multipart else 1
+        groups = [chunks[i : i + per_msg] for i in range(0, len(chunks), per_msg)]
+        out_t = {"outputTranscription": {"text": said, "finished": True}} if self.transcribe_out else {}
+        t0 = time.monotonic()
+        sent = 0
+        for i, group in enumerate(groups):
+            msg: dict[str, Any] = {"serverContent": {"modelTurn": {"parts": [
+                {"inlineData": {"mimeType": "audio/pcm;rate=24000", "data": base64.b64encode(c).decode()}}
+                for c in group]}}}
+            if multipart and i == 0:
+                msg = _merge(msg, *head)
+                head = []
+            if multipart and i == len(groups) - 1 and out_t:
+                msg["serverContent"].update(out_t)
+                out_t = {}
+            await self.send(msg)
+            sent += len(group)
+            if self.b.pacing == "realtime":
+                delay = t0 + sent * self.b.chunk_ms / 1000 - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            else:
+                await asyncio.sleep(0)
+        for rest in head:  # no audio at all (multipart): still deliver what rode on it
+            await self.send(rest)
+        prompt = math.ceil(heard_bytes / 2 / self.conv.rate * TOKENS_PER_SECOND) + 1
+        response = math.ceil(len(audio) / 2 / OUT_RATE * TOKENS_PER_SECOND)
+        usage = {"usageMetadata": {
+            "promptTokenCount": prompt, "responseTokenCount": response, "totalTokenCount": prompt + response,
+            "promptTokensDetails": [{"modality": "AUDIO", "tokenCount": prompt}],
+            "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": response}]}}
+        if multipart:
+            await self.send({"serverContent": {**out_t, "generationComplete": True, "turnComplete": True},
+                             **usage})
+        else:
+            if out_t:
+                await self.send({"serverContent": out_t})
             await self.send({"serverContent": {"generationComplete": True}})
-            prompt = math.ceil(len(utterance) / 2 / self.conv.rate * TOKENS_PER_SECOND) + 1
-            response = math.ceil(len(audio) / 2 / OUT_RATE * TOKENS_PER_SECOND)
-            await self.send(
-                {
-                    "serverContent": {"turnComplete": True},
-                    "usageMetadata": {
-                        "promptTokenCount": prompt,
-                        "responseTokenCount": response,
-                        "totalTokenCount": prompt + response,
-                        "promptTokensDetails": [{"modality": "AUDIO", "tokenCount": prompt}],
-                        "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": response}],
-                    },
-                }
-            )
-            self.conv.history.append(f"model: {said}")
-            self.turns_done += 1
-            del self.conv.history[:-MAX_HISTORY]
-            await self._handle_update(boundary)
+            await self.send({"serverContent": {"turnComplete": True}, **usage})
+        self.conv.history.append(f"model: {said}")
+        self.turns_done += 1
+        del self.conv.history[:-MAX_HISTORY]
+        await self._handle_update(boundary)
+
+    # --- NON_BLOCKING tool results (FunctionResponse.scheduling) --------------------------------
+    def _async_result(self, name: str, r: dict[str, Any]) -> None:
+        """A NON_BLOCKING call's response: into the context always; SILENT says nothing, WHEN_IDLE
+        speaks it after the current answer (at once when idle), INTERRUPT cuts the current answer
+        (``interrupted``) and speaks it now."""
+        assert self.conv is not None
+        scheduling = str(r.get("scheduling") or "WHEN_IDLE").upper()
+        said = f"tool {name} said {json.dumps(r.get('response'))}"
+        self.conv.history.append(f"tool: {said}")
+        if scheduling == "SILENT":
+            return
+        busy = self.reply_task is not None and not self.reply_task.done()
+        if scheduling == "WHEN_IDLE" and busy:
+            self.when_idle.append(said)
+            return
+        self.timers.append(asyncio.create_task(self._speak_result(said, cut=busy)))
+
+    async def _speak_result(self, said: str, *, cut: bool) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            if cut:
+                await self._barge_in()
+            self.when_idle.insert(0, said)
+            self.reply_task = asyncio.create_task(self._idle())
+
+    async def _idle(self) -> None:
+        """The model is idle: speak the WHEN_IDLE results that waited (each a model turn of its own)."""
+        try:
+            while self.when_idle:
+                said = self.when_idle.pop(0)
+                await self._answer(self._reply_audio(b""), said, 0, self.boundary, [])
         except ConnectionClosed:
             pass
 
@@ -856,6 +947,18 @@ class EmulatorServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+def _merge(msg: dict[str, Any], *more: dict[str, Any]) -> dict[str, Any]:
+    """One server message with the fields of ``more`` (``serverContent`` merged key by key)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in msg.items()}
+    for m in more:
+        for k, v in m.items():
+            if k == "serverContent" and k in out:
+                out[k].update(v)
+            else:
+                out[k] = v
+    return out
 
 
 def _json_response(status: int, body: Any) -> Response:

@@ -15,6 +15,9 @@ GET  /v1/admin/calls/{id}         records:read        the whole record; transcri
 POST /v1/admin/calls/{id}/hangup  calls:write         end a live call on this box
 DELETE /v1/admin/calls/{id}       records:delete      delete a call's record
 POST /v1/admin/drain | undrain    calls:write         stop / resume admitting calls on this box
+GET  /v1/admin/usage              records:read        tokens and cost estimate per tenant and model
+                                                      (``since``/``until``, default the last 30 days;
+                                                      ``tenant``)
 GET  /v1/admin/webhooks/dead-letters  audit:read      webhook events given up on
 DELETE /v1/admin/subjects/{sub}   records:delete      GDPR erasure: the subject's calls, transcripts,
                                                       events, dead letters, Redis sessions; a receipt
@@ -35,7 +38,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,8 +54,10 @@ from appliance.auth import AuthError, JwtVerifier, Principal
 from appliance.compliance import subjects, trail
 from appliance.compliance.atrest import pg_store
 from appliance.compliance.envelope import Keyring
+from appliance.config import DEFAULT_TENANT, TENANT_NAME_RE
 from appliance.records import store
 from appliance.records.usage import PriceTable
+from appliance.records.usage_report import usage_report
 from appliance.records.writer import Database
 
 log = logging.getLogger(__name__)
@@ -255,6 +260,19 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
         log.info("admin: undrain", extra={"by": p.sub})
         return JSONResponse({"draining": a.control.draining})
 
+    async def usage(request: Request, _p: Principal) -> Response:
+        """Tokens and cost per tenant and model (appliance/records/usage_report.py); default: 30 days."""
+        until = _time_param(request, "until") or datetime.now(UTC)
+        since = _time_param(request, "since") or until - timedelta(days=30)
+        if since >= until:
+            raise AdminError(400, "invalid_parameter", "since: must be before until")
+        name = request.query_params.get("tenant") or None
+        if name is not None and not (name == DEFAULT_TENANT or TENANT_NAME_RE.match(name)):
+            raise AdminError(400, "invalid_parameter", f"tenant: expected {TENANT_NAME_RE.pattern}")
+        async with need_db().connection() as conn:
+            report = await usage_report(conn, since=since, until=until, tenant=name, prices=a.prices)
+        return JSONResponse(report, headers={"Cache-Control": "no-store"})
+
     async def dead_letters(request: Request, _p: Principal) -> Response:
         limit = _int_param(request, "limit", 50, 1, MAX_LIMIT)
         cursor = request.query_params.get("cursor") or None
@@ -339,6 +357,7 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
         Route("/v1/admin/calls/{call_id}/hangup", scoped("calls:write", hangup), methods=["POST"]),
         Route("/v1/admin/drain", scoped("calls:write", drain), methods=["POST"]),
         Route("/v1/admin/undrain", scoped("calls:write", undrain), methods=["POST"]),
+        Route("/v1/admin/usage", scoped("records:read", usage), methods=["GET"]),
         Route("/v1/admin/webhooks/dead-letters", scoped("audit:read", dead_letters), methods=["GET"]),
         Route("/v1/admin/audit", scoped("audit:read", audit_log), methods=["GET"]),
         Route("/v1/admin/subjects/{sub}", scoped("records:delete", delete_subject), methods=["DELETE"]),
@@ -412,6 +431,12 @@ def build_admin_openapi() -> dict[str, Any]:
                 parameters=[q("after", {"type": "integer", "minimum": 0}, "the previous page's next"),
                             q("subject", {"type": "string", "maxLength": 256}, "a call or subject id"),
                             q("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "page size")],
+                responses={"400": err, "503": err})},
+            "/v1/admin/usage": {"get": op(
+                "usageReport", "records:read", "Tokens and cost estimate per tenant and model",
+                parameters=[q("since", time_schema, "reports at or after (default: until - 30 days)"),
+                            q("until", time_schema, "before (default: now)"),
+                            q("tenant", {"type": "string"}, "one tenant only")],
                 responses={"400": err, "503": err})},
             "/v1/admin/webhooks/dead-letters": {"get": op(
                 "listDeadLetters", "audit:read", "Webhook events given up on",

@@ -55,9 +55,10 @@ async function iceServers() {
   return (await r.json()).ice_servers || [];
 }
 
-function api(path, opts = {}) {
-  // the session's own token for /v1/sessions/{id}…; the JWT for creating/resuming and ICE servers
-  const bearer = path.startsWith("/v1/sessions/") && sessionToken ? sessionToken : token;
+function api(path, opts = {}, ownSession = path.startsWith("/v1/sessions/")) {
+  // the session's own token for /v1/sessions/{id}… and for resuming it (a call may outlive the page's
+  // JWT); the JWT for creating a new call and for ICE servers
+  const bearer = ownSession && sessionToken ? sessionToken : token;
   return fetch(path, {
     ...opts,
     cache: "no-store",
@@ -118,7 +119,9 @@ async function connect(resumeToken) {
   const body = { type: "offer", sdp: conn.localDescription.sdp };
   if ($("voice").value.trim()) body.voice = $("voice").value.trim();
   if (resumeToken) body.resume_token = resumeToken;
-  const r = await api("/v1/sessions", { method: "POST", body: JSON.stringify(body) });
+  const post = (own) => api("/v1/sessions", { method: "POST", body: JSON.stringify(body) }, own);
+  let r = await post(Boolean(resumeToken));
+  if (r.status === 401 && resumeToken && sessionToken) r = await post(false); // session token lapsed
   const data = await r.json().catch(() => ({}));
   if (!r.ok) {
     conn.close();

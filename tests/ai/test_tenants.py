@@ -95,10 +95,12 @@ async def test_two_tenants_get_their_own_setup_tools_and_greeting(emu, seg, tmp_
             setup = {n: emu.session(sid[n])["setup"] for n in sid}
             assert setup["bank"] == {"model": f"models/{cfg.model.model}", "voice": "Kore",
                                      "language": "en-GB", "system_instruction": "You are the bank's agent.",
-                                     "functions": ["check_balance"]}
+                                     "functions": ["check_balance"], "behaviors": {},
+                                     "proactive_audio": None}
             assert setup["diner"] == {"model": f"models/{FALLBACK}", "voice": "Charon", "language": "de-DE",
                                       "system_instruction": "Du bist der Kellner.",
-                                      "functions": ["book_table"]}
+                                      "functions": ["book_table"], "behaviors": {},
+                                      "proactive_audio": None}
             # greeting: each call's downlink starts with its tenant's synthesised prompt
             for slot, t in ((s_bank, "bank"), (s_diner, "diner")):
                 want = w.prompts.cached(cfg.tenants[t].model.greeting, cfg.tenants[t].model.language)

@@ -252,6 +252,42 @@ async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, e
             assert _gone(p.pid)
 
 
+@pytest.mark.parametrize("platform", ["developer", "vertex"])
+async def test_goaway_mid_utterance_through_the_worker_loses_no_audio(seg, emu, sa, tmp_path, speech,
+                                                                       platform) -> None:
+    """goAway while the caller speaks: the worker's Live session resumes the same conversation and the
+    model holds the whole utterance once (Vertex: replayed from lastConsumedClientMessageIndex)."""
+    cfg_path = tmp_path / "appliance.toml"
+    key = sa.key_file(tmp_path / "sa.json", f"{emu.base_url}/token") if platform == "vertex" else None
+    _write_config(cfg_path, emu, tmp_path / "state", key)
+    cfg = load_config(cfg_path, env={})
+    settings = None if key else emu.client_settings()  # Vertex: the worker's own settings from [model]
+    slot = seg.slot(0)
+    async with running(cfg, seg, emu, tmp_path, settings=settings) as w:
+        activate_slot(slot, options={"greeting": ""})
+        await until(lambda: slot.model_state == "live", 30, "model live")
+        await speak(slot, np.concatenate([silence(0.2), speech, silence(0.7)]))
+        await until(lambda: bool(slot.resume_handle), 20, "resume handle")
+        conv = w.calls[0].live.server_session_id
+        assert emu.session(conv)["live"]["platform"] == platform
+        before = len(emu.audio(conv))
+        fr = frames(np.concatenate([silence(0.2), speech, silence(0.7)]))
+        half = len(fr) // 2
+        for i, f in enumerate(fr):
+            if i == half:
+                emu.fault(conv, "goaway", time_left_s=0.3)
+            assert slot.uplink.write(f)
+            await asyncio.sleep(0.01)
+        await until(lambda: emu.session(conv)["resumes"] >= 1, 30, "resume after goAway")
+        await until(lambda: len(emu.audio(conv)) - before >= speech.size * 2, 30, "turn 2 held by the model")
+        await until(lambda: slot.counters.get("reconnects") >= 1, 10, "reconnect counted")
+        rec = np.frombuffer(emu.audio(conv)[before:], np.int16)
+        corr, _ = best_correlation(speech, rec, 16000)
+        assert corr > 0.98, corr
+        print(f"model holds {len(rec)} samples for {speech.size} of speech")
+        assert len(rec) < speech.size + 16000 * 1.0  # once: speech, pre-roll and hangover, nothing twice
+
+
 async def test_unreachable_model_keeps_call_plays_hold_then_recovers(cfg, seg, emu, tmp_path, speech) -> None:
     cfg = replace(cfg, model={"max_retries": 1, "degraded_retry_seconds": 1.0})
     slot = seg.slot(0)

@@ -131,6 +131,31 @@ async def test_tool_call_is_answered_from_the_endpoint(emu, seg, tmp_path, srv) 
         assert slot.counters.get("tool_calls") == 1 and slot.counters.get("tool_errors") == 0
 
 
+async def test_38_non_blocking_tool_answered_with_the_files_scheduling(emu, seg, tmp_path, srv) -> None:
+    """A 3.8 model: the tools file's function is declared NON_BLOCKING (nothing said in the file), the
+    model answers the caller while the tool runs, and the endpoint's result goes back with the file's
+    ``scheduling`` (WHEN_IDLE: spoken after the answer, as a model turn of its own)."""
+    slot = seg.slot(0)
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps([{**TOOLS[0], "scheduling": "WHEN_IDLE"}]))
+    cfg = make_cfg(emu, tmp_path, tools_file=str(path), tools_url=srv.url("/ok"),
+                   model="gemini-3.8-live-preview")
+    assert cfg.model.proactive_audio  # always on for 3.8
+    async with running(cfg, seg, emu, tmp_path) as w:
+        activate_slot(slot, options={"greeting": ""})
+        sid = await live_session(w, slot, emu)
+        setup = emu.session(sid)["setup"]
+        assert setup["behaviors"] == {"lookup_order": "NON_BLOCKING"} and setup["proactive_audio"] is True
+        await press(slot, "42#", gap=0.05)
+        await until(lambda: len(emu.session(sid)["tool_responses"]) == 1, what="tool response at the model")
+        (fr,) = emu.session(sid)["tool_responses"]
+        assert fr["scheduling"] == "WHEN_IDLE" and fr["response"]["status"] == "ok"
+        await until(lambda: slot.transcript.startswith("model: tool lookup_order said"), what="result spoken")
+        hist = emu.session(sid)["history"]
+        answer = hist.index("model: tone reply to text: " + dtmf_text("42#"))
+        assert answer < max(i for i, h in enumerate(hist) if h.startswith("model: tool lookup_order said"))
+
+
 @pytest.mark.parametrize(("path", "needle"), [
     ("/status/503", "tool endpoint answered HTTP 503"),
     ("/slow/5", "did not answer within 0.5 s"),

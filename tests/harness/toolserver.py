@@ -6,7 +6,8 @@
         srv.requests                        # every JSON body received, in order
 
 Paths: ``/ok``; ``/status/<code>`` (that HTTP status, JSON body); ``/badjson`` (200, not JSON);
-``/list`` (200, a JSON list); ``/big`` (200, 100 KB of JSON); ``/slow/<seconds>`` (sleeps first).
+``/list`` (200, a JSON list); ``/big`` (200, 100 KB of JSON); ``/slow/<seconds>`` (sleeps first);
+``/accept`` and ``/decline`` (a payment endpoint's ``{"accepted": true|false}``).
 Each handler thread stops sleeping when the server shuts down.
 """
 
@@ -78,6 +79,8 @@ def _handler(state: ToolServer) -> type[BaseHTTPRequestHandler]:
                 self._send(200, json.dumps([1, 2, 3]).encode())
             elif self.path == "/big":
                 self._send(200, json.dumps({"blob": "x" * 100_000}).encode())
+            elif self.path in ("/accept", "/decline"):  # a payment endpoint (workers/ai/secure_entry.py)
+                self._send(200, json.dumps({"accepted": self.path == "/accept"}).encode())
             else:
                 body = {"output": {"name": req.get("name"), "echo": req.get("args")}}
                 self._send(200, json.dumps(body).encode())

@@ -106,6 +106,7 @@ ENDPOINTS = [
     ("POST", "/v1/admin/calls/box.live1/hangup", "calls:write"),
     ("POST", "/v1/admin/drain", "calls:write"),
     ("POST", "/v1/admin/undrain", "calls:write"),
+    ("GET", "/v1/admin/usage", "records:read"),
     ("GET", "/v1/admin/webhooks/dead-letters", "audit:read"),
 ]
 
@@ -191,7 +192,7 @@ async def test_openapi_and_database_down(env: Any, keys: tuple[bytes, bytes], pg
     spec = (await client.get("/v1/admin/openapi.json")).json()
     assert set(spec["paths"]) == {"/v1/admin/calls", "/v1/admin/calls/{call_id}",
                                   "/v1/admin/calls/{call_id}/hangup", "/v1/admin/drain", "/v1/admin/undrain",
-                                  "/v1/admin/webhooks/dead-letters", "/v1/admin/audit",
+                                  "/v1/admin/webhooks/dead-letters", "/v1/admin/audit", "/v1/admin/usage",
                                   "/v1/admin/subjects/{sub}", "/v1/admin/subjects/{sub}/export"}
     pg_db.pg.server.stop()
     r = await client.get("/v1/admin/calls", headers=tok(keys, "calls:read"))

@@ -22,6 +22,14 @@ const { chromium } = require("playwright-core");
     const page = await browser.newPage();
     page.setDefaultTimeout(90000);
     page.on("console", (m) => console.error("page:", m.text()));
+    // which credential each POST /v1/sessions carried: a JWT for the new call, the session token to resume
+    const posts = [];
+    page.on("request", (r) => {
+      if (r.method() === "POST" && new URL(r.url()).pathname === "/v1/sessions") {
+        const bearer = (r.headers()["authorization"] || "").replace(/^Bearer /, "");
+        posts.push(bearer.startsWith("vst1.") ? "session_token" : "jwt");
+      }
+    });
     await page.goto(url);
     await page.click("#call");
     await page.waitForFunction(
@@ -36,7 +44,7 @@ const { chromium } = require("playwright-core");
     const error2 = await page.textContent("#error");
     if (error2) throw new Error("page error after migrate: " + error2);
     console.log(JSON.stringify({ event: "resumed", ...await page.evaluate(() => ({
-      session_id: window.demoSession.session_id, resumes: window.demoResumes })) }));
+      session_id: window.demoSession.session_id, resumes: window.demoResumes })), posts }));
     if (holdMs) await page.waitForTimeout(holdMs);
     await page.click("#hangup");
     await page.waitForFunction(() => document.getElementById("conn").textContent === "idle");

@@ -66,6 +66,9 @@ async def test_demo_page_resumes_after_a_janus_restart(tmp_path, redis_srv):
             resumed = json.loads(line)
             assert resumed["event"] == "resumed" and resumed["resumes"] >= 1, resumed
             assert resumed["session_id"] == sid  # same box: the conversation continues under its id
+            # the call was created with the JWT and resumed with its own session token (a call may
+            # outlive the JWT the page started with)
+            assert resumed["posts"][0] == "jwt" and set(resumed["posts"][1:]) == {"session_token"}, resumed
             await audio
             t_audio = time.monotonic() - t_up
             print(f"Janus up → page connected again {t_connected:.2f} s, caller audio on the new leg "

@@ -77,6 +77,10 @@ def test_tenants_inherit_and_override(tmp_path) -> None:
     ({"platform": "vertex", "location": "us-central1", "allowed_locations": ["europe-west4"],
       "api_key": "k"}, "tenants.t1: model.location: 'us-central1' is outside model.allowed_locations"),
     ({"voice": 3}, "tenants.t1.voice: expected a string, got 3"),
+    ({"payment_url": "ftp://x"}, "tenants.t1.payment_url: expected an http:// or https:// URL"),
+    ({"secure_entry_at_start": True}, "tenants.t1.secure_entry_at_start: needs tenants.t1.payment_url"),
+    ({"secure_entry_max_digits": 40}, "tenants.t1.secure_entry_max_digits: expected a value from 1 to 32"),
+    ({"consent_prompt": 3}, "tenants.t1.consent_prompt: expected a string, got 3"),
 ])
 def test_bad_tenant_tables_name_the_key(table, message) -> None:
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
@@ -87,3 +91,15 @@ def test_bad_tenant_tables_name_the_key(table, message) -> None:
 def test_bad_tenant_names(name) -> None:
     with pytest.raises(ConfigError, match=f"tenants.{name}: expected a name matching"):
         replace(load_config(None, env={}), tenants={name: {}})
+
+
+def test_eu_only_box_refuses_a_tenant_outside_its_regions() -> None:
+    """``[model] allowed_locations`` binds every tenant that does not set its own (EU residency)."""
+    base = replace(load_config(None, env={}), model={"allowed_locations": ["europe-west4"]})
+    with pytest.raises(ConfigError, match=r"^tenants\.us: model\.location: 'us-central1' is outside"):
+        replace(base, tenants={"us": {"platform": "vertex", "project": "p", "location": "us-central1",
+                                      "api_key": "k"}})
+    eu = replace(base, tenants={"eu": {"platform": "vertex", "project": "p", "location": "europe-west4",
+                                       "api_key": "k"}})
+    assert eu.tenants["eu"].model.location == "europe-west4"
+

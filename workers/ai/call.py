@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from appliance.config import ModelConfig
 from shm.audio import UP_BYTES_PER_MS
@@ -26,6 +26,10 @@ from workers.ai.live.outbox import Outbox
 from workers.ai.live.settings import ClientSettings, LiveOptions
 from workers.ai.playback import Playback
 from workers.ai.tools import ToolRunner
+
+if TYPE_CHECKING:
+    from workers.ai.consent import Consent
+    from workers.ai.secure_entry import SecureEntry
 
 log = logging.getLogger("workers.ai.worker")
 
@@ -77,6 +81,14 @@ class Call:
     hold_at: float = 0.0  # when "please hold" last started
     retry_at: float = 0.0
     closed: bool = False
+    secure: SecureEntry | None = None  # PCI keypad entry in progress (workers/ai/secure_entry.py)
+    consent: Consent | None = None  # the opt-in consent step (workers/ai/consent.py)
+    ended: str = ""  # the worker ended the call: this model state stays in the slot
+
+    @property
+    def secure_entry_active(self) -> bool:
+        """True while keypad digits go only to the payment endpoint (call recording pauses meanwhile)."""
+        return self.secure is not None and not self.secure.finished
 
     @property
     def key(self) -> tuple[int, int]:
@@ -90,7 +102,7 @@ class Call:
         return str(value) if value else default
 
     def set_model_state(self, state: str) -> None:
-        if self.current():
+        if self.current() and not self.ended:
             self.slot.model_state = str(state)[:32]
 
     # ---- to the model ------------------------------------------------------------------------------
@@ -99,6 +111,8 @@ class Call:
         return live is not None and not self.start_failed and live.state not in ("degraded", "closed")
 
     def _target(self) -> Live | Outbox | None:
+        if self.consent is not None and self.consent.waiting:  # nothing reaches the model before consent
+            return None
         if self.awaiting_live:
             return self.outbox
         return self.live if self.live_ok() else None
@@ -134,12 +148,22 @@ class Call:
                 digit = digit_for(value)
                 if digit is None:
                     continue
+                if self.consent is not None and self.consent.waiting:  # the consent answer
+                    self.consent.press(digit, now)
+                    continue
+                if self.secure is not None:  # PCI secure entry: only to the payment endpoint
+                    self.secure.push(digit, now)
+                    continue
                 c.dtmf = (c.dtmf + digit)[-32:]  # never logged: PINs, card numbers (counts only)
                 entry = c.keypad.push(digit, now)
                 if entry:
                     self.send_dtmf(entry)
             elif code == EventCode.RTP_TIMEOUT:
                 log.info("caller RTP silent", extra={"session": self.session_id, "ms": value})
+        if self.consent is not None:
+            self.consent.due(now)
+        if self.secure is not None:
+            self.secure.due(now)
         entry = c.keypad.due(now)
         if entry:
             self.send_dtmf(entry)
@@ -147,10 +171,18 @@ class Call:
     def send_dtmf(self, digits: str) -> None:
         """One keypad entry to the model: inside the caller's open turn, else as a turn of its own
         (which, like speech, interrupts model audio)."""
-        if self._target() is None:
+        if not self.send_text_turn(dtmf_text(digits)):
             log.warning("keypad entry dropped: model unavailable", extra={"session": self.session_id})
             return
-        text = dtmf_text(digits)
+        self.slot.counters.add("dtmf_sent", len(digits))
+        self.last_event["dtmf_sent"] = time.monotonic()
+        log.info("keypad entry sent to the model", extra={"session": self.session_id, "digits": len(digits)})
+
+    def send_text_turn(self, text: str) -> bool:
+        """Text from the caller's side to the model (a keypad entry, a secure entry's outcome); False
+        when no model or outbox takes it."""
+        if self._target() is None:
+            return False
         if self.caller.sending:
             self.send_mark(False, text)
         else:
@@ -159,9 +191,7 @@ class Call:
             self.send_mark(True)
             self.send_mark(False, text)
             self.send_mark(False)
-        self.slot.counters.add("dtmf_sent", len(digits))
-        self.last_event["dtmf_sent"] = time.monotonic()
-        log.info("keypad entry sent to the model", extra={"session": self.session_id, "digits": len(digits)})
+        return True
 
     # ---- degradation ------------------------------------------------------------------------------
     def degraded(self, reason: str, hold_prompt: bytes, retry_seconds: float) -> None:

@@ -28,6 +28,7 @@ from appliance.config import (
 )
 from workers.ai.greeting import PromptCache
 from workers.ai.live.settings import ClientSettings
+from workers.ai.secure_entry import PaymentEndpoint, declarations
 from workers.ai.tools import ToolRunner
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class TenantProfile:
     tools: ToolRunner
     tool_decls: list[dict[str, object]] | None
     own_endpoint: bool  # sets platform/project/location/keys itself: its own ClientSettings
+    payment: PaymentEndpoint  # PCI secure keypad entry's endpoint (workers/ai/secure_entry.py)
     tool_key: bytes = b""  # tools_secret(_file): signs this tenant's tool POSTs (else the webhook key)
     greeting: bytes = b""
     _settings: ClientSettings | None = None
@@ -71,10 +73,11 @@ class TenantProfile:
 
 def _profile(t: TenantConfig) -> TenantProfile:
     m = t.model
-    decls = load_tool_declarations(m.tools_file) if m.tools_file else None
+    decls = declarations(load_tool_declarations(m.tools_file) if m.tools_file else None, m)
     own = bool(ENDPOINT_KEYS & set(t.overrides))
     key = secret(m.tools_secret, m.tools_secret_file).encode()
-    profile = TenantProfile(t.name, m, ToolRunner(m.tools_url, m.tools_timeout_seconds), decls, own, key)
+    profile = TenantProfile(t.name, m, ToolRunner(m.tools_url, m.tools_timeout_seconds), decls, own,
+                            PaymentEndpoint(m.payment_url, m.payment_timeout_seconds), key)
     profile.own_tool_key()
     return profile
 
@@ -110,3 +113,4 @@ class TenantProfiles:
     async def aclose(self) -> None:
         for p in self.all():
             await p.tools.aclose()
+            await p.payment.aclose()

@@ -67,6 +67,7 @@ from shm.segment import ShardSegment, ShmError, Slot
 from workers.ai.call import Call, Live, LiveFactory
 from workers.ai.caller import CallerTurn, quiet_tail, silent
 from workers.ai.clock import phase_locked
+from workers.ai.consent import ConsentGate
 from workers.ai.greeting import PromptCache
 from workers.ai.live.events import (
     AudioOut,
@@ -84,6 +85,7 @@ from workers.ai.live.outbox import Outbox, journal_path, remove_stale
 from workers.ai.live.settings import ClientSettings, LiveOptions, client_settings
 from workers.ai.playback import Playback, PlaybackStats
 from workers.ai.records import CallRecorder
+from workers.ai.secure_entry import SecureEntries
 from workers.ai.tenants import TenantProfiles
 from workers.ai.turn_metrics import TurnClock, mark_speech
 from workers.ai.turns import Decision, TurnEvent, TurnParams
@@ -149,6 +151,8 @@ class AiWorker:
         self.tenants = TenantProfiles(cfg)  # per tenant: model section, tools, greeting (tenants.py)
         self.tools = self.tenants.default.tools
         self.records = CallRecorder(cfg, shard)  # the call record's items (workers/ai/records.py)
+        self.secure = SecureEntries(self.records)  # PCI keypad entry (workers/ai/secure_entry.py)
+        self.consent = ConsentGate(cfg, self.records)  # opt-in consent step (workers/ai/consent.py)
         for profile in self.tenants.all():
             self.records.wire_tools(profile.tools, self.calls)
             profile.own_tool_key()  # a tenant's tools_secret signs instead of the webhook key
@@ -158,6 +162,7 @@ class AiWorker:
         """Before taking calls: synthesise (or load from cache) the greeting and hold prompts."""
         m = self.cfg.model
         await self.tenants.prepare(self.prompts)
+        await self.consent.prepare(self.prompts)
         self._greeting = self.tenants.default.greeting
         if m.hold_prompt:
             self._hold = await self.prompts.get_async(m.hold_prompt, m.language)
@@ -321,13 +326,15 @@ class AiWorker:
         handle = slot.resume_handle or str(options.get("resume_handle") or "")
         fresh = not handle and not slot.model_state  # never attached by any AI worker before
         self.records.attached(call, fresh=fresh)
+        consent_prompt = self.consent.attach(call, fresh=fresh)  # played after the greeting
         log.info("call attached", extra={"session": session_id, "slot": slot.index, "resume": bool(handle),
                                          "replay_items": len(call.outbox.replay()),
                                          "live_ready": self._live_ready})
         if fresh:
-            greeting = self._greeting_for(call)
+            greeting = self._greeting_for(call) + consent_prompt
             if greeting:
                 call.playback.protect(greeting)
+            self.secure.at_start(call, self.tenants.of(call.options))
         else:
             call.playback.protect_until = slot.protect_until  # restarted worker: the greeting may still play
         if call.outbox.open_turn:  # a previous worker died mid-utterance: the turn continues
@@ -422,6 +429,7 @@ class AiWorker:
         call.outbox.close(remove=not call.slot.is_current(call.generation))
         self.stats.sessions_closed += 1
         self.records.closed(call)
+        self.secure.closed(call)
         log.info("call detached", extra={"session": call.session_id, "slot": idx, "reason": reason})
         if isinstance(call.last_event, TurnClock):
             call.last_event.close(reason)  # its open turn spans (appliance/tracing.py)
@@ -524,8 +532,11 @@ class AiWorker:
                 case StateChanged(state=state, reason=reason):
                     self._model_state(call, state, reason)
                 case ToolCall(calls=calls):
-                    call.tool_calls(self.tenants.of(call.options).tools, calls)
+                    profile = self.tenants.of(call.options)
+                    if rest := self.secure.intercept(call, profile, calls):
+                        call.tool_calls(profile.tools, rest)
                 case ToolCallCancellation(ids=ids):
+                    self.secure.cancelled(call, ids)
                     n = self.tenants.of(call.options).tools.cancel(call.key, list(ids))
                     log.info("tool calls cancelled by the model", extra={"session": call.session_id,
                                                                           "running": n})

@@ -61,13 +61,17 @@ async def test_breaker_opens_new_calls_skip_the_model_one_probe_then_closes(emu,
                 await session(emu, f"b-new-{i}").start()
         assert emu.health()["refused"] - refused0 == 3
         # model back; after the reset period exactly one caller probes, the others still degrade
-        emu.configure(refuse=False)
+        # (the model answers setup slowly, so the probe is surely still in flight when the other tries)
+        emu.configure(refuse=False, setup_delay_ms=800)
         await asyncio.sleep(1.6)
         probe = session(emu, "probe")
         blocked = session(emu, "blocked")
-        results = await asyncio.gather(probe.start(), blocked.start(), return_exceptions=True)
-        ok = [r for r in results if not isinstance(r, Exception)]
-        assert len(ok) == 1 and isinstance(next(r for r in results if r is not None), LiveUnavailable)
+        probing = asyncio.ensure_future(probe.start())
+        await asyncio.sleep(0.3)
+        with pytest.raises(LiveUnavailable, match="breaker open"):
+            await blocked.start()
+        await probing
+        emu.configure(setup_delay_ms=0)
         assert other.state == "half_open"
         second = session(emu, "probe-2")
         await second.start()  # the second good probe closes it
@@ -79,7 +83,7 @@ async def test_breaker_opens_new_calls_skip_the_model_one_probe_then_closes(emu,
             await s.close()
     finally:
         guard.install_breaker(None)
-        emu.configure(refuse=False)
+        emu.configure(refuse=False, setup_delay_ms=0)
         await client.aclose()
 
 

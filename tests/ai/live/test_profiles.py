@@ -63,11 +63,3 @@ async def test_31_refuses_client_content_after_the_first_turn(tmp_path: Path) ->
                 async for _msg in s.receive():
                     await asyncio.sleep(0)
             assert err.value.code == 1007 and "only before the first turn" in str(err.value)
-
-
-def test_model_names_select_profiles() -> None:
-    from appliance.emulator.server import model_profile
-
-    assert model_profile("models/gemini-3.8-live-preview") == "3.8"
-    assert model_profile("projects/p/locations/l/publishers/google/models/gemini-3.1-flash-live") == "3.1"
-    assert model_profile("gemini-2.5-flash-native-audio-preview-09-2025") == ""

@@ -16,7 +16,9 @@ from prometheus_client import Histogram
 from websockets.exceptions import ConnectionClosed
 
 from appliance.config import ModelConfig
+from appliance.model_profiles import model_profile, proactive_audio_always_on
 from workers.ai.live.settings import ClientSettings, LiveOptions
+from workers.ai.live.tooling import tool_plan
 
 if TYPE_CHECKING:
     from google.genai import Client
@@ -75,9 +77,12 @@ def live_config(m: ModelConfig, o: LiveOptions, *, manual: bool) -> dict[str, An
         kwargs["context_window_compression"] = types.ContextWindowCompressionConfig(
             sliding_window=types.SlidingWindow()
         )
-    if o.tools:
-        decls = [types.FunctionDeclaration(**cast(dict[str, Any], dict(d))) for d in o.tools]
+    plan = tool_plan(o.tools, m.model)
+    if plan.declarations:
+        decls = [types.FunctionDeclaration(**cast(dict[str, Any], d)) for d in plan.declarations]
         kwargs["tools"] = [types.Tool(function_declarations=decls)]
+    if m.proactive_audio or proactive_audio_always_on(model_profile(m.model)):
+        kwargs["proactivity"] = types.ProactivityConfig(proactive_audio=True)
     return kwargs
 
 

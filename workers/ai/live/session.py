@@ -55,6 +55,7 @@ from workers.ai.live.events import (
 )
 from workers.ai.live.outbox import MAX_REPLAY_SECONDS, Item, Kind, Outbox
 from workers.ai.live.settings import ClientSettings, LiveOptions, LiveUnavailable
+from workers.ai.live.tooling import tool_plan
 from workers.ai.live.wire import Inbound, encode_client_content, encode_tool_response, wire
 
 log = logging.getLogger("workers.ai.live")
@@ -131,6 +132,7 @@ class LiveSession:
         # function calls the model waits on: while any is open its silence is ours, not a stall
         self._tools_open: set[str] = set()
         self._setup = live_config(model_cfg, options, manual=manual_activity)
+        self._tools = tool_plan(options.tools, model_cfg.model)  # scheduling of NON_BLOCKING responses
         # Vertex reports which client message a handle covers: coverage is then exact, not inferred
         self.transparent = self.settings.platform == "vertex" and model_cfg.transparent_resumption
 
@@ -189,7 +191,8 @@ class LiveSession:
             return False
         self._tools_open.difference_update(ids)
         conn.last_rx = max(conn.last_rx, time.monotonic())  # the model's time to answer starts again
-        task = asyncio.get_running_loop().create_task(self._send_raw(conn, encode_tool_response(responses)))
+        msg = encode_tool_response(self._tools.schedule(responses))
+        task = asyncio.get_running_loop().create_task(self._send_raw(conn, msg))
         task.add_done_callback(_ignore_result)
         return True
 

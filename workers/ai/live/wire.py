@@ -41,7 +41,9 @@ class WebSocket(Protocol):
 
 @dataclass(slots=True)
 class Inbound:
-    """One server message, as the session needs it (fields in the order the session applies them)."""
+    """One server message, as the session needs it (fields in the order the session applies them).
+    A message may carry several of them at once (3.8 sends audio parts, transcriptions, the turn's end,
+    usage and a tool call in one frame): every field is filled, none excludes another."""
 
     parts: list[bytes | str] = field(default_factory=list)  # model audio (24 kHz PCM16) or model text
     input_transcript: tuple[str, bool] | None = None  # (text, finished)
