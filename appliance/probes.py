@@ -53,9 +53,9 @@ class _StunProtocol(asyncio.DatagramProtocol):
             self._answered.set_exception(exc)
 
 
-async def stun_binding(host: str, port: int, timeout: float = TIMEOUT_S) -> float:
+async def stun_binding(host: str, port: int) -> float:
     """Send one STUN Binding request to ``host:port`` (UDP); the round trip in seconds of a matching
-    success response. Raises ``OSError``/``TimeoutError`` when none comes."""
+    success response. Raises ``OSError`` when refused (ICMP); the caller bounds the wait."""
     loop = asyncio.get_running_loop()
     txn = os.urandom(12)
     answered: asyncio.Future[None] = loop.create_future()
@@ -64,8 +64,7 @@ async def stun_binding(host: str, port: int, timeout: float = TIMEOUT_S) -> floa
     try:
         t0 = time.monotonic()
         transport.sendto(struct.pack("!HHI", STUN_BINDING_REQUEST, 0, STUN_MAGIC) + txn)
-        async with asyncio.timeout(timeout):
-            await answered
+        await answered
         return time.monotonic() - t0
     finally:
         transport.close()
@@ -93,7 +92,7 @@ class ComponentProbes:
         if self._janus_info is not None:
             await self._probe("janus", self._timed_janus())
         if self._turn is not None:
-            await self._probe("turn", stun_binding(*self._turn))
+            await self._probe("turn", self._timed_turn())
         return dict(self._state)
 
     async def _timed_janus(self) -> float:
@@ -102,6 +101,11 @@ class ComponentProbes:
         async with asyncio.timeout(TIMEOUT_S):  # (wait_for in 3.11 can swallow a cancellation)
             await self._janus_info()
         return time.monotonic() - t0
+
+    async def _timed_turn(self) -> float:
+        assert self._turn is not None
+        async with asyncio.timeout(TIMEOUT_S):
+            return await stun_binding(*self._turn)
 
     async def _probe(self, component: str, probe: Awaitable[float]) -> None:
         error = ""

@@ -51,6 +51,15 @@ def play(slot) -> int:
     return n
 
 
+def start_worker(segment: str, cfg: Path, log: Path) -> subprocess.Popen:
+    """The AI worker process as the arbiter starts it, JSON logs to ``log``."""
+    exe = Path(sys.executable).parent / "voice-appliance"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "appliance"]
+    return subprocess.Popen([*cmd, "ai-worker", "--shard", "0", "--segment", segment, "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=log.open("ab"),
+                            env={"VA_LOG_FORMAT": "json", "PATH": "/usr/bin:/bin"})
+
+
 def span_id(s) -> str:
     return s.span_id.hex()
 
@@ -72,11 +81,7 @@ async def test_one_trace_per_call_through_the_running_worker(tmp_path: Path, spe
         slot = seg.slot(0)
         activate_slot(slot, session_id=SID, options={"greeting": ""})
         log = tmp_path / "worker.log"
-        exe = Path(sys.executable).parent / "voice-appliance"
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "appliance"]
-        proc = subprocess.Popen([*cmd, "ai-worker", "--shard", "0", "--segment", seg.name, "--config", str(cfg)],
-                                stdout=subprocess.DEVNULL, stderr=log.open("ab"), env={"VA_LOG_FORMAT": "json",
-                                                                                       "PATH": "/usr/bin:/bin"})
+        proc = start_worker(seg.name, cfg, log)
         try:
             await until(lambda: slot.model_state == "live", 40, "model live")
             # turn 1: the model calls the tool, then answers; the "media worker" plays the answer
@@ -91,7 +96,8 @@ async def test_one_trace_per_call_through_the_running_worker(tmp_path: Path, spe
             emu.fault(conv, "set", pacing="realtime")
             cursor = slot.downlink.write_cursor
             await speak(slot, np.concatenate([silence(0.3), speech, silence(0.8)]))
-            await until(lambda: slot.downlink.write_cursor > cursor + 9600, 30, "turn 2 answer in the downlink")
+            await until(lambda: slot.downlink.write_cursor > cursor + 9600, 30,
+                        "turn 2 answer in the downlink")
             epoch = slot.downlink.flush_epoch
             await speak(slot, speech[:16000], speed=1.0)
             await until(lambda: slot.downlink.flush_epoch > epoch, 10, "barge-in flush")
@@ -125,7 +131,8 @@ async def test_one_trace_per_call_through_the_running_worker(tmp_path: Path, spe
         turns = sorted(spans["turn"], key=lambda s: s.start_time_unix_nano)
         assert len(turns) >= 3, [[e.name for e in t.events] for t in turns]  # 1, 2 and the talk-over
         t1 = [e.name for e in turns[0].events]
-        assert t1[:2] == ["activity_end", "model_first_audio"] and {"playback", "turn_complete"} <= set(t1), t1
+        assert t1[:2] == ["activity_end", "model_first_audio"], t1
+        assert {"playback", "turn_complete"} <= set(t1), t1
         at = {e.name: e.time_unix_nano for e in turns[0].events}
         assert turns[0].start_time_unix_nano < at["activity_end"] < at["model_first_audio"] <= at["playback"]
         # the span lasts until the answer both arrived (turnComplete) and started playing

@@ -19,7 +19,7 @@ RULES = MON / "voice-appliance.rules.yml"
 DASHBOARD = MON / "voice-appliance-dashboard.json"
 # metrics a rule or panel may name that another component owns and exports
 EXTERNAL = {"up",  # Prometheus's own scrape health
-            "redis_up"}  # Debian's prometheus-redis-exporter (the redis role; tests/unit/test_probes.py scrapes it)
+            "redis_up"}  # Debian's prometheus-redis-exporter (redis role; tests/unit/test_probes.py)
 PENDING: set[str] = set()  # names another branch is about to export (none now)
 METRIC = re.compile(r"\b(va_[a-z0-9_]+|redis_[a-z0-9_]+|up)\b(?!\s*\()")
 
@@ -38,8 +38,8 @@ def exported_names() -> set[str]:
     from appliance.metrics import SHM_COUNTERS, Metrics
 
     for mod in ("appliance.api", "appliance.state", "appliance.janus", "appliance.arbiter",
-                "appliance.ratelimit", "appliance.breaker", "appliance.probes", "appliance.records.writer", "workers.ai.live",
-                "workers.ai.live.session"):
+                "appliance.ratelimit", "appliance.breaker", "appliance.probes", "appliance.records.writer",
+                "workers.ai.live", "workers.ai.live.session"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

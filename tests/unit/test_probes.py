@@ -53,7 +53,8 @@ def test_parse_address_and_config_check() -> None:
 async def test_stun_probe_of_a_port_nobody_listens_on_fails_fast() -> None:
     t0 = time.monotonic()
     with pytest.raises((OSError, TimeoutError)):
-        await stun_binding("127.0.0.1", free_port(), timeout=1.0)  # ICMP port unreachable: refused
+        async with asyncio.timeout(1.0):
+            await stun_binding("127.0.0.1", free_port())  # ICMP port unreachable: refused
     assert time.monotonic() - t0 < 1.5
 
 
@@ -71,10 +72,10 @@ def test_prometheus_scrapes_redis_exporter_and_component_probes(tmp_path: Path) 
     assert env["REDIS_USER"] == "metrics" and env["REDIS_ADDR"] == f"redis://127.0.0.1:{redis_port}"
     redis = RedisServer(tmp_path / "redis", port=redis_port, extra_args=["--aclfile", str(acl)])
     redis.start()
-    exporter_log = open(tmp_path / "exporter.log", "wb")  # noqa: SIM115 (closed below)
+    exporter_log = open(tmp_path / "exporter.log", "wb")  # closed below
     exporter = subprocess.Popen([EXPORTER, *shlex.split(env.pop("ARGS"))], env={**env, "PATH": "/usr/bin"},
                                 stdout=exporter_log, stderr=subprocess.STDOUT)
-    server, thread = start_http_server(metrics_port, "127.0.0.1", registry=REGISTRY)
+    server, _thread = start_http_server(metrics_port, "127.0.0.1", registry=REGISTRY)
     stop = threading.Event()
     probe_thread = None
     try:

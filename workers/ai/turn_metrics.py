@@ -49,8 +49,8 @@ def mark_speech(times: MutableMapping[str, float], ev: Any, position: int, now: 
 class TurnClock(dict[str, float]):
     """``call.last_event``: a ``name → time.monotonic()`` dict that records stage latencies."""
 
-    __slots__ = ("_answered", "_barged", "_done", "_gen", "_hist", "_played", "_prev", "_sid", "_slot", "_span",
-                 "_span_answered")
+    __slots__ = ("_answered", "_barged", "_done", "_gen", "_hist", "_played", "_prev", "_sid", "_slot",
+                 "_span", "_span_answered")
 
     def __init__(self, slot: Slot, generation: int, hist: ShardHistograms, session_id: str = "") -> None:
         super().__init__()
