@@ -103,6 +103,7 @@ class SessionOptions:
     language: str | None = None
     resume_token: str | None = None
     offer: OfferInfo | None = None  # the validated offer's essentials (opus PT, channels, DTMF PT)
+    recording: str | None = None  # "audio": this call opts in (workers/ai/recording.py)
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,9 @@ class CreateSessionRequest(BaseModel):
     language: str | None = Field(None, max_length=35, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
     mode: Literal["direct", "room"] = "direct"
     resume_token: str | None = Field(None, min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
+    recording: Literal["audio"] | None = Field(
+        None, description="Opt this call in to recording (stereo Ogg Opus, docs/compliance.md); absent: the "
+                          "tenant's `recording` policy. A call cannot opt out of a tenant's recording")
 
 
 class IceServer(BaseModel):
@@ -496,7 +500,7 @@ def create_app(
             raise ApiError(503, "not_ready", "not accepting new sessions (starting or draining)",
                            _retry_after(d.service.retry_after()))
         options = SessionOptions(mode=body.mode, voice=body.voice, language=body.language,
-                                 resume_token=body.resume_token, offer=offer)
+                                 resume_token=body.resume_token, offer=offer, recording=body.recording)
         client = _client(request, caller, d.trusted)
         # a session token's own session may already hold its lease (a resume): it is not counted twice
         lease = caller.grant.session_id if caller.grant else "pending:" + secrets.token_urlsafe(9)

@@ -227,6 +227,9 @@ class MediaConfig:
     # PESQ-WB at 10 % loss ~3.0 → ~4.0) for about twice the caller's upstream bitrate. Verified with
     # Chromium 156 end to end (tests/supervisor/test_red_call.py).
     red: bool = True
+    # Adapt the downlink Opus encoder's FEC / expected loss / bitrate to the fraction lost in the caller
+    # side's RTCP receiver reports (table in workers/media/loss_policy.py; docs/operations.md).
+    downlink_loss_adaptation: bool = True
 
 
 @dataclass(frozen=True)
@@ -371,6 +374,9 @@ class ComplianceConfig:
     retention_days_call_metadata: int = 400
     retention_days_recordings: int = 90
     purge_interval_seconds: float = 3600.0
+    # Call recording of the default tenant (a [tenants.<name>] table sets its own `recording`):
+    # off | audio | transcript | audio_and_transcript; audio is recorded by workers/ai/recording.py
+    recording: str = "off"
     # Consent capture (GDPR art. 6/7; workers/ai/consent.py): the default tenant's policy and every
     # tenant's without its own `consent`. opt_in: after the greeting the caller hears consent_prompt and
     # must press 1 before anything of the call reaches the model (any other key or the timeout: the
@@ -397,7 +403,7 @@ class TenantConfig:
 
     ``model`` is the top-level ``[model]`` with the tenant's keys applied (what every call of the
     tenant runs with); ``overrides`` are the keys as written (``replace``/``config show`` keep them).
-    ``recording`` is declared and validated only; ``consent`` (unset: ``compliance.consent``) and
+    ``recording`` (audio: workers/ai/recording.py); ``consent`` (unset: ``compliance.consent``) and
     ``consent_prompt`` ("": ``compliance.consent_prompt``) are acted on by workers/ai/consent.py.
     """
 
@@ -405,7 +411,7 @@ class TenantConfig:
     model: ModelConfig
     overrides: dict[str, Any] = field(default_factory=dict)
     max_sessions: int = 0  # concurrent calls of this tenant on this box; 0 = no limit but the box's
-    recording: str = "off"  # off | audio | transcript | audio_and_transcript (not acted on yet)
+    recording: str = "off"  # off | audio | transcript | audio_and_transcript (audio: recorded)
     consent: str = "none"  # none | announce | opt_in (unset in the table: compliance.consent)
     consent_prompt: str = ""  # in the tenant's language; "": compliance.consent_prompt
 
@@ -438,6 +444,27 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
+class DegradeConfig:
+    """What a caller hears while the model is unreachable (workers/ai/degrade.py, workers/ai/ivr.py;
+    docs/operations.md "When the model is down"). ``enabled = false``: the old "please hold" loop."""
+
+    enabled: bool = True
+    wait_seconds: float = 20.0  # tier 1: the spoken notice, then wait this long for the model
+    menu_timeout_seconds: float = 8.0  # no key after the menu: repeat (twice), then wait again
+    digit_timeout_seconds: float = 6.0  # a pause this long ends a callback-number entry
+    max_hold_seconds: float = 300.0  # the whole episode, then goodbye and the call ends
+    # option 3 of the menu: where a person takes over (a number or URL, sent in the transfer event and
+    # webhook); "": no option 3 (the menu does not offer it)
+    transfer_target: str = ""
+    # per-language prompt texts: a TOML file of tables named by language ([de-DE] trouble = "…"); keys
+    # as workers/ai/degrade.py PROMPTS_EN; a missing key falls back to the English text
+    prompts_file: str = ""
+    # operator-recorded prompts: <audio_dir>/<language>/<key>.wav (16-bit mono WAV; digit-0 … digit-9
+    # for the read-back) replace the synthesised ones
+    audio_dir: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole appliance configuration."""
 
@@ -458,6 +485,7 @@ class Config:
     otel: OtelConfig = field(default_factory=OtelConfig)
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
 
     @property
@@ -500,6 +528,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "breaker.reset_seconds": (0.1, 3600),
     "breaker.success_threshold": (1, 100),
     "breaker.probe_timeout_seconds": (0.1, 600),
+    "degrade.wait_seconds": (0.1, 3600),
+    "degrade.menu_timeout_seconds": (1, 120),
+    "degrade.digit_timeout_seconds": (1, 120),
+    "degrade.max_hold_seconds": (1, 86400),
     "emulator.port": (1, 65535),
     "shards.count": (0, 256),
     "shards.slots": (1, 4096),
@@ -548,6 +580,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.platform": ("developer", "vertex"),
     "media.uplink_processing": ("off", "ns", "aec_ns_agc"),
     "tenants.recording": RECORDING_POLICIES,
+    "compliance.recording": RECORDING_POLICIES,
     "tenants.consent": CONSENT_POLICIES,
     "compliance.consent": CONSENT_POLICIES,
 }
@@ -704,7 +737,7 @@ def tenant(cfg: Config, name: str | None) -> TenantConfig:
     """The tenant a call runs as: ``name`` from the caller's token, or the default (top-level [model]).
     KeyError for a name the config does not define (the API answers 403 before this)."""
     if not name or name == DEFAULT_TENANT:
-        return TenantConfig(name=DEFAULT_TENANT, model=cfg.model)
+        return TenantConfig(name=DEFAULT_TENANT, model=cfg.model, recording=cfg.compliance.recording)
     return cfg.tenants[name]
 
 
@@ -817,6 +850,8 @@ def _check_cross_field(cfg: Config) -> None:
         except ConfigError as exc:
             msg = str(exc)
             raise ConfigError(msg if msg.startswith("tenants.") else f"tenants.{t.name}: {msg}") from None
+    if cfg.degrade.prompts_file:
+        load_degrade_prompts(cfg.degrade.prompts_file)
     for key, u in (("records.webhook_url", cfg.records.webhook_url),):
         if u and not re.match(r"^https?://[^/\s?#]+(/\S*)?$", u):
             raise ConfigError(f"{key}: expected an http:// or https:// URL, got {u!r}")
@@ -937,6 +972,34 @@ def load_tool_declarations(path: str | os.PathLike[str],
             if k in d and not isinstance(d[k], dict):
                 raise ConfigError(f"{where}.{k}: expected a JSON object (a schema)")
     return data
+
+
+_LANG_TAG = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+
+
+def load_degrade_prompts(path: str | os.PathLike[str],
+                         key: str = "degrade.prompts_file") -> dict[str, dict[str, str]]:
+    """Read ``degrade.prompts_file``: TOML tables named by language, each prompt key → text (keys of
+    ``workers.ai.degrade.PROMPT_KEYS``). Checked at config load so a typo fails the start, not a caller."""
+    from workers.ai.degrade import PROMPT_KEYS  # the prompt table's owner (a pure module)
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {str(path)!r}: {exc.strerror}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{key}: {str(path)!r} is not valid TOML: {exc}") from None
+    out: dict[str, dict[str, str]] = {}
+    for lang, table in data.items():
+        if not _LANG_TAG.match(lang) or not isinstance(table, dict):
+            raise ConfigError(f"{key}: expected tables named by language ([de-DE]), got {lang!r}")
+        for k, text in table.items():
+            if k not in PROMPT_KEYS:
+                raise ConfigError(f"{key}: [{lang}].{k}: unknown prompt (known: {', '.join(PROMPT_KEYS)})")
+            if not isinstance(text, str) or not text.strip():
+                raise ConfigError(f"{key}: [{lang}].{k}: expected a non-empty string")
+        out[lang] = dict(table)
+    return out
 
 
 def replace(cfg: Config, **sections: dict[str, Any]) -> Config:

@@ -102,7 +102,9 @@ log = logging.getLogger(__name__)
 
 CLOSE_GRACE_SECONDS = 0.3  # CLOSING → FREE delay: workers scan every tick (≤ 20 ms)
 MIRROR_SECONDS = 1.0
-ENDED_REASONS = frozenset({"consent_refused"})  # what an AI worker may end a call for (a metric label)
+# what an AI worker may end a call for (a metric label): workers/ai/consent.py, workers/ai/ivr.py END_REASONS
+ENDED_REASONS = frozenset({"consent_refused", "degraded_callback", "degraded_transferred",
+                           "degraded_max_hold"})
 REFRESH_SECONDS = 300.0
 MAX_REASON_CHARS = 200
 _NOT_THE_CALLERS_FAULT = {0, ERR_UNAUTHORIZED, 405, ERR_SESSION_NOT_FOUND, ERR_HANDLE_NOT_FOUND, 490}
@@ -381,6 +383,8 @@ class Sessions:
                                      "model": model}
         if resume_handle:
             slot_opts["resume_handle"] = resume_handle
+        if options.recording:  # the caller opted this call in (the tenant's policy otherwise)
+            slot_opts["recording"] = options.recording
         try:
             if options.mode == "room":
                 answer = await self._setup_room(live, offer_sdp, slot_opts)

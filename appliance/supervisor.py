@@ -267,6 +267,7 @@ class Supervisor:
         self.admin_server: Any = None
         self.record_writer: Any = None
         self.webhooks: Any = None
+        self.recordings: Any = None  # this box's call recordings (appliance/compliance/recordings.py)
         self._record_dbs: list[Any] = []
         self._probes: asyncio.Task[None] | None = None  # appliance/probes.py (stopped before the sessions)
 
@@ -513,6 +514,9 @@ class Supervisor:
         prices = load_prices(cfg.records.prices_file)
         db = None
         keyring = None
+        from appliance.compliance.recordings import RecordingStore
+
+        self.recordings = RecordingStore.from_config(cfg)
         if cfg.records.dsn:
             from appliance.compliance import trail
             from appliance.compliance.atrest import db_keyring, load_master
@@ -567,7 +571,7 @@ class Supervisor:
                     return mint(pem, sub="console", audience=cfg.auth.audience, issuer=cfg.auth.issuer,
                                 scope=" ".join(SCOPES), ttl_seconds=min(600, cfg.auth.max_ttl_seconds))
             app = create_admin_app(verifier, _AdminControl(self), db, prices=prices, dev_token=dev,
-                                   keyring=keyring,
+                                   keyring=keyring, recordings=self.recordings,
                                    audit=self.sessions.records.audit if cfg.records.dsn else None)
             config = uvicorn.Config(app, host=admin_host, port=cfg.api.admin_port, log_config=None,
                                     access_log=False, lifespan="off", server_header=False,
@@ -597,7 +601,8 @@ class Supervisor:
             live = list(self.sessions.live) if self.sessions is not None else []
             try:
                 async with db.connection() as conn:
-                    counts = await purge(conn, policy, live=live, signer=signer)
+                    counts = await purge(conn, policy, live=live, signer=signer,
+                                         recordings=self.recordings)
                 if any(counts.values()):
                     log.info("retention purge", extra={"deleted": counts})
             except Exception as exc:  # the next round retries; a purge never takes the box down

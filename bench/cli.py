@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "box": "bench.box",
     "fuzz": "bench.fuzz",
     "loris": "bench.loris",
+    "chaos": "bench.chaos",
 }
 # Benchmarks that need a running stack (--api …): not part of `smoke`/`all`; their CI smoke is a pytest
 # that builds the stack (tests/bench/test_box.py). `fuzz` builds its own (supervisor + Janus in a netns)

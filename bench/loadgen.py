@@ -126,6 +126,7 @@ class Window:
     rx_skipped: int = 0  # 20 ms frames the sender skipped (RTP timestamp jumps)
     no_reply: int = 0
     bargein_missed: int = 0
+    rx_gap_max_ms: dict[int, float] = field(default_factory=dict)  # per caller: longest downlink RTP gap
 
 
 class Caller:
@@ -287,6 +288,10 @@ class Caller:
             payload = payload[: -payload[-1]]
         win.rx_packets += 1
         self.rx_count += 1
+        if self.rx_last_ns:
+            gap = (t_ns - self.rx_last_ns) / 1e6
+            if gap > win.rx_gap_max_ms.get(self.index, 0.0):
+                win.rx_gap_max_ms[self.index] = gap
         marker = bool(b1 & 0x80)
         # pacing: arrival minus media time, relative to the earliest of the talkspurt
         reset = (
@@ -387,7 +392,14 @@ class Generator:
                 self.win = Window()
                 self.conn.send(("ok", None))
             elif cmd == "collect":
-                self.conn.send(("result", summarize(self.win, time.monotonic_ns())))
+                result = summarize(self.win, time.monotonic_ns())
+                # per caller (bench/chaos.py): ms since its last downlink packet, longest gap, answers
+                result["rx_last_age_ms"] = [(c.index, (now - c.rx_last_ns) / 1e6) for c in self.callers
+                                            if c.dest is not None and c.rx_last_ns]
+                result["rx_gap_max_ms"] = sorted(self.win.rx_gap_max_ms.items())
+                result["answers_ms"] = [(t.session, (t.first_audio_ns - self.win.start_ns) / 1e6)
+                                        for t in self.win.turns if t.first_audio_ns]
+                self.conn.send(("result", result))
             elif cmd == "quit":
                 self.running = False
                 self.conn.send(("ok", None))

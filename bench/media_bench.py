@@ -17,8 +17,9 @@ loopback), driving it directly (no sleeping), so the numbers are pure CPU:
 * ``scale``: the real ``voice-appliance media-worker`` process carrying ``--sessions`` calls in real time
   (a load-generator process sends each call's Opus RTP every 20 ms and receives the worker's packets;
   this process plays the AI worker: consumes every uplink frame and speaks on the downlink 50 % of the
-  time): worker CPU per call-second from /proc, and packets each call received per second (50 = none
-  missing).
+  time): worker CPU per call-second from /proc, packets each call received per second (50 = none
+  missing) and the downlink's pacing and per-tick send spread at the receiver from kernel receive
+  timestamps (``_pacing``). ``--scale-only`` runs just this part.
 * ``latency``: with the worker running in real time (a thread here), the time from a tone onset's RTP
   packet leaving the peer to the onset appearing in the uplink ring (jitter buffer + tick phase +
   decode), and from a frame written into an idle downlink ring to its RTP packet arriving at the peer
@@ -36,6 +37,7 @@ import os
 import random
 import secrets
 import socket
+import struct
 import time
 from typing import Any
 
@@ -55,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-trials", type=int, default=100, help="onsets per direction")
     parser.add_argument("--complexity", default="0,3,5,8,10", help="Opus complexities to measure")
     parser.add_argument("--smoke", action="store_true", help="short CI form")
+    parser.add_argument("--scale-only", action="store_true",
+                        help="only the real-time scale run (CPU, packets and downlink pacing at --sessions)")
 
 
 def _speechlike(seconds: float, rate: int) -> np.ndarray:
@@ -272,6 +276,10 @@ def _resampler(frames: int) -> dict[str, Any]:
     return out
 
 
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; not exported by Python's socket module
+TIMESPEC = struct.Struct("@qq")
+
+
 def _loadgen(n: int, packets: list[bytes], seconds: float, conn: Any) -> None:
     """Child process: one UDP socket per call, paced sends, counts received packets per 20 ms period."""
     import selectors as _sel
@@ -281,7 +289,9 @@ def _loadgen(n: int, packets: list[bytes], seconds: float, conn: Any) -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind(("127.0.0.1", 0))
         s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)  # kernel receive time: not this loop's lag
         socks.append(s)
+    arrivals: list[tuple[int, int, int]] = []  # (call, RTP timestamp, kernel receive ns)
     sel = _sel.DefaultSelector()
     for i, s in enumerate(socks):
         sel.register(s, _sel.EVENT_READ, i)
@@ -305,16 +315,21 @@ def _loadgen(n: int, packets: list[bytes], seconds: float, conn: Any) -> None:
             if wait <= 0:
                 break
             for key, _ in sel.select(wait):
-                s = key.fileobj
+                sock: socket.socket = key.fileobj  # type: ignore[assignment]
                 while True:
                     try:
-                        s.recv(2048)  # type: ignore[union-attr]
+                        data, anc, _flags, _addr = sock.recvmsg(2048, 64)
                     except BlockingIOError:
                         break
                     period = int((time.monotonic() - t0) / 0.02)
                     got[key.data, min(period, got.shape[1] - 1)] += 1
+                    kernel_ns = next((sec * 1_000_000_000 + nsec for lvl, typ, c in anc
+                                      if lvl == socket.SOL_SOCKET and typ == SO_TIMESTAMPNS
+                                      for sec, nsec in [TIMESPEC.unpack_from(c)]), time.time_ns())
+                    if len(data) >= 12:
+                        arrivals.append((key.data, int.from_bytes(data[4:8], "big"), kernel_ns))
         del deadline
-    conn.send(got[:, : n_periods].tolist())
+    conn.send((got[:, : n_periods].tolist(), arrivals))
     for s in socks:
         s.close()
 
@@ -352,7 +367,9 @@ def _scale(sessions: int, seconds: float) -> dict[str, Any]:
                              remote_rtp_port=peers[i], payload_type=111, channels=2, dtmf_payload_type=101,
                              mode="direct")
     speech = _speechlike(2.0, 24000).tobytes()
-    env = {**os.environ, "VA_MEDIA_RTP_HOST": "127.0.0.1", "VA_LOG_LEVEL": "warning"}
+    # no playback pauses: nothing here plays the AI worker's part of a hold, and the callers talk throughout
+    env = {**os.environ, "VA_MEDIA_RTP_HOST": "127.0.0.1", "VA_LOG_LEVEL": "warning",
+           "VA_MEDIA_PAUSE_ON_SPEECH_DBFS": "0.0"}
     cpus = sorted(os.sched_getaffinity(0))
     argv = [sys.executable, "-m", "appliance.cli", "media-worker", "--shard", "0", "--segment", seg.name,
             "--cpu", str(cpus[-1]), "--config", os.devnull]
@@ -379,7 +396,8 @@ def _scale(sessions: int, seconds: float) -> dict[str, Any]:
         c1, w1 = cpu_seconds(worker.pid), time.monotonic()
         if not parent.poll(30):
             raise RuntimeError("load generator did not report")
-        got = np.array(parent.recv())
+        got_list, arrivals = parent.recv()
+        got = np.array(got_list)
         gen.join(10)
     finally:
         worker.terminate()
@@ -396,7 +414,46 @@ def _scale(sessions: int, seconds: float) -> dict[str, Any]:
     per_second = float(steady.sum() / steady.shape[0] / (steady.shape[1] / 50))
     return {"sessions": sessions, "seconds": round(wall, 1), "worker_cpu_percent": round(100 * cpu / wall, 1),
             "worker_cpu_ms_per_call_second": round(cpu * 1000 / (wall * sessions), 2),
-            "packets_received_per_call_second": round(per_second, 1)}
+            "packets_received_per_call_second": round(per_second, 1),
+            **_pacing(arrivals, sessions, int(warm * 1e9) + 100_000_000)}
+
+
+def _pacing(arrivals: list[tuple[int, int, int]], sessions: int, skip_ns: int) -> dict[str, Any]:
+    """Downlink pacing at the receiver (kernel timestamps), after the first ``skip_ns``.
+
+    ``pacing``: each packet's arrival minus the arrival its RTP timestamp promises, relative to the
+    earliest of its stream (bench.loadgen's definition, no talkspurt resets here). ``tick_spread``: per
+    worker tick, the last call's packet minus the first one's (ticks told apart by arrival phase): with
+    serial encode-and-send it grows with the number of calls; with prepare-then-send it should not.
+    """
+    if not arrivals:
+        return {}
+    a = np.array(arrivals, dtype=np.int64)
+    a = a[a[:, 2] >= a[:, 2].min() + skip_ns]
+    if len(a) < 2:
+        return {}
+    offsets = []
+    for i in range(sessions):
+        s = a[a[:, 0] == i]
+        if len(s) < 2:
+            continue
+        ts = (s[:, 1] - s[0, 1]) % (1 << 32)
+        off = s[:, 2] / 1e6 - ts / 48.0
+        offsets.append(off - off.min())
+    pacing = np.concatenate(offsets) if offsets else np.zeros(1)
+    t = a[:, 2]
+    ang = (t % 20_000_000) / 20_000_000 * 2 * np.pi
+    phase = (np.angle(np.mean(np.exp(1j * ang))) / (2 * np.pi) % 1.0) * 20_000_000
+    tick = np.round((t - phase) / 20_000_000).astype(np.int64)
+    order = np.argsort(tick, kind="stable")
+    tick, t = tick[order], t[order]
+    starts = np.flatnonzero(np.r_[True, tick[1:] != tick[:-1]])
+    spread = (np.maximum.reduceat(t, starts) - np.minimum.reduceat(t, starts)) / 1e6
+    return {"pacing_p50_ms": round(float(np.percentile(pacing, 50)), 3),
+            "pacing_p99_ms": round(float(np.percentile(pacing, 99)), 3),
+            "pacing_max_ms": round(float(pacing.max()), 3),
+            "tick_spread_p50_ms": round(float(np.percentile(spread, 50)), 3),
+            "tick_spread_p99_ms": round(float(np.percentile(spread, 99)), 3)}
 
 
 def _latency(trials: int) -> dict[str, Any]:
@@ -488,6 +545,8 @@ def _latency(trials: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.scale_only:
+        return {"scale": _scale(args.sessions, args.seconds), "loadavg_1m": os.getloadavg()[0]}
     frames = 300 if args.smoke else args.frames
     complexities = [5] if args.smoke else [int(c) for c in str(args.complexity).split(",")]
     iid = "mb" + secrets.token_hex(4)

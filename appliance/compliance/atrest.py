@@ -158,6 +158,11 @@ def transcript_ctx(line_id: str) -> bytes:
     return f"transcript:{line_id}".encode()
 
 
+def callback_ctx(event_id: str) -> bytes:
+    """A callback number in ``call_events.data`` (issue 15)."""
+    return f"callback:{event_id}".encode()
+
+
 # -- PostgreSQL ----------------------------------------------------------------------------------
 class PgKeyStore:
     """The ``data_keys`` table as a :class:`~appliance.compliance.envelope.KeyStore` (see the docstring)."""

@@ -5,7 +5,8 @@ purge` (a systemd timer runs it daily; the supervisor, and so `voice-appliance r
 Data classes (``compliance.retention_days_*``): ``transcripts`` (transcript lines), ``call_metadata``
 (the call row, its events, usage, delivered webhook rows and dead letters), ``audit`` (audit entries:
 six years by default, HIPAA's figure; the last purged entry becomes the chain's anchor so `audit
-verify` still passes), ``recordings`` (kept for when recording lands; nothing stores them yet).
+verify` still passes), ``recordings`` (this box's call recordings, ``compliance.recordings``: the parts
+of calls that ended before the cutoff; deleted in the same purge and counted in its audit entry).
 
 Never the live call's data: a call qualifies only when it ENDED before the cutoff (``ended_at`` is
 cleared again by ``call.resumed``), a line only when it is itself older than the cutoff, and the
@@ -37,6 +38,7 @@ class Policy:
     transcripts_days: int
     call_metadata_days: int
     audit_days: int
+    recordings_days: int = 90
 
     @classmethod
     def from_config(cls, cfg: Any) -> Policy:
@@ -44,7 +46,8 @@ class Policy:
         for name in ("transcripts", "call_metadata", "audit", "recordings"):
             if int(getattr(c, f"retention_days_{name}")) < 1:
                 raise ConfigError(f"compliance.retention_days_{name}: at least 1 day")
-        return cls(c.retention_days_transcripts, c.retention_days_call_metadata, c.retention_days_audit)
+        return cls(c.retention_days_transcripts, c.retention_days_call_metadata, c.retention_days_audit,
+                   c.retention_days_recordings)
 
 
 def _cut(now: float, days: int) -> datetime:
@@ -52,8 +55,10 @@ def _cut(now: float, days: int) -> datetime:
 
 
 async def purge(conn: Any, policy: Policy, *, live: Iterable[str] = (), now: float | None = None,
-                signer: trail.Signer | None = None, actor: str = "system:retention") -> dict[str, int]:
-    """One purge in one transaction; returns rows deleted per table (also in the audit entry)."""
+                signer: trail.Signer | None = None, actor: str = "system:retention",
+                recordings: Any = None) -> dict[str, int]:
+    """One purge in one transaction; returns rows deleted per table (also in the audit entry).
+    ``recordings`` (a ``compliance.recordings.RecordingStore``): this box's recording files too."""
     now = time.time() if now is None else now
     live_ids = sorted(set(live))
     t_cut, m_cut = _cut(now, policy.transcripts_days), _cut(now, policy.call_metadata_days)
@@ -80,6 +85,10 @@ async def purge(conn: Any, policy: Policy, *, live: Iterable[str] = (), now: flo
         counts["audit_log"] = await _purge_audit(conn, a_cut)
         cutoffs = {"transcripts": t_cut.isoformat(), "call_metadata": m_cut.isoformat(),
                    "audit": datetime.fromtimestamp(a_cut, UTC).isoformat()}
+        if recordings is not None:
+            counts["recordings"] = await asyncio.to_thread(recordings.purge, policy.recordings_days,
+                                                           live=live_ids, now=now)
+            cutoffs["recordings"] = _cut(now, policy.recordings_days).isoformat()
         await trail.append(conn, [trail.Record(now, actor, "retention.purged", "",
                                                {"deleted": counts, "cutoffs": cutoffs})],
                            signer=signer, now=now)
@@ -113,21 +122,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run(args: argparse.Namespace) -> dict[str, int]:
+    from appliance.compliance.recordings import RecordingStore
     from appliance.records import store
     from appliance.records.writer import Database
 
     cfg = load_config(args.config)
-    if not cfg.records.dsn:
-        print("records purge: records.dsn is not set; nothing to purge", file=sys.stderr)
-        return {}
     policy = Policy.from_config(cfg)
+    recordings = RecordingStore.from_config(cfg)
+    if not cfg.records.dsn:  # no database, no audit trail: only this box's recordings
+        print("records purge: records.dsn is not set; purging recordings only", file=sys.stderr)
+        return {"recordings": recordings.purge(policy.recordings_days)}
     c = cfg.compliance
     signer = trail.Signer(trail.load_signing_key(cfg), c.audit_checkpoint_entries, c.audit_checkpoint_seconds)
     db = Database.from_config(cfg)
     try:
         async with db.connection() as conn:
             await store.migrate(conn)
-            return await purge(conn, policy, signer=signer, actor="cli:records-purge")
+            return await purge(conn, policy, signer=signer, actor="cli:records-purge", recordings=recordings)
     finally:
         await db.close()
 

@@ -52,11 +52,15 @@ EVENT_ACTIONS = {
     "secure_entry": "keypad.secure_entry",  # that one happened and its outcome, never the digits
     "consent": "consent.recorded",
     "worker_restart": "worker.restarted",
+    "recording_started": "recording.started",
+    "recording_paused": "recording.paused",
+    "recording_resumed": "recording.resumed",
 }
 _EVENT_FIELDS = {"turn": ("speech_ms", "response_ms"), "tool_call": ("name", "duration_ms", "outcome"),
                  "keypad": ("digits",), "model_degraded": ("reason",), "model_reconnecting": ("reason",),
                  "secure_entry_started": ("via",), "secure_entry": ("via", "outcome", "duration_ms"),
-                 "consent": ("given", "how", "policy", "purposes")}
+                 "consent": ("given", "how", "policy", "purposes"),
+                 "recording_paused": ("reason",), "recording_resumed": ("reason",)}
 
 
 @dataclass(frozen=True)

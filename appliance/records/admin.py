@@ -24,6 +24,10 @@ DELETE /v1/admin/subjects/{sub}   records:delete      GDPR erasure: the subject'
 GET  /v1/admin/subjects/{sub}/export records:read     GDPR access: everything about the subject (JSON)
 GET  /v1/admin/audit              audit:read          the audit trail, oldest first (``after`` = the
                                                       previous page's ``next``, ``subject``, ``limit``)
+GET  /v1/admin/calls/{id}/recording  records:read     the call's recording (audio/ogg, Opus, caller left,
+                                                      AI right), decrypted on the fly; audited
+GET  …/recording/metadata         records:read        its sidecar(s): AI-generated segments, gaps
+POST …/recording/pause | resume   calls:write         pause / resume a live call's recording (a gap)
 ================================  ==================  ==============================================
 
 A caller's token (``voice:session`` only) gets 403 everywhere. Errors are JSON ``{error, detail}``:
@@ -34,6 +38,7 @@ HTML/JS, ``static/``); ``/v1/admin/openapi.json`` the schema.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -53,7 +58,8 @@ from appliance import __version__
 from appliance.auth import AuthError, JwtVerifier, Principal
 from appliance.compliance import subjects, trail
 from appliance.compliance.atrest import pg_store
-from appliance.compliance.envelope import Keyring
+from appliance.compliance.envelope import DecryptError, Keyring
+from appliance.compliance.recordings import RecordingStore
 from appliance.config import DEFAULT_TENANT, TENANT_NAME_RE
 from appliance.records import store
 from appliance.records.usage import PriceTable
@@ -126,15 +132,21 @@ class _Admin:
     prices: PriceTable
     keyring: Keyring | None
     audit: AuditHook | None
+    recordings: RecordingStore | None
+
+
+MAX_RECORDING_BYTES = 512 * 1024 * 1024
 
 
 def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database | None, *,
                      prices: PriceTable, dev_token: Callable[[], str] | None = None,
-                     keyring: Keyring | None = None, audit: AuditHook | None = None) -> Starlette:
+                     keyring: Keyring | None = None, audit: AuditHook | None = None,
+                     recordings: RecordingStore | None = None) -> Starlette:
     """``keyring`` (``atrest.db_keyring``) opens sealed transcript lines on read; ``audit`` records every
     authenticated request (actor ``admin:<sub>``, action ``admin.<operation>``, the call or subject id,
-    the status) — the supervisor spools it for the record writer (``compliance.trail``)."""
-    a = _Admin(verifier, control, db, prices, keyring, audit)
+    the status) — the supervisor spools it for the record writer (``compliance.trail``); ``recordings``
+    (``compliance.recordings``) serves, pauses and erases this box's call recordings."""
+    a = _Admin(verifier, control, db, prices, keyring, audit, recordings)
 
     def scoped(scope: str, fn: Callable[[Request, Principal], Awaitable[Response]]) -> Callable[..., Any]:
         async def handler(request: Request) -> Response:
@@ -237,8 +249,9 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
         cid = call_id(request)
         if a.control.live_call(cid) is not None:
             raise AdminError(409, "call_live", "the call is live; hang it up first")
+        parts = a.recordings.delete([cid]) if a.recordings is not None else 0
         async with need_db().connection() as conn:
-            if not await store.delete_call(conn, cid):
+            if not await store.delete_call(conn, cid) and not parts:
                 raise AdminError(404, "not_found", "no such call")
         log.info("admin: record deleted", extra={"session": cid, "by": _p.sub})
         return Response(status_code=204)
@@ -307,7 +320,10 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
         if any(c.get("sub") == sub for c in a.control.live_calls()):
             raise AdminError(409, "call_live", "the subject has a live call on this box; hang it up first")
         async with need_db().connection() as conn:
+            ids = await subjects.call_ids(conn, sub)
             counts = await subjects.delete_records(conn, sub)
+        if a.recordings is not None:
+            counts["recordings"] = a.recordings.delete(ids)
         delete_sessions = getattr(a.control, "delete_subject_sessions", None)
         counts["redis_keys"] = int(await delete_sessions(sub)) if delete_sessions else 0
         if not any(counts.values()):
@@ -325,6 +341,10 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
             if a.keyring is not None:
                 await pg_store(a.keyring).load(conn)
             calls = await subjects.export_records(conn, sub, keyring=a.keyring, prices=a.prices)
+        for record in calls:  # the audio itself: GET /v1/admin/calls/{id}/recording (listed here)
+            if a.recordings is not None and (parts := a.recordings.describe(str(record.get("id")))):
+                record["recordings"] = {"download": f"/v1/admin/calls/{record.get('id')}/recording",
+                                        "parts": parts}
         sessions_of = getattr(a.control, "subject_sessions", None)
         sessions = list(await sessions_of(sub)) if sessions_of else []
         live = [c for c in a.control.live_calls() if c.get("sub") == sub]
@@ -334,6 +354,54 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
                              "sessions": sessions, "live_calls": live},
                             headers={"Cache-Control": "no-store",
                                      "Content-Disposition": 'attachment; filename="subject-export.json"'})
+
+    def need_recordings(cid: str) -> RecordingStore:
+        if a.recordings is None or not a.recordings.parts(cid):
+            raise AdminError(404, "not_found", "no recording of this call on this box")
+        return a.recordings
+
+    async def get_recording(request: Request, _p: Principal) -> Response:
+        cid = call_id(request)
+        rec = need_recordings(cid)
+
+        def read() -> bytes:
+            out = bytearray()
+            for chunk in rec.open_session(cid):
+                out += chunk
+                if len(out) > MAX_RECORDING_BYTES:
+                    raise AdminError(413, "recording_too_large", "recording larger than this API serves")
+            return bytes(out)
+
+        try:  # decrypted in memory, never written back; a thread keeps the loop free
+            body = await asyncio.to_thread(read)
+        except DecryptError as exc:
+            log.error("admin: recording does not open", extra={"session": cid, "error": str(exc)})
+            raise AdminError(500, "recording_unreadable", f"the recording does not decrypt: {exc}") from None
+        complete = all(m.get("complete") for m in rec.describe(cid))
+        return Response(body, media_type="audio/ogg", headers={
+            "Cache-Control": "no-store", "X-Recording-Complete": "true" if complete else "false",
+            "Content-Disposition": f'attachment; filename="{cid}.ogg"'})
+
+    async def recording_metadata(request: Request, _p: Principal) -> Response:
+        cid = call_id(request)
+        return JSONResponse({"id": cid, "parts": need_recordings(cid).describe(cid)},
+                            headers={"Cache-Control": "no-store"})
+
+    async def pause_recording(request: Request, p: Principal) -> Response:
+        return set_paused(request, p, True)
+
+    async def resume_recording(request: Request, p: Principal) -> Response:
+        return set_paused(request, p, False)
+
+    def set_paused(request: Request, p: Principal, paused: bool) -> Response:
+        cid = call_id(request)
+        if a.control.live_call(cid) is None:
+            raise AdminError(404, "not_found", "no such live call on this box")
+        rec = need_recordings(cid)
+        rec.set_paused(cid, paused, by=p.sub)
+        log.info("admin: recording paused" if paused else "admin: recording resumed",
+                 extra={"session": cid, "by": p.sub})
+        return JSONResponse({"id": cid, "recording": "paused" if paused else "recording"})
 
     openapi = build_admin_openapi()
 
@@ -355,6 +423,13 @@ def create_admin_app(verifier: JwtVerifier, control: AdminControl, db: Database 
         Route("/v1/admin/calls", scoped("calls:read", list_calls), methods=["GET"]),
         Route("/v1/admin/calls/{call_id}", call_resource, methods=["GET", "DELETE"]),
         Route("/v1/admin/calls/{call_id}/hangup", scoped("calls:write", hangup), methods=["POST"]),
+        Route("/v1/admin/calls/{call_id}/recording", scoped("records:read", get_recording), methods=["GET"]),
+        Route("/v1/admin/calls/{call_id}/recording/metadata", scoped("records:read", recording_metadata),
+              methods=["GET"]),
+        Route("/v1/admin/calls/{call_id}/recording/pause", scoped("calls:write", pause_recording),
+              methods=["POST"]),
+        Route("/v1/admin/calls/{call_id}/recording/resume", scoped("calls:write", resume_recording),
+              methods=["POST"]),
         Route("/v1/admin/drain", scoped("calls:write", drain), methods=["POST"]),
         Route("/v1/admin/undrain", scoped("calls:write", undrain), methods=["POST"]),
         Route("/v1/admin/usage", scoped("records:read", usage), methods=["GET"]),
@@ -418,6 +493,19 @@ def build_admin_openapi() -> dict[str, Any]:
             },
             "/v1/admin/calls/{call_id}/hangup": {"post": op("hangupCall", "calls:write", "End a live call",
                                                             parameters=[cid], responses={"404": err})},
+            "/v1/admin/calls/{call_id}/recording": {"get": op(
+                "getRecording", "records:read", "The call's recording (Ogg Opus; caller left, AI right)",
+                parameters=[cid], responses={"200": {"description": "OK", "content": {"audio/ogg": {}}},
+                                             "404": err, "500": err})},
+            "/v1/admin/calls/{call_id}/recording/metadata": {"get": op(
+                "getRecordingMetadata", "records:read", "The recording's sidecar: AI segments and gaps",
+                parameters=[cid], responses={"404": err})},
+            "/v1/admin/calls/{call_id}/recording/pause": {"post": op(
+                "pauseRecording", "calls:write", "Pause a live call's recording", parameters=[cid],
+                responses={"404": err})},
+            "/v1/admin/calls/{call_id}/recording/resume": {"post": op(
+                "resumeRecording", "calls:write", "Resume a live call's recording", parameters=[cid],
+                responses={"404": err})},
             "/v1/admin/drain": {"post": op("drain", "calls:write", "Stop admitting new calls")},
             "/v1/admin/undrain": {"post": op("undrain", "calls:write", "Admit new calls again")},
             "/v1/admin/subjects/{sub}": {"delete": op(

@@ -28,7 +28,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from appliance.compliance import pan
-from appliance.compliance.atrest import seal_text, transcript_ctx, webhook_text_ctx
+from appliance.compliance.atrest import callback_ctx, open_text, seal_text, transcript_ctx, webhook_text_ctx
 from appliance.compliance.envelope import DecryptError, Keyring
 from appliance.records.quality import summarize_latencies
 from appliance.records.usage import PriceTable, cost_of
@@ -36,6 +36,9 @@ from appliance.records.usage import PriceTable, cost_of
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x7661_7265_6331  # pg_advisory_xact_lock key for migrations ("varec1")
+# events that are also webhooks (workers/ai/ivr.py): type → webhook event type
+REQUEST_WEBHOOKS = {"callback_requested": "call.callback_requested",
+                    "transfer_requested": "call.transfer_requested"}
 SPEAKERS = {"user": "caller", "caller": "caller", "model": "assistant", "assistant": "assistant"}
 
 
@@ -157,8 +160,17 @@ async def apply_items(conn: psycopg.AsyncConnection[Any], items: Iterable[dict[s
                     outbox.append((f"evt_{iid}", call, "call.ended", Jsonb({"call_id": call}),
                                    ended_grace_seconds))
             case "event":
-                events.append((iid, call, at, it.get("offset_ms"), str(it.get("type", "")),
-                               Jsonb(it.get("data") or {})))
+                etype, data = str(it.get("type", "")), dict(it.get("data") or {})
+                number = it.get("callback_number")
+                if etype == "callback_requested" and isinstance(number, str):
+                    data["number"] = seal_text(keyring, number, callback_ctx(iid))
+                events.append((iid, call, at, it.get("offset_ms"), etype, Jsonb(data)))
+                if webhooks and etype in REQUEST_WEBHOOKS:
+                    payload = {"call_id": call, "offset_ms": int(it.get("offset_ms") or 0),
+                               **{k: v for k, v in data.items() if k != "number"}}
+                    if isinstance(number, str):
+                        payload["number"] = seal_text(keyring, number, webhook_text_ctx(f"evt_{iid}"))
+                    outbox.append((f"evt_{iid}", call, REQUEST_WEBHOOKS[etype], Jsonb(payload), 0.0))
             case "transcript":
                 speaker = SPEAKERS.get(str(it.get("speaker")), "caller")
                 masked = pan.mask(str(it.get("text", "")))
@@ -304,7 +316,7 @@ async def get_call(conn: psycopg.AsyncConnection[Any], call_id: str, *, prices: 
         targs.append(transcript_limit + 1)
         await cur.execute(tsql, targs)
         lines = await cur.fetchall()
-        await cur.execute("SELECT at, offset_ms, type, data FROM call_events WHERE call_id = %s"
+        await cur.execute("SELECT id, at, offset_ms, type, data FROM call_events WHERE call_id = %s"
                           " ORDER BY at, id", (call_id,))
         events = await cur.fetchall()
         await cur.execute("SELECT model, prompt_tokens, response_tokens, total_tokens, details"
@@ -320,12 +332,24 @@ async def get_call(conn: psycopg.AsyncConnection[Any], call_id: str, *, prices: 
     record["transcript_next"] = (encode_cursor(lines[-1]["offset_ms"], lines[-1]["at"].isoformat(),
                                                lines[-1]["id"]) if more and lines else None)
     record["events"] = [{"at": _iso(e["at"]), "offset_ms": e["offset_ms"], "type": e["type"],
-                         **({"data": e["data"]} if e["data"] else {})} for e in events]
+                         **({"data": _event_data(e, keyring)} if e["data"] else {})} for e in events]
     record["usage"] = summarize_usage(usage_rows, row.get("model"), prices)
     quality = dict(row.get("quality") or {})
     quality.update(summarize_latencies(events))
     record["quality"] = quality
     return record
+
+
+def _event_data(e: dict[str, Any], keyring: Keyring | None) -> dict[str, Any]:
+    """An event's data with a sealed callback number opened (an error note if it does not open)."""
+    data = dict(e["data"])
+    if e["type"] == "callback_requested" and isinstance(data.get("number"), str):
+        try:
+            data["number"] = open_text(keyring, data["number"], callback_ctx(str(e["id"])))
+        except DecryptError as exc:
+            data["number"] = None
+            data["error"] = str(exc)
+    return data
 
 
 def _line(r: dict[str, Any], keyring: Keyring | None) -> dict[str, Any]:

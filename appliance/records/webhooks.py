@@ -1,4 +1,5 @@
-"""Signed webhooks from the database outbox: ``call.started``, ``call.transcript``, ``call.ended``.
+"""Signed webhooks from the database outbox: ``call.started``, ``call.transcript``, ``call.ended``,
+``call.callback_requested`` and ``call.transfer_requested`` (the degradation menu, workers/ai/ivr.py).
 
 The writer inserts outbox rows in the same transaction as the items they describe (``store``), so an
 event exists exactly when its record does, and its id (``evt_<item id>``) is stable across re-ships.
@@ -112,8 +113,10 @@ class WebhookSender:
                 record = await store.get_call(conn, row["call_id"], prices=self.prices,
                                               transcript_limit=100000, keyring=self.keyring)
                 data = record or data
-            elif isinstance(data.get("text"), str):
-                data["text"] = open_text(self.keyring, data["text"], webhook_text_ctx(eid))
+            else:
+                for k in ("text", "number"):  # sealed at rest (store.apply_items)
+                    if isinstance(data.get(k), str):
+                        data[k] = open_text(self.keyring, data[k], webhook_text_ctx(eid))
         body = json.dumps({"id": eid, "type": row["type"],
                            "created_at": row["created_at"].isoformat().replace("+00:00", "Z"), "data": data},
                           separators=(",", ":"), default=str)

@@ -73,15 +73,17 @@ def test_transfer_is_an_event_and_ends() -> None:
     assert d.digit("3", 21.0) == [Play("transferring"), Transfer(), End("transferred")]
     off = Degradation(DegradeSettings(transfer_enabled=False), 0.0)
     off.tick(20.0, False)
-    assert off.digit("3", 21.0) == [Play("no_input"), Play("menu")]
+    assert off.digit("3", 21.0) == [Play("no_input"), Play("menu_no_transfer")]  # no option 3 offered
 
 
-def test_no_input_repeats_menu_twice_then_goodbye_and_max_hold_bounds_the_wait() -> None:
+def test_no_input_repeats_menu_twice_then_waits_again_and_max_hold_bounds_the_wait() -> None:
     d = Degradation(S, 0.0)
     d.tick(20.0, False)
     assert d.tick(28.0, False) == [Play("no_input"), Play("menu")]
     assert d.tick(36.0, False) == [Play("no_input"), Play("menu")]
-    assert d.tick(44.0, False) == [Play("max_hold"), End("no_input")]
+    assert d.tick(44.0, False) == [Play("keep_waiting")]  # no keypad answer: hold on, not hang up
+    assert d.phase is Phase.WAITING and d.tick(63.9, False) == []
+    assert d.tick(64.0, False) == [Play("menu")]  # the menu again after another wait
     d = Degradation(S, 0.0)
     t = 20.0
     d.tick(t, False)

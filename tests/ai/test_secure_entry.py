@@ -203,3 +203,17 @@ async def test_caller_speech_during_entry_keeps_the_keypad_secure(emu, seg, tmp_
         assert [r["digits"] for r in srv.requests] == [PAN]
         got = emu.session(sid)
         assert got["texts"] == [dtmf_text("7")] and PAN[:6] not in json.dumps(got)
+
+
+def test_collect_card_number_is_blocking_even_on_38() -> None:
+    """3.8 declares tools NON_BLOCKING by default; the card entry must not be: the model waits for the
+    outcome instead of talking on while the caller types (and its responses carry no scheduling)."""
+    from workers.ai.live.tooling import tool_plan
+    from workers.ai.secure_entry import TOOL_NAME, declarations
+
+    m = ModelConfig(payment_url="https://pay.example.test/entry")
+    decls = declarations([{"name": "lookup", "description": "x"}], m)
+    plan = tool_plan(decls, "gemini-3.8-flash-native-audio")
+    card = next(d for d in plan.declarations if d["name"] == TOOL_NAME)
+    assert card["behavior"] == "BLOCKING"
+    assert TOOL_NAME not in plan.scheduling and "lookup" in plan.scheduling

@@ -77,9 +77,13 @@ def best_correlation(reference: np.ndarray, received: np.ndarray, rate: int) -> 
     b -= b.mean()
     n = 1 << int(np.ceil(np.log2(len(a) + len(b))))
     corr = np.fft.irfft(np.fft.rfft(b, n) * np.conj(np.fft.rfft(a, n)), n)[: len(b) - len(a) + 1]
-    window_energy = np.sqrt(np.convolve(b * b, np.ones(len(a)), mode="valid"))
-    denom = np.sqrt(np.sum(a * a)) * window_energy + 1e-9
-    norm = corr / denom
+    c = np.concatenate(([0.0], np.cumsum(b * b)))  # sliding-window energy in O(n), not np.convolve's O(n·m)
+    energy = c[len(a):] - c[: len(c) - len(a)]
+    ref_energy = float(np.sum(a * a))
+    denom = np.sqrt(ref_energy * np.maximum(energy, 0.0)) + 1e-9
+    # a window 60 dB below the reference is no copy of it (and the running sum's rounding must not
+    # turn digital silence into a match)
+    norm = np.where(energy > 1e-6 * ref_energy, corr / denom, 0.0)
     lag = int(np.argmax(norm))
     return float(norm[lag]), lag / rate
 

@@ -193,7 +193,11 @@ async def test_openapi_and_database_down(env: Any, keys: tuple[bytes, bytes], pg
     assert set(spec["paths"]) == {"/v1/admin/calls", "/v1/admin/calls/{call_id}",
                                   "/v1/admin/calls/{call_id}/hangup", "/v1/admin/drain", "/v1/admin/undrain",
                                   "/v1/admin/webhooks/dead-letters", "/v1/admin/audit", "/v1/admin/usage",
-                                  "/v1/admin/subjects/{sub}", "/v1/admin/subjects/{sub}/export"}
+                                  "/v1/admin/subjects/{sub}", "/v1/admin/subjects/{sub}/export",
+                                  "/v1/admin/calls/{call_id}/recording",
+                                  "/v1/admin/calls/{call_id}/recording/metadata",
+                                  "/v1/admin/calls/{call_id}/recording/pause",
+                                  "/v1/admin/calls/{call_id}/recording/resume"}
     pg_db.pg.server.stop()
     r = await client.get("/v1/admin/calls", headers=tok(keys, "calls:read"))
     assert r.status_code == 503 and r.headers["retry-after"]

@@ -189,3 +189,40 @@ async def test_slow_and_garbage_receivers_block_nobody(pg_db: Db, receiver: Rece
     cur = await conn.execute("SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NOT NULL")
     assert (await cur.fetchone())[0] == 4
     await conn.close()
+
+
+async def test_callback_and_transfer_requests_become_webhooks_with_the_number(pg_db: Db,
+                                                                             receiver: Receiver) -> None:
+    """The degradation menu's requests (workers/ai/ivr.py → records spool): a ``call.callback_requested``
+    event carrying the number the caller keyed in and a ``call.transfer_requested`` one with the target;
+    the stored event (admin API record) has the number too."""
+    conn = await psycopg.AsyncConnection.connect(pg_db.dsn, password=pg_db.password, autocommit=True)
+    await store.migrate(conn)
+    t, cid = time.time(), "box.cb1"
+    items = [{"id": "cb-c", "kind": "call.created", "call": cid, "at": t, "box": "box", "sub": "s",
+              "mode": "direct"},
+             {"id": "cb-e1", "kind": "event", "call": cid, "at": t, "type": "callback_requested",
+              "offset_ms": 4200, "data": {"digits": 7}, "callback_number": "5550123"},
+             {"id": "cb-e2", "kind": "event", "call": cid, "at": t, "type": "transfer_requested",
+              "offset_ms": 5000, "data": {"target": "+49301234567"}}]
+    async with conn.transaction():
+        await store.apply_items(conn, items, webhooks=True)
+    record = await store.get_call(conn, cid, prices=BUILTIN_PRICES)
+    await conn.close()
+    assert record is not None
+    cb = [e for e in record["events"] if e["type"] == "callback_requested"]
+    assert cb and cb[0]["data"] == {"digits": 7, "number": "5550123"}
+    sender = WebhookSender(Database(pg_db.dsn, pg_db.password), receiver.url("ok"), KEY,
+                           prices=BUILTIN_PRICES, poll_seconds=0.05)
+    task = asyncio.create_task(sender.run())
+    try:
+        await _wait(lambda: len(receiver.got) >= 3)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sender.aclose()
+        await sender.db.close()
+    by_type = {json.loads(b)["type"]: json.loads(b)["data"] for _, _, b in receiver.got}
+    assert by_type["call.callback_requested"] == {"call_id": cid, "offset_ms": 4200, "digits": 7,
+                                                  "number": "5550123"}
+    assert by_type["call.transfer_requested"] == {"call_id": cid, "offset_ms": 5000, "target": "+49301234567"}

@@ -100,6 +100,9 @@ def start_supervisor(tmp: Path, redis_url: str, janus: JanusInstance, *, slots: 
         "limits": {"session_creates_per_minute": 1000, "signalling_per_minute": 10000},
         # no emulator here: the AI worker runs degraded; these tests are about the control plane
         "model": {"base_url": "https://127.0.0.1:9", "max_retries": 0},
+        # ... holding with the plain hold prompt these tests were written for (the degradation menu:
+        # tests/ai/test_ivr.py, tests/supervisor/test_degrade_end.py)
+        "degrade": {"enabled": False},
     }
     for name, values in (extra or {}).items():
         sections.setdefault(name, {}).update(values)

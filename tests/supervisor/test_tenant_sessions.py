@@ -43,11 +43,11 @@ async def test_tenant_and_routed_model_reach_slot_and_record(tmp_path, redis_srv
             return {"Authorization": "Bearer " + mint(sup.private_key, sub="alice", extra=claims)}
 
         async with httpx.AsyncClient(base_url=sup.api, timeout=20) as http:
-            async def create(**claims) -> httpx.Response:
+            async def create(body: dict | None = None, **claims) -> httpx.Response:
                 pc = await caller()
                 pcs.append(pc)
                 return await http.post("/v1/sessions", headers=auth(**claims),
-                                       json={"type": "offer", "sdp": pc.localDescription.sdp})
+                                       json={"type": "offer", "sdp": pc.localDescription.sdp, **(body or {})})
 
             bad = await create(tenant="bakery")
             assert bad.status_code == 403, bad.text
@@ -60,7 +60,9 @@ async def test_tenant_and_routed_model_reach_slot_and_record(tmp_path, redis_srv
             for _ in range(3):
                 await b.record(False)
             assert b.state == "open"
-            second = await create(tenant="bank")
+            no_opt_out = await create({"recording": "off"}, tenant="bank")  # a call can only opt in
+            assert no_opt_out.status_code == 400 and "recording" in no_opt_out.text, no_opt_out.text
+            second = await create({"recording": "audio"}, tenant="bank")  # this call opts in to recording
             assert second.status_code == 201, second.text
             default = await create()  # the default tenant (no claim)
             assert default.status_code == 503  # two slots: capacity, not a tenant problem
@@ -69,8 +71,10 @@ async def test_tenant_and_routed_model_reach_slot_and_record(tmp_path, redis_srv
             for i in range(2):
                 info = seg.slot(i).snapshot()
                 assert info is not None
-                seen[info.session_id] = (info.options.get("tenant"), info.options.get("model"))
-            assert seen == {sid: ("bank", m) for sid, m in want.items()}
+                seen[info.session_id] = (info.options.get("tenant"), info.options.get("model"),
+                                         info.options.get("recording"))
+            assert seen == {first.json()["session_id"]: ("bank", PRIMARY, None),
+                            second.json()["session_id"]: ("bank", FALLBACK, "audio")}
             for sid, model in want.items():
                 rec = json.loads(await r.get(f"va:session:{sid}"))
                 assert (rec["tenant"], rec["model"]) == ("bank", model)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from appliance.config import ModelConfig
 from shm.audio import UP_BYTES_PER_MS
-from shm.segment import EventCode, Slot
+from shm.segment import MODEL_STATE_ENDED, EventCode, Slot
 from workers.ai.caller import CallerTurn
 from workers.ai.dtmf import digit_for, dtmf_text
 from workers.ai.live.events import FunctionCall, LiveEvent
@@ -29,6 +29,7 @@ from workers.ai.tools import ToolRunner
 
 if TYPE_CHECKING:
     from workers.ai.consent import Consent
+    from workers.ai.ivr import Episode
     from workers.ai.secure_entry import SecureEntry
 
 log = logging.getLogger("workers.ai.worker")
@@ -81,6 +82,7 @@ class Call:
     hold_at: float = 0.0  # when "please hold" last started
     retry_at: float = 0.0
     closed: bool = False
+    ivr: Episode | None = None  # the model is down and the caller is in the degradation menu (ivr.py)
     secure: SecureEntry | None = None  # PCI keypad entry in progress (workers/ai/secure_entry.py)
     consent: Consent | None = None  # the opt-in consent step (workers/ai/consent.py)
     ended: str = ""  # the worker ended the call: this model state stays in the slot
@@ -102,7 +104,8 @@ class Call:
         return str(value) if value else default
 
     def set_model_state(self, state: str) -> None:
-        if self.current() and not self.ended:
+        # an ended state is final, also one a previous worker wrote before it died (the supervisor reads it)
+        if self.current() and not self.ended and not self.slot.model_state.startswith(MODEL_STATE_ENDED):
             self.slot.model_state = str(state)[:32]
 
     # ---- to the model ------------------------------------------------------------------------------
@@ -112,6 +115,8 @@ class Call:
 
     def _target(self) -> Live | Outbox | None:
         if self.consent is not None and self.consent.waiting:  # nothing reaches the model before consent
+            return None
+        if self.ivr is not None:  # the caller is in the degradation menu, not talking to the model
             return None
         if self.awaiting_live:
             return self.outbox
@@ -150,6 +155,9 @@ class Call:
                     continue
                 if self.consent is not None and self.consent.waiting:  # the consent answer
                     self.consent.press(digit, now)
+                    continue
+                if self.ivr is not None:  # the degradation menu's (a callback number: never logged)
+                    self.ivr.keys.append(digit)
                     continue
                 if self.secure is not None:  # PCI secure entry: only to the payment endpoint
                     self.secure.push(digit, now)

@@ -10,9 +10,11 @@ and a bounded wait (``wait_seconds``) for the model; (2) a keypad menu — 1 kee
 callback number, 3 be transferred (an event for the operator's backend); (3) hold with callback: the
 number is collected by keypad (never logged: :class:`CallbackRequested` hides it from ``repr``), read back,
 confirmed with 1 (2 re-enters), stored as a callback request, goodbye, end. ``max_hold_seconds`` bounds
-the whole episode. When the model returns during the wait or the menu the call goes back to it and the
-caller is told (``back`` prompt); once the caller chose to leave a number, that flow completes first
-(they asked for a call back, and the model has no memory of the menu).
+the whole episode. A menu left unanswered (twice repeated) goes back to waiting rather than ending the
+call: a browser caller may have no keypad at all, and the model may come back. When the model returns
+during the wait or the menu the call goes back to it and the caller is told (``back`` prompt); once
+the caller chose to leave a number, that flow completes first (they asked for a call back, and the
+model has no memory of the menu).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ PROMPTS_EN = {
     "trouble": "I'm having trouble connecting right now. One moment, please.",
     "menu": "I'm still unable to connect. Press 1 to keep waiting, 2 to leave a number for a call back, "
             "or 3 to be transferred to a person.",
+    "menu_no_transfer": "I'm still unable to connect. Press 1 to keep waiting, or 2 to leave a number "
+                        "for a call back.",
     "keep_waiting": "Thank you. Please keep holding.",
     "enter_number": "Please enter your phone number on the keypad, then press the pound key.",
     "confirm": "Press 1 if that is correct, or 2 to enter it again.",
@@ -34,12 +38,14 @@ PROMPTS_EN = {
     "max_hold": "I'm sorry, I can't connect right now. Please try again later. Goodbye.",
     "no_input": "Sorry, I did not get that.",
 }
+DIGIT_KEYS = tuple(f"digit-{d}" for d in "0123456789")  # read-back prompts: the digit, spoken
+PROMPT_KEYS = (*PROMPTS_EN, *DIGIT_KEYS)
 
 
 @dataclass(frozen=True)
 class DegradeSettings:
     wait_seconds: float = 20.0  # tier 1: how long to wait for the model before the menu
-    menu_timeout_seconds: float = 8.0  # no key after the menu: repeat (twice), then goodbye
+    menu_timeout_seconds: float = 8.0  # no key after the menu: repeat (twice), then wait again
     digit_timeout_seconds: float = 6.0  # while entering a number: a pause this long ends the entry
     max_hold_seconds: float = 300.0
     max_number_digits: int = 15  # E.164
@@ -75,7 +81,7 @@ class BackToModel:
 
 @dataclass(frozen=True)
 class End:
-    reason: str  # "callback" | "transferred" | "max_hold" | "no_input"
+    reason: str  # "callback" | "transferred" | "max_hold"
 
 
 Action = Play | ReadBack | CallbackRequested | Transfer | BackToModel | End
@@ -99,6 +105,7 @@ class Degradation:
         self.deadline = now + settings.wait_seconds  # of the current phase
         self.menu_repeats = 0
         self._digits = ""
+        self._menu = "menu" if settings.transfer_enabled else "menu_no_transfer"
 
     def begin(self) -> list[Action]:
         return [Play("trouble")]
@@ -123,13 +130,15 @@ class Degradation:
         match self.phase:
             case Phase.WAITING:
                 self._to(Phase.MENU, now, self.s.menu_timeout_seconds)
-                return [Play("menu")]
+                return [Play(self._menu)]
             case Phase.MENU:
-                if self.menu_repeats >= 2:
-                    return self._end("no_input", Play("max_hold"))
+                if self.menu_repeats >= 2:  # no keypad (a browser caller) or no choice: hold on
+                    self.menu_repeats = 0
+                    self._to(Phase.WAITING, now, self.s.wait_seconds)
+                    return [Play("keep_waiting")]
                 self.menu_repeats += 1
                 self._to(Phase.MENU, now, self.s.menu_timeout_seconds)
-                return [Play("no_input"), Play("menu")]
+                return [Play("no_input"), Play(self._menu)]
             case Phase.COLLECT:
                 return self._finish_number(now)
             case Phase.CONFIRM:
@@ -149,7 +158,7 @@ class Degradation:
                     return [Play("enter_number")]
                 if d == "3" and self.s.transfer_enabled:
                     return self._end("transferred", Play("transferring"), Transfer())
-                return [] if self.phase is Phase.WAITING else [Play("no_input"), Play("menu")]
+                return [] if self.phase is Phase.WAITING else [Play("no_input"), Play(self._menu)]
             case Phase.COLLECT:
                 if d == "#":
                     return self._finish_number(now)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from shm.audio import DOWN_BYTES_PER_SECOND, DOWN_FRAME
 from shm.segment import Slot
@@ -31,11 +32,18 @@ class PlaybackStats:
     pauses_released: int = 0
 
 
+class PlaybackTap(Protocol):
+    """Who hears what the caller is played (the call's recording): audio queued, and queued audio dropped."""
+
+    def played(self, pcm24k: bytes) -> None: ...
+    def flushed(self) -> None: ...
+
+
 class Playback:
     """Model audio of one (slot, generation); ``current()`` says whether the slot is still this call's."""
 
     __slots__ = ("_confirm_s", "_play_at", "_stats", "current", "hold_deadline", "hold_seq", "last_event",
-                 "model_turn", "pending", "protect_until", "slot", "suppress")
+                 "model_turn", "pending", "protect_until", "slot", "suppress", "tap")
 
     def __init__(self, slot: Slot, current: Callable[[], bool], stats: PlaybackStats, confirm_s: float,
                  last_event: MutableMapping[str, float]) -> None:
@@ -45,6 +53,7 @@ class Playback:
         self._confirm_s = confirm_s
         self.last_event = last_event
         self.pending = bytearray()  # model audio not yet in the ring
+        self.tap: PlaybackTap | None = None  # the call's recording (workers/ai/recording.py), if any
         self.model_turn = False  # model audio arrived since the last turnComplete/interrupted
         self.suppress = False  # barge-in: drop the rest of the interrupted model turn
         self.protect_until = 0  # downlink write cursor up to which audio is the (uninterruptible) greeting
@@ -64,6 +73,8 @@ class Playback:
     # --- writing ------------------------------------------------------------------------------------
     def queue(self, pcm: bytes) -> None:
         """Prompt audio (greeting, "please hold"): queued behind whatever plays."""
+        if self.tap is not None:
+            self.tap.played(pcm)
         self.pending += pcm
         self.drain()
 
@@ -97,7 +108,10 @@ class Playback:
             self.model_turn = True
             self.last_event["first_audio"] = time.monotonic()
             self._play_at = self.slot.downlink.write_cursor + len(self.pending) + 1
-        self.pending += pcm[:-1] if len(pcm) % 2 else pcm
+        pcm = pcm[:-1] if len(pcm) % 2 else pcm
+        if self.tap is not None:
+            self.tap.played(pcm)
+        self.pending += pcm
         self.drain()
 
     def interrupted(self) -> None:
@@ -107,6 +121,8 @@ class Playback:
             if self.pending or ring.free_space() < ring.capacity:
                 ring.request_flush()
                 self._play_at = 0
+                if self.tap is not None:
+                    self.tap.flushed()
                 self.last_event["interrupted"] = time.monotonic()
                 self.end_hold(confirmed=True)
             self.pending.clear()
@@ -132,6 +148,8 @@ class Playback:
             return
         ring.request_flush()
         self._play_at = 0
+        if self.tap is not None:
+            self.tap.flushed()
         self.pending.clear()
         if self.model_turn:
             self.suppress = True

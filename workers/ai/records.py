@@ -148,6 +148,21 @@ class CallRecorder:
     def hold(self, call: Any, outcome: str) -> None:
         self.event(call, "hold", outcome=outcome)
 
+    def callback_requested(self, call: Any, number: str) -> None:
+        """The caller left a number while the model was down (workers/ai/ivr.py). It rides in
+        ``callback_number`` — sealed in the spool (compliance/atrest.py SEALED_FIELDS), in the database
+        and in the ``call.callback_requested`` webhook — and never in ``data`` or a log."""
+        if self.spool is None:
+            log.warning("callback request not stored: records.dsn is not set",
+                        extra={"session": call.session_id})
+            return
+        self._put("event", call, type="callback_requested", offset_ms=self.audio_ms(call),
+                  data={"digits": len(number)}, callback_number=number)
+
+    def transfer_requested(self, call: Any, target: str) -> None:
+        """Option 3 of the degradation menu: an event (and ``call.transfer_requested`` webhook)."""
+        self.event(call, "transfer_requested", target=str(target)[:200])
+
     def keypad(self, call: Any, digits: int) -> None:
         self.event(call, "keypad", digits=int(digits))  # a count: the digits themselves never leave
 

@@ -75,6 +75,9 @@ TOOL_DECLARATION: dict[str, object] = {
     "parameters": {"type": "object",
                    "properties": {"purpose": {"type": "string",
                                               "description": "what the payment is for (no card data)"}}},
+    # the model waits for the outcome (3.8 would otherwise declare it NON_BLOCKING and talk on while the
+    # caller types): the caller is told to type, and the next thing said is whether the card was accepted
+    "behavior": "BLOCKING",
 }
 CLEAR = "*"
 END = "#"

@@ -13,9 +13,10 @@ one tick later, or the flush when no pause came first). The answer's first-audio
 readings go into the slot (``Slot.set_answer``) for the media worker's ``playout`` and E2E stages.
 
 Clock: a detector sample position ``s`` maps to wall time ``now - (position - s) / 16 kHz``: the newest
-uplink frame was read this tick, 2-3 ms after the media worker wrote it (docs/architecture.md "AI tick
-phase"). So these stages start when the caller's audio reached the media worker's tick, not when the
-caller sent it: the media tick's wait (0-20 ms) is not in them (``e2e`` has the same origin).
+uplink frame was read this tick, the media worker's lead + 2-3 ms after it was written
+(docs/architecture.md "AI tick phase"). So these stages start when the caller's audio reached the media
+worker's tick, not when the caller sent it: the media tick's wait (0-20 ms) is not in them (``e2e`` has
+the same origin).
 """
 
 from __future__ import annotations

@@ -33,8 +33,9 @@ releases it untouched, and playback resumes exactly where it stopped (``pauses_r
 alarm such as a cough). A hold with nothing left to play, or on a call this worker lets go of, is
 released at once. A restarted worker finds an unsettled hold in the slot and starts its clock anew.
 
-A model that cannot be reached keeps the call up: the "please hold" prompt plays and the
-worker re-opens the Live session every ``model.degraded_retry_seconds``.
+A model that cannot be reached keeps the call up: the degradation tiers play (a spoken notice, a bounded
+wait, the keypad menu: workers/ai/ivr.py; with ``degrade.enabled = false`` the "please hold" prompt) and
+the worker re-opens the Live session every ``model.degraded_retry_seconds``.
 
 Failure isolation: everything per call runs under a guard that logs and closes only that call's Live
 session (the slot stays; the next scan re-opens it); the loop itself never raises.
@@ -69,6 +70,7 @@ from workers.ai.caller import CallerTurn, quiet_tail, silent
 from workers.ai.clock import phase_locked
 from workers.ai.consent import ConsentGate
 from workers.ai.greeting import PromptCache
+from workers.ai.ivr import DegradePrompts, Ivr
 from workers.ai.live.events import (
     AudioOut,
     Interrupted,
@@ -84,6 +86,7 @@ from workers.ai.live.events import (
 from workers.ai.live.outbox import Outbox, journal_path, remove_stale
 from workers.ai.live.settings import ClientSettings, LiveOptions, client_settings
 from workers.ai.playback import Playback, PlaybackStats
+from workers.ai.recording import Recordings
 from workers.ai.records import CallRecorder
 from workers.ai.secure_entry import SecureEntries
 from workers.ai.tenants import TenantProfiles
@@ -151,6 +154,9 @@ class AiWorker:
         self.tenants = TenantProfiles(cfg)  # per tenant: model section, tools, greeting (tenants.py)
         self.tools = self.tenants.default.tools
         self.records = CallRecorder(cfg, shard)  # the call record's items (workers/ai/records.py)
+        self.ivr = Ivr(cfg, DegradePrompts(cfg.degrade, self.prompts, cfg.model.language), self.records,
+                       self.tenants)  # what the caller hears while the model is down (workers/ai/ivr.py)
+        self.recordings = Recordings(cfg, shard, self.records.event)  # call audio (workers/ai/recording.py)
         self.secure = SecureEntries(self.records)  # PCI keypad entry (workers/ai/secure_entry.py)
         self.consent = ConsentGate(cfg, self.records)  # opt-in consent step (workers/ai/consent.py)
         for profile in self.tenants.all():
@@ -166,6 +172,7 @@ class AiWorker:
         self._greeting = self.tenants.default.greeting
         if m.hold_prompt:
             self._hold = await self.prompts.get_async(m.hold_prompt, m.language)
+        await self.ivr.prepare()
 
     async def warm_up(self) -> None:
         """Make the Live layer ready without stalling the loop: the SDK import (0.5-2 s) runs in a
@@ -235,6 +242,7 @@ class AiWorker:
             await asyncio.wait(self._closing, timeout=5.0)
         await self.tenants.aclose()
         self.records.close()
+        await asyncio.to_thread(self.recordings.close)
 
     # ---- the tick --------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -254,6 +262,7 @@ class AiWorker:
                     self._start_live(call, call.handle or None)
                 self._uplink(call, batches)
                 self._maybe_retry(call, now)
+                self.ivr.tick(call, now)
                 if events:
                     sent = self.records.dtmf_counter(call)
                     call.keypad_events()
@@ -326,6 +335,7 @@ class AiWorker:
         handle = slot.resume_handle or str(options.get("resume_handle") or "")
         fresh = not handle and not slot.model_state  # never attached by any AI worker before
         self.records.attached(call, fresh=fresh)
+        self.recordings.attached(call)
         consent_prompt = self.consent.attach(call, fresh=fresh)  # played after the greeting
         log.info("call attached", extra={"session": session_id, "slot": slot.index, "resume": bool(handle),
                                          "replay_items": len(call.outbox.replay()),
@@ -429,6 +439,7 @@ class AiWorker:
         call.outbox.close(remove=not call.slot.is_current(call.generation))
         self.stats.sessions_closed += 1
         self.records.closed(call)
+        self.recordings.closed(call)
         self.secure.closed(call)
         log.info("call detached", extra={"session": call.session_id, "slot": idx, "reason": reason})
         if isinstance(call.last_event, TurnClock):
@@ -467,6 +478,7 @@ class AiWorker:
         if not data:
             return
         self.stats.frames_in += len(data) // UP_FRAME
+        self.recordings.caller_audio(call, data)
         windows = call.caller.push(data)
         if call.caller.sending:
             call.send_audio(data)
@@ -565,7 +577,10 @@ class AiWorker:
 
     # ---- degradation -----------------------------------------------------------------------------
     def _degraded(self, call: Call, reason: str) -> None:
-        call.degraded(reason, self._hold, self.cfg.model.degraded_retry_seconds)
+        if call.ivr is not None and call.ivr.ending:  # saying goodbye: no more hold, no more retries
+            return
+        menu = self.ivr.degraded(call, time.monotonic())  # tiers: notice, wait, keypad menu (ivr.py)
+        call.degraded(reason, b"" if menu else self._hold, self.cfg.model.degraded_retry_seconds)
 
     def _maybe_retry(self, call: Call, now: float) -> None:
         if call.retry_at and now >= call.retry_at and not call.live_ok():

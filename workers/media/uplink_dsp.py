@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import soxr
 
+from workers.media.echo_gate import EchoGate
+
 log = logging.getLogger("media.uplink_dsp")
 
 MODES = ("off", "ns", "aec_ns_agc")
@@ -74,6 +76,8 @@ class UplinkDsp:
         self._gc = None
         self.echo_dominated = False  # the last frame was mostly echo (double-talk detector, see process)
         self.pause_frame = b""  # what the playback pause checks: after AEC and NS, before AGC
+        self.near_excess = 0.0  # mean square of the raw microphone above the predicted echo (EchoGate)
+        self._gate: EchoGate | None = None
         self._far_active_ticks = 0  # ticks left in which the echo of sent model audio can still arrive
         self._warm_ticks = 0  # canceller restarted after a pause: its first frames are not used
         self._far: deque[np.ndarray] = deque()
@@ -88,6 +92,7 @@ class UplinkDsp:
 
             self._ec = EchoCanceller(UP_RATE, 1)
             self._gc = GainController(UP_RATE, 1, max_gain_db=AGC_MAX_GAIN_DB)
+            self._gate = EchoGate()
             # QQ: exactly one 16 kHz frame out per 24 kHz frame in (FACTS: HQ releases in bursts)
             self._down = soxr.ResampleStream(DOWN_RATE, UP_RATE, 1, dtype="int16", quality="QQ")
 
@@ -126,6 +131,9 @@ class UplinkDsp:
         and a frame it reduced by at least ``ECHO_DOMINANT_DB`` is flagged ``echo_dominated``: what
         was there was mostly the model's own voice, so the playback pause ignores it even if the
         residual (which AGC may lift) is loud. Caller speech over the echo loses only the echo's part.
+        AEC3 also damps the first 40-160 ms of caller speech over the model, so ``near_excess`` says how
+        far the *raw* microphone is above the echo level predicted from the far end
+        (:mod:`workers.media.echo_gate`): the pause's early signal.
         """
         if self.mode == "off":
             self.pause_frame = frame16
@@ -144,9 +152,12 @@ class UplinkDsp:
                 xf, yf = x.astype(np.float32), y.astype(np.float32)
                 e_in, e_out = float(np.dot(xf, xf)), float(np.dot(yf, yf))
                 self.echo_dominated = e_out * ECHO_DOMINANT_RATIO < e_in
+                if self._gate is not None:  # AEC3 damps a barge-in's onset: look at the raw microphone too
+                    self.near_excess = self._gate.process(x, far, self.echo_dominated)
                 x = y
             else:
                 self.echo_dominated = False
+                self.near_excess = 0.0
         assert self._ns is not None
         x = self._ns.process(x)
         if self._gc is None:
@@ -172,3 +183,6 @@ class UplinkDsp:
                 part.reset()
         self._far.clear()
         self.echo_dominated = False
+        self.near_excess = 0.0
+        if self._gate is not None:
+            self._gate.reset()

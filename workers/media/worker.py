@@ -28,18 +28,32 @@ Per session (one ACTIVE slot of the segment):
 Provisional barge-in (playback hold): while model audio plays, a decoded caller frame with a 10 ms half
 at least ``media.pause_on_speech_dbfs`` loud pauses playback *in the same tick* — no AI-worker round
 trip, no wait for Silero — because what a caller perceives as barge-in latency is when the model stops
-talking. The worker stops reading the downlink ring (its content stays: nothing is lost), resets the
-Opus encoder and sends the cached silence packet: measured on the bench clip, the first paused packet
-then decodes silent after ~2.5 ms (its last 10 ms ≤ -66 dBFS) while the old 3-zero-frame encoder tail
-carries the cut-off audio through two more packets (-28 / -35 dBFS), with no larger sample step (a
-click) either way. It publishes the hold in the slot (``Slot.request_hold``); the AI worker either
-confirms speech (flushes the ring, then releases: the answer is gone) or releases after
+talking. The level is taken after the uplink processing (with AEC: also the raw microphone's excess over
+the echo level predicted from the far end, :mod:`workers.media.echo_gate`, since AEC3 damps a barge-in's
+onset), and the raw level must stand 14 dB out of the room's floor (:mod:`workers.media.noise_floor`:
+babble is loud but steady). The worker stops reading the downlink ring (its content stays: nothing is
+lost), resets the Opus encoder and sends the cached silence packet: measured on the bench clip, the first
+paused packet then decodes silent after ~2.5 ms (its last 10 ms ≤ -66 dBFS) while the old 3-zero-frame
+encoder tail carries the cut-off audio through two more packets (-28 / -35 dBFS), with no larger sample
+step (a click) either way. It publishes the hold in the slot (``Slot.request_hold``); the AI worker
+either confirms speech (flushes the ring, then releases: the answer is gone) or releases after
 ``vad.pause_confirm_ms`` (a cough: playback resumes at the exact ring position, with a 5 ms fade-in). A
 hold the AI side never answers (it died) ends after ``HOLD_MAX_NS`` anyway (``pause_timeouts``). The
-uninterruptible greeting (the slot's ``protect_until`` cursor) is never paused, and after a hold the
-next pause needs a quiet frame first, so steady noise above the threshold pauses once, not every other
-tick. A flush requested by the AI worker gets the same encoder reset (one packet less of old audio after
-a confirmed barge-in).
+uninterruptible greeting (the slot's ``protect_until`` cursor) is never paused, and after a hold the next
+pause needs a quiet frame first, so steady noise above the threshold pauses once, not every other tick. A
+flush requested by the AI worker gets the same encoder reset (one packet less of old audio after a
+confirmed barge-in).
+
+Pacing: a tick is split in two. ``lead_ns`` before the deadline the worker *prepares* every session —
+uplink frame (so a playback hold still acts on this tick's packet) and the next downlink packet, encoded
+and framed — and at the deadline it *sends* them all back to back (a ``sendto`` each, ~15 µs on
+loopback), so every call's packet leaves at the deadline whatever the number of calls. Before, each
+session encoded and sent in turn and the k-th packet left ~k x 0.1 ms late, varying with who was
+speaking: the pacing jitter the ramp stopped at. The lead is the second-slowest prepare of the last
+second + 0.7 ms (1-15 ms); reading the downlink ring that much earlier is the latency this adds
+(measured: docs/benchmarks.md "Pacing"). A barge-in flush requested between prepare and send makes the
+prepared packet stale: it goes out as silence (``send_prepared``), so a flush still cuts audio within a
+tick.
 
 Counters go to the slot (``MEDIA_COUNTERS``); the shard heartbeat is written every tick.
 ``downlink_underruns`` counts transitions from model audio to an empty downlink ring (the end of a model
@@ -54,11 +68,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import random
 import selectors
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -74,6 +90,8 @@ from shm.segment import EventCode, ShardSegment, Slot, SlotInfo, SlotState
 from workers.levels import mean_square_of_dbfs
 from workers.media import g711, opus
 from workers.media.jitter import JitterBuffer, Kind
+from workers.media.loss_policy import LossPolicy, OpusSettings, fraction_lost
+from workers.media.noise_floor import NoiseFloor
 from workers.media.pacing import PERIOD_NS, Pacer
 from workers.media.red import RedError, split_red
 from workers.media.rtp import (
@@ -105,12 +123,35 @@ ANSWER_MAX_S = 10.0  # first model audio → first RTP longer than this: not the
 HOLD_MAX_NS = 2_000_000_000  # a hold the AI worker never answers ends here (vad.pause_confirm_ms <= 1 s)
 FADE_IN_SAMPLES = 120  # 5 ms at 24 kHz: playback resuming mid-word after a false-alarm pause
 _HALF = 1 << 63
+# Pacing (module docstring): a tick is prepared this long before its deadline — the second-slowest prepare
+# of the last second plus a margin for scheduling noise, within [min, max] — and sent at the deadline. The
+# max stays below the AI worker's tick phase (2 ms after the deadline, so 18 ms before the next one).
+LEAD_MIN_NS = 1_000_000
+LEAD_MAX_NS = 15_000_000
+LEAD_MARGIN_NS = 700_000
+LEAD_WINDOW_TICKS = 50
+PRECISE_NS = 1_500_000  # the last stretch before a deadline is slept, not polled (epoll has ms granularity)
+DRAIN_GUARD_NS = 300_000  # stop draining sockets this close to a deadline (the rest: the next poll)
 
 
 @dataclass
 class _Candidate:
     stats: SourceStats
     good: int = 0
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A downlink packet built ahead of its deadline (``MediaSession.prepare_downlink``)."""
+
+    packet: bytes
+    frame: bytes | None  # the 24 kHz PCM it carries (None: silence or encoder tail)
+    audio: bool  # carries model audio or its encoder tail: stale if a flush comes before the send
+    starts: bool  # the first packet of an utterance (times the answer when sent)
+    flush_epoch: int  # the downlink ring's flush_epoch right after the frame was read
+    seq: int
+    ts: int
+    marker: bool
 
 
 class MediaSession:
@@ -153,6 +194,9 @@ class MediaSession:
         else:
             self.decoder = OpusUplink(UP_RATE)
             self.encoder = OpusDownlink(cfg)
+        # the caller leg's RTCP loss picks the downlink's FEC/bitrate (Opus only; G.711 has neither)
+        adapt = cfg.downlink_loss_adaptation and isinstance(self.encoder, OpusDownlink)
+        self.loss_policy = LossPolicy(cfg.opus_bitrate, cfg.opus_expected_loss_percent) if adapt else None
         self.rtp_clock = self.decoder.rtp_clock
         self.ts_per_tick = self.encoder.rtp_clock // 50
         self.silence = self.encoder.silence()
@@ -185,8 +229,11 @@ class MediaSession:
         self.hold_seq: int | None = None  # the hold this session published and still obeys
         self.hold_since_ns = 0
         self.pause_armed = True  # False after a hold until a caller frame below the threshold
+        self.floor = NoiseFloor()  # the room's level: a pause needs a frame standing out of it
         self.fade_in = False
         self.flushes_seen = slot.downlink.flushes
+        self.pending: _Prepared | None = None
+        self.stale_dropped = 0  # prepared packets replaced by silence: a flush came before the send
         # uplink processing (NS / AEC), before the ring and the pause check: workers/media/uplink_dsp.py
         self.dsp = UplinkDsp(session_mode(info.options, cfg.uplink_processing, info.session_id))
         self.dsp.set_delay_hint(cfg.jitter_target_ms + 20)
@@ -203,7 +250,11 @@ class MediaSession:
         try:
             pkt = parse_rtp(data)
         except RtpError as exc:
-            c.add("rtcp_packets" if exc.reason == "rtcp" else "rx_invalid")  # rtcp-mux is fine
+            if exc.reason == "rtcp":  # rtcp-mux is fine
+                c.add("rtcp_packets")
+                self._loss_report(data)
+            else:
+                c.add("rx_invalid")
             return
         if pkt.payload_type == self.dtmf_pt and self.dtmf_pt >= 0:
             if self.src is not None and pkt.ssrc == self.src.ssrc:
@@ -288,11 +339,27 @@ class MediaSession:
         self.slot.push_event(EventCode.DTMF, DTMF_EVENTS.index(digit))
         self.slot.push_event(EventCode.DTMF_END, duration * 1000 // DTMF_CLOCK)
 
-    def on_rtcp(self, addr: tuple[str, int]) -> None:
+    def on_rtcp(self, addr: tuple[str, int], data: bytes | memoryview = b"") -> None:
         if self.remote is not None and addr[0] == self.remote[0]:
             self.c.add("rtcp_packets")
+            self._loss_report(data)
         else:
             self.c.add("rx_dropped")
+
+    def _loss_report(self, data: bytes | memoryview) -> None:
+        """An SR/RR's fraction lost adapts the downlink encoder (workers/media/loss_policy.py)."""
+        if self.loss_policy is None:
+            return
+        fraction = fraction_lost(data)
+        if fraction is None:
+            return
+        settings = self.loss_policy.report(fraction)
+        if settings is not None and isinstance(self.encoder, OpusDownlink):
+            self.encoder.apply(settings)
+            log.info("downlink opus settings", extra={"session": self.session_id,
+                                                      "loss_ratio": round(self.loss_policy.loss or 0.0, 3),
+                                                      "expected_loss_percent": settings.expected_loss_percent,
+                                                      "bitrate": settings.bitrate})
 
     # ---- uplink: one frame per tick --------------------------------------------------------------
     def tick_uplink(self) -> None:
@@ -331,9 +398,10 @@ class MediaSession:
         if len(self.up_pcm) >= UP_FRAME:
             frame = bytes(self.up_pcm[:UP_FRAME])
             del self.up_pcm[:UP_FRAME]
+            raw_peak = self._room_level(frame) if self.pause_ms else 0.0
             frame = self.dsp.process(frame)
             if self.pause_ms and self.hold_seq is None:
-                self._check_pause(self.dsp.pause_frame)  # echo removed, noise suppressed, before AGC
+                self._check_pause(self.dsp.pause_frame, raw_peak)  # after AEC and NS, before AGC
         else:
             frame = bytes(UP_FRAME)  # the caller's stream is paused: keep the AI side's clock running
             self.dsp.skip()
@@ -346,8 +414,22 @@ class MediaSession:
             jb.set_jitter(js)
 
     # ---- playback hold (provisional barge-in) ------------------------------------------------------
-    def _check_pause(self, frame: bytes) -> None:
-        """Pause model playback if this caller frame is loud while model audio plays (module docstring)."""
+    def _room_level(self, frame: bytes) -> float:
+        """Track the room's floor with this raw frame's two 10 ms halves; their larger mean square."""
+        x = np.frombuffer(frame, dtype="<i2").astype(np.float32)
+        a, b = x[:HALF_UP], x[HALF_UP:]
+        ea, eb = float(np.dot(a, a)) / HALF_UP, float(np.dot(b, b)) / HALF_UP
+        peak = max(ea, eb)
+        stands_out = self.floor.stands_out(peak)  # against the floor before this frame
+        self.floor.update(ea)
+        self.floor.update(eb)
+        return peak if stands_out else 0.0
+
+    def _check_pause(self, frame: bytes, raw_peak: float = math.inf) -> None:
+        """Pause model playback if this caller frame is loud while model audio plays (module docstring).
+
+        ``raw_peak``: the raw frame's louder 10 ms half if it stands out of the room's floor, else 0
+        (workers/media/noise_floor.py: babble is loud but does not stand out)."""
         if self.pause_armed and not self.speaking:
             return  # no model audio going out (a new utterance starts speaking in this tick's downlink)
         # either 10 ms half loud enough: an onset late in the frame counts now, not one frame later
@@ -356,6 +438,9 @@ class MediaSession:
         a, b = x[:HALF_UP], x[HALF_UP:]
         loud = max(float(np.dot(a, a)), float(np.dot(b, b))) >= self.pause_ms * HALF_UP
         loud = loud and not self.dsp.echo_dominated  # AEC said: the model's own voice, not the caller
+        # AEC3 damps a barge-in's onset: the raw microphone above the predicted echo level says it first
+        loud = loud or self.dsp.near_excess >= self.pause_ms
+        loud = loud and raw_peak > 0.0  # out of the room's floor (babble is loud but steady)
         if not self.pause_armed:
             self.pause_armed = not loud
             return
@@ -394,8 +479,19 @@ class MediaSession:
         self.speaking = False
         self.partial_ticks = 0
 
-    # ---- downlink: one packet per tick ----------------------------------------------------------
+    # ---- downlink: one packet per tick, built ahead and sent at the deadline -------------------------
     def tick_downlink(self, tick: int) -> None:
+        """Build this tick's packet and send it at once (tests, benches; the worker splits the two)."""
+        self.prepare_downlink(tick)
+        self.send_prepared()
+
+    def prepare_downlink(self, tick: int) -> None:
+        """Read and encode this tick's frame into a ready RTP packet (:meth:`send_prepared` sends it).
+
+        Runs ``MediaWorker.lead_ns`` before the deadline, so the ring's flush epoch is remembered: a
+        barge-in flush requested between now and the send makes this packet's audio stale.
+        """
+        self.pending = None
         ring = self.slot.downlink
         left = 0
         if self._held():
@@ -420,9 +516,9 @@ class MediaSession:
                 self.partial_ticks = 0
         if self.remote is None:
             return  # Janus's side not known yet: model audio is discarded in real time
+        starts = False
         if frame is not None:
-            if not self.speaking and self.hist is not None:
-                self._answer_out()
+            starts = not self.speaking
             if self.fade_in:
                 self.fade_in = False
                 if not self.speaking:
@@ -430,7 +526,6 @@ class MediaSession:
             payload = self.encoder.encode(frame)
             self.tail = ENCODER_TAIL_FRAMES
             self.speaking = True
-            self.c.add("frames_down")
         else:
             if self.speaking and self.tail == ENCODER_TAIL_FRAMES:
                 self.c.add("downlink_underruns")
@@ -440,14 +535,39 @@ class MediaSession:
             else:
                 payload = self.silence
                 self.speaking = False
-        if self.dsp.wants_far and self.uplink_started:
-            self.dsp.far_frame(frame)  # AEC's reference: exactly what this packet carries (None: silence)
         marker = self.first_tick is None
         if marker:
             self.first_tick = tick
         ts = self.tx_ts0 + (tick - (self.first_tick or 0)) * self.ts_per_tick
         pkt = build_rtp(self.payload_type, self.tx_seq, ts, self.tx_ssrc, payload, marker)
+        self.pending = _Prepared(pkt, frame, payload is not self.silence, starts, ring.flush_epoch,
+                                 self.tx_seq, ts, marker)
         self.tx_seq = (self.tx_seq + 1) & 0xFFFF
+
+    def send_prepared(self) -> None:
+        """Send the packet :meth:`prepare_downlink` built, unless a flush made its audio stale.
+
+        A flush requested after the frame was read (the ring's ``flush_epoch`` moved; ``flushes`` only
+        moves when this side next reads) covers that frame: the packet goes out as the cached silence
+        packet with the same sequence number and timestamp (the stream stays gapless) and the encoder is
+        reset, exactly as if the flush had come before the read.
+        """
+        p = self.pending
+        if p is None or self.remote is None:
+            return
+        self.pending = None
+        pkt, frame = p.packet, p.frame
+        if p.audio and self.slot.downlink.flush_epoch != p.flush_epoch:
+            self._cut()
+            pkt = build_rtp(self.payload_type, p.seq, p.ts, self.tx_ssrc, self.silence, p.marker)
+            frame = None
+            self.stale_dropped += 1
+        elif frame is not None:
+            if p.starts and self.hist is not None:
+                self._answer_out()
+            self.c.add("frames_down")
+        if self.dsp.wants_far and self.uplink_started:
+            self.dsp.far_frame(frame)  # AEC's reference: exactly what this packet carries (None: silence)
         try:
             self.rtp.sendto(pkt, self.remote)
         except OSError as exc:
@@ -546,6 +666,15 @@ class OpusDownlink(opus.Encoder):
         super().__init__(DOWN_RATE, bitrate=cfg.opus_bitrate, complexity=cfg.opus_complexity, fec=True,
                          expected_loss_percent=cfg.opus_expected_loss_percent)
         self._key = (cfg.opus_bitrate, cfg.opus_complexity, cfg.opus_expected_loss_percent)
+        self.settings = OpusSettings(True, cfg.opus_expected_loss_percent, cfg.opus_bitrate)
+
+    def apply(self, settings: OpusSettings) -> None:
+        """New FEC / expected loss / bitrate / DTX (the loss policy's row); takes effect next frame."""
+        self.ctl(opus.OPUS_SET_INBAND_FEC, int(settings.fec))
+        self.ctl(opus.OPUS_SET_PACKET_LOSS_PERC, settings.expected_loss_percent)
+        self.ctl(opus.OPUS_SET_BITRATE, settings.bitrate)
+        self.ctl(opus.OPUS_SET_DTX, int(settings.dtx))
+        self.settings = settings
 
     def silence(self) -> bytes:
         """A 20 ms packet of digital silence from a separate, identically configured encoder."""
@@ -580,7 +709,11 @@ class MediaWorker:
         self._view = memoryview(self._buf)
         self.ticks = 0
         self._skipped_logged = 0
-        self.tick_late_ns: list[int] = []  # recent tick lateness samples (metrics/tests)
+        self.tick_late_ns: list[int] = []  # recent send lateness against the deadline (metrics/tests)
+        self.lead_ns = LEAD_MIN_NS  # prepare this long before the deadline (adapted: _note_prepare)
+        self._prepare_ns: deque[int] = deque(maxlen=LEAD_WINDOW_TICKS)
+        self._pending_tick: int | None = None  # prepared, not yet sent
+        self._prepared: list[MediaSession] = []
 
     # ---- slot table ------------------------------------------------------------------------------
     def scan(self) -> None:
@@ -653,7 +786,7 @@ class MediaWorker:
             if is_rtp:
                 sess.on_rtp(view[:n], addr, self.clock())
             else:
-                sess.on_rtcp(addr)
+                sess.on_rtcp(addr, view[:n])
             sess.rx_this_tick += 1
             if sess.rx_this_tick >= RX_BUDGET_PER_TICK:
                 # flooded: stop polling this session's sockets until the next tick
@@ -668,10 +801,18 @@ class MediaWorker:
                 return
 
     def tick(self, tick: int) -> None:
-        """Everything due every 20 ms: scan (every 100 ms), uplink frame, downlink packet, heartbeat."""
+        """One whole tick at once: :meth:`prepare` then :meth:`send` (tests; the loop splits them)."""
+        self.prepare(tick)
+        self.send(tick)
+
+    def prepare(self, tick: int) -> None:
+        """Everything due every 20 ms but the sends: scan (every 100 ms), each session's uplink frame and
+        its next downlink packet, built ``lead_ns`` before the deadline (module docstring: Pacing)."""
         if self.ticks % SCAN_EVERY_TICKS == 0:
             self.scan()
         self.ticks += 1
+        prepared = self._prepared
+        prepared.clear()
         for sess in list(self.sessions.values()):
             if not sess.slot.is_current(sess.generation):
                 self._close(sess.index)
@@ -683,7 +824,9 @@ class MediaWorker:
                 sess.muted.clear()
             try:
                 sess.tick_uplink()
-                sess.tick_downlink(tick)
+                sess.prepare_downlink(tick)
+                if sess.pending is not None:
+                    prepared.append(sess)
                 if self.frame_log.due():
                     c = sess.c
                     log.debug("frame", extra={"session": sess.session_id, "tick": tick,
@@ -693,6 +836,18 @@ class MediaWorker:
                 # a bug or bad state in one session must not stop the others: end that session locally
                 log.exception("session failed", extra={"session": sess.session_id})
                 self._close(sess.index)
+
+    def send(self, tick: int) -> None:
+        """The prepared packets, back to back (a few µs each), then the heartbeat."""
+        for sess in self._prepared:
+            if sess.closed:
+                continue
+            try:
+                sess.send_prepared()
+            except Exception:
+                log.exception("session failed", extra={"session": sess.session_id})
+                self._close(sess.index)
+        self._prepared.clear()
         self.seg.heartbeat("media")
         if self.ticks % 500 == 0 and self.pacer.skipped != self._skipped_logged:
             log.warning("media worker fell behind: ticks skipped", extra={
@@ -701,19 +856,79 @@ class MediaWorker:
             self._skipped_logged = self.pacer.skipped
             self.pacer.late_ns_max = 0
 
-    def run_once(self, max_wait: float = 1.0) -> None:
-        """Wait for packets until the next tick is due, handle them, run due ticks."""
-        timeout = min(self.pacer.timeout(), max_wait)
+    # ---- timing ----------------------------------------------------------------------------------
+    def next_event_ns(self) -> int:
+        """When the loop next has work: the wake-up to prepare the next tick, or a prepared tick's send."""
+        if self._pending_tick is not None:
+            return self.pacer.deadline(self._pending_tick)
+        return self.pacer.deadline() - self.lead_ns
+
+    def _poll(self, timeout: float, stop_at: int) -> None:
+        """Receive packets for up to ``timeout`` s; stop draining sockets at ``stop_at`` (the rest stay
+        readable for the next poll: a burst of arrivals must not delay a send)."""
         for key, _ in self.sel.select(timeout):
             sess, is_rtp = key.data
             self._drain(key.fileobj, sess, is_rtp)  # type: ignore[arg-type]
-        now = self.clock()
-        for t in self.pacer.due(now):
-            late = now - self.pacer.deadline(t)
-            self.tick_late_ns.append(late)
-            if len(self.tick_late_ns) > 3000:
-                del self.tick_late_ns[:1000]
-            self.tick(t)
+            if self.clock() >= stop_at:
+                return
+
+    def _wait(self, until: int, max_wait: float) -> bool:
+        """Receive packets until ``until`` (monotonic ns); True once it is reached.
+
+        epoll's timeout has millisecond granularity (rounded up), so the last ``PRECISE_NS`` are slept
+        with ``time.sleep`` (clock_nanosleep: tens of µs of slack) without polling. Never blocks longer
+        than ``max_wait`` (0 with an injected clock: the caller advances it and calls again).
+        """
+        rem = until - self.clock()
+        if rem > PRECISE_NS:
+            self._poll(min((rem - PRECISE_NS) / 1e9, max_wait), until - DRAIN_GUARD_NS)
+            rem = until - self.clock()
+        if rem <= 0:
+            return True
+        if rem <= PRECISE_NS and rem / 1e9 <= max_wait:
+            time.sleep(rem / 1e9)
+            return True
+        return False
+
+    def _note_prepare(self, took_ns: int) -> None:
+        """Adapt the lead to the second-slowest prepare of the last second (+ a margin for scheduling
+        noise): one preempted prepare must not add its stall to every call's latency for a second."""
+        recent = self._prepare_ns
+        recent.append(took_ns)
+        slow = sorted(recent)[-2] if len(recent) > 1 else took_ns
+        self.lead_ns = min(LEAD_MAX_NS, max(LEAD_MIN_NS, slow + LEAD_MARGIN_NS))
+
+    def run_once(self, max_wait: float = 1.0) -> None:
+        """Wait for packets until the next thing is due; prepare a tick ``lead_ns`` before its deadline,
+        send it at the deadline (and go on at once while more is overdue: a stalled process)."""
+        while True:
+            if self._pending_tick is None:
+                if not self._wait(self.pacer.deadline() - self.lead_ns, max_wait):
+                    return
+                now = self.clock()
+                ticks = self.pacer.due(max(now, self.pacer.deadline()))  # consumed now, sent at its deadline
+                for t in ticks[:-1]:  # a backlog (the process stalled): late already, send at once
+                    self.prepare(t)
+                    self._sent(t)
+                t = ticks[-1]
+                t0 = self.clock()
+                self.prepare(t)
+                self._note_prepare(self.clock() - t0)
+                self._pending_tick = t
+            t = self._pending_tick
+            if not self._wait(self.pacer.deadline(t), max_wait):
+                return
+            self._pending_tick = None
+            self._sent(t)
+            if self.clock() < self.next_event_ns():
+                return
+
+    def _sent(self, t: int) -> None:
+        late = self.clock() - self.pacer.deadline(t)
+        self.tick_late_ns.append(late)
+        if len(self.tick_late_ns) > 3000:
+            del self.tick_late_ns[:1000]
+        self.send(t)
 
     def run(self, should_stop: Callable[[], bool]) -> None:
         self.scan()
