@@ -14,7 +14,7 @@ APT_RUN := janus coturn redis-server postgresql-15 espeak-ng sox libopus0 ca-cer
 # ... and what the tests add: a browser, namespaces/firewall tools, packaging and a bootable Debian.
 APT_TEST := $(APT_RUN) janus-doc redis-sentinel chromium iproute2 nftables haproxy keepalived curl \
 	debootstrap systemd-container dh-virtualenv debhelper lintian devscripts python3-dev build-essential \
-	dbus procps prometheus prometheus-alertmanager
+	dbus procps prometheus prometheus-alertmanager prometheus-redis-exporter
 
 .PHONY: all run test test-unit test-fleet test-ops lint bench bench-smoke deb clean deps-run deps-test venv lock audit
 

@@ -276,6 +276,9 @@ class TurnConfig:
     uris: list[str] = field(default_factory=list)
     ttl_seconds: int = 600  # at most 600 (refused above): how long a leaked credential works
     stun_uris: list[str] = field(default_factory=list)
+    # "host:port" of the box's coturn (UDP), probed with a STUN Binding request for va_component_up
+    # (appliance/probes.py); empty: not probed
+    probe_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -825,6 +828,13 @@ def _check_cross_field(cfg: Config) -> None:
         host, _, port = addr.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"redis.sentinels[{i}]: expected \"host:port\", got {addr!r}")
+    if cfg.turn.probe_address:
+        from appliance.probes import parse_address
+
+        try:
+            parse_address(cfg.turn.probe_address)
+        except ValueError as exc:
+            raise ConfigError(f"turn.probe_address: {exc}") from None
     if cfg.redis.sentinels and not cfg.redis.sentinel_master:
         raise ConfigError("redis.sentinel_master: required when redis.sentinels is set")
     if bool(cfg.api.tls_cert_file) != bool(cfg.api.tls_key_file):

@@ -269,6 +269,7 @@ class Supervisor:
         self.webhooks: Any = None
         self.recordings: Any = None  # this box's call recordings (appliance/compliance/recordings.py)
         self._record_dbs: list[Any] = []
+        self._probes: asyncio.Task[None] | None = None  # appliance/probes.py (stopped before the sessions)
 
     # -- start ----------------------------------------------------------------------------------
     def _create_segments(self) -> None:
@@ -490,6 +491,10 @@ class Supervisor:
                                                    name="tls-reload"))
         self.sessions.accepting = True
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        from appliance.probes import ComponentProbes  # Janus and coturn health for /metrics
+
+        probes = ComponentProbes(self.sessions.janus.info, cfg.turn.probe_address)
+        self._probes = asyncio.create_task(probes.run(), name="probes")
         if self._quality is not None:
             quality = self._quality.run(self.sessions.quality_refs, float(cfg.janus.stats_period_seconds))
             self._tasks.append(asyncio.create_task(quality, name="quality"))
@@ -698,7 +703,15 @@ class Supervisor:
         while self.placement.active and self._graceful and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.25)
 
+    async def _stop_probes(self) -> None:
+        """Before the sessions close: the Janus probe uses their Janus client."""
+        if self._probes is not None:
+            self._probes.cancel()
+            await asyncio.gather(self._probes, return_exceptions=True)
+            self._probes = None
+
     async def stop(self) -> None:
+        await self._stop_probes()
         if self._restart_in_place:
             await self._handoff()
             return

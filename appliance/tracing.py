@@ -10,8 +10,9 @@ tracing is off (appliance/logs.py). Why the SDK and not hand-written OTLP: batch
 protobuf encoding are the SDK's well-tested job; ~1 µs per span event is nothing at turn rate.
 
 Turn spans come from the AI worker's ``TurnClock`` (workers/ai/turn_metrics.py): start at the caller's
-speech onset, events ``activity_end``, ``model_first_audio``, ``barge_in`` / ``interrupted``, end at
-``turnComplete`` / ``interrupted`` (or the next turn).
+speech onset, events ``activity_end``, ``model_first_audio``, ``playback`` (the media worker took the
+answer's first audio from the downlink ring), ``barge_in`` / ``interrupted``, end at ``turnComplete`` /
+``interrupted`` (or the next turn, or the call leaving the worker).
 """
 
 from __future__ import annotations

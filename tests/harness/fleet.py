@@ -548,7 +548,7 @@ def _start_redis(host: Host, tmp: Path, password: str, replica_of: str | None = 
     acl = tmp / "users.acl"
     acl.write_text(ansible_render.render("redis", "users.acl.j2", {
         "redis_acl_password": password, "redis_replication_password": password,
-        "redis_sentinel_password": password}))
+        "redis_sentinel_password": password, "redis_exporter_password": password}))
     acl.chmod(0o600)
     conf = tmp / "redis.conf"
     lines = [f"bind {host.ip}", f"port {REDIS_PORT}", f"dir {tmp}", 'save ""', "appendonly yes",

@@ -58,6 +58,7 @@ EXTRA_PACKAGES = [
     "netbase",
     "prometheus",  # the monitoring role (tests/ops/monitoring-playbook.yml)
     "prometheus-alertmanager",
+    "prometheus-redis-exporter",  # the redis role (redis_exporter)
 ]
 PEER_ADDR = "192.0.2.1"  # documentation range, only ever inside our own namespaces
 HOST_ADDR = "192.0.2.2"

@@ -27,6 +27,7 @@ SERVICES = [
     "janus",
     "coturn",
     "redis-server",
+    "prometheus-redis-exporter",
     "nftables",
     "ssh",
 ]
@@ -542,7 +543,7 @@ def test_monitoring_role_scrapes_the_appliance(provisioned) -> None:
     ct = provisioned.ct
     mon = Path(__file__).with_name("monitoring-playbook.yml")
     mon_vars = '{"monitoring_scrape_interval": "2s", "monitoring_evaluation_interval": "2s", ' \
-               '"monitoring_apt_update_cache": false}'
+               '"monitoring_apt_update_cache": false, "monitoring_redis_targets": ["127.0.0.1:9121"]}'
     first = provisioned.playbook("-e", mon_vars, playbook=mon)
     assert first.rc == 0, first.output[-4000:]
     second = provisioned.playbook("-e", mon_vars, playbook=mon)
@@ -558,8 +559,15 @@ def test_monitoring_role_scrapes_the_appliance(provisioned) -> None:
     up = wait_for(lambda: query('up{job="voice-appliance"} == 1'), timeout=60)
     assert up, query("up")
     assert wait_for(lambda: query("va_turn_e2e_seconds_count"), timeout=30)
+    # the redis role's exporter (Debian's prometheus-redis-exporter) reaches the box's Redis
+    assert wait_for(lambda: query('redis_up{job="redis"} == 1'), timeout=30), query('up{job="redis"}')
+    # the appliance's own probes of coturn and Janus (appliance/probes.py)
+    for component in ("turn", "janus"):
+        assert wait_for(lambda c=component: query(f'va_component_up{{component="{c}"}} == 1'), timeout=30), \
+            (component, query("va_component_up"))
     rules = ct.sh("python3 -c \"import urllib.request as u; print(u.urlopen("
                   "'http://127.0.0.1:9090/api/v1/rules', timeout=5).read().decode())\"").stdout
     assert "VaCallMosLow" in rules and "VaWorkerRestarted" in rules
     assert tcp_probe(provisioned, nspawn.HOST_ADDR, 9090) != "open"  # not reachable from outside
     assert tcp_probe(provisioned, nspawn.HOST_ADDR, 9093) != "open"
+    assert tcp_probe(provisioned, nspawn.HOST_ADDR, 9121) != "open"  # the Redis exporter: loopback only

@@ -98,6 +98,10 @@ def test_prometheus_scrapes_the_supervisor_and_an_alert_fires(tmp_path, redis_sr
         assert all(s["metric"]["shard"] == "0" for s in stages)
         assert series("va_turn_e2e_seconds_bucket")
         wait_for(lambda: series("va_live_degraded_total"), 30, "AI worker metrics (multiprocess)")
+        # the supervisor's probe of the real Janus (appliance/probes.py); coturn is not configured here
+        wait_for(lambda: series('va_component_up{component="janus"} == 1'), 30, "Janus probe up")
+        assert series('va_component_probe_seconds{component="janus"} > 0')
+        assert not series('va_component_up{component="turn"}')
         assert not series("va_worker_restarts_total > 0")
         # the AI worker dies: the arbiter restarts it, the counter moves, the rule fires
         seg = ShardSegment.attach(segment_name(sup.instance, 0))

@@ -18,9 +18,10 @@ MON = Path(__file__).resolve().parents[2] / "packaging" / "monitoring"
 RULES = MON / "voice-appliance.rules.yml"
 DASHBOARD = MON / "voice-appliance-dashboard.json"
 # metrics a rule or panel may name that another component owns and exports
-EXTERNAL = {"up"}  # Prometheus's own scrape health
+EXTERNAL = {"up",  # Prometheus's own scrape health
+            "redis_up"}  # Debian's prometheus-redis-exporter (redis role; tests/unit/test_probes.py)
 PENDING: set[str] = set()  # names another branch is about to export (none now)
-METRIC = re.compile(r"\b(va_[a-z0-9_]+|up)\b(?!\s*\()")
+METRIC = re.compile(r"\b(va_[a-z0-9_]+|redis_[a-z0-9_]+|up)\b(?!\s*\()")
 
 
 def promtool() -> str:
@@ -37,8 +38,8 @@ def exported_names() -> set[str]:
     from appliance.metrics import SHM_COUNTERS, Metrics
 
     for mod in ("appliance.api", "appliance.state", "appliance.janus", "appliance.arbiter",
-                "appliance.ratelimit", "appliance.breaker", "appliance.records.writer", "workers.ai.live",
-                "workers.ai.live.session"):
+                "appliance.ratelimit", "appliance.breaker", "appliance.probes", "appliance.records.writer",
+                "workers.ai.live", "workers.ai.live.session"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
@@ -84,7 +85,8 @@ def test_rules_name_exported_metrics() -> None:
                 seen.add(name)
                 assert name in exported | EXTERNAL | PENDING, (rule["alert"], name)
     for needed in ("va_call_mos_sum", "va_rtp_loss_ratio_sum", "va_rtp_jitter_seconds_sum",
-                   "va_turn_e2e_seconds_bucket", "va_worker_restarts_total", "va_sessions_capacity"):
+                   "va_turn_e2e_seconds_bucket", "va_worker_restarts_total", "va_sessions_capacity",
+                   "va_component_up", "redis_up"):
         assert needed in seen
 
 

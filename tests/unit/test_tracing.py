@@ -10,52 +10,19 @@ import asyncio
 import io
 import json
 import logging
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from appliance import tracing
 from appliance.logs import FrameSampler, JsonFormatter
 from shm.segment import ShardSegment
+from tests.harness.otlp import OtlpReceiver
 from tests.harness.shm import shard_segment
 from workers.ai.tools import ToolRunner
 from workers.ai.turn_metrics import TurnClock
 
 SID = "box1.AbCdEfGhIjKlMnOpQrStUv"
-
-
-class OtlpReceiver:
-    """POST /v1/traces with a protobuf body → decoded spans."""
-
-    def __init__(self) -> None:
-        self.spans: list = []
-        self.content_types: list[str] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.content_types.append(self.headers.get("Content-Type", ""))
-                req = ExportTraceServiceRequest()
-                req.ParseFromString(body)
-                for rs in req.resource_spans:
-                    svc = {a.key: a.value.string_value for a in rs.resource.attributes}
-                    for ss in rs.scope_spans:
-                        outer.spans.extend((svc, s) for s in ss.spans)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
 
 @pytest.fixture
@@ -70,8 +37,7 @@ def receiver():
     assert tracing.configure(rx.url, role="test")
     yield rx
     tracing.shutdown()
-    rx.server.shutdown()
-    rx.server.server_close()
+    rx.close()
 
 
 def test_off_by_default_is_a_no_op() -> None:
@@ -86,13 +52,13 @@ def test_one_trace_per_call_with_turn_tool_and_resume_spans(receiver, seg: Shard
     call = tracing.start_call(SID, box="box1")
     clock = TurnClock(seg.slot(0), seg.slot(0).generation, seg.histograms("ai"), SID)
     t = time.monotonic()
-    # turn 1: speech, activityEnd, model audio, turnComplete
+    # turn 1: speech, activityEnd, model audio, its playback, turnComplete
     for name, dt in (("speech_start", 0.0), ("activity_start", 0.1), ("speech_end", 1.0),
-                     ("activity_end", 1.4), ("first_audio", 1.5), ("turn_complete", 2.5)):
+                     ("activity_end", 1.4), ("first_audio", 1.5), ("playback", 1.52), ("turn_complete", 2.5)):
         clock[name] = t + dt
     # turn 2: the caller talks over the answer
     for name, dt in (("speech_start", 3.0), ("activity_start", 3.1), ("speech_end", 4.0),
-                     ("activity_end", 4.4), ("first_audio", 4.5), ("speech_start", 5.0),
+                     ("activity_end", 4.4), ("first_audio", 4.5), ("playback", 4.52), ("speech_start", 5.0),
                      ("barge_in", 5.05), ("interrupted", 5.1)):
         clock[name] = t + dt
 
@@ -129,9 +95,10 @@ def test_one_trace_per_call_with_turn_tool_and_resume_spans(receiver, seg: Shard
         if s.name != "call":
             assert int.from_bytes(s.parent_span_id, "big") == call_span_id, s.name
     t1, t2 = sorted(spans["turn"], key=lambda s: s.start_time_unix_nano)
-    assert [e.name for e in t1.events] == ["activity_end", "model_first_audio", "turn_complete"]
+    assert [e.name for e in t1.events] == ["activity_end", "model_first_audio", "playback", "turn_complete"]
     assert (t1.end_time_unix_nano - t1.start_time_unix_nano) / 1e9 == pytest.approx(2.5, abs=0.05)
-    assert [e.name for e in t2.events] == ["activity_end", "model_first_audio", "barge_in", "interrupted"]
+    assert [e.name for e in t2.events] == ["activity_end", "model_first_audio", "playback", "barge_in",
+                                           "interrupted"]
     assert (t2.end_time_unix_nano - t2.start_time_unix_nano) / 1e9 == pytest.approx(2.1, abs=0.05)
     (tool,) = spans["tool_call"]
     assert {a.key: a.value.string_value for a in tool.attributes}["tool"] == "lookup"

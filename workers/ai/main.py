@@ -105,5 +105,8 @@ def main(args: argparse.Namespace) -> int:
     # the turn journal must outlive this process but not the machine: tmpfs
     args.journal_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(cfg.paths.run_dir)
     _, factory = loop_factory()
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(_amain(args, cfg))
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(_amain(args, cfg))
+    finally:
+        tracing.shutdown()  # export the spans still queued

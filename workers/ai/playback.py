@@ -42,8 +42,8 @@ class PlaybackTap(Protocol):
 class Playback:
     """Model audio of one (slot, generation); ``current()`` says whether the slot is still this call's."""
 
-    __slots__ = ("_confirm_s", "_stats", "current", "hold_deadline", "hold_seq", "last_event", "model_turn",
-                 "pending", "protect_until", "slot", "suppress", "tap")
+    __slots__ = ("_confirm_s", "_play_at", "_stats", "current", "hold_deadline", "hold_seq", "last_event",
+                 "model_turn", "pending", "protect_until", "slot", "suppress", "tap")
 
     def __init__(self, slot: Slot, current: Callable[[], bool], stats: PlaybackStats, confirm_s: float,
                  last_event: MutableMapping[str, float]) -> None:
@@ -59,6 +59,9 @@ class Playback:
         self.protect_until = 0  # downlink write cursor up to which audio is the (uninterruptible) greeting
         self.hold_seq: int | None = None  # the media worker's playback hold being settled
         self.hold_deadline = 0.0  # ... released as a false alarm at this monotonic time
+        # downlink read cursor past which the media worker has taken the answer's first byte (0: none
+        # pending): its crossing is the turn's "playback" moment (trace event; seen one tick late at most)
+        self._play_at = 0
 
     def playing(self) -> bool:
         """Model audio queued, in the ring or still arriving (caller speech now is a barge-in)."""
@@ -104,6 +107,7 @@ class Playback:
         if not self.model_turn:
             self.model_turn = True
             self.last_event["first_audio"] = time.monotonic()
+            self._play_at = self.slot.downlink.write_cursor + len(self.pending) + 1
         pcm = pcm[:-1] if len(pcm) % 2 else pcm
         if self.tap is not None:
             self.tap.played(pcm)
@@ -116,6 +120,7 @@ class Playback:
         if self.current() and ring.read_cursor >= self.protect_until:
             if self.pending or ring.free_space() < ring.capacity:
                 ring.request_flush()
+                self._play_at = 0
                 if self.tap is not None:
                     self.tap.flushed()
                 self.last_event["interrupted"] = time.monotonic()
@@ -142,6 +147,7 @@ class Playback:
         if not self.pending and not self.model_turn and ring.free_space() == ring.capacity:
             return
         ring.request_flush()
+        self._play_at = 0
         if self.tap is not None:
             self.tap.flushed()
         self.pending.clear()
@@ -154,7 +160,11 @@ class Playback:
 
     # --- playback holds (the media worker's provisional barge-in) -----------------------------------
     def settle_hold(self, now: float, speaking: bool) -> None:
-        """Once per tick, after the VAD: confirm, keep or release the media worker's playback hold."""
+        """Once per tick, after the VAD: confirm, keep or release the media worker's playback hold
+        (and note when the media worker started playing the answer)."""
+        if self._play_at and self.slot.downlink.read_cursor >= self._play_at:
+            self._play_at = 0
+            self.last_event["playback"] = now
         hold, release = self.slot.hold_words()
         if hold == release:
             self.hold_seq = None

@@ -144,6 +144,7 @@ class ToolRunner:
         try:
             try:
                 with tracing.child(session_id, "tool_call", tool=name, call_id=call_id):
+                    log.info("tool call", extra={"session": session_id, "tool": name, "call_id": call_id})
                     response = await self.invoke(session_id, name, args, call_id)
                 response.setdefault("status", "error" if "error" in response else "ok")
                 ok = True

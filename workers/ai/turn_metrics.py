@@ -50,7 +50,8 @@ def mark_speech(times: MutableMapping[str, float], ev: Any, position: int, now: 
 class TurnClock(dict[str, float]):
     """``call.last_event``: a ``name → time.monotonic()`` dict that records stage latencies."""
 
-    __slots__ = ("_answered", "_barged", "_gen", "_hist", "_prev", "_sid", "_slot", "_span", "_span_answered")
+    __slots__ = ("_answered", "_barged", "_done", "_gen", "_hist", "_played", "_prev", "_sid", "_slot",
+                 "_span", "_span_answered")
 
     def __init__(self, slot: Slot, generation: int, hist: ShardHistograms, session_id: str = "") -> None:
         super().__init__()
@@ -58,6 +59,8 @@ class TurnClock(dict[str, float]):
         self._span: Any = None  # the open turn's trace span (appliance/tracing.py; None when off)
         self._prev: Any = None  # the previous turn, while the caller talks over its answer
         self._span_answered = False
+        self._done: Any = None  # a turn whose model turn completed before its answer started playing
+        self._played = False  # the open turn's answer reached the media worker ("playback")
         self._answered = True  # no caller turn awaits an answer (the greeting is not one)
         self._barged = 0.0  # onset whose barge-in was timed
 
@@ -80,11 +83,15 @@ class TurnClock(dict[str, float]):
             pass
 
     def _trace(self, name: str, t: float) -> None:
-        """One span per caller turn: speech onset → the end of its answer (turnComplete / interrupted).
-        A caller who talks over the answer opens the next turn at once; the barge-in and ``interrupted``
-        then belong to the turn whose answer they cut (``_prev``)."""
+        """One span per caller turn: speech onset → the end of its answer (turnComplete / interrupted, or
+        the answer's ``playback`` when the model finished sending before the media worker started
+        playing it). A caller who talks over the answer opens the next turn at once; the barge-in and
+        ``interrupted`` then belong to the turn whose answer they cut (``_prev``)."""
         match name:
             case "speech_start":
+                if self._done is not None:  # its answer never played (flushed): ends here
+                    tracing.end(self._done, t)
+                    self._done = None
                 if self._span is not None and self._span_answered:
                     tracing.end(self._prev, t)
                     self._prev = self._span  # its answer is still playing
@@ -97,6 +104,14 @@ class TurnClock(dict[str, float]):
             case "first_audio":
                 tracing.event(self._span, "model_first_audio", at=t)
                 self._span_answered = self._span is not None
+                self._played = False
+            case "playback":  # the media worker took the answer's first audio
+                target = self._prev or self._done or (self._span if self._span_answered else None)
+                tracing.event(target, name, at=t)
+                self._played = True
+                if target is not None and target is self._done:
+                    tracing.end(target, t)
+                    self._done = None
             case "barge_in":
                 tracing.event(self._prev or self._span, name, at=t)
             case "interrupted" | "turn_complete":
@@ -106,8 +121,18 @@ class TurnClock(dict[str, float]):
                     self._prev = None
                 elif self._span is not None and self._span_answered:
                     tracing.event(self._span, name, at=t)
-                    tracing.end(self._span, t)
+                    if name == "turn_complete" and not self._played:
+                        self._done = self._span  # ends at its playback (or the next turn)
+                    else:
+                        tracing.end(self._span, t)
                     self._span = None
+
+    def close(self, reason: str) -> None:
+        """The call left this worker: end its open turn spans (they would never be exported)."""
+        if self._sid and tracing.enabled():
+            for span in (self._done, self._prev, self._span):
+                tracing.end(span, reason=reason)
+        self._done = self._prev = self._span = None
 
     def _first_audio(self, t: float) -> None:
         if self._answered:

@@ -442,6 +442,8 @@ class AiWorker:
         self.recordings.closed(call)
         self.secure.closed(call)
         log.info("call detached", extra={"session": call.session_id, "slot": idx, "reason": reason})
+        if isinstance(call.last_event, TurnClock):
+            call.last_event.close(reason)  # its open turn spans (appliance/tracing.py)
         self._stop_live(call)
 
     def _stop_live(self, call: Call) -> None:

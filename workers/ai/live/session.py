@@ -308,6 +308,8 @@ class LiveSession:
                 return
             try:
                 with tracing.child(self.session_id, "resume", reason=reason):
+                    log.info("resuming the Live session",
+                             extra={"session": self.session_id, "reason": reason})
                     await self._connect_with_retries()
             except LiveUnavailable as exc:
                 self._degrade(str(exc))
