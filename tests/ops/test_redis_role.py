@@ -1,5 +1,6 @@
 """The ``redis`` role in its fleet form on a booted Debian 12: ACL users (the appliance's user sees only
-``va:*``, the default user is off), TLS only, a Sentinel monitoring the primary; converge + idempotence,
+``va:*``, the default user is off, the exporter's user only reads), TLS only, a Sentinel monitoring the
+primary; converge + idempotence,
 then the appliance's own ``redis_client`` finds the primary through the Sentinel over TLS.
 
 The test puts the container's Redis back to its box form afterwards (loopback, no ACL), so the tests
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,8 @@ pytestmark = [pytest.mark.ops, pytest.mark.timeout(2400)]
 
 PASSWORDS = {"redis_acl_password": "va-acl-password-0123456789",
              "redis_replication_password": "va-repl-password-0123456789",
-             "redis_sentinel_password": "va-sentinel-password-0123456789"}
+             "redis_sentinel_password": "va-sentinel-password-0123456789",
+             "redis_exporter_password": "va-metrics-password-0123456789"}
 
 CHECK = """
 import asyncio, json, redis
@@ -89,6 +92,16 @@ def test_redis_role_fleet_form_converges_and_serves_through_sentinel(provisioned
         assert out["foreign"] == "refused", out  # the appliance's ACL user sees only va:*
         assert out["plain"] != "answered", out  # TLS only
         assert "Authentication" in out["default_user"], out  # the default user is off
+        # the exporter logs in as the read-only "metrics" ACL user over TLS
+        metrics = ""
+        for _ in range(20):
+            metrics = ct.sh("python3 -c \"import urllib.request as u; print(u.urlopen("
+                            "'http://127.0.0.1:9121/metrics', timeout=5).read().decode())\"",
+                            check=False).stdout
+            if "\nredis_up 1" in metrics:
+                break
+            time.sleep(1)
+        assert "\nredis_up 1" in metrics, metrics[-1500:]
         sentinel = ct.sh("journalctl -u redis-sentinel --no-pager", check=False).stdout
         assert "+monitor master va 127.0.0.1 6379" in sentinel, sentinel[-2000:]
     finally:
