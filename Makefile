@@ -73,7 +73,7 @@ test: deps-test venv $(STAMPS)/node lint test-unit test-fleet test-ops bench-smo
 PYTEST_RUN = VA_TESTS_REQUIRE_ALL=1 timeout -s INT -k 60
 
 test-unit: venv
-	$(PYTEST_RUN) 25m $(PY) -m pytest -q -rfEs --durations=15 -m "not ops and not fleet" tests
+	$(PYTEST_RUN) 35m $(PY) -m pytest -q -rfEs --durations=15 -m "not ops and not fleet" tests
 
 # The fleet on one machine (tests/harness/fleet.py): namespaces, HAProxy + keepalived, Redis + Sentinel.
 test-fleet: venv deps-test
