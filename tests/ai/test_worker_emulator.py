@@ -25,6 +25,7 @@ from tests.ai.audio import frames, silence, white_noise
 from tests.ai.live_worker import NO_DISCLOSURE, running, until
 from tests.harness.audio import best_correlation
 from tests.harness.emulator import service_account, start_emulator
+from tests.harness.procs import stop
 from tests.harness.shm import activate_slot, shard_segment
 
 pytestmark = pytest.mark.timeout(240)  # worst case of the generous waits below; ~25 s loaded
@@ -242,13 +243,7 @@ async def test_sigkill_mid_utterance_restart_resumes_without_losing_audio(seg, e
         print(f"echo {time.monotonic() - t_end:.2f} s after the caller stopped")
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+            stop(p, 10)
             assert _gone(p.pid)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from tests.ai.audio import frames, silence
 from tests.ai.live_worker import until
 from tests.harness.emulator import start_emulator
 from tests.harness.otlp import OtlpReceiver
+from tests.harness.procs import stop
 from tests.harness.shm import activate_slot, shard_segment
 from tests.harness.toolserver import tool_server
 
@@ -109,13 +109,7 @@ async def test_one_trace_per_call_through_the_running_worker(tmp_path: Path, spe
             slot.begin_close()  # the call ends: the worker detaches it (ending its open turn span)
             await until(lambda: b"call detached" in log.read_bytes(), 20, "call detached")
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            stop(proc, 20)
             assert pid_gone(proc.pid)
     try:
         assert proc.returncode == 0, log.read_text()[-3000:]

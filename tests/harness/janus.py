@@ -42,7 +42,6 @@ import itertools
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -55,6 +54,7 @@ from typing import Any, TypeVar
 
 from appliance import janus_conf
 from appliance.procs import pid_gone
+from tests.harness.procs import stop
 
 T = TypeVar("T")
 _CLONE_NEWNET = 0x40000000
@@ -236,14 +236,6 @@ def _alive(pid: int) -> bool:
 
 
 
-def _stop(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
 
 
 @contextlib.contextmanager
@@ -313,10 +305,10 @@ def janus_in_netns(
             yield inst
         finally:
             for p in inst._procs:
-                _stop(p)
+                stop(p)
             for p in {id(proc): proc, id(inst._proc): inst._proc}.values():
                 if p is not None:
-                    _stop(p)
+                    stop(p)
                     if _alive(p.pid):
                         raise RuntimeError(f"janus pid {p.pid} survived teardown")
             shutil.rmtree(tmp, ignore_errors=True)

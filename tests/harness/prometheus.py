@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import signal
 import subprocess
 import time
 import urllib.parse
@@ -16,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from tests.harness.procs import stop
 from tests.harness.redis import free_port
 
 
@@ -68,9 +68,4 @@ def prometheus(workdir: Path, jobs: dict[str, list[str]], rule_files: list[str] 
         wait_for(lambda: api(port, "/api/v1/status/runtimeinfo"), 20, "prometheus up")
         yield port
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc, 10)
