@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.procs import pid_gone
+from tests.harness.procs import stop
 
 TURNSERVER = "/usr/bin/turnserver"
 UCLIENT = "/usr/bin/turnutils_uclient"
@@ -177,13 +177,7 @@ class CoturnServer:
         if not self.proc:
             return
         proc, self.proc = self.proc, None
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+        stop(proc, timeout)
         assert not _alive(proc.pid), "turnserver still running"
         if self.run_as:
             shutil.rmtree(self.workdir, ignore_errors=True)
