@@ -927,6 +927,17 @@ _TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
 _TOOL_KEYS = {"name", "description", "parameters", "parametersJsonSchema", "parameters_json_schema",
               "response", "responseJsonSchema", "response_json_schema", "behavior",
               "scheduling"}  # ours, not a declaration field: FunctionResponse.scheduling (live/tooling.py)
+def _read_file(path: str | os.PathLike[str], key: str, parse: typing.Callable[[str], Any],
+               error: type[Exception], kind: str) -> Any:
+    """A file a config key names, parsed; a :class:`ConfigError` naming ``key`` if unreadable or bad."""
+    try:
+        return parse(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {str(path)!r}: {exc.strerror}") from None
+    except (UnicodeDecodeError, error) as exc:
+        raise ConfigError(f"{key}: {str(path)!r} is not valid {kind}: {exc}") from None
+
+
 MAX_TOOLS = 128
 
 
@@ -935,12 +946,7 @@ def load_tool_declarations(path: str | os.PathLike[str],
     """Read ``model.tools_file``: a JSON list of function declarations (``{"name", "description",
     "parameters"}`` as in the Gemini API). Checked here, at config load, so a bad file fails the start
     with the key named instead of every call's Live setup failing later."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {str(path)!r}: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{key}: {str(path)!r} is not valid JSON: {exc}") from None
+    data = _read_file(path, key, json.loads, json.JSONDecodeError, "JSON")
     if isinstance(data, dict) and isinstance(data.get("functionDeclarations"), list):
         data = data["functionDeclarations"]  # a whole Tool object is accepted too
     if not isinstance(data, list) or not data:
@@ -983,12 +989,7 @@ def load_degrade_prompts(path: str | os.PathLike[str],
     ``workers.ai.degrade.PROMPT_KEYS``). Checked at config load so a typo fails the start, not a caller."""
     from workers.ai.degrade import PROMPT_KEYS  # the prompt table's owner (a pure module)
 
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {str(path)!r}: {exc.strerror}") from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{key}: {str(path)!r} is not valid TOML: {exc}") from None
+    data = _read_file(path, key, tomllib.loads, tomllib.TOMLDecodeError, "TOML")
     out: dict[str, dict[str, str]] = {}
     for lang, table in data.items():
         if not _LANG_TAG.match(lang) or not isinstance(table, dict):
